@@ -1,0 +1,5 @@
+"""The evaluation layer: perplexity, accuracy, FLOPs/params, latency, reports.
+
+Import by submodule (`from eval.perplexity import perplexity`); it takes a model and data and never
+reaches into `prune`'s internals.
+"""

@@ -1,0 +1,1 @@
+"""MaskPrune: learnable masks that prune Hugging Face models while their weights stay frozen."""
