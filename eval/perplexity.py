@@ -1,0 +1,105 @@
+"""Perplexity over non-overlapping token windows.
+
+The caller cuts the held-out split into rows of a `[n, seq_len]` LongTensor; each row is one
+window. Every token after the first of each row is predicted, so exactly `n * (seq_len - 1)` tokens
+are scored. Token NLLs are summed with `cross_entropy(reduction="sum")` on the shifted logits (a
+model's own `labels=` averaging is not trusted: some models shift, some average over padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from eval.errors import NonFiniteError
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    value: float  # exp(nll)
+    tokens: int  # predicted tokens: n * (seq_len - 1)
+    windows: int  # rows scored
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _logits(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """Perplexity of `model` on `blocks` (LongTensor `[n, seq_len]`, one window per row).
+
+    Raises `NonFiniteError` when any window's loss is NaN/inf (the message says how many), and
+    `ValueError` for malformed input.
+    """
+    if blocks.ndim != 2:
+        raise ValueError(f"blocks must be a 2-D LongTensor [n, seq_len], got shape {tuple(blocks.shape)}")
+    if blocks.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+        raise ValueError(f"blocks must hold integer token ids, got dtype {blocks.dtype}")
+    n, seq_len = blocks.shape
+    if n == 0 or seq_len < 2:
+        raise ValueError(f"need at least one window of >= 2 tokens, got shape {tuple(blocks.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    total = 0.0
+    bad_windows = 0
+    try:
+        for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
+            batch = blocks[start : start + batch_size].to(device=device, dtype=torch.long)
+            logits = _logits(model(input_ids=batch)).float()
+            shift_logits = logits[:, :-1, :]
+            targets = batch[:, 1:]
+            # Per-window sums, so a NaN can be attributed to its window.
+            per_token = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)), targets.reshape(-1), reduction="none"
+            ).view(targets.shape)
+            per_window = per_token.sum(dim=1, dtype=torch.float64)
+            finite = torch.isfinite(per_window)
+            bad_windows += int((~finite).sum())
+            total += float(per_window[finite].sum())
+    finally:
+        model.train(was_training)
+
+    if bad_windows:
+        raise NonFiniteError(
+            f"{desc}: the loss was NaN/inf in {bad_windows} of {n} windows "
+            "(diverged or broken weights?); refusing to report a perplexity"
+        )
+    tokens = n * (seq_len - 1)
+    nll = total / tokens
+    try:
+        value = math.exp(nll)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{desc}: mean NLL {nll:.1f} nats overflows exp(); perplexity is infinite")
+    return PerplexityResult(value=value, tokens=tokens, windows=n, nll=nll)

@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+import transformers
+
+from eval.errors import NonFiniteError
+from eval.perplexity import PerplexityResult, perplexity
+
+V = 97
+
+
+def tiny_llama(**kw) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=V, max_position_embeddings=128, **kw,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2() -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=V, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def blocks(n=3, seq_len=17, seed=1):
+    return torch.randint(0, V, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def test_uniform_logits_give_vocab_size_and_exact_token_count():
+    model = tiny_llama(tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0 -> uniform over the vocabulary
+    res = perplexity(model, blocks(n=3, seq_len=17), batch_size=2)
+    assert isinstance(res, PerplexityResult)
+    assert res.value == pytest.approx(V, rel=1e-5)
+    assert res.nll == pytest.approx(math.log(V), rel=1e-6)
+    assert res.tokens == 3 * 16
+    assert res.windows == 3
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_matches_model_loss_and_batch_size_invariant(make):
+    model = make()
+    data = blocks(n=4, seq_len=12)
+    res1 = perplexity(model, data, batch_size=1)
+    res3 = perplexity(model, data, batch_size=3)
+    assert res1.value == pytest.approx(res3.value, rel=1e-5)
+    # Unpadded equal-length rows: the model's own mean loss agrees with our sum / count.
+    model.eval()  # perplexity() restored the mode it found; GPT-2 has dropout
+    with torch.no_grad():
+        loss = model(input_ids=data, labels=data).loss.item()
+    assert res1.nll == pytest.approx(loss, rel=1e-5)
+    assert 1.0 < res1.value < 10 * V  # a random model is near-uniform, not degenerate
+
+
+def test_nan_weights_raise_and_name_the_windows():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"3 of 3 windows"):
+        perplexity(model, blocks(n=3, seq_len=9))
+    assert issubclass(NonFiniteError, ArithmeticError)
+
+
+def test_restores_training_mode_and_rejects_bad_input():
+    model = tiny_llama()
+    model.train()
+    perplexity(model, blocks(n=1, seq_len=5))
+    assert model.training
+    with pytest.raises(ValueError):
+        perplexity(model, torch.randint(0, V, (10,)))
+    with pytest.raises(ValueError):
+        perplexity(model, torch.randint(0, V, (2, 1)))
+    with pytest.raises(ValueError):
+        perplexity(model, blocks(), batch_size=0)
+
+
+
+
+@pytest.mark.integration
+def test_smollm2_perplexity_on_docs_is_low_and_random_init_is_not(smollm2_dir):
+    import pydoc_data.topics  # the Python language reference, shipped with CPython
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    ids = tok(pydoc_data.topics.topics["assert"] + pydoc_data.topics.topics["if"])["input_ids"]
+    data = torch.tensor(ids[: 2 * 128]).view(2, 128)
+    real = perplexity(model, data)
+    torch.manual_seed(0)
+    rand = perplexity(transformers.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32), data)
+    assert real.tokens == 2 * 127
+    assert 1.5 < real.value < 60
+    assert rand.value > 1000  # near-uniform over a 49k vocabulary

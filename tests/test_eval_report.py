@@ -1,0 +1,75 @@
+import json
+import os
+
+import pytest
+
+from eval import report
+from eval.report import format_number, render_markdown_table, render_table, write_json_atomic, write_text_atomic
+
+
+def test_json_round_trip_and_no_temp_files(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    obj = {"ppl": 12.5, "tasks": {"docs_lastword": 0.4}, "shape": (1, 2), "path": tmp_path}
+    write_json_atomic(path, obj)
+    assert json.loads(path.read_text()) == {"ppl": 12.5, "tasks": {"docs_lastword": 0.4},
+                                            "shape": [1, 2], "path": str(tmp_path)}
+    assert os.listdir(path.parent) == ["report.json"]
+
+
+def test_nan_is_refused_and_old_file_kept(tmp_path):
+    path = tmp_path / "report.json"
+    write_json_atomic(path, {"ppl": 3.0})
+    with pytest.raises(ValueError):
+        write_json_atomic(path, {"ppl": float("nan")})
+    assert json.loads(path.read_text()) == {"ppl": 3.0}
+
+
+def test_failed_replace_leaves_old_content_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    write_text_atomic(path, "old\n")
+
+    def boom(src, dst):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(report.os, "replace", boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_text_atomic(path, "new\n")
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["report.md"]
+    monkeypatch.undo()
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
+
+
+def test_format_number():
+    assert format_number(1.23e9, kind="flops") == "1.23 G"
+    assert format_number(134_515_008, kind="params") == "135 M"
+    assert format_number(12_345_678, kind="flops") == "12.3 M"
+    assert format_number(2_500, kind="si") == "2.50 k"
+    assert format_number(12.3456, kind="ppl") == "12.35"
+    assert format_number(0.256, kind="pct") == "25.6%"
+    assert format_number(None) == "-"
+    assert format_number(float("nan")) == "nan"
+    assert format_number(12345) == "12,345"
+    assert format_number(0.123456) == "0.123"
+    assert format_number("text") == "text"
+
+
+def test_render_table_aligns_columns():
+    rows = [{"method": "dense", "ppl": 12.3456, "flops": 1_000}, {"method": "2:4 wanda", "ppl": 100.0}]
+    text = render_table(rows, ["method", "ppl", "flops"])
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) == 4
+    assert lines[0].split() == ["method", "ppl", "flops"]
+    assert set(lines[1]) <= {"-", " "}
+    # numbers right-aligned: the ppl values end in the same column
+    ppl_end = lines[0].index("ppl") + len("ppl")
+    assert lines[2][:ppl_end].endswith("12.3") and lines[3][:ppl_end].endswith("100")
+    assert lines[3].rstrip().endswith("-")  # missing value
+    assert lines[2].startswith("dense ")
+
+
+def test_render_markdown_table():
+    rows = [{"method": "a|b", "acc": 0.5}]
+    md = render_markdown_table(rows, ["method", "acc"])
+    assert md.splitlines() == ["| method | acc |", "|---|---:|", "| a\\|b | 0.500 |"]
