@@ -1,0 +1,1 @@
+"""Mask kinds, one module each, and the machinery they share (wrapping, target selection, saving)."""

@@ -1,0 +1,130 @@
+"""What every mask answers, and the wrapper that applies a mask to a module without touching its weights.
+
+A `Mask` is a small module that owns its trainable parameters (none for a hard mask) and answers: its value
+now (`forward`: soft while training, hard in eval mode), its hard value, and its regularizer. A
+`MaskWrapper` replaces a target module in the model; the original module lives on, frozen and unmodified, as
+`wrapper.base`, so `unwrap` gives back the exact original and `merge` bakes the hard mask into a copy.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
+
+from prune.blocks import weight_matrix
+
+
+class Mask(nn.Module):
+    """A mask over one [out, in] weight matrix."""
+
+    def hard(self) -> Tensor:
+        """The bool mask used at evaluation and export (True = keep)."""
+        raise NotImplementedError
+
+    def soft(self) -> Tensor:
+        """The differentiable value used in training; a fixed mask is its own soft value."""
+        return self.hard().float()
+
+    def regularizer(self, weight: Tensor) -> Tensor:
+        """A term the trainer adds to the loss (zero unless the method defines one)."""
+        return weight.new_zeros(())
+
+    def forward(self) -> Tensor:
+        return self.soft() if self.training else self.hard()
+
+
+class HardMask(Mask):
+    """A fixed bool mask, as produced by one-shot methods or loaded from masks.safetensors."""
+
+    def __init__(self, keep: Tensor):
+        super().__init__()
+        self.register_buffer("keep", keep.to(torch.bool), persistent=False)
+
+    def hard(self) -> Tensor:
+        return self.keep
+
+
+class MaskWrapper(nn.Module):
+    """Replaces a target module; `base` stays frozen and bit-identical."""
+
+    def __init__(self, base: nn.Module, mask: Mask):
+        super().__init__()
+        self.base = base
+        self.mask = mask
+        base.requires_grad_(False)
+
+    def merged(self) -> nn.Module:
+        """A plain copy of `base` with the hard mask applied, for export."""
+        raise NotImplementedError
+
+
+class WeightMasked(MaskWrapper):
+    """W_eff = W ⊙ M for nn.Linear and GPT-2's Conv1D (mask always in [out, in] orientation)."""
+
+    def __init__(self, base: nn.Module, mask: Mask):
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(f"WeightMasked wraps nn.Linear or Conv1D, got {type(base).__name__}")
+        super().__init__(base, mask)
+
+    def effective_weight(self) -> Tensor:
+        weight = weight_matrix(self.base)
+        return weight * self.mask().to(weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.effective_weight(), self.base.bias)
+
+    def merged(self) -> nn.Module:
+        module = copy.deepcopy(self.base)
+        keep = self.mask.hard()
+        with torch.no_grad():
+            module.weight.mul_(keep.t() if isinstance(module, Conv1D) else keep)
+        return module
+
+
+def wrappers(model: nn.Module) -> dict[str, MaskWrapper]:
+    """Every mask wrapper in the model, by the name of the module it replaced."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MaskWrapper)}
+
+
+def wrap(model: nn.Module, wrapped: dict[str, MaskWrapper]) -> None:
+    for name, wrapper in wrapped.items():
+        model.set_submodule(name, wrapper)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put the original modules back (weights exactly as before wrapping)."""
+    for name, wrapper in wrappers(model).items():
+        model.set_submodule(name, wrapper.base)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every wrapper by its base with the hard mask baked in: a plain transformers model."""
+    for name, wrapper in wrappers(model).items():
+        model.set_submodule(name, wrapper.merged())
+    return model
+
+
+def hard_masks(model: nn.Module) -> dict[str, Tensor]:
+    return {name: wrapper.mask.hard() for name, wrapper in wrappers(model).items()}
+
+
+def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of every mask: the only thing a trainer may optimize."""
+    return [param for wrapper in wrappers(model).values() for param in wrapper.mask.parameters()]
+
+
+def attach_hard_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Wrap each named linear with a fixed mask (the one-shot methods' result)."""
+    modules = dict(model.named_modules())
+    wrap(model, {name: WeightMasked(modules[name], HardMask(keep)) for name, keep in masks.items()})
+
+
+def achieved_sparsity(model: nn.Module) -> float:
+    """The share of targeted weights that the hard masks remove."""
+    masks = hard_masks(model).values()
+    total = sum(keep.numel() for keep in masks)
+    return 1.0 - sum(int(keep.sum()) for keep in masks) / total if total else 0.0

@@ -1,0 +1,62 @@
+"""Which modules a method prunes: glob patterns over module names, or by default every linear in the blocks."""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from prune.blocks import LINEAR_TYPES, find_blocks, in_out_features
+from prune.errors import UserInputError
+from prune.sparsity import Sparsity
+
+
+def select_targets(model: nn.Module, patterns: list[str] | None, module_types=LINEAR_TYPES) -> list[str]:
+    """Names of the modules to mask. Default: every linear inside the decoder blocks (never embeddings or
+    lm_head unless a pattern names them)."""
+    candidates = [name for name, module in model.named_modules() if isinstance(module, module_types)]
+    if patterns is None:
+        prefix, _ = find_blocks(model)
+        selected = [name for name in candidates if name.startswith(prefix + ".")]
+    else:
+        selected = [name for name in candidates if any(fnmatchcase(name, pattern) for pattern in patterns)]
+        if not selected:
+            examples = ", ".join(candidates[:6])
+            raise UserInputError(
+                f"target patterns {patterns} match no {'/'.join(t.__name__ for t in module_types)} module; "
+                f"module names look like: {examples}. Patterns are globs, e.g. '*.mlp.*'."
+            )
+    if not selected:
+        raise UserInputError(f"{type(model).__name__} has no linear layers to prune; pass `method.targets`.")
+    _refuse_tied(model, selected)
+    return selected
+
+
+def _refuse_tied(model: nn.Module, names: list[str]) -> None:
+    """A target sharing its weight with the input embeddings (tied lm_head) would prune both at once."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    modules = dict(model.named_modules())
+    tied = [name for name in names if embeddings is not None and modules[name].weight is embeddings.weight]
+    if tied:
+        raise UserInputError(
+            f"{', '.join(tied)} share their weight with the input embeddings (tie_word_embeddings), so a mask "
+            "would prune the embeddings too; leave them out of `method.targets`."
+        )
+
+
+def nm_compatible(model: nn.Module, names: list[str], m: int, skip_incompatible: bool) -> list[str]:
+    """Drop (or refuse) layers whose input size is not a multiple of M: N:M groups would not tile them."""
+    modules = dict(model.named_modules())
+    bad = [name for name in names if in_out_features(modules[name])[0] % m]
+    if bad and not skip_incompatible:
+        listed = ", ".join(f"{name} (in={in_out_features(modules[name])[0]})" for name in bad)
+        raise UserInputError(
+            f"{len(bad)} targeted layer(s) have an input size not divisible by M={m}: {listed}. "
+            "Exclude them with `method.targets`, or set `method.skip_incompatible: true` to leave them dense."
+        )
+    return [name for name in names if name not in bad]
+
+
+def method_targets(model: nn.Module, patterns: list[str] | None, sparsity: Sparsity, skip_incompatible: bool) -> list[str]:
+    """The targets a method prunes: selected by pattern, then (for N:M) those whose inputs tile into groups."""
+    names = select_targets(model, patterns)
+    return nm_compatible(model, names, sparsity.m, skip_incompatible) if sparsity.is_nm else names

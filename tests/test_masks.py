@@ -1,0 +1,152 @@
+"""The mask framework: wrapping keeps weights untouched, merge/unwrap, compact save/load, N:M storage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prune.blocks import weight_matrix
+from prune.errors import UserInputError
+from prune.masks.base import achieved_sparsity, attach_hard_masks, mask_parameters, merge, unwrap, wrappers
+from prune.masks.storage import decode_nm, encode_nm, load_masks, nm_candidates, read_masks, save_masks
+from prune.masks.targets import method_targets, select_targets
+from prune.sparsity import parse_sparsity
+from tests.conftest import make_tiny_gpt2, make_tiny_llama
+
+
+def random_masks(model, names, density=0.5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    return {name: torch.rand(weight_matrix(modules[name]).shape, generator=generator) < density for name in names}
+
+
+def test_default_targets_are_block_linears_only(tiny_model):
+    names = select_targets(tiny_model, None)
+    assert names and all(".h." in name or ".layers." in name for name in names)
+    assert not any("lm_head" in name or "wte" in name or "embed" in name for name in names)
+
+
+def test_pattern_matching_nothing_is_an_error(tiny_model):
+    with pytest.raises(UserInputError, match="match no"):
+        select_targets(tiny_model, ["*.nonexistent"])
+
+
+def test_nm_incompatible_layers_listed_or_skipped():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=100, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    with pytest.raises(UserInputError, match=r"model.layers.0.mlp.down_proj \(in=100\)"):
+        method_targets(model, None, parse_sparsity("2:8"), skip_incompatible=False)
+    kept = method_targets(model, None, parse_sparsity("2:8"), skip_incompatible=True)
+    assert "model.layers.0.mlp.down_proj" not in kept and "model.layers.0.mlp.up_proj" in kept
+
+
+def test_wrapped_forward_equals_manually_masked_weights(tiny_model, token_batch):
+    names = select_targets(tiny_model, None)
+    masks = random_masks(tiny_model, names)
+    reference = make_tiny_llama() if "Llama" in type(tiny_model).__name__ else make_tiny_gpt2()
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if name in masks:
+                weight_matrix(module).mul_(masks[name])
+    attach_hard_masks(tiny_model, masks)
+    assert len(wrappers(tiny_model)) == len(names)
+    torch.testing.assert_close(tiny_model(token_batch).logits, reference(token_batch).logits)
+
+
+def test_unwrap_restores_bit_identical_weights(tiny_model):
+    before = {key: value.clone() for key, value in tiny_model.state_dict().items()}
+    attach_hard_masks(tiny_model, random_masks(tiny_model, select_targets(tiny_model, None)))
+    unwrap(tiny_model)
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_merge_bakes_zeros_and_matches_wrapped_logits(tiny_model, token_batch):
+    names = select_targets(tiny_model, None)
+    attach_hard_masks(tiny_model, random_masks(tiny_model, names, density=0.25))
+    wrapped_logits = tiny_model(token_batch).logits
+    assert achieved_sparsity(tiny_model) == pytest.approx(0.75, abs=0.05)
+    merge(tiny_model)
+    assert not wrappers(tiny_model)
+    torch.testing.assert_close(tiny_model(token_batch).logits, wrapped_logits)
+
+
+def test_hard_masks_have_no_trainable_parameters(tiny_model):
+    attach_hard_masks(tiny_model, random_masks(tiny_model, select_targets(tiny_model, None)))
+    assert mask_parameters(tiny_model) == []
+    assert not any(param.requires_grad for wrapper in wrappers(tiny_model).values() for param in wrapper.base.parameters())
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, tiny_model, token_batch, nm):
+    names = select_targets(tiny_model, None)
+    if nm:
+        masks = {name: nm_candidates(2, 4)[torch.randint(0, 6, (keep.numel() // 4,))].reshape(keep.shape)
+                 for name, keep in random_masks(tiny_model, names).items()}
+    else:
+        masks = random_masks(tiny_model, names, density=0.3)
+    attach_hard_masks(tiny_model, masks)
+    logits = tiny_model(token_batch).logits
+    save_masks(tiny_model, tmp_path, {"model": "tiny", "method": "test"}, nm=nm)
+    encodings = {info["encoding"] for info in json.loads((tmp_path / "masks.json").read_text())["targets"].values()}
+    assert encodings == {"nm_index" if nm else "bits"}
+    fresh = make_tiny_llama() if "Llama" in type(tiny_model).__name__ else make_tiny_gpt2()
+    load_masks(fresh, tmp_path)
+    torch.testing.assert_close(fresh(token_batch).logits, logits)
+
+
+def test_nm_index_storage_is_compact(tmp_path):
+    model = make_tiny_llama()
+    names = select_targets(model, None)
+    masks = {name: nm_candidates(2, 4)[torch.zeros(keep.numel() // 4, dtype=torch.long)].reshape(keep.shape)
+             for name, keep in random_masks(model, names).items()}
+    attach_hard_masks(model, masks)
+    save_masks(model, tmp_path, {}, nm=(2, 4))
+    weights = sum(keep.numel() for keep in masks.values())
+    assert (tmp_path / "masks.safetensors").stat().st_size < weights / 4 + 4096  # one byte per group of 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 7), extra=st.integers(1, 3), rows=st.integers(1, 6), groups=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_nm_encoding_round_trips_exactly(n, extra, rows, groups, seed):
+    m = n + extra
+    candidates = nm_candidates(n, m)
+    choice = torch.randint(0, len(candidates), (rows * groups,), generator=torch.Generator().manual_seed(seed))
+    keep = candidates[choice].reshape(rows, groups * m)
+    index = encode_nm(keep, n, m)
+    assert index is not None and index.dtype == torch.uint8
+    assert torch.equal(decode_nm(index, n, m), keep)
+
+
+def test_non_nm_mask_is_not_encoded_as_nm():
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    assert encode_nm(keep, 2, 4) is None
+
+
+def test_mismatched_masks_file_is_refused(tmp_path):
+    llama = make_tiny_llama()
+    attach_hard_masks(llama, random_masks(llama, select_targets(llama, None)))
+    save_masks(llama, tmp_path, {"model": "tiny-llama"})
+    with pytest.raises(UserInputError, match="do not match"):
+        load_masks(make_tiny_gpt2(), tmp_path)
+
+
+def test_corrupt_masks_file_is_refused(tmp_path):
+    llama = make_tiny_llama()
+    attach_hard_masks(llama, random_masks(llama, select_targets(llama, None)))
+    save_masks(llama, tmp_path, {})
+    (tmp_path / "masks.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(UserInputError, match="corrupt"):
+        read_masks(tmp_path)
+
+
+def test_missing_masks_file(tmp_path):
+    with pytest.raises(UserInputError, match="no masks.safetensors"):
+        read_masks(tmp_path)
