@@ -1,0 +1,105 @@
+"""`prune run | eval | export | models`: thin argument parsing over the pipeline; bad input exits 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from eval.errors import NonFiniteError
+
+
+def _run(args: argparse.Namespace) -> None:
+    from prune.pipeline import run
+    from prune.recipe import load_recipe
+    from prune.report import render
+
+    overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
+    recipe = load_recipe(args.recipe, overrides)
+    report = run(recipe, overwrite=args.overwrite)
+    print(render(report))
+    print(f"\nrun directory: {recipe.output}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from eval.report import render_table
+    from prune import run_dir
+    from prune.data import prepare
+    from prune.measure import measure
+    from prune.models import load
+    from prune.recipe import DataConfig, EvalConfig
+    from prune.report import COLUMNS, summary_row
+
+    target = Path(args.model)
+    spec = str(target / run_dir.MODEL_DIR) if (target / run_dir.RECIPE_FILE).is_file() else args.model
+    model, tokenizer = load(spec)
+    data = DataConfig(source=args.data, seq_len=args.seq_len)
+    config = EvalConfig(tasks=args.tasks, limit=args.limit, latency=not args.no_latency)
+    splits = prepare(tokenizer, data.source, heldout_fraction=data.heldout_fraction)
+    figures = measure(model, tokenizer, splits, config, data.seq_len, args.model)
+    print(render_table([summary_row(args.model, figures)], COLUMNS))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from prune.export import export_run
+
+    print(f"exported: {export_run(args.run_dir)}")
+
+
+def _models(args: argparse.Namespace) -> None:
+    from prune.models import list_models
+
+    for entry in list_models():
+        cached = entry["path"] or "not cached (fetched on first use)"
+        print(f"{entry['name']:<16} {entry['description']}\n{'':<16} {cached}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prune", description="Prune Hugging Face models with learnable masks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="prune a model as a recipe says and evaluate it")
+    run.add_argument("recipe", help="YAML recipe, e.g. recipes/default.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    run.add_argument("--output", help="run directory (default: the recipe's `output`)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    run.set_defaults(handler=_run)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model or a run directory's model/")
+    evaluate.add_argument("model", help="run directory, local model directory, alias, or hub id")
+    evaluate.add_argument("--data", default="embedded-docs", help="text source for perplexity and tasks")
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--tasks", nargs="*", default=["docs_lastword"], help="lm-eval task names")
+    evaluate.add_argument("--limit", type=int, default=200, help="examples per task")
+    evaluate.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    evaluate.set_defaults(handler=_eval)
+
+    export = commands.add_parser("export", help="write <run>/model/ from the base model and the saved masks")
+    export.add_argument("run_dir")
+    export.set_defaults(handler=_export)
+
+    models = commands.add_parser("models", help="list the embedded model aliases and what is cached")
+    models.set_defaults(handler=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prune.errors import UserInputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except UserInputError as error:
+        print(textwrap.fill(f"error: {error}", width=100), file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""End to end on tiny models saved to disk: recipe -> run directory -> plain-transformers reload."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from eval.perplexity import perplexity
+from prune.cli import main
+from prune.data import prepare
+from prune.masks.storage import load_masks
+from prune.models import load
+from prune.pipeline import run
+from prune.recipe import parse_recipe
+from tests.conftest import docs_text, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "docs.txt"
+    path.write_text(docs_text())
+    return path
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny_dir(request, tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def recipe_for(model_dir, corpus, output, method="wanda", sparsity="2:4", **method_extra):
+    return parse_recipe({
+        "model": str(model_dir),
+        "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+        "method": {"name": method, "sparsity": sparsity, **method_extra},
+        "eval": {"tasks": ["docs_lastword"], "limit": 8, "latency": False},
+        "output": str(output),
+    })
+
+
+def heldout_perplexity(model, tokenizer, corpus) -> float:
+    return perplexity(model, prepare(tokenizer, str(corpus)).heldout_blocks(32)).value
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_run_writes_a_complete_run_directory(tmp_path, tiny_dir, corpus, method):
+    report = run(recipe_for(tiny_dir, corpus, tmp_path / "run", method))
+    written = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    for key in ("model", "method", "timings", "memory"):
+        assert key in written
+    assert written["sparsity"] == {"target": "2:4", "achieved": 0.5}
+    assert written["perplexity"]["tokens"] == written["dense"]["perplexity"]["tokens"] > 0
+    assert written["perplexity"]["dense"] == written["dense"]["perplexity"]["value"]
+    assert 0.0 <= written["accuracy"]["docs_lastword"] <= 1.0
+    assert written["params"]["nonzero"] < written["params"]["total"]
+    assert written["flops"]["pruned"] < written["flops"]["dense"]
+    assert written["flops"]["semi_structured"] is not None
+    assert {"load", "prune", "pruned_eval"} <= set(written["timings"])
+    for name in ("report.md", "masks.safetensors", "masks.json", "recipe.yaml", "model/config.json"):
+        assert (tmp_path / "run" / name).exists()
+
+
+def test_exported_model_loads_with_plain_transformers_and_reproduces_perplexity(tmp_path, tiny_dir, corpus):
+    report = run(recipe_for(tiny_dir, corpus, tmp_path / "run", "sparsegpt"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    _, tokenizer = load(str(tiny_dir))
+    assert heldout_perplexity(model, tokenizer, corpus) == pytest.approx(report["perplexity"]["value"], rel=1e-5)
+    linear = model.get_submodule("model.layers.0.mlp.up_proj" if "Llama" in type(model).__name__ else "transformer.h.0.mlp.c_fc")
+    weight = linear.weight if "Llama" in type(model).__name__ else linear.weight.t()
+    assert torch.all((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2)
+
+
+def test_saved_masks_on_the_base_model_reproduce_the_run(tmp_path, tiny_dir, corpus):
+    report = run(recipe_for(tiny_dir, corpus, tmp_path / "run", "wanda", "0.5"))
+    model, tokenizer = load(str(tiny_dir))
+    load_masks(model, tmp_path / "run")
+    assert heldout_perplexity(model, tokenizer, corpus) == pytest.approx(report["perplexity"]["value"], rel=1e-5)
+
+
+def test_export_rebuilds_model_dir_from_masks(tmp_path, tiny_dir, corpus):
+    import shutil
+
+    report = run(recipe_for(tiny_dir, corpus, tmp_path / "run", "wanda"))
+    shutil.rmtree(tmp_path / "run" / "model")
+    assert main(["export", str(tmp_path / "run")]) == 0
+    model, tokenizer = load(str(tmp_path / "run" / "model"))
+    assert heldout_perplexity(model, tokenizer, corpus) == pytest.approx(report["perplexity"]["value"], rel=1e-5)
+
+
+def test_export_refuses_a_run_whose_weights_were_updated(tmp_path, tiny_dir, corpus, capsys):
+    run(recipe_for(tiny_dir, corpus, tmp_path / "run", "sparsegpt"))
+    assert main(["export", str(tmp_path / "run")]) == 2
+    assert "weight updates" in capsys.readouterr().err
+
+
+def test_output_holding_another_run_is_refused_unless_overwrite(tmp_path, tiny_dir, corpus):
+    from prune.errors import UserInputError
+
+    recipe = recipe_for(tiny_dir, corpus, tmp_path / "run", "magnitude")
+    run(recipe)
+    before = (tmp_path / "run" / "report.json").read_text()
+    with pytest.raises(UserInputError, match="--overwrite"):
+        run(recipe)
+    assert (tmp_path / "run" / "report.json").read_text() == before
+    run(recipe, overwrite=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match="not a MaskPrune run"):
+        run(recipe_for(tiny_dir, corpus, tmp_path / "other", "magnitude"), overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_one_shot_method_with_train_steps_is_refused(tmp_path, tiny_dir, corpus):
+    from prune.errors import UserInputError
+
+    recipe = recipe_for(tiny_dir, corpus, tmp_path / "run", "wanda")
+    recipe.train.steps = 10
+    with pytest.raises(UserInputError, match="one-shot"):
+        run(recipe)
+    assert not (tmp_path / "run").exists()
