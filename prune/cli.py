@@ -16,9 +16,10 @@ def _run(args: argparse.Namespace) -> None:
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     recipe = load_recipe(args.recipe, overrides)
-    report = run(recipe, overwrite=args.overwrite)
-    print(render(report))
-    print(f"\nrun directory: {recipe.output}")
+    report = run(recipe, overwrite=args.overwrite, resume=args.resume)
+    if report is not None:  # None on the non-main processes of `accelerate launch`
+        print(render(report))
+        print(f"\nrun directory: {recipe.output}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     run.add_argument("--output", help="run directory (default: the recipe's `output`)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    run.add_argument("--resume", action="store_true", help="continue training from the run's last checkpoint")
     run.set_defaults(handler=_run)
 
     evaluate = commands.add_parser("eval", help="evaluate a model or a run directory's model/")

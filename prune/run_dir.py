@@ -21,11 +21,14 @@ REPORT_FILE = "report.json"
 MODEL_DIR = "model"
 
 
-def claim(directory: str | Path, recipe_dict: dict, *, overwrite: bool) -> Path:
+def claim(directory: str | Path, recipe_dict: dict, *, overwrite: bool, resume: bool = False) -> Path:
     """Create the run directory; refuse one that holds another run (or anything else) unless overwriting.
-    An unfinished run of the very same recipe (no report.json) is simply started again."""
+    An unfinished run of the very same recipe (no report.json) is simply started again; `resume` keeps its
+    files (checkpoints) and refuses a changed recipe, naming the changed keys."""
     directory = Path(directory)
     recipe_text = yaml.safe_dump(recipe_dict, sort_keys=False)
+    if resume:
+        return _resumable(directory, recipe_dict)
     if directory.exists() and any(directory.iterdir()):
         if not (directory / RECIPE_FILE).exists():
             raise UserInputError(f"output {directory} exists and is not a MaskPrune run; choose another --output.")
@@ -54,6 +57,31 @@ def save_model_atomic(model: nn.Module, tokenizer, directory: Path) -> None:
         os.replace(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _resumable(directory: Path, recipe_dict: dict) -> Path:
+    require_run(directory)
+    if (directory / REPORT_FILE).exists():
+        raise UserInputError(f"{directory} holds a finished run; nothing to resume (use --overwrite to redo it).")
+    saved = yaml.safe_load((directory / RECIPE_FILE).read_text())
+    changed = sorted(set(_flatten(saved).items()) ^ set(_flatten(recipe_dict).items()))
+    if changed:
+        keys = sorted({key for key, _ in changed})
+        raise UserInputError(
+            f"cannot resume {directory}: the recipe changed ({', '.join(keys)}). Resume with the same recipe, "
+            "or start over with --overwrite."
+        )
+    return directory
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = repr(value)
+    return flat
 
 
 def require_run(directory: str | Path) -> Path:

@@ -36,6 +36,24 @@ class Mask(nn.Module):
         return self.soft() if self.training else self.hard()
 
 
+class Objective:
+    """What a learnable method adds to training, returned by its `attach`: schedules and a regularizer.
+
+    The trainer computes the task loss itself, adds `regularizer(model)`, and optimizes only the masks'
+    parameters (plus `extra_parameters()`, e.g. Lagrange multipliers that the method trains by ascent).
+    """
+
+    def begin_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """Set schedule values (temperatures, progress) on the masks; return them for the log."""
+        return {}
+
+    def regularizer(self, model: nn.Module) -> Tensor:
+        return torch.zeros(())
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return []
+
+
 class HardMask(Mask):
     """A fixed bool mask, as produced by one-shot methods or loaded from masks.safetensors."""
 
