@@ -19,8 +19,7 @@ from eval.report import write_json_atomic
 from prune import run_dir
 from prune.data import TokenSplits, prepare
 from prune.errors import UserInputError
-from prune.masks.base import achieved_sparsity, merge
-from prune.masks.storage import save_masks
+from prune.masks.base import achieved_sparsity
 from prune.measure import measure
 from prune.models import load
 from prune.recipe import Recipe
@@ -78,7 +77,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
     if not state.is_main_process:
         return None
 
-    pattern = recipe.method.pattern
     achieved = achieved_sparsity(model)
     meta = {
         "model": recipe.model,
@@ -86,9 +84,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
         "config": recipe.to_dict()["method"],
         "weights_changed": recipe.method.changes_weights,
     }
-    save_masks(model, directory, meta, nm=(pattern.n, pattern.m) if pattern.is_nm else None)
+    spec.save(model, directory, recipe.method, meta)
 
-    merge(model)
+    model = spec.export(model, recipe.method)
     with timed(timings, "pruned_eval"):
         pruned = measure(model, tokenizer, splits, recipe.eval, seq_len, "pruned")
     if recipe.export.save_model:
@@ -99,7 +97,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
         "model": recipe.model,
         "method": spec.name,
         "recipe_fingerprint": recipe.fingerprint(),
-        "sparsity": {"target": str(pattern), "achieved": achieved},
+        "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
         **{key: value for key, value in pruned.items() if key != "seconds"},
         "timings": timings,
         "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
 
 from prune.errors import UserInputError
 from prune.sparsity import Sparsity, parse_sparsity
@@ -53,35 +55,70 @@ class MethodConfig(StrictConfig):
     def pattern(self) -> Sparsity:
         return parse_sparsity(self.sparsity)
 
+    def target_label(self) -> str:
+        """How reports name the target (a method whose target is not an N:M/fraction sparsity overrides it)."""
+        return str(self.pattern)
+
     @property
     def changes_weights(self) -> bool:
         """True when the method also rewrites weights, so the saved masks alone cannot rebuild the model."""
         return False
 
 
-AttachFn = Callable[..., None]
+AttachFn = Callable[..., object]
+SaveFn = Callable[[nn.Module, Path, MethodConfig, dict], None]
+ExportFn = Callable[[nn.Module, MethodConfig], nn.Module]
+
+
+def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, meta: dict) -> None:
+    """The default save: hard weight masks, N:M ones as candidate indices (see prune.masks.storage)."""
+    from prune.masks.storage import save_masks
+
+    pattern = config.pattern
+    save_masks(model, directory, meta, nm=(pattern.n, pattern.m) if pattern.is_nm else None)
+
+
+def merge_weight_masks(model: nn.Module, config: MethodConfig) -> nn.Module:
+    """The default export: hard masks baked into the weights, a plain transformers model."""
+    from prune.masks.base import merge
+
+    return merge(model)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A registered method. `attach(model, config, calibration)` wraps the targets (a learnable method returns
+    its `Objective`); `save` writes its masks into the run directory; `export` turns the masked model into
+    the model saved as model/ (merged weights by default; structural methods shrink it)."""
+
     name: str
     config_class: type[MethodConfig]
     attach: AttachFn
     kind: Literal["oneshot", "learnable"]
     needs_calibration: bool
+    save: SaveFn = save_weight_masks
+    export: ExportFn = merge_weight_masks
 
 
 _METHODS: dict[str, MethodSpec] = {}
 _DISCOVERED = False
 
 
-def register_method(name: str, config_class: type[MethodConfig], *, kind: str, needs_calibration: bool):
+def register_method(
+    name: str,
+    config_class: type[MethodConfig],
+    *,
+    kind: str,
+    needs_calibration: bool,
+    save: SaveFn = save_weight_masks,
+    export: ExportFn = merge_weight_masks,
+):
     """Decorator for a method's `attach(model, config, calibration_blocks)` function."""
 
     def decorate(attach: AttachFn) -> AttachFn:
         if name in _METHODS:
             raise RuntimeError(f"method {name!r} registered twice")
-        _METHODS[name] = MethodSpec(name, config_class, attach, kind, needs_calibration)
+        _METHODS[name] = MethodSpec(name, config_class, attach, kind, needs_calibration, save, export)
         return attach
 
     return decorate
