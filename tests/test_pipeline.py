@@ -120,3 +120,41 @@ def test_one_shot_method_with_train_steps_is_refused(tmp_path, tiny_dir, corpus)
     with pytest.raises(UserInputError, match="one-shot"):
         run(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def nm_gumbel_recipe(model_dir, corpus, output, **train):
+    return parse_recipe({
+        "model": str(model_dir),
+        "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+        "method": {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
+        "train": {"steps": 6, "batch_size": 2, "lr": 0.05, "checkpoint_every": 2, "log_every": 2, **train},
+        "eval": {"tasks": [], "latency": False, "dense_baseline": False},
+        "output": str(output),
+    })
+
+
+def test_learnable_run_interrupted_then_resumed_reaches_the_same_masks(tmp_path, tiny_dir, corpus, monkeypatch):
+    from prune.errors import UserInputError
+    from prune.masks.nm_gumbel import NMGumbelObjective
+    from prune.masks.storage import read_masks
+
+    run(nm_gumbel_recipe(tiny_dir, corpus, tmp_path / "straight"))
+    original = NMGumbelObjective.begin_step
+
+    def interrupt_at_step_3(self, step, total_steps):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step, total_steps)
+
+    monkeypatch.setattr(NMGumbelObjective, "begin_step", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(nm_gumbel_recipe(tiny_dir, corpus, tmp_path / "resumed"))
+    monkeypatch.setattr(NMGumbelObjective, "begin_step", original)
+    assert not (tmp_path / "resumed" / "report.json").exists()
+    with pytest.raises(UserInputError, match=r"recipe changed \(train.lr\)"):
+        run(nm_gumbel_recipe(tiny_dir, corpus, tmp_path / "resumed", lr=0.01), resume=True)
+    report = run(nm_gumbel_recipe(tiny_dir, corpus, tmp_path / "resumed"), resume=True)
+    assert report["train"]["steps"] == 6
+    straight, _ = read_masks(tmp_path / "straight")
+    resumed, _ = read_masks(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
