@@ -304,3 +304,102 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
+
+
+def collect_stats(
+    model: nn.Module,
+    target_names: list[str],
+    make_stats: MakeStats,
+    calib_blocks: Tensor,
+    *,
+    batch_size: int = 1,
+    share_inputs: bool = True,
+    sink: Callable[[dict[str, Accumulator]], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Accumulator]:
+    """One layer-by-layer pass over the *dense* model: input statistics for every target, no weight touched.
+
+    Unlike `prune_layerwise`, block k+1 sees the dense block k's outputs, so the statistics are the unpruned
+    model's and serve any number of sparsity levels (the sweep's shared path); each block runs once per batch
+    (its targets' statistics are gathered while its outputs are written). Memory: one block's activations,
+    as in `prune_layerwise`. With `share_inputs`, targets that read the very same input tensor (q/k/v,
+    gate/up) share one accumulator: `stats[q] is stats[k]`. With `sink`, each block's statistics are handed
+    over as soon as they are complete and not kept (the return value is then empty), so the caller can
+    write them to disk and hold one block's statistics at a time.
+    """
+    modules = _resolve_targets(model, target_names)
+    if calib_blocks is None or calib_blocks.dim() != 2 or len(calib_blocks) == 0:
+        raise UserInputError("calibration needs token blocks shaped [n_samples, seq_len] with n_samples >= 1.")
+    if batch_size < 1:
+        raise UserInputError(f"calibration batch_size must be >= 1, got {batch_size}.")
+    blocks_name, blocks = find_blocks(model)
+    per_block: list[list[str]] = [[] for _ in blocks]
+    outside: list[str] = []
+    for name in modules:
+        index = _block_index(name, blocks_name, len(blocks))
+        (outside if index is None else per_block[index]).append(name)
+    last = max((i for i, names in enumerate(per_block) if names), default=-1)
+    batches = list(torch.split(calib_blocks, batch_size))
+    result: dict[str, Accumulator] = {}
+    emit = sink or result.update
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if last >= 0:
+                acts, calls = _capture_block_inputs(model, blocks[0], batches)
+                for index in tqdm(range(last + 1), desc="calibration statistics", disable=not progress):
+                    block, names, write = blocks[index], per_block[index], index < last
+                    if names:
+                        emit(_collect_shared(modules, names, make_stats, block, share_inputs,
+                                             lambda: _run_block(block, acts, calls, write)))
+                    elif write:
+                        _run_block(block, acts, calls, write=True)
+                del acts, calls
+            if outside:
+                forward_kwargs, device = _forward_kwargs(model), _input_device(model)
+
+                def run_model() -> None:
+                    for batch in batches:
+                        model(batch.to(device), **forward_kwargs)
+
+                emit(_collect_shared(modules, outside, make_stats, model, share_inputs, run_model))
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _collect_shared(modules, names, make_stats: MakeStats, scope: nn.Module, share_inputs: bool,
+                    run: Callable[[], None]) -> dict[str, Accumulator]:
+    """Like `_collect`, but a target whose input is the same tensor as an earlier target's in the same call of
+    `scope` (one batch) reuses that target's accumulator instead of adding the same rows again."""
+    stats: dict[str, Accumulator] = {}
+    seen: list[tuple[Tensor, str]] = []  # inputs of this call of `scope`, held so their memory is not reused
+
+    def same(a: Tensor, b: Tensor) -> bool:
+        return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                          and a.dtype == b.dtype)
+
+    def hook(module, args, output, name):
+        x = args[0]
+        if share_inputs:
+            leader = next((first for ref, first in seen if same(ref, x)), None)
+            if leader is not None:
+                stats.setdefault(name, stats[leader])
+                return
+            seen.append((x, name))
+        if name not in stats:
+            stats[name] = make_stats(module)
+        stats[name].add(x.detach())
+
+    handles = [scope.register_forward_pre_hook(lambda module, args: seen.clear())]
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(
+                lambda module, args, output, name=name: hook(module, args, output, name)))
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+        seen.clear()
+    return stats

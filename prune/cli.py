@@ -1,4 +1,4 @@
-"""`prune run | eval | export | models`: thin argument parsing over the pipeline; bad input exits 2."""
+"""`prune run | eval | export | sweep | compare | models`: thin argument parsing over the pipeline; bad input exits 2."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,31 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported: {export_run(args.run_dir)}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from prune.sweep import run_sweep, run_sensitivity
+    from prune.sweep_recipe import load_sweep
+
+    overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
+    sweep, base = load_sweep(args.recipe, overrides)
+    if args.sensitivity:
+        run_sensitivity(sweep, base, force=args.force)
+        print(f"\nsensitivity: {sweep.output}/sensitivity/")
+        return
+    from prune.compare import render
+
+    result = run_sweep(sweep, base, force=args.force)
+    print("\n" + render(result["rows"]))
+    print(f"sweep directory: {sweep.output} ({', '.join(path.name for path in result['written'].values())})")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from prune.compare import compare, render
+
+    rows, written = compare(args.run_dirs, args.output)
+    print(render(rows))
+    print(f"written to {args.output}: {', '.join(path.name for path in written.values())}")
+
+
 def _models(args: argparse.Namespace) -> None:
     from prune.models import list_models
 
@@ -79,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write <run>/model/ from the base model and the saved masks")
     export.add_argument("run_dir")
     export.set_defaults(handler=_export)
+
+    sweep = commands.add_parser("sweep", help="run a grid of methods x sparsity levels and compare them")
+    sweep.add_argument("recipe", help="sweep YAML, e.g. recipes/sweeps/smollm2-135m.yaml")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a sweep key (grid.methods=[wanda]) or, for any other key, every point's recipe")
+    sweep.add_argument("--output", help="sweep directory (default: the sweep's `output`)")
+    sweep.add_argument("--force", action="store_true", help="recompute finished points, the dense figures and statistics")
+    sweep.add_argument("--sensitivity", action="store_true",
+                       help="instead of the grid: prune one block / layer type at a time and rank the damage")
+    sweep.set_defaults(handler=_sweep)
+
+    compare = commands.add_parser("compare", help="the sweep table and plots from existing run directories")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or sweep directories)")
+    compare.add_argument("--output", default="runs/compare", help="where to write compare.{csv,json,md} and plots")
+    compare.set_defaults(handler=_compare)
 
     models = commands.add_parser("models", help="list the embedded model aliases and what is cached")
     models.set_defaults(handler=_models)

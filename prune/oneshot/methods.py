@@ -130,3 +130,24 @@ def attach_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: Ten
         blocksize=config.blocksize, dampening=config.dampening, update_weights=config.update_weights,
     )
     _attach(model, result)
+
+
+# Methods that can prune from statistics gathered once on the dense model (the sweep's shared path), and what
+# each reads: nothing (magnitude), the input norms (Wanda), or the Hessian (SparseGPT).
+SHARED_STATS: dict[str, str] = {"magnitude": "none", "wanda": "norms", "sparsegpt": "hessian"}
+
+
+def prune_from_stats(config: MethodConfig, module: nn.Module, stats) -> tuple[Tensor, Tensor | None]:
+    """One target's keep-mask (and SparseGPT's re-fit weight, else None) from given statistics, without any
+    calibration forward: `stats` answers `input_sq_norm()` (Wanda) / `matrix()` (SparseGPT), None for magnitude.
+    The module is not modified."""
+    weight, sparsity = weight_matrix(module), config.pattern
+    if config.name == "magnitude":
+        return mask_from_scores(magnitude_scores(weight), sparsity, config.granularity), None
+    if config.name == "wanda":
+        return mask_from_scores(wanda_scores(weight, stats.input_sq_norm()), sparsity, config.granularity), None
+    if config.name == "sparsegpt":
+        new_weight, mask = sparsegpt_prune(weight, stats.matrix(), sparsity, blocksize=config.blocksize,
+                                           dampening=config.dampening, update_weights=config.update_weights)
+        return mask, (new_weight if config.update_weights else None)
+    raise KeyError(f"method {config.name!r} cannot prune from shared statistics; see SHARED_STATS")

@@ -1,0 +1,109 @@
+"""One-shot baselines on SmolLM2-135M, held-out embedded text: dense, magnitude, Wanda, SparseGPT at 50% and 2:4.
+
+For each point: perplexity (512-token windows), last-word accuracy, FLOPs, and the wall time and peak memory
+of the pruning step alone. Each point runs in its own process so peak memory is its own; all points run in
+one invocation, side by side. Writes the `oneshot` section of benchmarks/RESULTS.md.
+
+    python benchmarks/oneshot.py [--calibration-samples 128] [--limit 200]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POINTS = [("dense", None), ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
+          ("sparsegpt", "0.5"), ("sparsegpt", "2:4")]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
+def measure_point(method: str, sparsity: str | None, calibration_samples: int, limit: int) -> dict:
+    """Load, prune (timed, peak memory), merge, evaluate: one point, in this process."""
+    import torch
+
+    from eval.accuracy import accuracy
+    from eval.flops import count_flops, count_params
+    from eval.perplexity import perplexity
+    from prune.data import prepare
+    from prune.masks.base import merge
+    from prune.models import load
+    from prune.recipe import parse_recipe
+    from prune.registry import get_method
+
+    torch.manual_seed(0)
+    model, tokenizer = load("smollm2-135m")
+    splits = prepare(tokenizer, "embedded-docs")
+    result = {"method": method, "sparsity": sparsity or "-"}
+    if method != "dense":
+        recipe = parse_recipe({"method": {"name": method, "sparsity": sparsity}})
+        spec = get_method(method)
+        calibration = splits.calibration_blocks(calibration_samples, 512, 0) if spec.needs_calibration else None
+        before = rss_mb()
+        start = time.perf_counter()
+        spec.attach(model, recipe.method, calibration)
+        result["prune_seconds"] = time.perf_counter() - start
+        result["prune_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["prune_added_rss_mb"] = result["prune_peak_rss_mb"] - before
+        merge(model)
+    result["perplexity"] = perplexity(model, splits.heldout_blocks(512)).value
+    result["lastword"] = accuracy(model, tokenizer, ["docs_lastword"], heldout_text=splits.heldout_text(tokenizer),
+                                  limit=limit)["docs_lastword"]
+    flops = count_flops(model, 512)
+    result.update(flops_dense=flops.dense, flops_pruned=flops.sparse, params_nonzero=count_params(model).nonzero)
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | sparsity | perplexity | last-word acc | FLOPs (pruned / dense) | nonzero params | "
+             "prune time (s) | peak RSS while pruning (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['sparsity']} | {row['perplexity']:.2f} | {row['lastword']:.3f} | "
+            f"{row['flops_pruned'] / 1e9:.1f} G / {row['flops_dense'] / 1e9:.1f} G | {row['params_nonzero'] / 1e6:.1f} M | "
+            f"{row.get('prune_seconds', 0):.0f} | {row.get('prune_peak_rss_mb', 0):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=200, help="last-word examples")
+    parser.add_argument("--point", nargs=2, metavar=("METHOD", "SPARSITY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.point:
+        method, sparsity = args.point
+        print(json.dumps(measure_point(method, None if sparsity == "-" else sparsity, args.calibration_samples, args.limit)))
+        return
+    rows = []
+    for method, sparsity in POINTS:
+        command = [sys.executable, __file__, "--point", method, sparsity or "-",
+                   "--calibration-samples", str(args.calibration_samples), "--limit", str(args.limit)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+        print(f"{method} {sparsity or ''}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from results import write_section
+
+    command = f"python benchmarks/oneshot.py --calibration-samples {args.calibration_samples} --limit {args.limit}"
+    body = (f"## One-shot pruning of SmolLM2-135M\n\nCommand: `{command}` "
+            f"({args.calibration_samples} x 512 calibration tokens, 2-core CPU, float32). Perplexity over the held-out "
+            "tail of the embedded CPython documentation in 512-token windows; last-word accuracy on "
+            f"{args.limit} `docs_lastword` examples; FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
+            "prune time and peak RSS are the pruning step alone (the process had loaded the model and data before).\n\n"
+            + table(rows))
+    print(table(rows))
+    print(f"written to {write_section('oneshot', body)}")
+
+
+if __name__ == "__main__":
+    main()
