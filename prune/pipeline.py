@@ -13,10 +13,11 @@ from pathlib import Path
 
 from accelerate import PartialState
 from safetensors.torch import load_file
+import torch
 
 from eval.perplexity import perplexity
 from eval.report import write_json_atomic
-from prune import run_dir
+from prune import run_dir, vision
 from prune.data import TokenSplits, prepare
 from prune.errors import UserInputError
 from prune.masks.base import achieved_sparsity
@@ -51,6 +52,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
         run_dir.claim(directory, recipe.to_dict(), overwrite=overwrite, resume=resume)
     state.wait_for_everyone()
     timings: dict[str, float] = {}
+    if recipe.task == vision.TASK:
+        return _run_zero_shot(recipe, spec, state, directory, timings, resume)
     seq_len = recipe.data.seq_len
 
     with timed(timings, "load"):
@@ -86,10 +89,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
     }
     spec.save(model, directory, recipe.method, meta)
 
-    model = spec.export(model, recipe.method)
+    plain = spec.restore is None  # else no plain checkpoint exists: the run dir restores via prune.models.load
+    if plain:
+        model = spec.export(model, recipe.method)
     with timed(timings, "pruned_eval"):
         pruned = measure(model, tokenizer, splits, recipe.eval, seq_len, "pruned")
-    if recipe.export.save_model:
+    if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
             run_dir.save_model_atomic(model, tokenizer, directory / run_dir.MODEL_DIR)
 
@@ -111,16 +116,23 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
         report["dense"] = dense
         if "perplexity" in dense:
             report["perplexity"]["dense"] = dense["perplexity"]["value"]
+    if spec.report is not None:  # figures only the method can measure (e.g. FLOPs of per-input masks)
+        with timed(timings, "method_report"):
+            report.update(spec.report(model, recipe.method, splits.heldout_blocks(seq_len), report))
     write_report(directory, report)
     return report
 
 
 def _dense_figures(model, tokenizer, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool) -> dict:
     """The dense baseline, measured once per run directory (a resumed run reuses it)."""
+    return _cached_dense(directory, resume, lambda: measure(model, tokenizer, splits, recipe.eval, recipe.data.seq_len, "dense"))
+
+
+def _cached_dense(directory: Path, resume: bool, compute) -> dict:
     saved = directory / DENSE_FILE
     if resume and saved.is_file():
         return json.loads(saved.read_text())
-    figures = measure(model, tokenizer, splits, recipe.eval, recipe.data.seq_len, "dense")
+    figures = compute()
     write_json_atomic(saved, figures)
     return figures
 
@@ -132,13 +144,88 @@ def _train(model, objective, splits: TokenSplits, recipe: Recipe, directory: Pat
     def evaluate(masked_model) -> float:
         return perplexity(masked_model, heldout, desc="eval hard masks").value
 
-    result = train(
-        model, objective, splits.train_blocks(recipe.data.seq_len), recipe.train, directory,
-        evaluate=evaluate, resume=resume,
-    )
+    blocks = splits.train_blocks(recipe.data.seq_len)
+    fraction = getattr(recipe.data, "fraction", 1.0)
+    if fraction < 1.0:  # a seeded share of the blocks (VTrans' Fast variant)
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))
+        blocks = blocks[order[: max(1, round(fraction * len(blocks)))]]
+    result = train(model, objective, blocks, recipe.train, directory, evaluate=evaluate, resume=resume)
+    _keep_best(model, objective, directory, result)
+    return result
+
+
+def _keep_best(model, objective, directory: Path, result: TrainResult) -> None:
+    """Load the masks of the best periodic evaluation (when there was one) back into the model."""
     best = directory / "train" / "best.safetensors"
     if result.best_step is not None and best.is_file():
         params = trainable_parameters(model, objective)
         for name, value in load_file(best).items():
             params[name].data.copy_(value)
-    return result
+
+
+def _run_zero_shot(recipe: Recipe, spec, state, directory: Path, timings: dict, resume: bool) -> dict | None:
+    """`task: zero-shot-classification`: a CLIP model on images. The same stages and report as an LLM run, with
+    zero-shot accuracy (class prompts) as the dense figures and the tuned model's accuracy after."""
+    from prune.masks.binary import masked_fractions
+
+    if spec.needs_calibration or spec.restore is not None:
+        raise UserInputError(
+            f"method {spec.name!r} needs calibration text or a per-input model, which task zero-shot-classification "
+            "does not have; use method binary (R-AMT mask tuning) or magnitude."
+        )
+    data_config, limit = recipe.data, recipe.eval.limit
+    with timed(timings, "load"):
+        model, processor = load(recipe.model, task=recipe.task)
+        data = vision.load_image_data(data_config, processor.image_processor, recipe.seed)
+        classifier = vision.ZeroShotClassifier(model, processor.tokenizer, data.class_names, data_config.templates)
+        data.notes["heldout_images"] = min(limit or len(data.heldout), len(data.heldout))  # what accuracy counts
+
+    def figures() -> dict:
+        return vision.measure(classifier, data, limit, data_config.batch_size)
+
+    dense = None
+    if recipe.eval.dense_baseline and state.is_main_process:
+        with timed(timings, "dense_eval"):
+            dense = _cached_dense(directory, resume, figures)
+    with timed(timings, "prune"):
+        objective = spec.attach(model, recipe.method, None)
+    training = None
+    if spec.kind == "learnable" and recipe.train.steps:
+        def error(masked) -> float:
+            return 1.0 - vision.accuracy(masked, data.heldout, data_config.batch_size, limit)
+
+        with timed(timings, "train"):
+            training = train(classifier, objective, data.train, recipe.train, directory, task_loss=vision.classification_loss,
+                             evaluate=error, eval_metric="error", resume=resume)
+            _keep_best(classifier, objective, directory, training)
+    if not state.is_main_process:
+        return None
+
+    masked = masked_fractions(model)
+    meta = {"model": recipe.model, "method": spec.name, "config": recipe.to_dict()["method"], "weights_changed": False}
+    spec.save(model, directory, recipe.method, meta)
+    model = classifier.clip = spec.export(model, recipe.method)
+    with timed(timings, "pruned_eval"):
+        tuned = figures()
+    if recipe.export.save_model:
+        with timed(timings, "save_model"):
+            run_dir.save_model_atomic(model, processor, directory / run_dir.MODEL_DIR)
+    report = {
+        "model": recipe.model,
+        "method": spec.name,
+        "task": recipe.task,
+        "recipe_fingerprint": recipe.fingerprint(),
+        "sparsity": {"target": recipe.method.target_label(), "achieved": masked["targeted"]},
+        "masked": masked,
+        **{key: value for key, value in tuned.items() if key != "seconds"},
+        "eval_data": data.notes,
+        "timings": timings,
+        "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+    }
+    if training is not None:
+        report["train"] = {"steps": training.steps, "best_step": training.best_step,
+                           "best_eval_error": training.best_score, "seconds": round(training.seconds, 2)}
+    if dense is not None:
+        report["dense"] = dense
+    write_report(directory, report)
+    return report

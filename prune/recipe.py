@@ -28,10 +28,11 @@ from typing import Any, Literal
 
 import torch
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from prune.errors import UserInputError
 from prune.registry import MethodConfig, StrictConfig, get_method
+from prune.vision import TASK as ZERO_SHOT, ImageDataConfig
 from prune.yaml_io import load_yaml
 
 
@@ -44,6 +45,8 @@ class DataConfig(StrictConfig):
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="tail of the token stream held out")
     calibration_samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training blocks a learnable method "
+                            "trains on (seeded; VTrans' Fast variant uses a small share)")
 
 
 class TrainConfig(StrictConfig):
@@ -83,17 +86,36 @@ class EvalConfig(StrictConfig):
 
 class ExportConfig(StrictConfig):
     save_model: bool = Field(True, description="write model/ with the hard masks merged into the weights")
+    round_to: int | None = Field(None, ge=1, description="structural methods: kept FFN / hidden sizes rounded "
+                                 "to a multiple (e.g. 8 or 64)")
+    uniform: bool = Field(False, description="structural methods: the same sizes in every layer, so plain "
+                          "transformers loads the exported model")
 
 
 class Recipe(StrictConfig):
     model: str = "smollm2-135m"
-    data: DataConfig = Field(default_factory=DataConfig)
+    task: Literal["causal-lm", "zero-shot-classification"] = Field(
+        "causal-lm", description="causal-lm: text data, perplexity; zero-shot-classification: CLIP on images")
+    data: DataConfig | ImageDataConfig | None = Field(
+        None, validate_default=True, description="text data (DataConfig), or images (ImageDataConfig) for CLIP")
     method: MethodConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     output: str | None = Field(None, description="run directory (default: runs/<recipe name>)")
     seed: int = 0
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_for_task(cls, value: Any, info) -> DataConfig | ImageDataConfig:
+        """The `data` section's schema follows `task`: token streams for causal-lm, images for CLIP."""
+        config_class = ImageDataConfig if info.data.get("task") == ZERO_SHOT else DataConfig
+        if isinstance(value, (DataConfig, ImageDataConfig)):
+            value = value.model_dump()
+        try:
+            return config_class.model_validate(value if value is not None else {})
+        except ValidationError as error:
+            raise SectionError("; ".join(_section_errors(error, "data", config_class))) from None
 
     @field_validator("method", mode="before")
     @classmethod
@@ -107,6 +129,20 @@ class Recipe(StrictConfig):
         except UserInputError as error:
             raise ValueError(str(error)) from None
         return spec.config_class.model_validate(value)
+
+    @model_validator(mode="after")
+    def _structural_export(self):
+        """export.round_to / export.uniform shape a structural method's masks, so its config receives them."""
+        for key in ("round_to", "uniform"):
+            value = getattr(self.export, key)
+            if key not in self.export.model_fields_set or value in (None, False):
+                continue
+            if key not in type(self.method).model_fields:
+                raise ValueError(f"export.{key} applies to structural methods (vib, structured), not {self.method.name}.")
+            if key in self.method.model_fields_set and getattr(self.method, key) != value:
+                raise ValueError(f"export.{key} and method.{key} differ; set only export.{key}.")
+            setattr(self.method, key, value)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", serialize_as_any=True)
@@ -144,8 +180,25 @@ def _describe(error: ValidationError, raw: dict[str, Any]) -> str:
             lines.append(f"unknown key {where!r}; allowed keys{' in ' + section if section else ''}: {allowed}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {message}" if where else message)
+            worded = isinstance(item.get("ctx", {}).get("error"), SectionError)  # names its keys already
+            lines.append(f"{where}: {message}" if where and not worded else message)
     return "invalid recipe: " + "; ".join(lines)
+
+
+class SectionError(ValueError):
+    """A section validated by hand (its schema follows another key), its errors already worded in full."""
+
+
+def _section_errors(error: ValidationError, section: str, config_class: type[StrictConfig]) -> list[str]:
+    """A nested section's errors, worded like `_describe`'s (validated by hand when its schema varies)."""
+    lines = []
+    for item in error.errors():
+        where = ".".join([section, *map(str, item["loc"])])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key {where!r}; allowed keys in {section}: {', '.join(config_class.model_fields)}")
+        else:
+            lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+    return lines
 
 
 def _allowed_keys(section: str, raw: dict[str, Any]) -> str:

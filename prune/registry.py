@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from torch import nn
+from torch import Tensor, nn
 
 from prune.errors import UserInputError
 from prune.sparsity import Sparsity, parse_sparsity
@@ -68,6 +68,8 @@ class MethodConfig(StrictConfig):
 AttachFn = Callable[..., object]
 SaveFn = Callable[[nn.Module, Path, MethodConfig, dict], None]
 ExportFn = Callable[[nn.Module, MethodConfig], nn.Module]
+RestoreFn = Callable[[nn.Module, Path, MethodConfig], nn.Module]
+ReportFn = Callable[[nn.Module, MethodConfig, Tensor, dict], dict]
 
 
 def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, meta: dict) -> None:
@@ -89,7 +91,12 @@ def merge_weight_masks(model: nn.Module, config: MethodConfig) -> nn.Module:
 class MethodSpec:
     """A registered method. `attach(model, config, calibration)` wraps the targets (a learnable method returns
     its `Objective`); `save` writes its masks into the run directory; `export` turns the masked model into
-    the model saved as model/ (merged weights by default; structural methods shrink it)."""
+    the model saved as model/ (merged weights by default; structural methods shrink it).
+
+    `restore(base_model, run_dir, config)` is for methods whose pruned model cannot be a plain checkpoint
+    (per-input gating): the pipeline writes no model/ for them, `prune export` refuses, and
+    `prune.models.load(run_dir)` rebuilds the model through it. `report(model, config, heldout_blocks,
+    report)` returns report entries the method measures itself (e.g. FLOPs of per-input masks)."""
 
     name: str
     config_class: type[MethodConfig]
@@ -98,6 +105,8 @@ class MethodSpec:
     needs_calibration: bool
     save: SaveFn = save_weight_masks
     export: ExportFn = merge_weight_masks
+    restore: RestoreFn | None = None
+    report: ReportFn | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -112,13 +121,15 @@ def register_method(
     needs_calibration: bool,
     save: SaveFn = save_weight_masks,
     export: ExportFn = merge_weight_masks,
+    restore: RestoreFn | None = None,
+    report: ReportFn | None = None,
 ):
     """Decorator for a method's `attach(model, config, calibration_blocks)` function."""
 
     def decorate(attach: AttachFn) -> AttachFn:
         if name in _METHODS:
             raise RuntimeError(f"method {name!r} registered twice")
-        _METHODS[name] = MethodSpec(name, config_class, attach, kind, needs_calibration, save, export)
+        _METHODS[name] = MethodSpec(name, config_class, attach, kind, needs_calibration, save, export, restore, report)
         return attach
 
     return decorate

@@ -41,6 +41,24 @@ def render(report: dict) -> str:
     return render_table(summary_rows(report), COLUMNS)
 
 
+def _data_note(report: dict) -> str:
+    """What the figures were measured on: held-out tokens for an LLM run, held-out images for a CLIP run."""
+    images = report.get("eval_data")
+    if images is not None:
+        masked = report.get("masked", {})
+        return (
+            f"Accuracy of CLIP's zero-shot head (prompts {images['templates']}) on {images['heldout_images']} "
+            f"held-out images ({images['heldout']}), {images['classes']} classes; the dense row is the zero-shot "
+            f"model, the other is tuned on {images['train_images']} images. Masked: "
+            f"{masked.get('targeted', 0):.2%} of the targeted weights, {masked.get('all', 0):.2%} of all parameters."
+        )
+    return (
+        f"Perplexity over {report.get('perplexity', {}).get('tokens', 0)} held-out tokens in windows of "
+        f"{report.get('perplexity', {}).get('seq_len', '-')}; FLOPs per forward of one window "
+        "(pruned: what a sparse kernel would run)."
+    )
+
+
 def write_report(directory: Path, report: dict) -> None:
     """report.md first, report.json last: report.json present means the run finished."""
     markdown = [
@@ -48,9 +66,7 @@ def write_report(directory: Path, report: dict) -> None:
         "",
         render_markdown_table(summary_rows(report), COLUMNS),
         "",
-        f"Perplexity over {report.get('perplexity', {}).get('tokens', 0)} held-out tokens in windows of "
-        f"{report.get('perplexity', {}).get('seq_len', '-')}; FLOPs per forward of one window "
-        "(pruned: what a sparse kernel would run). Timings (s): "
+        _data_note(report) + " Timings (s): "
         + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in report["timings"].items()),
         "",
     ]

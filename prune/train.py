@@ -12,12 +12,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -25,7 +27,7 @@ from prune.checkpoint import load_checkpoint, save_checkpoint
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.recipe import TrainConfig
 
-TaskLoss = Callable[[nn.Module, Tensor], Tensor]
+TaskLoss = Callable[[nn.Module, Any], Tensor]
 Evaluate = Callable[[nn.Module], float]
 
 
@@ -53,10 +55,20 @@ def trainable_parameters(model: nn.Module, objective: Objective) -> dict[str, nn
     for index, param in enumerate(objective.extra_parameters()):
         param.requires_grad_(True)
         params[f"objective.{index}"] = param
-    frozen = [name for name, param in model.named_parameters() if param.requires_grad and name not in params]
+    trainable = {id(param) for param in params.values()}  # extra parameters may be weights a method trains jointly
+    frozen = [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in trainable]
     assert not frozen, f"base weights would train: {frozen[:3]}"
     assert params, "the model has no trainable mask parameters"
     return params
+
+
+def param_groups(params: dict[str, nn.Parameter], lr: float) -> list[dict]:
+    """One AdamW group per `lr_scale` attribute a method set on its parameters (default 1): a method whose
+    parameters need different step sizes (e.g. Lagrange multipliers) says so without its own optimizer."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for param in params.values():
+        groups.setdefault(float(getattr(param, "lr_scale", 1.0)), []).append(param)
+    return [{"params": members, "lr": lr * scale} for scale, members in sorted(groups.items())]
 
 
 def set_mask_training(model: nn.Module, training: bool) -> None:
@@ -64,6 +76,14 @@ def set_mask_training(model: nn.Module, training: bool) -> None:
     model.eval()
     for wrapper in wrappers(model).values():
         wrapper.mask.train(training)
+
+
+def make_batch(data: Tensor | Sequence, rows: Tensor, device) -> Any:
+    """Rows of a Tensor (token blocks) are sliced at once; rows of any other indexable dataset (e.g. dicts of
+    pixel_values and labels) are collated with torch's default_collate. Either way the batch lands on `device`."""
+    if isinstance(data, Tensor):
+        return data[rows].to(device)
+    return send_to_device(default_collate([data[int(index)] for index in rows]), device)
 
 
 def batch_indices(step: int, micro: int, config: TrainConfig, rank: int, world: int, count: int) -> Tensor:
@@ -103,19 +123,22 @@ class _Log:
 def train(
     model: nn.Module,
     objective: Objective,
-    data: Tensor,
+    data: Tensor | Sequence,
     config: TrainConfig,
     run_dir: Path,
     *,
     task_loss: TaskLoss = lm_loss,
     evaluate: Evaluate | None = None,
+    eval_metric: str = "perplexity",
     resume: bool = False,
     accelerator: Accelerator | None = None,
 ) -> TrainResult:
-    """Train the masks of `model` on rows of `data`; checkpoints and logs go to `run_dir/train/`."""
+    """Train the masks of `model` on rows of `data` (a Tensor of token blocks, or any indexable dataset whose
+    rows collate into the batch `task_loss` takes); checkpoints and logs go to `run_dir/train/`. `evaluate`
+    returns a held-out score where lower is better, logged as `eval_<eval_metric>`."""
     accelerator = accelerator or Accelerator(mixed_precision=config.resolved_precision())
     params = trainable_parameters(model, objective)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(params, config.lr), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * config.steps), config.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     train_dir = run_dir / "train"
@@ -132,6 +155,8 @@ def train(
         accelerator.wait_for_everyone()
 
     start, tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+    rate_key = "tokens_per_s" if isinstance(data, Tensor) else "samples_per_s"
+    custom_backward = objective.backward
     progress = tqdm(total=config.steps, initial=step, desc="train masks", disable=not accelerator.is_main_process)
     set_mask_training(model, True)
     try:
@@ -140,16 +165,20 @@ def train(
             parts = {"loss": 0.0, "task_loss": 0.0, "regularizer": 0.0}
             for micro in range(config.grad_accum):
                 rows = batch_indices(step, micro, config, accelerator.process_index, accelerator.num_processes, len(data))
-                batch = data[rows].to(accelerator.device)
+                batch = make_batch(data, rows, accelerator.device)
                 with accelerator.autocast():
-                    task = task_loss(model, batch)
-                    regularizer = objective.regularizer(accelerator.unwrap_model(model))
+                    if custom_backward is None:
+                        task = task_loss(model, batch)
+                        regularizer = objective.regularizer(accelerator.unwrap_model(model))
+                    else:  # the method computes and accumulates its own gradients (e.g. gradient dropout)
+                        task, regularizer = custom_backward(model, batch, task_loss, accelerator, 1.0 / config.grad_accum)
                     loss = (task + regularizer) / config.grad_accum
-                accelerator.backward(loss)
+                if custom_backward is None:
+                    accelerator.backward(loss)
                 parts["loss"] += loss.item()
                 parts["task_loss"] += task.item() / config.grad_accum
                 parts["regularizer"] += float(regularizer.detach()) / config.grad_accum
-                tokens += batch.numel() * accelerator.num_processes
+                tokens += (batch.numel() if isinstance(batch, Tensor) else len(rows)) * accelerator.num_processes
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
             optimizer.step()
@@ -161,7 +190,7 @@ def train(
             if step % config.log_every == 0 or step == config.steps:
                 elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
                 record = {"step": step, **parts, **schedule, "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens / elapsed}
+                          rate_key: tokens / elapsed}
                 tokens = 0
                 if log is not None:
                     record["changed"] = log.changed_fraction(accelerator.unwrap_model(model))
@@ -169,7 +198,7 @@ def train(
                     progress.set_postfix({key: f"{value:.4g}" for key, value in record.items()
                                           if isinstance(value, float) and key != "lr"})
             if evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                best = _evaluate(model, accelerator, evaluate, step, best, train_dir, params, log)
+                best = _evaluate(model, accelerator, evaluate, step, best, train_dir, params, log, eval_metric)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint()
     except KeyboardInterrupt:
@@ -183,14 +212,14 @@ def train(
     return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
 
 
-def _evaluate(model, accelerator, evaluate, step, best, train_dir, params, log) -> dict:
+def _evaluate(model, accelerator, evaluate, step, best, train_dir, params, log, eval_metric="perplexity") -> dict:
     """Score the hard masks on held-out data (main process); keep the best masks' parameters."""
     if accelerator.is_main_process:
         set_mask_training(model, False)
         score = evaluate(accelerator.unwrap_model(model))
         set_mask_training(model, True)
         if log is not None:
-            log.write({"step": step, "eval_perplexity": score})
+            log.write({"step": step, f"eval_{eval_metric}": score})
         if best["score"] is None or score < best["score"]:
             best = {"score": score, "step": step}
             _save_params(train_dir / "best.safetensors", params)

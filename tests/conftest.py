@@ -22,6 +22,15 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared, loaded CPU: two contended OpenMP threads can be ~20x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request):
     return make_tiny_llama() if request.param == "llama" else make_tiny_gpt2()

@@ -193,3 +193,24 @@ def test_two_process_training_averages_gradients_and_ends_with_identical_masks(t
     before = hard_loss(single, data)
     train(single, CountingObjective(), data, config(steps=30, log_every=10), tmp_path / "single")
     assert hard_loss(single, data) < before - 0.05
+
+
+def test_a_parameters_lr_scale_sets_its_own_step_size(tmp_path):
+    """`param.lr_scale` (e.g. Lagrange multipliers, VIB's log sigma^2) puts it in an AdamW group with lr * scale;
+    Adam's first step moves each parameter by its group's lr."""
+    fast = nn.Parameter(torch.zeros(()))
+    fast.lr_scale = 10.0
+
+    class FastObjective(Objective):
+        def regularizer(self, model):
+            return -fast  # a constant gradient: Adam's first step is exactly lr in size
+
+        def extra_parameters(self):
+            return [fast]
+
+    model = masked_tiny_llama()
+    slow = next(p for name, p in model.named_parameters() if name.endswith("mask.scores"))
+    start = slow.detach().clone()
+    train(model, FastObjective(), patterned_tokens(), config(steps=1, max_grad_norm=0.0), tmp_path)
+    assert fast.item() == pytest.approx(10 * 0.05, rel=1e-4)
+    assert (slow - start).abs().max().item() == pytest.approx(0.05, rel=1e-2)  # ~lr (tiny gradients vs Adam's eps)

@@ -8,6 +8,7 @@ now (`forward`: soft while training, hard in eval mode), its hard value, and its
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,15 @@ class Objective:
 
     The trainer computes the task loss itself, adds `regularizer(model)`, and optimizes only the masks'
     parameters (plus `extra_parameters()`, e.g. Lagrange multipliers that the method trains by ascent).
+
+    A method that needs gradient surgery (several gradients combined per parameter, e.g. R-AMT's gradient
+    dropout) sets `backward` to a callable `backward(model, batch, task_loss, accelerator, scale)` that
+    computes the gradients itself, ADDS `scale` times them to each trainable parameter's `.grad` (as
+    `loss.backward()` would), and returns (task loss, regularizer) for the log. The trainer then calls it
+    instead of its own forward/backward. None: the plain task loss + regularizer backward.
     """
+
+    backward: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def begin_step(self, step: int, total_steps: int) -> dict[str, float]:
         """Set schedule values (temperatures, progress) on the masks; return them for the log."""
@@ -102,6 +111,37 @@ class WeightMasked(MaskWrapper):
         return module
 
 
+class ConvWeightMasked(MaskWrapper):
+    """W_eff = W ⊙ M for nn.Conv2d (e.g. a ViT's patch embedding); the mask has the weight's 4-D shape."""
+
+    def __init__(self, base: nn.Module, mask: Mask):
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"ConvWeightMasked wraps nn.Conv2d, got {type(base).__name__}")
+        super().__init__(base, mask)
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen weight: model code reads `patch_embedding.weight.dtype` (CLIP), so it must resolve here."""
+        return self.base.weight
+
+    def effective_weight(self) -> Tensor:
+        return self.base.weight * self.mask().to(self.base.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base._conv_forward(x, self.effective_weight(), self.base.bias)
+
+    def merged(self) -> nn.Module:
+        module = copy.deepcopy(self.base)
+        with torch.no_grad():
+            module.weight.mul_(self.mask.hard())
+        return module
+
+
+def weight_masked(base: nn.Module, mask: Mask) -> MaskWrapper:
+    """The weight-mask wrapper that fits `base`: convolutions get ConvWeightMasked, linears WeightMasked."""
+    return ConvWeightMasked(base, mask) if isinstance(base, nn.Conv2d) else WeightMasked(base, mask)
+
+
 def wrappers(model: nn.Module) -> dict[str, MaskWrapper]:
     """Every mask wrapper in the model, by the name of the module it replaced."""
     return {name: module for name, module in model.named_modules() if isinstance(module, MaskWrapper)}
@@ -136,9 +176,9 @@ def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def attach_hard_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Wrap each named linear with a fixed mask (the one-shot methods' result)."""
+    """Wrap each named linear (or convolution) with a fixed mask (one-shot results, loaded masks)."""
     modules = dict(model.named_modules())
-    wrap(model, {name: WeightMasked(modules[name], HardMask(keep)) for name, keep in masks.items()})
+    wrap(model, {name: weight_masked(modules[name], HardMask(keep)) for name, keep in masks.items()})
 
 
 def achieved_sparsity(model: nn.Module) -> float:

@@ -58,7 +58,7 @@ def decode_nm(index: Tensor, n: int, m: int) -> Tensor:
 
 
 def _encode(keep: Tensor, nm: tuple[int, int] | None) -> tuple[Tensor, dict]:
-    if nm is not None:
+    if nm is not None and keep.dim() == 2:
         index = encode_nm(keep, *nm)
         if index is not None:
             return index, {"encoding": "nm_index", "n": nm[0], "m": nm[1], "shape": list(keep.shape)}
@@ -83,10 +83,15 @@ def _decode(tensor: Tensor, info: dict) -> Tensor:
 
 def save_masks(model: nn.Module, directory: str | Path, meta: dict, nm: tuple[int, int] | None = None) -> None:
     """Write the hard masks of every wrapper in `model` (atomically: temp files, then rename)."""
+    write_masks(hard_masks(model), directory, meta, nm)
+
+
+def write_masks(masks: dict[str, Tensor], directory: str | Path, meta: dict, nm: tuple[int, int] | None = None) -> None:
+    """Write {target name: bool mask} (any shape; N:M-encoded where `nm` fits a 2-D mask), atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, targets = {}, {}
-    for name, keep in hard_masks(model).items():
+    for name, keep in masks.items():
         tensors[name], targets[name] = _encode(keep, nm)
     config = {"format_version": FORMAT_VERSION, **meta, "targets": targets}
     with tempfile.TemporaryDirectory(dir=directory) as staging:

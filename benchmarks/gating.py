@@ -1,0 +1,331 @@
+"""Dynamic gating (Fire Together Wire Together): a small ResNet on scikit-learn's digits, and per-token FFN
+gating of SmolLM2-135M on held-out embedded text. Writes the `gating` section of benchmarks/RESULTS.md,
+benchmarks/gating.json (both parts' figures; running one part keeps the other's) and benchmarks/gating-llm.png.
+
+    python benchmarks/gating.py --part cnn                 # digits ResNet, dense then gated: ~10 min on 2 cores
+    python benchmarks/gating.py --part llm                 # 4 thresholds x 60 steps: ~1 h on 2 busy cores
+
+CNN: train the dense ResNet here, then for each mode (decoupled: frozen backbone; joint: backbone fine-tuned
+with the gates) and threshold r, train the predictors with the one trainer and report test accuracy and conv
+FLOPs per image (every conv of the net is in a gated block; predictors and their pooling counted).
+LLM: dense perplexity; the oracle gate (each token's largest |act(gate)*up| neurons, from the full
+activations) at several keep fractions; then per r, predictors trained (decoupled, backbone frozen) and
+measured: perplexity through the real sparse path, FFN FLOPs per token (gate, up and down of the kept neurons
+plus the predictor) vs dense, recall of the oracle's choice at the same budget, and whole-model CPU latency
+(decode ms/token and prefill tokens/s, gated vs dense, interleaved). A kernel sweep times the sparse FFN
+path alone against the dense FFN at fixed keep fractions, for one token (decode) and a prefill block.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.results import write_section  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+JSON = HERE / "gating.json"
+PLOT = HERE / "gating-llm.png"
+
+
+# ------------------------------------------------------------------------------------------------------ CNN
+
+def run_cnn(args) -> dict:
+    from prune.cnn import DigitsResNet, accuracy, classification_loss, conv_flops, digits_splits, pack_rows, train_classifier
+    from prune.masks.gating import GatingConfig, attach_gating, measure_gating
+    from prune.recipe import TrainConfig
+    from prune.train import train
+
+    data = digits_splits(seed=args.seed)
+    start = time.perf_counter()
+    dense = train_classifier(DigitsResNet(), data.train_x, data.train_y, epochs=args.cnn_epochs, seed=args.seed)
+    result = {"train_images": len(data.train_y), "test_images": len(data.test_y),
+              "dense_train_s": time.perf_counter() - start,
+              "dense_accuracy": accuracy(dense, data.test_x, data.test_y),
+              "dense_conv_flops": conv_flops(dense, data.test_x), "rows": []}
+    rows = pack_rows(data.train_x, data.train_y)
+    for mode in args.cnn_modes:
+        for threshold in args.cnn_thresholds:
+            model = copy.deepcopy(dense)
+            config = GatingConfig(name="gating", threshold=threshold, mode=mode, init_bias=1.0,
+                                  backbone_lr_scale=args.cnn_backbone_lr_scale)
+            objective = attach_gating(model, config)
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                train(model, objective, rows, TrainConfig(steps=args.cnn_steps, batch_size=64, lr=args.cnn_lr,
+                      log_every=50, checkpoint_every=10**6, seed=args.seed), Path(tmp), task_loss=classification_loss)
+            seconds = time.perf_counter() - start
+            summary = measure_gating(model, [data.test_x], forward=lambda m, batch: m(batch))
+            assert summary["flops_per_input"]["dense"] == result["dense_conv_flops"], "a conv is outside the gates"
+            result["rows"].append({
+                "mode": mode, "threshold": threshold, "accuracy": accuracy(model, data.test_x, data.test_y),
+                "conv_flops": summary["flops_per_input"], "keep_fraction": summary["keep_fraction"],
+                "target_recall": summary["target_recall"], "target_precision": summary["target_precision"],
+                "train_s": seconds,
+            })
+            print(f"cnn {mode} r={threshold}: {result['rows'][-1]}", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ LLM
+
+def _latency(model, args) -> dict:
+    from eval.latency import measure_latency
+
+    result = measure_latency(model, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, repeats=3)
+    return {"decode_ms_per_token": result.decode_ms_per_token, "prefill_tokens_per_s": result.prefill_tokens_per_s}
+
+
+def _paired_latency(model, args) -> dict:
+    """Gated and dense (gates bypassed, same model object) measured alternately, medians of `rounds` each."""
+    from prune.masks.gated_layers import bypassed
+
+    gated, dense = [], []
+    for _ in range(args.latency_rounds):
+        with bypassed(model):
+            dense.append(_latency(model, args))
+        gated.append(_latency(model, args))
+    median = lambda runs, key: statistics.median(run[key] for run in runs)  # noqa: E731
+    return {f"{label}_{key}": median(runs, key) for label, runs in (("gated", gated), ("dense", dense))
+            for key in ("decode_ms_per_token", "prefill_tokens_per_s")}
+
+
+def kernel_sweep(model, args) -> list[dict]:
+    """The sparse FFN path against the dense FFN at fixed keep fractions (random per-token masks), cycling
+    through every layer as a forward does (so weights come from memory, not from a warm cache); ms per layer."""
+    from prune.gated_ffn import sparse_ffn
+    from prune.masks.gated_layers import gated_layers
+
+    layers = list(gated_layers(model).values())
+    packs = [layer.packed() for layer in layers]
+    hidden, inter = packs[0].hidden, packs[0].intermediate
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (1, args.seq_len):
+        x = torch.randn(tokens, hidden, generator=generator)
+        for keep_fraction in args.kernel_keep:
+            keep = torch.rand(tokens, inter, generator=generator) < keep_fraction
+            runs = {"dense": lambda i: layers[i].base(x), "sparse": lambda i: sparse_ffn(x, keep, packs[i], max_union=1.0)}
+            timings = {label: [] for label in runs}
+            with torch.no_grad():
+                for _ in range(args.kernel_repeats):
+                    for label, run in runs.items():
+                        start = time.perf_counter()
+                        for i in range(len(layers)):
+                            run(i)
+                        timings[label].append((time.perf_counter() - start) / len(layers))
+            dense_ms, sparse_ms = (1000 * statistics.median(timings[k]) for k in ("dense", "sparse"))
+            rows.append({"tokens": tokens, "keep": keep_fraction, "union": float(keep.any(0).float().mean()),
+                         "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms})
+            print(f"kernel {rows[-1]}", flush=True)
+    return rows
+
+
+def run_llm(args) -> dict:
+    from eval.perplexity import perplexity
+    from prune.data import prepare
+    from prune.masks.base import unwrap
+    from prune.masks.gated_layers import oracle
+    from prune.masks.gating import GatingConfig, attach_gating, measure_gating
+    from prune.models import load
+    from prune.recipe import TrainConfig
+    from prune.train import train
+
+    model, tokenizer = load("smollm2-135m")
+    splits = prepare(tokenizer, "embedded-docs")
+    heldout = splits.heldout_blocks(args.seq_len)[: args.windows]
+    train_rows = splits.train_blocks(args.seq_len)
+    result: dict = {"seq_len": args.seq_len, "windows": len(heldout), "tokens": int(heldout.numel()),
+                    "train_blocks": len(train_rows), "rank": args.rank, "steps": args.steps,
+                    "batch_size": args.batch, "lr": args.lr}
+    result["dense_perplexity"] = perplexity(model, heldout, desc="dense").value
+    print(f"dense perplexity {result['dense_perplexity']:.3f}", flush=True)
+
+    attach_gating(model, GatingConfig(name="gating"))
+    result["oracle"] = []
+    for keep in args.oracle_keep:
+        with oracle(model, keep):
+            value = perplexity(model, heldout, desc=f"oracle {keep}").value
+        result["oracle"].append({"keep": keep, "perplexity": value})
+        print(f"oracle keep={keep}: {value:.3f}", flush=True)
+    result["kernel"] = kernel_sweep(model, args)
+    unwrap(model)
+
+    result["rows"] = []
+    for threshold in args.thresholds:
+        config = GatingConfig(name="gating", threshold=threshold, softmax=False, predictor_rank=args.rank,
+                              init_bias=1.0)
+        objective = attach_gating(model, config)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            train(model, objective, train_rows, TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
+                  log_every=10, checkpoint_every=10**6, seed=args.seed), Path(tmp))
+        train_s = time.perf_counter() - start
+        value = perplexity(model, heldout, desc=f"gated r={threshold}").value
+        summary = measure_gating(model, heldout[: args.flops_windows])
+        with oracle(model, summary["keep_fraction"]):  # the ceiling at this predictor's own budget
+            oracle_ppl = perplexity(model, heldout, desc="oracle at the same budget").value
+        row = {"threshold": threshold, "perplexity": value, "oracle_perplexity_same_keep": oracle_ppl,
+               "ffn_flops_per_token": summary["flops_per_input"], "keep_fraction": summary["keep_fraction"],
+               "target_keep_fraction": summary["target_keep_fraction"], "oracle_recall": summary["oracle_recall"],
+               "target_recall": summary["target_recall"], "target_precision": summary["target_precision"],
+               "train_s": train_s, **_paired_latency(model, args)}
+        result["rows"].append(row)
+        print(f"llm r={threshold}: {row}", flush=True)
+        unwrap(model)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+def plot_llm(llm: dict) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not llm.get("rows"):
+        return None
+    dense = llm["dense_perplexity"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.axvspan(40, 100, ymin=0, ymax=1, color="0.93")
+    ax.axhline(5, color="0.6", lw=0.8, ls="--", label="goal: >= 40% fewer FFN FLOPs, <= +5% perplexity")
+    oracle = sorted(llm.get("oracle", []), key=lambda row: row["keep"], reverse=True)
+    ax.plot([100 * (1 - row["keep"]) for row in oracle], [100 * (row["perplexity"] / dense - 1) for row in oracle],
+            "s--", color="0.45", label="oracle per-token top-|h| (no predictor cost)")
+    rows = llm["rows"]
+    xs = [100 * row["ffn_flops_per_token"]["reduction"] for row in rows]
+    ys = [100 * (row["perplexity"] / dense - 1) for row in rows]
+    ax.plot(xs, ys, "o-", color="C0", label=f"learned predictor (rank {llm['rank']}, counted)")
+    for row, x, y in zip(rows, xs, ys):
+        ax.annotate(f"r={row['threshold']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("FFN FLOPs reduction per token (%)")
+    ax.set_ylabel("perplexity increase over dense (%)")
+    ax.set_title(f"SmolLM2-135M FFN gating, held-out embedded docs ({llm['tokens']} tokens)")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+    return PLOT
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def render(results: dict) -> str:
+    lines = ["## Dynamic gating (Fire Together Wire Together)", ""]
+    cnn = results.get("cnn")
+    if cnn:
+        lines += [f"### CNN: digits ResNet (scikit-learn digits, {cnn['train_images']} train / "
+                  f"{cnn['test_images']} test images)", "", f"Command: `{cnn['command']}`", "",
+                  f"Dense: test accuracy {_pct(cnn['dense_accuracy'])}, {cnn['dense_conv_flops']:,} conv FLOPs per "
+                  f"image (trained here in {cnn['dense_train_s']:.0f} s). Gated FLOPs count the kept output "
+                  "channels times the non-zero input channels of every conv, plus each predictor (linear map and "
+                  "spatial mean).", "",
+                  "| mode | r | test accuracy | change (points) | conv FLOPs / image | reduction | channels kept | "
+                  "target recall / precision | train (s) |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in cnn["rows"]:
+            change = 100 * (row["accuracy"] - cnn["dense_accuracy"])
+            lines.append(
+                f"| {row['mode']} | {row['threshold']:g} | {_pct(row['accuracy'])} | {change:+.1f} | "
+                f"{row['conv_flops']['gated']:,.0f} | {_pct(row['conv_flops']['reduction'])} | "
+                f"{_pct(row['keep_fraction'])} | {row['target_recall']:.2f} / {row['target_precision']:.2f} | "
+                f"{row['train_s']:.0f} |")
+        met = [row for row in cnn["rows"] if row["conv_flops"]["reduction"] >= 0.5
+               and row["accuracy"] >= cnn["dense_accuracy"] - 0.01]
+        lines += ["", "Goal (>= 50% fewer conv FLOPs for <= 1 point of accuracy): " + (
+            "met by " + ", ".join(f"{row['mode']} r={row['threshold']:g}" for row in met) if met else "not met"
+        ) + f" (1 point = {cnn['test_images'] / 100:.1f} test images).", ""]
+    llm = results.get("llm")
+    if llm:
+        dense = llm["dense_perplexity"]
+        lines += [f"### SmolLM2-135M: per-token FFN gating ({llm['windows']} held-out windows of {llm['seq_len']} "
+                  "tokens)", "", f"Command: `{llm['command']}`", "",
+                  f"Dense perplexity {dense:.3f}. Predictors: rank {llm['rank']}, trained {llm['steps']} steps x "
+                  f"{llm['batch_size']} windows, decoupled (the model frozen). FFN FLOPs per token count gate, up and "
+                  "down of the kept neurons plus the predictor; the dense FFN is 3 x 2 x 576 x 1536 x 30 layers.", "",
+                  "| r | perplexity | change | FFN FLOPs reduction | neurons kept | oracle recall | oracle ppl at same "
+                  "keep | decode ms/tok gated / dense | prefill tok/s gated / dense |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in llm["rows"]:
+            lines.append(
+                f"| {row['threshold']:g} | {row['perplexity']:.3f} | {_pct(row['perplexity'] / dense - 1)} | "
+                f"{_pct(row['ffn_flops_per_token']['reduction'])} | {_pct(row['keep_fraction'])} | "
+                f"{row['oracle_recall']:.3f} | {row['oracle_perplexity_same_keep']:.3f} | "
+                f"{row['gated_decode_ms_per_token']:.1f} / {row['dense_decode_ms_per_token']:.1f} | "
+                f"{row['gated_prefill_tokens_per_s']:.0f} / {row['dense_prefill_tokens_per_s']:.0f} |")
+        lines += ["", "Oracle (each token's largest |act(gate)*up| neurons from the full activations, no predictor "
+                  "cost): " + ", ".join(f"keep {_pct(row['keep'])} -> {_pct(row['perplexity'] / dense - 1)}"
+                                        for row in llm.get("oracle", [])) + ".", ""]
+        met = [row for row in llm["rows"] if row["ffn_flops_per_token"]["reduction"] >= 0.4
+               and row["perplexity"] <= 1.05 * dense and row["gated_decode_ms_per_token"] < row["dense_decode_ms_per_token"]]
+        lines += ["Goal (>= 40% fewer FFN FLOPs, <= +5% perplexity, faster on this CPU): " + (
+            "met by " + ", ".join(f"r={row['threshold']:g}" for row in met) if met else "not met") + ".", "",
+            "Sparse FFN path alone (ms per layer, cycling through all 30 layers; random per-token masks; union = "
+            "share of neurons any token selected; the gather path forced even when the union is the whole layer):", "",
+            "| tokens | keep | union | dense ms | sparse ms | speedup |", "|---|---|---|---|---|---|"]
+        for row in llm.get("kernel", []):
+            verdict = "" if row["speedup"] >= 1 else " (slower than dense)"
+            lines.append(f"| {row['tokens']} | {_pct(row['keep'])} | {_pct(row['union'])} | {row['dense_ms']:.3f} | "
+                         f"{row['sparse_ms']:.3f} | {row['speedup']:.2f}x{verdict} |")
+        lines += ["", f"![FFN FLOPs vs perplexity]({PLOT.name})", ""]
+    threads = (results.get("llm") or results.get("cnn") or {}).get("threads", 1)
+    lines.append(f"Timings were taken on a 2-core CPU shared with other jobs, with {threads} torch thread(s): with a "
+                 "second thread, OpenMP kernels wait for a core another job holds (a gather that takes 0.5 ms took "
+                 "30 ms), so dense and gated are timed alike on one. Latencies are medians of interleaved gated/dense runs.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["cnn", "llm", "all"], default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cnn-epochs", type=int, default=30)
+    parser.add_argument("--cnn-steps", type=int, default=400)
+    parser.add_argument("--cnn-lr", type=float, default=0.05)
+    parser.add_argument("--cnn-backbone-lr-scale", type=float, default=0.02)
+    parser.add_argument("--cnn-modes", nargs="+", default=["decoupled", "joint"])
+    parser.add_argument("--cnn-thresholds", nargs="+", type=float, default=[0.95, 0.9, 0.8, 0.7])
+    parser.add_argument("--thresholds", nargs="+", type=float, default=[0.95, 0.9, 0.8, 0.7])
+    parser.add_argument("--oracle-keep", nargs="+", type=float, default=[0.7, 0.6, 0.5, 0.4])
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--flops-windows", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--kernel-keep", nargs="+", type=float, default=[0.9, 0.7, 0.5, 0.3])
+    parser.add_argument("--kernel-repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/gating.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results = json.loads(JSON.read_text()) if JSON.exists() else {}
+    if args.part in ("cnn", "all"):
+        results["cnn"] = {**run_cnn(args), "command": command, "threads": args.threads}
+        JSON.write_text(json.dumps(results, indent=2))
+    if args.part in ("llm", "all"):
+        results["llm"] = {**run_llm(args), "command": command, "threads": args.threads}
+        JSON.write_text(json.dumps(results, indent=2))
+        plot_llm(results["llm"])
+    print(f"wrote {write_section('gating', render(results))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""VIB structured pruning of SmolLM2-135M vs one-shot structured baselines at the same size, on held-out
+embedded text, with the exported (physically smaller) model's latency beside the dense model's.
+
+For each target (share of parameters removed): VIB masks are trained mask-only (the one trainer), evaluated
+with hard masks, exported, and the export is checked to reproduce the gated perplexity; then the structured
+magnitude (L2) and activation (Wanda-style) baselines are allocated to *the share VIB actually removed* and
+evaluated the same way. Latency: dense and exported models timed alternately in this one process (medians
+of `--latency-rounds` interleaved rounds), prefill tokens/s and single-token decode ms. Writes
+benchmarks/vib.json, benchmarks/vib_ppl_vs_params.png and the `vib` section of benchmarks/RESULTS.md.
+
+    python benchmarks/vib.py                      # full settings (see RESULTS.md for what they take)
+    python benchmarks/vib.py --steps 4 --windows 2 --latency-rounds 1   # a quick end-to-end check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import write_section
+from eval.flops import count_params
+from eval.latency import measure_latency
+from eval.perplexity import perplexity
+from prune.data import prepare
+from prune.masks.structural_io import export_gated, gate_set, summary
+from prune.models import load
+from prune.recipe import TrainConfig
+from prune.registry import get_method
+from prune.train import train
+
+HERE = Path(__file__).parent
+JSON = HERE / "vib.json"
+PLOT = HERE / "vib_ppl_vs_params.png"
+MODEL = "smollm2-135m"
+
+
+def ppl(model, blocks) -> float:
+    model.eval()
+    return perplexity(model, blocks, desc="perplexity").value
+
+
+def latency_pair(dense, exported, args) -> dict:
+    """Dense and exported timed alternately, `latency_rounds` rounds of 3 runs each; per model the best round
+    (a shared CPU only ever slows a run down, so the fastest round is the least disturbed one)."""
+    runs = {"dense": [], "exported": []}
+    for _ in range(args.latency_rounds):
+        for label, model in (("dense", dense), ("exported", exported)):
+            result = measure_latency(model, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, repeats=3)
+            runs[label].append((result.prefill_tokens_per_s, result.decode_ms_per_token))
+    out = {}
+    for label, values in runs.items():
+        out[label] = {"prefill_tokens_per_s": max(v[0] for v in values),
+                      "decode_ms_per_token": min(v[1] for v in values), "rounds": values}
+    out["speedup_prefill"] = out["exported"]["prefill_tokens_per_s"] / out["dense"]["prefill_tokens_per_s"]
+    out["speedup_decode"] = out["dense"]["decode_ms_per_token"] / out["exported"]["decode_ms_per_token"]
+    return out
+
+
+def run_vib(share: float, splits, heldout, args) -> tuple[dict, object]:
+    model, _ = load(MODEL)
+    spec = get_method("vib")
+    units = {kind: kind in args.units for kind in ("heads", "ffn", "hidden", "layers")}
+    config = spec.config_class.model_validate({
+        "name": "vib", "target": {"params": share}, "units": units, "kl_weight": args.kl_weight,
+        "log_sigma2_lr_scale": args.sigma_lr_scale, "lagrangian_lr_scale": args.lagrangian_lr_scale,
+        "target_warmup": args.target_warmup})
+    objective = spec.attach(model, config, None)
+    blocks = splits.train_blocks(args.seq_len)
+    if args.fraction < 1.0:
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))
+        blocks = blocks[order[: max(1, round(args.fraction * len(blocks)))]]
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, log_every=max(1, args.steps // 10),
+                               checkpoint_every=max(args.steps, 1), seed=0)
+    with tempfile.TemporaryDirectory() as directory:
+        result = train(model, objective, blocks, train_config, Path(directory))
+        log = [json.loads(line) for line in (Path(directory) / "train" / "train_log.jsonl").read_text().splitlines()]
+    gated = ppl(model, heldout)
+    figures = summary(gate_set(model), args.seq_len)
+    exported = export_gated(model, config)
+    row = {
+        "method": "vib", "target": share, "perplexity": gated, "exported_perplexity": ppl(exported, heldout),
+        "params_kept": figures["params"]["kept"], "params_removed": figures["params"]["removed"],
+        "flops_removed": figures["flops"]["removed"], "hidden": figures["hidden"], "layers": figures["layers"],
+        "train_seconds": result.seconds, "seconds_per_step": result.seconds / max(1, args.steps),
+        "log": [{key: line.get(key) for key in ("step", "task_loss", "hard_removed", "expected_removed",
+                                                "lambda1", "lambda2", "target")} for line in log],
+    }
+    assert count_params(exported).total == row["params_kept"]
+    return row, exported
+
+
+def run_baseline(score: str, share: float, target: float, heldout, calibration, dense_model, args) -> dict:
+    """One structured baseline at `share` removed; the activation one at the target is also exported and timed."""
+    model, _ = load(MODEL)
+    spec = get_method("structured")
+    config = spec.config_class.model_validate({"name": "structured", "score": score, "target": {"params": share}})
+    spec.attach(model, config, calibration)
+    figures = summary(gate_set(model), args.seq_len)
+    row = {"method": f"structured-{score}", "target": target, "perplexity": ppl(model, heldout),
+           "params_kept": figures["params"]["kept"], "params_removed": figures["params"]["removed"],
+           "flops_removed": figures["flops"]["removed"], "hidden": figures["hidden"]}
+    if score == "activation" and abs(share - target) <= 0.02:  # the target size: its speedup is what that size buys
+        exported = export_gated(model, config)
+        row["exported_perplexity"] = ppl(exported, heldout)
+        row["latency"] = latency_pair(dense_model, exported, args)
+    return row
+
+
+def plot(results: dict) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = results["dense"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = sorted({row["method"] for row in results["rows"]})
+    for marker, method in zip("osD^", methods):
+        rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["params_kept"])
+        ax.plot([r["params_kept"] / dense["params"] for r in rows], [r["perplexity"] for r in rows],
+                marker=marker, label=method)
+    ax.scatter([1.0], [dense["perplexity"]], color="black", marker="*", s=120, zorder=5, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters kept (share of dense)")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("SmolLM2-135M, structured pruning")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+    return PLOT
+
+
+def render(results: dict) -> str:
+    d, a = results["dense"], results["args"]
+    lines = [
+        "## Structured pruning with VIB masks (VTrans)",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        (f"SmolLM2-135M, embedded CPython docs, {a['windows']} held-out windows of {a['seq_len']} tokens "
+         f"({results['heldout_tokens']} tokens). VIB: mask-only training, {a['steps']} steps x batch {a['batch']} x "
+         f"{a['seq_len']} tokens, lr {a['lr']} (log sigma^2 x{a['sigma_lr_scale']:g}, multipliers "
+         f"x{a['lagrangian_lr_scale']:g}), target warm-up {a['target_warmup']:g} of the steps, units "
+         f"{', '.join(a['units'])}, KL weight {a['kl_weight']}. Baselines: one-shot, the same share of head units "
+         f"and neurons in every layer, allocated to the share VIB removed (activation scores from "
+         f"{a['calibration']} calibration blocks). Dense perplexity {d['perplexity']:.2f}, {d['params']:,} parameters."),
+        "",
+        "| target | method | params kept | params removed | FLOPs removed | perplexity | x dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(results["rows"], key=lambda r: (r["target"], r["params_removed"], r["method"] != "vib", r["method"]))
+    for row in order:
+        lines.append(f"| {row['target']:.2f} | {row['method']} | {row['params_kept']:,} | {row['params_removed']:.3f} | "
+                     f"{row['flops_removed']:.3f} | {row['perplexity']:.2f} | {row['perplexity'] / d['perplexity']:.2f} |")
+    lines += ["", ("Exported models (physically sliced) vs dense, timed alternately in this run "
+                   f"(prompt {a['prompt_len']} tokens, {a['decode_tokens']} decoded, batch 1, {a['threads']} threads; "
+                   f"best of {a['latency_rounds']} interleaved rounds of 3 runs):"), "",
+              ("| target, model | exported ppl (= gated) | hidden | prefill tok/s dense -> exported | speedup | "
+               "decode ms/token dense -> exported | speedup |"), "|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        if "latency" not in row:
+            continue
+        lat = row["latency"]
+        lines.append(
+            f"| {row['target']:.2f} {row['method']} ({row['params_removed']:.2f} removed) | "
+            f"{row['exported_perplexity']:.2f} (= {row['perplexity']:.2f}) | {row['hidden']} | "
+            f"{lat['dense']['prefill_tokens_per_s']:.0f} -> {lat['exported']['prefill_tokens_per_s']:.0f} | "
+            f"{lat['speedup_prefill']:.2f}x | {lat['dense']['decode_ms_per_token']:.1f} -> "
+            f"{lat['exported']['decode_ms_per_token']:.1f} | {lat['speedup_decode']:.2f}x |")
+    short = [r for r in results["rows"] if r["method"] == "vib" and r["params_removed"] < r["target"] - 0.02]
+    for row in short:
+        lines += ["", (f"VIB at target {row['target']:.2f} removed only {row['params_removed']:.3f} in {a['steps']} "
+                       "steps (too few to meet the budget); its baselines were cut both to that share and to the target.")]
+    per_step = statistics.mean(r["seconds_per_step"] for r in results["rows"] if r["method"] == "vib")
+    lines += ["", f"![perplexity vs parameters kept]({PLOT.name})", "",
+              (f"Training took {per_step:.1f} s per step here (2-core CPU shared with other jobs, so latencies are "
+               "noisy too)."), ""]
+    lines += results.get("notes", [])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5], help="shares of parameters removed")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--sigma-lr-scale", type=float, default=4.0, help="VIB log sigma^2 lr relative to --lr")
+    parser.add_argument("--lagrangian-lr-scale", type=float, default=10.0, help="lambda lr relative to --lr")
+    parser.add_argument("--target-warmup", type=float, default=0.5, help="share of steps warming the target up")
+    parser.add_argument("--units", nargs="+", default=["heads", "ffn", "hidden"])
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of the training blocks (VTrans Fast)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows for perplexity")
+    parser.add_argument("--calibration", type=int, default=32, help="calibration blocks for activation scores")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--note", action="append", default=[], help="a line added under the tables")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/vib.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    start = time.perf_counter()
+    dense_model, tokenizer = load(MODEL)
+    splits = prepare(tokenizer, "embedded-docs")
+    heldout = splits.heldout_blocks(args.seq_len)[: args.windows]
+    calibration = splits.calibration_blocks(args.calibration, args.seq_len, 0)
+    results = {"command": command, "args": vars(args), "heldout_tokens": int(heldout.numel()), "rows": [],
+               "dense": {"perplexity": ppl(dense_model, heldout), "params": count_params(dense_model).total},
+               "notes": args.note}
+    for share in args.targets:
+        row, exported = run_vib(share, splits, heldout, args)
+        row["latency"] = latency_pair(dense_model, exported, args)
+        results["rows"].append(row)
+        del exported
+        shares = [row["params_removed"]] if row["params_removed"] >= 0.01 else []  # the size VIB reached ...
+        if row["params_removed"] < share - 0.02:
+            shares.append(share)  # ... and, when VIB fell short, the target too
+        for same_size in shares:
+            for score in ("magnitude", "activation"):
+                results["rows"].append(run_baseline(score, same_size, share, heldout, calibration, dense_model, args))
+        JSON.write_text(json.dumps(results, indent=2))
+    results["seconds"] = time.perf_counter() - start
+    JSON.write_text(json.dumps(results, indent=2))
+    plot(results)
+    print(f"wrote {write_section('vib', render(results))}")
+
+
+if __name__ == "__main__":
+    main()
