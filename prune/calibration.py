@@ -78,20 +78,8 @@ def prune_layerwise(
             for name, module in modules.items():
                 _prune_one(name, module, None, prune_module, result, apply=not restore, originals=None)
         return result
-    if calib_blocks is None or calib_blocks.dim() != 2 or len(calib_blocks) == 0:
-        raise UserInputError("calibration needs token blocks shaped [n_samples, seq_len] with n_samples >= 1.")
-    if batch_size < 1:
-        raise UserInputError(f"calibration batch_size must be >= 1, got {batch_size}.")
+    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
 
-    blocks_name, blocks = find_blocks(model)
-    per_block: list[list[str]] = [[] for _ in blocks]
-    outside: list[str] = []
-    for name in modules:
-        index = _block_index(name, blocks_name, len(blocks))
-        (outside if index is None else per_block[index]).append(name)
-    last = max((i for i, names in enumerate(per_block) if names), default=-1)
-
-    batches = list(torch.split(calib_blocks, batch_size))
     originals: dict[str, Tensor] | None = {} if restore else None
     was_training = model.training
     model.eval()
@@ -328,18 +316,7 @@ def collect_stats(
     write them to disk and hold one block's statistics at a time.
     """
     modules = _resolve_targets(model, target_names)
-    if calib_blocks is None or calib_blocks.dim() != 2 or len(calib_blocks) == 0:
-        raise UserInputError("calibration needs token blocks shaped [n_samples, seq_len] with n_samples >= 1.")
-    if batch_size < 1:
-        raise UserInputError(f"calibration batch_size must be >= 1, got {batch_size}.")
-    blocks_name, blocks = find_blocks(model)
-    per_block: list[list[str]] = [[] for _ in blocks]
-    outside: list[str] = []
-    for name in modules:
-        index = _block_index(name, blocks_name, len(blocks))
-        (outside if index is None else per_block[index]).append(name)
-    last = max((i for i, names in enumerate(per_block) if names), default=-1)
-    batches = list(torch.split(calib_blocks, batch_size))
+    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
     result: dict[str, Accumulator] = {}
     emit = sink or result.update
     was_training = model.training
@@ -403,3 +380,20 @@ def _collect_shared(modules, names, make_stats: MakeStats, scope: nn.Module, sha
             handle.remove()
         seen.clear()
     return stats
+
+
+def _plan(model: nn.Module, modules: dict[str, nn.Module], calib_blocks: Tensor | None, batch_size: int):
+    """Check the calibration input and group the targets by block: (blocks, target names per block, targets
+    outside the blocks, index of the last block with targets, calibration batches)."""
+    if calib_blocks is None or calib_blocks.dim() != 2 or len(calib_blocks) == 0:
+        raise UserInputError("calibration needs token blocks shaped [n_samples, seq_len] with n_samples >= 1.")
+    if batch_size < 1:
+        raise UserInputError(f"calibration batch_size must be >= 1, got {batch_size}.")
+    blocks_name, blocks = find_blocks(model)
+    per_block: list[list[str]] = [[] for _ in blocks]
+    outside: list[str] = []
+    for name in modules:
+        index = _block_index(name, blocks_name, len(blocks))
+        (outside if index is None else per_block[index]).append(name)
+    last = max((i for i, names in enumerate(per_block) if names), default=-1)
+    return blocks, per_block, outside, last, list(torch.split(calib_blocks, batch_size))
