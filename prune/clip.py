@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoProcessor, CLIPModel, ProcessorMixin
 
 from prune import hub
 from prune.errors import UserInputError
-from prune.models import cache_root
+from prune.models import cache_root, from_hub
 
 TINY_CLIP = "clip-tiny-random"
 _OFFLINE_HINT = f"pass a local CLIP directory saved with save_pretrained, or the alias `{TINY_CLIP}`"
@@ -40,15 +40,7 @@ def load_clip(spec: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel,
                 f"save_pretrained, a Hub id such as openai/clip-vit-base-patch16, or the alias `{TINY_CLIP}`."
             )
         return _from_pretrained(str(path), dtype)
-    try:
-        return _from_pretrained(spec, dtype, local_files_only=True)
-    except OSError:
-        pass  # not (fully) in the local Hugging Face cache
-    hub.require_hub(f"model {spec!r} is not in the local Hugging Face cache and", _OFFLINE_HINT)
-    try:
-        return _from_pretrained(spec, dtype)
-    except OSError as err:
-        raise UserInputError(f"could not load {spec!r} from the Hub ({err}); check the id, or {_OFFLINE_HINT}.") from err
+    return from_hub(spec, dtype, _from_pretrained, _OFFLINE_HINT)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[CLIPModel, ProcessorMixin]:

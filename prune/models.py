@@ -84,7 +84,7 @@ def load(spec: str, dtype: torch.dtype = torch.float32, *, task: str = "causal-l
                 )
             model, tokenizer = _from_pretrained(str(path), dtype)
         else:
-            model, tokenizer = _from_hub(spec, dtype)
+            model, tokenizer = from_hub(spec, dtype)
     if tokenizer.pad_token is None:  # batching and padded evaluation need one; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -122,19 +122,21 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrai
     return model, tokenizer
 
 
-def _from_hub(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The Hugging Face cache first (works offline), then the Hub itself only if it answers quickly."""
+def from_hub(spec: str, dtype: torch.dtype, loader=None, offline_hint: str = _OFFLINE_HINT):
+    """The Hugging Face cache first (works offline), then the Hub itself only if it answers quickly.
+    `loader(source, dtype, **kwargs)` does the loading (causal LMs by default; prune.clip passes its own)."""
+    loader = loader or _from_pretrained
     try:
-        return _from_pretrained(spec, dtype, local_files_only=True)
+        return loader(spec, dtype, local_files_only=True)
     except OSError:
         pass  # not (fully) in the local Hugging Face cache
-    hub.require_hub(f"model {spec!r} is not in the local Hugging Face cache and", _OFFLINE_HINT)
+    hub.require_hub(f"model {spec!r} is not in the local Hugging Face cache and", offline_hint)
     try:
-        return _from_pretrained(spec, dtype)
+        return loader(spec, dtype)
     except OSError as err:
         raise UserInputError(
             f"could not load {spec!r} from the Hugging Face Hub ({err}); check the id (org/name) and access "
-            f"rights, or {_OFFLINE_HINT}."
+            f"rights, or {offline_hint}."
         ) from err
 
 

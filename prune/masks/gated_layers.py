@@ -19,7 +19,7 @@ zeroes the unselected ones (the FLOPs figures count what a channel-skipping kern
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Iterator
 
