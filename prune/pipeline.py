@@ -17,7 +17,7 @@ import torch
 
 from eval.perplexity import perplexity
 from eval.report import write_json_atomic
-from prune import run_dir, vision
+from prune import plots, run_dir, vision
 from prune.data import TokenSplits, prepare
 from prune.errors import UserInputError
 from prune.masks.base import achieved_sparsity
@@ -79,6 +79,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
             training = _train(model, objective, splits, recipe, directory, resume)
     if not state.is_main_process:
         return None
+    if training is not None:
+        _plot_training(directory, recipe, seq_len * state.num_processes, "tokens")
 
     achieved = achieved_sparsity(model)
     meta = {
@@ -154,6 +156,12 @@ def _train(model, objective, splits: TokenSplits, recipe: Recipe, directory: Pat
     return result
 
 
+def _plot_training(directory: Path, recipe: Recipe, units_per_sample: int, unit: str) -> None:
+    """train_curve.png: held-out score of the hard masks vs training tokens/images seen (all processes)."""
+    per_step = recipe.train.batch_size * recipe.train.grad_accum * units_per_sample
+    plots.training_curve(directory / "train" / "train_log.jsonl", per_step, unit, directory / "train_curve.png")
+
+
 def _keep_best(model, objective, directory: Path, result: TrainResult) -> None:
     """Load the masks of the best periodic evaluation (when there was one) back into the model."""
     best = directory / "train" / "best.safetensors"
@@ -200,6 +208,8 @@ def _run_zero_shot(recipe: Recipe, spec, state, directory: Path, timings: dict, 
             _keep_best(classifier, objective, directory, training)
     if not state.is_main_process:
         return None
+    if training is not None:
+        _plot_training(directory, recipe, state.num_processes, "images")
 
     masked = masked_fractions(model)
     meta = {"model": recipe.model, "method": spec.name, "config": recipe.to_dict()["method"], "weights_changed": False}

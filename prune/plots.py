@@ -5,11 +5,13 @@
 - accuracy vs FLOPs, one panel per task, dense included;
 - per-layer sparsity of one point (per block, weighted by weights), with the sensitivity scan's per-block
   perplexity increase beneath when there is one;
-- the sensitivity ranking as horizontal bars.
+- the sensitivity ranking as horizontal bars;
+- the held-out score of the hard masks vs training tokens, from a training log.
 Each function returns the path written, or None when the rows hold nothing to plot.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -163,4 +165,21 @@ def sensitivity_bars(entries: list[dict], path: Path, title: str) -> Path | None
         ax.invert_yaxis()
         ax.set_xlabel("perplexity increase over dense (black: NaN/inf)")
         ax.set_title(f"{title} — one {kind} at a time")
+    return _save(fig, path)
+
+
+def training_curve(log_path: Path, per_step: int, unit: str, path: Path) -> Path | None:
+    """Held-out score of the hard masks vs training `unit`s (tokens, images: `per_step` per optimizer step),
+    from the trainer's train_log.jsonl eval records; step 0 is the starting masks (e.g. the prior)."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    points = [(r["step"], key, r[key]) for r in records for key in r if key.startswith("eval_") and _finite(r[key])]
+    if not points:
+        return None
+    metric = points[0][1]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([step * per_step for step, _, _ in points], [value for _, _, value in points], marker="o")
+    ax.set_xlabel(f"training {unit}")
+    ax.set_ylabel(f"held-out {metric.removeprefix('eval_')}")
+    ax.set_title("Held-out score of the hard masks during training")
+    ax.grid(True, alpha=0.3)
     return _save(fig, path)

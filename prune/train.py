@@ -2,8 +2,8 @@
 
 Reads top to bottom like a nanoGPT loop: seeded batches, forward, task loss + the method's regularizer,
 backward (averaged across processes by accelerate), clip, AdamW step, cosine schedule; every `log_every`
-steps a log line (tqdm + train_log.jsonl), every `eval_every` steps the held-out score of the hard masks
-(best and last masks kept), every `checkpoint_every` steps an atomic checkpoint. Ctrl-C checkpoints first.
+steps a log line (tqdm + train_log.jsonl), every `eval_every` steps (and before the first) the held-out score of the
+hard masks (best and last masks kept), every `checkpoint_every` steps an atomic checkpoint. Ctrl-C checkpoints first.
 The same code runs on CPU, one GPU or many: `accelerate launch -m prune.cli run RECIPE`.
 """
 from __future__ import annotations
@@ -158,6 +158,8 @@ def train(
     rate_key = "tokens_per_s" if isinstance(data, Tensor) else "samples_per_s"
     custom_backward = objective.backward
     progress = tqdm(total=config.steps, initial=step, desc="train masks", disable=not accelerator.is_main_process)
+    if evaluate is not None and config.eval_every and step == 0:  # the starting masks (e.g. the prior) compete too
+        best = _evaluate(model, accelerator, evaluate, step, best, train_dir, params, log, eval_metric)
     set_mask_training(model, True)
     try:
         while step < config.steps:

@@ -57,6 +57,13 @@ def test_run_writes_a_complete_run_directory(tmp_path, tiny_dir, corpus, method)
     assert written["params"]["nonzero"] < written["params"]["total"]
     assert written["flops"]["pruned"] < written["flops"]["dense"]
     assert written["flops"]["semi_structured"] is not None
+    if tiny_dir.name.startswith("llama"):  # PyTorch's 2:4 kernels take nn.Linear (GPT-2's Conv1D is not one)
+        kernel = written["semi_structured_kernel"]  # CPU: said to be unavailable, with no timing made up
+        assert kernel["available"] is False and "NVIDIA" in kernel["reason"] and kernel["layers"] == 14
+        assert "2:4 sparse kernel: unavailable" in (tmp_path / "run" / "report.md").read_text()
+    else:
+        assert "semi_structured_kernel" not in written
+    assert "semi_structured_kernel" not in written["dense"]  # the dense model has no 2:4 layer
     assert {"load", "prune", "pruned_eval"} <= set(written["timings"])
     for name in ("report.md", "masks.safetensors", "masks.json", "recipe.yaml", "model/config.json"):
         assert (tmp_path / "run" / name).exists()
@@ -158,3 +165,13 @@ def test_learnable_run_interrupted_then_resumed_reaches_the_same_masks(tmp_path,
     straight, _ = read_masks(tmp_path / "straight")
     resumed, _ = read_masks(tmp_path / "resumed")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_periodic_evaluation_starts_from_the_prior_and_is_plotted(tmp_path, tiny_dir, corpus):
+    report = run(nm_gumbel_recipe(tiny_dir, corpus, tmp_path / "run", eval_every=3, eval_windows=2))
+    log = [json.loads(line) for line in (tmp_path / "run" / "train" / "train_log.jsonl").read_text().splitlines()]
+    evals = {record["step"]: record["eval_perplexity"] for record in log if "eval_perplexity" in record}
+    assert sorted(evals) == [0, 3, 6]
+    assert report["train"]["best_eval_perplexity"] == min(evals.values())
+    assert report["train"]["best_step"] == min(evals, key=evals.get)
+    assert (tmp_path / "run" / "train_curve.png").stat().st_size > 0

@@ -93,10 +93,20 @@ def test_training_lowers_the_hard_masked_loss_and_logs_every_field(tmp_path):
 
 
 def test_periodic_eval_keeps_best_and_last(tmp_path):
-    scores = iter([5.0, 3.0, 4.0])
+    scores = iter([6.0, 5.0, 3.0, 4.0])  # step 0 (the starting masks), 3, 6, 9
     result = train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(steps=9, eval_every=3),
                    tmp_path, evaluate=lambda model: next(scores))
     assert (result.best_step, result.best_score) == (6, 3.0)
+    records = [json.loads(line) for line in (tmp_path / "train" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval_perplexity"]) for r in records if "eval_perplexity" in r] == [
+        (0, 6.0), (3, 5.0), (6, 3.0), (9, 4.0)]
+
+
+def test_starting_masks_stay_best_when_training_never_beats_them(tmp_path):
+    scores = iter([2.0, 5.0, 3.0, 4.0])
+    result = train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(steps=9, eval_every=3),
+                   tmp_path, evaluate=lambda model: next(scores))
+    assert (result.best_step, result.best_score) == (0, 2.0)
     assert (tmp_path / "train" / "best.safetensors").exists() and (tmp_path / "train" / "last.safetensors").exists()
 
 

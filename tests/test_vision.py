@@ -246,7 +246,8 @@ def test_gradient_dropout_runs_in_the_pipeline(tmp_path, clip_dir):
     log = [json.loads(line) for line in (tmp_path / "run" / "train" / "train_log.jsonl").read_text().splitlines()]
     steps = [record for record in log if "loss" in record]
     assert [record["step"] for record in steps] == [3, 6] and steps[-1]["samples_per_s"] > 0
-    assert [record["step"] for record in log if "eval_error" in record] == [3, 6]
+    assert [record["step"] for record in log if "eval_error" in record] == [0, 3, 6]
+    assert (tmp_path / "run" / "train_curve.png").stat().st_size > 0
     assert report["eval_data"]["train_images"] == 40 and report["eval_data"]["heldout_images"] == 50
     # `prune export` rebuilds model/ from the base CLIP + masks.safetensors, weight for weight
     from safetensors.torch import load_file
