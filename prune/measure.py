@@ -13,6 +13,7 @@ from eval.accuracy import accuracy
 from eval.flops import count_flops, count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
+from eval.semi_structured import semi_structured_speedup
 from prune.data import TokenSplits
 from prune.recipe import EvalConfig
 
@@ -36,5 +37,9 @@ def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig
         figures["flops"] = {"dense": flops.dense, "pruned": flops.sparse, "semi_structured": flops.semi_structured}
     if config.latency:
         figures["latency"] = asdict(measure_latency(model))
+    if config.semi_structured_kernel:
+        kernel = semi_structured_speedup(model, seq_len=seq_len)
+        if kernel is not None:
+            figures["semi_structured_kernel"] = kernel
     figures["seconds"] = time.perf_counter() - start
     return figures

@@ -82,6 +82,8 @@ class EvalConfig(StrictConfig):
     limit: int | None = Field(200, ge=1, description="examples per accuracy task (None: all)")
     flops: bool = True
     latency: bool = True
+    semi_structured_kernel: bool = Field(True, description="2:4 models: time PyTorch's 2:4 sparse kernels against "
+                                         "dense (CUDA, compute capability 8.0+; elsewhere reported unavailable)")
 
 
 class ExportConfig(StrictConfig):
