@@ -22,15 +22,8 @@ from prune.masks.base import (
     unwrap,
     wrappers,
 )
-from prune.masks.nm_gumbel import (
-    NMGumbelConfig,
-    NMGumbelLinear,
-    NMGumbelMask,
-    attach_nm_gumbel,
-    gumbel_noise,
-    masked_linear,
-    prior_logits,
-)
+from prune.masks.nm_gumbel import NMGumbelConfig, NMGumbelLinear, NMGumbelMask, attach_nm_gumbel, prior_logits
+from prune.masks.nm_gumbel_kernel import gumbel_noise, masked_linear
 from prune.masks.storage import nm_candidates, read_masks, save_masks
 from prune.masks.targets import select_targets
 from prune.oneshot.methods import magnitude, sparsegpt
