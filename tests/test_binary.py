@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
 
-from prune.clip import load_clip, make_tiny_clip
+from prune.clip import load_clip
 from prune.errors import UserInputError
 from prune.masks.base import ConvWeightMasked, WeightMasked, merge, wrappers
 from prune.masks.binary import (
@@ -23,13 +23,6 @@ from prune.vision import ZeroShotClassifier, classification_loss
 
 CLASSES = ["cat", "dog", "bird"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("clip") / "tiny"
-    make_tiny_clip(directory)
-    return directory
 
 
 def classifier(clip_dir, templates=("{}.",)):

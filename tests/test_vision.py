@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPModel
 
 from prune.cli import main
-from prune.clip import TINY_CLIP, load_clip, make_tiny_clip
+from prune.clip import TINY_CLIP, load_clip
 from prune.errors import UserInputError
 from prune.masks.binary import BinaryConfig, attach_binary
 from prune.models import list_models
@@ -24,13 +24,6 @@ from prune.vision import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("clip") / "tiny"
-    make_tiny_clip(directory)
-    return directory
 
 
 # ------------------------------------------------------------------------------------------------------ data
