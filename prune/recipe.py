@@ -161,15 +161,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
             raise UserInputError(f"--set {override!r}: expected KEY=VALUE, e.g. --set method.sparsity=0.5")
-        *parents, leaf = key.strip().split(".")
-        node = raw
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise UserInputError(f"--set {override!r}: {part!r} is a value, not a section")
-            node = child
-        node[leaf] = load_yaml(text)
+        set_dotted(raw, key.strip(), load_yaml(text), f"--set {override!r}")
     return raw
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    """raw[a][b][c] = value for dotted 'a.b.c', creating sections; `origin` names the setting in errors."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserInputError(f"{origin}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
 
 
 def _describe(error: ValidationError, raw: dict[str, Any]) -> str:

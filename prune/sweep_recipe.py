@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from prune.errors import UserInputError
-from prune.recipe import Recipe, apply_overrides, parse_recipe
+from prune.recipe import Recipe, apply_overrides, parse_recipe, set_dotted
 from prune.registry import MethodConfig, StrictConfig, get_method
 from prune.sparsity import parse_sparsity
 from prune.yaml_io import load_yaml
@@ -115,17 +115,6 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
-
-
-def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise UserInputError(f"set {dotted!r}: {part!r} is a value, not a section")
-        node = child
-    node[leaf] = copy.deepcopy(value)
 
 
 def _describe(error: ValidationError) -> str:
@@ -213,7 +202,7 @@ def point_raw(sweep: SweepRecipe, base: dict[str, Any], model: str, entry, spars
     name, _, extra = _method_entry(entry)
     raw = copy.deepcopy(base)
     for dotted, value in _flatten(sweep.set).items():
-        set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, copy.deepcopy(value), f"set {dotted!r}")
     base_method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
     if base_method.get("name") == name:
         method = {key: value for key, value in base_method.items() if key != "sparsity"}
@@ -225,8 +214,8 @@ def point_raw(sweep: SweepRecipe, base: dict[str, Any], model: str, entry, spars
     raw["output"] = str(output)
     if get_method(name).kind == "oneshot" and isinstance(raw.get("train", {}), dict) and raw.get("train"):
         raw["train"]["steps"] = 0
-    set_dotted(raw, "eval.dense_baseline", False)
-    set_dotted(raw, "export.save_model", sweep.save_models)
+    set_dotted(raw, "eval.dense_baseline", False, "sweep")
+    set_dotted(raw, "export.save_model", sweep.save_models, "sweep")
     return raw
 
 
