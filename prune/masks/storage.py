@@ -93,7 +93,11 @@ def write_masks(masks: dict[str, Tensor], directory: str | Path, meta: dict, nm:
     tensors, targets = {}, {}
     for name, keep in masks.items():
         tensors[name], targets[name] = _encode(keep, nm)
-    config = {"format_version": FORMAT_VERSION, **meta, "targets": targets}
+    write_mask_files(directory, tensors, {"format_version": FORMAT_VERSION, **meta, "targets": targets})
+
+
+def write_mask_files(directory: Path, tensors: dict[str, Tensor], config: dict) -> None:
+    """masks.safetensors + masks.json, each staged then moved into place: never a half-written file."""
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         save_file(tensors, os.path.join(staging, TENSORS_FILE))
         Path(staging, CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -10,20 +10,17 @@ method's metadata and a `structural` section (family, unit counts, kinds, and th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from eval.report import readable_mode
 from prune.errors import UserInputError
 from prune.masks.base import wrappers
-from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
+from prune.masks.storage import CONFIG_FILE, TENSORS_FILE, write_mask_files
 from prune.masks.structural import (
     FixedGate,
     GateSet,
@@ -151,12 +148,7 @@ def save_gates(model: nn.Module, directory: Path, config, meta: dict) -> None:
     content = {"format_version": 1, **meta, "structural": info, "targets": {}}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        save_file(tensors, os.path.join(staging, TENSORS_FILE))
-        Path(staging, CONFIG_FILE).write_text(json.dumps(content, indent=2))
-        os.chmod(os.path.join(staging, TENSORS_FILE), readable_mode())
-        os.replace(os.path.join(staging, TENSORS_FILE), directory / TENSORS_FILE)
-        os.replace(os.path.join(staging, CONFIG_FILE), directory / CONFIG_FILE)
+    write_mask_files(directory, tensors, content)
 
 
 def is_structural(directory: Path) -> bool:
