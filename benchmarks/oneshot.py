@@ -16,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-POINTS = [("dense", None), ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"),
-          ("sparsegpt", "0.5"), ("sparsegpt", "2:4")]
+# (label, method, sparsity, extra method config)
+POINTS = [("dense", "dense", None, {}), ("magnitude", "magnitude", "0.5", {}), ("magnitude", "magnitude", "2:4", {}),
+          ("wanda", "wanda", "0.5", {}), ("wanda", "wanda", "2:4", {}), ("sparsegpt", "sparsegpt", "0.5", {}),
+          ("sparsegpt", "sparsegpt", "2:4", {}), ("sparsegpt (mask only)", "sparsegpt", "2:4", {"update_weights": False})]
 
 
 def rss_mb() -> float:
@@ -26,10 +28,12 @@ def rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure_point(method: str, sparsity: str | None, calibration_samples: int, limit: int) -> dict:
+def measure_point(label: str, method: str, sparsity: str | None, extra: dict, calibration_samples: int,
+                  limit: int, threads: int) -> dict:
     """Load, prune (timed, peak memory), merge, evaluate: one point, in this process."""
     import torch
 
+    torch.set_num_threads(threads)
     from eval.accuracy import accuracy
     from eval.flops import count_flops, count_params
     from eval.perplexity import perplexity
@@ -42,9 +46,9 @@ def measure_point(method: str, sparsity: str | None, calibration_samples: int, l
     torch.manual_seed(0)
     model, tokenizer = load("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
-    result = {"method": method, "sparsity": sparsity or "-"}
+    result = {"method": label, "sparsity": sparsity or "-"}
     if method != "dense":
-        recipe = parse_recipe({"method": {"name": method, "sparsity": sparsity}})
+        recipe = parse_recipe({"method": {"name": method, "sparsity": sparsity, **extra}})
         spec = get_method(method)
         calibration = splits.calibration_blocks(calibration_samples, 512, 0) if spec.needs_calibration else None
         before = rss_mb()
@@ -78,25 +82,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--limit", type=int, default=200, help="last-word examples")
-    parser.add_argument("--point", nargs=2, metavar=("METHOD", "SPARSITY"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.point:
-        method, sparsity = args.point
-        print(json.dumps(measure_point(method, None if sparsity == "-" else sparsity, args.calibration_samples, args.limit)))
+    if args.point is not None:
+        print(json.dumps(measure_point(*POINTS[args.point], args.calibration_samples, args.limit, args.threads)))
         return
     rows = []
-    for method, sparsity in POINTS:
-        command = [sys.executable, __file__, "--point", method, sparsity or "-",
+    for index, (label, _, sparsity, _) in enumerate(POINTS):
+        command = [sys.executable, __file__, "--point", str(index), "--threads", str(args.threads),
                    "--calibration-samples", str(args.calibration_samples), "--limit", str(args.limit)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
-        print(f"{method} {sparsity or ''}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
+        print(f"{label} {sparsity or ''}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from results import write_section
 
-    command = f"python benchmarks/oneshot.py --calibration-samples {args.calibration_samples} --limit {args.limit}"
+    command = (f"python benchmarks/oneshot.py --calibration-samples {args.calibration_samples} --limit {args.limit} "
+               f"--threads {args.threads}")
     body = (f"## One-shot pruning of SmolLM2-135M\n\nCommand: `{command}` "
-            f"({args.calibration_samples} x 512 calibration tokens, 2-core CPU, float32). Perplexity over the held-out "
+            f"({args.calibration_samples} x 512 calibration tokens, 2-core CPU, {args.threads} torch thread(s), "
+            "float32). Perplexity over the held-out "
             "tail of the embedded CPython documentation in 512-token windows; last-word accuracy on "
             f"{args.limit} `docs_lastword` examples; FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
             "prune time and peak RSS are the pruning step alone (the process had loaded the model and data before).\n\n"

@@ -1,13 +1,15 @@
-"""`prune sweep` on SmolLM2-135M: magnitude, Wanda and SparseGPT at 30-70% and 2:4, and what sharing saves.
+"""`prune sweep` on SmolLM2-135M: magnitude, Wanda, SparseGPT at 30-70% and 2:4, MaskLLM at 2:4, what sharing saves.
 
 Three parts, each in its own process (so each peak RSS is its own), one invocation, side by side:
   1. `wanda`:    a 5-level Wanda sweep (30-70%) into a fresh sweep directory;
   2. `separate`: the same 5 points as 5 separate `prune.pipeline.run` calls (each loads the model, measures the
                  dense baseline, calibrates sequentially; as 5 `prune run` invocations would, minus Python start-up);
-  3. `rest`:     the full grid in the same sweep directory: the 5 Wanda points resume, the other 13 are computed.
+  3. `rest`:     the full grid in the same sweep directory: the 5 Wanda points resume, the other 13 are computed;
+  4. `learned`:  the grid plus MaskLLM (`nm_gumbel`, SparseGPT prior, a short mask training): the 18 one-shot points
+                 resume, the learned method runs at 2:4 and is skipped, with its reason, at the fractional levels.
 Writes the `sweep` section of benchmarks/RESULTS.md and benchmarks/sweep-perplexity.png.
 
-    python benchmarks/sweep.py [--calibration-samples 16] [--seq-len 256] [--heldout-fraction 0.015] [--limit 20]
+    python benchmarks/sweep.py [--calibration-samples 16] [--seq-len 256] [--heldout-fraction 0.015] [--limit 20] [--learned-steps 50]
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ RECIPE = ROOT / "recipes" / "sweeps" / "smollm2-135m.yaml"
 BASE = ROOT / "recipes" / "smollm2-135m" / "wanda-50.yaml"
 WANDA_LEVELS = ["0.3", "0.4", "0.5", "0.6", "0.7"]
 LEVELS = WANDA_LEVELS + ["2:4"]
+ONE_SHOT = ["magnitude", "wanda", "sparsegpt"]
+LEARNED = "{name: nm_gumbel, label: maskllm, prior: sparsegpt}"
 
 
 def overrides(args) -> list[str]:
@@ -37,12 +41,19 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def part_sweep(args, methods: list[str], levels: list[str]) -> dict:
+def learned_overrides(args) -> list[str]:
+    """The learned point's training (one-shot points ignore train.*): `--learned-steps` steps of 2 sequences."""
+    return [f"train.steps={args.learned_steps}", "train.batch_size=1", "train.grad_accum=2", "train.lr=3.0e-4",
+            f"train.log_every={max(1, args.learned_steps // 10)}"]
+
+
+def part_sweep(args, methods: list[str], levels: list[str], extra: list[str] = ()) -> dict:
     from prune.sweep import run_sweep
     from prune.sweep_recipe import load_sweep
 
     sweep, base = load_sweep(RECIPE, overrides(args) + [f"grid.methods=[{', '.join(methods)}]",
-                                                        f"grid.sparsities=[{', '.join(levels)}]", f"output={args.output}"])
+                                                        f"grid.sparsities=[{', '.join(levels)}]", f"output={args.output}",
+                                                        *extra])
     start = time.perf_counter()
     result = run_sweep(sweep, base, progress=False, write=lambda line: print(line, file=sys.stderr, flush=True))
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb(), "counts": result["counts"],
@@ -76,13 +87,15 @@ def child(args) -> None:
         result = part_sweep(args, ["wanda"], WANDA_LEVELS)
     elif args.part == "separate":
         result = part_separate(args)
+    elif args.part == "rest":
+        result = part_sweep(args, ONE_SHOT, LEVELS)
     else:
-        result = part_sweep(args, ["magnitude", "wanda", "sparsegpt"], LEVELS)
+        result = part_sweep(args, ONE_SHOT + [LEARNED], LEVELS, learned_overrides(args))
     print(json.dumps(result))
 
 
 def section(args, parts: dict, command: str) -> str:
-    wanda, separate, rest = parts["wanda"], parts["separate"], parts["rest"]
+    wanda, separate, rest, learned = parts["wanda"], parts["separate"], parts["rest"], parts["learned"]
     output = Path(args.output)
     table = (output / "sweep.md").read_text().split("\n\n")[1].strip()  # the table under the title
     stage_sum = {}
@@ -128,6 +141,11 @@ def section(args, parts: dict, command: str) -> str:
         f"SparseGPT needs Hessians that the Wanda-only pass had not stored (calibration {rest_shared.get('calibration', 0):.0f} s). "
         f"Peak RSS of that process: {rest['peak_rss_mb']:.0f} MB. The whole benchmark (three processes) took "
         f"{parts.get('total', 0):.0f} s.", "",
+        f"A fourth invocation added the learned method, MaskLLM (`nm_gumbel`, label `maskllm`: SparseGPT mask as the "
+        f"prior, weights frozen, {args.learned_steps} training steps of 2 x {args.seq_len} tokens, lr 3e-4; "
+        f"{learned['seconds']:.0f} s, counts {learned['counts']}): it runs at 2:4 only and is skipped at the fractional "
+        "levels with the reason in the table. This short training is a sweep-sized taste; the full MaskLLM result "
+        "is in the `maskllm` section.", "",
         table, "",
         "`*`: best of its level (lowest perplexity). `x dense`: perplexity over the dense model's. Time: pruning + "
         "evaluating the point (the shared load, dense eval and calibration are not in the rows).", "",
@@ -145,17 +163,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench-sweep"))
     parser.add_argument("--set", action="append", default=[], help="extra recipe override (e.g. a tiny model for a dry run)")
-    parser.add_argument("--part", choices=["wanda", "separate", "rest"], help=argparse.SUPPRESS)
+    parser.add_argument("--learned-steps", type=int, default=50, help="mask-training steps of the MaskLLM point")
+    parser.add_argument("--part", choices=["wanda", "separate", "rest", "learned"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:
         child(args)
         return
     shutil.rmtree(args.output, ignore_errors=True)
     flags = ["--calibration-samples", str(args.calibration_samples), "--seq-len", str(args.seq_len),
-             "--heldout-fraction", str(args.heldout_fraction), "--limit", str(args.limit), "--threads", str(args.threads)]
+             "--heldout-fraction", str(args.heldout_fraction), "--limit", str(args.limit), "--threads", str(args.threads),
+             "--learned-steps", str(args.learned_steps)]
     flags += [item for override in args.set for item in ("--set", override)]
     parts, began_all = {}, time.perf_counter()
-    for part in ("wanda", "separate", "rest"):
+    for part in ("wanda", "separate", "rest", "learned"):
         began = time.perf_counter()
         output = subprocess.run([sys.executable, __file__, "--part", part, "--output", args.output, *flags],
                                 check=True, stdout=subprocess.PIPE, text=True).stdout
