@@ -159,7 +159,7 @@ def train(
     custom_backward = objective.backward
     progress = tqdm(total=config.steps, initial=step, desc="train masks", disable=not accelerator.is_main_process)
     if evaluate is not None and config.eval_every and step == 0:  # the starting masks (e.g. the prior) compete too
-        best = _evaluate(model, accelerator, evaluate, step, best, train_dir, params, log, eval_metric)
+        best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log, eval_metric)
     set_mask_training(model, True)
     try:
         while step < config.steps:
@@ -200,7 +200,8 @@ def train(
                     progress.set_postfix({key: f"{value:.4g}" for key, value in record.items()
                                           if isinstance(value, float) and key != "lr"})
             if evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                best = _evaluate(model, accelerator, evaluate, step, best, train_dir, params, log, eval_metric)
+                best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
+                                 eval_metric)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint()
     except KeyboardInterrupt:
@@ -214,15 +215,18 @@ def train(
     return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
 
 
-def _evaluate(model, accelerator, evaluate, step, best, train_dir, params, log, eval_metric="perplexity") -> dict:
-    """Score the hard masks on held-out data (main process); keep the best masks' parameters."""
+def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
+              eval_metric="perplexity") -> dict:
+    """Score the hard masks on held-out data (main process); keep the best masks' parameters among those the
+    objective calls selectable (e.g. meeting a size budget)."""
     if accelerator.is_main_process:
         set_mask_training(model, False)
         score = evaluate(accelerator.unwrap_model(model))
         set_mask_training(model, True)
+        selectable = objective.selectable()
         if log is not None:
-            log.write({"step": step, f"eval_{eval_metric}": score})
-        if best["score"] is None or score < best["score"]:
+            log.write({"step": step, f"eval_{eval_metric}": score, "selectable": selectable})
+        if selectable and (best["score"] is None or score < best["score"]):
             best = {"score": score, "step": step}
             _save_params(train_dir / "best.safetensors", params)
     accelerator.wait_for_everyone()

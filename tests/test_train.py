@@ -102,6 +102,29 @@ def test_periodic_eval_keeps_best_and_last(tmp_path):
         (0, 6.0), (3, 5.0), (6, 3.0), (9, 4.0)]
 
 
+class BudgetObjective(CountingObjective):
+    """Selectable from step 6 on, as a size budget that warms up would be."""
+
+    def selectable(self):
+        return bool(self.steps_seen) and self.steps_seen[-1] >= 5
+
+
+def test_best_masks_are_chosen_among_selectable_evaluations_only(tmp_path):
+    scores = iter([1.0, 2.0, 4.0, 3.0])  # step 0 and 3 score best but are not selectable
+    result = train(masked_tiny_llama(), BudgetObjective(), patterned_tokens(), config(steps=9, eval_every=3),
+                   tmp_path, evaluate=lambda model: next(scores))
+    assert (result.best_step, result.best_score) == (9, 3.0)
+    records = [json.loads(line) for line in (tmp_path / "train" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["selectable"] for r in records if "eval_perplexity" in r] == [False, False, True, True]
+
+
+def test_without_a_selectable_evaluation_no_best_is_kept(tmp_path):
+    result = train(masked_tiny_llama(), BudgetObjective(), patterned_tokens(), config(steps=3, eval_every=3),
+                   tmp_path, evaluate=lambda model: 1.0)
+    assert (result.best_step, result.best_score) == (None, None)
+    assert not (tmp_path / "train" / "best.safetensors").exists()
+
+
 def test_starting_masks_stay_best_when_training_never_beats_them(tmp_path):
     scores = iter([2.0, 5.0, 3.0, 4.0])
     result = train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(steps=9, eval_every=3),

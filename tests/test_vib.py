@@ -116,6 +116,28 @@ def test_lagrangian_drives_the_expected_size_to_the_target_on_a_toy_problem(tmp_
     assert [line["target"] for line in log] == pytest.approx([0.4 * 49 / 100, 0.4 * 99 / 100, 0.4, 0.4])
 
 
+def test_periodic_evaluation_keeps_best_masks_only_among_those_meeting_the_budget(tmp_path):
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    _, objective = attach(model, target={"params": 0.4})
+    task_loss, _ = importance_loss(objective)
+    removed_at = {}
+
+    def evaluate(masked) -> float:  # like perplexity: the less pruned, the better it scores
+        removed_at[len(removed_at)] = objective.hard_removed()
+        return 1.0 + objective.hard_removed()
+
+    result = train(model, objective, torch.zeros(4, 1, dtype=torch.long),
+                   TrainConfig(steps=200, lr=0.05, max_grad_norm=0, log_every=50, eval_every=25), tmp_path,
+                   task_loss=task_loss, evaluate=evaluate)
+    log = [json.loads(line) for line in (tmp_path / "train" / "train_log.jsonl").read_text().splitlines()]
+    evals = [line for line in log if "eval_perplexity" in line]
+    assert len(evals) == len(removed_at) == 9  # steps 0, 25, ..., 200
+    assert [line["selectable"] for line in evals] == [removed >= 0.39 for removed in removed_at.values()]
+    assert evals[0]["selectable"] is False and evals[-1]["selectable"] is True  # warm-up, then the target
+    assert result.best_step > 0 and result.best_score >= 1.39  # never the under-pruned start
+
+
 @pytest.mark.parametrize("family", list(MODELS))
 def test_exported_logits_equal_the_trained_gated_model(family, tmp_path):
     torch.manual_seed(0)

@@ -62,6 +62,11 @@ class Objective:
     def extra_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def selectable(self) -> bool:
+        """May the current hard masks be kept as the run's best? False while they miss the method's budget
+        (a size target still warming up), so a periodic evaluation never picks an under-pruned model."""
+        return True
+
 
 class HardMask(Mask):
     """A fixed bool mask, as produced by one-shot methods or loaded from masks.safetensors."""

@@ -45,6 +45,9 @@ from prune.masks.structural_io import (
 from prune.registry import StrictConfig, register_method
 from prune.structure import FFN, HEADS, HIDDEN, LAYERS, structure_of
 
+# periodic evaluations keep the best masks only among those removing at least the target share minus this
+BUDGET_TOLERANCE = 0.01
+
 
 class VIBGate(UnitGate):
     """mu and log sigma^2 per unit (see the module doc)."""
@@ -218,6 +221,10 @@ class VIBObjective(Objective):
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.lambdas)
+
+    def selectable(self) -> bool:
+        """The hard masks remove the target share, give or take BUDGET_TOLERANCE."""
+        return self.hard_removed() >= self.config.share - BUDGET_TOLERANCE
 
 
 @register_method("vib", VIBConfig, kind="learnable", needs_calibration=False,
