@@ -2,13 +2,16 @@
 
 Reads top to bottom like a nanoGPT loop: seeded batches, forward, task loss + the method's regularizer,
 backward (averaged across processes by accelerate), clip, AdamW step, cosine schedule; every `log_every`
-steps a log line (tqdm + train_log.jsonl), every `eval_every` steps (and before the first) the held-out score of the
-hard masks (best and last masks kept), every `checkpoint_every` steps an atomic checkpoint. Ctrl-C checkpoints first.
+steps a log line (tqdm + train_log.jsonl), every `eval_every` steps (and before the first) the held-out
+score of the hard masks (best and last masks kept), every `checkpoint_every` steps an atomic checkpoint.
+Ctrl-C (or SIGTERM) checkpoints first.
 The same code runs on CPU, one GPU or many: `accelerate launch -m prune.cli run RECIPE`.
 """
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +164,7 @@ def train(
     if evaluate is not None and config.eval_every and step == 0:  # the starting masks (e.g. the prior) compete too
         best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log, eval_metric)
     set_mask_training(model, True)
+    previous_sigterm = _sigterm_raises_interrupt()
     try:
         while step < config.steps:
             schedule = objective.begin_step(step, config.steps)
@@ -209,10 +213,25 @@ def train(
         raise
     finally:
         progress.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     set_mask_training(model, False)
     if accelerator.is_main_process:
         _save_params(train_dir / "last.safetensors", params)
     return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
+
+
+def _sigterm_raises_interrupt():
+    """Treat SIGTERM (`kill`, a scheduler's preemption) like Ctrl-C: checkpoint, then stop. Background jobs
+    often ignore SIGINT, so this is how they are interrupted cleanly. Returns the previous handler (None off
+    the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,

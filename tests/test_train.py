@@ -173,6 +173,25 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, grad_accum):
     assert steps == [3, 6, 9, 12]
 
 
+def test_sigterm_checkpoints_like_ctrl_c_and_restores_the_handler(tmp_path):
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def terminated_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 5: steps 0-3 are finished
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lm_loss(model, batch)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(), tmp_path, task_loss=terminated_loss)
+    assert (tmp_path / "train" / "checkpoints" / "latest").read_text() == "step-4"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import prune.checkpoint as checkpoint_module
 
