@@ -2,7 +2,8 @@
 
 For each point: perplexity (512-token windows), last-word accuracy, FLOPs, and the wall time and peak memory
 of the pruning step alone. Each point runs in its own process so peak memory is its own; all points run in
-one invocation, side by side. Writes the `oneshot` section of benchmarks/RESULTS.md.
+one invocation, side by side (finished points are kept under --cache, so an interrupted run resumes). Writes the
+`oneshot` section of benchmarks/RESULTS.md.
 
     python benchmarks/oneshot.py [--calibration-samples 128] [--limit 200]
 """
@@ -17,9 +18,16 @@ import time
 from pathlib import Path
 
 # (label, method, sparsity, extra method config)
-POINTS = [("dense", "dense", None, {}), ("magnitude", "magnitude", "0.5", {}), ("magnitude", "magnitude", "2:4", {}),
-          ("wanda", "wanda", "0.5", {}), ("wanda", "wanda", "2:4", {}), ("sparsegpt", "sparsegpt", "0.5", {}),
-          ("sparsegpt", "sparsegpt", "2:4", {}), ("sparsegpt (mask only)", "sparsegpt", "2:4", {"update_weights": False})]
+POINTS = [
+    ("dense", "dense", None, {}),
+    ("magnitude", "magnitude", "0.5", {}),
+    ("magnitude", "magnitude", "2:4", {}),
+    ("wanda", "wanda", "0.5", {}),
+    ("wanda", "wanda", "2:4", {}),
+    ("sparsegpt", "sparsegpt", "0.5", {}),
+    ("sparsegpt", "sparsegpt", "2:4", {}),
+    ("sparsegpt (mask only)", "sparsegpt", "2:4", {"update_weights": False}),
+]
 
 
 def rss_mb() -> float:
@@ -36,6 +44,7 @@ def measure_point(label: str, method: str, sparsity: str | None, extra: dict, ca
     torch.set_num_threads(threads)
     from eval.accuracy import accuracy
     from eval.flops import count_flops, count_params
+    from eval.lastword import build_examples
     from eval.perplexity import perplexity
     from prune.data import prepare
     from prune.masks.base import merge
@@ -59,8 +68,10 @@ def measure_point(label: str, method: str, sparsity: str | None, extra: dict, ca
         result["prune_added_rss_mb"] = result["prune_peak_rss_mb"] - before
         merge(model)
     result["perplexity"] = perplexity(model, splits.heldout_blocks(512)).value
-    result["lastword"] = accuracy(model, tokenizer, ["docs_lastword"], heldout_text=splits.heldout_text(tokenizer),
+    heldout_text = splits.heldout_text(tokenizer)
+    result["lastword"] = accuracy(model, tokenizer, ["docs_lastword"], heldout_text=heldout_text,
                                   limit=limit)["docs_lastword"]
+    result["lastword_examples"] = min(limit, len(build_examples(heldout_text)))
     flops = count_flops(model, 512)
     result.update(flops_dense=flops.dense, flops_pruned=flops.sparse, params_nonzero=count_params(model).nonzero)
     return result
@@ -73,7 +84,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['method']} | {row['sparsity']} | {row['perplexity']:.2f} | {row['lastword']:.3f} | "
             f"{row['flops_pruned'] / 1e9:.1f} G / {row['flops_dense'] / 1e9:.1f} G | {row['params_nonzero'] / 1e6:.1f} M | "
-            f"{row.get('prune_seconds', 0):.0f} | {row.get('prune_peak_rss_mb', 0):.0f} |"
+            + (f"{row['prune_seconds']:.0f} | {row['prune_peak_rss_mb']:.0f} |" if "prune_seconds" in row else "- | - |")
         )
     return "\n".join(lines)
 
@@ -83,17 +94,25 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--limit", type=int, default=200, help="last-word examples")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--cache", default=str(Path(__file__).resolve().parent.parent / "runs" / "bench-oneshot"),
+                        help="where finished points are kept (delete it to measure everything again)")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point is not None:
         print(json.dumps(measure_point(*POINTS[args.point], args.calibration_samples, args.limit, args.threads)))
         return
+    # finished points are kept per setting, so an interrupted benchmark resumes where it stopped
+    done = Path(args.cache) / f"calib{args.calibration_samples}-limit{args.limit}-threads{args.threads}"
+    done.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, (label, _, sparsity, _) in enumerate(POINTS):
-        command = [sys.executable, __file__, "--point", str(index), "--threads", str(args.threads),
-                   "--calibration-samples", str(args.calibration_samples), "--limit", str(args.limit)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
+        saved = done / f"point-{index}.json"
+        if not saved.is_file():
+            command = [sys.executable, __file__, "--point", str(index), "--threads", str(args.threads),
+                       "--calibration-samples", str(args.calibration_samples), "--limit", str(args.limit)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            saved.write_text(output.strip().splitlines()[-1])
+        rows.append(json.loads(saved.read_text()))
         print(f"{label} {sparsity or ''}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from results import write_section
@@ -103,8 +122,9 @@ def main() -> None:
     body = (f"## One-shot pruning of SmolLM2-135M\n\nCommand: `{command}` "
             f"({args.calibration_samples} x 512 calibration tokens, 2-core CPU, {args.threads} torch thread(s), "
             "float32). Perplexity over the held-out "
-            "tail of the embedded CPython documentation in 512-token windows; last-word accuracy on "
-            f"{args.limit} `docs_lastword` examples; FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
+            "tail of the embedded CPython documentation in 512-token windows; last-word accuracy on the "
+            f"{rows[0]['lastword_examples']} `docs_lastword` examples the held-out text yields (limit {args.limit}); "
+            "FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
             "prune time and peak RSS are the pruning step alone (the process had loaded the model and data before).\n\n"
             + table(rows))
     print(table(rows))
