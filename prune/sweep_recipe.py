@@ -17,7 +17,8 @@ Every section rejects unknown keys, like `prune.recipe`. Sample (`recipes/sweeps
 
 A point's recipe is the base recipe, then `set`, then the point's model, method and sparsity. Method keys of the
 base recipe carry over when the point uses the same method; for another method only the keys every method
-shares (`targets`, `skip_incompatible`) do. One-shot points get `train.steps: 0`; every point gets
+shares (`targets`, `skip_incompatible`) do. One-shot points drop the `train` section (so training settings never
+make them recompute); every point gets
 `eval.dense_baseline: false` (the sweep measures the dense model once) and `export.save_model: <save_models>`.
 """
 from __future__ import annotations
@@ -212,8 +213,8 @@ def point_raw(sweep: SweepRecipe, base: dict[str, Any], model: str, entry, spars
     raw["method"] = {**method, **extra, "name": name, "sparsity": sparsity}
     raw["model"] = model
     raw["output"] = str(output)
-    if get_method(name).kind == "oneshot" and isinstance(raw.get("train", {}), dict) and raw.get("train"):
-        raw["train"]["steps"] = 0
+    if get_method(name).kind == "oneshot":  # training settings do not apply: they must not change its fingerprint
+        raw.pop("train", None)
     set_dotted(raw, "eval.dense_baseline", False, "sweep")
     set_dotted(raw, "export.save_model", sweep.save_models, "sweep")
     return raw

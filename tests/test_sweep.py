@@ -204,6 +204,16 @@ def test_resume_skips_finished_points_and_recomputes_changed_ones(swept, tmp_pat
     assert report["method"] == "wanda"
     assert yaml_method(out / "points" / "wanda-0.5")["granularity"] == "layer"
 
+    # training settings concern the learnable method only: the one-shot points resume
+    sweep, base = load_sweep(swept["path"], [f"output={out}", "train.lr=0.5",
+                                            "grid.methods=[magnitude, {name: wanda, label: wanda, granularity: layer},"
+                                            " sparsegpt, fixed_nm]"])
+    with pytest.MonkeyPatch.context() as patch:
+        counters = Counters(patch)
+        result = run_sweep(sweep, base, progress=False, write=lambda line: None)
+    assert counters.calls["pipeline"] == 2 and counters.calls["prune_from_stats"] == []  # fixed_nm 2:4 and 3:7
+    assert result["counts"] == {"computed": 1, "resumed": 6, "skipped": 5, "failed": 0}
+
 
 def yaml_method(directory):
     from prune.yaml_io import load_yaml
