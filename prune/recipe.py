@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from prune.errors import UserInputError
 from prune.registry import MethodConfig, StrictConfig, get_method
 from prune.vision import TASK as ZERO_SHOT, ImageDataConfig
-from prune.yaml_io import load_yaml
+from prune.yaml_io import load_yaml, read_mapping
 
 
 class DataConfig(StrictConfig):
@@ -230,11 +230,7 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe file, apply `--set` overrides, validate; default output dir is runs/<file stem>."""
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"recipe {str(path)!r} not found; pass a YAML file such as recipes/default.yaml.")
-    raw = load_yaml(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise UserInputError(f"recipe {str(path)!r} is not a YAML mapping.")
+    raw = read_mapping(path, "recipe", f"recipe {str(path)!r} not found; pass a YAML file such as recipes/default.yaml.")
     raw = apply_overrides(raw, list(overrides))
     raw.setdefault("output", f"runs/{path.stem}")
     return parse_recipe(raw)

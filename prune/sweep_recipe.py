@@ -37,7 +37,7 @@ from prune.errors import UserInputError
 from prune.recipe import Recipe, apply_overrides, parse_recipe, set_dotted
 from prune.registry import MethodConfig, StrictConfig, get_method
 from prune.sparsity import parse_sparsity
-from prune.yaml_io import load_yaml
+from prune.yaml_io import read_mapping
 
 POINTS_DIR = "points"
 
@@ -138,11 +138,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepRecipe
     """Read a sweep file and its base recipe; `--set` keys naming a sweep key (grid, output, set, ...) change
     the sweep, any other key is added to `set` (applied to every point). Returns (sweep, raw base recipe)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"sweep recipe {str(path)!r} not found; pass a YAML file such as recipes/sweeps/smollm2-135m.yaml.")
-    raw = load_yaml(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise UserInputError(f"sweep recipe {str(path)!r} is not a YAML mapping.")
+    raw = read_mapping(path, "sweep recipe", f"sweep recipe {str(path)!r} not found; pass a YAML file such as "
+                       "recipes/sweeps/smollm2-135m.yaml.")
     point_overrides = []
     sweep_overrides = []
     for override in overrides:
@@ -160,12 +157,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepRecipe
     base_path = Path(sweep.base)
     if not base_path.is_absolute():
         base_path = path.parent / base_path
-    if not base_path.is_file():
-        raise UserInputError(f"the sweep's base recipe {str(base_path)!r} (base: {sweep.base!r}) not found; "
-                             "`base` is relative to the sweep file.")
-    base = load_yaml(base_path.read_text()) or {}
-    if not isinstance(base, dict):
-        raise UserInputError(f"base recipe {str(base_path)!r} is not a YAML mapping.")
+    base = read_mapping(base_path, "base recipe", f"the sweep's base recipe {str(base_path)!r} (base: {sweep.base!r}) "
+                        "not found; `base` is relative to the sweep file.")
     for entry in sweep.grid.methods:  # unknown methods are bad input, not skipped points
         _method_entry(entry)
     return sweep, base

@@ -6,9 +6,12 @@ Nobody writing a pruning recipe means that, so our loader resolves ints and floa
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from prune.errors import UserInputError
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -36,3 +39,14 @@ RecipeLoader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)
+
+
+def read_mapping(path: Path, what: str, not_found: str) -> dict[str, Any]:
+    """The YAML mapping in the file `path` (a recipe, a sweep): `not_found` is the error when the file is missing,
+    `what` names the file when it holds no mapping. An empty file is an empty mapping."""
+    if not path.is_file():
+        raise UserInputError(not_found)
+    raw = load_yaml(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{what} {str(path)!r} is not a YAML mapping.")
+    return raw
