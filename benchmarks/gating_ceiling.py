@@ -5,6 +5,7 @@ For a few decoder layers of SmolLM2-135M, the FFN inputs of `--train-blocks` tra
 targets of `method.name: gating`). Fitted on the cached training tokens and measured on the held-out ones:
 - linear (full rank) and linear (rank `--rank`): the FTWT predictor, trained by BCE with Adam for `--epochs`
   passes -- the best a linear map can do here, with far more tokens than the trainer sees;
+- an MLP (one ReLU layer of `--mlp-width`, costlier than any predictor worth running): is nonlinearity enough?
 - low-rank activation estimate: h^ = act(gate(P P^T x)) * up(P P^T x), P the top `--rank` principal directions
   of the cached inputs (a nonlinear predictor at rank-`--rank` cost), keeping the top-k(x) of |h^|;
 - random, and the oracle itself (the top-k(x) of |h| from the full activations).
@@ -54,12 +55,17 @@ def activations(mlp: nn.Module, x: Tensor) -> Tensor:
         return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
 
-def fit_linear(x: Tensor, targets: Tensor, rank: int | None, epochs: int, seed: int) -> nn.Module:
-    """A linear (or low-rank) BCE predictor fitted on cached tokens, minibatches of 512, Adam lr 1e-3."""
-    torch.manual_seed(seed)
-    hidden, channels = x.shape[1], targets.shape[1]
-    net = nn.Linear(hidden, channels) if rank is None else nn.Sequential(nn.Linear(hidden, rank, bias=False),
-                                                                        nn.Linear(rank, channels))
+def make_predictor(kind: str, width: int | None, hidden: int, channels: int) -> nn.Module:
+    """linear (full rank when width is None, else a rank-`width` pair) or mlp (one ReLU layer of `width`)."""
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(hidden, width), nn.ReLU(), nn.Linear(width, channels))
+    if width is None:
+        return nn.Linear(hidden, channels)
+    return nn.Sequential(nn.Linear(hidden, width, bias=False), nn.Linear(width, channels))
+
+
+def fit(net: nn.Module, x: Tensor, targets: Tensor, epochs: int) -> nn.Module:
+    """BCE against the targets on cached tokens, minibatches of 512, Adam lr 1e-3."""
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(epochs):
         for rows in torch.randperm(len(x)).split(512):
@@ -94,8 +100,11 @@ def probe_layer(mlp: nn.Module, train_x: Tensor, test_x: Tensor, args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     rows = {"oracle": quality(targets_test, h_test, down),
             "random": quality(top_counts(torch.rand(h_test.shape, generator=generator), counts), h_test, down)}
-    for label, rank in (("linear, full rank", None), (f"linear, rank {args.rank}", args.rank)):
-        net = fit_linear(train_x, targets_train, rank, args.epochs, args.seed)
+    predictors = (("linear, full rank", "linear", None), (f"linear, rank {args.rank}", "linear", args.rank),
+                  (f"MLP, one ReLU layer of {args.mlp_width}", "mlp", args.mlp_width))
+    for label, kind, width in predictors:
+        torch.manual_seed(args.seed)
+        net = fit(make_predictor(kind, width, train_x.shape[1], h_train.shape[1]), train_x, targets_train, args.epochs)
         with torch.no_grad():
             rows[label] = quality(net(test_x) > 0, h_test, down)
     covariance = train_x.T @ train_x / len(train_x)
@@ -111,7 +120,7 @@ def render(result: dict) -> str:
              f"Command: `{result['command']}`", "",
              (f"SmolLM2-135M, FFN inputs cached from the dense model: {result['train_tokens']:,} training tokens "
               f"(fit) and {result['heldout_tokens']:,} held-out tokens (measured), mass rule r={a['threshold']}. "
-              f"Linear predictors trained by BCE, {a['epochs']} passes (far more tokens than the gating benchmark's "
+              f"Predictors trained by BCE, {a['epochs']} passes (far more tokens than the gating benchmark's "
               "trainer sees). Recall: share of the chosen neurons among the oracle's top-|h| choice of the same "
               "count (random = the kept share). Output error: ||y_kept - y|| / ||y|| of the FFN output."), "",
              "| layer | predictor | neurons kept | recall of oracle | FFN output error |", "|---|---|---|---|---|"]
@@ -128,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", nargs="+", type=int, default=[3, 15, 27])
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--mlp-width", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-blocks", type=int, default=160)
     parser.add_argument("--heldout-blocks", type=int, default=16)
