@@ -4,6 +4,7 @@ benchmarks/gating.json (both parts' figures; running one part keeps the other's)
 
     python benchmarks/gating.py --part cnn                 # digits ResNet, dense then gated: ~10 min on 2 cores
     python benchmarks/gating.py --part llm                 # 4 thresholds x 60 steps: ~1 h on 2 busy cores
+    python benchmarks/gating.py --part llm-joint           # joint mode, r = 1 (reference) and 0.9: ~35 min, 1 core
 
 CNN: train the dense ResNet here, then for each mode (decoupled: frozen backbone; joint: backbone fine-tuned
 with the gates) and threshold r, train the predictors with the one trainer and report test accuracy and conv
@@ -14,6 +15,7 @@ measured: perplexity through the real sparse path, FFN FLOPs per token (gate, up
 plus the predictor) vs dense, recall of the oracle's choice at the same budget, and whole-model CPU latency
 (decode ms/token and prefill tokens/s, gated vs dense, interleaved). A kernel sweep times the sparse FFN
 path alone against the dense FFN at fixed keep fractions, for one token (decode) and a prefill block.
+LLM joint: predictors and backbone trained together (run_llm_joint), against the dense model fine-tuned alike.
 """
 from __future__ import annotations
 
@@ -186,9 +188,48 @@ def run_llm(args) -> dict:
     return result
 
 
+def run_llm_joint(args) -> dict:
+    """Joint mode on the LLM: predictors and every backbone weight train together (FTWT's joint mode), at each
+    r in --joint-thresholds and at r = 1 (every neuron with a non-zero activation is a target, so the gate keeps
+    all: the dense model fine-tuned alike, the fair reference, since the backbone also learns the domain)."""
+    from eval.perplexity import perplexity
+    from prune.data import prepare
+    from prune.masks.gating import GatingConfig, attach_gating, measure_gating
+    from prune.models import load
+    from prune.recipe import TrainConfig
+    from prune.train import train
+
+    _, tokenizer = load("smollm2-135m")
+    splits = prepare(tokenizer, "embedded-docs")
+    heldout = splits.heldout_blocks(args.seq_len)[: args.windows]
+    train_rows = splits.train_blocks(args.joint_seq_len)
+    result: dict = {"seq_len": args.seq_len, "windows": len(heldout), "tokens": int(heldout.numel()),
+                    "train_seq_len": args.joint_seq_len, "rank": args.rank, "steps": args.joint_steps,
+                    "batch_size": args.joint_batch, "lr": args.lr, "backbone_lr": args.lr * args.joint_backbone_lr_scale,
+                    "rows": []}
+    for threshold in [1.0, *args.joint_thresholds]:
+        model, _ = load("smollm2-135m")
+        if threshold == 1.0:
+            result["dense_perplexity"] = perplexity(model, heldout, desc="dense").value
+        config = GatingConfig(name="gating", threshold=threshold, mode="joint", softmax=False,
+                              predictor_rank=args.rank, init_bias=1.0, backbone_lr_scale=args.joint_backbone_lr_scale)
+        objective = attach_gating(model, config)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            train(model, objective, train_rows, TrainConfig(steps=args.joint_steps, batch_size=args.joint_batch,
+                  lr=args.lr, log_every=10, checkpoint_every=10**6, seed=args.seed), Path(tmp))
+        summary = measure_gating(model, heldout[: args.flops_windows])
+        row = {"threshold": threshold, "perplexity": perplexity(model, heldout, desc=f"joint r={threshold}").value,
+               "ffn_flops_per_token": summary["flops_per_input"], "keep_fraction": summary["keep_fraction"],
+               "oracle_recall": summary["oracle_recall"], "train_s": time.perf_counter() - start}
+        result["rows"].append(row)
+        print(f"llm joint r={threshold}: {row}", flush=True)
+    return result
+
+
 # --------------------------------------------------------------------------------------------------- report
 
-def plot_llm(llm: dict) -> Path | None:
+def plot_llm(llm: dict, joint: dict | None = None) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,9 +246,15 @@ def plot_llm(llm: dict) -> Path | None:
     rows = llm["rows"]
     xs = [100 * row["ffn_flops_per_token"]["reduction"] for row in rows]
     ys = [100 * (row["perplexity"] / dense - 1) for row in rows]
-    ax.plot(xs, ys, "o-", color="C0", label=f"learned predictor (rank {llm['rank']}, counted)")
+    ax.plot(xs, ys, "o-", color="C0", label=f"decoupled: predictors only (rank {llm['rank']}, counted)")
     for row, x, y in zip(rows, xs, ys):
         ax.annotate(f"r={row['threshold']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if joint:  # against the dense model fine-tuned alike (r = 1), since joint mode also tunes the backbone
+        reference = next(row["perplexity"] for row in joint["rows"] if row["threshold"] == 1.0)
+        gated = [row for row in joint["rows"] if row["threshold"] < 1.0]
+        ax.plot([100 * row["ffn_flops_per_token"]["reduction"] for row in gated],
+                [100 * (row["perplexity"] / reference - 1) for row in gated], "D-", color="C1",
+                label="joint mode (vs dense fine-tuned alike)")
     ax.set_xlabel("FFN FLOPs reduction per token (%)")
     ax.set_ylabel("perplexity increase over dense (%)")
     ax.set_title(f"SmolLM2-135M FFN gating, held-out embedded docs ({llm['tokens']} tokens)")
@@ -281,6 +328,9 @@ def render(results: dict) -> str:
             lines.append(f"| {row['tokens']} | {_pct(row['keep'])} | {_pct(row['union'])} | {row['dense_ms']:.3f} | "
                          f"{row['sparse_ms']:.3f} | {row['speedup']:.2f}x{verdict} |")
         lines += ["", f"![FFN FLOPs vs perplexity]({PLOT.name})", ""]
+    joint = results.get("llm_joint")
+    if joint:
+        lines += render_llm_joint(joint)
     threads = (results.get("llm") or results.get("cnn") or {}).get("threads", 1)
     lines.append(f"Timings were taken on a 2-core CPU shared with other jobs, with {threads} torch thread(s): with a "
                  "second thread, OpenMP kernels wait for a core another job holds (a gather that takes 0.5 ms took "
@@ -288,9 +338,32 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render_llm_joint(joint: dict) -> list[str]:
+    reference = next(row for row in joint["rows"] if row["threshold"] == 1.0)
+    lines = ["### SmolLM2-135M: joint mode (predictors and backbone trained together)", "",
+             f"Command: `{joint['command']}`", "",
+             (f"{joint['steps']} steps x {joint['batch_size']} windows of {joint['train_seq_len']} training tokens; "
+              f"predictors lr {joint['lr']}, backbone lr {joint['backbone_lr']:g} (AdamW). The backbone also learns "
+              "the domain, so the fair reference is r = 1 (every neuron kept: the dense model fine-tuned alike). "
+              f"Held-out: {joint['windows']} windows of {joint['seq_len']} tokens; dense, untouched: "
+              f"{joint['dense_perplexity']:.3f}."), "",
+             "| r | perplexity | vs dense fine-tuned alike | vs dense | FFN FLOPs reduction | neurons kept | oracle recall "
+             "| train (s) |", "|---|---|---|---|---|---|---|---|"]
+    for row in joint["rows"]:
+        lines.append(
+            f"| {row['threshold']:g} | {row['perplexity']:.3f} | {_pct(row['perplexity'] / reference['perplexity'] - 1)} | "
+            f"{_pct(row['perplexity'] / joint['dense_perplexity'] - 1)} | {_pct(row['ffn_flops_per_token']['reduction'])} | "
+            f"{_pct(row['keep_fraction'])} | {row['oracle_recall']:.3f} | {row['train_s']:.0f} |")
+    met = [row for row in joint["rows"] if row["ffn_flops_per_token"]["reduction"] >= 0.4
+           and row["perplexity"] <= 1.05 * reference["perplexity"]]
+    return lines + ["", "Goal's quality part (>= 40% fewer FFN FLOPs, <= +5% perplexity over the dense model fine-tuned "
+                    "alike): " + ("met by " + ", ".join(f"r={row['threshold']:g}" for row in met) if met else "not met")
+                    + ".", ""]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["cnn", "llm", "all"], default="all")
+    parser.add_argument("--part", choices=["cnn", "llm", "llm-joint", "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cnn-epochs", type=int, default=30)
@@ -311,6 +384,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--joint-thresholds", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--joint-steps", type=int, default=120)
+    parser.add_argument("--joint-batch", type=int, default=2)
+    parser.add_argument("--joint-seq-len", type=int, default=256)
+    parser.add_argument("--joint-backbone-lr-scale", type=float, default=0.0025, help="backbone lr = --lr x this")
     parser.add_argument("--kernel-keep", nargs="+", type=float, default=[0.9, 0.7, 0.5, 0.3])
     parser.add_argument("--kernel-repeats", type=int, default=5)
     args = parser.parse_args(argv)
@@ -323,7 +401,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("llm", "all"):
         results["llm"] = {**run_llm(args), "command": command, "threads": args.threads}
         JSON.write_text(json.dumps(results, indent=2))
-        plot_llm(results["llm"])
+    if args.part == "llm-joint":
+        results["llm_joint"] = {**run_llm_joint(args), "command": command, "threads": args.threads}
+        JSON.write_text(json.dumps(results, indent=2))
+    if args.part in ("llm", "llm-joint", "all") and "llm" in results:
+        plot_llm(results["llm"], results.get("llm_joint"))
     print(f"wrote {write_section('gating', render(results))}")
 
 
