@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.results import write_section  # noqa: E402
 from prune.data import prepare  # noqa: E402
 from prune.masks.gate_predictor import mass_targets  # noqa: E402
+from prune.masks.gated_layers import oracle_overlap  # noqa: E402
 from prune.models import load  # noqa: E402
 
 
@@ -85,11 +86,10 @@ def top_counts(scores: Tensor, counts: Tensor) -> Tensor:
 def quality(keep: Tensor, h: Tensor, down: Tensor) -> dict:
     """Kept share, recall of the oracle's top-|h| choice at the same count, FFN output relative error."""
     counts = keep.sum(dim=-1)
-    oracle = top_counts(h.abs(), counts)
     y = h @ down.T
     error = ((h * keep) @ down.T - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
-    return {"keep": float(keep.float().mean()), "recall": float((keep & oracle).sum() / counts.sum().clamp_min(1)),
-            "output_error": float(error.mean())}
+    recall = oracle_overlap(h.abs(), keep, counts) / counts.sum().clamp_min(1)
+    return {"keep": float(keep.float().mean()), "recall": float(recall), "output_error": float(error.mean())}
 
 
 def probe_layer(mlp: nn.Module, train_x: Tensor, test_x: Tensor, args) -> dict:

@@ -32,6 +32,7 @@ from eval.latency import measure_latency
 from eval.perplexity import perplexity
 from prune.data import prepare
 from prune.masks.structural_io import export_gated, gate_set, summary
+from prune.masks.vib import BUDGET_TOLERANCE
 from prune.models import load
 from prune.recipe import TrainConfig
 from prune.registry import get_method
@@ -147,7 +148,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
         peers = [r for r in rows if r["method"] != "vib" and r["target"] == vib["target"]
                  and abs(r["params_removed"] - vib["params_removed"]) < 0.005]
         line = (f"Target {vib['target']:.2f}: VIB removed {vib['params_removed']:.3f} of the parameters "
-                f"({'meets' if vib['params_removed'] >= vib['target'] - 0.01 else 'misses'} the budget)")
+                f"({'meets' if vib['params_removed'] >= vib['target'] - BUDGET_TOLERANCE else 'misses'} the budget)")
         if peers:
             best = min(peers, key=lambda r: r["perplexity"])
             line += (f"; perplexity {vib['perplexity']:.2f} vs {best['perplexity']:.2f} for the best one-shot "
