@@ -32,8 +32,8 @@ VARIANTS = {
 
 
 def run_variant(name: str, overrides: list[str], steps: int | None, output: Path) -> dict:
-    from prune.pipeline import run
-    from prune.recipe import load_recipe
+    from prune.runs.pipeline import run
+    from prune.runs.recipe import load_recipe
 
     overrides = list(overrides)
     if steps is not None:

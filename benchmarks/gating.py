@@ -43,10 +43,10 @@ PLOT = HERE / "gating-llm.png"
 # ------------------------------------------------------------------------------------------------------ CNN
 
 def run_cnn(args) -> dict:
-    from prune.cnn import DigitsResNet, accuracy, classification_loss, conv_flops, digits_splits, pack_rows, train_classifier
-    from prune.masks.gating import GatingConfig, attach_gating, measure_gating
-    from prune.recipe import TrainConfig
-    from prune.train import train
+    from prune.models.digits_cnn import DigitsResNet, accuracy, classification_loss, conv_flops, digits_splits, pack_rows, train_classifier
+    from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating
+    from prune.training.config import TrainConfig
+    from prune.training.trainer import train
 
     data = digits_splits(seed=args.seed)
     start = time.perf_counter()
@@ -90,7 +90,7 @@ def _latency(model, args) -> dict:
 
 def _paired_latency(model, args) -> dict:
     """Gated and dense (gates bypassed, same model object) measured alternately, medians of `rounds` each."""
-    from prune.masks.gated_layers import bypassed
+    from prune.methods.gating.layers import bypassed
 
     gated, dense = [], []
     for _ in range(args.latency_rounds):
@@ -105,8 +105,8 @@ def _paired_latency(model, args) -> dict:
 def kernel_sweep(model, args) -> list[dict]:
     """The sparse FFN path against the dense FFN at fixed keep fractions (random per-token masks), cycling
     through every layer as a forward does (so weights come from memory, not from a warm cache); ms per layer."""
-    from prune.gated_ffn import sparse_ffn
-    from prune.masks.gated_layers import gated_layers
+    from prune.methods.gating.sparse_ffn import sparse_ffn
+    from prune.methods.gating.layers import gated_layers
 
     layers = list(gated_layers(model).values())
     packs = [layer.packed() for layer in layers]
@@ -135,15 +135,15 @@ def kernel_sweep(model, args) -> list[dict]:
 
 def run_llm(args) -> dict:
     from eval.perplexity import perplexity
-    from prune.data import prepare
+    from prune.data.text import prepare
     from prune.masks.base import unwrap
-    from prune.masks.gated_layers import oracle
-    from prune.masks.gating import GatingConfig, attach_gating, measure_gating
-    from prune.models import load
-    from prune.recipe import TrainConfig
-    from prune.train import train
+    from prune.methods.gating.layers import oracle
+    from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating
+    from prune.runs.loading import load_model
+    from prune.training.config import TrainConfig
+    from prune.training.trainer import train
 
-    model, tokenizer = load("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
     heldout = splits.heldout_blocks(args.seq_len)[: args.windows]
     train_rows = splits.train_blocks(args.seq_len)
@@ -193,13 +193,13 @@ def run_llm_joint(args) -> dict:
     r in --joint-thresholds and at r = 1 (every neuron with a non-zero activation is a target, so the gate keeps
     all: the dense model fine-tuned alike, the fair reference, since the backbone also learns the domain)."""
     from eval.perplexity import perplexity
-    from prune.data import prepare
-    from prune.masks.gating import GatingConfig, attach_gating, measure_gating
-    from prune.models import load
-    from prune.recipe import TrainConfig
-    from prune.train import train
+    from prune.data.text import prepare
+    from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating
+    from prune.runs.loading import load_model
+    from prune.training.config import TrainConfig
+    from prune.training.trainer import train
 
-    _, tokenizer = load("smollm2-135m")
+    _, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
     heldout = splits.heldout_blocks(args.seq_len)[: args.windows]
     train_rows = splits.train_blocks(args.joint_seq_len)
@@ -208,7 +208,7 @@ def run_llm_joint(args) -> dict:
                     "batch_size": args.joint_batch, "lr": args.lr, "backbone_lr": args.lr * args.joint_backbone_lr_scale,
                     "rows": []}
     for threshold in [1.0, *args.joint_thresholds]:
-        model, _ = load("smollm2-135m")
+        model, _ = load_model("smollm2-135m")
         if threshold == 1.0:
             result["dense_perplexity"] = perplexity(model, heldout, desc="dense").value
         config = GatingConfig(name="gating", threshold=threshold, mode="joint", softmax=False,

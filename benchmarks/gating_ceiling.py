@@ -29,10 +29,10 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.results import write_section  # noqa: E402
-from prune.data import prepare  # noqa: E402
-from prune.masks.gate_predictor import mass_targets  # noqa: E402
-from prune.masks.gated_layers import oracle_overlap  # noqa: E402
-from prune.models import load  # noqa: E402
+from prune.data.text import prepare  # noqa: E402
+from prune.methods.gating.predictor import mass_targets  # noqa: E402
+from prune.methods.gating.layers import oracle_overlap  # noqa: E402
+from prune.runs.loading import load_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, tokenizer = load("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
     train_x = cache_inputs(model, args.layers, splits.train_blocks(args.seq_len)[: args.train_blocks])
     test_x = cache_inputs(model, args.layers, splits.heldout_blocks(args.seq_len)[: args.heldout_blocks])

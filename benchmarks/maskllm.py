@@ -84,8 +84,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe override (a dry run: not published)")
     parser.add_argument("--note", default="", help="a sentence on the conditions of this run")
     args = parser.parse_args()
-    from prune.pipeline import run
-    from prune.recipe import load_recipe
+    from prune.runs.pipeline import run
+    from prune.runs.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, [*args.set, f"output={args.output}"])
     directory = Path(args.output)

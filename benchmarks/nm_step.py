@@ -39,13 +39,13 @@ def child(variant: str, args) -> dict:
     import torch
 
     from prune.masks.base import WeightMasked, mask_parameters, wrappers
-    from prune.masks.nm_gumbel import NMGumbelConfig, attach_nm_gumbel
-    from prune.models import load
+    from prune.methods.nm_gumbel.method import NMGumbelConfig, attach_nm_gumbel
+    from prune.runs.loading import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, _ = load(args.model)
+    model, _ = load_model(args.model)
     generator = torch.Generator().manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator)
     rss_loaded = _rss_mb()

@@ -46,14 +46,14 @@ def measure_point(label: str, method: str, sparsity: str | None, extra: dict, ca
     from eval.flops import count_flops, count_params
     from eval.lastword import build_examples
     from eval.perplexity import perplexity
-    from prune.data import prepare
+    from prune.data.text import prepare
     from prune.masks.base import merge
-    from prune.models import load
-    from prune.recipe import parse_recipe
-    from prune.registry import get_method
+    from prune.runs.loading import load_model
+    from prune.runs.recipe import parse_recipe
+    from prune.methods.registry import get_method
 
     torch.manual_seed(0)
-    model, tokenizer = load("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
     result = {"method": label, "sparsity": sparsity or "-"}
     if method != "dense":

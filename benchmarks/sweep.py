@@ -2,7 +2,7 @@
 
 Three parts, each in its own process (so each peak RSS is its own), one invocation, side by side:
   1. `wanda`:    a 5-level Wanda sweep (30-70%) into a fresh sweep directory;
-  2. `separate`: the same 5 points as 5 separate `prune.pipeline.run` calls (each loads the model, measures the
+  2. `separate`: the same 5 points as 5 separate `prune.runs.pipeline.run` calls (each loads the model, measures the
                  dense baseline, calibrates sequentially; as 5 `prune run` invocations would, minus Python start-up);
   3. `rest`:     the full grid in the same sweep directory: the 5 Wanda points resume, the other 13 are computed;
   4. `learned`:  the grid plus MaskLLM (`nm_gumbel`, SparseGPT prior, a short mask training): the 18 one-shot points
@@ -50,8 +50,8 @@ def learned_overrides(args) -> list[str]:
 
 
 def part_sweep(args, methods: list[str], levels: list[str], extra: list[str] = ()) -> dict:
-    from prune.sweep import run_sweep
-    from prune.sweep_recipe import load_sweep
+    from prune.sweep.runner import run_sweep
+    from prune.sweep.recipe import load_sweep
 
     sweep, base = load_sweep(RECIPE, overrides(args) + [f"grid.methods=[{', '.join(methods)}]",
                                                         f"grid.sparsities=[{', '.join(levels)}]", f"output={args.output}",
@@ -65,8 +65,8 @@ def part_sweep(args, methods: list[str], levels: list[str], extra: list[str] = (
 
 
 def part_separate(args) -> dict:
-    from prune.pipeline import run
-    from prune.recipe import load_recipe
+    from prune.runs.pipeline import run
+    from prune.runs.recipe import load_recipe
 
     runs, start = [], time.perf_counter()
     for level in WANDA_LEVELS:
@@ -123,7 +123,7 @@ def section(args, parts: dict, command: str) -> str:
         f"| `prune sweep` (one process) | {wanda['seconds']:.0f} | {shared.get('load', 0):.0f} | "
         f"{shared.get('dense_eval', 0):.0f} | {shared.get('calibration', 0):.0f} (1 pass) | {point_prune:.0f} | "
         f"{point_eval:.0f} | {wanda['peak_rss_mb']:.0f} |",
-        f"| 5 x `prune.pipeline.run` | {separate['seconds']:.0f} | {stage_sum.get('load', 0):.0f} | "
+        f"| 5 x `prune.runs.pipeline.run` | {separate['seconds']:.0f} | {stage_sum.get('load', 0):.0f} | "
         f"{stage_sum.get('dense_eval', 0):.0f} | (in pruning: 5 sequential passes) | {stage_sum.get('prune', 0):.0f} | "
         f"{stage_sum.get('pruned_eval', 0):.0f} | {separate['peak_rss_mb']:.0f} |",
         "", f"**Speed-up: {speedup:.1f}x** (goal: at least 2x). The sweep loads the model and measures the dense model "

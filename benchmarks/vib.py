@@ -30,13 +30,13 @@ from benchmarks.results import write_section
 from eval.flops import count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
-from prune.data import prepare
-from prune.masks.structural_io import export_gated, gate_set, summary
-from prune.masks.vib import BUDGET_TOLERANCE
-from prune.models import load
-from prune.recipe import TrainConfig
-from prune.registry import get_method
-from prune.train import train
+from prune.data.text import prepare
+from prune.structural.store import export_gated, gate_set, summary
+from prune.methods.vib.method import BUDGET_TOLERANCE
+from prune.runs.loading import load_model
+from prune.training.config import TrainConfig
+from prune.methods.registry import get_method
+from prune.training.trainer import train
 
 HERE = Path(__file__).parent
 JSON = HERE / "vib.json"
@@ -67,7 +67,7 @@ def latency_pair(dense, exported, args) -> dict:
 
 
 def run_vib(share: float, splits, heldout, args) -> tuple[dict, object]:
-    model, _ = load(MODEL)
+    model, _ = load_model(MODEL)
     spec = get_method("vib")
     units = {kind: kind in args.units for kind in ("heads", "ffn", "hidden", "layers")}
     config = spec.config_class.model_validate({
@@ -101,7 +101,7 @@ def run_vib(share: float, splits, heldout, args) -> tuple[dict, object]:
 
 def run_baseline(score: str, share: float, target: float, heldout, calibration, dense_model, args) -> dict:
     """One structured baseline at `share` removed; the activation one at the target is also exported and timed."""
-    model, _ = load(MODEL)
+    model, _ = load_model(MODEL)
     spec = get_method("structured")
     config = spec.config_class.model_validate({"name": "structured", "score": score, "target": {"params": share}})
     spec.attach(model, config, calibration)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/vib.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
-    dense_model, tokenizer = load(MODEL)
+    dense_model, tokenizer = load_model(MODEL)
     splits = prepare(tokenizer, "embedded-docs")
     heldout = splits.heldout_blocks(args.seq_len)[: args.windows]
     calibration = splits.calibration_blocks(args.calibration, args.seq_len, 0)

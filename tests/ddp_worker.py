@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from prune.masks.base import hard_masks
-from prune.train import train
+from prune.training.trainer import train
 from tests.test_train import CountingObjective, config, hard_loss, masked_tiny_llama, patterned_tokens
 
 

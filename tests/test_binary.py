@@ -9,17 +9,17 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
 
-from prune.clip import load_clip
-from prune.errors import UserInputError
+from prune.models.clip import load_clip
+from prune.core.errors import UserInputError
 from prune.masks.base import ConvWeightMasked, WeightMasked, merge, wrappers
-from prune.masks.binary import (
+from prune.methods.binary.method import (
     BinaryConfig, BinaryScoreMask, attach_binary, gradient_dropout, keep_probability, kl_to_reference,
     masked_fractions, save_binary_masks,
 )
 from prune.masks.storage import load_masks
 from prune.masks.with_peft import load_with_adapter, save_with_adapter, set_trainable
-from prune.recipe import parse_recipe
-from prune.vision import ZeroShotClassifier, classification_loss
+from prune.runs.recipe import parse_recipe
+from prune.tasks.zero_shot import ZeroShotClassifier, classification_loss
 
 CLASSES = ["cat", "dog", "bird"]
 pytestmark = pytest.mark.usefixtures("one_thread")

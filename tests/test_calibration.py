@@ -8,14 +8,14 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from prune.blocks import LINEAR_TYPES, find_blocks, weight_matrix
-from prune.calibration import prune_layerwise
-from prune.errors import UserInputError
-from prune.oneshot import methods
-from prune.oneshot.magnitude import magnitude_scores
-from prune.oneshot.masking import mask_from_scores, removed_count
-from prune.oneshot.wanda import WandaStats
-from prune.sparsity import parse_sparsity
+from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
+from prune.calibration.layerwise import prune_layerwise
+from prune.core.errors import UserInputError
+from prune.methods.oneshot import method as methods
+from prune.methods.oneshot.magnitude import magnitude_scores
+from prune.methods.oneshot.masking import mask_from_scores, removed_count
+from prune.methods.oneshot.wanda import WandaStats
+from prune.core.sparsity import parse_sparsity
 
 N, SEQ, HIDDEN, VOCAB = 5, 7, 64, 128
 

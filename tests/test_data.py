@@ -1,4 +1,4 @@
-"""prune.data: sources, deterministic disjoint splits, blocks. A char-level stub tokenizer keeps these fast."""
+"""prune.data.text: sources, deterministic disjoint splits, blocks. A char-level stub tokenizer keeps these fast."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune import data, hub
-from prune.errors import UserInputError
+from prune.data import text as data
+
+from prune.core import hub
+from prune.core.errors import UserInputError
 
 
 class CharTokenizer:

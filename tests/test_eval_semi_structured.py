@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from eval.semi_structured import is_two_four, semi_structured_speedup, two_four_linears, unavailable_reason
 from prune.masks.base import merge
-from prune.oneshot.methods import attach_magnitude
-from prune.recipe import parse_recipe
+from prune.methods.oneshot.method import attach_magnitude
+from prune.runs.recipe import parse_recipe
 from tests.conftest import make_tiny_llama
 
 

@@ -8,15 +8,16 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification
 
-from prune.cnn import DigitsResNet, classification_loss, conv_bn, conv_flops, pack_rows, unpack_rows
-from prune.errors import UserInputError
-from prune.gated_ffn import masked_dense, sparse_ffn
+from prune.models.digits_cnn import DigitsResNet, classification_loss, conv_bn, conv_flops, pack_rows, unpack_rows
+from prune.core.errors import UserInputError
+from prune.methods.gating.sparse_ffn import masked_dense, sparse_ffn
 from prune.masks.base import unwrap
-from prune.masks.gate_predictor import mass_targets, uniform_targets
-from prune.masks.gated_layers import GatedConv, GatedFFN, accounting, gated_layers, oracle, summarize
-from prune.masks.gating import GatingConfig, attach_gating, measure_gating, restore_gating, save_gating
-from prune.recipe import TrainConfig, parse_recipe
-from prune.train import lm_loss, set_mask_training, train
+from prune.methods.gating.predictor import mass_targets, uniform_targets
+from prune.methods.gating.layers import GatedConv, GatedFFN, accounting, gated_layers, oracle, summarize
+from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating, restore_gating, save_gating
+from prune.runs.recipe import parse_recipe
+from prune.training.config import TrainConfig
+from prune.training.trainer import lm_loss, set_mask_training, train
 from tests.conftest import docs_text, make_tiny_gpt2, make_tiny_llama, save_tiny_model
 
 
@@ -276,12 +277,12 @@ def corpus(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_pipeline_run_dir_restores_the_gated_model_and_export_refuses(tmp_path, corpus, family):
-    """The pipeline end to end: the report's gated FLOPs, no model/, load(run_dir) reproduces the perplexity."""
+    """The pipeline end to end: the report's gated FLOPs, no model/, load_model(run_dir) reproduces the perplexity."""
     from eval.perplexity import perplexity
-    from prune.data import prepare
-    from prune.export import export_run
-    from prune.models import load
-    from prune.pipeline import run
+    from prune.data.text import prepare
+    from prune.runs.export import export_run
+    from prune.runs.loading import load_model
+    from prune.runs.pipeline import run
 
     model_dir = save_tiny_model(tmp_path / "tiny", family)
     recipe = parse_recipe({
@@ -299,7 +300,7 @@ def test_pipeline_run_dir_restores_the_gated_model_and_export_refuses(tmp_path, 
     assert report["flops"]["dense"] == report["dense"]["flops"]["dense"]
     saved = 32 * (per_token["dense"] - per_token["gated"])  # per window of seq_len tokens
     assert report["flops"]["pruned"] == pytest.approx(report["flops"]["dense"] - saved, abs=1)
-    model, tokenizer = load(str(run_dir))
+    model, tokenizer = load_model(str(run_dir))
     assert len(gated_layers(model)) == 2
     heldout = prepare(tokenizer, str(corpus)).heldout_blocks(32)
     assert perplexity(model, heldout).value == pytest.approx(report["perplexity"]["value"], rel=1e-5)
@@ -324,7 +325,7 @@ def test_a_target_without_the_expected_structure_is_named():
 def test_a_gated_layer_refuses_to_merge_into_a_plain_model():
     model = make_tiny_llama()
     attach_gating(model)
-    with pytest.raises(UserInputError, match="prune.models.load"):
+    with pytest.raises(UserInputError, match=r"prune\.load_model"):
         gated_layers(model)["model.layers.0.mlp"].merged()
 
 

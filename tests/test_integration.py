@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eval.perplexity import perplexity
-from prune.data import prepare
-from prune.models import load
-from prune.pipeline import run
-from prune.recipe import parse_recipe
+from prune.data.text import prepare
+from prune.runs.loading import load_model
+from prune.runs.pipeline import run
+from prune.runs.recipe import parse_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def test_wanda_2of4_is_far_below_magnitude_2of4(runs):
 def test_exported_model_loads_with_plain_transformers_and_reproduces_perplexity(runs):
     root, reports = runs
     model = AutoModelForCausalLM.from_pretrained(root / "wanda" / "model", dtype=torch.float32)
-    _, tokenizer = load("smollm2-135m")
+    _, tokenizer = load_model("smollm2-135m")
     blocks = prepare(tokenizer, "embedded-docs", heldout_fraction=0.05).heldout_blocks(512)
     value = perplexity(model, blocks).value
     assert value == pytest.approx(reports["wanda"]["perplexity"]["value"], rel=1e-4)

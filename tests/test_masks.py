@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune.blocks import weight_matrix
-from prune.errors import UserInputError
+from prune.models.blocks import weight_matrix
+from prune.core.errors import UserInputError
 from prune.masks.base import achieved_sparsity, attach_hard_masks, mask_parameters, merge, unwrap, wrappers
 from prune.masks.storage import decode_nm, encode_nm, load_masks, nm_candidates, read_masks, save_masks
 from prune.masks.targets import method_targets, select_targets
-from prune.sparsity import parse_sparsity
+from prune.core.sparsity import parse_sparsity
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 

@@ -1,4 +1,4 @@
-"""prune.models and prune.hub: fast tests on a tiny Llama saved offline; one integration test on SmolLM2-135M."""
+"""prune.models.loading and prune.core.hub: fast tests on a tiny Llama saved offline; one integration test on SmolLM2-135M."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,10 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from prune import hub, models
-from prune.errors import UserInputError
+from prune.core import hub
+
+from prune.models import loading as models
+from prune.core.errors import UserInputError
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch.nn import functional as F
 
-from prune.blocks import weight_matrix
-from prune.errors import UserInputError
+from prune.models.blocks import weight_matrix
+from prune.core.errors import UserInputError
 from prune.masks.base import (
     attach_hard_masks,
     hard_masks,
@@ -22,13 +22,13 @@ from prune.masks.base import (
     unwrap,
     wrappers,
 )
-from prune.masks.nm_gumbel import NMGumbelConfig, NMGumbelLinear, NMGumbelMask, attach_nm_gumbel, prior_logits
-from prune.masks.nm_gumbel_kernel import gumbel_noise, masked_linear
+from prune.methods.nm_gumbel.method import NMGumbelConfig, NMGumbelLinear, NMGumbelMask, attach_nm_gumbel, prior_logits
+from prune.methods.nm_gumbel.kernel import gumbel_noise, masked_linear
 from prune.masks.storage import nm_candidates, read_masks, save_masks
 from prune.masks.targets import select_targets
-from prune.oneshot.methods import magnitude, sparsegpt
-from prune.registry import get_method
-from prune.sparsity import parse_sparsity
+from prune.methods.oneshot.method import magnitude, sparsegpt
+from prune.methods.registry import get_method
+from prune.core.sparsity import parse_sparsity
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 

@@ -4,12 +4,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune.errors import UserInputError
-from prune.oneshot.magnitude import magnitude_scores
-from prune.oneshot.masking import mask_from_scores, removed_count
-from prune.oneshot.sparsegpt import HessianStats, sparsegpt_prune
-from prune.oneshot.wanda import WandaStats, wanda_scores
-from prune.sparsity import Sparsity, parse_sparsity
+from prune.core.errors import UserInputError
+from prune.methods.oneshot.magnitude import magnitude_scores
+from prune.methods.oneshot.masking import mask_from_scores, removed_count
+from prune.methods.oneshot.sparsegpt import HessianStats, sparsegpt_prune
+from prune.methods.oneshot.wanda import WandaStats, wanda_scores
+from prune.core.sparsity import Sparsity, parse_sparsity
 
 
 def _scores(out_features, in_features, seed):

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM
 
 from eval.perplexity import perplexity
 from prune.cli import main
-from prune.data import prepare
+from prune.data.text import prepare
 from prune.masks.storage import load_masks
-from prune.models import load
-from prune.pipeline import run
-from prune.recipe import parse_recipe
+from prune.runs.loading import load_model
+from prune.runs.pipeline import run
+from prune.runs.recipe import parse_recipe
 from tests.conftest import docs_text, save_tiny_model
 
 
@@ -72,7 +72,7 @@ def test_run_writes_a_complete_run_directory(tmp_path, tiny_dir, corpus, method)
 def test_exported_model_loads_with_plain_transformers_and_reproduces_perplexity(tmp_path, tiny_dir, corpus):
     report = run(recipe_for(tiny_dir, corpus, tmp_path / "run", "sparsegpt"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
-    _, tokenizer = load(str(tiny_dir))
+    _, tokenizer = load_model(str(tiny_dir))
     assert heldout_perplexity(model, tokenizer, corpus) == pytest.approx(report["perplexity"]["value"], rel=1e-5)
     linear = model.get_submodule("model.layers.0.mlp.up_proj" if "Llama" in type(model).__name__ else "transformer.h.0.mlp.c_fc")
     weight = linear.weight if "Llama" in type(model).__name__ else linear.weight.t()
@@ -81,7 +81,7 @@ def test_exported_model_loads_with_plain_transformers_and_reproduces_perplexity(
 
 def test_saved_masks_on_the_base_model_reproduce_the_run(tmp_path, tiny_dir, corpus):
     report = run(recipe_for(tiny_dir, corpus, tmp_path / "run", "wanda", "0.5"))
-    model, tokenizer = load(str(tiny_dir))
+    model, tokenizer = load_model(str(tiny_dir))
     load_masks(model, tmp_path / "run")
     assert heldout_perplexity(model, tokenizer, corpus) == pytest.approx(report["perplexity"]["value"], rel=1e-5)
 
@@ -92,7 +92,7 @@ def test_export_rebuilds_model_dir_from_masks(tmp_path, tiny_dir, corpus):
     report = run(recipe_for(tiny_dir, corpus, tmp_path / "run", "wanda"))
     shutil.rmtree(tmp_path / "run" / "model")
     assert main(["export", str(tmp_path / "run")]) == 0
-    model, tokenizer = load(str(tmp_path / "run" / "model"))
+    model, tokenizer = load_model(str(tmp_path / "run" / "model"))
     assert heldout_perplexity(model, tokenizer, corpus) == pytest.approx(report["perplexity"]["value"], rel=1e-5)
 
 
@@ -103,7 +103,7 @@ def test_export_refuses_a_run_whose_weights_were_updated(tmp_path, tiny_dir, cor
 
 
 def test_output_holding_another_run_is_refused_unless_overwrite(tmp_path, tiny_dir, corpus):
-    from prune.errors import UserInputError
+    from prune.core.errors import UserInputError
 
     recipe = recipe_for(tiny_dir, corpus, tmp_path / "run", "magnitude")
     run(recipe)
@@ -120,7 +120,7 @@ def test_output_holding_another_run_is_refused_unless_overwrite(tmp_path, tiny_d
 
 
 def test_one_shot_method_with_train_steps_is_refused(tmp_path, tiny_dir, corpus):
-    from prune.errors import UserInputError
+    from prune.core.errors import UserInputError
 
     recipe = recipe_for(tiny_dir, corpus, tmp_path / "run", "wanda")
     recipe.train.steps = 10
@@ -141,8 +141,8 @@ def nm_gumbel_recipe(model_dir, corpus, output, **train):
 
 
 def test_learnable_run_interrupted_then_resumed_reaches_the_same_masks(tmp_path, tiny_dir, corpus, monkeypatch):
-    from prune.errors import UserInputError
-    from prune.masks.nm_gumbel import NMGumbelObjective
+    from prune.core.errors import UserInputError
+    from prune.methods.nm_gumbel.method import NMGumbelObjective
     from prune.masks.storage import read_masks
 
     run(nm_gumbel_recipe(tiny_dir, corpus, tmp_path / "straight"))

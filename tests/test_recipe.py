@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from prune.errors import UserInputError
-from prune.recipe import load_recipe, parse_recipe
-from prune.sparsity import parse_sparsity
+from prune.core.errors import UserInputError
+from prune.runs.recipe import load_recipe, parse_recipe
+from prune.core.sparsity import parse_sparsity
 
 
 def write(tmp_path, text: str):

@@ -16,16 +16,16 @@ from transformers import (
 )
 
 from eval.flops import count_flops, count_params
-from prune.errors import UserInputError
-from prune.masks.structural import (
+from prune.core.errors import UserInputError
+from prune.structural.gates import (
     FixedGate,
     attach_unit_gates,
     rounded_count,
     unwrap_gates,
 )
-from prune.models import load
-from prune.shrink import HEAD_DIM_KEY, LAYER_SIZES_KEY, shrink
-from prune.structure import FFN, HEADS, HIDDEN, LAYERS, structure_of
+from prune.runs.loading import load_model
+from prune.structural.shrink import HEAD_DIM_KEY, LAYER_SIZES_KEY, shrink
+from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, structure_of
 from tests.conftest import make_tiny_gpt2, make_tiny_llama, save_tiny_model
 
 SEQ = 16
@@ -168,12 +168,12 @@ def test_uniform_export_loads_with_plain_transformers(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_per_layer_sizes_load_with_prune_models_load_in_one_line(tmp_path, family):
     source = save_tiny_model(tmp_path / "base", family)
-    model, tokenizer = load(str(source))
+    model, tokenizer = load_model(str(source))
     _, _, gated, exported, _, ids = gated_and_exported(model, {HEADS, FFN, HIDDEN})
     assert getattr(exported.config, LAYER_SIZES_KEY)  # the two layers differ
     exported.save_pretrained(tmp_path / "pruned")
     tokenizer.save_pretrained(tmp_path / "pruned")
-    reloaded, _ = load(str(tmp_path / "pruned"))
+    reloaded, _ = load_model(str(tmp_path / "pruned"))
     with torch.no_grad():
         again = reloaded(input_ids=ids).logits
     assert (again - gated).abs().max().item() < 1e-4

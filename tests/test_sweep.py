@@ -8,17 +8,20 @@ import pytest
 import torch
 from pydantic import field_validator
 
-from prune import calibration, registry
+from prune.calibration import layerwise as calibration
+
+from prune.methods import registry
 from prune.cli import main
-from prune.errors import UserInputError
+from prune.core.errors import UserInputError
 from prune.masks.base import attach_hard_masks
 from prune.masks.targets import method_targets
-from prune.oneshot.magnitude import magnitude_scores
-from prune.oneshot.masking import mask_from_scores
-from prune.blocks import weight_matrix
-from prune.registry import MethodConfig, MethodSpec
-from prune.sweep import run_sweep
-from prune.sweep_recipe import load_sweep
+from prune.methods.oneshot.magnitude import magnitude_scores
+from prune.methods.oneshot.masking import mask_from_scores
+from prune.models.blocks import weight_matrix
+from prune.core.config import MethodConfig
+from prune.methods.spec import MethodSpec
+from prune.sweep.runner import run_sweep
+from prune.sweep.recipe import load_sweep
 from tests.conftest import docs_text, make_tiny_llama, save_tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -79,21 +82,21 @@ class Counters:
     """Counts calibration passes, sequential calibrations, pipeline runs, per-target prunes and model loads."""
 
     def __init__(self, patch):
-        import prune.pipeline
-        import prune.sweep_shared
+        import prune.runs.pipeline
+        import prune.sweep.shared
 
         self.calls = {"collect_stats": 0, "prune_layerwise": 0, "pipeline": 0, "prune_from_stats": [], "load": 0}
         for owner, name, key in [(calibration, "collect_stats", "collect_stats"),
                                  (calibration, "prune_layerwise", "prune_layerwise"),
-                                 (prune.pipeline, "run", "pipeline"), (prune.sweep_shared, "load", "load")]:
+                                 (prune.runs.pipeline, "run", "pipeline"), (prune.sweep.shared, "load", "load")]:
             patch.setattr(owner, name, self._count(getattr(owner, name), key))
-        original = prune.sweep_shared.prune_from_stats
+        original = prune.sweep.shared.prune_from_stats
 
         def counted(config, module, stats):
             self.calls["prune_from_stats"].append(config.name)
             return original(config, module, stats)
 
-        patch.setattr(prune.sweep_shared, "prune_from_stats", counted)
+        patch.setattr(prune.sweep.shared, "prune_from_stats", counted)
 
     def _count(self, function, key):
         def counted(*args, **kwargs):
@@ -104,9 +107,8 @@ class Counters:
 
 @pytest.fixture(scope="module")
 def fixed_nm():
-    registry.methods()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(registry._METHODS, "fixed_nm",
+        patch.setitem(registry.METHODS, "fixed_nm",
                       MethodSpec("fixed_nm", FixedNMConfig, attach_fixed_nm, "learnable", False))
         yield
 
@@ -216,14 +218,14 @@ def test_resume_skips_finished_points_and_recomputes_changed_ones(swept, tmp_pat
 
 
 def yaml_method(directory):
-    from prune.yaml_io import load_yaml
+    from prune.core.yaml_io import load_yaml
 
     return load_yaml((directory / "recipe.yaml").read_text())["method"]
 
 
 def test_shared_path_restores_weights_bit_for_bit(tiny_dir, corpus, tmp_path):
-    from prune.recipe import parse_recipe
-    from prune.sweep_shared import SharedModel
+    from prune.runs.recipe import parse_recipe
+    from prune.sweep.shared import SharedModel
 
     recipe = parse_recipe({"model": str(tiny_dir), "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
                            "method": {"name": "sparsegpt", "sparsity": "2:4"}, "output": str(tmp_path / "x")})
@@ -239,8 +241,8 @@ def test_shared_path_restores_weights_bit_for_bit(tiny_dir, corpus, tmp_path):
 
 
 def test_collect_stats_shares_one_statistic_per_input_and_matches_sequential_first_block():
-    from prune.oneshot.methods import WandaConfig, prune_from_stats, wanda
-    from prune.oneshot.stats import InputStats
+    from prune.methods.oneshot.method import WandaConfig, prune_from_stats, wanda
+    from prune.methods.oneshot.stats import InputStats
     from prune.masks.targets import select_targets
 
     model = make_tiny_llama()
@@ -268,11 +270,11 @@ def fragile_dir(tmp_path_factory, corpus):
     """A briefly trained tiny Llama whose block 1 is rescaled without changing its function (up rows x c, down
     columns / c; v rows x c, o columns / c, c alternating 8 and 1/8): magnitude pruning then removes, for every
     MLP neuron and value channel of block 1, either its input or its output weights, so that block is fragile."""
-    from prune.data import prepare
-    from prune.models import load
+    from prune.data.text import prepare
+    from prune.runs.loading import load_model
 
     directory = save_tiny_model(tmp_path_factory.mktemp("fragile"), "llama")
-    model, tokenizer = load(str(directory))
+    model, tokenizer = load_model(str(directory))
     train = prepare(tokenizer, str(corpus)).train_blocks(32)
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -9,8 +9,8 @@ from torch import nn
 
 from prune.masks.base import Mask, Objective, WeightMasked, hard_masks, mask_parameters, wrap
 from prune.masks.targets import select_targets
-from prune.recipe import TrainConfig
-from prune.train import lm_loss, train
+from prune.training.config import TrainConfig
+from prune.training.trainer import lm_loss, train
 from tests.conftest import make_tiny_llama
 
 
@@ -193,7 +193,7 @@ def test_sigterm_checkpoints_like_ctrl_c_and_restores_the_handler(tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import prune.checkpoint as checkpoint_module
+    import prune.training.checkpoint as checkpoint_module
 
     data = patterned_tokens()
     train(masked_tiny_llama(), CountingObjective(), data, config(steps=4), tmp_path)
@@ -215,7 +215,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, mo
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    from prune.errors import UserInputError
+    from prune.core.errors import UserInputError
 
     with pytest.raises(UserInputError, match="no checkpoint"):
         train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(), tmp_path, resume=True)

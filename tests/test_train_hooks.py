@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from prune.masks.base import Mask, Objective, WeightMasked
-from prune.recipe import TrainConfig
-from prune.train import make_batch, train
+from prune.training.config import TrainConfig
+from prune.training.trainer import make_batch, train
 
 
 class SigmoidMask(Mask):

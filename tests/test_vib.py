@@ -10,16 +10,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eval.flops import count_params
-from prune.errors import UserInputError
-from prune.export import export_run
-from prune.masks.structural_io import export_gated, gate_set, load_gates, save_gates
-from prune.masks.vib import VIBGate
-from prune.models import load
-from prune.pipeline import run
-from prune.recipe import TrainConfig, parse_recipe
-from prune.registry import get_method
-from prune.structure import FFN, HEADS, HIDDEN, LAYERS
-from prune.train import train, trainable_parameters
+from prune.core.errors import UserInputError
+from prune.runs.export import export_run
+from prune.structural.store import export_gated, gate_set, load_gates, save_gates
+from prune.methods.vib.method import VIBGate
+from prune.runs.loading import load_model
+from prune.runs.pipeline import run
+from prune.runs.recipe import parse_recipe
+from prune.training.config import TrainConfig
+from prune.methods.registry import get_method
+from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS
+from prune.training.trainer import train, trainable_parameters
 from tests.conftest import docs_text, make_tiny_gpt2, make_tiny_llama, save_tiny_model
 
 MODELS = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
@@ -236,8 +237,8 @@ def test_structured_baselines_meet_the_budget_and_export_exactly(score):
 
 
 def test_magnitude_score_is_the_l2_norm_of_a_units_weights():
-    from prune.oneshot.structured import magnitude_scores
-    from prune.structure import structure_of
+    from prune.methods.structured.method import magnitude_scores
+    from prune.structural.layout import structure_of
 
     model = make_tiny_llama()
     mlp = model.model.layers[1].mlp
@@ -261,12 +262,12 @@ def test_pipeline_run_writes_a_smaller_model_that_loads_in_one_line(tmp_path):
     report = run(recipe)
     assert report["sparsity"]["target"] == "params 0.3" and report["sparsity"]["measure"] == "params"
     assert report["params"]["total"] == report["structure"]["params"]["kept"] <= report["dense"]["params"]["total"]
-    model, _ = load(str(tmp_path / "run" / "model"))
+    model, _ = load_model(str(tmp_path / "run" / "model"))
     assert count_params(model).total == report["params"]["total"]
     saved = json.loads((tmp_path / "run" / "masks.json").read_text())
     assert saved["method"] == "vib" and saved["structural"]["family"] == "llama"
     shutil.rmtree(tmp_path / "run" / "model")  # `prune export` rebuilds it from the base model + saved gates
-    rebuilt, _ = load(str(export_run(tmp_path / "run")))
+    rebuilt, _ = load_model(str(export_run(tmp_path / "run")))
     ids = torch.randint(0, 100, (1, 12))
     with torch.no_grad():
         assert torch.allclose(rebuilt(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)

@@ -13,15 +13,15 @@ from PIL import Image
 from transformers import CLIPModel
 
 from prune.cli import main
-from prune.clip import TINY_CLIP, load_clip
-from prune.errors import UserInputError
-from prune.masks.binary import BinaryConfig, attach_binary
-from prune.models import list_models
-from prune.recipe import load_recipe, parse_recipe
-from prune.vision import (
-    DIGIT_NAMES, ImageDataConfig, ZeroShotClassifier, accuracy, columns_and_classes, digits_table, few_shot,
-    load_image_data, stratified_split,
+from prune.models.clip import TINY_CLIP, load_clip
+from prune.core.errors import UserInputError
+from prune.methods.binary.method import BinaryConfig, attach_binary
+from prune.models.loading import list_models
+from prune.runs.recipe import load_recipe, parse_recipe
+from prune.data.images import (
+    DIGIT_NAMES, ImageDataConfig, columns_and_classes, digits_table, few_shot, load_image_data, stratified_split,
 )
+from prune.tasks.zero_shot import ZeroShotClassifier, accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,7 +117,7 @@ def test_image_folder_without_test_split_holds_out_a_share(tmp_path, clip_dir):
 def test_hub_dataset_with_a_class_name_column_and_its_test_split(monkeypatch, clip_dir):
     """The Hub branch with the Hub replaced by in-memory tables: split names asked first, only the needed splits
     loaded, a string class-name column turned into labels."""
-    from prune import vision
+    from prune.data import images as vision
 
     def table(count):
         return table_with({"img": [Image.new("RGB", (6, 6), (i * 20, 0, 0)) for i in range(count)],
@@ -184,13 +184,13 @@ def test_tiny_clip_alias_is_built_once_deterministically_and_listed(tmp_path, mo
 
 
 def test_clip_and_task_mismatches_are_clear(clip_dir, monkeypatch):
-    from prune.models import load
+    from prune.runs.loading import load_model
 
     with pytest.raises(UserInputError, match="task: zero-shot-classification"):
-        load(TINY_CLIP)
+        load_model(TINY_CLIP)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserInputError, match="clip-tiny-random"):
-        load("openai/clip-vit-base-patch16", task="zero-shot-classification")
+        load_model("openai/clip-vit-base-patch16", task="zero-shot-classification")
     recipe = load_recipe("recipes/clip/vit-b16-16shot.yaml")
     assert (recipe.model, recipe.data.shots, recipe.train.lr) == ("openai/clip-vit-base-patch16", 16, 8e-5)
 
@@ -232,7 +232,7 @@ def test_gradient_dropout_runs_in_the_pipeline(tmp_path, clip_dir):
         "train": {"steps": 6, "batch_size": 8, "lr": 0.005, "log_every": 3, "eval_every": 3},
         "eval": {"limit": 50}, "output": str(tmp_path / "run"),
     })
-    from prune.pipeline import run
+    from prune.runs.pipeline import run
 
     report = run(recipe)
     assert report["train"]["steps"] == 6 and report["train"]["best_eval_error"] is not None
@@ -245,7 +245,7 @@ def test_gradient_dropout_runs_in_the_pipeline(tmp_path, clip_dir):
     # `prune export` rebuilds model/ from the base CLIP + masks.safetensors, weight for weight
     from safetensors.torch import load_file
 
-    from prune.export import export_run
+    from prune.runs.export import export_run
 
     written = load_file(tmp_path / "run" / "model" / "model.safetensors")
     export_run(tmp_path / "run")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-from prune.blocks import weight_matrix
+from prune.models.blocks import weight_matrix
 
 
 class Mask(nn.Module):

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from eval.report import readable_mode
-from prune.blocks import weight_matrix
-from prune.errors import UserInputError
+from prune.models.blocks import weight_matrix
+from prune.core.errors import UserInputError
 from prune.masks.base import attach_hard_masks, hard_masks
 
 FORMAT_VERSION = 1

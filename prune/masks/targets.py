@@ -5,9 +5,9 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from prune.blocks import LINEAR_TYPES, find_blocks, in_out_features
-from prune.errors import UserInputError
-from prune.sparsity import Sparsity
+from prune.models.blocks import LINEAR_TYPES, find_blocks, in_out_features
+from prune.core.errors import UserInputError
+from prune.core.sparsity import Sparsity
 
 
 def select_targets(model: nn.Module, patterns: list[str] | None, module_types=LINEAR_TYPES) -> list[str]:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from torch import nn
 
-from prune.blocks import weight_matrix
-from prune.errors import UserInputError
+from prune.models.blocks import weight_matrix
+from prune.core.errors import UserInputError
 from prune.masks.base import HardMask, hard_masks, mask_parameters, weight_masked, wrap
 from prune.masks.storage import read_masks, write_masks
 

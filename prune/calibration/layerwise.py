@@ -1,0 +1,398 @@
+"""Layer-by-layer calibration: collect per-layer input statistics and prune block after block.
+
+The sequential scheme of SparseGPT/Wanda, with memory bounded by one block's activations:
+
+1. Capture. Run the model on the calibration blocks only up to its first decoder block: a forward
+   pre-hook (with_kwargs) on block 0 copies the hidden states into one CPU tensor [n, seq, hidden] and
+   raises `_StopForward`. The other arguments the block receives (causal mask, rotary `position_embeddings`,
+   `position_ids`, ...) are kept per batch, deduplicated when equal (the usual case: one copy); caches are
+   dropped and `use_cache` forced off.
+2. For each block holding targets: forward hooks on its targeted linears feed `make_stats(module)` with
+   the module inputs while the block runs on every batch; then `prune_module` is called per target and its
+   mask (and, for SparseGPT, its updated weight) is written into the module in place; then the block runs
+   again with the pruned weights, and its outputs overwrite the activation tensor in place, becoming the
+   next block's inputs. So block k+1's statistics come from the pruned block k. The driver holds exactly
+   one activation tensor (plus one batch in flight) whatever the depth of the model.
+3. Targets outside the blocks (e.g. `lm_head`): after the blocks, one full-model forward per batch with
+   hooks collects their statistics (the blocks are already pruned), then they are pruned.
+4. With `restore=True` (the default) each target's original weight is copied to CPU before it is touched
+   and written back at the end (also on error): the model leaves bit-identical, and the result carries the
+   masks plus the updated weights of modules the method changed beyond zeroing. `restore=False` leaves
+   the pruned (and updated) weights in the model.
+
+`make_stats=None` (magnitude) runs no forward at all and, with `restore=True`, never writes a weight.
+Hooks are removed and the train/eval mode is restored in `finally` blocks.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
+from prune.core.errors import UserInputError
+
+
+class Accumulator(Protocol):
+    def add(self, x: Tensor) -> None:
+        """Receive a layer input shaped [..., in_features]."""
+
+
+MakeStats = Callable[[nn.Module], Accumulator]
+# (name, module, stats or None) -> (keep_mask [out, in], updated weight [out, in] or None)
+LayerPruner = Callable[[str, nn.Module, Any], "tuple[Tensor, Tensor | None]"]
+
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class LayerwiseResult:
+    masks: dict[str, Tensor] = field(default_factory=dict)  # bool [out, in] on CPU, True = keep
+    weights: dict[str, Tensor] = field(default_factory=dict)  # updated [out, in] on CPU (SparseGPT update)
+
+
+class _StopForward(Exception):
+    """Raised by the block-0 pre-hook to end the capture forward early."""
+
+
+def prune_layerwise(
+    model: nn.Module,
+    target_names: list[str],
+    prune_module: LayerPruner,
+    make_stats: MakeStats | None,
+    calib_blocks: Tensor | None = None,
+    *,
+    batch_size: int = 1,
+    restore: bool = True,
+    progress: bool = True,
+) -> LayerwiseResult:
+    """Prune `target_names` of `model` block by block on `calib_blocks` (LongTensor [n, seq_len])."""
+    modules = _resolve_targets(model, target_names)
+    result = LayerwiseResult()
+    if make_stats is None:
+        with torch.no_grad():
+            for name, module in modules.items():
+                _prune_one(name, module, None, prune_module, result, apply=not restore, originals=None)
+        return result
+    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
+
+    originals: dict[str, Tensor] | None = {} if restore else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if last >= 0:
+                acts, calls = _capture_block_inputs(model, blocks[0], batches)
+                for index in tqdm(range(last + 1), desc="pruning blocks", disable=not progress):
+                    block, names = blocks[index], per_block[index]
+                    if names:
+                        stats = _collect(modules, names, make_stats, lambda: _run_block(block, acts, calls, False))
+                        for name in names:
+                            _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
+                        del stats
+                    if index < last:
+                        _run_block(block, acts, calls, write=True)
+                del acts, calls
+            if outside:
+                stats = _collect(modules, outside, make_stats, _whole_model_runner(model, batches))
+                for name in outside:
+                    _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
+    finally:
+        if originals:
+            with torch.no_grad():
+                for name, original in originals.items():
+                    modules[name].weight.copy_(original)
+        model.train(was_training)
+    return result
+
+
+def _whole_model_runner(model: nn.Module, batches: list[Tensor]) -> Callable[[], None]:
+    """Runs the whole model over the calibration batches: for targets outside the decoder blocks."""
+    forward_kwargs, device = _forward_kwargs(model), _input_device(model)
+
+    def run() -> None:
+        for batch in batches:
+            model(batch.to(device), **forward_kwargs)
+
+    return run
+
+
+def _resolve_targets(model: nn.Module, target_names: list[str]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    resolved = {}
+    for name in target_names:
+        module = modules.get(name)
+        if module is None:
+            raise UserInputError(f"target {name!r} is not a module of {type(model).__name__}.")
+        if not isinstance(module, LINEAR_TYPES):
+            raise UserInputError(f"target {name!r} is a {type(module).__name__}; one-shot methods prune linears.")
+        resolved[name] = module
+    return resolved
+
+
+def _block_index(name: str, blocks_name: str, count: int) -> int | None:
+    prefix = blocks_name + "." if blocks_name else ""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() and int(head) < count else None
+
+
+def _prune_one(name, module, stats, prune_module, result, apply: bool, originals) -> None:
+    """Ask `prune_module` for the mask (and maybe new weight); write them into the module if `apply`."""
+    weight = weight_matrix(module)
+    mask, new_weight = prune_module(name, module, stats)
+    mask = mask.to(device=weight.device, dtype=torch.bool)
+    if mask.shape != weight.shape:
+        raise ValueError(f"{name}: mask shape {tuple(mask.shape)} != weight [out, in] {tuple(weight.shape)}")
+    if new_weight is not None:
+        new_weight = new_weight.to(device=weight.device, dtype=weight.dtype).masked_fill(~mask, 0)
+        result.weights[name] = new_weight.cpu()
+    result.masks[name] = mask.cpu()
+    if apply:
+        if originals is not None and name not in originals:
+            originals[name] = module.weight.detach().to("cpu", copy=True)
+        if new_weight is not None:
+            weight.copy_(new_weight)
+        else:
+            weight.masked_fill_(~mask, 0)
+
+
+def _collect(modules, names, make_stats: MakeStats, run: Callable[[], None]) -> dict[str, Accumulator]:
+    """Run `run()` with forward hooks feeding one accumulator per named module; hooks always removed."""
+    stats = {name: make_stats(modules[name]) for name in names}
+    handles = []
+    try:
+        for name in names:
+            def hook(module, args, output, acc=stats[name]):
+                acc.add(args[0].detach())
+            handles.append(modules[name].register_forward_hook(hook))
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """use_cache=False when the model's forward takes it (no KV cache is built during calibration)."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+@dataclass
+class _BlockCall:
+    """How block 0 was called for one batch: the hidden-states slot and the other arguments."""
+
+    rows: slice  # rows of the activation tensor this batch covers
+    args: tuple  # positional arguments after the hidden states
+    kwargs: dict  # keyword arguments (hidden states removed if passed by keyword)
+    by_keyword: bool
+
+
+def _capture_block_inputs(model: nn.Module, block0: nn.Module, batches: list[Tensor]):
+    """One CPU tensor [n, seq, hidden] of block-0 inputs, and one _BlockCall per batch."""
+    acts: Tensor | None = None
+    calls: list[_BlockCall] = []
+    state = {"start": 0}
+    total = sum(len(b) for b in batches)
+
+    def pre_hook(module, args, kwargs):
+        nonlocal acts
+        by_keyword = not args
+        hidden = kwargs["hidden_states"] if by_keyword else args[0]
+        if acts is None:
+            acts = torch.empty((total, *hidden.shape[1:]), dtype=hidden.dtype, device="cpu")
+        rows = slice(state["start"], state["start"] + hidden.shape[0])
+        acts[rows] = hidden.detach().cpu()
+        rest = tuple(None if _is_cache(a) else a for a in args[1:])
+        kw = {k: (None if (k in _CACHE_KEYS or _is_cache(v)) else v) for k, v in kwargs.items() if k != "hidden_states"}
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        previous = calls[-1] if calls else None
+        if previous is not None and _same(previous.args, rest) and _same(previous.kwargs, kw):
+            rest, kw = previous.args, previous.kwargs  # share one copy across batches
+        calls.append(_BlockCall(rows, rest, kw, by_keyword))
+        raise _StopForward
+
+    forward_kwargs = _forward_kwargs(model)
+    device = _input_device(model)
+    handle = block0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(batch.to(device), **forward_kwargs)
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError("the calibration forward never reached the first block")
+            state["start"] += len(batch)
+    finally:
+        handle.remove()
+    return acts, calls
+
+
+def _run_block(block: nn.Module, acts: Tensor, calls: list[_BlockCall], write: bool) -> None:
+    """Run `block` on every batch; with `write`, its outputs replace its inputs in `acts` (in place)."""
+    device = next(block.parameters()).device
+    for call in calls:
+        hidden = acts[call.rows].to(device)
+        args, kwargs = _to_device(call.args, device), _to_device(call.kwargs, device)
+        if call.by_keyword:
+            out = block(*args, hidden_states=hidden, **kwargs)
+        else:
+            out = block(hidden, *args, **kwargs)
+        if write:
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            elif not isinstance(out, Tensor):  # a ModelOutput
+                out = out[0]
+            acts[call.rows] = out.to(device="cpu", dtype=acts.dtype)
+
+
+def _is_cache(value: Any) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, Cache)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and a.device == b.device and torch.equal(a, b)
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def collect_stats(
+    model: nn.Module,
+    target_names: list[str],
+    make_stats: MakeStats,
+    calib_blocks: Tensor,
+    *,
+    batch_size: int = 1,
+    share_inputs: bool = True,
+    sink: Callable[[dict[str, Accumulator]], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Accumulator]:
+    """One layer-by-layer pass over the *dense* model: input statistics for every target, no weight touched.
+
+    Unlike `prune_layerwise`, block k+1 sees the dense block k's outputs, so the statistics are the unpruned
+    model's and serve any number of sparsity levels (the sweep's shared path); each block runs once per batch
+    (its targets' statistics are gathered while its outputs are written). Memory: one block's activations,
+    as in `prune_layerwise`. With `share_inputs`, targets that read the very same input tensor (q/k/v,
+    gate/up) share one accumulator: `stats[q] is stats[k]`. With `sink`, each block's statistics are handed
+    over as soon as they are complete and not kept (the return value is then empty), so the caller can
+    write them to disk and hold one block's statistics at a time.
+    """
+    modules = _resolve_targets(model, target_names)
+    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
+    result: dict[str, Accumulator] = {}
+    emit = sink or result.update
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if last >= 0:
+                acts, calls = _capture_block_inputs(model, blocks[0], batches)
+                for index in tqdm(range(last + 1), desc="calibration statistics", disable=not progress):
+                    block, names, write = blocks[index], per_block[index], index < last
+                    if names:
+                        emit(_collect_shared(modules, names, make_stats, block, share_inputs,
+                                             lambda: _run_block(block, acts, calls, write)))
+                    elif write:
+                        _run_block(block, acts, calls, write=True)
+                del acts, calls
+            if outside:
+                emit(_collect_shared(modules, outside, make_stats, model, share_inputs,
+                                     _whole_model_runner(model, batches)))
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _collect_shared(modules, names, make_stats: MakeStats, scope: nn.Module, share_inputs: bool,
+                    run: Callable[[], None]) -> dict[str, Accumulator]:
+    """Like `_collect`, but a target whose input is the same tensor as an earlier target's in the same call of
+    `scope` (one batch) reuses that target's accumulator instead of adding the same rows again."""
+    stats: dict[str, Accumulator] = {}
+    seen: list[tuple[Tensor, str]] = []  # inputs of this call of `scope`, held so their memory is not reused
+
+    def same(a: Tensor, b: Tensor) -> bool:
+        return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                          and a.dtype == b.dtype)
+
+    def hook(module, args, output, name):
+        x = args[0]
+        if share_inputs:
+            leader = next((first for ref, first in seen if same(ref, x)), None)
+            if leader is not None:
+                stats.setdefault(name, stats[leader])
+                return
+            seen.append((x, name))
+        if name not in stats:
+            stats[name] = make_stats(module)
+        stats[name].add(x.detach())
+
+    handles = [scope.register_forward_pre_hook(lambda module, args: seen.clear())]
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(
+                lambda module, args, output, name=name: hook(module, args, output, name)))
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+        seen.clear()
+    return stats
+
+
+def _plan(model: nn.Module, modules: dict[str, nn.Module], calib_blocks: Tensor | None, batch_size: int):
+    """Check the calibration input and group the targets by block: (blocks, target names per block, targets
+    outside the blocks, index of the last block with targets, calibration batches)."""
+    if calib_blocks is None or calib_blocks.dim() != 2 or len(calib_blocks) == 0:
+        raise UserInputError("calibration needs token blocks shaped [n_samples, seq_len] with n_samples >= 1.")
+    if batch_size < 1:
+        raise UserInputError(f"calibration batch_size must be >= 1, got {batch_size}.")
+    blocks_name, blocks = find_blocks(model)
+    per_block: list[list[str]] = [[] for _ in blocks]
+    outside: list[str] = []
+    for name in modules:
+        index = _block_index(name, blocks_name, len(blocks))
+        (outside if index is None else per_block[index]).append(name)
+    last = max((i for i, names in enumerate(per_block) if names), default=-1)
+    return blocks, per_block, outside, last, list(torch.split(calib_blocks, batch_size))

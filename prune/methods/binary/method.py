@@ -1,0 +1,268 @@
+"""Regularized mask tuning (R-AMT, Zheng et al., ICCV 2023): binary masks on the frozen weights of a
+vision-language model, learned through real-valued scores, with gradient dropout towards the zero-shot model.
+
+Mask: one score per targeted weight, initialized at `init_score` (1e-2) above the `threshold` (5e-3), so tuning
+starts exactly at the zero-shot model. The forward uses W ⊙ 1[score > threshold]; the backward is straight-
+through (the gradient reaches the score as if the mask were the identity of the score), written as
+`hard + (score - score.detach())`, whose value is exactly the 0/1 mask.
+
+Loss: the task loss (cross-entropy of logit_scale · cosine(image, class text) for CLIP) plus `score_reg` times
+the L2 norm (not squared) of all scores together.
+
+Gradient dropout, per score element: a = ∂(task + regularizer)/∂score, b = ∂KL(p_zero-shot ‖ p_model)/∂score
+(temperature 1; the zero-shot reference is the same model with its masks switched off, so no copy is held),
+P = ½ (1 + sign(a) (a + b) / (|a| + |b| + 1e-8)), keep = 1[P > U] with U ~ Uniform(0, 1), and the gradient
+used is ((1 − λ) + λ · keep) · a. Where a and b agree, P ≈ 1 and all of a is kept; where they conflict, a is
+kept whole with probability |a| / (|a| + |b|) and shrunk to (1 − λ) a otherwise. The KL only steers which
+gradients are damped; it is never added to the loss.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from prune.models.blocks import LINEAR_TYPES, weight_matrix
+from prune.core.errors import UserInputError
+from prune.masks.base import Mask, Objective, hard_masks, mask_parameters, weight_masked, wrap, wrappers
+from prune.masks.storage import write_masks
+from prune.masks.with_peft import canonical_name
+from prune.core.config import MethodConfig
+from prune.methods.spec import MethodSpec
+
+TARGET_TYPES = (*LINEAR_TYPES, nn.Conv2d)
+DEFAULT_TARGETS = [
+    "*vision_model.encoder.layers.*.self_attn.*_proj",  # q, k, v and out projections of the image encoder
+    "*vision_model.embeddings.patch_embedding",
+]
+EPSILON = 1e-8
+
+
+# ----------------------------------------------------------------------------------------------- tensor math
+
+def keep_probability(a: Tensor, b: Tensor) -> Tensor:
+    """P = ½ (1 + sign(a)(a + b)/(|a| + |b| + ε)): ≈1 where a and b agree, |a|/(|a|+|b|) where they conflict."""
+    return 0.5 * (1.0 + torch.sign(a) * (a + b) / (a.abs() + b.abs() + EPSILON))
+
+
+def gradient_dropout(a: Tensor, b: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """((1 − λ) + λ · 1[P > U]) · a, U ~ Uniform(0, 1) drawn elementwise (from `generator` or the global RNG)."""
+    uniform = torch.rand(a.shape, generator=generator, device=a.device, dtype=a.dtype)
+    keep = (keep_probability(a, b) > uniform).to(a.dtype)
+    return ((1.0 - strength) + strength * keep) * a
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+
+class BinaryScoreMask(Mask):
+    """A 0/1 mask over one weight (any shape), learned through one real score per weight."""
+
+    def __init__(self, shape: torch.Size, init_score: float, threshold: float, device=None):
+        super().__init__()
+        self.scores = nn.Parameter(torch.full(tuple(shape), float(init_score), device=device))
+        self.threshold = float(threshold)
+        self.bypass = False  # True: the mask is all ones (the zero-shot model), see `masks_off`
+
+    def hard(self) -> Tensor:
+        if self.bypass:
+            return torch.ones_like(self.scores, dtype=torch.bool)
+        return self.scores.detach() > self.threshold
+
+    def soft(self) -> Tensor:
+        """Exactly the 0/1 mask in value; the identity of the score in gradient (straight-through)."""
+        if self.bypass:
+            return torch.ones_like(self.scores)
+        hard = (self.scores > self.threshold).to(self.scores.dtype)
+        return hard + (self.scores - self.scores.detach())  # s - s is exactly 0; (hard + s) - s is not
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.scores.shape)}, threshold={self.threshold}"
+
+
+@contextmanager
+def masks_off(masks: list[BinaryScoreMask]):
+    """Within the block every mask is all ones: the model is the zero-shot model, bit for bit."""
+    for mask in masks:
+        mask.bypass = True
+    try:
+        yield
+    finally:
+        for mask in masks:
+            mask.bypass = False
+
+
+def masked_fractions(model: nn.Module) -> dict[str, float]:
+    """Share of the targeted weights that the hard masks remove, and the same count over all the model's
+    parameters (mask scores themselves excluded; tied weights counted once)."""
+    masks = hard_masks(model).values()
+    targeted = sum(keep.numel() for keep in masks)
+    removed = sum(int((~keep).sum()) for keep in masks)
+    scores = {id(param) for param in mask_parameters(model)}
+    total = sum(param.numel() for param in {id(p): p for p in model.parameters() if id(p) not in scores}.values())
+    return {"targeted": removed / targeted if targeted else 0.0, "all": removed / total if total else 0.0}
+
+
+# ------------------------------------------------------------------------------------------ config + attach
+
+class BinaryConfig(MethodConfig):
+    """R-AMT's binary mask tuning on a frozen CLIP. Sample YAML, every default spelled out:
+
+        method:
+          name: binary
+          targets: ["*vision_model.encoder.layers.*.self_attn.*_proj", "*vision_model.embeddings.patch_embedding"]
+          init_score: 0.01        # every score starts here, above the threshold: step 0 is the zero-shot model
+          threshold: 0.005        # weight kept where its score > threshold
+          score_reg: 0.0001       # weight of the L2 norm (not squared) of all scores
+          gradient_dropout: 0.3   # lambda; 0 turns gradient dropout off (plain straight-through scores)
+          kl_temperature: 1.0     # temperature of the KL to the zero-shot predictions
+
+    Targets are globs over module names (nn.Linear and nn.Conv2d); e.g. add "*vision_model.encoder.layers.*.mlp.*"
+    for the image MLPs or "*text_model.encoder.layers.*.self_attn.*_proj" for the text encoder. Inside a peft
+    model the mask goes on each LoRA layer's frozen `base_layer`. `sparsity` does not apply: how much is
+    masked is learned, and reported.
+    """
+
+    name: str = "binary"
+    targets: list[str] | None = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                      description="glob patterns over module names (Linear, Conv2d)")
+    init_score: float = Field(1e-2, description="initial score of every weight")
+    threshold: float = Field(5e-3, description="a weight is kept where its score exceeds this")
+    score_reg: float = Field(1e-4, ge=0, description="weight of the L2 norm (not squared) of the scores")
+    gradient_dropout: float = Field(0.3, ge=0, le=1, description="lambda of gradient dropout (0: off)")
+    kl_temperature: float = Field(1.0, gt=0, description="temperature of the KL to the zero-shot model")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.init_score <= self.threshold:
+            raise ValueError(
+                f"init_score ({self.init_score}) must exceed threshold ({self.threshold}), or tuning would not start "
+                "from the zero-shot model (every weight would begin masked)."
+            )
+        if "sparsity" in self.model_fields_set and self.sparsity != type(self).model_fields["sparsity"].default:
+            raise ValueError("binary mask tuning learns how much to mask; remove method.sparsity.")
+        if not self.targets:
+            raise ValueError("method.targets must name at least one pattern, e.g. '*vision_model.encoder.layers.*.self_attn.*_proj'.")
+        return self
+
+    def target_label(self) -> str:
+        return "mask tuning"
+
+
+def binary_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Module names to mask. Every pattern must match something (a typo would silently mask less); a match on a
+    peft LoRA layer targets its frozen `base_layer`; the adapter's own weights and already-wrapped modules are
+    never targets."""
+    wrapped = tuple(f"{name}." for name in wrappers(model))
+    candidates: dict[str, str] = {}  # module name matched -> module name masked
+    for name, module in model.named_modules():
+        if not name or name.startswith(wrapped) or any(part.startswith("lora_") for part in name.split(".")):
+            continue
+        if isinstance(module, TARGET_TYPES):
+            candidates[name] = name
+        elif isinstance(getattr(module, "base_layer", None), TARGET_TYPES):
+            candidates[name] = f"{name}.base_layer"
+    selected: dict[str, None] = {}
+    for pattern in patterns:
+        hits = [target for name, target in candidates.items() if fnmatchcase(name, pattern)]
+        if not hits:
+            examples = ", ".join(list(candidates)[:4] + [name for name in candidates if "vision" in name][:4])
+            raise UserInputError(
+                f"target pattern {pattern!r} matches no Linear/Conv2d module; module names look like: {examples}. "
+                "Patterns are globs over the full name, e.g. '*vision_model.encoder.layers.*.self_attn.*_proj'."
+            )
+        selected.update(dict.fromkeys(hits))
+    return list(selected)
+
+
+class BinaryObjective(Objective):
+    """The L2-norm regularizer of the scores and, when λ > 0, the gradient-dropout backward."""
+
+    def __init__(self, config: BinaryConfig, masks: list[BinaryScoreMask]):
+        self.config = config
+        self.masks = masks
+        self.backward = self.dropout_backward if config.gradient_dropout > 0 else None
+
+    def regularizer(self, model: nn.Module) -> Tensor:
+        if not self.masks or self.config.score_reg == 0:
+            return torch.zeros(())
+        squares = torch.stack([mask.scores.float().pow(2).sum() for mask in self.masks])
+        return self.config.score_reg * squares.sum().clamp_min(1e-30).sqrt()
+
+    def dropout_backward(self, model: nn.Module, batch, task_loss, accelerator, scale: float) -> tuple[Tensor, Tensor]:
+        """The trainer's gradient hook (see Objective.backward): accumulates `scale` × the dropped-out gradient
+        of every score, and the plain gradient of anything else that trains (e.g. a LoRA adapter)."""
+        core = accelerator.unwrap_model(model)
+        trainable = [param for param in core.parameters() if param.requires_grad]
+        score_ids = {id(mask.scores) for mask in self.masks}
+        outputs: list = []
+        handle = core.register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            with accelerator.no_sync(model):
+                task = task_loss(model, batch)
+                logits = _logits(outputs[-1]) if outputs else _logits(_forward(model, batch))
+                with torch.no_grad(), masks_off(self.masks):
+                    reference = _logits(_forward(model, batch))
+        finally:
+            handle.remove()
+        regularizer = self.regularizer(core)
+        kl = kl_to_reference(logits, reference, self.config.kl_temperature)
+        grads_a = torch.autograd.grad(task + regularizer, trainable, retain_graph=True, allow_unused=True)
+        scores = [param for param in trainable if id(param) in score_ids]
+        grads_b = dict(zip(map(id, scores), torch.autograd.grad(kl, scores, allow_unused=True))) if scores else {}
+        for param, a in zip(trainable, grads_a):
+            if a is None:
+                continue
+            b = grads_b.get(id(param))
+            if id(param) in score_ids:
+                a = gradient_dropout(a, torch.zeros_like(a) if b is None else b, self.config.gradient_dropout)
+            if accelerator.num_processes > 1:
+                a = accelerator.reduce(a, reduction="mean")
+            a = a * scale
+            param.grad = a if param.grad is None else param.grad.add_(a)
+        return task.detach(), regularizer.detach()
+
+
+def kl_to_reference(logits: Tensor, reference: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(softmax(reference/T) ‖ softmax(logits/T)), averaged over rows (tokens for an LM, images for CLIP)."""
+    flat, target = logits.reshape(-1, logits.shape[-1]).float(), reference.reshape(-1, reference.shape[-1]).float()
+    return F.kl_div(F.log_softmax(flat / temperature, -1), F.log_softmax(target / temperature, -1),
+                    reduction="batchmean", log_target=True)
+
+
+def _forward(model: nn.Module, batch):
+    """The model's output on a batch: a dict's inputs as keywords (labels left out), a tensor as input ids."""
+    if isinstance(batch, dict):
+        return model(**{key: value for key, value in batch.items() if key != "labels"})
+    return model(batch)
+
+
+def _logits(output) -> Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def save_binary_masks(model: nn.Module, directory: Path, config: BinaryConfig, meta: dict) -> None:
+    """Hard masks as packed bits, under the names of the plain model (a peft model's prefixes dropped)."""
+    write_masks({canonical_name(name): keep for name, keep in hard_masks(model).items()}, directory, meta)
+
+
+def attach_binary(model: nn.Module, config: BinaryConfig, calibration=None) -> BinaryObjective:
+    """Wrap every target with a score mask (all kept at step 0); return the objective the trainer uses."""
+    modules = dict(model.named_modules())
+    masks, wrapped = [], {}
+    for name in binary_targets(model, config.targets):
+        base = modules[name]
+        mask = BinaryScoreMask(weight_matrix(base).shape, config.init_score, config.threshold, base.weight.device)
+        wrapped[name] = weight_masked(base, mask)
+        masks.append(mask)
+    wrap(model, wrapped)
+    return BinaryObjective(config, masks)
+
+
+BINARY = MethodSpec(
+    "binary", BinaryConfig, attach_binary, kind="learnable", needs_calibration=False, save=save_binary_masks
+)

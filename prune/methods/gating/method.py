@@ -1,0 +1,275 @@
+"""`method.name: gating` -- dynamic channel gating, Fire Together Wire Together (Elkerdawy et al., CVPR 2022).
+
+Per input, a small predictor per gated layer chooses which output channels (Conv2d+BN blocks) or FFN
+intermediate neurons (per token) to compute; the rest are skipped. The predictors learn by binary
+cross-entropy against self-supervised targets from the unmasked layer (prune.methods.gating.predictor); the
+wrappers and the sparse FFN path are in prune.methods.gating.layers and prune.methods.gating.sparse_ffn.
+
+Training uses the one trainer, which optimizes mask parameters only: each gate owns its predictor, so exactly
+the predictors train. The loss the trainer adds is `regularizer(model)` = w x mean over gated layers of the
+BCE between the logits and targets the wrappers recorded in that forward; w drops to 0 once `cooldown` of
+the steps have passed.
+- decoupled (default): the predictor's input is detached and the backbone frozen; the mask is computed
+  without gradient, so the task loss the trainer also computes has no path to the predictors -- their
+  gradient is the BCE gradient alone.
+- joint: the predictor's input keeps its gradient and every backbone weight trains too (task loss through the
+  masked forward + BCE through the predictors' inputs), as in FTWT's joint mode; the run then saves the
+  backbone with the predictors.
+
+A gated model has no plain-checkpoint form (its masks depend on the input): the run directory holds the
+predictors in `predictors.safetensors` (+ `gating.json`); `prune.load_model(run_dir)` rebuilds the gated
+model from the base model and them, and `prune export` refuses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from eval.flops import count_flops
+from eval.report import readable_mode
+from prune.core.errors import UserInputError
+from prune.masks.base import Objective
+from prune.methods.gating.predictor import GatingMask, TargetRule, check_threshold
+from prune.methods.gating.layers import accounting, bypassed, gate_units, gated_layers, select_units, summarize
+from prune.core.config import MethodConfig
+from prune.methods.spec import MethodSpec
+
+FORMAT_VERSION = 1
+PREDICTORS_FILE = "predictors.safetensors"
+GATING_FILE = "gating.json"
+REPORT_WINDOWS = 32  # held-out windows measured for the per-token FLOPs and mask-quality figures
+
+
+class GatingConfig(MethodConfig):
+    """Dynamic gating (FTWT). Sample YAML:
+
+        method:
+          name: gating
+          targets: ["*.mlp"]       # default: every transformer FFN, else every Conv2d+BN block
+          target: mass             # mass: keep k(x) channels holding <= r of the activation mass; uniform: fixed
+          threshold: 0.9           # r in (0, 1]
+          sparsity: 0.5            # target: uniform only -- the fraction of channels each input skips
+          mode: decoupled          # decoupled (predictor input detached, backbone frozen) | joint
+          loss_weight: 1.0         # w, the weight of the BCE loss
+          cooldown: 1.0            # w drops to 0 after this fraction of the steps (FTWT: 0.5 in joint mode)
+          softmax: true            # softmax over the pooled input channels before the linear map (FTWT)
+          predictor_rank: null     # null: one linear map (FTWT); an int: a low-rank pair, cheaper for wide FFNs
+          train_masked: true       # training forward passes the masked output on (FTWT's code does)
+          max_union: 0.9           # FFN sparse path: above this union of selected neurons, run masked dense
+          backbone_lr_scale: 0.1   # joint mode: the backbone's learning rate is train.lr times this
+    """
+
+    sparsity: str | float = Field(0.5, description="target: uniform only -- the fraction of channels skipped")
+    target: Literal["mass", "uniform"] = Field("mass", description="how the BCE targets are chosen")
+    threshold: float = Field(0.9, description="r in (0, 1]: the activation mass the kept channels may hold")
+    mode: Literal["decoupled", "joint"] = "decoupled"
+    loss_weight: float = Field(1.0, ge=0, description="w, the weight of the BCE loss")
+    cooldown: float = Field(1.0, gt=0, le=1, description="fraction of the steps after which w drops to 0")
+    softmax: bool = Field(True, description="softmax over the pooled input channels (FTWT)")
+    predictor_rank: int | None = Field(None, ge=1, description="low-rank predictor; null: one linear map")
+    init_bias: float = Field(3.0, description="initial logit of every channel (positive: start dense)")
+    train_masked: bool = Field(True, description="training forward passes the masked output on")
+    max_union: float = Field(0.9, ge=0, le=1, description="FFN sparse path: masked dense above this union")
+    backbone_lr_scale: float = Field(0.1, gt=0, description="joint mode: backbone lr = train.lr x this")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_range(cls, value: float) -> float:
+        try:
+            return check_threshold(value)
+        except UserInputError as error:
+            raise ValueError(str(error)) from None
+
+    @model_validator(mode="after")
+    def _uniform_needs_fraction(self):
+        if self.target == "uniform" and self.pattern.is_nm:
+            raise ValueError(f"target: uniform needs method.sparsity as a fraction such as 0.5, not {self.sparsity!r}.")
+        return self
+
+    def rule(self) -> TargetRule:
+        fraction = self.pattern.fraction if self.target == "uniform" else 0.0
+        return TargetRule(self.target, self.threshold, fraction)
+
+    def target_label(self) -> str:
+        return f"r={self.threshold:g}" if self.target == "mass" else f"uniform {self.pattern}"
+
+    @property
+    def changes_weights(self) -> bool:
+        return self.mode == "joint"
+
+
+class GatingObjective(Objective):
+    """w x mean BCE(logits, targets) over the gated layers of the last forward; w = 0 after the cooldown."""
+
+    def __init__(self, config: GatingConfig, masks: list[GatingMask], backbone: list[nn.Parameter]):
+        self.config = config
+        self.masks = masks
+        self.backbone = backbone
+        self.weight = config.loss_weight
+        self.last: dict[str, float] = {}
+
+    def begin_step(self, step: int, total_steps: int) -> dict[str, float]:
+        self.weight = self.config.loss_weight if step < self.config.cooldown * total_steps else 0.0
+        return {"bce_weight": self.weight, **self.last}
+
+    def regularizer(self, model: nn.Module) -> Tensor:
+        records = [record for record in (mask.take_record() for mask in self.masks) if record is not None]
+        if not records:
+            return torch.zeros(())
+        losses = torch.stack([F.binary_cross_entropy_with_logits(r.logits.float(), r.targets.float())
+                              for r in records])
+        with torch.no_grad():  # logged on the next step's line
+            self.last = {
+                "bce": float(losses.mean()),
+                "keep": float(torch.stack([r.keep.float().mean() for r in records]).mean()),
+                "target_keep": float(torch.stack([r.targets.float().mean() for r in records]).mean()),
+            }
+        return self.weight * losses.mean()
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return self.backbone if self.config.mode == "joint" else []
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def attach_gating(model: nn.Module, config: GatingConfig | None = None, calibration: Tensor | None = None
+                  ) -> GatingObjective:
+    """Wrap every selected unit with a gate (predictor initialized to keep everything); return the objective."""
+    config = config or GatingConfig(name="gating")
+    units = select_units(model, config.targets)
+    rule = config.rule()
+
+    def make_mask(in_features: int, out_features: int) -> GatingMask:
+        return GatingMask(in_features, out_features, rule, softmax=config.softmax, rank=config.predictor_rank,
+                          detach_input=config.mode == "decoupled", init_bias=config.init_bias)
+
+    layers = gate_units(model, units, make_mask, train_masked=config.train_masked, max_union=config.max_union)
+    for layer in layers.values():
+        layer.mask.to(_device(layer.base)).eval()  # gates act as at inference until the trainer turns them on
+    masks = [layer.mask for layer in layers.values()]
+    predictor_ids = {id(p) for mask in masks for p in mask.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in predictor_ids]
+    if config.mode == "joint":
+        for param in backbone:  # read by the trainer's param groups: the backbone moves slower than the gates
+            param.lr_scale = config.backbone_lr_scale
+    return GatingObjective(config, masks, backbone)
+
+
+# --------------------------------------------------------------------------------------------- save / restore
+
+def _saved_parameters(model: nn.Module, config: GatingConfig) -> dict[str, nn.Parameter]:
+    """The predictors (and, in joint mode, every backbone weight), by their names in the gated model."""
+    predictor_ids = {id(p) for layer in gated_layers(model).values() for p in layer.mask.parameters()}
+    return {name: param for name, param in model.named_parameters()
+            if id(param) in predictor_ids or config.mode == "joint"}
+
+
+def save_gating(model: nn.Module, directory: Path, config: GatingConfig, meta: dict) -> None:
+    """predictors.safetensors + gating.json, written atomically (temp files, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = gated_layers(model)
+    info = {
+        "format_version": FORMAT_VERSION, **meta, "method": "gating", "joint": config.mode == "joint",
+        "layers": {name: {"kind": "ffn" if type(layer).__name__ == "GatedFFN" else "conv",
+                          "in": layer.mask.predictor.in_features, "out": layer.mask.channels}
+                   for name, layer in layers.items()},
+    }
+    with tempfile.TemporaryDirectory(dir=directory) as staging:
+        tensors = {name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model, config).items()}
+        save_file(tensors, os.path.join(staging, PREDICTORS_FILE))
+        Path(staging, GATING_FILE).write_text(json.dumps(info, indent=2))
+        os.chmod(os.path.join(staging, PREDICTORS_FILE), readable_mode())
+        os.replace(os.path.join(staging, PREDICTORS_FILE), directory / PREDICTORS_FILE)
+        os.replace(os.path.join(staging, GATING_FILE), directory / GATING_FILE)
+
+
+def restore_gating(model: nn.Module, directory: Path, config: GatingConfig) -> nn.Module:
+    """Gate `model` (the base model the run started from) as the run did and load its saved predictors."""
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / GATING_FILE).read_text())
+        tensors = load_file(directory / PREDICTORS_FILE)
+    except FileNotFoundError:
+        raise UserInputError(f"{directory} has no {PREDICTORS_FILE} + {GATING_FILE}; pass the run directory of a "
+                             "`prune run` with method gating.") from None
+    except (json.JSONDecodeError, SafetensorError, OSError) as error:
+        raise UserInputError(f"the gating files in {directory} are corrupt ({error}); rerun `prune run`.") from None
+    if info.get("format_version") != FORMAT_VERSION or info.get("method") != "gating":
+        raise UserInputError(f"{directory / GATING_FILE} is not a gating file of format {FORMAT_VERSION}.")
+    attach_gating(model, config)
+    params = dict(model.named_parameters())
+    expected = _saved_parameters(model, config)
+    wrong = [f"{name} (saved {tuple(t.shape)}, model {tuple(params[name].shape)})"
+             for name, t in tensors.items() if name in params and params[name].shape != t.shape]
+    unknown = [name for name in tensors if name not in params]
+    missing = [name for name in expected if name not in tensors]
+    if wrong or unknown or missing:
+        raise UserInputError(
+            f"the predictors in {directory} (model {info.get('model', '?')}) do not fit this model: "
+            + "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+                                      f"unknown: {', '.join(unknown[:3])}" if unknown else "",
+                                      f"missing: {', '.join(missing[:3])}" if missing else ""]))
+            + ". Load them into the base model the run gated, with the run's method settings."
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return model.eval()
+
+
+def refuse_export(model: nn.Module, config: GatingConfig) -> nn.Module:
+    raise UserInputError(
+        "a gated model cannot be exported as a plain checkpoint: which channels it computes depends on each "
+        "input, and the predictors that choose them are no part of any transformers model. The run directory "
+        "holds them (predictors.safetensors); load the gated model with prune.load_model(run_dir)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+@torch.no_grad()
+def measure_gating(model: nn.Module, inputs: Tensor | list, forward=None) -> dict:
+    """Per-input FLOPs (dense, gated incl. predictors, reduction) and mask quality over `inputs`, a batch or
+    a list of batches; `forward(model, batch)` runs one (default: `model(input_ids=batch)`)."""
+    model.eval()
+    forward = forward or (lambda m, batch: m(input_ids=batch))
+    with accounting(model) as stats:
+        for batch in inputs:
+            forward(model, batch if torch.is_tensor(batch) and batch.dim() > 1 else batch[None])
+    return summarize(stats)
+
+
+def report_gating(model: nn.Module, config: GatingConfig, heldout: Tensor, report: dict) -> dict:
+    """The pipeline's report entries: per-token FLOPs of the gated layers on held-out text, the share of gated
+    neurons skipped (as sparsity.achieved), and whole-window FLOPs with the gates' savings subtracted."""
+    windows = heldout[:REPORT_WINDOWS]
+    summary = measure_gating(model, windows)
+    entries = {
+        "gating": {"windows": len(windows), "tokens": summary["inputs"], **summary},
+        "sparsity": {"target": config.target_label(), "achieved": 1.0 - summary["keep_fraction"]},
+    }
+    if "flops" in report:
+        seq_len = heldout.shape[1]
+        with bypassed(model):
+            dense = count_flops(model, seq_len).dense
+        per_token = summary["flops_per_input"]
+        saved = seq_len * (per_token["dense"] - per_token["gated"])
+        entries["flops"] = {"dense": dense, "pruned": int(round(dense - saved)), "semi_structured": None}
+    return entries
+
+
+GATING = MethodSpec("gating", GatingConfig, attach_gating, kind="learnable", needs_calibration=False, save=save_gating,
+                export=refuse_export, restore=restore_gating, report=report_gating)

@@ -1,0 +1,162 @@
+"""One-shot methods, registered: model + targets in, masks (and SparseGPT's updated
+weights) out, the model's weights left exactly as they were at entry.
+
+Each function binds the tensor math of its method (`magnitude`, `wanda`, `sparsegpt` modules) to the
+layer-by-layer driver `prune.calibration.layerwise.prune_layerwise`, which prunes sequentially (block k+1 is
+calibrated on the pruned block k) and restores the original weights at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from prune.models.blocks import in_out_features, weight_matrix
+from prune.calibration.layerwise import prune_layerwise
+from prune.masks.base import attach_hard_masks
+from prune.masks.targets import method_targets
+from prune.methods.oneshot.magnitude import magnitude_scores
+from prune.methods.oneshot.masking import mask_from_scores
+from prune.methods.oneshot.sparsegpt import HessianStats, sparsegpt_prune
+from prune.methods.oneshot.wanda import WandaStats, wanda_scores
+from prune.core.config import MethodConfig
+from prune.methods.spec import MethodSpec
+from prune.core.sparsity import Sparsity
+
+
+@dataclass
+class OneShotResult:
+    masks: dict[str, Tensor] = field(default_factory=dict)  # name -> bool [out, in] (CPU), True = keep
+    weights: dict[str, Tensor] = field(default_factory=dict)  # name -> updated [out, in] (SparseGPT only)
+
+
+def magnitude(model: nn.Module, target_names: list[str], sparsity: Sparsity, granularity: str = "layer",
+              *, progress: bool = True) -> OneShotResult:
+    """Keep the largest |W|; no calibration data, no forward pass, no weight written."""
+    def prune(name, module, stats):
+        return mask_from_scores(magnitude_scores(weight_matrix(module)), sparsity, granularity), None
+
+    result = prune_layerwise(model, target_names, prune, None, progress=progress)
+    return OneShotResult(result.masks)
+
+
+def wanda(model: nn.Module, target_names: list[str], sparsity: Sparsity, granularity: str = "row",
+          calib_blocks: Tensor | None = None, *, batch_size: int = 1, progress: bool = True) -> OneShotResult:
+    """Wanda: keep the largest |W_ij| * ||X_j||; per output row by default, as in the paper."""
+    def prune(name, module, stats: WandaStats):
+        scores = wanda_scores(weight_matrix(module), stats.input_sq_norm())
+        return mask_from_scores(scores, sparsity, granularity), None
+
+    def make_stats(module):
+        return WandaStats(in_out_features(module)[0])
+
+    result = prune_layerwise(model, target_names, prune, make_stats, calib_blocks,
+                             batch_size=batch_size, progress=progress)
+    return OneShotResult(result.masks)
+
+
+def sparsegpt(model: nn.Module, target_names: list[str], sparsity: Sparsity, calib_blocks: Tensor, *,
+              blocksize: int = 128, dampening: float = 0.01, update_weights: bool = True,
+              batch_size: int = 1, progress: bool = True) -> OneShotResult:
+    """SparseGPT: OBS mask selection; with `update_weights` the surviving weights are re-fit and returned
+    in `weights` (the model itself is restored; apply them with the masks)."""
+    def prune(name, module, stats: HessianStats):
+        weight = weight_matrix(module)
+        new_weight, mask = sparsegpt_prune(weight, stats.matrix(), sparsity, blocksize=blocksize,
+                                           dampening=dampening, update_weights=update_weights)
+        return mask, (new_weight if update_weights else None)
+
+    def make_stats(module):
+        return HessianStats(in_out_features(module)[0])
+
+    result = prune_layerwise(model, target_names, prune, make_stats, calib_blocks,
+                             batch_size=batch_size, progress=progress)
+    return OneShotResult(result.masks, result.weights)
+
+
+class MagnitudeConfig(MethodConfig):
+    """Sample YAML: `method: {name: magnitude, sparsity: 0.5, granularity: layer}`"""
+
+    granularity: Literal["layer", "row"] = Field("layer", description="rank weights over the layer or per row")
+
+
+class WandaConfig(MethodConfig):
+    """Sample YAML: `method: {name: wanda, sparsity: 2:4}` (per-row ranking, as in the paper)."""
+
+    granularity: Literal["layer", "row"] = Field("row", description="rank weights over the layer or per row")
+
+
+class SparseGPTConfig(MethodConfig):
+    """Sample YAML: `method: {name: sparsegpt, sparsity: 2:4, update_weights: true}`"""
+
+    update_weights: bool = Field(True, description="re-fit surviving weights (False: SparseGPT's mask only)")
+    blocksize: int = Field(128, ge=1, description="columns per OBS block")
+    dampening: float = Field(0.01, gt=0, description="fraction of mean(diag H) added to the diagonal")
+
+    @property
+    def changes_weights(self) -> bool:
+        return self.update_weights
+
+
+def _attach(model: nn.Module, result: OneShotResult) -> None:
+    """Write any updated weights into the model, then wrap each target with its fixed mask."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, weight in result.weights.items():
+            weight_matrix(modules[name]).copy_(weight)
+    attach_hard_masks(model, result.masks)
+
+
+def _targets(model: nn.Module, config: MethodConfig) -> list[str]:
+    return method_targets(model, config.targets, config.pattern, config.skip_incompatible)
+
+
+def attach_magnitude(model: nn.Module, config: MagnitudeConfig, calibration: Tensor | None) -> None:
+    _attach(model, magnitude(model, _targets(model, config), config.pattern, config.granularity))
+
+
+def attach_wanda(model: nn.Module, config: WandaConfig, calibration: Tensor) -> None:
+    _attach(model, wanda(model, _targets(model, config), config.pattern, config.granularity, calibration))
+
+
+def attach_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: Tensor) -> None:
+    result = sparsegpt(
+        model, _targets(model, config), config.pattern, calibration,
+        blocksize=config.blocksize, dampening=config.dampening, update_weights=config.update_weights,
+    )
+    _attach(model, result)
+
+
+# Methods that can prune from statistics gathered once on the dense model (the sweep's shared path), and what
+# each reads: nothing (magnitude), the input norms (Wanda), or the Hessian (SparseGPT).
+SHARED_STATS: dict[str, str] = {"magnitude": "none", "wanda": "norms", "sparsegpt": "hessian"}
+
+
+def prune_from_stats(config: MethodConfig, module: nn.Module, stats) -> tuple[Tensor, Tensor | None]:
+    """One target's keep-mask (and SparseGPT's re-fit weight, else None) from given statistics, without any
+    calibration forward: `stats` answers `input_sq_norm()` (Wanda) / `matrix()` (SparseGPT), None for magnitude.
+    The module is not modified."""
+    weight, sparsity = weight_matrix(module), config.pattern
+    if config.name == "magnitude":
+        return mask_from_scores(magnitude_scores(weight), sparsity, config.granularity), None
+    if config.name == "wanda":
+        return mask_from_scores(wanda_scores(weight, stats.input_sq_norm()), sparsity, config.granularity), None
+    if config.name == "sparsegpt":
+        new_weight, mask = sparsegpt_prune(weight, stats.matrix(), sparsity, blocksize=config.blocksize,
+                                           dampening=config.dampening, update_weights=config.update_weights)
+        return mask, (new_weight if config.update_weights else None)
+    raise KeyError(f"method {config.name!r} cannot prune from shared statistics; see SHARED_STATS")
+
+
+MAGNITUDE = MethodSpec(
+    "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False
+)
+WANDA = MethodSpec(
+    "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True
+)
+SPARSEGPT = MethodSpec(
+    "sparsegpt", SparseGPTConfig, attach_sparsegpt, kind="oneshot", needs_calibration=True
+)

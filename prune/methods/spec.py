@@ -1,0 +1,56 @@
+"""What a method is: a validated config class, an `attach` function and its save/export/restore hooks.
+
+`attach(model, config, calibration)` wraps the model's targets with masks: hard masks for one-shot methods,
+trainable ones for learnable methods (which then train with the one trainer). The hooks default to weight
+masks (saved as masks.safetensors, merged into the weights on export).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from torch import Tensor, nn
+
+from prune.core.config import MethodConfig
+from prune.masks.base import merge
+from prune.masks.storage import save_masks
+
+AttachFn = Callable[..., object]
+SaveFn = Callable[[nn.Module, Path, MethodConfig, dict], None]
+ExportFn = Callable[[nn.Module, MethodConfig], nn.Module]
+RestoreFn = Callable[[nn.Module, Path, MethodConfig], nn.Module]
+ReportFn = Callable[[nn.Module, MethodConfig, Tensor, dict], dict]
+
+
+def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, meta: dict) -> None:
+    """The default save: hard weight masks, N:M ones as candidate indices (see prune.masks.storage)."""
+    pattern = config.pattern
+    save_masks(model, directory, meta, nm=(pattern.n, pattern.m) if pattern.is_nm else None)
+
+
+def merge_weight_masks(model: nn.Module, config: MethodConfig) -> nn.Module:
+    """The default export: hard masks baked into the weights, a plain transformers model."""
+    return merge(model)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method. `attach(model, config, calibration)` wraps the targets (a learnable method returns
+    its `Objective`); `save` writes its masks into the run directory; `export` turns the masked model into
+    the model saved as model/ (merged weights by default; structural methods shrink it).
+
+    `restore(base_model, run_dir, config)` is for methods whose pruned model cannot be a plain checkpoint
+    (per-input gating): the pipeline writes no model/ for them, `prune export` refuses, and
+    `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, heldout_blocks,
+    report)` returns report entries the method measures itself (e.g. FLOPs of per-input masks)."""
+
+    name: str
+    config_class: type[MethodConfig]
+    attach: AttachFn
+    kind: Literal["oneshot", "learnable"]
+    needs_calibration: bool
+    save: SaveFn = save_weight_masks
+    export: ExportFn = merge_weight_masks
+    restore: RestoreFn | None = None
+    report: ReportFn | None = None

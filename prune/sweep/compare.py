@@ -1,0 +1,274 @@
+"""The comparison table: one row per point (and one per dense baseline), from report.json files.
+
+Used by `prune sweep` (as points finish and at the end) and `prune compare RUN_DIR ...` (from existing runs).
+A row is flat: every figure of a report under its dotted key (`perplexity`, `accuracy.<task>`, `flops.pruned`,
+`params.nonzero`, `latency.decode_ms_per_token`, `timings.<stage>`, `memory.peak_rss_mb`, ...), plus `model`,
+`method`, `sparsity` (the target as written: 0.5, 2:4), `fraction` (the share removed), `achieved`, `status`
+(dense | done | skipped | failed), `reason`, `best` and `dir`. The best point of each level (per model) has the
+lowest perplexity (the highest mean accuracy when perplexity was not measured).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+from eval.report import format_number, render_markdown_table, render_table, write_json_atomic, write_text_atomic
+from prune.sweep import plots
+from prune.core.errors import UserInputError
+from prune.core.sparsity import parse_sparsity
+
+REPORT = "report.json"
+FRONT = ["model", "method", "sparsity", "fraction", "achieved", "status", "best", "perplexity", "perplexity.dense"]
+_SKIP = ("dense", "layer_sparsity", "sweep", "config")
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def report_row(report: dict, directory: Path | str | None = None) -> dict:
+    sweep = report.get("sweep", {})
+    target = str(report["sparsity"]["target"])
+    flat = _flatten({key: value for key, value in report.items() if key not in _SKIP})
+    for key in ("model", "method", "sparsity.target", "sparsity.achieved", "recipe_fingerprint"):
+        flat.pop(key, None)
+    row = {
+        "model": report["model"], "method": sweep.get("method_label", report["method"]), "sparsity": target,
+        "fraction": parse_sparsity(target).removed_fraction, "achieved": report["sparsity"]["achieved"],
+        "status": "done", "best": False, "reason": "", "path": sweep.get("path", "run"),
+        "dir": str(directory) if directory is not None else "",
+        "time_s": round(sum(v for k, v in report.get("timings", {}).items() if k != "dense_eval"), 2),
+    }
+    if "perplexity.value" in flat:
+        flat["perplexity"] = flat.pop("perplexity.value")
+    row.update(flat)
+    return row
+
+
+def dense_row(model: str, figures: dict) -> dict:
+    flat = _flatten({key: value for key, value in figures.items() if key != "seconds"})
+    if "perplexity.value" in flat:
+        flat["perplexity"] = flat.pop("perplexity.value")
+    row = {"model": model, "method": "dense", "sparsity": "0", "fraction": 0.0, "achieved": 0.0, "status": "dense",
+           "best": False, "reason": "", "path": "", "dir": "", "time_s": round(figures.get("seconds", 0.0), 2)}
+    if "flops.dense" in flat:
+        flat["flops.pruned"] = flat["flops.dense"]
+    row.update(flat)
+    return row
+
+
+def skipped_row(model: str, method: str, sparsity: str, reason: str, status: str = "skipped", directory="") -> dict:
+    return {"model": model, "method": method, "sparsity": sparsity, "fraction": parse_sparsity(sparsity).removed_fraction,
+            "achieved": None, "status": status, "best": False, "reason": reason, "path": "", "dir": str(directory)}
+
+
+def _mean_accuracy(row: dict) -> float | None:
+    values = [value for key, value in row.items() if key.startswith("accuracy.") and isinstance(value, (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def mark_best(rows: list[dict]) -> list[dict]:
+    """Set `best` on the lowest-perplexity (else highest-accuracy) done row of each (model, level)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        row["best"] = False
+        if row["status"] == "done":
+            groups.setdefault((row["model"], row["sparsity"]), []).append(row)
+    for members in groups.values():
+        scored = [(row["perplexity"], row) for row in members if isinstance(row.get("perplexity"), (int, float))]
+        if scored:
+            min(scored, key=lambda item: item[0])[1]["best"] = True
+            continue
+        scored = [(_mean_accuracy(row), row) for row in members if _mean_accuracy(row) is not None]
+        if scored:
+            max(scored, key=lambda item: item[0])[1]["best"] = True
+    return rows
+
+
+def sort_rows(rows: list[dict], method_order: list[str] | None = None) -> list[dict]:
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    methods = list(dict.fromkeys((method_order or []) + [row["method"] for row in rows]))
+    return sorted(rows, key=lambda row: (models.index(row["model"]), row["status"] != "dense", row["fraction"],
+                                         ":" in row["sparsity"], row["sparsity"], methods.index(row["method"])))
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The best point of the most aggressive level any point finished (for the per-layer plot)."""
+    best = [row for row in rows if row.get("best")]
+    return max(best, key=lambda row: (row["fraction"], ":" not in row["sparsity"]), default=None)
+
+
+# ---- display -------------------------------------------------------------------------------------------------
+
+def display_columns(tasks: list[str], multi_model: bool, best: bool = True) -> list[str]:
+    return ((["model"] if multi_model else []) + ["method", "sparsity", "achieved", "perplexity", "x dense"]
+            + (["best"] if best else []) + [f"acc {task}" for task in tasks]
+            + ["FLOPs", "nonzero", "latency", "time (s)", "peak MB", "notes"])
+
+
+def tasks_of(rows: list[dict]) -> list[str]:
+    return sorted({key.split(".", 1)[1] for row in rows for key in row if key.startswith("accuracy.")})
+
+
+def _short(text: str, limit: int = 110) -> str:
+    """A one-line cell: the first `limit` characters of a (possibly long) reason; the files keep it whole."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def display_row(row: dict, dense_ppl: float | None = None) -> dict[str, str]:
+    ppl = row.get("perplexity")
+    dense_ppl = row.get("perplexity.dense", dense_ppl)
+    latency = row.get("latency.decode_ms_per_token")
+    cells = {
+        "model": row["model"], "method": row["method"], "sparsity": row["sparsity"],
+        "achieved": "-" if row.get("achieved") is None else f"{row['achieved']:.1%}",
+        "perplexity": format_number(ppl) if ppl is not None else "-",
+        "x dense": f"{ppl / dense_ppl:.2f}" if ppl is not None and dense_ppl and row["status"] == "done" else "-",
+        "best": "*" if row.get("best") else "",
+        "FLOPs": format_number(row["flops.pruned"], kind="flops") if row.get("flops.pruned") is not None else "-",
+        "nonzero": format_number(row["params.nonzero"], kind="params") if row.get("params.nonzero") is not None else "-",
+        "latency": f"{latency:.1f} ms/tok" if latency is not None else "-",
+        "time (s)": f"{row['time_s']:.0f}" if row.get("time_s") is not None else "-",
+        "peak MB": f"{row['memory.peak_rss_mb']:.0f}" if row.get("memory.peak_rss_mb") is not None else "-",
+        "notes": _short(row.get("reason") or ("" if row["status"] in ("done", "dense") else row["status"])),
+    }
+    if row["status"] == "done" and row.get("path") == "pipeline":
+        cells["notes"] = "pipeline run"
+    for key, value in row.items():
+        if key.startswith("accuracy."):
+            cells[f"acc {key.split('.', 1)[1]}"] = f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+    return cells
+
+
+class LiveTable:
+    """Prints a header once, then one aligned line per finished row (through `write`, e.g. tqdm.write)."""
+
+    def __init__(self, columns: list[str], write: Callable[[str], None] = print):
+        self.columns, self.write, self.started = columns, write, False
+        self.widths = {c: max(len(c), {"method": 12, "model": 14, "perplexity": 9, "sparsity": 8}.get(c, 7)) for c in columns}
+
+    def row(self, cells: dict[str, str]) -> None:
+        if not self.started:
+            self.write(self._line({c: c for c in self.columns}))
+            self.write(self._line({c: "-" * self.widths[c] for c in self.columns}))
+            self.started = True
+        self.write(self._line(cells))
+
+    def _line(self, cells: dict[str, str]) -> str:
+        return "  ".join(str(cells.get(c, "-")).ljust(self.widths[c]) for c in self.columns).rstrip()
+
+
+def _dense_ppl(rows: list[dict], model: str) -> float | None:
+    return next((row.get("perplexity") for row in rows if row["status"] == "dense" and row["model"] == model), None)
+
+
+def render(rows: list[dict], markdown: bool = False) -> str:
+    multi = len({row["model"] for row in rows}) > 1
+    columns = display_columns(tasks_of(rows), multi)
+    cells = [display_row(row, _dense_ppl(rows, row["model"])) for row in rows]
+    if markdown:
+        for cell, row in zip(cells, rows):
+            if row.get("best"):
+                cell["perplexity"] = f"**{cell['perplexity']}**"
+    return (render_markdown_table if markdown else render_table)(cells, columns)
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+
+def csv_text(rows: list[dict], front: list[str] = FRONT, tail: list[str] = ("reason", "path", "dir")) -> str:
+    """CSV with `front` columns first, then every other key sorted, then `tail`."""
+    keys = list(dict.fromkeys(list(front) + sorted({key for row in rows for key in row} - set(front) - set(tail))
+                              + list(tail)))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in keys})
+    return buffer.getvalue()
+
+
+def _report_of(row: dict) -> dict | None:
+    path = Path(row["dir"]) / REPORT if row.get("dir") else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def write_outputs(directory: Path, rows: list[dict], *, title: str, notes: list[str], meta: dict,
+                  name: str = "sweep") -> dict[str, Path]:
+    """<name>.csv/.json/.md and the plots; returns what was written (plots with nothing to show are left out)."""
+    from prune.sweep.shared import layers_from_masks
+
+    directory = Path(directory)
+    written = {
+        "csv": write_text_atomic(directory / f"{name}.csv", csv_text(rows)),
+        "json": write_json_atomic(directory / f"{name}.json", {**meta, "rows": rows}),
+    }
+    figures = {
+        "perplexity": plots.perplexity_vs_sparsity(rows, directory / "perplexity_vs_sparsity.png"),
+        "accuracy": plots.accuracy_vs_flops(rows, directory / "accuracy_vs_flops.png"),
+    }
+    best = best_row(rows)
+    if best is not None:
+        report = _report_of(best) or {}
+        layers = report.get("layer_sparsity") or (layers_from_masks(Path(best["dir"])) if best.get("dir") else None)
+        sensitivity_file = directory / "sensitivity" / "sensitivity.json"
+        sensitivity = json.loads(sensitivity_file.read_text())["entries"] if sensitivity_file.is_file() else None
+        figures["layers"] = plots.layer_profile(
+            layers or {}, directory / "layers.png",
+            f"per-layer sparsity of the best {best['sparsity']} point: {best['method']} ({best['model']})", sensitivity)
+    written.update({key: path for key, path in figures.items() if path is not None})
+    lines = [f"# {title}", "", render(rows, markdown=True), "",
+             "`*`: best point of its level (lowest perplexity). `x dense`: perplexity over the dense model's. "
+             "FLOPs: one forward of one window, sparse-kernel ideal. Time: pruning + evaluating the point.", ""]
+    lines += [f"- {note}" for note in notes]
+    plots_md = [f"![{key}]({path.name})" for key, path in written.items() if path.suffix == ".png"]
+    lines += [""] + plots_md + [""]
+    written["md"] = write_text_atomic(directory / f"{name}.md", "\n".join(lines))
+    return written
+
+
+def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
+    """Rows of existing run directories (a sweep directory stands for all its finished points); a dense row per
+    model from the first report that measured the dense baseline."""
+    rows, dense_seen = [], set()
+    for given in run_dirs:
+        directory = Path(given)
+        if (directory / REPORT).is_file():
+            reports = [(directory, directory / REPORT)]
+        elif (directory / "sweep.json").is_file():
+            reports = [(path.parent, path) for path in sorted((directory / "points").glob(f"*/{REPORT}"))]
+        else:
+            raise UserInputError(
+                f"{directory} has no {REPORT} (nor sweep.json): it is not a finished run; pass directories written by "
+                "`prune run` or `prune sweep` (an unfinished run has no report.json yet)."
+            )
+        for run, path in reports:
+            try:
+                report = json.loads(path.read_text())
+                row = report_row(report, run)
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise UserInputError(f"{path} is not a MaskPrune report ({error!r}); rerun that run.") from None
+            if "dense" in report and report["model"] not in dense_seen:
+                dense_seen.add(report["model"])
+                rows.append(dense_row(report["model"], report["dense"]))
+            rows.append(row)
+    if not rows:
+        raise UserInputError(f"no finished runs in {', '.join(map(str, run_dirs))}.")
+    return mark_best(sort_rows(rows))
+
+
+def compare(run_dirs: list[str | Path], output: str | Path) -> tuple[list[dict], dict[str, Path]]:
+    rows = rows_from_runs(run_dirs)
+    written = write_outputs(Path(output), rows, title="Comparison of runs", name="compare",
+                            notes=[f"runs: {', '.join(map(str, run_dirs))}"], meta={"runs": [str(d) for d in run_dirs]})
+    return rows, written

@@ -1,0 +1,253 @@
+"""The sweep recipe: one base recipe, a grid of methods x sparsity levels (x models), and where to write.
+
+Every section rejects unknown keys, like `prune.runs.recipe`. Sample (`recipes/sweeps/smollm2-135m.yaml`):
+
+    base: ../smollm2-135m/wanda-50.yaml   # relative to this file; every point starts from it
+    grid:
+      methods: [magnitude, wanda, sparsegpt]   # or {name: sparsegpt, update_weights: false, label: sgpt-mask}
+      sparsities: [0.3, 0.4, 0.5, 0.6, 0.7, 2:4, 4:8]
+      models: [smollm2-135m]                   # optional; default: the base recipe's model
+    set:                                       # overrides applied to every point (dotted keys or nested)
+      eval.limit: 50
+      eval.latency: false
+    output: runs/sweeps/smollm2-135m
+    shared_calibration: true   # one-shot points prune from statistics of the dense model gathered once
+    save_masks: true           # masks.safetensors per point (small); save_models writes each point's model/
+    sensitivity: {method: wanda, sparsity: 0.5, by: [block, type], heldout_blocks: 8}
+
+A point's recipe is the base recipe, then `set`, then the point's model, method and sparsity. Method keys of the
+base recipe carry over when the point uses the same method; for another method only the keys every method
+shares (`targets`, `skip_incompatible`) do. One-shot points drop the `train` section (so training settings never
+make them recompute); every point gets
+`eval.dense_baseline: false` (the sweep measures the dense model once) and `export.save_model: <save_models>`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from prune.core.errors import UserInputError
+from prune.runs.recipe import Recipe, apply_overrides, parse_recipe, set_dotted
+from prune.core.config import MethodConfig, StrictConfig
+from prune.methods.registry import get_method
+from prune.core.sparsity import parse_sparsity
+from prune.core.yaml_io import read_mapping
+
+POINTS_DIR = "points"
+
+
+class GridConfig(StrictConfig):
+    methods: list[str | dict[str, Any]] = Field(description="method names, or {name: ..., label: ..., <method keys>}")
+    sparsities: list[str | float] = Field(description="fractions (0.5) and N:M patterns (2:4)")
+    models: list[str] | None = Field(None, description="models to sweep (default: the base recipe's model)")
+
+    @field_validator("methods", "sparsities", "models")
+    @classmethod
+    def _not_empty(cls, value, info):
+        if value is not None and not value:
+            raise ValueError(f"grid.{info.field_name} is empty; list at least one entry")
+        return value
+
+    @field_validator("sparsities")
+    @classmethod
+    def _levels(cls, value):
+        seen = {}
+        for level in value:
+            try:
+                text = str(parse_sparsity(level))
+            except UserInputError as error:
+                raise ValueError(str(error)) from None
+            if text in seen:
+                raise ValueError(f"sparsity {level!r} is listed twice (as {seen[text]!r} too)")
+            seen[text] = level
+        return [str(parse_sparsity(level)) for level in value]
+
+
+class SensitivityConfig(StrictConfig):
+    method: str | None = Field(None, description="a one-shot method (default: wanda if in the grid, else the first)")
+    sparsity: str | float = Field("0.5", description="level applied to one group at a time")
+    by: list[Literal["block", "type"]] = Field(default_factory=lambda: ["block", "type"])
+    heldout_blocks: int | None = Field(8, ge=1, description="held-out windows per perplexity (None: all)")
+
+
+class SweepRecipe(StrictConfig):
+    base: str = Field(description="the base recipe, relative to the sweep file")
+    grid: GridConfig
+    set: dict[str, Any] = Field(default_factory=dict, description="overrides applied to every point")
+    output: str | None = Field(None, description="sweep directory (default: runs/sweeps/<sweep file name>)")
+    shared_calibration: bool = Field(True, description="one-shot points reuse dense statistics gathered once")
+    save_masks: bool = Field(True, description="write masks.safetensors into each point's directory")
+    save_models: bool = Field(False, description="write each point's pruned model/ (large)")
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+
+
+@dataclass
+class Point:
+    """One grid point: a validated recipe (or the reason it cannot run) and where its report goes."""
+
+    model: str
+    method: str  # registered method name
+    method_label: str
+    sparsity: str  # normalized: "0.5" or "2:4"
+    label: str  # directory name under points/
+    directory: Path
+    recipe: Recipe | None
+    error: str | None
+    path: Literal["shared", "pipeline"]
+    fingerprint: str
+
+    @property
+    def fraction(self) -> float:
+        return parse_sparsity(self.sparsity).removed_fraction
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = item["loc"][:-1]
+            model = SweepRecipe
+            for part in section:
+                model = model.model_fields[part].annotation
+            allowed = ", ".join(model.model_fields)
+            lines.append(f"unknown key {where!r}; allowed keys{' in ' + '.'.join(section) if section else ''}: {allowed}")
+        else:
+            lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}" if where else item["msg"])
+    return "invalid sweep recipe: " + "; ".join(lines)
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepRecipe, dict[str, Any]]:
+    """Read a sweep file and its base recipe; `--set` keys naming a sweep key (grid, output, set, ...) change
+    the sweep, any other key is added to `set` (applied to every point). Returns (sweep, raw base recipe)."""
+    path = Path(path)
+    raw = read_mapping(path, "sweep recipe", f"sweep recipe {str(path)!r} not found; pass a YAML file such as "
+                       "recipes/sweeps/smollm2-135m.yaml.")
+    point_overrides = []
+    sweep_overrides = []
+    for override in overrides:
+        key = override.partition("=")[0].strip().split(".")[0]
+        (sweep_overrides if key in SweepRecipe.model_fields else point_overrides).append(override)
+    raw = apply_overrides(raw, sweep_overrides)
+    if point_overrides:
+        extra = apply_overrides({}, point_overrides)
+        raw["set"] = {**_flatten(raw.get("set") or {}), **_flatten(extra)}
+    raw.setdefault("output", f"runs/sweeps/{path.stem}")
+    try:
+        sweep = SweepRecipe.model_validate(raw)
+    except ValidationError as error:
+        raise UserInputError(_describe(error)) from None
+    base_path = Path(sweep.base)
+    if not base_path.is_absolute():
+        base_path = path.parent / base_path
+    base = read_mapping(base_path, "base recipe", f"the sweep's base recipe {str(base_path)!r} (base: {sweep.base!r}) "
+                        "not found; `base` is relative to the sweep file.")
+    for entry in sweep.grid.methods:  # unknown methods are bad input, not skipped points
+        _method_entry(entry)
+    return sweep, base
+
+
+def _method_entry(entry: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(method name, label, extra method keys) of one grid.methods entry."""
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    entry = dict(entry)
+    if "name" not in entry:
+        raise UserInputError(f"grid.methods entry {entry} needs a `name`, e.g. {{name: wanda}}.")
+    name = entry.pop("name")
+    get_method(name)
+    label = entry.pop("label", None)
+    if label is None:
+        label = name if not entry else f"{name}-" + hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:6]
+    if "sparsity" in entry:
+        raise UserInputError(f"grid.methods entry {name!r} sets `sparsity`; levels come from grid.sparsities.")
+    return name, str(label), entry
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a model spec or level: '2:4' -> '2of4', 'org/name' -> 'org_name'."""
+    text = text.replace(":", "of")
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", Path(text).name if Path(text).is_absolute() else text).strip("_") or "x"
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def point_raw(sweep: SweepRecipe, base: dict[str, Any], model: str, entry, sparsity: str, output: Path) -> dict:
+    """The raw recipe of one point (see the module docstring for the rules)."""
+    name, _, extra = _method_entry(entry)
+    raw = copy.deepcopy(base)
+    for dotted, value in _flatten(sweep.set).items():
+        set_dotted(raw, dotted, copy.deepcopy(value), f"set {dotted!r}")
+    base_method = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    if base_method.get("name") == name:
+        method = {key: value for key, value in base_method.items() if key != "sparsity"}
+    else:
+        shared = set(MethodConfig.model_fields) - {"name", "sparsity"}
+        method = {key: value for key, value in base_method.items() if key in shared}
+    raw["method"] = {**method, **extra, "name": name, "sparsity": sparsity}
+    raw["model"] = model
+    raw["output"] = str(output)
+    if get_method(name).kind == "oneshot":  # training settings do not apply: they must not change its fingerprint
+        raw.pop("train", None)
+    set_dotted(raw, "eval.dense_baseline", False, "sweep")
+    set_dotted(raw, "export.save_model", sweep.save_models, "sweep")
+    return raw
+
+
+def models_of(sweep: SweepRecipe, base: dict[str, Any]) -> list[str]:
+    if sweep.grid.models:
+        return list(sweep.grid.models)
+    model = _flatten(sweep.set).get("model", base.get("model", Recipe.model_fields["model"].default))
+    return [str(model)]
+
+
+def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
+    """Every (model, method, level) of the grid, in grid order; invalid combinations carry their reason."""
+    from prune.methods.oneshot.method import SHARED_STATS
+
+    output = Path(sweep.output)
+    models = models_of(sweep, base)
+    points, labels = [], {}
+    for model in models:
+        for entry in sweep.grid.methods:
+            name, method_label, _ = _method_entry(entry)
+            for sparsity in sweep.grid.sparsities:
+                label = f"{method_label}-{slug(sparsity)}"
+                if len(models) > 1:
+                    label = f"{slug(model)}--{label}"
+                if label in labels:
+                    raise UserInputError(f"two grid points share the directory {label!r}; give methods distinct `label`s.")
+                labels[label] = True
+                directory = output / POINTS_DIR / label
+                spec = get_method(name)
+                path = "shared" if sweep.shared_calibration and spec.kind == "oneshot" and name in SHARED_STATS else "pipeline"
+                recipe, error = None, None
+                try:
+                    recipe = parse_recipe(point_raw(sweep, base, model, entry, sparsity, directory))
+                except UserInputError as problem:
+                    error = str(problem)
+                if recipe is not None and getattr(recipe, "task", "causal-lm") != "causal-lm":
+                    path = "pipeline"  # the shared path measures language models; other tasks run whole
+                key = fingerprint(recipe.fingerprint() if recipe else error, path, sweep.save_masks)
+                points.append(Point(model, name, method_label, sparsity, label, directory, recipe, error, path, key))
+    return points

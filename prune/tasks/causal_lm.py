@@ -1,0 +1,45 @@
+"""One model, one set of held-out data -> every figure the recipe's `eval` section asks for.
+
+Used for the dense baseline and the pruned model alike, so the two are measured the same way.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from torch import nn
+
+from eval.accuracy import accuracy
+from eval.flops import count_flops, count_params
+from eval.latency import measure_latency
+from eval.perplexity import perplexity
+from eval.semi_structured import semi_structured_speedup
+from prune.data.text import TokenSplits
+from prune.tasks.eval_config import EvalConfig
+
+
+def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig, seq_len: int, label: str) -> dict:
+    """Figures for one model, keyed like report.json; `seconds` says how long measuring took."""
+    start = time.perf_counter()
+    model.eval()
+    figures: dict = {}
+    if config.perplexity:
+        result = perplexity(model, splits.heldout_blocks(seq_len), desc=f"perplexity ({label})")
+        figures["perplexity"] = {"value": result.value, "tokens": result.tokens, "seq_len": seq_len}
+    if config.tasks:
+        figures["accuracy"] = accuracy(
+            model, tokenizer, config.tasks, heldout_text=splits.heldout_text(tokenizer), limit=config.limit
+        )
+    params = count_params(model)
+    figures["params"] = {"total": params.total, "nonzero": params.nonzero}
+    if config.flops:
+        flops = count_flops(model, seq_len)
+        figures["flops"] = {"dense": flops.dense, "pruned": flops.sparse, "semi_structured": flops.semi_structured}
+    if config.latency:
+        figures["latency"] = asdict(measure_latency(model))
+    if config.semi_structured_kernel:
+        kernel = semi_structured_speedup(model, seq_len=seq_len)
+        if kernel is not None:
+            figures["semi_structured_kernel"] = kernel
+    figures["seconds"] = time.perf_counter() - start
+    return figures

@@ -1,0 +1,17 @@
+"""The `eval` section of a recipe: which figures a run measures."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from prune.core.config import StrictConfig
+
+
+class EvalConfig(StrictConfig):
+    perplexity: bool = True
+    dense_baseline: bool = Field(True, description="also evaluate the unpruned model in the same run")
+    tasks: list[str] = Field(default_factory=lambda: ["docs_lastword"], description="lm-eval task names")
+    limit: int | None = Field(200, ge=1, description="examples per accuracy task (None: all)")
+    flops: bool = True
+    latency: bool = True
+    semi_structured_kernel: bool = Field(True, description="2:4 models: time PyTorch's 2:4 sparse kernels against "
+                                         "dense (CUDA, compute capability 8.0+; elsewhere reported unavailable)")

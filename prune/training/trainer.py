@@ -1,0 +1,258 @@
+"""The one trainer for every learnable mask: only mask parameters train, the weights stay frozen.
+
+Reads top to bottom like a nanoGPT loop: seeded batches, forward, task loss + the method's regularizer,
+backward (averaged across processes by accelerate), clip, AdamW step, cosine schedule; every `log_every`
+steps a log line (tqdm + train_log.jsonl), every `eval_every` steps (and before the first) the held-out
+score of the hard masks (best and last masks kept), every `checkpoint_every` steps an atomic checkpoint.
+Ctrl-C (or SIGTERM) checkpoints first.
+The same code runs on CPU, one GPU or many: `accelerate launch -m prune.cli run RECIPE`.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from prune.training.checkpoint import load_checkpoint, save_checkpoint
+from prune.masks.base import Objective, hard_masks, wrappers
+from prune.training.config import TrainConfig
+
+TaskLoss = Callable[[nn.Module, Any], Tensor]
+Evaluate = Callable[[nn.Module], float]
+
+
+def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """Next-token cross-entropy of a causal LM on a [batch, seq] block of token ids."""
+    return model(input_ids=batch, labels=batch).loss
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_score: float | None  # lowest held-out score of the hard masks (perplexity), when evaluated
+    best_step: int | None
+    seconds: float
+
+
+def trainable_parameters(model: nn.Module, objective: Objective) -> dict[str, nn.Parameter]:
+    """Freeze everything, then unfreeze the masks' own parameters: the only thing that may train."""
+    model.requires_grad_(False)
+    params = {}
+    for wrapper_name, wrapper in wrappers(model).items():
+        for name, param in wrapper.mask.named_parameters():
+            param.requires_grad_(True)
+            params[f"{wrapper_name}.mask.{name}"] = param
+    for index, param in enumerate(objective.extra_parameters()):
+        param.requires_grad_(True)
+        params[f"objective.{index}"] = param
+    trainable = {id(param) for param in params.values()}  # extra parameters may be weights a method trains jointly
+    frozen = [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in trainable]
+    assert not frozen, f"base weights would train: {frozen[:3]}"
+    assert params, "the model has no trainable mask parameters"
+    return params
+
+
+def param_groups(params: dict[str, nn.Parameter], lr: float) -> list[dict]:
+    """One AdamW group per `lr_scale` attribute a method set on its parameters (default 1): a method whose
+    parameters need different step sizes (e.g. Lagrange multipliers) says so without its own optimizer."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for param in params.values():
+        groups.setdefault(float(getattr(param, "lr_scale", 1.0)), []).append(param)
+    return [{"params": members, "lr": lr * scale} for scale, members in sorted(groups.items())]
+
+
+def set_mask_training(model: nn.Module, training: bool) -> None:
+    """Masks in training mode (soft values) while the frozen model stays in eval mode (no dropout, fixed BN)."""
+    model.eval()
+    for wrapper in wrappers(model).values():
+        wrapper.mask.train(training)
+
+
+def make_batch(data: Tensor | Sequence, rows: Tensor, device) -> Any:
+    """Rows of a Tensor (token blocks) are sliced at once; rows of any other indexable dataset (e.g. dicts of
+    pixel_values and labels) are collated with torch's default_collate. Either way the batch lands on `device`."""
+    if isinstance(data, Tensor):
+        return data[rows].to(device)
+    return send_to_device(default_collate([data[int(index)] for index in rows]), device)
+
+
+def batch_indices(step: int, micro: int, config: TrainConfig, rank: int, world: int, count: int) -> Tensor:
+    """The sample indices of one micro-batch: a seeded permutation per epoch, sharded over processes."""
+    start = (step * config.grad_accum + micro) * config.batch_size * world + rank * config.batch_size
+    positions = [divmod(start + i, count) for i in range(config.batch_size)]
+    orders = {epoch: torch.randperm(count, generator=torch.Generator().manual_seed(config.seed + epoch))
+              for epoch in {epoch for epoch, _ in positions}}
+    return torch.stack([orders[epoch][offset] for epoch, offset in positions])
+
+
+class _Log:
+    """train_log.jsonl plus the share of hard masks that changed since the previous log line."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = [line for line in self._lines() if json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.previous: dict[str, Tensor] | None = None
+
+    def _lines(self) -> list[str]:
+        return self.path.read_text().splitlines() if self.path.exists() else []
+
+    def changed_fraction(self, model: nn.Module) -> float | None:
+        current = {name: mask.detach().clone() for name, mask in hard_masks(model).items()}
+        previous, self.previous = self.previous, current
+        if previous is None:
+            return None
+        changed = sum(int((current[name] != previous[name]).sum()) for name in current)
+        return changed / max(1, sum(mask.numel() for mask in current.values()))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    data: Tensor | Sequence,
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    task_loss: TaskLoss = lm_loss,
+    evaluate: Evaluate | None = None,
+    eval_metric: str = "perplexity",
+    resume: bool = False,
+    accelerator: Accelerator | None = None,
+) -> TrainResult:
+    """Train the masks of `model` on rows of `data` (a Tensor of token blocks, or any indexable dataset whose
+    rows collate into the batch `task_loss` takes); checkpoints and logs go to `run_dir/train/`. `evaluate`
+    returns a held-out score where lower is better, logged as `eval_<eval_metric>`."""
+    accelerator = accelerator or Accelerator(mixed_precision=config.resolved_precision())
+    params = trainable_parameters(model, objective)
+    optimizer = torch.optim.AdamW(param_groups(params, config.lr), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * config.steps), config.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_dir = run_dir / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    state = load_checkpoint(train_dir / "checkpoints", params, optimizer, scheduler) if resume else {"step": 0}
+    step, best = state["step"], state.get("best", {"score": None, "step": None})
+    log = _Log(train_dir / "train_log.jsonl", step) if accelerator.is_main_process else None
+    if not resume:
+        torch.manual_seed(config.seed)  # on resume the checkpoint restored the RNG states
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(train_dir / "checkpoints", step, params, optimizer, scheduler, {"best": best})
+        accelerator.wait_for_everyone()
+
+    start, tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+    rate_key = "tokens_per_s" if isinstance(data, Tensor) else "samples_per_s"
+    custom_backward = objective.backward
+    progress = tqdm(total=config.steps, initial=step, desc="train masks", disable=not accelerator.is_main_process)
+    if evaluate is not None and config.eval_every and step == 0:  # the starting masks (e.g. the prior) compete too
+        best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log, eval_metric)
+    set_mask_training(model, True)
+    previous_sigterm = _sigterm_raises_interrupt()
+    try:
+        while step < config.steps:
+            schedule = objective.begin_step(step, config.steps)
+            parts = {"loss": 0.0, "task_loss": 0.0, "regularizer": 0.0}
+            for micro in range(config.grad_accum):
+                rows = batch_indices(step, micro, config, accelerator.process_index, accelerator.num_processes, len(data))
+                batch = make_batch(data, rows, accelerator.device)
+                with accelerator.autocast():
+                    if custom_backward is None:
+                        task = task_loss(model, batch)
+                        regularizer = objective.regularizer(accelerator.unwrap_model(model))
+                    else:  # the method computes and accumulates its own gradients (e.g. gradient dropout)
+                        task, regularizer = custom_backward(model, batch, task_loss, accelerator, 1.0 / config.grad_accum)
+                    loss = (task + regularizer) / config.grad_accum
+                if custom_backward is None:
+                    accelerator.backward(loss)
+                parts["loss"] += loss.item()
+                parts["task_loss"] += task.item() / config.grad_accum
+                parts["regularizer"] += float(regularizer.detach()) / config.grad_accum
+                tokens += (batch.numel() if isinstance(batch, Tensor) else len(rows)) * accelerator.num_processes
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
+                record = {"step": step, **parts, **schedule, "lr": scheduler.get_last_lr()[0],
+                          rate_key: tokens / elapsed}
+                tokens = 0
+                if log is not None:
+                    record["changed"] = log.changed_fraction(accelerator.unwrap_model(model))
+                    log.write(record)
+                    progress.set_postfix({key: f"{value:.4g}" for key, value in record.items()
+                                          if isinstance(value, float) and key != "lr"})
+            if evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
+                                 eval_metric)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    finally:
+        progress.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    set_mask_training(model, False)
+    if accelerator.is_main_process:
+        _save_params(train_dir / "last.safetensors", params)
+    return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
+
+
+def _sigterm_raises_interrupt():
+    """Treat SIGTERM (`kill`, a scheduler's preemption) like Ctrl-C: checkpoint, then stop. Background jobs
+    often ignore SIGINT, so this is how they are interrupted cleanly. Returns the previous handler (None off
+    the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
+              eval_metric="perplexity") -> dict:
+    """Score the hard masks on held-out data (main process); keep the best masks' parameters among those the
+    objective calls selectable (e.g. meeting a size budget)."""
+    if accelerator.is_main_process:
+        set_mask_training(model, False)
+        score = evaluate(accelerator.unwrap_model(model))
+        set_mask_training(model, True)
+        selectable = objective.selectable()
+        if log is not None:
+            log.write({"step": step, f"eval_{eval_metric}": score, "selectable": selectable})
+        if selectable and (best["score"] is None or score < best["score"]):
+            best = {"score": score, "step": step}
+            _save_params(train_dir / "best.safetensors", params)
+    accelerator.wait_for_everyone()
+    return best
+
+
+def _save_params(path: Path, params: dict[str, nn.Parameter]) -> None:
+    staging = path.with_suffix(".partial")
+    save_file({name: param.detach().cpu().contiguous() for name, param in params.items()}, staging)
+    staging.replace(path)
