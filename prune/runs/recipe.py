@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from prune.core.errors import UserInputError
 from prune.core.config import MethodConfig, StrictConfig
 from prune.methods.registry import get_method
+from prune.models.runtime import RuntimeConfig
 from prune.data.images import ImageDataConfig
 from prune.tasks.eval_config import EvalConfig
 from prune.training.config import TrainConfig
@@ -69,6 +70,7 @@ class Recipe(StrictConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: str | None = Field(None, description="run directory (default: runs/<recipe name>)")
     seed: int = 0
 
