@@ -310,10 +310,3 @@ def attach_unit_gates(model: nn.Module, structure: Structure, make_gate) -> Gate
             name = s.layer_name(index)
             model.set_submodule(name, GatedLayer(model.get_submodule(name), layer, layer=layer))
     return gates
-
-
-def unwrap_gates(model: nn.Module) -> nn.Module:
-    """Put every original module back, innermost wrappers first (a gated block contains gated projections)."""
-    for name, wrapper in reversed(list(wrappers(model).items())):
-        model.set_submodule(name, wrapper.base)
-    return model
