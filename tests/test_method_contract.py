@@ -45,7 +45,7 @@ class Row:
 
 
 ROWS = [
-    Row("magnitude", ("llama", "gpt2", "clip"), {"sparsity": "2:4"}, ({"granularity": "column"}, "granularity")),
+    Row("magnitude", ("llama", "gpt2", "clip"), {"sparsity": 0.5}, ({"granularity": "column"}, "granularity")),
     Row("wanda", ("llama", "gpt2"), {"sparsity": "2:4"}, ({"sparsity": "5:4"}, "sparsity")),
     Row("sparsegpt", ("llama", "gpt2"), {"sparsity": 0.5, "blocksize": 16}, ({"dampening": 0}, "dampening")),
     Row("structured", ("llama", "gpt2"), {"score": "activation", "target": {"params": 0.3}},

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from prune.masks.base import Mask, MaskWrapper, wrappers
+from prune.masks.base import Mask, MaskWrapper
 from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure
 
 
