@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from prune import method_config
 from prune.core.errors import UserInputError
 from prune.masks.base import hard_masks, mask_parameters, unwrap, wrappers
 from prune.methods.registry import METHODS, get_method
@@ -153,7 +154,7 @@ class Case:
 
     def __post_init__(self):
         self.spec = get_method(self.row.method)
-        self.config = self.spec.config_class.model_validate({"name": self.row.method, **self.row.config})
+        self.config = method_config(self.row.method, **self.row.config)
 
     def load(self) -> tuple[nn.Module, object]:
         return load_model(str(self.directory), task=self.family.task)
@@ -294,8 +295,11 @@ def test_a_short_run_writes_a_complete_run_directory(case, corpus, tmp_path):
 
 @pytest.mark.parametrize("row", [pytest.param(row, id=row.method) for row in ROWS])
 def test_a_bad_config_is_a_clear_error(row):
+    """The same words from a recipe and from the Python API."""
     overrides, message = row.bad
     assert overrides, f"row {row.method} names no bad value"
     task = FAMILIES[row.families[0]].task
     with pytest.raises(UserInputError, match=message):
         parse_recipe({"task": task, "method": {"name": row.method, **overrides}})
+    with pytest.raises(UserInputError, match=message):
+        method_config(row.method, **overrides)
