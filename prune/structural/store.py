@@ -145,14 +145,6 @@ def save_gates(model: nn.Module, directory: Path, config, meta: dict) -> None:
     write_mask_files(directory, tensors, content)
 
 
-def is_structural(directory: Path) -> bool:
-    path = Path(directory) / CONFIG_FILE
-    try:
-        return path.is_file() and "structural" in json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
-        return False
-
-
 def load_gates(model: nn.Module, directory: Path) -> GateSet:
     """Attach the saved decisions to the base model as fixed gates, after checking they fit it."""
     directory = Path(directory)
