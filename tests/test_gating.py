@@ -239,18 +239,10 @@ def test_gated_model_in_eval_mode_equals_its_accounting_path(tiny_model, token_b
 
 # ------------------------------------------------------------------------------------------- save / restore
 
-def test_save_and_restore_round_trip(tmp_path, tiny_model, token_batch):
-    attach_gating(tiny_model, config(predictor_rank=4, init_bias=0.0))
-    with torch.no_grad():
-        for layer in gated_layers(tiny_model).values():
-            for param in layer.mask.parameters():
-                param.normal_()
-        expected = tiny_model(input_ids=token_batch).logits
-    save_gating(tiny_model, tmp_path, config(predictor_rank=4, init_bias=0.0), {"model": "tiny"})
-    fresh = make_tiny_llama() if "Llama" in type(tiny_model).__name__ else make_tiny_gpt2()
-    restore_gating(fresh, tmp_path, config(predictor_rank=4, init_bias=0.0))
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=token_batch).logits, expected, rtol=0, atol=1e-5)
+def test_restore_refuses_predictors_of_other_settings(tmp_path):
+    model = make_tiny_llama()
+    attach_gating(model, config(predictor_rank=4))
+    save_gating(model, tmp_path, config(predictor_rank=4), {"model": "tiny"})
     with pytest.raises(UserInputError, match="do not fit"):
         restore_gating(make_tiny_llama(), tmp_path, config(predictor_rank=8))
 

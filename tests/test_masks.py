@@ -1,8 +1,6 @@
 """The mask framework: wrapping keeps weights untouched, merge/unwrap, compact save/load, N:M storage."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,7 +8,7 @@ from hypothesis import strategies as st
 
 from prune.models.blocks import weight_matrix
 from prune.core.errors import UserInputError
-from prune.masks.base import achieved_sparsity, attach_hard_masks, mask_parameters, merge, unwrap, wrappers
+from prune.masks.base import attach_hard_masks, wrappers
 from prune.masks.storage import decode_nm, encode_nm, load_masks, nm_candidates, read_masks, save_masks
 from prune.masks.targets import method_targets, select_targets
 from prune.core.sparsity import parse_sparsity
@@ -57,49 +55,6 @@ def test_wrapped_forward_equals_manually_masked_weights(tiny_model, token_batch)
     attach_hard_masks(tiny_model, masks)
     assert len(wrappers(tiny_model)) == len(names)
     torch.testing.assert_close(tiny_model(token_batch).logits, reference(token_batch).logits)
-
-
-def test_unwrap_restores_bit_identical_weights(tiny_model):
-    before = {key: value.clone() for key, value in tiny_model.state_dict().items()}
-    attach_hard_masks(tiny_model, random_masks(tiny_model, select_targets(tiny_model, None)))
-    unwrap(tiny_model)
-    after = tiny_model.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[key], after[key]) for key in before)
-
-
-def test_merge_bakes_zeros_and_matches_wrapped_logits(tiny_model, token_batch):
-    names = select_targets(tiny_model, None)
-    attach_hard_masks(tiny_model, random_masks(tiny_model, names, density=0.25))
-    wrapped_logits = tiny_model(token_batch).logits
-    assert achieved_sparsity(tiny_model) == pytest.approx(0.75, abs=0.05)
-    merge(tiny_model)
-    assert not wrappers(tiny_model)
-    torch.testing.assert_close(tiny_model(token_batch).logits, wrapped_logits)
-
-
-def test_hard_masks_have_no_trainable_parameters(tiny_model):
-    attach_hard_masks(tiny_model, random_masks(tiny_model, select_targets(tiny_model, None)))
-    assert mask_parameters(tiny_model) == []
-    assert not any(param.requires_grad for wrapper in wrappers(tiny_model).values() for param in wrapper.base.parameters())
-
-
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_save_load_round_trip_gives_identical_logits(tmp_path, tiny_model, token_batch, nm):
-    names = select_targets(tiny_model, None)
-    if nm:
-        masks = {name: nm_candidates(2, 4)[torch.randint(0, 6, (keep.numel() // 4,))].reshape(keep.shape)
-                 for name, keep in random_masks(tiny_model, names).items()}
-    else:
-        masks = random_masks(tiny_model, names, density=0.3)
-    attach_hard_masks(tiny_model, masks)
-    logits = tiny_model(token_batch).logits
-    save_masks(tiny_model, tmp_path, {"model": "tiny", "method": "test"}, nm=nm)
-    encodings = {info["encoding"] for info in json.loads((tmp_path / "masks.json").read_text())["targets"].values()}
-    assert encodings == {"nm_index" if nm else "bits"}
-    fresh = make_tiny_llama() if "Llama" in type(tiny_model).__name__ else make_tiny_gpt2()
-    load_masks(fresh, tmp_path)
-    torch.testing.assert_close(fresh(token_batch).logits, logits)
 
 
 def test_nm_index_storage_is_compact(tmp_path):

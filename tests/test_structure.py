@@ -17,12 +17,8 @@ from transformers import (
 
 from eval.flops import count_flops, count_params
 from prune.core.errors import UserInputError
-from prune.structural.gates import (
-    FixedGate,
-    attach_unit_gates,
-    rounded_count,
-    unwrap_gates,
-)
+from prune.masks.base import unwrap
+from prune.structural.gates import FixedGate, attach_unit_gates, rounded_count
 from prune.runs.loading import load_model
 from prune.structural.shrink import HEAD_DIM_KEY, LAYER_SIZES_KEY, shrink
 from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, structure_of
@@ -87,7 +83,7 @@ def gated_and_exported(model, kinds, **options):
     with torch.no_grad():
         gated = model(input_ids=ids).logits
     counts, decisions = gates.counts(), gates.decisions()
-    unwrap_gates(model)
+    unwrap(model)
     exported = shrink(model, structure, decisions)
     with torch.no_grad():
         logits = exported(input_ids=ids).logits
@@ -119,7 +115,7 @@ def test_export_shape_arithmetic_per_unit_kind():
         structure = structure_of(model)
         gates = attach_unit_gates(model, structure, random_gates({kind}, seed=5))
         counts, decisions = gates.counts(), gates.decisions()
-        unwrap_gates(model)
+        unwrap(model)
         new = shrink(model, structure, decisions)
         layers = new.model.layers
         d = counts.hidden

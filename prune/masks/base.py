@@ -158,8 +158,10 @@ def wrap(model: nn.Module, wrapped: dict[str, MaskWrapper]) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Put the original modules back (weights exactly as before wrapping)."""
-    for name, wrapper in wrappers(model).items():
+    """Put the original modules back (weights exactly as before wrapping), innermost wrappers first: a
+    wrapper may sit inside another one's `base` (a gated projection inside a gated decoder layer), and its
+    name only resolves while the outer wrapper is still in place."""
+    for name, wrapper in reversed(list(wrappers(model).items())):
         model.set_submodule(name, wrapper.base)
     return model
 

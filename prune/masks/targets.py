@@ -33,7 +33,7 @@ def select_targets(model: nn.Module, patterns: list[str] | None, module_types=LI
 
 def _refuse_tied(model: nn.Module, names: list[str]) -> None:
     """A target sharing its weight with the input embeddings (tied lm_head) would prune both at once."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embeddings = _input_embeddings(model)
     modules = dict(model.named_modules())
     tied = [name for name in names if embeddings is not None and modules[name].weight is embeddings.weight]
     if tied:
@@ -41,6 +41,15 @@ def _refuse_tied(model: nn.Module, names: list[str]) -> None:
             f"{', '.join(tied)} share their weight with the input embeddings (tie_word_embeddings), so a mask "
             "would prune the embeddings too; leave them out of `method.targets`."
         )
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embeddings, or None where it has no single one (CLIP's two towers: transformers
+    raises NotImplementedError there)."""
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def nm_compatible(model: nn.Module, names: list[str], m: int, skip_incompatible: bool) -> list[str]:

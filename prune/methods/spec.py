@@ -1,8 +1,8 @@
-"""What a method is: a validated config class, an `attach` function and its save/export/restore hooks.
+"""What a method is: a validated config class, an `attach` function and its save/load/export/restore hooks.
 
 `attach(model, config, calibration)` wraps the model's targets with masks: hard masks for one-shot methods,
 trainable ones for learnable methods (which then train with the one trainer). The hooks default to weight
-masks (saved as masks.safetensors, merged into the weights on export).
+masks (saved as masks.safetensors, loaded back as hard masks, merged into the weights on export).
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from torch import Tensor, nn
 
 from prune.core.config import MethodConfig
 from prune.masks.base import merge
-from prune.masks.storage import save_masks
+from prune.masks.storage import load_masks, save_masks
 
 AttachFn = Callable[..., object]
 SaveFn = Callable[[nn.Module, Path, MethodConfig, dict], None]
 ExportFn = Callable[[nn.Module, MethodConfig], nn.Module]
-RestoreFn = Callable[[nn.Module, Path, MethodConfig], nn.Module]
+LoadFn = Callable[[nn.Module, Path, MethodConfig], nn.Module]
 ReportFn = Callable[[nn.Module, MethodConfig, Tensor, dict], dict]
 
 
@@ -27,6 +27,12 @@ def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, m
     """The default save: hard weight masks, N:M ones as candidate indices (see prune.masks.storage)."""
     pattern = config.pattern
     save_masks(model, directory, meta, nm=(pattern.n, pattern.m) if pattern.is_nm else None)
+
+
+def load_weight_masks(model: nn.Module, directory: Path, config: MethodConfig) -> nn.Module:
+    """The default load: the saved hard masks wrapped around the base model's targets (names, shapes checked)."""
+    load_masks(model, directory)
+    return model
 
 
 def merge_weight_masks(model: nn.Module, config: MethodConfig) -> nn.Module:
@@ -37,8 +43,10 @@ def merge_weight_masks(model: nn.Module, config: MethodConfig) -> nn.Module:
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method. `attach(model, config, calibration)` wraps the targets (a learnable method returns
-    its `Objective`); `save` writes its masks into the run directory; `export` turns the masked model into
-    the model saved as model/ (merged weights by default; structural methods shrink it).
+    its `Objective`); `save` writes its masks into the run directory; `load(base_model, directory, config)`
+    puts saved masks back on the model they were made for (as fixed masks, in evaluation form); `export`
+    turns the masked model into the model saved as model/ (merged weights by default; structural methods
+    shrink it).
 
     `restore(base_model, run_dir, config)` is for methods whose pruned model cannot be a plain checkpoint
     (per-input gating): the pipeline writes no model/ for them, `prune export` refuses, and
@@ -51,6 +59,7 @@ class MethodSpec:
     kind: Literal["oneshot", "learnable"]
     needs_calibration: bool
     save: SaveFn = save_weight_masks
+    load: LoadFn = load_weight_masks
     export: ExportFn = merge_weight_masks
-    restore: RestoreFn | None = None
+    restore: LoadFn | None = None
     report: ReportFn | None = None

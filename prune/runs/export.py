@@ -1,13 +1,11 @@
-"""Rebuild a run's `model/` from the base model and its saved masks (hard masks merged into the weights)."""
+"""Rebuild a run's `model/` from the base model and its saved masks, through the method's own load and export
+hooks (weight masks: merged into the weights; structural methods: the smaller model)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from prune.runs import run_dir
 from prune.core.errors import UserInputError
-from prune.masks.base import merge
-from prune.masks.storage import load_masks, read_masks
-from prune.structural.store import export_gated, is_structural, load_gates
 from prune.runs.loading import load_model
 from prune.runs.recipe import parse_recipe
 from prune.methods.registry import get_method
@@ -15,7 +13,7 @@ from prune.core.yaml_io import load_yaml
 
 
 def export_run(directory: str | Path) -> Path:
-    """Write `<run>/model/`, loadable by plain `AutoModelForCausalLM.from_pretrained`."""
+    """Write `<run>/model/`, loadable by plain `AutoModelForCausalLM.from_pretrained` (or the task's class)."""
     directory = run_dir.require_run(directory)
     raw = load_yaml((directory / run_dir.RECIPE_FILE).read_text())
     method = (raw.get("method") or {}).get("name") if isinstance(raw, dict) else None
@@ -26,21 +24,14 @@ def export_run(directory: str | Path) -> Path:
             f"prune.load_model({str(directory)!r}) (base model + the saved predictors)."
         )
     recipe = parse_recipe(raw)
-    if is_structural(directory):  # heads / neurons / hidden / layers: the smaller model, rebuilt from the decisions
-        model, tokenizer = load_model(recipe.model)
-        load_gates(model, directory)
-        target = directory / run_dir.MODEL_DIR
-        run_dir.save_model_atomic(export_gated(model, recipe.method), tokenizer, target)
-        return target
-    _, meta = read_masks(directory)
-    if meta.get("weights_changed"):
+    if recipe.method.changes_weights:
         raise UserInputError(
-            f"{directory} was pruned by {meta['method']} with weight updates, which the masks alone cannot "
+            f"{directory} was pruned by {recipe.method.name} with weight updates, which the masks alone cannot "
             "rebuild; its model/ was written by `prune run` (rerun with export.save_model: true if it is missing)."
         )
+    spec = get_method(recipe.method.name)
     model, tokenizer = load_model(recipe.model, task=recipe.task)  # a CLIP run: the model and its processor
-    load_masks(model, directory)
-    merge(model)
+    spec.load(model, directory, recipe.method)
     target = directory / run_dir.MODEL_DIR
-    run_dir.save_model_atomic(model, tokenizer, target)
+    run_dir.save_model_atomic(spec.export(model, recipe.method), tokenizer, target)
     return target

@@ -20,13 +20,13 @@ from prune.tasks.zero_shot import TASK as ZERO_SHOT
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, *, task: str = "causal-lm") -> tuple[PreTrainedModel, object]:
     """(model in eval mode, tokenizer or processor) for any model spec MaskPrune accepts."""
+    path = Path(spec).expanduser()
+    if (path / run_dir.RECIPE_FILE).is_file() and not loading.is_model_dir(path):
+        return _from_run(path, dtype)  # the run's recipe names its task
     if task == ZERO_SHOT or spec in loading.VISION_ALIASES:
         if task != ZERO_SHOT:
             raise UserInputError(f"{spec!r} is a CLIP model; use it with `task: {ZERO_SHOT}`.")
         return load_clip(spec, dtype)
-    path = Path(spec).expanduser()
-    if (path / run_dir.RECIPE_FILE).is_file() and not loading.is_model_dir(path):
-        return _from_run(path, dtype)
     if path.is_dir() and has_layer_sizes(str(path)):  # a structural export whose layers differ in size
         return load_resized(str(path), dtype).eval(), loading.load_tokenizer(str(path))
     return loading.load(spec, dtype)
@@ -35,9 +35,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, *, task: str = "ca
 def _from_run(directory: Path, dtype: torch.dtype):
     """A `prune run` directory: its model/ when the run wrote one; else the method rebuilds the pruned model
     from the base model and the run's saved state (per-input gating: base model + predictors)."""
+    recipe = load_yaml((directory / run_dir.RECIPE_FILE).read_text())  # only `model`, `task`, `method` are needed
+    task = recipe.get("task", "causal-lm")
     if loading.is_model_dir(directory / run_dir.MODEL_DIR):
-        return load_model(str(directory / run_dir.MODEL_DIR), dtype)
-    recipe = load_yaml((directory / run_dir.RECIPE_FILE).read_text())  # only `model` and `method` are needed
+        return load_model(str(directory / run_dir.MODEL_DIR), dtype, task=task)
     method = recipe.get("method") or {}
     spec = get_method(method.get("name", "?"))
     if spec.restore is None:
@@ -49,5 +50,5 @@ def _from_run(directory: Path, dtype: torch.dtype):
         config = spec.config_class.model_validate(method)
     except ValueError as error:
         raise UserInputError(f"the method section of {directory / run_dir.RECIPE_FILE} is invalid: {error}") from None
-    model, tokenizer = load_model(recipe["model"], dtype)
+    model, tokenizer = load_model(recipe["model"], dtype, task=task)
     return spec.restore(model, directory, config), tokenizer

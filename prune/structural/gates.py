@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from prune.masks.base import Mask, MaskWrapper, wrappers
+from prune.masks.base import Mask, MaskWrapper
 from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure
 
 
@@ -310,10 +310,3 @@ def attach_unit_gates(model: nn.Module, structure: Structure, make_gate) -> Gate
             name = s.layer_name(index)
             model.set_submodule(name, GatedLayer(model.get_submodule(name), layer, layer=layer))
     return gates
-
-
-def unwrap_gates(model: nn.Module) -> nn.Module:
-    """Put every original module back, innermost wrappers first (a gated block contains gated projections)."""
-    for name, wrapper in reversed(list(wrappers(model).items())):
-        model.set_submodule(name, wrapper.base)
-    return model

@@ -19,15 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prune.core.errors import UserInputError
-from prune.masks.base import wrappers
+from prune.masks.base import unwrap, wrappers
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE, write_mask_files
-from prune.structural.gates import (
-    FixedGate,
-    GateSet,
-    UnitGate,
-    attach_unit_gates,
-    unwrap_gates,
-)
+from prune.structural.gates import FixedGate, GateSet, UnitGate, attach_unit_gates
 from prune.core.config import MethodConfig
 from prune.structural.shrink import layer_sizes, shrink
 from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure, structure_of
@@ -151,14 +145,6 @@ def save_gates(model: nn.Module, directory: Path, config, meta: dict) -> None:
     write_mask_files(directory, tensors, content)
 
 
-def is_structural(directory: Path) -> bool:
-    path = Path(directory) / CONFIG_FILE
-    try:
-        return path.is_file() and "structural" in json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
-        return False
-
-
 def load_gates(model: nn.Module, directory: Path) -> GateSet:
     """Attach the saved decisions to the base model as fixed gates, after checking they fit it."""
     directory = Path(directory)
@@ -188,12 +174,18 @@ def load_gates(model: nn.Module, directory: Path) -> GateSet:
     return attach_unit_gates(model, structure, make)
 
 
+def load_gated(model: nn.Module, directory: Path, config=None) -> nn.Module:
+    """The registered load: the saved decisions on the base model as fixed gates (see `load_gates`)."""
+    load_gates(model, directory)
+    return model
+
+
 def export_gated(model: nn.Module, config=None) -> nn.Module:
     """The registered export: the physically smaller model (prune.structural.shrink), with its summary attached."""
     gates = gate_set(model)
     figures = summary(gates, getattr(config, "flops_seq_len", 512))
     decisions, structure = gates.decisions(), gates.structure
-    unwrap_gates(model)
+    unwrap(model)
     exported = shrink(model, structure, decisions)
     exported.maskprune_summary = figures  # read by `report_gated`; a plain attribute, never saved
     return exported

@@ -272,4 +272,4 @@ def report_gating(model: nn.Module, config: GatingConfig, heldout: Tensor, repor
 
 
 GATING = MethodSpec("gating", GatingConfig, attach_gating, kind="learnable", needs_calibration=False, save=save_gating,
-                export=refuse_export, restore=restore_gating, report=report_gating)
+                   load=restore_gating, export=refuse_export, restore=restore_gating, report=report_gating)

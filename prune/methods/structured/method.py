@@ -22,6 +22,7 @@ from prune.structural.gates import FixedGate, attach_unit_gates, rounded_count
 from prune.structural.store import (
     StructuralTargetConfig,
     export_gated,
+    load_gated,
     report_gated,
     save_gates,
     target_counts_reachable,
@@ -155,5 +156,5 @@ def attach_structured(model: nn.Module, config: StructuredConfig, calibration: T
 
 STRUCTURED = MethodSpec(
     "structured", StructuredConfig, attach_structured, kind="oneshot", needs_calibration=True,
-                 save=save_gates, export=export_gated, report=report_gated
+                 save=save_gates, load=load_gated, export=export_gated, report=report_gated
 )

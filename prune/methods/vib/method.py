@@ -38,6 +38,7 @@ from prune.structural.gates import GateSet, UnitGate, attach_unit_gates
 from prune.structural.store import (
     StructuralTargetConfig,
     export_gated,
+    load_gated,
     report_gated,
     save_gates,
     target_counts_reachable,
@@ -248,5 +249,5 @@ def attach_vib(model: nn.Module, config: VIBConfig, calibration: Tensor | None) 
 
 VIB = MethodSpec(
     "vib", VIBConfig, attach_vib, kind="learnable", needs_calibration=False,
-                 save=save_gates, export=export_gated, report=report_gated
+                 save=save_gates, load=load_gated, export=export_gated, report=report_gated
 )
