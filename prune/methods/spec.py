@@ -51,7 +51,8 @@ class MethodSpec:
     `restore(base_model, run_dir, config)` is for methods whose pruned model cannot be a plain checkpoint
     (per-input gating): the pipeline writes no model/ for them, `prune export` refuses, and
     `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, heldout_blocks,
-    report)` returns report entries the method measures itself (e.g. FLOPs of per-input masks)."""
+    report)` returns report entries the method measures itself (e.g. FLOPs of per-input masks). `fsdp`: the
+    method may train under an FSDP launch (others are refused and run with DDP)."""
 
     name: str
     config_class: type[MethodConfig]
@@ -63,3 +64,4 @@ class MethodSpec:
     export: ExportFn = merge_weight_masks
     restore: LoadFn | None = None
     report: ReportFn | None = None
+    fsdp: bool = False  # its masks train sharded under FSDP (verified against DDP in benchmarks/fsdp.py)

@@ -24,6 +24,7 @@ from prune.calibration.streaming import skeleton, stream_perplexity, stream_prun
 from prune.core.errors import UserInputError
 from prune.data.text import prepare
 from prune.methods.oneshot.method import make_stats_for, prune_from_stats, targets_of
+from prune.methods.registry import get_method
 from prune.methods.spec import MethodSpec
 from prune.models import loading
 from prune.models.preflight import preflight
@@ -32,6 +33,7 @@ from prune.models.shards import ShardReader, shard_files
 from prune.runs import run_dir
 from prune.runs.recipe import Recipe
 from prune.runs.report import write_report
+from prune.training.sharded import check_fsdp, fsdp_requested
 
 PLACED_METHODS = ("magnitude", "wanda", "sparsegpt")
 STREAM_SKIPPED = "runtime.offload: disk keeps one block in memory; {what} needs the whole model (use offload: cpu)"
@@ -68,14 +70,17 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
                 "download it first (or pass its local directory)."
             )
         shard_files(model_dir)
+    spec = get_method(recipe.method.name)
+    check_fsdp(spec.name, spec.fsdp, runtime.device)
     if model_dir is not None and recipe.task == "causal-lm":
         preflight(model_dir, runtime)
     return runtime
 
 
 def place(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """offload none: the whole model on the device; cpu/disk: it stays in CPU memory, blocks visit the device."""
-    return model.to(runtime.device) if runtime.offload == "none" else model
+    """offload none: the whole model on the device; cpu/disk: it stays in CPU memory, blocks visit the device.
+    Under an FSDP launch it stays in CPU memory too: accelerate puts only each process's shard on the device."""
+    return model.to(runtime.device) if runtime.offload == "none" and not fsdp_requested() else model
 
 
 def attach_kwargs(spec: MethodSpec, runtime: Runtime) -> dict:

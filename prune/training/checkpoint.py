@@ -18,6 +18,7 @@ from torch import nn
 
 from eval.report import write_text_atomic
 from prune.core.errors import UserInputError
+from prune.training.sharded import copy_into, shard_optimizer_state
 
 POINTER = "latest"
 
@@ -45,16 +46,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(
-    directory: Path, step: int, trainable: dict[str, nn.Parameter], optimizer, scheduler, extra: dict
+    directory: Path, step: int, masks: dict[str, torch.Tensor], optimizer_state: dict, scheduler, extra: dict
 ) -> Path:
-    """Write `directory/step-<step>/` and point `latest` at it; returns the checkpoint directory."""
+    """Write `directory/step-<step>/` and point `latest` at it; returns the checkpoint directory. `masks` and
+    `optimizer_state` are whole (gathered from every shard under FSDP), so the files are those of one process."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"step-{step}"
     staging = directory / f".step-{step}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_file({name: param.detach().cpu().contiguous() for name, param in trainable.items()}, staging / "masks.safetensors")
-    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(masks, staging / "masks.safetensors")
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
     optimizer_tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         optimizer_tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -77,7 +79,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimizer, scheduler) -> dict:
-    """Restore parameters, optimizer, scheduler and RNG states; returns the trainer state (with `step`)."""
+    """Restore parameters, optimizer, scheduler and RNG states; returns the trainer state (with `step`). Every
+    process reads the whole files and keeps its own shard under FSDP."""
     pointer = directory / POINTER
     if not pointer.is_file():
         raise UserInputError(f"no checkpoint to resume from in {directory}; run without --resume.")
@@ -90,14 +93,12 @@ def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimiz
         raise UserInputError(f"checkpoint {source} is unreadable ({error}); rerun without --resume.") from None
     if set(params) != set(trainable):
         raise UserInputError(f"checkpoint {source} holds other mask parameters than this model; rerun without --resume.")
-    with torch.no_grad():
-        for name, param in trainable.items():
-            param.copy_(params[name])
+    copy_into(trainable, params)
     torch.set_rng_state(optimizer_tensors.pop("rng.torch"))
     cuda_state = optimizer_tensors.pop("rng.cuda", None)
     if cuda_state is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_state)
-    optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, state["optimizer"]))
+    optimizer.load_state_dict(shard_optimizer_state(_unflatten_optimizer(optimizer_tensors, state["optimizer"]), optimizer))
     scheduler.load_state_dict(state["scheduler"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))

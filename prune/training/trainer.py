@@ -5,7 +5,8 @@ backward (averaged across processes by accelerate), clip, AdamW step, cosine sch
 steps a log line (tqdm + train_log.jsonl), every `eval_every` steps (and before the first) the held-out
 score of the hard masks (best and last masks kept), every `checkpoint_every` steps an atomic checkpoint.
 Ctrl-C (or SIGTERM) checkpoints first.
-The same code runs on CPU, one GPU or many: `accelerate launch -m prune.cli run RECIPE`.
+The same code runs on CPU, one GPU or many: `accelerate launch -m prune.cli run RECIPE`, with DDP or with
+FSDP (sharded masks, see prune.training.sharded; accelerate config files in recipes/accelerate/).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -29,6 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 from prune.training.checkpoint import load_checkpoint, save_checkpoint
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.config import TrainConfig
+from prune.training.sharded import copy_into, full, full_optimizer_state, gather, is_sharded, rebind, sharded_copy
 
 TaskLoss = Callable[[nn.Module, Any], Tensor]
 Evaluate = Callable[[nn.Module], float]
@@ -140,10 +143,15 @@ def train(
     rows collate into the batch `task_loss` takes); checkpoints and logs go to `run_dir/train/`. `evaluate`
     returns a held-out score where lower is better, logged as `eval_<eval_metric>`."""
     accelerator = accelerator or Accelerator(mixed_precision=config.resolved_precision())
+    plain, sharded = model, is_sharded(accelerator)
+    if sharded:  # FSDP shards a copy; `plain` (the caller's model) receives the gathered masks
+        model, objective = sharded_copy(model, objective)
     params = trainable_parameters(model, objective)
     optimizer = torch.optim.AdamW(param_groups(params, config.lr), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * config.steps), config.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = rebind(params, accelerator.unwrap_model(model))
+    plain_params = rebind(params, plain)  # the same parameters unless sharded
     train_dir = run_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(train_dir / "checkpoints", params, optimizer, scheduler) if resume else {"step": 0}
@@ -153,8 +161,9 @@ def train(
         torch.manual_seed(config.seed)  # on resume the checkpoint restored the RNG states
 
     def checkpoint() -> None:
+        masks, optimizer_state = gather(params), full_optimizer_state(optimizer)  # every process gathers
         if accelerator.is_main_process:
-            save_checkpoint(train_dir / "checkpoints", step, params, optimizer, scheduler, {"best": best})
+            save_checkpoint(train_dir / "checkpoints", step, masks, optimizer_state, scheduler, {"best": best})
         accelerator.wait_for_everyone()
 
     start, tokens, window_start = time.perf_counter(), 0, time.perf_counter()
@@ -175,7 +184,7 @@ def train(
                 with accelerator.autocast():
                     if custom_backward is None:
                         task = task_loss(model, batch)
-                        regularizer = objective.regularizer(accelerator.unwrap_model(model))
+                        regularizer = _whole(objective.regularizer(accelerator.unwrap_model(model)))
                     else:  # the method computes and accumulates its own gradients (e.g. gradient dropout)
                         task, regularizer = custom_backward(model, batch, task_loss, accelerator, 1.0 / config.grad_accum)
                     loss = (task + regularizer) / config.grad_accum
@@ -198,8 +207,10 @@ def train(
                 record = {"step": step, **parts, **schedule, "lr": scheduler.get_last_lr()[0],
                           rate_key: tokens / elapsed}
                 tokens = 0
+                if sharded:  # the plain model's masks (the log reads whole masks) follow the shards
+                    copy_into(plain_params, gather(params))
                 if log is not None:
-                    record["changed"] = log.changed_fraction(accelerator.unwrap_model(model))
+                    record["changed"] = log.changed_fraction(plain if sharded else accelerator.unwrap_model(model))
                     log.write(record)
                     progress.set_postfix({key: f"{value:.4g}" for key, value in record.items()
                                           if isinstance(value, float) and key != "lr"})
@@ -216,8 +227,11 @@ def train(
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
     set_mask_training(model, False)
+    last = gather(params)
+    if sharded:
+        copy_into(plain_params, last)
     if accelerator.is_main_process:
-        _save_params(train_dir / "last.safetensors", params)
+        _save_tensors(train_dir / "last.safetensors", last)
     return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
 
 
@@ -236,23 +250,33 @@ def _sigterm_raises_interrupt():
 
 def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
               eval_metric="perplexity") -> dict:
-    """Score the hard masks on held-out data (main process); keep the best masks' parameters among those the
-    objective calls selectable (e.g. meeting a size budget)."""
-    if accelerator.is_main_process:
+    """Score the hard masks on held-out data (main process; every process under FSDP, whose forward is
+    collective); keep the best masks' parameters among those the objective calls selectable (e.g. meeting a
+    size budget)."""
+    sharded = is_sharded(accelerator)
+    if sharded or accelerator.is_main_process:
         set_mask_training(model, False)
         score = evaluate(accelerator.unwrap_model(model))
         set_mask_training(model, True)
+    masks = gather(params) if sharded else params
+    if accelerator.is_main_process:
         selectable = objective.selectable()
         if log is not None:
             log.write({"step": step, f"eval_{eval_metric}": score, "selectable": selectable})
         if selectable and (best["score"] is None or score < best["score"]):
             best = {"score": score, "step": step}
-            _save_params(train_dir / "best.safetensors", params)
+            _save_tensors(train_dir / "best.safetensors", masks)
     accelerator.wait_for_everyone()
     return best
 
 
-def _save_params(path: Path, params: dict[str, nn.Parameter]) -> None:
+def _whole(regularizer: Tensor) -> Tensor:
+    """A regularizer computed from sharded masks outside the forward is a DTensor: every process adds its whole
+    value (FSDP averages the task gradients, the regularizer's reach each shard directly)."""
+    return regularizer.full_tensor() if isinstance(regularizer, DTensor) else regularizer
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     staging = path.with_suffix(".partial")
-    save_file({name: param.detach().cpu().contiguous() for name, param in params.items()}, staging)
+    save_file({name: full(tensor) for name, tensor in tensors.items()}, staging)
     staging.replace(path)

@@ -352,5 +352,5 @@ def attach_nm_gumbel(model: nn.Module, config: NMGumbelConfig, calibration: Tens
 
 
 NM_GUMBEL = MethodSpec(
-    "nm_gumbel", NMGumbelConfig, attach_nm_gumbel, kind="learnable", needs_calibration=True
+    "nm_gumbel", NMGumbelConfig, attach_nm_gumbel, kind="learnable", needs_calibration=True, fsdp=True
 )
