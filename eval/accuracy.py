@@ -29,8 +29,8 @@ from typing import Any, Iterator
 import yaml
 
 from eval import lastword
-from eval.errors import TaskUnavailableError
-from eval.hub import hub_reachable
+from eval.metric_errors import TaskUnavailableError
+from eval.hub_probe import hub_reachable
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HELDOUT_TASKS = frozenset({"docs_lastword"})  # local tasks whose data is built from heldout_text

@@ -6,7 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from eval.errors import NonFiniteError
+from eval.metric_errors import NonFiniteError
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from eval.report import render_table
+    from eval.tables import render_table
     from prune.runs import run_dir
     from prune.data.text import prepare
     from prune.tasks.causal_lm import measure

@@ -7,7 +7,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from eval.accuracy import accuracy, hub_reachable, local_tasks
-from eval.errors import TaskUnavailableError
+from eval.metric_errors import TaskUnavailableError
 from eval.lastword import CONTEXT_WORDS, build_examples, is_code_like
 
 WORDS = "the a cat dog saw ran over under big small red green quick slow house tree river".split()

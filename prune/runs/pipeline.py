@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import torch
 
 from eval.perplexity import perplexity
-from eval.report import write_json_atomic
+from prune.core.atomic import write_json_atomic
 from prune.runs import run_dir
 from prune.data import images
 from prune.tasks import zero_shot

@@ -18,9 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import wrappers
-from prune.masks.storage import CONFIG_FILE, TENSORS_FILE, write_mask_files
+from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.structural.gates import (
     FixedGate,
     GateSet,
@@ -148,7 +149,7 @@ def save_gates(model: nn.Module, directory: Path, config, meta: dict) -> None:
     content = {"format_version": 1, **meta, "structural": info, "targets": {}}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_mask_files(directory, tensors, content)
+    write_tensors_with_json(directory, TENSORS_FILE, tensors, CONFIG_FILE, content)
 
 
 def is_structural(directory: Path) -> bool:

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eval.report import write_text_atomic
+from prune.core.atomic import staged_directory, write_text_atomic
 from prune.core.errors import UserInputError
 
 POINTER = "latest"
@@ -50,9 +50,17 @@ def save_checkpoint(
     """Write `directory/step-<step>/` and point `latest` at it; returns the checkpoint directory."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"step-{step}"
-    staging = directory / f".step-{step}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    with staged_directory(target) as staging:
+        _write_checkpoint(staging, step, trainable, optimizer, scheduler, extra)
+    write_text_atomic(directory / POINTER, target.name)
+    for old in directory.glob("step-*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write_checkpoint(staging: Path, step: int, trainable: dict[str, nn.Parameter], optimizer, scheduler,
+                      extra: dict) -> None:
     save_file({name: param.detach().cpu().contiguous() for name, param in trainable.items()}, staging / "masks.safetensors")
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
     optimizer_tensors["rng.torch"] = torch.get_rng_state()
@@ -67,13 +75,6 @@ def save_checkpoint(
         **extra,
     }
     (staging / "trainer_state.json").write_text(json.dumps(state))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    write_text_atomic(directory / POINTER, target.name)
-    for old in directory.glob("step-*"):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimizer, scheduler) -> dict:

@@ -20,12 +20,12 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from prune.core.atomic import write_safetensors_atomic
 from prune.training.checkpoint import load_checkpoint, save_checkpoint
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.config import TrainConfig
@@ -253,6 +253,4 @@ def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, pa
 
 
 def _save_params(path: Path, params: dict[str, nn.Parameter]) -> None:
-    staging = path.with_suffix(".partial")
-    save_file({name: param.detach().cpu().contiguous() for name, param in params.items()}, staging)
-    staging.replace(path)
+    write_safetensors_atomic(path, {name: param.detach().cpu().contiguous() for name, param in params.items()})

@@ -23,20 +23,18 @@ model from the base model and them, and `prune export` refuses.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from eval.flops import count_flops
-from eval.report import readable_mode
+from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.methods.gating.predictor import GatingMask, TargetRule, check_threshold
@@ -187,13 +185,8 @@ def save_gating(model: nn.Module, directory: Path, config: GatingConfig, meta: d
                           "in": layer.mask.predictor.in_features, "out": layer.mask.channels}
                    for name, layer in layers.items()},
     }
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        tensors = {name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model, config).items()}
-        save_file(tensors, os.path.join(staging, PREDICTORS_FILE))
-        Path(staging, GATING_FILE).write_text(json.dumps(info, indent=2))
-        os.chmod(os.path.join(staging, PREDICTORS_FILE), readable_mode())
-        os.replace(os.path.join(staging, PREDICTORS_FILE), directory / PREDICTORS_FILE)
-        os.replace(os.path.join(staging, GATING_FILE), directory / GATING_FILE)
+    tensors = {name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model, config).items()}
+    write_tensors_with_json(directory, PREDICTORS_FILE, tensors, GATING_FILE, info)
 
 
 def restore_gating(model: nn.Module, directory: Path, config: GatingConfig) -> nn.Module:
