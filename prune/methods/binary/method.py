@@ -19,7 +19,6 @@ gradients are damped; it is never added to the loss.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -28,9 +27,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from prune.models.blocks import LINEAR_TYPES, weight_matrix
-from prune.core.errors import UserInputError
 from prune.masks.base import Mask, Objective, hard_masks, mask_parameters, weight_masked, wrap, wrappers
 from prune.masks.storage import write_masks
+from prune.masks.targets import select_by_glob
 from prune.masks.with_peft import canonical_name
 from prune.core.config import MethodConfig
 from prune.methods.spec import MethodSpec
@@ -166,17 +165,8 @@ def binary_targets(model: nn.Module, patterns: list[str]) -> list[str]:
             candidates[name] = name
         elif isinstance(getattr(module, "base_layer", None), TARGET_TYPES):
             candidates[name] = f"{name}.base_layer"
-    selected: dict[str, None] = {}
-    for pattern in patterns:
-        hits = [target for name, target in candidates.items() if fnmatchcase(name, pattern)]
-        if not hits:
-            examples = ", ".join(list(candidates)[:4] + [name for name in candidates if "vision" in name][:4])
-            raise UserInputError(
-                f"target pattern {pattern!r} matches no Linear/Conv2d module; module names look like: {examples}. "
-                "Patterns are globs over the full name, e.g. '*vision_model.encoder.layers.*.self_attn.*_proj'."
-            )
-        selected.update(dict.fromkeys(hits))
-    return list(selected)
+    matched = select_by_glob(list(candidates), patterns, "Linear/Conv2d module", example=DEFAULT_TARGETS[0])
+    return [candidates[name] for name in matched]
 
 
 class BinaryObjective(Objective):

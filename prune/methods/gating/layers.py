@@ -30,6 +30,7 @@ from prune.models.blocks import LINEAR_TYPES, weight_matrix
 from prune.core.errors import UserInputError
 from prune.methods.gating.sparse_ffn import PackedFFN, ffn_flops, intermediate, output, pack_gated, pack_plain, sparse_ffn
 from prune.masks.base import MaskWrapper, wrappers
+from prune.masks.targets import select_by_glob
 from prune.methods.gating.predictor import GatingMask, uniform_targets
 
 FFN_KINDS = ("ffn_gated", "ffn_plain")
@@ -100,19 +101,14 @@ def select_units(model: nn.Module, patterns: list[str] | None) -> dict[str, Unit
     if patterns is None:
         ffns = {name: unit for name, unit in units.items() if unit.kind in FFN_KINDS}
         return ffns or units
-    chosen: dict[str, Unit] = {}
     modules = dict(model.named_modules())
-    for pattern in patterns:
-        hits = {name: unit for name, unit in units.items() if fnmatchcase(name, pattern)}
-        if not hits:
-            found = [describe(n, m) for n, m in modules.items() if fnmatchcase(n, pattern)][:3]
-            what = f"matches {'; '.join(found)}" if found else "matches no module"
-            raise UserInputError(
-                f"gating target pattern {pattern!r} {what}, which is not gateable: gating needs {EXPECTED}. "
-                f"Gateable modules here: {', '.join(list(units)[:4])}."
-            )
-        chosen.update(hits)
-    return chosen
+
+    def not_gateable(pattern: str) -> str:
+        found = [describe(name, module) for name, module in modules.items() if fnmatchcase(name, pattern)][:3]
+        return f" (it matches {'; '.join(found)}: gating needs {EXPECTED})" if found else ""
+
+    chosen = select_by_glob(list(units), patterns, "gateable module", example="*.mlp", explain=not_gateable)
+    return {name: units[name] for name in chosen}
 
 
 # -------------------------------------------------------------------------------------------------- wrappers
