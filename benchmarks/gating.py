@@ -43,7 +43,9 @@ PLOT = HERE / "gating-llm.png"
 # ------------------------------------------------------------------------------------------------------ CNN
 
 def run_cnn(args) -> dict:
-    from prune.models.digits_cnn import DigitsResNet, accuracy, classification_loss, conv_flops, digits_splits, pack_rows, train_classifier
+    from torch.utils.data import TensorDataset
+
+    from prune.models.digits_cnn import DigitsResNet, accuracy, classification_loss, conv_flops, digits_splits, train_classifier
     from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating
     from prune.training.config import TrainConfig
     from prune.training.trainer import train
@@ -55,7 +57,7 @@ def run_cnn(args) -> dict:
               "dense_train_s": time.perf_counter() - start,
               "dense_accuracy": accuracy(dense, data.test_x, data.test_y),
               "dense_conv_flops": conv_flops(dense, data.test_x), "rows": []}
-    rows = pack_rows(data.train_x, data.train_y)
+    rows = TensorDataset(data.train_x, data.train_y)
     for mode in args.cnn_modes:
         for threshold in args.cnn_thresholds:
             model = copy.deepcopy(dense)

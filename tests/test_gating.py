@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification
 
-from prune.models.digits_cnn import DigitsResNet, classification_loss, conv_bn, conv_flops, pack_rows, unpack_rows
+from prune.models.digits_cnn import DigitsResNet, classification_loss, conv_bn, conv_flops
 from prune.core.errors import UserInputError
 from prune.methods.gating.sparse_ffn import masked_dense, sparse_ffn
 from prune.masks.base import unwrap
@@ -260,7 +261,7 @@ def test_joint_mode_saves_the_trained_backbone_too(tmp_path):
     images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     cfg = config(mode="joint", backbone_lr_scale=1.0)
     objective = attach_gating(model, cfg)
-    train(model, objective, pack_rows(images, labels), TrainConfig(steps=3, batch_size=8, lr=0.01), tmp_path / "run",
+    train(model, objective, TensorDataset(images, labels), TrainConfig(steps=3, batch_size=8, lr=0.01), tmp_path / "run",
           task_loss=classification_loss)
     save_gating(model, tmp_path, cfg, {})
     restored = restore_gating(DigitsResNet(width=4, blocks=1).eval(), tmp_path, cfg)
@@ -367,9 +368,3 @@ def test_torchvision_style_conv_bn_pairs_are_gated_in_place():
     assert block(x)[:, 1:3].abs().sum() == 0
     unwrap(block)
     torch.testing.assert_close(block(x), expected)
-
-
-def test_image_rows_round_trip_for_the_trainer():
-    images, labels = torch.randn(5, 1, 8, 8), torch.tensor([0, 3, 9, 1, 7])
-    back_images, back_labels = unpack_rows(pack_rows(images, labels))
-    assert torch.equal(back_images, images) and torch.equal(back_labels, labels)

@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from prune.core.errors import UserInputError
 
 HIDDEN, HEADS, FFN, LAYERS = "hidden", "heads", "ffn", "layers"
-UNIT_KINDS = (HEADS, FFN, HIDDEN, LAYERS)
 Cost = Literal["none", "matmul", "attention"]
 Fold = Literal["none", "writer", "final_norm"]  # writer: scaled by hidden/layer values (and its units' values)
 
@@ -115,10 +114,6 @@ class Structure:
 
     def layer_name(self, index: int, relative: str = "") -> str:
         return f"{self.blocks}.{index}" + (f".{relative}" if relative else "")
-
-    def unit_count(self, kind: str) -> int:
-        """All units of a kind in the model (hidden: its width; layers: the depth)."""
-        return {HIDDEN: self.hidden, HEADS: sum(self.heads), FFN: sum(self.ffn), LAYERS: self.num_layers}[kind]
 
     def full_counts(self) -> Counts:
         return Counts(self.hidden, list(self.heads), list(self.ffn), [1] * self.num_layers)
