@@ -211,7 +211,7 @@ def _score(metrics: dict[str, Any], higher_is_better: dict[str, bool]) -> float 
     return None
 
 
-def accuracy(
+def task_accuracy(
     model,
     tokenizer,
     tasks: list[str],
@@ -230,7 +230,7 @@ def accuracy(
         tasks = [tasks]
     tasks = list(dict.fromkeys(tasks))  # de-duplicate, keep order
     if not tasks:
-        raise ValueError("accuracy() needs at least one task name")
+        raise ValueError("task_accuracy() needs at least one task name")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     if batch_size < 1:

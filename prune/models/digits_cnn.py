@@ -100,7 +100,7 @@ def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+def classifier_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     model.eval()
     correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(y), batch_size))

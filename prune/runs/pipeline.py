@@ -203,7 +203,7 @@ def _run_zero_shot(recipe: Recipe, spec, state, directory: Path, timings: dict, 
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
         def error(masked) -> float:
-            return 1.0 - zero_shot.accuracy(masked, data.heldout, data_config.batch_size, limit)
+            return 1.0 - zero_shot.zero_shot_accuracy(masked, data.heldout, data_config.batch_size, limit)
 
         with timed(timings, "train"):
             training = train(classifier, objective, data.train, recipe.train, directory, task_loss=zero_shot.classification_loss,

@@ -118,13 +118,13 @@ class Structure:
     def full_counts(self) -> Counts:
         return Counts(self.hidden, list(self.heads), list(self.ffn), [1] * self.num_layers)
 
-    def size(self, counts: Counts, measure: str = "params", seq_len: int = 512):
-        """Parameters (`measure="params"`) or FLOPs of one [1, seq_len] forward for the given kept counts."""
-        if measure not in ("params", "flops"):
-            raise ValueError(f"measure must be params or flops, got {measure!r}")
+    def size(self, counts: Counts, quantity: str = "params", seq_len: int = 512):
+        """Parameters (`quantity="params"`) or FLOPs of one [1, seq_len] forward for the given kept counts."""
+        if quantity not in ("params", "flops"):
+            raise ValueError(f"quantity must be params or flops, got {quantity!r}")
 
         def weight(entry: Entry) -> int:
-            if measure == "params":
+            if quantity == "params":
                 return int(entry.params and entry.name is not None)
             return entry.flops_factor(seq_len)
 

@@ -2,12 +2,12 @@
 
 Per input, a small predictor per gated layer chooses which output channels (Conv2d+BN blocks) or FFN
 intermediate neurons (per token) to compute; the rest are skipped. The predictors learn by binary
-cross-entropy against self-supervised targets from the unmasked layer (prune.methods.gating.predictor); the
+cross-entropy against self-supervised labels from the unmasked layer (prune.methods.gating.predictor); the
 wrappers and the sparse FFN path are in prune.methods.gating.layers and prune.methods.gating.sparse_ffn.
 
 Training uses the one trainer, which optimizes mask parameters only: each gate owns its predictor, so exactly
 the predictors train. The loss the trainer adds is `regularizer(model)` = w x mean over gated layers of the
-BCE between the logits and targets the wrappers recorded in that forward; w drops to 0 once `cooldown` of
+BCE between the logits and labels the wrappers recorded in that forward; w drops to 0 once `cooldown` of
 the steps have passed.
 - decoupled (default): the predictor's input is detached and the backbone frozen; the mask is computed
   without gradient, so the task loss the trainer also computes has no path to the predictors -- their
@@ -37,8 +37,8 @@ from eval.flops import count_flops
 from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
-from prune.methods.gating.predictor import GatingMask, TargetRule, check_threshold
-from prune.methods.gating.layers import accounting, bypassed, gate_units, gated_layers, select_units, summarize
+from prune.methods.gating.predictor import GatingMask, LabelRule, check_threshold
+from prune.methods.gating.layers import accounting, bypassed, gate_sites, gated_layers, select_gate_sites, summarize
 from prune.core.config import MethodConfig
 from prune.methods.spec import MethodSpec
 
@@ -68,7 +68,7 @@ class GatingConfig(MethodConfig):
     """
 
     sparsity: str | float = Field(0.5, description="target: uniform only -- the fraction of channels skipped")
-    target: Literal["mass", "uniform"] = Field("mass", description="how the BCE targets are chosen")
+    target: Literal["mass", "uniform"] = Field("mass", description="how the BCE labels are chosen")
     threshold: float = Field(0.9, description="r in (0, 1]: the activation mass the kept channels may hold")
     mode: Literal["decoupled", "joint"] = "decoupled"
     loss_weight: float = Field(1.0, ge=0, description="w, the weight of the BCE loss")
@@ -94,9 +94,9 @@ class GatingConfig(MethodConfig):
             raise ValueError(f"target: uniform needs method.sparsity as a fraction such as 0.5, not {self.sparsity!r}.")
         return self
 
-    def rule(self) -> TargetRule:
+    def rule(self) -> LabelRule:
         fraction = self.pattern.fraction if self.target == "uniform" else 0.0
-        return TargetRule(self.target, self.threshold, fraction)
+        return LabelRule(self.target, self.threshold, fraction)
 
     def target_label(self) -> str:
         return f"r={self.threshold:g}" if self.target == "mass" else f"uniform {self.pattern}"
@@ -107,7 +107,7 @@ class GatingConfig(MethodConfig):
 
 
 class GatingObjective(Objective):
-    """w x mean BCE(logits, targets) over the gated layers of the last forward; w = 0 after the cooldown."""
+    """w x mean BCE(logits, labels) over the gated layers of the last forward; w = 0 after the cooldown."""
 
     def __init__(self, config: GatingConfig, masks: list[GatingMask], backbone: list[nn.Parameter]):
         self.config = config
@@ -124,13 +124,13 @@ class GatingObjective(Objective):
         records = [record for record in (mask.take_record() for mask in self.masks) if record is not None]
         if not records:
             return torch.zeros(())
-        losses = torch.stack([F.binary_cross_entropy_with_logits(r.logits.float(), r.targets.float())
+        losses = torch.stack([F.binary_cross_entropy_with_logits(r.logits.float(), r.labels.float())
                               for r in records])
         with torch.no_grad():  # logged on the next step's line
             self.last = {
                 "bce": float(losses.mean()),
                 "keep": float(torch.stack([r.keep.float().mean() for r in records]).mean()),
-                "target_keep": float(torch.stack([r.targets.float().mean() for r in records]).mean()),
+                "target_keep": float(torch.stack([r.labels.float().mean() for r in records]).mean()),
             }
         return self.weight * losses.mean()
 
@@ -144,16 +144,16 @@ def _device(module: nn.Module) -> torch.device:
 
 def attach_gating(model: nn.Module, config: GatingConfig | None = None, calibration: Tensor | None = None
                   ) -> GatingObjective:
-    """Wrap every selected unit with a gate (predictor initialized to keep everything); return the objective."""
+    """Wrap every selected site with a gate (predictor initialized to keep everything); return the objective."""
     config = config or GatingConfig(name="gating")
-    units = select_units(model, config.targets)
+    sites = select_gate_sites(model, config.targets)
     rule = config.rule()
 
     def make_mask(in_features: int, out_features: int) -> GatingMask:
         return GatingMask(in_features, out_features, rule, softmax=config.softmax, rank=config.predictor_rank,
                           detach_input=config.mode == "decoupled", init_bias=config.init_bias)
 
-    layers = gate_units(model, units, make_mask, train_masked=config.train_masked, max_union=config.max_union)
+    layers = gate_sites(model, sites, make_mask, train_masked=config.train_masked, max_union=config.max_union)
     for layer in layers.values():
         layer.mask.to(_device(layer.base)).eval()  # gates act as at inference until the trainer turns them on
     masks = [layer.mask for layer in layers.values()]
