@@ -51,6 +51,9 @@ class StructuralBudgetConfig(MethodConfig):
     """Keys every structural method shares: a size/FLOPs target instead of an N:M/fraction sparsity."""
 
     sparsity: str | float | None = Field(None, description="unused: the budget is `target` (a fraction here means params)")
+    targets: list[str] | None = Field(None, description="unused: structural methods prune units (see `units`), not "
+                                      "chosen linears")
+    skip_incompatible: bool = Field(False, description="unused: no N:M groups here")
     target: dict[str, float] = Field(default_factory=lambda: {"params": 0.5},
                                      description="{params: t} or {flops: t}: the share removed")
     flops_seq_len: int = Field(512, ge=1, description="sequence length at which FLOPs are counted")

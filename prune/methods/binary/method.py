@@ -109,30 +109,23 @@ def masked_fractions(model: nn.Module) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ config + attach
 
 class BinaryConfig(MethodConfig):
-    """R-AMT's binary mask tuning on a frozen CLIP. Sample YAML, every default spelled out:
-
-        method:
-          name: binary
-          targets: ["*vision_model.encoder.layers.*.self_attn.*_proj", "*vision_model.embeddings.patch_embedding"]
-          init_score: 0.01        # every score starts here, above the threshold: step 0 is the zero-shot model
-          threshold: 0.005        # weight kept where its score > threshold
-          score_reg: 0.0001       # weight of the L2 norm (not squared) of all scores
-          gradient_dropout: 0.3   # lambda; 0 turns gradient dropout off (plain straight-through scores)
-          kl_temperature: 1.0     # temperature of the KL to the zero-shot predictions
+    """R-AMT's binary mask tuning on a frozen CLIP.
 
     Targets are globs over module names (nn.Linear and nn.Conv2d); e.g. add "*vision_model.encoder.layers.*.mlp.*"
     for the image MLPs or "*text_model.encoder.layers.*.self_attn.*_proj" for the text encoder. Inside a peft
-    model the mask goes on each LoRA layer's frozen `base_layer`. `sparsity` does not apply: how much is
-    masked is learned, and reported.
+    model the mask goes on each LoRA layer's frozen `base_layer`.
     """
 
-    name: str = "binary"
+    name: str = Field("binary", description="the method")
+    sparsity: str | float = Field("2:4", description="unused: how much is masked is learned, and reported")
     targets: list[str] | None = Field(default_factory=lambda: list(DEFAULT_TARGETS),
                                       description="glob patterns over module names (Linear, Conv2d)")
-    init_score: float = Field(1e-2, description="initial score of every weight")
+    init_score: float = Field(1e-2, description="initial score of every weight, above the threshold: step 0 is "
+                              "the zero-shot model")
     threshold: float = Field(5e-3, description="a weight is kept where its score exceeds this")
     score_reg: float = Field(1e-4, ge=0, description="weight of the L2 norm (not squared) of the scores")
-    gradient_dropout: float = Field(0.3, ge=0, le=1, description="lambda of gradient dropout (0: off)")
+    gradient_dropout: float = Field(0.3, ge=0, le=1, description="lambda of gradient dropout (0: off, plain "
+                                    "straight-through scores)")
     kl_temperature: float = Field(1.0, gt=0, description="temperature of the KL to the zero-shot model")
 
     @model_validator(mode="after")

@@ -49,36 +49,28 @@ REPORT_WINDOWS = 32  # held-out windows measured for the per-token FLOPs and mas
 
 
 class GatingConfig(MethodConfig):
-    """Dynamic gating (FTWT). Sample YAML:
+    """Dynamic gating (FTWT): a predictor per gated layer picks, per input, the channels to compute."""
 
-        method:
-          name: gating
-          targets: ["*.mlp"]       # default: every transformer FFN, else every Conv2d+BN block
-          target: mass             # mass: keep k(x) channels holding <= r of the activation mass; uniform: fixed
-          threshold: 0.9           # r in (0, 1]
-          sparsity: 0.5            # target: uniform only -- the fraction of channels each input skips
-          mode: decoupled          # decoupled (predictor input detached, backbone frozen) | joint
-          loss_weight: 1.0         # w, the weight of the BCE loss
-          cooldown: 1.0            # w drops to 0 after this fraction of the steps (FTWT: 0.5 in joint mode)
-          softmax: true            # softmax over the pooled input channels before the linear map (FTWT)
-          predictor_rank: null     # null: one linear map (FTWT); an int: a low-rank pair, cheaper for wide FFNs
-          train_masked: true       # training forward passes the masked output on (FTWT's code does)
-          max_union: 0.9           # FFN sparse path: above this union of selected neurons, run masked dense
-          backbone_lr_scale: 0.1   # joint mode: the backbone's learning rate is train.lr times this
-    """
-
-    sparsity: str | float = Field(0.5, description="target: uniform only -- the fraction of channels skipped")
-    target: Literal["mass", "uniform"] = Field("mass", description="how the BCE labels are chosen")
+    sparsity: str | float = Field(0.5, description="target: uniform only -- the fraction of channels each input skips")
+    targets: list[str] | None = Field(None, description="glob patterns over module names, e.g. ['*.mlp'] (null: "
+                                      "every transformer FFN, else every Conv2d+BN block); every pattern must match")
+    target: Literal["mass", "uniform"] = Field("mass", description="how the BCE labels are chosen: mass keeps the k(x) "
+                                               "channels holding <= r of the activation mass, uniform a fixed share")
     threshold: float = Field(0.9, description="r in (0, 1]: the activation mass the kept channels may hold")
-    mode: Literal["decoupled", "joint"] = "decoupled"
+    mode: Literal["decoupled", "joint"] = Field("decoupled", description="decoupled: predictor input detached, "
+                                                "backbone frozen; joint: the backbone trains too")
     loss_weight: float = Field(1.0, ge=0, description="w, the weight of the BCE loss")
-    cooldown: float = Field(1.0, gt=0, le=1, description="fraction of the steps after which w drops to 0")
-    softmax: bool = Field(True, description="softmax over the pooled input channels (FTWT)")
-    predictor_rank: int | None = Field(None, ge=1, description="low-rank predictor; null: one linear map")
+    cooldown: float = Field(1.0, gt=0, le=1, description="fraction of the steps after which w drops to 0 (FTWT: 0.5 "
+                            "in joint mode)")
+    softmax: bool = Field(True, description="softmax over the pooled input channels before the linear map (FTWT)")
+    predictor_rank: int | None = Field(None, ge=1, description="null: one linear map (FTWT); an int: a low-rank pair, "
+                                       "cheaper for wide FFNs")
     init_bias: float = Field(3.0, description="initial logit of every channel (positive: start dense)")
-    train_masked: bool = Field(True, description="training forward passes the masked output on")
-    max_union: float = Field(0.9, ge=0, le=1, description="FFN sparse path: masked dense above this union")
-    backbone_lr_scale: float = Field(0.1, gt=0, description="joint mode: backbone lr = train.lr x this")
+    train_masked: bool = Field(True, description="training forward passes the masked output on (FTWT's code does)")
+    max_union: float = Field(0.9, ge=0, le=1, description="FFN sparse path: above this union of selected neurons, "
+                             "run masked dense")
+    backbone_lr_scale: float = Field(0.1, gt=0, description="joint mode: the backbone's learning rate is train.lr "
+                                     "times this")
 
     @field_validator("threshold")
     @classmethod

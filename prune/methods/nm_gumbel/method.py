@@ -166,36 +166,25 @@ class NMGumbelLinear(WeightMasked):
 # ------------------------------------------------------------------------------------------ config + attach
 
 class NMGumbelConfig(MethodConfig):
-    """MaskLLM's learnable N:M masks (Gumbel-softmax over the C(M,N) candidates of each group). Sample YAML,
-    every default spelled out (MaskLLM's scripts: tau 4 -> 0.05, kappa 1e2 -> 5e2, prior strength 3,
-    weight regularization 1e-5):
+    """MaskLLM's learnable N:M masks (Gumbel-softmax over the C(M,N) candidates of each group); the logits are
+    what trains, with MaskPrune's one trainer (`train.steps`). The defaults are MaskLLM's scripts': tau 4 -> 0.05,
+    kappa 1e2 -> 5e2, prior strength 3, weight regularization 1e-5."""
 
-        method:
-          name: nm_gumbel
-          sparsity: 2:4              # N:M only (any N < M)
-          prior: sparsegpt           # sparsegpt | wanda | magnitude | none | a run directory (mask transfer)
-          prior_strength: 3.0        # prior candidate raised by strength * init_std (noise-free logits)
-          init_std: 0.01             # logit scale: unit of the prior shift; std of the init with prior none
-          tau_start: 4.0             # Gumbel-softmax temperature, annealed to tau_end
-          tau_end: 0.05
-          kappa_start: 100.0         # logit scale factor, annealed to kappa_end
-          kappa_end: 500.0
-          schedule: linear           # linear | cosine | constant, for tau and kappa
-          sparse_weight_reg: 1.0e-5  # loss -= lambda * (1 - t/T) * sum ||W ⊙ soft||^2 (0: off)
-          prior_update_weights: false  # apply SparseGPT's weight update (prior: sparsegpt) before learning
-        train: {steps: 500}          # the logits are what trains (MaskPrune's one trainer)
-    """
-
-    prior: str = Field("sparsegpt", description="initial mask: sparsegpt | wanda | magnitude | none | a run directory")
-    prior_strength: float = Field(3.0, ge=0, description="the prior candidate's lead, in units of init_std")
+    sparsity: str | float = Field("2:4", description="N:M only (any N < M)")
+    prior: str = Field("sparsegpt", description="initial mask: sparsegpt | wanda | magnitude | none | a run directory "
+                       "(mask transfer)")
+    prior_strength: float = Field(3.0, ge=0, description="the prior candidate's lead, in units of init_std "
+                                  "(noise-free logits)")
     init_std: float = Field(0.01, gt=0, description="logit scale: the prior shift's unit; init std with prior none")
     tau_start: float = Field(4.0, description="Gumbel-softmax temperature at step 0")
     tau_end: float = Field(0.05, description="Gumbel-softmax temperature at the last step")
     kappa_start: float = Field(100.0, description="logit scale factor at step 0")
     kappa_end: float = Field(500.0, description="logit scale factor at the last step")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="how tau and kappa move")
-    sparse_weight_reg: float = Field(1e-5, ge=0, description="lambda of the sparse-weight regularizer (0: off)")
-    prior_update_weights: bool = Field(False, description="apply SparseGPT's weight update to the frozen weights")
+    sparse_weight_reg: float = Field(1e-5, ge=0, description="lambda: loss -= lambda * (1 - t/T) * sum ||W ⊙ soft||^2 "
+                                     "(0: off)")
+    prior_update_weights: bool = Field(False, description="apply SparseGPT's weight update (prior: sparsegpt) to the "
+                                       "frozen weights before learning")
 
     @field_validator("tau_start", "tau_end", "kappa_start", "kappa_end")
     @classmethod

@@ -32,15 +32,17 @@ from prune.structural.layout import FFN, HEADS, Counts, Structure, structure_of
 
 
 class BaselineUnits(StrictConfig):
+    """Which structural units the baseline removes."""
+
     heads: bool = Field(True, description="remove attention head units")
     ffn: bool = Field(True, description="remove FFN neurons")
 
 
 class StructuredConfig(StructuralBudgetConfig):
-    """Sample YAML: `method: {name: structured, score: activation, target: {params: 0.5}}`"""
+    """One-shot structured baseline: units ranked by a score, the same share removed in every layer."""
 
     score: Literal["magnitude", "activation"] = Field("magnitude", description="weight L2 norm, or Wanda-style |W|*||X||")
-    units: BaselineUnits = Field(default_factory=BaselineUnits)
+    units: BaselineUnits = Field(default_factory=BaselineUnits, description="which structural units are removed")
 
     def kinds(self) -> set[str]:
         return {kind for kind, on in ((HEADS, self.units.heads), (FFN, self.units.ffn)) if on}

@@ -99,33 +99,20 @@ class Units(StrictConfig):
 
 
 class VIBConfig(StructuralBudgetConfig):
-    """VIB structured pruning. Sample YAML, every default spelled out:
+    """VIB structured pruning, trained to a size budget. A recipe usually also sets `export.round_to` (kept
+    FFN / hidden sizes rounded to a multiple) and `train` (steps, lr): see recipes/smollm2-135m/vib-50.yaml."""
 
-        method:
-          name: vib
-          target: {params: 0.5}       # or {flops: 0.5}: the share removed
-          units: {heads: true, ffn: true, hidden: true, layers: false}
-          kl_weight: 1.0              # weight of the mean KL per unit
-          mu_init: 1.0
-          log_sigma2_init: -9.0
-          keep_temperature: 1.0       # P(keep) = sigmoid(-log alpha / T) in the expected size
-          log_sigma2_lr_scale: 4.0    # log sigma^2 step size relative to train.lr (it lives in log space)
-          target_warmup: 0.5          # share of the steps over which the target rises linearly from 0
-          lagrangian_lr_scale: 10.0   # lambda1, lambda2 step size relative to train.lr
-          budget_value: hard          # s in the Lagrangian: hard share (straight-through) or expected
-          flops_seq_len: 512
-        export: {round_to: 64}        # optional: kept FFN / hidden sizes rounded to a multiple
-        train: {steps: 400, lr: 0.05}
-    """
-
-    units: Units = Field(default_factory=Units)
+    units: Units = Field(default_factory=Units, description="which structural units are gated")
     kl_weight: float = Field(1.0, ge=0, description="weight of the mean KL per unit")
     mu_init: float = Field(1.0, description="initial gate mean")
     log_sigma2_init: float = Field(-9.0, description="initial gate log variance")
-    keep_temperature: float = Field(1.0, gt=0, description="temperature of P(keep) in the expected size")
-    log_sigma2_lr_scale: float = Field(4.0, gt=0, description="log sigma^2 learning rate relative to train.lr")
-    target_warmup: float = Field(0.5, ge=0, le=1, description="share of the steps for the linear target warmup")
-    lagrangian_lr_scale: float = Field(10.0, gt=0, description="multipliers' learning rate relative to train.lr")
+    keep_temperature: float = Field(1.0, gt=0, description="T in P(keep) = sigmoid(-log alpha / T), used in the "
+                                    "expected size")
+    log_sigma2_lr_scale: float = Field(4.0, gt=0, description="log sigma^2 learning rate relative to train.lr (it "
+                                       "lives in log space)")
+    target_warmup: float = Field(0.5, ge=0, le=1, description="share of the steps over which the target rises "
+                                 "linearly from 0")
+    lagrangian_lr_scale: float = Field(10.0, gt=0, description="lambda1, lambda2 learning rate relative to train.lr")
     budget_value: Literal["hard", "expected"] = Field(
         "hard", description="the Lagrangian's s: the hard share with the expected share's gradient, or the expected share")
 
