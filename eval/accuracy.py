@@ -86,8 +86,8 @@ def _local_task_manager():
 
 @functools.lru_cache(maxsize=1)
 def _full_task_manager():
-    """lm-eval's whole registry plus ours: indexing ~15k YAMLs takes 5-15 s, so it is built once
-    and only when a non-local task is asked for."""
+    """lm-eval's whole registry plus ours: indexing its task YAMLs takes seconds (benchmarks/RESULTS.md,
+    `code_figures`), so it is built once and only when a non-local task is asked for."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=True)

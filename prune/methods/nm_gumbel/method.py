@@ -11,9 +11,9 @@ Prior (MaskLLM's rule, our code): candidate c of a group whose prior keeps the s
 prior_strength * sigma, a candidate sharing one kept position fewer is left alone, and every further
 position of disagreement lowers it by another prior_strength * sigma (for 2:4 this is MaskLLM's
 `(priors - 1) * gate.std() * strength`). MaskLLM adds this to N(0, 0.01^2) logits and uses their std as
-sigma; with prior strength 3 the noise then lets another candidate win ~5.5% of groups at step 0, which
-wrecks the prior (SmolLM2: perplexity 60 -> 431). We therefore start from noise-free logits equal to the
-shift, with sigma = `init_std` (0.01, the std of MaskLLM's init): the prior candidate beats every other
+sigma; with prior strength 3 the noise then hands a share of the groups to another candidate at step 0, which
+wrecks the prior (benchmarks/RESULTS.md, section `code_figures`). We therefore start from noise-free logits
+equal to the shift, with sigma = `init_std` (0.01, the std of MaskLLM's init): the prior candidate beats every other
 one by at least prior_strength * sigma in every group, so the hard mask at step 0 is the prior exactly,
 and the scaled logits kappa * logits have the same spread as MaskLLM's. Exploration comes from the
 Gumbel noise of each forward, not from the init. Without a prior (`prior: none`) the logits are drawn from
@@ -45,8 +45,8 @@ from prune.core.sparsity import Sparsity, parse_sparsity
 
 ONESHOT_PRIORS = ("sparsegpt", "wanda", "magnitude")
 MAX_CANDIDATES = 256
-# stored Gumbel noise: bfloat16 converts ~10x faster than float16 on CPU; a relative rounding of 2^-9 of
-# the noise is immaterial next to the logit gaps it perturbs
+# stored Gumbel noise: bfloat16 converts faster than float16 on CPU (benchmarks/RESULTS.md, `code_figures`); a
+# relative rounding of 2^-9 of the noise is immaterial next to the logit gaps it perturbs
 NOISE_DTYPE = torch.bfloat16
 
 
@@ -85,7 +85,7 @@ class NMGumbelMask(Mask):
         # The backward needs the forward's Gumbel noise: kept as bfloat16 (3 bytes per weight for 2:4), or
         # redrawn from its seed (nothing kept, one more RNG pass). None: keep it on CPU, where the generator
         # is the costliest part of the mask's work, redraw it on accelerators, where RNG is cheap and memory
-        # is not. On SmolLM2-135M (CPU): step 1.31x vs 1.43x a dense step, peak RSS 1.48x vs 1.32x.
+        # is not. Step time and peak memory of both: benchmarks/RESULTS.md, section `nm_step`.
         self.store_noise = store_noise
 
     @property
