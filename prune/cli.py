@@ -32,9 +32,9 @@ def _eval(args: argparse.Namespace) -> None:
     from prune.tasks.eval_config import EvalConfig
     from prune.runs.report import COLUMNS, summary_row
 
-    target = Path(args.model)
-    is_run = (target / run_dir.RECIPE_FILE).is_file() and (target / run_dir.MODEL_DIR).is_dir()
-    spec = str(target / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
+    given = Path(args.model)
+    is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
+    spec = str(given / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
     model, tokenizer = load_model(spec)
     data = DataConfig(source=args.data, seq_len=args.seq_len)
     config = EvalConfig(tasks=args.tasks, limit=args.limit, latency=not args.no_latency)

@@ -29,9 +29,9 @@ def export_run(directory: str | Path) -> Path:
     if is_structural(directory):  # heads / neurons / hidden / layers: the smaller model, rebuilt from the decisions
         model, tokenizer = load_model(recipe.model)
         load_gates(model, directory)
-        target = directory / run_dir.MODEL_DIR
-        run_dir.save_model_atomic(export_gated(model, recipe.method), tokenizer, target)
-        return target
+        model_dir = directory / run_dir.MODEL_DIR
+        run_dir.save_model_atomic(export_gated(model, recipe.method), tokenizer, model_dir)
+        return model_dir
     _, meta = read_masks(directory)
     if meta.get("weights_changed"):
         raise UserInputError(
@@ -41,6 +41,6 @@ def export_run(directory: str | Path) -> Path:
     model, tokenizer = load_model(recipe.model, task=recipe.task)  # a CLIP run: the model and its processor
     load_masks(model, directory)
     merge(model)
-    target = directory / run_dir.MODEL_DIR
-    run_dir.save_model_atomic(model, tokenizer, target)
-    return target
+    model_dir = directory / run_dir.MODEL_DIR
+    run_dir.save_model_atomic(model, tokenizer, model_dir)
+    return model_dir

@@ -49,14 +49,14 @@ def save_checkpoint(
 ) -> Path:
     """Write `directory/step-<step>/` and point `latest` at it; returns the checkpoint directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"step-{step}"
-    with staged_directory(target) as staging:
+    checkpoint = directory / f"step-{step}"
+    with staged_directory(checkpoint) as staging:
         _write_checkpoint(staging, step, trainable, optimizer, scheduler, extra)
-    write_text_atomic(directory / POINTER, target.name)
+    write_text_atomic(directory / POINTER, checkpoint.name)
     for old in directory.glob("step-*"):
-        if old != target:
+        if old != checkpoint:
             shutil.rmtree(old, ignore_errors=True)
-    return target
+    return checkpoint
 
 
 def _write_checkpoint(staging: Path, step: int, trainable: dict[str, nn.Parameter], optimizer, scheduler,
