@@ -88,7 +88,7 @@ class Counters:
         self.calls = {"collect_stats": 0, "prune_layerwise": 0, "pipeline": 0, "prune_from_stats": [], "load": 0}
         for owner, name, key in [(calibration, "collect_stats", "collect_stats"),
                                  (calibration, "prune_layerwise", "prune_layerwise"),
-                                 (prune.runs.pipeline, "run", "pipeline"), (prune.sweep.shared, "load", "load")]:
+                                 (prune.runs.pipeline, "run", "pipeline"), (prune.sweep.shared, "load_model", "load")]:
             patch.setattr(owner, name, self._count(getattr(owner, name), key))
         original = prune.sweep.shared.prune_from_stats
 
