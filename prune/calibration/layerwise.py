@@ -22,6 +22,11 @@ The sequential scheme of SparseGPT/Wanda, with memory bounded by one block's act
 
 `make_stats=None` (magnitude) runs no forward at all and, with `restore=True`, never writes a weight.
 Hooks are removed and the train/eval mode is restored in `finally` blocks.
+
+Sequential onloading: with a `placement` (see prune.calibration.placement), each block is brought onto the work
+device (or read from disk) by `placement.onload` just before its statistics, and handed back by
+`placement.offload` right after its outputs are written, so the work device holds one block plus its
+activations, never the model. Blocks after the last targeted one are neither onloaded nor run.
 """
 from __future__ import annotations
 
@@ -35,6 +40,16 @@ from tqdm.auto import tqdm
 
 from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
 from prune.core.errors import UserInputError
+
+
+class BlockPlacement(Protocol):
+    """Where a decoder block's weights live between its turns (RAM, disk) and how it reaches the work device."""
+
+    def onload(self, index: int, block: nn.Module) -> None:
+        """Make block `index`'s weights real on the work device."""
+
+    def offload(self, index: int, block: nn.Module) -> None:
+        """Block `index` is done (pruned, outputs written): move it off the work device."""
 
 
 class Accumulator(Protocol):
@@ -69,16 +84,27 @@ def prune_layerwise(
     batch_size: int = 1,
     restore: bool = True,
     progress: bool = True,
+    placement: BlockPlacement | None = None,
+    keep_results: bool = True,
 ) -> LayerwiseResult:
-    """Prune `target_names` of `model` block by block on `calib_blocks` (LongTensor [n, seq_len])."""
+    """Prune `target_names` of `model` block by block on `calib_blocks` (LongTensor [n, seq_len]).
+    `keep_results=False` (with `restore=False`) keeps no mask or updated weight in the result: the pruned weights
+    carry them, and a streamed model's masks would not fit in memory."""
     modules = _resolve_targets(model, target_names)
     result = LayerwiseResult()
-    if make_stats is None:
+    if make_stats is None and placement is None:
         with torch.no_grad():
             for name, module in modules.items():
                 _prune_one(name, module, None, prune_module, result, apply=not restore, originals=None)
         return result
+    if make_stats is None:
+        return _prune_placed_without_data(model, modules, prune_module, result, placement, restore, keep_results)
     blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
+    if placement is not None and outside:
+        raise UserInputError(
+            f"targets outside the decoder blocks ({', '.join(outside[:3])}) cannot be pruned with runtime.offload; "
+            "narrow method.targets to the blocks, or use runtime.offload: none."
+        )
 
     originals: dict[str, Tensor] | None = {} if restore else None
     was_training = model.training
@@ -89,13 +115,19 @@ def prune_layerwise(
                 acts, calls = _capture_block_inputs(model, blocks[0], batches)
                 for index in tqdm(range(last + 1), desc="pruning blocks", disable=not progress):
                     block, names = blocks[index], per_block[index]
+                    if placement is not None:
+                        placement.onload(index, block)
                     if names:
                         stats = _collect(modules, names, make_stats, lambda: _run_block(block, acts, calls, False))
                         for name in names:
                             _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
+                            if not keep_results:
+                                _forget(result, name)
                         del stats
                     if index < last:
                         _run_block(block, acts, calls, write=True)
+                    if placement is not None:
+                        placement.offload(index, block)
                 del acts, calls
             if outside:
                 stats = _collect(modules, outside, make_stats, _whole_model_runner(model, batches))
@@ -108,6 +140,29 @@ def prune_layerwise(
                     modules[name].weight.copy_(original)
         model.train(was_training)
     return result
+
+
+def _prune_placed_without_data(model, modules, prune_module, result, placement: BlockPlacement, restore: bool,
+                               keep_results: bool) -> LayerwiseResult:
+    """Data-free pruning (magnitude) of placed blocks: onload each block, prune its targets, offload."""
+    blocks_name, blocks = find_blocks(model)
+    with torch.no_grad():
+        for index, block in enumerate(blocks):
+            names = [name for name in modules if _block_index(name, blocks_name, len(blocks)) == index]
+            if not names:
+                continue
+            placement.onload(index, block)
+            for name in names:
+                _prune_one(name, modules[name], None, prune_module, result, apply=not restore, originals=None)
+                if not keep_results:
+                    _forget(result, name)
+            placement.offload(index, block)
+    return result
+
+
+def _forget(result: LayerwiseResult, name: str) -> None:
+    result.masks.pop(name, None)
+    result.weights.pop(name, None)
 
 
 def _whole_model_runner(model: nn.Module, batches: list[Tensor]) -> Callable[[], None]:

@@ -25,6 +25,7 @@ from prune.core.errors import UserInputError
 from prune.masks.base import achieved_sparsity
 from prune.tasks.causal_lm import measure
 from prune.runs.loading import load_model
+from prune.runs.placed import attach_kwargs, place, prepare_runtime, run_streamed
 from prune.runs.recipe import Recipe
 from prune.methods.registry import get_method
 from prune.runs.report import write_report
@@ -49,6 +50,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
         raise UserInputError(f"method {spec.name!r} is one-shot; train.steps applies to learnable methods only.")
     if resume and spec.kind == "oneshot":
         raise UserInputError(f"method {spec.name!r} is one-shot and has nothing to resume; run without --resume.")
+    runtime = prepare_runtime(recipe)
     state = PartialState()
     directory = Path(recipe.output)
     if state.is_main_process:
@@ -57,10 +59,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
     timings: dict[str, float] = {}
     if recipe.task == zero_shot.TASK:
         return _run_zero_shot(recipe, spec, state, directory, timings, resume)
+    if runtime.streams:
+        return run_streamed(recipe, runtime, directory, timings, timed)
     seq_len = recipe.data.seq_len
 
     with timed(timings, "load"):
-        model, tokenizer = load_model(recipe.model)
+        model, tokenizer = load_model(recipe.model, runtime.dtype)
+        model = place(model, runtime)
         data = recipe.data
         splits = prepare(
             tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
@@ -75,7 +80,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
             dense = _dense_figures(model, tokenizer, splits, recipe, directory, resume)
 
     with timed(timings, "prune"):
-        objective = spec.attach(model, recipe.method, calibration)
+        objective = spec.attach(model, recipe.method, calibration, **attach_kwargs(spec, runtime))
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
         with timed(timings, "train"):

@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from prune.core.errors import UserInputError
 from prune.core.config import MethodConfig, StrictConfig
 from prune.methods.registry import get_method
+from prune.models.runtime import RuntimeConfig
 from prune.data.images import ImageDataConfig
 from prune.tasks.eval_config import EvalConfig
 from prune.training.config import TrainConfig
@@ -64,6 +65,7 @@ class Recipe(StrictConfig):
     train: TrainConfig = Field(default_factory=TrainConfig, description="the trainer (learnable methods)")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="which figures to measure")
     export: ExportConfig = Field(default_factory=ExportConfig, description="what model/ holds")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="where and how the model runs")
     output: str | None = Field(None, description="run directory (default: runs/<recipe name>)")
     seed: int = Field(0, description="seed of calibration sampling and everything else the run draws")
 

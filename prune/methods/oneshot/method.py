@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from prune.models.blocks import in_out_features, weight_matrix
-from prune.calibration.layerwise import prune_layerwise
+from prune.calibration.layerwise import BlockPlacement, MakeStats, prune_layerwise
 from prune.masks.base import attach_hard_masks
 from prune.masks.targets import method_targets
 from prune.methods.oneshot.magnitude import magnitude_scores
@@ -34,17 +34,18 @@ class OneShotResult:
 
 
 def magnitude(model: nn.Module, target_names: list[str], sparsity: Sparsity, granularity: str = "layer",
-              *, progress: bool = True) -> OneShotResult:
+              *, progress: bool = True, placement: BlockPlacement | None = None) -> OneShotResult:
     """Keep the largest |W|; no calibration data, no forward pass, no weight written."""
     def prune(name, module, stats):
         return mask_from_scores(magnitude_scores(weight_matrix(module)), sparsity, granularity), None
 
-    result = prune_layerwise(model, target_names, prune, None, progress=progress)
+    result = prune_layerwise(model, target_names, prune, None, progress=progress, placement=placement)
     return OneShotResult(result.masks)
 
 
 def wanda(model: nn.Module, target_names: list[str], sparsity: Sparsity, granularity: str = "row",
-          calib_blocks: Tensor | None = None, *, batch_size: int = 1, progress: bool = True) -> OneShotResult:
+          calib_blocks: Tensor | None = None, *, batch_size: int = 1, progress: bool = True,
+          placement: BlockPlacement | None = None) -> OneShotResult:
     """Wanda: keep the largest |W_ij| * ||X_j||; per output row by default, as in the paper."""
     def prune(name, module, stats: WandaStats):
         scores = wanda_scores(weight_matrix(module), stats.input_sq_norm())
@@ -54,13 +55,13 @@ def wanda(model: nn.Module, target_names: list[str], sparsity: Sparsity, granula
         return WandaStats(in_out_features(module)[0])
 
     result = prune_layerwise(model, target_names, prune, make_stats, calib_blocks,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, placement=placement)
     return OneShotResult(result.masks)
 
 
 def sparsegpt(model: nn.Module, target_names: list[str], sparsity: Sparsity, calib_blocks: Tensor, *,
               blocksize: int = 128, dampening: float = 0.01, update_weights: bool = True,
-              batch_size: int = 1, progress: bool = True) -> OneShotResult:
+              batch_size: int = 1, progress: bool = True, placement: BlockPlacement | None = None) -> OneShotResult:
     """SparseGPT: OBS mask selection; with `update_weights` the surviving weights are re-fit and returned
     in `weights` (the model itself is restored; apply them with the masks)."""
     def prune(name, module, stats: HessianStats):
@@ -73,7 +74,7 @@ def sparsegpt(model: nn.Module, target_names: list[str], sparsity: Sparsity, cal
         return HessianStats(in_out_features(module)[0])
 
     result = prune_layerwise(model, target_names, prune, make_stats, calib_blocks,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, placement=placement)
     return OneShotResult(result.masks, result.weights)
 
 
@@ -114,18 +115,23 @@ def _targets(model: nn.Module, config: MethodConfig) -> list[str]:
     return method_targets(model, config.targets, config.pattern, config.skip_incompatible)
 
 
-def attach_magnitude(model: nn.Module, config: MagnitudeConfig, calibration: Tensor | None) -> None:
-    _attach(model, magnitude(model, _targets(model, config), config.pattern, config.granularity))
+def attach_magnitude(model: nn.Module, config: MagnitudeConfig, calibration: Tensor | None,
+                     placement: BlockPlacement | None = None) -> None:
+    _attach(model, magnitude(model, _targets(model, config), config.pattern, config.granularity, placement=placement))
 
 
-def attach_wanda(model: nn.Module, config: WandaConfig, calibration: Tensor) -> None:
-    _attach(model, wanda(model, _targets(model, config), config.pattern, config.granularity, calibration))
+def attach_wanda(model: nn.Module, config: WandaConfig, calibration: Tensor,
+                 placement: BlockPlacement | None = None) -> None:
+    _attach(model, wanda(model, _targets(model, config), config.pattern, config.granularity, calibration,
+                         placement=placement))
 
 
-def attach_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: Tensor) -> None:
+def attach_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: Tensor,
+                     placement: BlockPlacement | None = None) -> None:
     result = sparsegpt(
         model, _targets(model, config), config.pattern, calibration,
         blocksize=config.blocksize, dampening=config.dampening, update_weights=config.update_weights,
+        placement=placement,
     )
     _attach(model, result)
 
@@ -133,6 +139,20 @@ def attach_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: Ten
 # Methods that can prune from statistics gathered once on the dense model (the sweep's shared path), and what
 # each reads: nothing (magnitude), the input norms (Wanda), or the Hessian (SparseGPT).
 SHARED_STATS: dict[str, str] = {"magnitude": "none", "wanda": "norms", "sparsegpt": "hessian"}
+
+
+def make_stats_for(config: MethodConfig) -> MakeStats | None:
+    """The per-layer accumulator `prune_from_stats` reads for this method (None: magnitude reads no data)."""
+    if SHARED_STATS[config.name] == "norms":
+        return lambda module: WandaStats(in_out_features(module)[0])
+    if SHARED_STATS[config.name] == "hessian":
+        return lambda module: HessianStats(in_out_features(module)[0])
+    return None
+
+
+def targets_of(config: MethodConfig):
+    """`model -> target names` for this config (the streamed driver asks once it has built the skeleton)."""
+    return lambda model: _targets(model, config)
 
 
 def prune_from_stats(config: MethodConfig, module: nn.Module, stats) -> tuple[Tensor, Tensor | None]:

@@ -1,0 +1,142 @@
+"""One-shot pruning and perplexity of a model streamed from its safetensors shards (runtime.offload: disk).
+
+The model is a skeleton on the meta device (accelerate's `init_empty_weights`: no weight memory; buffers such as
+rotary frequencies stay real). Only the tensors outside the decoder blocks (embeddings, final norm, head) are
+read up front; the layer-by-layer driver then brings one block at a time in from the shards (`FromShards`),
+prunes it and writes it to the output checkpoint. Resident at any time: the tensors outside the blocks, one
+block, and the calibration activations [n, seq, hidden]. The computation is the in-memory driver's own, so the
+streamed result is bit-identical to pruning the loaded model.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from prune.calibration.layerwise import (
+    LayerPruner, MakeStats, _capture_block_inputs, _forward_kwargs, _run_block, prune_layerwise,
+)
+from prune.calibration.placement import FromShards, release_freed_memory
+from prune.models.blocks import find_blocks
+from prune.models.shards import ShardedWriter, ShardReader, TensorSpec
+
+
+def skeleton(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The model of `model_dir` with every parameter on the meta device."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.dtype = dtype
+    return model.eval()
+
+
+def _block_names(model: nn.Module) -> tuple[str, set[str]]:
+    blocks_name, blocks = find_blocks(model)
+    prefix = blocks_name + "." if blocks_name else ""
+    return blocks_name, {prefix + name for name in blocks.state_dict()}
+
+
+def _load_outside_blocks(model: nn.Module, reader: ShardReader, dtype: torch.dtype) -> None:
+    """Read every checkpoint tensor that is not in a block (embeddings, final norm, head) into the skeleton;
+    a tied head shares the embedding's tensor, as transformers ties it."""
+    _, in_blocks = _block_names(model)
+    for name, _, _ in reader.specs().values():
+        if name not in in_blocks:
+            tensor = reader.get_tensor(name)
+            set_module_tensor_to_device(model, name, "cpu", value=tensor,
+                                        dtype=dtype if tensor.is_floating_point() else None)
+    model.tie_weights()
+
+
+def output_specs(model: nn.Module, reader: ShardReader, dtype: torch.dtype) -> list[TensorSpec]:
+    """The output checkpoint: the input's tensors in model order, floating ones in `dtype`."""
+    source = reader.specs()
+    order = [name for name in model.state_dict() if name in source]
+    order += [name for name in source if name not in set(order)]
+    return [(name, dtype if source[name][1].is_floating_point else source[name][1], source[name][2])
+            for name in order]
+
+
+def stream_prune(model_dir: Path, out_dir: Path, target_names, prune_module: LayerPruner,
+                 make_stats: MakeStats | None, calib_blocks: Tensor | None, *, device: torch.device,
+                 dtype: torch.dtype, batch_size: int = 1, max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Prune the checkpoint in `model_dir` block by block into a sharded checkpoint in `out_dir` (config.json,
+    shards, index; `target_names(model)` picks the targets of the skeleton). The pruned weights carry the masks."""
+    reader = ShardReader(model_dir)
+    model = skeleton(model_dir, dtype)
+    _load_outside_blocks(model, reader, dtype)
+    blocks_name, _ = _block_names(model)
+    with ShardedWriter(out_dir, output_specs(model, reader, dtype), max_shard_bytes) as writer:
+        placement = FromShards(model, blocks_name, reader, writer, device, dtype)
+        prune_layerwise(model, target_names(model), prune_module, make_stats, calib_blocks, batch_size=batch_size,
+                        restore=False, progress=False, placement=placement, keep_results=False)
+        for name in writer.pending():  # untargeted blocks and the tensors outside the blocks, unchanged
+            tensor = reader.get_tensor(name)
+            writer.write(name, tensor.to(writer.where[name].entries[name][0]))
+    model.config.save_pretrained(out_dir)
+    _copy_generation_config(model_dir, out_dir)
+
+
+def _copy_generation_config(model_dir: Path, out_dir: Path) -> None:
+    source = model_dir / "generation_config.json"
+    if source.is_file():
+        (out_dir / source.name).write_text(source.read_text())
+
+
+@torch.no_grad()
+def stream_perplexity(model_dir: Path, blocks: Tensor, *, device: torch.device, dtype: torch.dtype,
+                      batch_size: int = 1) -> dict:
+    """Perplexity of the checkpoint in `model_dir` on token windows `blocks` [n, seq], one decoder block in
+    memory at a time (as SparseGPT's reference evaluation): every window goes through block k before block k+1
+    is read. The head then runs on the last hidden states through the model's own forward, the blocks replaced
+    by a stand-in that returns them."""
+    reader = ShardReader(model_dir)
+    model = skeleton(model_dir, dtype)
+    _load_outside_blocks(model, reader, dtype)
+    blocks_name, layers = find_blocks(model)
+    placement = FromShards(model, blocks_name, reader, None, device, dtype)
+    batches = list(torch.split(blocks, batch_size))
+    acts, calls = _capture_block_inputs(model, layers[0], batches)
+    for index, layer in enumerate(layers):
+        placement.onload(index, layer)
+        _run_block(layer, acts, calls, write=True)
+        placement.offload(index, layer)
+    release_freed_memory()
+    total, tokens = 0.0, 0
+    for call, batch in zip(calls, batches):
+        logits = _head_logits(model, layers, batch, acts[call.rows])
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1),
+                                       reduction="sum").double())
+        tokens += batch[:, 1:].numel()
+    nll = total / tokens
+    return {"value": math.exp(nll), "tokens": tokens, "seq_len": blocks.shape[1], "streamed": True}
+
+
+class _Replay(nn.Module):
+    """Stands in for the decoder blocks: the first returns the final hidden states, the others pass them on."""
+
+    def __init__(self, hidden: Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        return self.hidden if self.hidden is not None else hidden_states
+
+
+def _head_logits(model: nn.Module, layers: nn.ModuleList, batch: Tensor, hidden: Tensor) -> Tensor:
+    real = list(layers)
+    try:
+        for index in range(len(layers)):
+            layers[index] = _Replay(hidden if index == 0 else None)
+        output = model(batch, **_forward_kwargs(model))
+    finally:
+        for index, layer in enumerate(real):
+            layers[index] = layer
+    return output.logits if hasattr(output, "logits") else output[0]
+
