@@ -8,13 +8,14 @@ import yaml
 from prune.core.config import StrictConfig, sample_yaml
 from prune.data.images import ImageDataConfig
 from prune.methods.registry import METHODS
+from prune.models.runtime import RuntimeConfig
 from prune.runs.recipe import DataConfig, ExportConfig, Recipe, parse_recipe
 from prune.sweep.recipe import SweepRecipe
 from prune.tasks.eval_config import EvalConfig
 from prune.training.config import TrainConfig
 
 SECTIONS = {"data": DataConfig, "data (images)": ImageDataConfig, "train": TrainConfig, "eval": EvalConfig,
-            "export": ExportConfig}
+            "export": ExportConfig, "runtime": RuntimeConfig}
 
 
 def _config_classes() -> list[type[StrictConfig]]:
