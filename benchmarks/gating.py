@@ -43,7 +43,9 @@ PLOT = HERE / "gating-llm.png"
 # ------------------------------------------------------------------------------------------------------ CNN
 
 def run_cnn(args) -> dict:
-    from prune.models.digits_cnn import DigitsResNet, accuracy, classification_loss, conv_flops, digits_splits, pack_rows, train_classifier
+    from torch.utils.data import TensorDataset
+
+    from prune.models.digits_cnn import DigitsResNet, classification_loss, classifier_accuracy, conv_flops, digits_splits, train_classifier
     from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating
     from prune.training.config import TrainConfig
     from prune.training.trainer import train
@@ -53,9 +55,9 @@ def run_cnn(args) -> dict:
     dense = train_classifier(DigitsResNet(), data.train_x, data.train_y, epochs=args.cnn_epochs, seed=args.seed)
     result = {"train_images": len(data.train_y), "test_images": len(data.test_y),
               "dense_train_s": time.perf_counter() - start,
-              "dense_accuracy": accuracy(dense, data.test_x, data.test_y),
+              "dense_accuracy": classifier_accuracy(dense, data.test_x, data.test_y),
               "dense_conv_flops": conv_flops(dense, data.test_x), "rows": []}
-    rows = pack_rows(data.train_x, data.train_y)
+    rows = TensorDataset(data.train_x, data.train_y)
     for mode in args.cnn_modes:
         for threshold in args.cnn_thresholds:
             model = copy.deepcopy(dense)
@@ -70,7 +72,7 @@ def run_cnn(args) -> dict:
             summary = measure_gating(model, [data.test_x], forward=lambda m, batch: m(batch))
             assert summary["flops_per_input"]["dense"] == result["dense_conv_flops"], "a conv is outside the gates"
             result["rows"].append({
-                "mode": mode, "threshold": threshold, "accuracy": accuracy(model, data.test_x, data.test_y),
+                "mode": mode, "threshold": threshold, "accuracy": classifier_accuracy(model, data.test_x, data.test_y),
                 "conv_flops": summary["flops_per_input"], "keep_fraction": summary["keep_fraction"],
                 "target_recall": summary["target_recall"], "target_precision": summary["target_precision"],
                 "train_s": seconds,

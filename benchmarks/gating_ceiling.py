@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.results import write_section  # noqa: E402
 from prune.data.text import prepare  # noqa: E402
-from prune.methods.gating.predictor import mass_targets  # noqa: E402
+from prune.methods.gating.predictor import mass_labels  # noqa: E402
 from prune.methods.gating.layers import oracle_overlap  # noqa: E402
 from prune.runs.loading import load_model  # noqa: E402
 
@@ -94,7 +94,7 @@ def quality(keep: Tensor, h: Tensor, down: Tensor) -> dict:
 
 def probe_layer(mlp: nn.Module, train_x: Tensor, test_x: Tensor, args) -> dict:
     h_train, h_test = activations(mlp, train_x), activations(mlp, test_x)
-    targets_train, targets_test = mass_targets(h_train.abs(), args.threshold), mass_targets(h_test.abs(), args.threshold)
+    targets_train, targets_test = mass_labels(h_train.abs(), args.threshold), mass_labels(h_test.abs(), args.threshold)
     counts = targets_test.sum(dim=-1)
     down = mlp.down_proj.weight.detach()
     generator = torch.Generator().manual_seed(args.seed)

@@ -42,7 +42,7 @@ def measure_point(label: str, method: str, sparsity: str | None, extra: dict, ca
     import torch
 
     torch.set_num_threads(threads)
-    from eval.accuracy import accuracy
+    from eval.accuracy import task_accuracy
     from eval.flops import count_flops, count_params
     from eval.lastword import build_examples
     from eval.perplexity import perplexity
@@ -69,7 +69,7 @@ def measure_point(label: str, method: str, sparsity: str | None, extra: dict, ca
         merge(model)
     result["perplexity"] = perplexity(model, splits.heldout_blocks(512)).value
     heldout_text = splits.heldout_text(tokenizer)
-    result["lastword"] = accuracy(model, tokenizer, ["docs_lastword"], heldout_text=heldout_text,
+    result["lastword"] = task_accuracy(model, tokenizer, ["docs_lastword"], heldout_text=heldout_text,
                                   limit=limit)["docs_lastword"]
     result["lastword_examples"] = min(limit, len(build_examples(heldout_text)))
     flops = count_flops(model, 512)

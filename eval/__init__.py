@@ -1,4 +1,4 @@
-"""The evaluation layer: perplexity, accuracy, FLOPs/params, latency, reports.
+"""The evaluation layer: perplexity, accuracy, FLOPs/params, latency, tables.
 
 Import by submodule (`from eval.perplexity import perplexity`); it takes a model and data and never
 reaches into `prune`'s internals.

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 import yaml
 
 from eval import lastword
-from eval.errors import TaskUnavailableError
-from eval.hub import hub_reachable
+from eval.metric_errors import TaskUnavailableError
+from eval.hub_probe import hub_reachable
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HELDOUT_TASKS = frozenset({"docs_lastword"})  # local tasks whose data is built from heldout_text
@@ -86,8 +86,8 @@ def _local_task_manager():
 
 @functools.lru_cache(maxsize=1)
 def _full_task_manager():
-    """lm-eval's whole registry plus ours: indexing ~15k YAMLs takes 5-15 s, so it is built once
-    and only when a non-local task is asked for."""
+    """lm-eval's whole registry plus ours: indexing its task YAMLs takes seconds (benchmarks/RESULTS.md,
+    `code_figures`), so it is built once and only when a non-local task is asked for."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=True)
@@ -211,7 +211,7 @@ def _score(metrics: dict[str, Any], higher_is_better: dict[str, bool]) -> float 
     return None
 
 
-def accuracy(
+def task_accuracy(
     model,
     tokenizer,
     tasks: list[str],
@@ -230,7 +230,7 @@ def accuracy(
         tasks = [tasks]
     tasks = list(dict.fromkeys(tasks))  # de-duplicate, keep order
     if not tasks:
-        raise ValueError("accuracy() needs at least one task name")
+        raise ValueError("task_accuracy() needs at least one task name")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     if batch_size < 1:

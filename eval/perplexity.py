@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from eval.errors import NonFiniteError
+from eval.metric_errors import NonFiniteError
 
 
 @dataclass(frozen=True)

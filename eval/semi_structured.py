@@ -17,8 +17,6 @@ import time
 import torch
 from torch import nn
 
-KERNEL_PATTERN = (2, 4)
-
 
 def is_two_four(weight: torch.Tensor) -> bool:
     """Every group of 4 consecutive weights along the input dimension holds at most 2 nonzeros."""

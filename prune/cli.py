@@ -6,7 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from eval.errors import NonFiniteError
+from eval.metric_errors import NonFiniteError
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from eval.report import render_table
+    from eval.tables import render_table
     from prune.runs import run_dir
     from prune.data.text import prepare
     from prune.tasks.causal_lm import measure
@@ -32,9 +32,9 @@ def _eval(args: argparse.Namespace) -> None:
     from prune.tasks.eval_config import EvalConfig
     from prune.runs.report import COLUMNS, summary_row
 
-    target = Path(args.model)
-    is_run = (target / run_dir.RECIPE_FILE).is_file() and (target / run_dir.MODEL_DIR).is_dir()
-    spec = str(target / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
+    given = Path(args.model)
+    is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
+    spec = str(given / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
     model, tokenizer = load_model(spec)
     data = DataConfig(source=args.data, seq_len=args.seq_len)
     config = EvalConfig(tasks=args.tasks, limit=args.limit, latency=not args.no_latency)

@@ -44,7 +44,7 @@ def test_run_prints_table_and_exits_zero(setup, capsys, tmp_path):
         ("method.name=nonesuch", "unknown method"),
         ("data.bogus=1", "unknown key 'data.bogus'"),
         ("model=/no/such/model", "no such directory"),
-        ("method.targets=['*.nothing']", "match no"),
+        ("method.targets=['*.nothing']", "'*.nothing' matches no"),
     ],
 )
 def test_bad_input_exits_two_with_a_message_and_writes_nothing(setup, capsys, tmp_path, override, expected):

@@ -6,8 +6,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from eval.accuracy import accuracy, hub_reachable, local_tasks
-from eval.errors import TaskUnavailableError
+from eval.accuracy import hub_reachable, local_tasks, task_accuracy
+from eval.metric_errors import TaskUnavailableError
 from eval.lastword import CONTEXT_WORDS, build_examples, is_code_like
 
 WORDS = "the a cat dog saw ran over under big small red green quick slow house tree river".split()
@@ -89,9 +89,9 @@ def test_code_like_lines():
 # ---------------------------------------------------------------------------- errors, fast
 def test_docs_lastword_without_heldout_text_is_a_clear_value_error():
     with pytest.raises(ValueError, match="heldout_text"):
-        accuracy(object(), object(), ["docs_lastword"])
+        task_accuracy(object(), object(), ["docs_lastword"])
     with pytest.raises(ValueError, match="heldout_text"):
-        accuracy(object(), object(), ["docs_lastword"], heldout_text="   ")
+        task_accuracy(object(), object(), ["docs_lastword"], heldout_text="   ")
 
 
 def test_local_tasks_listed():
@@ -112,13 +112,13 @@ def test_hub_task_offline_fails_fast_with_clear_error(monkeypatch):
     model = tiny_gpt2(len(tok))
     t0 = time.perf_counter()
     with pytest.raises(TaskUnavailableError) as info:
-        accuracy(model, tok, ["docs_lastword", "lambada_openai"], heldout_text=text, limit=2)
+        task_accuracy(model, tok, ["docs_lastword", "lambada_openai"], heldout_text=text, limit=2)
     # Indexing lm-eval's ~15k task YAMLs is most of this; the hub is never retried.
     assert time.perf_counter() - t0 < 45
     message = str(info.value)
     assert "lambada_openai" in message and "unreachable" in message and "docs_lastword" in message
     with pytest.raises(TaskUnavailableError, match="unknown task 'no_such_task_xyz'"):
-        accuracy(model, tok, ["no_such_task_xyz"])
+        task_accuracy(model, tok, ["no_such_task_xyz"])
     assert isinstance(info.value, ValueError)
 
 
@@ -131,7 +131,7 @@ def test_end_to_end_random_tiny_model_scores_near_zero():
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    result = accuracy(model, tok, ["docs_lastword"], heldout_text=text, limit=10, batch_size=4)
+    result = task_accuracy(model, tok, ["docs_lastword"], heldout_text=text, limit=10, batch_size=4)
     assert torch.rand(1) == expected_next  # lm-eval reseeds globally; the caller's RNG is restored
     assert list(result) == ["docs_lastword"]
     assert isinstance(result["docs_lastword"], float)
@@ -143,8 +143,8 @@ def test_metric_is_real_oracle_scores_one_and_wrong_guesser_zero():
     text = prose(final=("banana",))
     tok = word_tokenizer(text)
     banana, apple = tok.convert_tokens_to_ids("banana"), tok.convert_tokens_to_ids("apple")
-    right = accuracy(tiny_gpt2(len(tok), favour=banana), tok, ["docs_lastword"], heldout_text=text, limit=8)
-    wrong = accuracy(tiny_gpt2(len(tok), favour=apple), tok, ["docs_lastword"], heldout_text=text, limit=8)
+    right = task_accuracy(tiny_gpt2(len(tok), favour=banana), tok, ["docs_lastword"], heldout_text=text, limit=8)
+    wrong = task_accuracy(tiny_gpt2(len(tok), favour=apple), tok, ["docs_lastword"], heldout_text=text, limit=8)
     assert right == {"docs_lastword": 1.0}
     assert wrong == {"docs_lastword": 0.0}
 
@@ -162,9 +162,9 @@ def test_smollm2_scores_far_above_a_random_model(smollm2_dir):
     # float32: transformers 5 otherwise loads the checkpoint's bf16, several times slower on CPU
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     text = _docs_text()
-    real = accuracy(model, tok, ["docs_lastword"], heldout_text=text, limit=40, batch_size=10)
+    real = task_accuracy(model, tok, ["docs_lastword"], heldout_text=text, limit=40, batch_size=10)
     torch.manual_seed(0)
     random_model = transformers.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    rand = accuracy(random_model, tok, ["docs_lastword"], heldout_text=text, limit=40, batch_size=10)
+    rand = task_accuracy(random_model, tok, ["docs_lastword"], heldout_text=text, limit=40, batch_size=10)
     assert real["docs_lastword"] >= 0.2  # measured 0.36 on 100 examples
     assert rand["docs_lastword"] <= 0.05

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from eval.errors import NonFiniteError
+from eval.metric_errors import NonFiniteError
 from eval.perplexity import PerplexityResult, perplexity
 
 V = 97

@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification
 
-from prune.models.digits_cnn import DigitsResNet, classification_loss, conv_bn, conv_flops, pack_rows, unpack_rows
+from prune.models.digits_cnn import DigitsResNet, classification_loss, conv_bn, conv_flops
 from prune.core.errors import UserInputError
 from prune.methods.gating.sparse_ffn import masked_dense, sparse_ffn
 from prune.masks.base import unwrap
-from prune.methods.gating.predictor import mass_targets, uniform_targets
+from prune.methods.gating.predictor import mass_labels, uniform_labels
 from prune.methods.gating.layers import GatedConv, GatedFFN, accounting, gated_layers, oracle, summarize
 from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating, restore_gating, save_gating
 from prune.runs.recipe import parse_recipe
@@ -44,26 +45,26 @@ def set_predictor(layer, bias: list[float] | torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------------------ targets
 
-def test_mass_targets_keep_the_largest_k_whose_mass_stays_within_r():
+def test_mass_labels_keep_the_largest_k_whose_mass_stays_within_r():
     scores = torch.tensor([[1.0, 4.0, 2.0, 3.0]])  # shares .1 .4 .2 .3; sorted cumulative .4 .7 .9 1.0
     expected = {
         1.0: [True, True, True, True], 0.9: [False, True, True, True], 0.8: [False, True, False, True],
         0.7: [False, True, False, True], 0.5: [False, True, False, False], 0.3: [False, False, False, False],
     }
     for r, keep in expected.items():
-        assert mass_targets(scores, r).tolist() == [keep], r
+        assert mass_labels(scores, r).tolist() == [keep], r
     # per input: a peaked row keeps fewer channels than a flat one; channels scoring zero are never targets
     rows = torch.tensor([[10.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    assert mass_targets(rows, 0.9).sum(dim=1).tolist() == [1, 3]
-    assert mass_targets(rows, 1.0).tolist()[0] == [True, True, True, False]
+    assert mass_labels(rows, 0.9).sum(dim=1).tolist() == [1, 3]
+    assert mass_labels(rows, 1.0).tolist()[0] == [True, True, True, False]
 
 
-def test_uniform_targets_keep_a_fixed_fraction():
+def test_uniform_labels_keep_a_fixed_fraction():
     scores = torch.tensor([[0.1, 0.5, 0.3, 0.9], [4.0, 3.0, 2.0, 1.0]])
-    assert uniform_targets(scores, 0.5).tolist() == [[False, True, False, True], [True, True, False, False]]
+    assert uniform_labels(scores, 0.5).tolist() == [[False, True, False, True], [True, True, False, False]]
 
 
-def test_conv_targets_come_from_max_abs_activation_over_positions():
+def test_conv_labels_come_from_max_abs_activation_over_positions():
     unit = nn.Sequential(nn.Conv2d(1, 3, 1, bias=False), nn.BatchNorm2d(3)).eval()
     with torch.no_grad():
         unit[0].weight.copy_(torch.tensor([1.0, -1.0, 0.25]).view(3, 1, 1, 1))
@@ -75,11 +76,11 @@ def test_conv_targets_come_from_max_abs_activation_over_positions():
     model(x)
     record = model[0].mask.take_record()
     # per channel max |BN(conv(x))| = (4, 4, 1) / sqrt(1 + eps): shares 4/9, 4/9, 1/9 -> r = .9 keeps two
-    assert record.targets.tolist() == [[True, True, False]]
+    assert record.labels.tolist() == [[True, True, False]]
     assert record.logits.shape == (1, 3)
 
 
-def test_ffn_targets_are_per_token_from_the_intermediate_activations():
+def test_ffn_labels_are_per_token_from_the_intermediate_activations():
     model = make_tiny_llama()
     attach_gating(model, config(threshold=0.5))
     set_mask_training(model, True)
@@ -88,13 +89,13 @@ def test_ffn_targets_are_per_token_from_the_intermediate_activations():
     layer(x)
     mlp = layer.base
     h = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).reshape(3, -1).abs()
-    assert torch.equal(layer.mask.take_record().targets, mass_targets(h, 0.5))
+    assert torch.equal(layer.mask.take_record().labels, mass_labels(h, 0.5))
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.2, 1.5, float("nan")])
 def test_threshold_outside_zero_one_is_refused(bad):
     with pytest.raises(UserInputError, match=r"outside \(0, 1\]"):
-        mass_targets(torch.ones(1, 4), bad)
+        mass_labels(torch.ones(1, 4), bad)
     with pytest.raises(UserInputError, match=r"outside \(0, 1\]"):
         parse_recipe({"method": {"name": "gating", "threshold": bad}})
 
@@ -144,7 +145,7 @@ def test_cooldown_drops_the_loss_weight_to_zero():
     assert [objective.begin_step(step, 10)["bce_weight"] for step in (0, 4, 5, 9)] == [2.0, 2.0, 0.0, 0.0]
 
 
-def test_the_one_trainer_teaches_the_gates_their_targets(tmp_path):
+def test_the_one_trainer_teaches_the_gates_their_labels(tmp_path):
     model = make_tiny_llama()
     objective = attach_gating(model, config(threshold=0.6, softmax=False, init_bias=0.5))
     data = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
@@ -252,7 +253,7 @@ def test_joint_mode_saves_the_trained_backbone_too(tmp_path):
     images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     cfg = config(mode="joint", backbone_lr_scale=1.0)
     objective = attach_gating(model, cfg)
-    train(model, objective, pack_rows(images, labels), TrainConfig(steps=3, batch_size=8, lr=0.01), tmp_path / "run",
+    train(model, objective, TensorDataset(images, labels), TrainConfig(steps=3, batch_size=8, lr=0.01), tmp_path / "run",
           task_loss=classification_loss)
     save_gating(model, tmp_path, cfg, {})
     restored = restore_gating(DigitsResNet(width=4, blocks=1).eval(), tmp_path, cfg)
@@ -359,9 +360,3 @@ def test_torchvision_style_conv_bn_pairs_are_gated_in_place():
     assert block(x)[:, 1:3].abs().sum() == 0
     unwrap(block)
     torch.testing.assert_close(block(x), expected)
-
-
-def test_image_rows_round_trip_for_the_trainer():
-    images, labels = torch.randn(5, 1, 8, 8), torch.tensor([0, 3, 9, 1, 7])
-    back_images, back_labels = unpack_rows(pack_rows(images, labels))
-    assert torch.equal(back_images, images) and torch.equal(back_labels, labels)

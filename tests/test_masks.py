@@ -28,8 +28,15 @@ def test_default_targets_are_block_linears_only(tiny_model):
 
 
 def test_pattern_matching_nothing_is_an_error(tiny_model):
-    with pytest.raises(UserInputError, match="match no"):
+    with pytest.raises(UserInputError, match=r"'\*\.nonexistent' matches no Linear/Conv1D module"):
         select_targets(tiny_model, ["*.nonexistent"])
+
+
+def test_every_pattern_must_match_and_each_name_is_selected_once(tiny_model):
+    with pytest.raises(UserInputError, match=r"'\*\.typo' matches no Linear/Conv1D module; the nearest"):
+        select_targets(tiny_model, ["*.mlp.*", "*.typo"])
+    names = select_targets(tiny_model, ["*.mlp.*", "*.0.*"])  # layer 0's FFN matches both patterns
+    assert len(names) == len(set(names)) and any(".0.self_attn." in name or ".0.attn." in name for name in names)
 
 
 def test_nm_incompatible_layers_listed_or_skipped():

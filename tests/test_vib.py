@@ -203,14 +203,14 @@ def test_structured_baselines_meet_the_budget_with_the_same_share_per_layer(scor
 
 
 def test_magnitude_score_is_the_l2_norm_of_a_units_weights():
-    from prune.methods.structured.method import magnitude_scores
+    from prune.methods.structured.method import unit_weight_norms
     from prune.structural.layout import structure_of
 
     model = make_tiny_llama()
     mlp = model.model.layers[1].mlp
     expected = (mlp.gate_proj.weight[5].pow(2).sum() + mlp.up_proj.weight[5].pow(2).sum()
                 + mlp.down_proj.weight[:, 5].pow(2).sum()).sqrt()
-    assert magnitude_scores(model, structure_of(model), FFN, 1)[5].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert unit_weight_norms(model, structure_of(model), FFN, 1)[5].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_pipeline_run_writes_a_smaller_model_that_loads_in_one_line(tmp_path):

@@ -1,10 +1,55 @@
-"""The config base classes: a strict section (unknown keys are errors) and the keys every method shares."""
+"""The config base classes: a strict section (unknown keys are errors) and the keys every method shares.
+
+A config class's fields are its documentation: each carries its default and a `description=`, and
+`sample_yaml` renders them as the YAML a recipe would hold, descriptions as comments. Every config class's
+docstring ends with that sample, generated when the class is defined, so it cannot drift from the fields.
+"""
 from __future__ import annotations
 
+import inspect
+import textwrap
+from typing import Any
+
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prune.core.errors import UserInputError
 from prune.core.sparsity import Sparsity, parse_sparsity
+
+REQUIRED = "<required>"  # what a sample shows for a key without a default
+COMMENT_COLUMN = 40  # comments line up after keys up to this long; a longer line has its comment right after it
+
+
+def sample_yaml(config_class: type[BaseModel], section: str | None = None, **values: Any) -> str:
+    """Every key of `config_class` at its default (or at `values[key]`), as YAML under `section`, with each
+    key's description as a comment. A nested config (e.g. vib's `units`) becomes a nested mapping; a key with
+    neither default nor value shows `<required>`."""
+    rows = [(f"{section}:", None)] if section else []
+    rows += _rows(config_class, values, "  " if section else "")
+    width = max((len(text) for text, _ in rows if len(text) <= COMMENT_COLUMN), default=0)
+    return "".join(f"{text.ljust(width)}  # {note}\n" if note else f"{text}\n" for text, note in rows)
+
+
+def _rows(config_class: type[BaseModel], values: dict[str, Any], indent: str) -> list[tuple[str, str | None]]:
+    rows = []
+    for name, field in config_class.model_fields.items():
+        if name in values:
+            value = values[name]
+        elif field.is_required():
+            value = REQUIRED
+        else:
+            value = field.get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            rows.append((f"{indent}{name}:", field.description))
+            rows += _rows(type(value), dict(value), indent + "  ")
+        else:
+            rows.append((f"{indent}{name}: {_flow(value)}", field.description))
+    return rows
+
+
+def _flow(value: Any) -> str:
+    """One value in YAML flow style, quoted where plain YAML would read it as something else (e.g. '2:4')."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 20, sort_keys=False).removesuffix("...\n").strip()
 
 
 class StrictConfig(BaseModel):
@@ -12,21 +57,24 @@ class StrictConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Append the sample generated from the fields to the class docstring (help(), IDEs, the docs)."""
+        super().__pydantic_init_subclass__(**kwargs)
+        own = inspect.cleandoc(cls.__dict__.get("__doc__") or "")
+        sample = textwrap.indent(sample_yaml(cls), "    ")
+        cls.__doc__ = f"{own}\n\nSample YAML, every key at its default (generated from the fields):\n\n{sample}".lstrip()
+
 
 class MethodConfig(StrictConfig):
-    """Keys every method shares. Sample YAML:
+    """Keys every method shares; each method's config class adds its own."""
 
-        method:
-          name: wanda
-          sparsity: 2:4            # N:M, or a fraction removed such as 0.5
-          targets: ["*.mlp.*"]     # glob patterns over module names; default: every linear in the blocks
-          skip_incompatible: false # N:M layers whose input size is not a multiple of M: error, or skip them
-    """
-
-    name: str
+    name: str = Field(description="the method, by its name in prune.methods.registry (e.g. wanda)")
     sparsity: str | float = Field("2:4", description="'N:M' or a fraction of the targeted weights removed")
-    targets: list[str] | None = Field(None, description="glob patterns over module names")
-    skip_incompatible: bool = Field(False, description="skip layers whose input size is not divisible by M")
+    targets: list[str] | None = Field(None, description="glob patterns over module names (null: every linear "
+                                      "inside the decoder blocks); every pattern must match")
+    skip_incompatible: bool = Field(False, description="N:M layers whose input size is not divisible by M: "
+                                    "skip them (true) or refuse the recipe (false)")
 
     @field_validator("sparsity", mode="before")
     @classmethod

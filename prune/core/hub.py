@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from eval.hub import hub_reachable
+from eval.hub_probe import hub_reachable
 from prune.core.errors import UserInputError
 
 __all__ = ["hub_reachable", "looks_like_hub_id", "require_hub"]

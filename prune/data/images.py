@@ -29,33 +29,22 @@ _MATERIALIZE_BYTES = 1 << 30  # preprocess a split once when its pixels fit in 1
 
 
 class ImageDataConfig(StrictConfig):
-    """The `data` section when `task: zero-shot-classification`. Sample YAML:
+    """The `data` section when `task: zero-shot-classification`."""
 
-        data:
-          source: digits              # digits | a Hub dataset (org/name) | a local image folder
-          config: null                # Hub dataset configuration
-          split: train                # where the shots come from
-          heldout_split: null         # default: the dataset's `test` split if any, else heldout_fraction of split
-          heldout_fraction: 0.2       # per class, seeded
-          image_column: null          # default: the first Image column
-          label_column: null          # default: the first ClassLabel column, else label/labels/class/...
-          class_names: null           # override the names used in the prompts
-          shots: 16                   # k training images per class (seeded); null: all
-          templates: ["a photo of a {}."]
-          batch_size: 64              # evaluation batch size
-    """
-
-    source: str = Field(DIGITS, description="digits, a Hub dataset name, or a local image folder")
-    config: str | None = None
-    split: str = "train"
-    heldout_split: str | None = None
-    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    image_column: str | None = None
-    label_column: str | None = Field(None, description="a ClassLabel column, or a column of class names")
-    class_names: list[str] | None = None
-    shots: int | None = Field(16, ge=1, description="training images per class; null: all")
-    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."])
-    batch_size: int = Field(64, ge=1)
+    source: str = Field(DIGITS, description="digits, a Hub dataset (org/name), or a local image folder")
+    config: str | None = Field(None, description="Hub dataset configuration")
+    split: str = Field("train", description="where the shots come from")
+    heldout_split: str | None = Field(None, description="null: the dataset's `test` split if any, else "
+                                      "heldout_fraction of `split`")
+    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out (seeded)")
+    image_column: str | None = Field(None, description="null: the first Image column")
+    label_column: str | None = Field(None, description="a ClassLabel column, or a column of class names (null: the "
+                                     "first ClassLabel column, else label/labels/class/...)")
+    class_names: list[str] | None = Field(None, description="the names used in the prompts (null: the dataset's)")
+    shots: int | None = Field(16, ge=1, description="training images per class (seeded); null: all")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."],
+                                 description="prompt templates, each with one {} for the class name")
+    batch_size: int = Field(64, ge=1, description="evaluation batch size")
 
     @field_validator("templates")
     @classmethod

@@ -8,19 +8,17 @@ against the model before a single weight is touched.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from eval.report import readable_mode
 from prune.models.blocks import weight_matrix
+from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import attach_hard_masks, hard_masks
 
@@ -93,17 +91,8 @@ def write_masks(masks: dict[str, Tensor], directory: str | Path, meta: dict, nm:
     tensors, targets = {}, {}
     for name, keep in masks.items():
         tensors[name], targets[name] = _encode(keep, nm)
-    write_mask_files(directory, tensors, {"format_version": FORMAT_VERSION, **meta, "targets": targets})
-
-
-def write_mask_files(directory: Path, tensors: dict[str, Tensor], config: dict) -> None:
-    """masks.safetensors + masks.json, each staged then moved into place: never a half-written file."""
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        save_file(tensors, os.path.join(staging, TENSORS_FILE))
-        Path(staging, CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        os.chmod(os.path.join(staging, TENSORS_FILE), readable_mode())
-        os.replace(os.path.join(staging, TENSORS_FILE), directory / TENSORS_FILE)
-        os.replace(os.path.join(staging, CONFIG_FILE), directory / CONFIG_FILE)
+    config = {"format_version": FORMAT_VERSION, **meta, "targets": targets}
+    write_tensors_with_json(directory, TENSORS_FILE, tensors, CONFIG_FILE, config)
 
 
 def read_masks(directory: str | Path) -> tuple[dict[str, Tensor], dict]:

@@ -1,7 +1,13 @@
-"""Which modules a method prunes: glob patterns over module names, or by default every linear in the blocks."""
+"""Which modules a method prunes: glob patterns over module names, or by default every linear in the blocks.
+
+`select_by_glob` is the one glob selector every method uses (weight masks, binary masks, gating), so a pattern
+means the same thing and fails the same way everywhere.
+"""
 from __future__ import annotations
 
+import difflib
 from fnmatch import fnmatchcase
+from typing import Callable, Sequence
 
 from torch import nn
 
@@ -18,17 +24,29 @@ def select_targets(model: nn.Module, patterns: list[str] | None, module_types=LI
         prefix, _ = find_blocks(model)
         selected = [name for name in candidates if name.startswith(prefix + ".")]
     else:
-        selected = [name for name in candidates if any(fnmatchcase(name, pattern) for pattern in patterns)]
-        if not selected:
-            examples = ", ".join(candidates[:6])
-            raise UserInputError(
-                f"target patterns {patterns} match no {'/'.join(t.__name__ for t in module_types)} module; "
-                f"module names look like: {examples}. Patterns are globs, e.g. '*.mlp.*'."
-            )
+        selected = select_by_glob(candidates, patterns, f"{'/'.join(t.__name__ for t in module_types)} module")
     if not selected:
         raise UserInputError(f"{type(model).__name__} has no linear layers to prune; pass `method.targets`.")
     _refuse_tied(model, selected)
     return selected
+
+
+def select_by_glob(candidates: Sequence[str], patterns: Sequence[str], what: str, *, example: str = "*.mlp.*",
+                   explain: Callable[[str], str] = lambda pattern: "") -> list[str]:
+    """The candidate names the glob patterns match (`fnmatchcase` over the full name), pattern by pattern, each
+    name once. Every pattern must match a candidate: a typo would otherwise silently prune less. The error names
+    the pattern and the nearest candidates; `explain(pattern)` may add why a module it matched is no candidate."""
+    selected: dict[str, None] = {}
+    for pattern in patterns:
+        hits = [name for name in candidates if fnmatchcase(name, pattern)]
+        if not hits:
+            nearest = difflib.get_close_matches(pattern, candidates, n=4, cutoff=0.0)
+            raise UserInputError(
+                f"target pattern {pattern!r} matches no {what}{explain(pattern)}; the nearest {what} names: "
+                f"{', '.join(nearest) or 'none'}. Patterns are globs over the full module name, e.g. {example!r}."
+            )
+        selected.update(dict.fromkeys(hits))
+    return list(selected)
 
 
 def _refuse_tied(model: nn.Module, names: list[str]) -> None:

@@ -8,15 +8,13 @@ Hub ids (`openai/clip-vit-base-patch16`) load from the Hugging Face cache first 
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoProcessor, CLIPModel, ProcessorMixin
 
 from prune.core import hub
+from prune.core.atomic import staged_directory
 from prune.core.errors import UserInputError
 from prune.models.loading import cache_root, from_hub
 
@@ -86,17 +84,6 @@ def make_tiny_clip(directory: Path, seed: int = 0) -> None:
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
-    staging.chmod(0o755)
-    try:
+    with staged_directory(directory, complete=lambda path: (path / "config.json").is_file()) as staging:
         model.save_pretrained(staging)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(staging)
-        if directory.exists() and not (directory / "config.json").is_file():
-            shutil.rmtree(directory)  # a leftover without config.json in our own cache namespace
-        os.replace(staging, directory)
-    except OSError:
-        if not (directory / "config.json").is_file():  # another process finishing first is fine
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -6,8 +6,8 @@ The digits ResNet is built from Conv2d+BN(+ReLU) blocks in `nn.Sequential`s, the
 wrappers recognize: a stem, then stages of basic blocks (conv-BN-ReLU, conv-BN, plus a 1x1 conv-BN shortcut
 where the shape changes), global average pooling and a linear classifier.
 
-The mask trainer (prune.training.trainer) takes rows of one tensor; `pack_rows` puts each image's pixels and its label
-in one row and `classification_loss` unpacks them, so images train through the same trainer as text.
+The mask trainer (prune.training.trainer) takes any indexable dataset: `TensorDataset(images, labels)` rows collate
+into the (images, labels) batch `classification_loss` takes, so images train through the same trainer as text.
 """
 from __future__ import annotations
 
@@ -100,25 +100,16 @@ def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 30
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+def classifier_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     model.eval()
     correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(y), batch_size))
     return correct / len(y)
 
 
-def pack_rows(x: Tensor, y: Tensor) -> Tensor:
-    """[N, pixels + 1]: the image, flattened, then its label, for the row-based mask trainer."""
-    return torch.cat([x.reshape(len(x), -1), y.unsqueeze(1).to(x.dtype)], dim=1)
-
-
-def unpack_rows(batch: Tensor, shape: tuple[int, ...] = IMAGE_SHAPE) -> tuple[Tensor, Tensor]:
-    return batch[:, :-1].reshape(len(batch), *shape), batch[:, -1].round().long()
-
-
-def classification_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    """The trainer's task loss for packed image rows: cross-entropy of the logits."""
-    images, labels = unpack_rows(batch)
+def classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The trainer's task loss for an (images, labels) batch: cross-entropy of the logits."""
+    images, labels = batch
     logits = model(images)
     logits = getattr(logits, "logits", logits)  # HF image classifiers return an output object
     return F.cross_entropy(logits, labels)

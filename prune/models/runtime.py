@@ -29,7 +29,7 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class RuntimeConfig(StrictConfig):
-    """Sample YAML: `runtime: {device: cuda, dtype: bfloat16, threads: 1, offload: cpu}`"""
+    """The `runtime` section: where the model runs, in which dtype, and how much of it stays off the device."""
 
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from prune.core.atomic import write_text_atomic
 from prune.core.errors import UserInputError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -167,9 +168,7 @@ class ShardedWriter:
             "metadata": {"total_size": sum(shard.size for shard in self.shards)},
             "weight_map": {name: shard.filename for shard in self.shards for name in shard.entries},
         }
-        partial = self.directory / (INDEX_FILE + ".partial")
-        partial.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(partial, self.directory / INDEX_FILE)
+        write_text_atomic(self.directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def __enter__(self) -> "ShardedWriter":
         return self

@@ -32,6 +32,6 @@ def export_run(directory: str | Path) -> Path:
     spec = get_method(recipe.method.name)
     model, tokenizer = load_model(recipe.model, task=recipe.task)  # a CLIP run: the model and its processor
     spec.load(model, directory, recipe.method)
-    target = directory / run_dir.MODEL_DIR
-    run_dir.save_model_atomic(spec.export(model, recipe.method), tokenizer, target)
-    return target
+    model_dir = directory / run_dir.MODEL_DIR
+    run_dir.save_model_atomic(spec.export(model, recipe.method), tokenizer, model_dir)
+    return model_dir

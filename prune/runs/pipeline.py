@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import torch
 
 from eval.perplexity import perplexity
-from eval.report import write_json_atomic
+from prune.core.atomic import write_json_atomic
 from prune.runs import run_dir
 from prune.data import images
 from prune.tasks import zero_shot
@@ -208,7 +208,7 @@ def _run_zero_shot(recipe: Recipe, spec, state, directory: Path, timings: dict, 
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
         def error(masked) -> float:
-            return 1.0 - zero_shot.accuracy(masked, data.heldout, data_config.batch_size, limit)
+            return 1.0 - zero_shot.zero_shot_accuracy(masked, data.heldout, data_config.batch_size, limit)
 
         with timed(timings, "train"):
             training = train(classifier, objective, data.train, recipe.train, directory, task_loss=zero_shot.classification_loss,

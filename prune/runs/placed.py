@@ -10,10 +10,7 @@ reason in the report.
 """
 from __future__ import annotations
 
-import os
 import resource
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from transformers.utils import cached_file
 
 from prune.calibration.placement import OnDevice
 from prune.calibration.streaming import skeleton, stream_perplexity, stream_prune
+from prune.core.atomic import staged_directory
 from prune.core.errors import UserInputError
 from prune.data.text import prepare
 from prune.methods.oneshot.method import make_stats_for, prune_from_stats, targets_of
@@ -104,16 +102,10 @@ def run_streamed(recipe: Recipe, runtime: Runtime, directory: Path, timings: dic
         with timed(timings, "dense_eval"):
             report["dense"] = {"perplexity": stream_perplexity(model_dir, heldout, **figures)}
     target = directory / run_dir.MODEL_DIR
-    staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{target.name}-"))
-    try:
-        with timed(timings, "prune"):
-            stream_prune(model_dir, staging, targets_of(config), lambda name, module, stats:
-                         prune_from_stats(config, module, stats), make_stats_for(config), calibration, **figures)
-            tokenizer.save_pretrained(staging)
-        run_dir.publish(staging)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_directory(target) as staging, timed(timings, "prune"):
+        stream_prune(model_dir, staging, targets_of(config), lambda name, module, stats:
+                     prune_from_stats(config, module, stats), make_stats_for(config), calibration, **figures)
+        tokenizer.save_pretrained(staging)
     if recipe.eval.perplexity:
         with timed(timings, "pruned_eval"):
             report["perplexity"] = stream_perplexity(target, heldout, **figures)

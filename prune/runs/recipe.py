@@ -1,21 +1,9 @@
 """The recipe schema: one YAML file says what to prune, how, and how to evaluate it.
 
 Every section rejects unknown keys (naming the key and the allowed ones); the `method` section is validated
-by the chosen method's own config class from the registry. Sample recipe:
-
-    model: smollm2-135m          # embedded alias, local directory, or hub id
-    data:
-      source: embedded-docs      # or wikitext, c4, a local .txt/.jsonl/.parquet
-      calibration_samples: 128
-      seq_len: 512
-    method:
-      name: sparsegpt
-      sparsity: 2:4              # unquoted is fine: recipes keep N:M a string
-    eval:
-      perplexity: true
-      tasks: [docs_lastword]
-      flops: true
-    output: runs/default
+by the chosen method's own config class from the registry. Each section's keys, defaults and meaning are its
+config class's fields (the class docstrings show the sample generated from them, see prune.core.config);
+recipes/default.yaml is a complete recipe. An unquoted `2:4` stays the string '2:4' (prune.core.yaml_io).
 
 `--set a.b=value` overrides any key; the value is read as YAML (`--set 'eval.tasks=[]'`).
 """
@@ -40,19 +28,23 @@ from prune.core.yaml_io import load_yaml, read_mapping
 
 
 class DataConfig(StrictConfig):
+    """The `data` section for a causal LM: where the text comes from and how it is cut."""
+
     source: str = Field("embedded-docs", description="embedded-docs, a hub dataset name, or a local file")
     config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
     split: str | None = Field(None, description="hub dataset split for calibration/training")
     heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
-    text_column: str = "text"
+    text_column: str = Field("text", description="the column holding the text in a dataset or .jsonl/.parquet file")
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="tail of the token stream held out")
-    calibration_samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=8)
+    calibration_samples: int = Field(128, ge=1, description="blocks of seq_len tokens drawn (seeded) for calibration")
+    seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training blocks a learnable method "
                             "trains on (seeded; VTrans' Fast variant uses a small share)")
 
 
 class ExportConfig(StrictConfig):
+    """The `export` section: what the run writes as model/."""
+
     save_model: bool = Field(True, description="write model/ with the hard masks merged into the weights")
     round_to: int | None = Field(None, ge=1, description="structural methods: kept FFN / hidden sizes rounded "
                                  "to a multiple (e.g. 8 or 64)")
@@ -61,18 +53,21 @@ class ExportConfig(StrictConfig):
 
 
 class Recipe(StrictConfig):
-    model: str = "smollm2-135m"
+    """A whole recipe: what to prune, how, and how to evaluate it."""
+
+    model: str = Field("smollm2-135m", description="an embedded alias, a local save_pretrained directory, or a Hub id")
     task: Literal["causal-lm", "zero-shot-classification"] = Field(
         "causal-lm", description="causal-lm: text data, perplexity; zero-shot-classification: CLIP on images")
     data: DataConfig | ImageDataConfig | None = Field(
         None, validate_default=True, description="text data (DataConfig), or images (ImageDataConfig) for CLIP")
-    method: MethodConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    method: MethodConfig = Field(description="`name` picks the method (prune.methods.registry); its config class "
+                                 "validates the other keys")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the trainer (learnable methods)")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="which figures to measure")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="what model/ holds")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="where and how the model runs")
     output: str | None = Field(None, description="run directory (default: runs/<recipe name>)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of calibration sampling and everything else the run draws")
 
     @field_validator("data", mode="before")
     @classmethod

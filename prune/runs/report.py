@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.report import format_number, render_markdown_table, render_table, write_json_atomic, write_text_atomic
+from eval.tables import format_number, render_markdown_table, render_table
+from prune.core.atomic import write_json_atomic, write_text_atomic
 
 COLUMNS = ["model", "perplexity", "accuracy", "FLOPs", "params (nonzero)", "sparsity", "latency", "time (s)"]
 

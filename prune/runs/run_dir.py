@@ -5,15 +5,13 @@ without `report.json` is an unfinished run. Every file goes through a temp name 
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 from torch import nn
 
-from eval.report import readable_mode, write_text_atomic
+from prune.core.atomic import staged_directory, write_text_atomic
 from prune.core.errors import UserInputError
 
 RECIPE_FILE = "recipe.yaml"
@@ -47,16 +45,9 @@ def claim(directory: str | Path, recipe_dict: dict, *, overwrite: bool, resume: 
 
 def save_model_atomic(model: nn.Module, tokenizer, directory: Path) -> None:
     """save_pretrained into a staging dir, then swap it in: model/ is whole or absent."""
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    try:
+    with staged_directory(directory) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        publish(staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _resumable(directory: Path, recipe_dict: dict) -> Path:
@@ -90,10 +81,3 @@ def require_run(directory: str | Path) -> Path:
         raise UserInputError(f"{directory} is not a run directory (no {RECIPE_FILE}); pass a `prune run` output.")
     return directory
 
-
-def publish(directory: Path) -> None:
-    """Give a staged directory and its files the usual permissions (temp dirs and safetensors use 0600)."""
-    os.chmod(directory, readable_mode(directory=True))
-    for path in Path(directory).iterdir():
-        if path.is_file():
-            os.chmod(path, readable_mode())

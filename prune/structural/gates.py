@@ -9,7 +9,7 @@ untouched. Where each kind of gate acts (see prune.structural.layout for which m
   projections' outputs), so a closed channel stays zero all the way up; every norm reading the stream then
   normalizes over the *kept* channels only (`GatedNorm`), which is what the sliced model computes;
 - layers: on both output projections' outputs of the block (its whole residual contribution); a closed layer
-  gate in evaluation skips the block (`GatedLayer`), exactly what the model without that layer computes.
+  gate in evaluation skips the block (`GatedDecoderLayer`), exactly what the model without that layer computes.
 
 Each gate is owned by exactly one wrapper (its `mask`; the trainer finds its parameters there); the other
 wrappers that apply it hold it as a `Borrowed` reference, which has no parameters and an empty hard mask.
@@ -215,7 +215,7 @@ class GatedNorm(_GateWrapper):
         return self.base.weight * out.to(dtype)
 
 
-class GatedLayer(_GateWrapper):
+class GatedDecoderLayer(_GateWrapper):
     """Owns a layer gate (applied by the block's output projections); in evaluation a closed gate skips the
     block, which then returns its input: what the model without the layer computes."""
 
@@ -308,5 +308,5 @@ def attach_unit_gates(model: nn.Module, structure: Structure, make_gate) -> Gate
     for index, layer in enumerate(gates.layers):
         if layer is not None:
             name = s.layer_name(index)
-            model.set_submodule(name, GatedLayer(model.get_submodule(name), layer, layer=layer))
+            model.set_submodule(name, GatedDecoderLayer(model.get_submodule(name), layer, layer=layer))
     return gates

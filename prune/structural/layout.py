@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from prune.core.errors import UserInputError
 
 HIDDEN, HEADS, FFN, LAYERS = "hidden", "heads", "ffn", "layers"
-UNIT_KINDS = (HEADS, FFN, HIDDEN, LAYERS)
 Cost = Literal["none", "matmul", "attention"]
 Fold = Literal["none", "writer", "final_norm"]  # writer: scaled by hidden/layer values (and its units' values)
 
@@ -116,20 +115,16 @@ class Structure:
     def layer_name(self, index: int, relative: str = "") -> str:
         return f"{self.blocks}.{index}" + (f".{relative}" if relative else "")
 
-    def unit_count(self, kind: str) -> int:
-        """All units of a kind in the model (hidden: its width; layers: the depth)."""
-        return {HIDDEN: self.hidden, HEADS: sum(self.heads), FFN: sum(self.ffn), LAYERS: self.num_layers}[kind]
-
     def full_counts(self) -> Counts:
         return Counts(self.hidden, list(self.heads), list(self.ffn), [1] * self.num_layers)
 
-    def size(self, counts: Counts, measure: str = "params", seq_len: int = 512):
-        """Parameters (`measure="params"`) or FLOPs of one [1, seq_len] forward for the given kept counts."""
-        if measure not in ("params", "flops"):
-            raise ValueError(f"measure must be params or flops, got {measure!r}")
+    def size(self, counts: Counts, quantity: str = "params", seq_len: int = 512):
+        """Parameters (`quantity="params"`) or FLOPs of one [1, seq_len] forward for the given kept counts."""
+        if quantity not in ("params", "flops"):
+            raise ValueError(f"quantity must be params or flops, got {quantity!r}")
 
         def weight(entry: Entry) -> int:
-            if measure == "params":
+            if quantity == "params":
                 return int(entry.params and entry.name is not None)
             return entry.flops_factor(seq_len)
 

@@ -102,7 +102,7 @@ def shrunk_state(state: dict[str, Tensor], structure: Structure, decisions: dict
         if match is None:
             entry = structure.global_entries.get(name)
             keeps, values, layer_value, relative = {HIDDEN: hidden_keep}, {HIDDEN: hidden_value}, None, name
-            target = name
+            new_name = name
         else:
             index, relative = int(match.group(1)), match.group(2)
             if index not in renumber:
@@ -113,9 +113,9 @@ def shrunk_state(state: dict[str, Tensor], structure: Structure, decisions: dict
             keeps = {HIDDEN: hidden_keep, HEADS: head_keep, FFN: ffn_keep}
             values = {HIDDEN: hidden_value, HEADS: head_value, FFN: ffn_value}
             layer_value = decisions[LAYERS][index][1][0] if decisions[LAYERS] else None
-            target = f"{structure.blocks}.{renumber[index]}.{relative}"
+            new_name = f"{structure.blocks}.{renumber[index]}.{relative}"
         with torch.no_grad():
-            new[target] = tensor.clone() if entry is None else \
+            new[new_name] = tensor.clone() if entry is None else \
                 _new_tensor(tensor, entry, relative, structure, keeps, values, layer_value).contiguous()
     if structure.tied and "lm_head.weight" in new:
         new["lm_head.weight"] = new[structure.embeddings[0] + ".weight"]

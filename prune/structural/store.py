@@ -1,7 +1,7 @@
 """A gated model's structural decisions: found in the model, saved, reloaded, exported and reported.
 
 Shared by every structural method (VIB, the one-shot structured baselines): their common config keys
-(`StructuralTargetConfig`: a params/FLOPs target instead of a sparsity) and the same `save`, `export` and
+(`StructuralBudgetConfig`: a params/FLOPs target instead of a sparsity) and the same `save`, `export` and
 `report` hooks. Saved format, in the run directory's usual two files:
 `masks.safetensors` holds per gate `<kind>[.<layer>].keep` (uint8 per unit) and `<kind>[.<layer>].value`
 (float32: the multiplier of each kept unit, folded into the weights by the export); `masks.json` holds the
@@ -18,32 +18,36 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import unwrap, wrappers
-from prune.masks.storage import CONFIG_FILE, TENSORS_FILE, write_mask_files
+from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.structural.gates import FixedGate, GateSet, UnitGate, attach_unit_gates
 from prune.core.config import MethodConfig
 from prune.structural.shrink import layer_sizes, shrink
 from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure, structure_of
 
 FORMAT = "structural-v1"
-MEASURES = ("params", "flops")
+QUANTITIES = ("params", "flops")
 
 
-def parse_target(value) -> dict[str, float]:
+def parse_budget(value) -> dict[str, float]:
     """{params: t} or {flops: t}, t the share removed in (0, 1)."""
-    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in MEASURES:
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in QUANTITIES:
         raise ValueError(f"target must be one of {{params: t}} or {{flops: t}} (t = the share removed), got {value!r}")
-    measure, share = next(iter(value.items()))
+    quantity, share = next(iter(value.items()))
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share < 1.0:
-        raise ValueError(f"target {measure} must be a share removed strictly between 0 and 1, got {share!r}")
-    return {measure: float(share)}
+        raise ValueError(f"target {quantity} must be a share removed strictly between 0 and 1, got {share!r}")
+    return {quantity: float(share)}
 
 
-class StructuralTargetConfig(MethodConfig):
+class StructuralBudgetConfig(MethodConfig):
     """Keys every structural method shares: a size/FLOPs target instead of an N:M/fraction sparsity."""
 
     sparsity: str | float | None = Field(None, description="unused: the budget is `target` (a fraction here means params)")
+    targets: list[str] | None = Field(None, description="unused: structural methods prune units (see `units`), not "
+                                      "chosen linears")
+    skip_incompatible: bool = Field(False, description="unused: no N:M groups here")
     target: dict[str, float] = Field(default_factory=lambda: {"params": 0.5},
                                      description="{params: t} or {flops: t}: the share removed")
     flops_seq_len: int = Field(512, ge=1, description="sequence length at which FLOPs are counted")
@@ -62,11 +66,11 @@ class StructuralTargetConfig(MethodConfig):
 
     @field_validator("target", mode="before")
     @classmethod
-    def _valid_target(cls, value):
-        return parse_target(value)
+    def _valid_budget(cls, value):
+        return parse_budget(value)
 
     @model_validator(mode="after")
-    def _sparsity_as_target(self):
+    def _sparsity_as_budget(self):
         if self.targets is not None:
             raise ValueError("structural methods prune units, not chosen linears: drop `targets` and use `units`.")
         if isinstance(self.sparsity, float) and "target" not in self.model_fields_set:
@@ -78,15 +82,15 @@ class StructuralTargetConfig(MethodConfig):
         raise UserInputError(f"method {self.name} has a size target ({self.target_label()}), not an N:M pattern.")
 
     @property
-    def measure(self) -> str:
+    def quantity(self) -> str:
         return next(iter(self.target))
 
     @property
     def share(self) -> float:
-        return self.target[self.measure]
+        return self.target[self.quantity]
 
     def target_label(self) -> str:
-        return f"{self.measure} {self.share:g}"
+        return f"{self.quantity} {self.share:g}"
 
 
 def gate_set(model: nn.Module) -> GateSet:
@@ -116,9 +120,9 @@ def summary(gates: GateSet, seq_len: int = 512) -> dict:
     structure = gates.structure
     dense, kept = structure.full_counts(), gates.counts()
     figures = {}
-    for measure in ("params", "flops"):
-        before, after = float(structure.size(dense, measure, seq_len)), float(structure.size(kept, measure, seq_len))
-        figures[measure] = {"dense": int(before), "kept": int(after), "removed": 1.0 - after / before}
+    for quantity in ("params", "flops"):
+        before, after = float(structure.size(dense, quantity, seq_len)), float(structure.size(kept, quantity, seq_len))
+        figures[quantity] = {"dense": int(before), "kept": int(after), "removed": 1.0 - after / before}
     figures["hidden"] = int(kept.hidden)
     figures["layers"] = layer_sizes(structure, gates.decisions())
     figures["seq_len"] = seq_len
@@ -142,7 +146,7 @@ def save_gates(model: nn.Module, directory: Path, config, meta: dict) -> None:
     content = {"format_version": 1, **meta, "structural": info, "targets": {}}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_mask_files(directory, tensors, content)
+    write_tensors_with_json(directory, TENSORS_FILE, tensors, CONFIG_FILE, content)
 
 
 def load_gates(model: nn.Module, directory: Path) -> GateSet:
@@ -196,9 +200,9 @@ def report_gated(model: nn.Module, config, heldout, report: dict) -> dict:
     figures = getattr(model, "maskprune_summary", None)
     if figures is None:
         return {}
-    measure = next(iter(getattr(config, "target", {"params": 0})))
+    quantity = next(iter(getattr(config, "target", {"params": 0})))
     entries = {
-        "sparsity": {"target": config.target_label(), "achieved": figures[measure]["removed"], "measure": measure},
+        "sparsity": {"target": config.target_label(), "achieved": figures[quantity]["removed"], "measure": quantity},
         "structure": figures,
     }
     dense, pruned = (report.get("dense") or {}).get("latency"), report.get("latency")
@@ -210,8 +214,8 @@ def report_gated(model: nn.Module, config, heldout, report: dict) -> dict:
     return entries
 
 
-def target_counts_reachable(structure: Structure, kinds: set[str], measure: str, removed: float, seq_len: int) -> float:
-    """The largest removable share of `measure` with these unit kinds (raises if `removed` is beyond it): every
+def budget_reachable(structure: Structure, kinds: set[str], quantity: str, removed: float, seq_len: int) -> float:
+    """The largest removable share of `quantity` with these unit kinds (raises if `removed` is beyond it): every
     layer keeps one head unit and one neuron, the residual stream one channel."""
     low = Counts(
         hidden=1 if HIDDEN in kinds else structure.hidden,
@@ -219,13 +223,13 @@ def target_counts_reachable(structure: Structure, kinds: set[str], measure: str,
         ffn=[1 if FFN in kinds else n for n in structure.ffn],
         layers=[0 if LAYERS in kinds else 1] * structure.num_layers,
     )
-    dense = float(structure.size(structure.full_counts(), measure, seq_len))
-    reachable = 1.0 - float(structure.size(low, measure, seq_len)) / dense
+    dense = float(structure.size(structure.full_counts(), quantity, seq_len))
+    reachable = 1.0 - float(structure.size(low, quantity, seq_len)) / dense
     if removed >= reachable:
         off = [kind for kind in (HIDDEN, LAYERS) if kind not in kinds]
         raise UserInputError(
-            f"target {measure} {removed} cannot be reached: with units {sorted(kinds)} at most "
-            f"{reachable:.3f} of the {measure} can be removed (embeddings, norms, one head unit and one neuron "
+            f"target {quantity} {removed} cannot be reached: with units {sorted(kinds)} at most "
+            f"{reachable:.3f} of the {quantity} can be removed (embeddings, norms, one head unit and one neuron "
             f"per layer stay). Lower the target{', or switch on units ' + ', '.join(off) if off else ''}."
         )
     return reachable

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from eval.report import format_number, render_markdown_table, render_table, write_json_atomic, write_text_atomic
+from eval.tables import format_number, render_markdown_table, render_table
+from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.sweep import plots
 from prune.core.errors import UserInputError
 from prune.core.sparsity import parse_sparsity

@@ -44,6 +44,8 @@ POINTS_DIR = "points"
 
 
 class GridConfig(StrictConfig):
+    """The points of a sweep: methods x sparsity levels (x models)."""
+
     methods: list[str | dict[str, Any]] = Field(description="method names, or {name: ..., label: ..., <method keys>}")
     sparsities: list[str | float] = Field(description="fractions (0.5) and N:M patterns (2:4)")
     models: list[str] | None = Field(None, description="models to sweep (default: the base recipe's model)")
@@ -71,21 +73,26 @@ class GridConfig(StrictConfig):
 
 
 class SensitivityConfig(StrictConfig):
+    """`prune sweep --sensitivity`: one group of layers pruned at a time."""
+
     method: str | None = Field(None, description="a one-shot method (default: wanda if in the grid, else the first)")
     sparsity: str | float = Field("0.5", description="level applied to one group at a time")
-    by: list[Literal["block", "type"]] = Field(default_factory=lambda: ["block", "type"])
+    by: list[Literal["block", "type"]] = Field(default_factory=lambda: ["block", "type"],
+                                               description="group layers per decoder block and/or per layer type")
     heldout_blocks: int | None = Field(8, ge=1, description="held-out windows per perplexity (None: all)")
 
 
 class SweepRecipe(StrictConfig):
+    """A whole sweep file."""
+
     base: str = Field(description="the base recipe, relative to the sweep file")
-    grid: GridConfig
+    grid: GridConfig = Field(description="methods x sparsities (x models)")
     set: dict[str, Any] = Field(default_factory=dict, description="overrides applied to every point")
     output: str | None = Field(None, description="sweep directory (default: runs/sweeps/<sweep file name>)")
     shared_calibration: bool = Field(True, description="one-shot points reuse dense statistics gathered once")
     save_masks: bool = Field(True, description="write masks.safetensors into each point's directory")
     save_models: bool = Field(False, description="write each point's pruned model/ (large)")
-    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig, description="the sensitivity scan")
 
 
 @dataclass

@@ -40,8 +40,9 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from eval.errors import NonFiniteError
-from eval.report import render_table, write_json_atomic, write_text_atomic
+from eval.metric_errors import NonFiniteError
+from eval.tables import render_markdown_table, render_table
+from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.sweep import compare
 from prune.core.errors import UserInputError
 from prune.runs.recipe import Recipe, parse_recipe
@@ -258,8 +259,6 @@ def run_sensitivity(sweep: SweepRecipe, base: dict, *, force: bool = False, prog
     write_json_atomic(result_file, result)
     write_text_atomic(directory / "sensitivity.csv", compare.csv_text(result["entries"], front=["rank", "kind", "group"], tail=[]))
     plot = plots.sensitivity_bars(result["entries"], directory / "sensitivity.png", title)
-    from eval.report import render_markdown_table
-
     text = [f"# {title}", "", f"Dense perplexity {result['dense_perplexity']:.3f} over {result['heldout_tokens']} "
             f"held-out tokens; increase = pruned group's perplexity - dense. Took {result['seconds']:.0f} s.", "",
             render_markdown_table(rows, sensitivity.COLUMNS), "", f"![sensitivity]({plot.name})" if plot else "", ""]

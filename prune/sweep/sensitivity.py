@@ -10,7 +10,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from eval.errors import NonFiniteError
+from eval.metric_errors import NonFiniteError
 from eval.perplexity import perplexity
 from prune.models.blocks import find_blocks
 from prune.core.config import MethodConfig

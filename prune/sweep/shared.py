@@ -13,10 +13,8 @@ gathering) or one target's Hessian (while pruning); the files also let a resumed
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from prune.calibration import layerwise as calibration
+from prune.core.atomic import staged_directory, write_json_atomic
 
 from prune.runs import run_dir
 from prune.models.blocks import in_out_features, weight_matrix
@@ -126,8 +125,6 @@ class SharedModel:
             saved = json.loads(cache.read_text())
             if saved.get("fingerprint") == key:
                 return saved["figures"]
-        from eval.report import write_json_atomic
-
         recipe = self.recipe
         figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, "dense")
         self.timings["dense_eval"] = round(figures["seconds"], 2)
@@ -164,8 +161,8 @@ class SharedModel:
                     self.store = store
                     return
         start = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".stats-"))
-        try:
+        final = root / f"{slug(self.recipe.model)}-{fingerprint(source, sorted(needed), hessian)}"
+        with staged_directory(final) as staging:
             index: dict[str, list] = {}
             data = self.recipe.data
             blocks = self.splits.calibration_blocks(data.calibration_samples, data.seq_len, self.recipe.seed)
@@ -177,11 +174,6 @@ class SharedModel:
             meta = {"source": source, "hessian": hessian, "model": self.recipe.model, "seconds": seconds,
                     "samples": data.calibration_samples, "seq_len": data.seq_len, "targets": index}
             (staging / INDEX_FILE).write_text(json.dumps(meta, indent=1))
-            final = root / f"{slug(self.recipe.model)}-{fingerprint(source, sorted(needed), hessian)}"
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         self.calibration_passes += 1
         self.timings["calibration"] = self.timings.get("calibration", 0.0) + seconds
         self.store = StatsStore(final)

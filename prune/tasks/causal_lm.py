@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from torch import nn
 
-from eval.accuracy import accuracy
+from eval.accuracy import task_accuracy
 from eval.flops import count_flops, count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
@@ -27,7 +27,7 @@ def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig
         result = perplexity(model, splits.heldout_blocks(seq_len), desc=f"perplexity ({label})")
         figures["perplexity"] = {"value": result.value, "tokens": result.tokens, "seq_len": seq_len}
     if config.tasks:
-        figures["accuracy"] = accuracy(
+        figures["accuracy"] = task_accuracy(
             model, tokenizer, config.tasks, heldout_text=splits.heldout_text(tokenizer), limit=config.limit
         )
     params = count_params(model)

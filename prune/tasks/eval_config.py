@@ -7,11 +7,13 @@ from prune.core.config import StrictConfig
 
 
 class EvalConfig(StrictConfig):
-    perplexity: bool = True
+    """Which figures a run measures, for the dense baseline and the pruned model alike."""
+
+    perplexity: bool = Field(True, description="held-out perplexity")
     dense_baseline: bool = Field(True, description="also evaluate the unpruned model in the same run")
     tasks: list[str] = Field(default_factory=lambda: ["docs_lastword"], description="lm-eval task names")
     limit: int | None = Field(200, ge=1, description="examples per accuracy task (None: all)")
-    flops: bool = True
-    latency: bool = True
+    flops: bool = Field(True, description="FLOPs per forward (dense, pruned, and with 2:4 sparse kernels)")
+    latency: bool = Field(True, description="prefill tokens/s and decode ms/token on this machine")
     semi_structured_kernel: bool = Field(True, description="2:4 models: time PyTorch's 2:4 sparse kernels against "
                                          "dense (CUDA, compute capability 8.0+; elsewhere reported unavailable)")

@@ -77,7 +77,7 @@ def classification_loss(model: nn.Module, batch: dict) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(classifier: nn.Module, rows: ImageRows, batch_size: int = 64, limit: int | None = None) -> float:
+def zero_shot_accuracy(classifier: nn.Module, rows: ImageRows, batch_size: int = 64, limit: int | None = None) -> float:
     """Top-1 accuracy on the first `limit` (all when None) rows, in order."""
     count = len(rows) if limit is None else min(limit, len(rows))
     if count == 0:
@@ -97,7 +97,7 @@ def measure(classifier: nn.Module, data: ImageData, limit: int | None, batch_siz
     classifier.eval()
     params = count_params(classifier.clip)
     return {
-        "accuracy": {data.name: accuracy(classifier, data.heldout, batch_size, limit)},
+        "accuracy": {data.name: zero_shot_accuracy(classifier, data.heldout, batch_size, limit)},
         "params": {"total": params.total, "nonzero": params.nonzero},
         "seconds": time.perf_counter() - start,
     }

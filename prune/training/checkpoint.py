@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eval.report import write_text_atomic
+from prune.core.atomic import staged_directory, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.training.sharded import copy_into, shard_optimizer_state
 
@@ -51,10 +51,18 @@ def save_checkpoint(
     """Write `directory/step-<step>/` and point `latest` at it; returns the checkpoint directory. `masks` and
     `optimizer_state` are whole (gathered from every shard under FSDP), so the files are those of one process."""
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"step-{step}"
-    staging = directory / f".step-{step}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    checkpoint = directory / f"step-{step}"
+    with staged_directory(checkpoint) as staging:
+        _write_checkpoint(staging, step, masks, optimizer_state, scheduler, extra)
+    write_text_atomic(directory / POINTER, checkpoint.name)
+    for old in directory.glob("step-*"):
+        if old != checkpoint:
+            shutil.rmtree(old, ignore_errors=True)
+    return checkpoint
+
+
+def _write_checkpoint(staging: Path, step: int, masks: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
+                      extra: dict) -> None:
     save_file(masks, staging / "masks.safetensors")
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
     optimizer_tensors["rng.torch"] = torch.get_rng_state()
@@ -69,13 +77,6 @@ def save_checkpoint(
         **extra,
     }
     (staging / "trainer_state.json").write_text(json.dumps(state))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    write_text_atomic(directory / POINTER, target.name)
-    for old in directory.glob("step-*"):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimizer, scheduler) -> dict:

@@ -21,13 +21,13 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from prune.core.atomic import write_safetensors_atomic
 from prune.training.checkpoint import load_checkpoint, save_checkpoint
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.config import TrainConfig
@@ -277,6 +277,4 @@ def _whole(regularizer: Tensor) -> Tensor:
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    staging = path.with_suffix(".partial")
-    save_file({name: full(tensor) for name, tensor in tensors.items()}, staging)
-    staging.replace(path)
+    write_safetensors_atomic(path, {name: full(tensor) for name, tensor in tensors.items()})

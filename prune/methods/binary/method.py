@@ -19,7 +19,6 @@ gradients are damped; it is never added to the loss.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -28,9 +27,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from prune.models.blocks import LINEAR_TYPES, weight_matrix
-from prune.core.errors import UserInputError
 from prune.masks.base import Mask, Objective, hard_masks, mask_parameters, weight_masked, wrap, wrappers
 from prune.masks.storage import write_masks
+from prune.masks.targets import select_by_glob
 from prune.masks.with_peft import canonical_name
 from prune.core.config import MethodConfig
 from prune.methods.spec import MethodSpec
@@ -110,30 +109,23 @@ def masked_fractions(model: nn.Module) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ config + attach
 
 class BinaryConfig(MethodConfig):
-    """R-AMT's binary mask tuning on a frozen CLIP. Sample YAML, every default spelled out:
-
-        method:
-          name: binary
-          targets: ["*vision_model.encoder.layers.*.self_attn.*_proj", "*vision_model.embeddings.patch_embedding"]
-          init_score: 0.01        # every score starts here, above the threshold: step 0 is the zero-shot model
-          threshold: 0.005        # weight kept where its score > threshold
-          score_reg: 0.0001       # weight of the L2 norm (not squared) of all scores
-          gradient_dropout: 0.3   # lambda; 0 turns gradient dropout off (plain straight-through scores)
-          kl_temperature: 1.0     # temperature of the KL to the zero-shot predictions
+    """R-AMT's binary mask tuning on a frozen CLIP.
 
     Targets are globs over module names (nn.Linear and nn.Conv2d); e.g. add "*vision_model.encoder.layers.*.mlp.*"
     for the image MLPs or "*text_model.encoder.layers.*.self_attn.*_proj" for the text encoder. Inside a peft
-    model the mask goes on each LoRA layer's frozen `base_layer`. `sparsity` does not apply: how much is
-    masked is learned, and reported.
+    model the mask goes on each LoRA layer's frozen `base_layer`.
     """
 
-    name: str = "binary"
+    name: str = Field("binary", description="the method")
+    sparsity: str | float = Field("2:4", description="unused: how much is masked is learned, and reported")
     targets: list[str] | None = Field(default_factory=lambda: list(DEFAULT_TARGETS),
                                       description="glob patterns over module names (Linear, Conv2d)")
-    init_score: float = Field(1e-2, description="initial score of every weight")
+    init_score: float = Field(1e-2, description="initial score of every weight, above the threshold: step 0 is "
+                              "the zero-shot model")
     threshold: float = Field(5e-3, description="a weight is kept where its score exceeds this")
     score_reg: float = Field(1e-4, ge=0, description="weight of the L2 norm (not squared) of the scores")
-    gradient_dropout: float = Field(0.3, ge=0, le=1, description="lambda of gradient dropout (0: off)")
+    gradient_dropout: float = Field(0.3, ge=0, le=1, description="lambda of gradient dropout (0: off, plain "
+                                    "straight-through scores)")
     kl_temperature: float = Field(1.0, gt=0, description="temperature of the KL to the zero-shot model")
 
     @model_validator(mode="after")
@@ -166,17 +158,8 @@ def binary_targets(model: nn.Module, patterns: list[str]) -> list[str]:
             candidates[name] = name
         elif isinstance(getattr(module, "base_layer", None), TARGET_TYPES):
             candidates[name] = f"{name}.base_layer"
-    selected: dict[str, None] = {}
-    for pattern in patterns:
-        hits = [target for name, target in candidates.items() if fnmatchcase(name, pattern)]
-        if not hits:
-            examples = ", ".join(list(candidates)[:4] + [name for name in candidates if "vision" in name][:4])
-            raise UserInputError(
-                f"target pattern {pattern!r} matches no Linear/Conv2d module; module names look like: {examples}. "
-                "Patterns are globs over the full name, e.g. '*vision_model.encoder.layers.*.self_attn.*_proj'."
-            )
-        selected.update(dict.fromkeys(hits))
-    return list(selected)
+    matched = select_by_glob(list(candidates), patterns, "Linear/Conv2d module", example=DEFAULT_TARGETS[0])
+    return [candidates[name] for name in matched]
 
 
 class BinaryObjective(Objective):

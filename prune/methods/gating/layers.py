@@ -1,6 +1,6 @@
 """Which modules dynamic gating can target, the wrappers that gate them, and per-input FLOPs accounting.
 
-Gateable units, found by structure (no model class tables):
+Gate sites (the modules gating can wrap), found by structure (no model class tables):
 - a Conv2d+BatchNorm2d block: a module whose children are exactly (Conv2d, BatchNorm2d[, a parameter-free
   activation]) -- HF ResNet's `ResNetConvLayer` and `ResNetShortCut`, `nn.Sequential(conv, bn, relu)` --
   wrapped whole; or, in any other parent, a Conv2d child registered right before the BatchNorm2d that
@@ -10,7 +10,7 @@ Gateable units, found by structure (no model class tables):
 
 A gated layer computes its output y, the gate keeps a subset of its output channels (conv) or intermediate
 neurons (FFN, per token), and the rest are zero. While the gate trains, the wrapper records the predictor's
-logits and the targets from the unmasked y (prune.methods.gating.predictor), and by default passes on the
+logits and the labels from the unmasked y (prune.methods.gating.predictor), and by default passes on the
 *masked* output, as FTWT's code does (`out = out * mask_binary` in ConvWithMask.forward, training included):
 each predictor then learns on the inputs it will see at inference. `train_masked=False` passes the unmasked
 output instead. In eval mode an FFN runs the sparse path (prune.methods.gating.sparse_ffn); a conv computes every channel and
@@ -30,7 +30,8 @@ from prune.models.blocks import LINEAR_TYPES, weight_matrix
 from prune.core.errors import UserInputError
 from prune.methods.gating.sparse_ffn import PackedFFN, ffn_flops, intermediate, output, pack_gated, pack_plain, sparse_ffn
 from prune.masks.base import MaskWrapper, wrappers
-from prune.methods.gating.predictor import GatingMask, uniform_targets
+from prune.masks.targets import select_by_glob
+from prune.methods.gating.predictor import GatingMask, uniform_labels
 
 FFN_KINDS = ("ffn_gated", "ffn_plain")
 EXPECTED = ("a Conv2d followed by its BatchNorm2d, or a transformer FFN with gate_proj/up_proj/down_proj + act_fn "
@@ -40,8 +41,8 @@ EXPECTED = ("a Conv2d followed by its BatchNorm2d, or a transformer FFN with gat
 # ------------------------------------------------------------------------------------------------- discovery
 
 @dataclass(frozen=True)
-class Unit:
-    kind: str  # ffn_gated | ffn_plain | conv_unit | conv_pair
+class GateSite:
+    kind: str  # ffn_gated | ffn_plain | conv_block | conv_pair
     bn_name: str | None = None  # conv_pair: the qualified name of the BN that follows the conv
 
 
@@ -59,15 +60,15 @@ def _bn_follows(conv: nn.Module, bn: nn.Module) -> bool:
     return isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels
 
 
-def is_conv_unit(module: nn.Module) -> bool:
+def is_conv_block(module: nn.Module) -> bool:
     children = list(module.children())
     return (len(children) in (2, 3) and _bn_follows(children[0], children[1])
             and (len(children) == 2 or not any(True for _ in children[2].parameters())))
 
 
-def find_units(model: nn.Module) -> dict[str, Unit]:
-    """Every gateable unit by qualified name (a conv pair is named by its conv)."""
-    units: dict[str, Unit] = {}
+def find_gate_sites(model: nn.Module) -> dict[str, GateSite]:
+    """Every gate site by qualified name (a conv pair is named by its conv)."""
+    sites: dict[str, GateSite] = {}
     gated = [name for name, module in model.named_modules() if isinstance(module, GatedLayer)]
     for name, module in model.named_modules():
         if any(name == g or name.startswith(f"{g}.") for g in gated):
@@ -75,16 +76,16 @@ def find_units(model: nn.Module) -> dict[str, Unit]:
         prefix = f"{name}." if name else ""
         kind = ffn_kind(module)
         if kind is not None:
-            units[name] = Unit(kind)
-        elif is_conv_unit(module):
-            units[name] = Unit("conv_unit")
+            sites[name] = GateSite(kind)
+        elif is_conv_block(module):
+            sites[name] = GateSite("conv_block")
         else:
             children = list(module.named_children())
             for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
                 if _bn_follows(conv, bn):
-                    units[prefix + conv_name] = Unit("conv_pair", prefix + bn_name)
-    inside_units = [n for n in units if any(n.startswith(f"{other}.") for other in units if other != n)]
-    return {n: u for n, u in units.items() if n not in inside_units}
+                    sites[prefix + conv_name] = GateSite("conv_pair", prefix + bn_name)
+    inside_others = [n for n in sites if any(n.startswith(f"{other}.") for other in sites if other != n)]
+    return {n: site for n, site in sites.items() if n not in inside_others}
 
 
 def describe(name: str, module: nn.Module) -> str:
@@ -92,27 +93,22 @@ def describe(name: str, module: nn.Module) -> str:
     return f"{name or '<root>'} ({type(module).__name__} with {children})"
 
 
-def select_units(model: nn.Module, patterns: list[str] | None) -> dict[str, Unit]:
-    """The units to gate: those matching the glob patterns; by default every FFN (else every conv unit)."""
-    units = find_units(model)
-    if not units:
+def select_gate_sites(model: nn.Module, patterns: list[str] | None) -> dict[str, GateSite]:
+    """The sites to gate: those matching the glob patterns; by default every FFN (else every conv block)."""
+    sites = find_gate_sites(model)
+    if not sites:
         raise UserInputError(f"{type(model).__name__} has nothing gating can target; it needs {EXPECTED}.")
     if patterns is None:
-        ffns = {name: unit for name, unit in units.items() if unit.kind in FFN_KINDS}
-        return ffns or units
-    chosen: dict[str, Unit] = {}
+        ffns = {name: site for name, site in sites.items() if site.kind in FFN_KINDS}
+        return ffns or sites
     modules = dict(model.named_modules())
-    for pattern in patterns:
-        hits = {name: unit for name, unit in units.items() if fnmatchcase(name, pattern)}
-        if not hits:
-            found = [describe(n, m) for n, m in modules.items() if fnmatchcase(n, pattern)][:3]
-            what = f"matches {'; '.join(found)}" if found else "matches no module"
-            raise UserInputError(
-                f"gating target pattern {pattern!r} {what}, which is not gateable: gating needs {EXPECTED}. "
-                f"Gateable modules here: {', '.join(list(units)[:4])}."
-            )
-        chosen.update(hits)
-    return chosen
+
+    def not_gateable(pattern: str) -> str:
+        found = [describe(name, module) for name, module in modules.items() if fnmatchcase(name, pattern)][:3]
+        return f" (it matches {'; '.join(found)}: gating needs {EXPECTED})" if found else ""
+
+    chosen = select_by_glob(list(sites), patterns, "gateable module", example="*.mlp", explain=not_gateable)
+    return {name: sites[name] for name in chosen}
 
 
 # -------------------------------------------------------------------------------------------------- wrappers
@@ -127,13 +123,13 @@ class GateStats:
     dense_flops: float = 0.0
     gated_flops: float = 0.0  # what runs: the selected channels plus the predictor
     predictor_flops: float = 0.0
-    targets: float = 0.0  # channels the k(x) rule would keep
-    hits_target: float = 0.0  # selected and a target
+    labels: float = 0.0  # channels the k(x) rule would keep
+    hits_label: float = 0.0  # selected and labelled keep
     hits_oracle: float = 0.0  # selected and among the top-k(selected) channels by score (the oracle's choice)
 
-    def add(self, keep: Tensor, scores: Tensor, targets: Tensor, dense: float, computed: Tensor,
+    def add(self, keep: Tensor, scores: Tensor, labels: Tensor, dense: float, computed: Tensor,
             predictor: float) -> None:
-        """One batch: keep/scores/targets [inputs, channels]; `dense` and `predictor` FLOPs per input;
+        """One batch: keep/scores/labels [inputs, channels]; `dense` and `predictor` FLOPs per input;
         `computed` [inputs] the FLOPs the chosen channels need."""
         counts = keep.sum(dim=-1)
         self.inputs += keep.shape[0]
@@ -141,8 +137,8 @@ class GateStats:
         self.dense_flops += dense * keep.shape[0]
         self.gated_flops += float(computed.sum()) + predictor * keep.shape[0]
         self.predictor_flops += predictor * keep.shape[0]
-        self.targets += float(targets.sum())
-        self.hits_target += float((keep & targets).sum())
+        self.labels += float(labels.sum())
+        self.hits_label += float((keep & labels).sum())
         self.hits_oracle += float(oracle_overlap(scores, keep, counts))
 
 
@@ -268,7 +264,7 @@ class GatedFFN(GatedLayer):
                 packed = self.packed()
                 h = intermediate(flat, packed)
                 if self.oracle_fraction is not None:  # the ceiling: the largest |h| of each token, from h itself
-                    keep = uniform_targets(h.abs(), 1.0 - self.oracle_fraction)
+                    keep = uniform_labels(h.abs(), 1.0 - self.oracle_fraction)
                 if self.stats is not None:
                     self._account(h, keep, packed)
                 y = output(h * keep.to(h.dtype), packed)
@@ -284,23 +280,23 @@ class GatedFFN(GatedLayer):
         self.stats.add(keep, scores, self.mask.rule(scores), dense, computed, self.mask.predictor.flops())
 
 
-def gate_units(model: nn.Module, units: dict[str, Unit], make_mask, *, train_masked: bool = True,
+def gate_sites(model: nn.Module, sites: dict[str, GateSite], make_mask, *, train_masked: bool = True,
                max_union: float = 0.9) -> dict[str, GatedLayer]:
-    """Replace each unit by its gated wrapper; `make_mask(in_features, out_features)` builds each gate."""
+    """Replace each site by its gated wrapper; `make_mask(in_features, out_features)` builds each gate."""
     modules = dict(model.named_modules())
     gated: dict[str, GatedLayer] = {}
-    for name, unit in units.items():
+    for name, site in sites.items():
         module = modules[name]
-        if unit.kind in FFN_KINDS:
-            hidden, inter = (module.gate_proj.in_features, module.gate_proj.out_features) if unit.kind == "ffn_gated" \
+        if site.kind in FFN_KINDS:
+            hidden, inter = (module.gate_proj.in_features, module.gate_proj.out_features) if site.kind == "ffn_gated" \
                 else tuple(reversed(weight_matrix(module.c_fc).shape))
             wrapper = GatedFFN(module, make_mask(hidden, inter), train_masked, max_union)
         else:
-            base = module if unit.kind == "conv_unit" else ConvBN(module, modules[unit.bn_name])
-            conv = base.conv if unit.kind == "conv_pair" else next(iter(base.children()))
+            base = module if site.kind == "conv_block" else ConvBN(module, modules[site.bn_name])
+            conv = base.conv if site.kind == "conv_pair" else next(iter(base.children()))
             wrapper = GatedConv(base, make_mask(conv.in_channels, conv.out_channels), train_masked)
-            if unit.kind == "conv_pair":
-                model.set_submodule(unit.bn_name, nn.Identity())
+            if site.kind == "conv_pair":
+                model.set_submodule(site.bn_name, nn.Identity())
         model.set_submodule(name, wrapper)
         gated[name] = wrapper
     return gated
@@ -357,7 +353,7 @@ def summarize(stats: dict[str, GateStats]) -> dict:
     dense = sum(s.dense_flops for s in stats.values())
     gated = sum(s.gated_flops for s in stats.values())
     kept, channels = sum(s.kept for s in stats.values()), sum(s.channels * s.inputs for s in stats.values())
-    targets = sum(s.targets for s in stats.values())
+    labels = sum(s.labels for s in stats.values())
     return {
         "inputs": inputs,
         "flops_per_input": {
@@ -367,9 +363,9 @@ def summarize(stats: dict[str, GateStats]) -> dict:
             "reduction": 1.0 - gated / dense if dense else 0.0,
         },
         "keep_fraction": kept / channels if channels else 0.0,
-        "target_keep_fraction": targets / channels if channels else 0.0,
-        "target_recall": sum(s.hits_target for s in stats.values()) / targets if targets else 1.0,
-        "target_precision": sum(s.hits_target for s in stats.values()) / kept if kept else 1.0,
+        "target_keep_fraction": labels / channels if channels else 0.0,
+        "target_recall": sum(s.hits_label for s in stats.values()) / labels if labels else 1.0,
+        "target_precision": sum(s.hits_label for s in stats.values()) / kept if kept else 1.0,
         "oracle_recall": sum(s.hits_oracle for s in stats.values()) / kept if kept else 1.0,
         "layers": {name: {"keep_fraction": s.kept / max(s.channels * s.inputs, 1),
                           "reduction": 1.0 - s.gated_flops / s.dense_flops if s.dense_flops else 0.0}

@@ -2,12 +2,12 @@
 
 Per input, a small predictor per gated layer chooses which output channels (Conv2d+BN blocks) or FFN
 intermediate neurons (per token) to compute; the rest are skipped. The predictors learn by binary
-cross-entropy against self-supervised targets from the unmasked layer (prune.methods.gating.predictor); the
+cross-entropy against self-supervised labels from the unmasked layer (prune.methods.gating.predictor); the
 wrappers and the sparse FFN path are in prune.methods.gating.layers and prune.methods.gating.sparse_ffn.
 
 Training uses the one trainer, which optimizes mask parameters only: each gate owns its predictor, so exactly
 the predictors train. The loss the trainer adds is `regularizer(model)` = w x mean over gated layers of the
-BCE between the logits and targets the wrappers recorded in that forward; w drops to 0 once `cooldown` of
+BCE between the logits and labels the wrappers recorded in that forward; w drops to 0 once `cooldown` of
 the steps have passed.
 - decoupled (default): the predictor's input is detached and the backbone frozen; the mask is computed
   without gradient, so the task loss the trainer also computes has no path to the predictors -- their
@@ -23,24 +23,22 @@ model from the base model and them, and `prune export` refuses.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from eval.flops import count_flops
-from eval.report import readable_mode
+from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
-from prune.methods.gating.predictor import GatingMask, TargetRule, check_threshold
-from prune.methods.gating.layers import accounting, bypassed, gate_units, gated_layers, select_units, summarize
+from prune.methods.gating.predictor import GatingMask, LabelRule, check_threshold
+from prune.methods.gating.layers import accounting, bypassed, gate_sites, gated_layers, select_gate_sites, summarize
 from prune.core.config import MethodConfig
 from prune.methods.spec import MethodSpec
 
@@ -51,36 +49,28 @@ REPORT_WINDOWS = 32  # held-out windows measured for the per-token FLOPs and mas
 
 
 class GatingConfig(MethodConfig):
-    """Dynamic gating (FTWT). Sample YAML:
+    """Dynamic gating (FTWT): a predictor per gated layer picks, per input, the channels to compute."""
 
-        method:
-          name: gating
-          targets: ["*.mlp"]       # default: every transformer FFN, else every Conv2d+BN block
-          target: mass             # mass: keep k(x) channels holding <= r of the activation mass; uniform: fixed
-          threshold: 0.9           # r in (0, 1]
-          sparsity: 0.5            # target: uniform only -- the fraction of channels each input skips
-          mode: decoupled          # decoupled (predictor input detached, backbone frozen) | joint
-          loss_weight: 1.0         # w, the weight of the BCE loss
-          cooldown: 1.0            # w drops to 0 after this fraction of the steps (FTWT: 0.5 in joint mode)
-          softmax: true            # softmax over the pooled input channels before the linear map (FTWT)
-          predictor_rank: null     # null: one linear map (FTWT); an int: a low-rank pair, cheaper for wide FFNs
-          train_masked: true       # training forward passes the masked output on (FTWT's code does)
-          max_union: 0.9           # FFN sparse path: above this union of selected neurons, run masked dense
-          backbone_lr_scale: 0.1   # joint mode: the backbone's learning rate is train.lr times this
-    """
-
-    sparsity: str | float = Field(0.5, description="target: uniform only -- the fraction of channels skipped")
-    target: Literal["mass", "uniform"] = Field("mass", description="how the BCE targets are chosen")
+    sparsity: str | float = Field(0.5, description="target: uniform only -- the fraction of channels each input skips")
+    targets: list[str] | None = Field(None, description="glob patterns over module names, e.g. ['*.mlp'] (null: "
+                                      "every transformer FFN, else every Conv2d+BN block); every pattern must match")
+    target: Literal["mass", "uniform"] = Field("mass", description="how the BCE labels are chosen: mass keeps the k(x) "
+                                               "channels holding <= r of the activation mass, uniform a fixed share")
     threshold: float = Field(0.9, description="r in (0, 1]: the activation mass the kept channels may hold")
-    mode: Literal["decoupled", "joint"] = "decoupled"
+    mode: Literal["decoupled", "joint"] = Field("decoupled", description="decoupled: predictor input detached, "
+                                                "backbone frozen; joint: the backbone trains too")
     loss_weight: float = Field(1.0, ge=0, description="w, the weight of the BCE loss")
-    cooldown: float = Field(1.0, gt=0, le=1, description="fraction of the steps after which w drops to 0")
-    softmax: bool = Field(True, description="softmax over the pooled input channels (FTWT)")
-    predictor_rank: int | None = Field(None, ge=1, description="low-rank predictor; null: one linear map")
+    cooldown: float = Field(1.0, gt=0, le=1, description="fraction of the steps after which w drops to 0 (FTWT: 0.5 "
+                            "in joint mode)")
+    softmax: bool = Field(True, description="softmax over the pooled input channels before the linear map (FTWT)")
+    predictor_rank: int | None = Field(None, ge=1, description="null: one linear map (FTWT); an int: a low-rank pair, "
+                                       "cheaper for wide FFNs")
     init_bias: float = Field(3.0, description="initial logit of every channel (positive: start dense)")
-    train_masked: bool = Field(True, description="training forward passes the masked output on")
-    max_union: float = Field(0.9, ge=0, le=1, description="FFN sparse path: masked dense above this union")
-    backbone_lr_scale: float = Field(0.1, gt=0, description="joint mode: backbone lr = train.lr x this")
+    train_masked: bool = Field(True, description="training forward passes the masked output on (FTWT's code does)")
+    max_union: float = Field(0.9, ge=0, le=1, description="FFN sparse path: above this union of selected neurons, "
+                             "run masked dense")
+    backbone_lr_scale: float = Field(0.1, gt=0, description="joint mode: the backbone's learning rate is train.lr "
+                                     "times this")
 
     @field_validator("threshold")
     @classmethod
@@ -96,9 +86,9 @@ class GatingConfig(MethodConfig):
             raise ValueError(f"target: uniform needs method.sparsity as a fraction such as 0.5, not {self.sparsity!r}.")
         return self
 
-    def rule(self) -> TargetRule:
+    def rule(self) -> LabelRule:
         fraction = self.pattern.fraction if self.target == "uniform" else 0.0
-        return TargetRule(self.target, self.threshold, fraction)
+        return LabelRule(self.target, self.threshold, fraction)
 
     def target_label(self) -> str:
         return f"r={self.threshold:g}" if self.target == "mass" else f"uniform {self.pattern}"
@@ -109,7 +99,7 @@ class GatingConfig(MethodConfig):
 
 
 class GatingObjective(Objective):
-    """w x mean BCE(logits, targets) over the gated layers of the last forward; w = 0 after the cooldown."""
+    """w x mean BCE(logits, labels) over the gated layers of the last forward; w = 0 after the cooldown."""
 
     def __init__(self, config: GatingConfig, masks: list[GatingMask], backbone: list[nn.Parameter]):
         self.config = config
@@ -126,13 +116,13 @@ class GatingObjective(Objective):
         records = [record for record in (mask.take_record() for mask in self.masks) if record is not None]
         if not records:
             return torch.zeros(())
-        losses = torch.stack([F.binary_cross_entropy_with_logits(r.logits.float(), r.targets.float())
+        losses = torch.stack([F.binary_cross_entropy_with_logits(r.logits.float(), r.labels.float())
                               for r in records])
         with torch.no_grad():  # logged on the next step's line
             self.last = {
                 "bce": float(losses.mean()),
                 "keep": float(torch.stack([r.keep.float().mean() for r in records]).mean()),
-                "target_keep": float(torch.stack([r.targets.float().mean() for r in records]).mean()),
+                "target_keep": float(torch.stack([r.labels.float().mean() for r in records]).mean()),
             }
         return self.weight * losses.mean()
 
@@ -146,16 +136,16 @@ def _device(module: nn.Module) -> torch.device:
 
 def attach_gating(model: nn.Module, config: GatingConfig | None = None, calibration: Tensor | None = None
                   ) -> GatingObjective:
-    """Wrap every selected unit with a gate (predictor initialized to keep everything); return the objective."""
+    """Wrap every selected site with a gate (predictor initialized to keep everything); return the objective."""
     config = config or GatingConfig(name="gating")
-    units = select_units(model, config.targets)
+    sites = select_gate_sites(model, config.targets)
     rule = config.rule()
 
     def make_mask(in_features: int, out_features: int) -> GatingMask:
         return GatingMask(in_features, out_features, rule, softmax=config.softmax, rank=config.predictor_rank,
                           detach_input=config.mode == "decoupled", init_bias=config.init_bias)
 
-    layers = gate_units(model, units, make_mask, train_masked=config.train_masked, max_union=config.max_union)
+    layers = gate_sites(model, sites, make_mask, train_masked=config.train_masked, max_union=config.max_union)
     for layer in layers.values():
         layer.mask.to(_device(layer.base)).eval()  # gates act as at inference until the trainer turns them on
     masks = [layer.mask for layer in layers.values()]
@@ -187,13 +177,8 @@ def save_gating(model: nn.Module, directory: Path, config: GatingConfig, meta: d
                           "in": layer.mask.predictor.in_features, "out": layer.mask.channels}
                    for name, layer in layers.items()},
     }
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        tensors = {name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model, config).items()}
-        save_file(tensors, os.path.join(staging, PREDICTORS_FILE))
-        Path(staging, GATING_FILE).write_text(json.dumps(info, indent=2))
-        os.chmod(os.path.join(staging, PREDICTORS_FILE), readable_mode())
-        os.replace(os.path.join(staging, PREDICTORS_FILE), directory / PREDICTORS_FILE)
-        os.replace(os.path.join(staging, GATING_FILE), directory / GATING_FILE)
+    tensors = {name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model, config).items()}
+    write_tensors_with_json(directory, PREDICTORS_FILE, tensors, GATING_FILE, info)
 
 
 def restore_gating(model: nn.Module, directory: Path, config: GatingConfig) -> nn.Module:

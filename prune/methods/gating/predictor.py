@@ -1,16 +1,17 @@
 """The trainable part of dynamic channel gating (Fire Together Wire Together, Elkerdawy et al., CVPR 2022):
-a small predictor per gated layer, and the self-supervised targets it learns from.
+a small predictor per gated layer, and the self-supervised labels it learns from (FTWT calls them targets; so
+do the recipe key `target: mass|uniform` and the report's `target_*` fields).
 
 Predictor: the layer's input, pooled (spatial mean for a conv; the token itself for an FFN), optionally a
 softmax over its channels (FTWT's choice for pooled conv features), then one linear map (FTWT's 1x1 conv)
 or, with `rank`, two (a low-rank factorization, cheaper for wide FFNs) -> one logit per output channel.
 The gate keeps channel c when sigmoid(logit_c) > 0.5, i.e. logit_c > 0, computed without gradient.
 
-Targets, from the *unmasked* output of the layer: per channel the largest |activation| over positions (per
+Labels, from the *unmasked* output of the layer: per channel the largest |activation| over positions (per
 token for an FFN), normalized to a distribution over channels. `mass`: keep the largest k(x) channels,
 k(x) = the largest k whose top-k mass stays within the threshold r (channels scoring exactly zero are never
-targets, as in FTWT at r = 1). `uniform`: keep a fixed fraction of the highest-scoring channels. The loss is
-binary cross-entropy of the logits against these targets (see prune.methods.gating.method).
+labelled keep, as in FTWT at r = 1). `uniform`: keep a fixed fraction of the highest-scoring channels. The loss is
+binary cross-entropy of the logits against these labels (see prune.methods.gating.method).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def mass_targets(scores: Tensor, threshold: float) -> Tensor:
+def mass_labels(scores: Tensor, threshold: float) -> Tensor:
     """Bool [N, C]: per row, the largest k channels whose share of the row's total score stays <= r."""
     check_threshold(threshold)
     scores = scores.float()
@@ -47,7 +48,7 @@ def mass_targets(scores: Tensor, threshold: float) -> Tensor:
     return torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
 
 
-def uniform_targets(scores: Tensor, prune_fraction: float) -> Tensor:
+def uniform_labels(scores: Tensor, prune_fraction: float) -> Tensor:
     """Bool [N, C]: per row, the C - int(prune_fraction * C) highest-scoring channels (FTWT's `uniform`)."""
     channels = scores.shape[-1]
     keep = channels - int(prune_fraction * channels)
@@ -56,15 +57,17 @@ def uniform_targets(scores: Tensor, prune_fraction: float) -> Tensor:
 
 
 @dataclass(frozen=True)
-class TargetRule:
+class LabelRule:
+    """Which channels of an input the predictor should keep: `mass` or `uniform` (see the module doc)."""
+
     kind: Literal["mass", "uniform"]
     threshold: float = 0.9  # mass
     prune_fraction: float = 0.5  # uniform
 
     def __call__(self, scores: Tensor) -> Tensor:
         if self.kind == "mass":
-            return mass_targets(scores, self.threshold)
-        return uniform_targets(scores, self.prune_fraction)
+            return mass_labels(scores, self.threshold)
+        return uniform_labels(scores, self.prune_fraction)
 
 
 class Predictor(nn.Module):
@@ -99,10 +102,10 @@ class Predictor(nn.Module):
 
 @dataclass
 class Record:
-    """What one training forward leaves for the BCE loss: logits (with grad), targets, and the chosen mask."""
+    """What one training forward leaves for the BCE loss: logits (with grad), labels, and the chosen mask."""
 
     logits: Tensor
-    targets: Tensor
+    labels: Tensor
     keep: Tensor
 
 
@@ -111,7 +114,7 @@ class GatingMask(Mask):
     trains exactly the predictors. `hard()` is the mask the last training forward chose, [inputs, channels]
     (a per-input mask has no single static value); `record` holds what the BCE loss needs."""
 
-    def __init__(self, in_features: int, out_features: int, rule: TargetRule, *, softmax: bool = True,
+    def __init__(self, in_features: int, out_features: int, rule: LabelRule, *, softmax: bool = True,
                  rank: int | None = None, detach_input: bool = True, init_bias: float = 3.0):
         super().__init__()
         self.predictor = Predictor(in_features, out_features, softmax=softmax, rank=rank, init_bias=init_bias)
@@ -137,10 +140,10 @@ class GatingMask(Mask):
         return logits, logits.detach() > 0
 
     def remember(self, logits: Tensor, scores: Tensor, keep: Tensor) -> None:
-        """Training forward: targets from the unmasked layer's channel scores, kept for the loss."""
+        """Training forward: labels from the unmasked layer's channel scores, kept for the loss."""
         with torch.no_grad():
-            targets = self.rule(scores.detach())
-        self.record = Record(logits, targets, keep)
+            labels = self.rule(scores.detach())
+        self.record = Record(logits, labels, keep)
         self._last_keep = keep.detach()
 
     def take_record(self) -> Record | None:

@@ -11,9 +11,9 @@ Prior (MaskLLM's rule, our code): candidate c of a group whose prior keeps the s
 prior_strength * sigma, a candidate sharing one kept position fewer is left alone, and every further
 position of disagreement lowers it by another prior_strength * sigma (for 2:4 this is MaskLLM's
 `(priors - 1) * gate.std() * strength`). MaskLLM adds this to N(0, 0.01^2) logits and uses their std as
-sigma; with prior strength 3 the noise then lets another candidate win ~5.5% of groups at step 0, which
-wrecks the prior (SmolLM2: perplexity 60 -> 431). We therefore start from noise-free logits equal to the
-shift, with sigma = `init_std` (0.01, the std of MaskLLM's init): the prior candidate beats every other
+sigma; with prior strength 3 the noise then hands a share of the groups to another candidate at step 0, which
+wrecks the prior (benchmarks/RESULTS.md, section `code_figures`). We therefore start from noise-free logits
+equal to the shift, with sigma = `init_std` (0.01, the std of MaskLLM's init): the prior candidate beats every other
 one by at least prior_strength * sigma in every group, so the hard mask at step 0 is the prior exactly,
 and the scaled logits kappa * logits have the same spread as MaskLLM's. Exploration comes from the
 Gumbel noise of each forward, not from the init. Without a prior (`prior: none`) the logits are drawn from
@@ -45,8 +45,8 @@ from prune.core.sparsity import Sparsity, parse_sparsity
 
 ONESHOT_PRIORS = ("sparsegpt", "wanda", "magnitude")
 MAX_CANDIDATES = 256
-# stored Gumbel noise: bfloat16 converts ~10x faster than float16 on CPU; a relative rounding of 2^-9 of
-# the noise is immaterial next to the logit gaps it perturbs
+# stored Gumbel noise: bfloat16 converts faster than float16 on CPU (benchmarks/RESULTS.md, `code_figures`); a
+# relative rounding of 2^-9 of the noise is immaterial next to the logit gaps it perturbs
 NOISE_DTYPE = torch.bfloat16
 
 
@@ -85,7 +85,7 @@ class NMGumbelMask(Mask):
         # The backward needs the forward's Gumbel noise: kept as bfloat16 (3 bytes per weight for 2:4), or
         # redrawn from its seed (nothing kept, one more RNG pass). None: keep it on CPU, where the generator
         # is the costliest part of the mask's work, redraw it on accelerators, where RNG is cheap and memory
-        # is not. On SmolLM2-135M (CPU): step 1.31x vs 1.43x a dense step, peak RSS 1.48x vs 1.32x.
+        # is not. Step time and peak memory of both: benchmarks/RESULTS.md, section `nm_step`.
         self.store_noise = store_noise
 
     @property
@@ -166,36 +166,25 @@ class NMGumbelLinear(WeightMasked):
 # ------------------------------------------------------------------------------------------ config + attach
 
 class NMGumbelConfig(MethodConfig):
-    """MaskLLM's learnable N:M masks (Gumbel-softmax over the C(M,N) candidates of each group). Sample YAML,
-    every default spelled out (MaskLLM's scripts: tau 4 -> 0.05, kappa 1e2 -> 5e2, prior strength 3,
-    weight regularization 1e-5):
+    """MaskLLM's learnable N:M masks (Gumbel-softmax over the C(M,N) candidates of each group); the logits are
+    what trains, with MaskPrune's one trainer (`train.steps`). The defaults are MaskLLM's scripts': tau 4 -> 0.05,
+    kappa 1e2 -> 5e2, prior strength 3, weight regularization 1e-5."""
 
-        method:
-          name: nm_gumbel
-          sparsity: 2:4              # N:M only (any N < M)
-          prior: sparsegpt           # sparsegpt | wanda | magnitude | none | a run directory (mask transfer)
-          prior_strength: 3.0        # prior candidate raised by strength * init_std (noise-free logits)
-          init_std: 0.01             # logit scale: unit of the prior shift; std of the init with prior none
-          tau_start: 4.0             # Gumbel-softmax temperature, annealed to tau_end
-          tau_end: 0.05
-          kappa_start: 100.0         # logit scale factor, annealed to kappa_end
-          kappa_end: 500.0
-          schedule: linear           # linear | cosine | constant, for tau and kappa
-          sparse_weight_reg: 1.0e-5  # loss -= lambda * (1 - t/T) * sum ||W ⊙ soft||^2 (0: off)
-          prior_update_weights: false  # apply SparseGPT's weight update (prior: sparsegpt) before learning
-        train: {steps: 500}          # the logits are what trains (MaskPrune's one trainer)
-    """
-
-    prior: str = Field("sparsegpt", description="initial mask: sparsegpt | wanda | magnitude | none | a run directory")
-    prior_strength: float = Field(3.0, ge=0, description="the prior candidate's lead, in units of init_std")
+    sparsity: str | float = Field("2:4", description="N:M only (any N < M)")
+    prior: str = Field("sparsegpt", description="initial mask: sparsegpt | wanda | magnitude | none | a run directory "
+                       "(mask transfer)")
+    prior_strength: float = Field(3.0, ge=0, description="the prior candidate's lead, in units of init_std "
+                                  "(noise-free logits)")
     init_std: float = Field(0.01, gt=0, description="logit scale: the prior shift's unit; init std with prior none")
     tau_start: float = Field(4.0, description="Gumbel-softmax temperature at step 0")
     tau_end: float = Field(0.05, description="Gumbel-softmax temperature at the last step")
     kappa_start: float = Field(100.0, description="logit scale factor at step 0")
     kappa_end: float = Field(500.0, description="logit scale factor at the last step")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="how tau and kappa move")
-    sparse_weight_reg: float = Field(1e-5, ge=0, description="lambda of the sparse-weight regularizer (0: off)")
-    prior_update_weights: bool = Field(False, description="apply SparseGPT's weight update to the frozen weights")
+    sparse_weight_reg: float = Field(1e-5, ge=0, description="lambda: loss -= lambda * (1 - t/T) * sum ||W ⊙ soft||^2 "
+                                     "(0: off)")
+    prior_update_weights: bool = Field(False, description="apply SparseGPT's weight update (prior: sparsegpt) to the "
+                                       "frozen weights before learning")
 
     @field_validator("tau_start", "tau_end", "kappa_start", "kappa_end")
     @classmethod

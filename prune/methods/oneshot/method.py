@@ -79,19 +79,19 @@ def sparsegpt(model: nn.Module, target_names: list[str], sparsity: Sparsity, cal
 
 
 class MagnitudeConfig(MethodConfig):
-    """Sample YAML: `method: {name: magnitude, sparsity: 0.5, granularity: layer}`"""
+    """Keep the largest |W|: no calibration data."""
 
     granularity: Literal["layer", "row"] = Field("layer", description="rank weights over the layer or per row")
 
 
 class WandaConfig(MethodConfig):
-    """Sample YAML: `method: {name: wanda, sparsity: 2:4}` (per-row ranking, as in the paper)."""
+    """Keep the largest |W| * ||X|| (calibration activations), ranked per output row as in the paper."""
 
     granularity: Literal["layer", "row"] = Field("row", description="rank weights over the layer or per row")
 
 
 class SparseGPTConfig(MethodConfig):
-    """Sample YAML: `method: {name: sparsegpt, sparsity: 2:4, update_weights: true}`"""
+    """SparseGPT: OBS mask selection from the calibration Hessian, re-fitting the surviving weights."""
 
     update_weights: bool = Field(True, description="re-fit surviving weights (False: SparseGPT's mask only)")
     blocksize: int = Field(128, ge=1, description="columns per OBS block")

@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from prune.core.errors import UserInputError
 from prune.structural.gates import FixedGate, attach_unit_gates, rounded_count
 from prune.structural.store import (
-    StructuralTargetConfig,
+    StructuralBudgetConfig,
     export_gated,
     load_gated,
     report_gated,
     save_gates,
-    target_counts_reachable,
+    budget_reachable,
 )
 from prune.core.config import StrictConfig
 from prune.methods.spec import MethodSpec
@@ -33,21 +33,23 @@ from prune.structural.layout import FFN, HEADS, Counts, Structure, structure_of
 
 
 class BaselineUnits(StrictConfig):
+    """Which structural units the baseline removes."""
+
     heads: bool = Field(True, description="remove attention head units")
     ffn: bool = Field(True, description="remove FFN neurons")
 
 
-class StructuredConfig(StructuralTargetConfig):
-    """Sample YAML: `method: {name: structured, score: activation, target: {params: 0.5}}`"""
+class StructuredConfig(StructuralBudgetConfig):
+    """One-shot structured baseline: units ranked by a score, the same share removed in every layer."""
 
     score: Literal["magnitude", "activation"] = Field("magnitude", description="weight L2 norm, or Wanda-style |W|*||X||")
-    units: BaselineUnits = Field(default_factory=BaselineUnits)
+    units: BaselineUnits = Field(default_factory=BaselineUnits, description="which structural units are removed")
 
     def kinds(self) -> set[str]:
         return {kind for kind, on in ((HEADS, self.units.heads), (FFN, self.units.ffn)) if on}
 
 
-def magnitude_scores(model: nn.Module, structure: Structure, kind: str, layer: int) -> Tensor:
+def unit_weight_norms(model: nn.Module, structure: Structure, kind: str, layer: int) -> Tensor:
     """Per unit: the L2 norm of every weight along that unit's channels, over the layer's parameters."""
     total = torch.zeros(getattr(structure, kind)[layer])
     for relative, entry in structure.layer_entries.items():
@@ -109,13 +111,13 @@ def uniform_counts(structure: Structure, kinds: set[str], share: float, round_to
 
 def allocate(structure: Structure, config: StructuredConfig) -> Counts:
     """The smallest uniform per-layer share that removes at least the target (bisection)."""
-    kinds, measure, seq = config.kinds(), config.measure, config.flops_seq_len
-    dense = float(structure.size(structure.full_counts(), measure, seq))
+    kinds, quantity, seq = config.kinds(), config.quantity, config.flops_seq_len
+    dense = float(structure.size(structure.full_counts(), quantity, seq))
     limit = dense * (1.0 - config.share)
     low, high = 0.0, 1.0
     for _ in range(40):
         middle = (low + high) / 2
-        if float(structure.size(uniform_counts(structure, kinds, middle, config.round_to), measure, seq)) <= limit:
+        if float(structure.size(uniform_counts(structure, kinds, middle, config.round_to), quantity, seq)) <= limit:
             high = middle
         else:
             low = middle
@@ -134,7 +136,7 @@ def attach_structured(model: nn.Module, config: StructuredConfig, calibration: T
     if not kinds:
         raise UserInputError("structured needs units.heads or units.ffn on.")
     structure = structure_of(model)
-    target_counts_reachable(structure, kinds, config.measure, config.share, config.flops_seq_len)
+    budget_reachable(structure, kinds, config.quantity, config.share, config.flops_seq_len)
     counts = allocate(structure, config)
     if config.score == "activation":
         if calibration is None:
@@ -147,7 +149,7 @@ def attach_structured(model: nn.Module, config: StructuredConfig, calibration: T
         if config.score == "activation":
             scores = activation_scores(model, structure, kind, layer, norms)
         else:
-            scores = magnitude_scores(model, structure, kind, layer)
+            scores = unit_weight_norms(model, structure, kind, layer)
         count = (counts.heads if kind == HEADS else counts.ffn)[layer]
         return FixedGate(kind, _keep_top(scores, count), layer)
 

@@ -36,12 +36,12 @@ from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.structural.gates import GateSet, UnitGate, attach_unit_gates
 from prune.structural.store import (
-    StructuralTargetConfig,
+    StructuralBudgetConfig,
     export_gated,
     load_gated,
     report_gated,
     save_gates,
-    target_counts_reachable,
+    budget_reachable,
 )
 from prune.core.config import StrictConfig
 from prune.methods.spec import MethodSpec
@@ -99,34 +99,21 @@ class Units(StrictConfig):
                                       (LAYERS, self.layers)) if on}
 
 
-class VIBConfig(StructuralTargetConfig):
-    """VIB structured pruning. Sample YAML, every default spelled out:
+class VIBConfig(StructuralBudgetConfig):
+    """VIB structured pruning, trained to a size budget. A recipe usually also sets `export.round_to` (kept
+    FFN / hidden sizes rounded to a multiple) and `train` (steps, lr): see recipes/smollm2-135m/vib-50.yaml."""
 
-        method:
-          name: vib
-          target: {params: 0.5}       # or {flops: 0.5}: the share removed
-          units: {heads: true, ffn: true, hidden: true, layers: false}
-          kl_weight: 1.0              # weight of the mean KL per unit
-          mu_init: 1.0
-          log_sigma2_init: -9.0
-          keep_temperature: 1.0       # P(keep) = sigmoid(-log alpha / T) in the expected size
-          log_sigma2_lr_scale: 4.0    # log sigma^2 step size relative to train.lr (it lives in log space)
-          target_warmup: 0.5          # share of the steps over which the target rises linearly from 0
-          lagrangian_lr_scale: 10.0   # lambda1, lambda2 step size relative to train.lr
-          budget_value: hard          # s in the Lagrangian: hard share (straight-through) or expected
-          flops_seq_len: 512
-        export: {round_to: 64}        # optional: kept FFN / hidden sizes rounded to a multiple
-        train: {steps: 400, lr: 0.05}
-    """
-
-    units: Units = Field(default_factory=Units)
+    units: Units = Field(default_factory=Units, description="which structural units are gated")
     kl_weight: float = Field(1.0, ge=0, description="weight of the mean KL per unit")
     mu_init: float = Field(1.0, description="initial gate mean")
     log_sigma2_init: float = Field(-9.0, description="initial gate log variance")
-    keep_temperature: float = Field(1.0, gt=0, description="temperature of P(keep) in the expected size")
-    log_sigma2_lr_scale: float = Field(4.0, gt=0, description="log sigma^2 learning rate relative to train.lr")
-    target_warmup: float = Field(0.5, ge=0, le=1, description="share of the steps for the linear target warmup")
-    lagrangian_lr_scale: float = Field(10.0, gt=0, description="multipliers' learning rate relative to train.lr")
+    keep_temperature: float = Field(1.0, gt=0, description="T in P(keep) = sigmoid(-log alpha / T), used in the "
+                                    "expected size")
+    log_sigma2_lr_scale: float = Field(4.0, gt=0, description="log sigma^2 learning rate relative to train.lr (it "
+                                       "lives in log space)")
+    target_warmup: float = Field(0.5, ge=0, le=1, description="share of the steps over which the target rises "
+                                 "linearly from 0")
+    lagrangian_lr_scale: float = Field(10.0, gt=0, description="lambda1, lambda2 learning rate relative to train.lr")
     budget_value: Literal["hard", "expected"] = Field(
         "hard", description="the Lagrangian's s: the hard share with the expected share's gradient, or the expected share")
 
@@ -137,7 +124,7 @@ class VIBConfig(StructuralTargetConfig):
         return self
 
 
-def configure_counts(gates: GateSet, config: StructuralTargetConfig) -> None:
+def configure_counts(gates: GateSet, config: StructuralBudgetConfig) -> None:
     """Count rules: at least one head unit and one neuron per layer, one hidden channel; rounding; uniform."""
     structure = gates.structure
     if config.round_to is not None:
@@ -167,13 +154,13 @@ def configure_counts(gates: GateSet, config: StructuralTargetConfig) -> None:
             gates.hidden.align = (heads[0] if heads else None, structure.q_per_group, structure.heads[0])
 
 
-def check_structural_config(model: nn.Module, config: StructuralTargetConfig, kinds: set[str]):
+def check_structural_config(model: nn.Module, config: StructuralBudgetConfig, kinds: set[str]):
     """The structure, after the checks that need the model (reachable target, supported layer dropping)."""
     structure = structure_of(model)
     if LAYERS in kinds and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise UserInputError("units.layers cannot drop layers of a GPT-2 that scales attention by layer index "
                              "(scale_attn_by_inverse_layer_idx); switch units.layers off.")
-    target_counts_reachable(structure, kinds, config.measure, config.share, config.flops_seq_len)
+    budget_reachable(structure, kinds, config.quantity, config.share, config.flops_seq_len)
     return structure
 
 
@@ -183,32 +170,32 @@ class VIBObjective(Objective):
     def __init__(self, gates: GateSet, config: VIBConfig):
         self.gates, self.config = gates, config
         structure = gates.structure
-        self.dense = float(structure.size(structure.full_counts(), config.measure, config.flops_seq_len))
+        self.dense = float(structure.size(structure.full_counts(), config.quantity, config.flops_seq_len))
         self.units = sum(gate.size for gate in gates.all())
         device = gates.all()[0].mu.device
         self.lambdas = [nn.Parameter(torch.zeros((), device=device)) for _ in range(2)]
         for param in self.lambdas:
             param.register_hook(lambda grad: -grad)  # gradient ascent under the shared minimizing optimizer
             param.lr_scale = config.lagrangian_lr_scale
-        self.target = 0.0
+        self.budget = 0.0
         self.last: dict[str, float] = {}
 
-    def target_at(self, step: int, total_steps: int) -> float:
+    def budget_at(self, step: int, total_steps: int) -> float:
         warmup = self.config.target_warmup * total_steps
         return self.config.share * (1.0 if warmup <= 0 else min(1.0, step / warmup))
 
     def expected_removed(self) -> Tensor:
         counts = self.gates.counts(expected=True)
-        size = self.gates.structure.size(counts, self.config.measure, self.config.flops_seq_len)
+        size = self.gates.structure.size(counts, self.config.quantity, self.config.flops_seq_len)
         return 1.0 - size / self.dense
 
     def hard_removed(self) -> float:
-        size = self.gates.structure.size(self.gates.counts(), self.config.measure, self.config.flops_seq_len)
+        size = self.gates.structure.size(self.gates.counts(), self.config.quantity, self.config.flops_seq_len)
         return 1.0 - float(size) / self.dense
 
     def begin_step(self, step: int, total_steps: int) -> dict[str, float]:
-        self.target = self.target_at(step, total_steps)
-        return {"target": self.target, "hard_removed": self.hard_removed(),
+        self.budget = self.budget_at(step, total_steps)
+        return {"target": self.budget, "hard_removed": self.hard_removed(),
                 "lambda1": self.lambdas[0].item(), "lambda2": self.lambdas[1].item(), **self.last}
 
     def regularizer(self, model: nn.Module) -> Tensor:
@@ -217,7 +204,7 @@ class VIBObjective(Objective):
         self.last = {"expected_removed": removed.item(), "kl": kl.item()}
         if self.config.budget_value == "hard":
             removed = removed + (self.hard_removed() - removed).detach()
-        gap = removed - self.target
+        gap = removed - self.budget
         lagrangian = self.lambdas[0] * gap + self.lambdas[1] * gap * gap
         return self.config.kl_weight * kl + lagrangian
 

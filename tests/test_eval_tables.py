@@ -1,44 +1,4 @@
-import json
-import os
-
-import pytest
-
-from eval import report
-from eval.report import format_number, render_markdown_table, render_table, write_json_atomic, write_text_atomic
-
-
-def test_json_round_trip_and_no_temp_files(tmp_path):
-    path = tmp_path / "sub" / "report.json"
-    obj = {"ppl": 12.5, "tasks": {"docs_lastword": 0.4}, "shape": (1, 2), "path": tmp_path}
-    write_json_atomic(path, obj)
-    assert json.loads(path.read_text()) == {"ppl": 12.5, "tasks": {"docs_lastword": 0.4},
-                                            "shape": [1, 2], "path": str(tmp_path)}
-    assert os.listdir(path.parent) == ["report.json"]
-
-
-def test_nan_is_refused_and_old_file_kept(tmp_path):
-    path = tmp_path / "report.json"
-    write_json_atomic(path, {"ppl": 3.0})
-    with pytest.raises(ValueError):
-        write_json_atomic(path, {"ppl": float("nan")})
-    assert json.loads(path.read_text()) == {"ppl": 3.0}
-
-
-def test_failed_replace_leaves_old_content_and_no_temp(tmp_path, monkeypatch):
-    path = tmp_path / "report.md"
-    write_text_atomic(path, "old\n")
-
-    def boom(src, dst):
-        raise OSError("disk on fire")
-
-    monkeypatch.setattr(report.os, "replace", boom)
-    with pytest.raises(OSError, match="disk on fire"):
-        write_text_atomic(path, "new\n")
-    assert path.read_text() == "old\n"
-    assert os.listdir(tmp_path) == ["report.md"]
-    monkeypatch.undo()
-    write_text_atomic(path, "new\n")
-    assert path.read_text() == "new\n"
+from eval.tables import format_number, render_markdown_table, render_table
 
 
 def test_format_number():

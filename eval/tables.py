@@ -1,79 +1,14 @@
-"""Generic report helpers: atomic file writes, number formatting, aligned and Markdown tables.
+"""Number formatting and tables (aligned for a terminal, or Markdown), for any report.
 
-Nothing here knows what a report holds; the pipeline assembles `report.json` from these parts.
+Nothing here knows what a report holds, and nothing here writes a file: the caller decides where text goes.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 _SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
-
-
-def readable_mode(directory: bool = False) -> int:
-    """The permissions a plain open() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` so readers see the old file or the whole new one, never a torn write.
-
-    Temp file in the same directory, flush + fsync, then `os.replace` (atomic on POSIX and Windows).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, readable_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return obj.tolist()
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
-    """Atomically write `obj` as JSON. NaN/inf are refused (strict JSON): report them as errors."""
-    text = json.dumps(obj, indent=indent, sort_keys=False, allow_nan=False, default=_json_default)
-    return write_text_atomic(path, text + "\n")
 
 
 def format_number(value: Any, *, kind: str | None = None, digits: int = 3) -> str:

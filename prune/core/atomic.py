@@ -1,0 +1,146 @@
+"""Every file MaskPrune writes goes through here, so a reader (or a crashed run) sees the old content or the
+whole new one, never a torn file or a half-written directory.
+
+Files: written to a temp name beside the target, flushed to disk, then `os.replace`d over it (atomic on POSIX
+and Windows). Directories: filled under a temp name beside the target, then renamed into place. Temp files
+(mkstemp: 0600) and safetensors (0600) would otherwise keep owner-only permissions; what we publish gets what
+a plain open() would give under the current umask.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+
+def readable_mode(directory: bool = False) -> int:
+    """The permissions a plain open() (or mkdir) would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+@contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path` to write; when the block succeeds, it replaces `path` in one step.
+    On any error the temp file is removed and `path` keeps its old content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.chmod(tmp, readable_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8, newlines as given) so readers see the old file or the whole new one."""
+    with replacing(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
+    """Atomically write `obj` as JSON. NaN/inf are refused (strict JSON): report them as errors."""
+    text = json.dumps(obj, indent=indent, sort_keys=False, allow_nan=False, default=_json_default)
+    return write_text_atomic(path, text + "\n")
+
+
+def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor]) -> Path:
+    """Atomically write `tensors` as one safetensors file."""
+    with replacing(path) as tmp:
+        save_file(tensors, tmp)
+    return Path(path)
+
+
+def write_tensors_with_json(directory: Path, tensors_file: str, tensors: dict[str, Tensor], json_file: str,
+                            info: dict) -> None:
+    """The safetensors + JSON pair a run directory holds (masks, predictors): the tensors first, then the JSON
+    that describes them, each replaced atomically, so a reader checking the JSON against the tensors never sees
+    either file half-written."""
+    write_safetensors_atomic(directory / tensors_file, tensors)
+    write_text_atomic(directory / json_file, json.dumps(info, indent=2))
+
+
+@contextmanager
+def staged_directory(target: str | os.PathLike, *, complete: Callable[[Path], bool] | None = None
+                     ) -> Iterator[Path]:
+    """Yield an empty directory beside `target` to fill; when the block succeeds it takes `target`'s place
+    (replacing what was there), so `target` is whole or absent, never half-written.
+
+    `complete`: for a cache entry that concurrent processes may both create. A `target` that is already
+    complete wins and the staged copy is dropped; an incomplete leftover is replaced."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    try:
+        yield staging
+        _publish(staging)
+        if complete is not None and complete(target):
+            return
+        if target.exists():
+            shutil.rmtree(target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if complete is None or not complete(target):  # another process finishing first is fine
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(directory: Path) -> None:
+    """Give a staged directory and its files the usual permissions (mkdtemp and safetensors use 0700/0600)."""
+    os.chmod(directory, readable_mode(directory=True))
+    for path in directory.rglob("*"):
+        os.chmod(path, readable_mode(directory=path.is_dir()))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return obj.tolist()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename itself durable; not possible on every platform."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
