@@ -92,22 +92,28 @@ def measure_latency(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> LatencyResult:
-    """Median prefill tokens/s and decode ms/token over `repeats` runs at batch size 1."""
+    """Median prefill tokens/s and decode ms/token over `repeats` runs at batch size 1, on `device` (default: the
+    model's); a model waiting elsewhere (e.g. in CPU memory while its blocks visit a GPU) is moved there for the
+    measurement and back after, since latency means the whole model running on that device."""
     if prompt_len < 1 or decode_tokens < 1 or repeats < 1 or warmup < 0:
         raise ValueError("prompt_len, decode_tokens and repeats must be >= 1 and warmup >= 0")
-    device = next(model.parameters()).device
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, _vocab_size(model), (1, prompt_len), generator=gen).to(device)
     arg, attr = _cache_names(model)
 
     was_training = model.training
     model.eval()
+    model.to(device)
     try:
         for _ in range(warmup):
             _run_once(model, prompt, decode_tokens, arg, attr)
         runs = [_run_once(model, prompt, decode_tokens, arg, attr) for _ in range(repeats)]
     finally:
+        model.to(home)
         model.train(was_training)
 
     prefill_s = statistics.median(r[0] for r in runs)

@@ -51,7 +51,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
     if resume and spec.kind == "oneshot":
         raise UserInputError(f"method {spec.name!r} is one-shot and has nothing to resume; run without --resume.")
     runtime = prepare_runtime(recipe)
-    state = PartialState()
+    state = PartialState(cpu=runtime.device.type == "cpu")  # the trainer's Accelerator follows runtime.device
     directory = Path(recipe.output)
     if state.is_main_process:
         run_dir.claim(directory, recipe.to_dict(), overwrite=overwrite, resume=resume)
@@ -77,14 +77,14 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
     dense = None
     if recipe.eval.dense_baseline and state.is_main_process:
         with timed(timings, "dense_eval"):
-            dense = _dense_figures(model, tokenizer, splits, recipe, directory, resume)
+            dense = _dense_figures(model, tokenizer, splits, recipe, directory, resume, runtime.device)
 
     with timed(timings, "prune"):
         objective = spec.attach(model, recipe.method, calibration, **attach_kwargs(spec, runtime))
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
         with timed(timings, "train"):
-            training = _train(model, objective, splits, recipe, directory, resume)
+            training = _train(model, objective, splits, recipe, directory, resume, runtime.device)
     if not state.is_main_process:
         return None
     if training is not None:
@@ -103,7 +103,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
     if plain:
         model = spec.export(model, recipe.method)
     with timed(timings, "pruned_eval"):
-        pruned = measure(model, tokenizer, splits, recipe.eval, seq_len, "pruned")
+        pruned = measure(model, tokenizer, splits, recipe.eval, seq_len, "pruned", runtime.device)
     if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
             run_dir.save_model_atomic(model, tokenizer, directory / run_dir.MODEL_DIR)
@@ -133,9 +133,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
     return report
 
 
-def _dense_figures(model, tokenizer, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool) -> dict:
+def _dense_figures(model, tokenizer, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool,
+                   device: torch.device) -> dict:
     """The dense baseline, measured once per run directory (a resumed run reuses it)."""
-    return _cached_dense(directory, resume, lambda: measure(model, tokenizer, splits, recipe.eval, recipe.data.seq_len, "dense"))
+    return _cached_dense(directory, resume, lambda: measure(model, tokenizer, splits, recipe.eval, recipe.data.seq_len,
+                                                            "dense", device))
 
 
 def _cached_dense(directory: Path, resume: bool, compute) -> dict:
@@ -147,7 +149,8 @@ def _cached_dense(directory: Path, resume: bool, compute) -> dict:
     return figures
 
 
-def _train(model, objective, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool) -> TrainResult:
+def _train(model, objective, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool,
+           device: torch.device) -> TrainResult:
     """Train the masks on the train split; periodic held-out perplexity picks the best masks, which are kept."""
     heldout = splits.heldout_blocks(recipe.data.seq_len)[: recipe.train.eval_windows]
 
@@ -159,7 +162,7 @@ def _train(model, objective, splits: TokenSplits, recipe: Recipe, directory: Pat
     if fraction < 1.0:  # a seeded share of the blocks (VTrans' Fast variant)
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))
         blocks = blocks[order[: max(1, round(fraction * len(blocks)))]]
-    result = train(model, objective, blocks, recipe.train, directory, evaluate=evaluate, resume=resume)
+    result = train(model, objective, blocks, recipe.train, directory, evaluate=evaluate, resume=resume, device=device)
     _keep_best(model, objective, directory, result)
     return result
 

@@ -36,6 +36,7 @@ from prune.masks.storage import save_masks
 from prune.masks.targets import method_targets
 from prune.tasks.causal_lm import measure
 from prune.runs.loading import load_model
+from prune.runs.placed import place, prepare_runtime
 from prune.methods.oneshot.method import SHARED_STATS, prune_from_stats
 from prune.methods.oneshot.stats import InputStats
 from prune.runs.recipe import Recipe
@@ -94,13 +95,22 @@ def dense_key(recipe: Recipe) -> str:
 
 
 class SharedModel:
-    """One model for all of a sweep's shared points (and the sensitivity scan)."""
+    """One model for all of a sweep's shared points (and the sensitivity scan), loaded as the recipe's `runtime:`
+    says (threads, dtype, device), like `prune run` loads it."""
 
     def __init__(self, recipe: Recipe):
+        if recipe.runtime.offload != "none":
+            raise UserInputError(
+                f"runtime.offload: {recipe.runtime.offload} prunes block by block, and a sweep's shared calibration "
+                "keeps the whole model loaded to prune every level from it; set shared_calibration: false (each "
+                "point then runs like `prune run`, offloaded) or runtime.offload: none."
+            )
         self.recipe = recipe
+        self.runtime = prepare_runtime(recipe)
         self.timings: dict[str, float] = {}
         start = time.perf_counter()
-        self.model, self.tokenizer = load_model(recipe.model)
+        model, self.tokenizer = load_model(recipe.model, self.runtime.dtype)
+        self.model = place(model, self.runtime)
         data = recipe.data
         self.splits = prepare(
             self.tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
@@ -126,7 +136,8 @@ class SharedModel:
             if saved.get("fingerprint") == key:
                 return saved["figures"]
         recipe = self.recipe
-        figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, "dense")
+        figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, "dense",
+                          self.runtime.device)
         self.timings["dense_eval"] = round(figures["seconds"], 2)
         write_json_atomic(cache, {"fingerprint": key, "model": recipe.model, "figures": figures})
         return figures
@@ -201,7 +212,7 @@ class SharedModel:
                         originals[name] = module.weight.detach().clone()
                         weight.copy_(new_weight.to(device=weight.device, dtype=weight.dtype).masked_fill(~mask, 0))
                     masks[name] = mask
-            attach_hard_masks(self.model, masks)
+            attach_hard_masks(self.model, {name: keep.to(modules[name].weight.device) for name, keep in masks.items()})
             wrapped = wrappers(self.model)
             yield masks
         finally:
@@ -232,7 +243,8 @@ class SharedModel:
                 save_masks(self.model, directory, meta, nm=(pattern.n, pattern.m) if pattern.is_nm else None)
                 timings["save_masks"] = round(time.perf_counter() - start, 2)
             merge(self.model)
-            figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, point.label)
+            figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, point.label,
+                              self.runtime.device)
             timings["pruned_eval"] = round(figures.pop("seconds"), 2)
         report = {
             "model": recipe.model,

@@ -13,6 +13,9 @@ class EvalConfig(StrictConfig):
     dense_baseline: bool = Field(True, description="also evaluate the unpruned model in the same run")
     tasks: list[str] = Field(default_factory=lambda: ["docs_lastword"], description="lm-eval task names")
     limit: int | None = Field(200, ge=1, description="examples per accuracy task (None: all)")
+    batch_size: int | None = Field(None, ge=1, description="windows per perplexity forward and lm-eval's batch "
+                                   "size; null: one window at a time and lm-eval's batches of 8 (the figures of "
+                                   "runs made before this key)")
     flops: bool = Field(True, description="FLOPs per forward (dense, pruned, and with 2:4 sparse kernels)")
     latency: bool = Field(True, description="prefill tokens/s and decode ms/token on this machine")
     semi_structured_kernel: bool = Field(True, description="2:4 models: time PyTorch's 2:4 sparse kernels against "

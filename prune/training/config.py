@@ -24,9 +24,12 @@ class TrainConfig(StrictConfig):
     eval_windows: int = Field(8, ge=1, description="held-out windows used by the periodic evaluation")
     checkpoint_every: int = Field(50, ge=1, description="a resumable checkpoint every N steps")
     seed: int = Field(0, description="seed of the data order and of the masks' random draws")
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast when training on a CUDA device that has it (runtime.device)")
 
-    def resolved_precision(self) -> str:
+    def resolved_precision(self, device: torch.device) -> str:
+        """`auto` follows the device the run trains on: bf16 on a CUDA GPU with bfloat16, none elsewhere (CPU
+        autocast to bf16 is slower than float32 on most CPUs)."""
         if self.mixed_precision != "auto":
             return self.mixed_precision
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"

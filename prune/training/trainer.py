@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -101,6 +101,15 @@ def batch_indices(step: int, micro: int, config: TrainConfig, rank: int, world: 
     return torch.stack([orders[epoch][offset] for epoch, offset in positions])
 
 
+def make_accelerator(config: TrainConfig, device: torch.device | None = None) -> Accelerator:
+    """The accelerator of a run on `device` (runtime.device): accelerate's CPU mode for `cpu`, so a machine with a
+    GPU still trains where the recipe says; otherwise accelerate's device (None: the first accelerator, else the
+    CPU; under `accelerate launch` each process's own). `train.mixed_precision: auto` resolves to that device."""
+    if device is not None and device.type == "cpu":
+        return Accelerator(cpu=True, mixed_precision=config.resolved_precision(device))
+    return Accelerator(mixed_precision=config.resolved_precision(device or PartialState().device))
+
+
 class _Log:
     """train_log.jsonl plus the share of hard masks that changed since the previous log line."""
 
@@ -138,11 +147,13 @@ def train(
     eval_metric: str = "perplexity",
     resume: bool = False,
     accelerator: Accelerator | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train the masks of `model` on rows of `data` (a Tensor of token blocks, or any indexable dataset whose
     rows collate into the batch `task_loss` takes); checkpoints and logs go to `run_dir/train/`. `evaluate`
-    returns a held-out score where lower is better, logged as `eval_<eval_metric>`."""
-    accelerator = accelerator or Accelerator(mixed_precision=config.resolved_precision())
+    returns a held-out score where lower is better, logged as `eval_<eval_metric>`. Without an `accelerator`,
+    training runs on `device` (runtime.device; None: accelerate's choice, the first accelerator)."""
+    accelerator = accelerator or make_accelerator(config, device)
     plain, sharded = model, is_sharded(accelerator)
     if sharded:  # FSDP shards a copy; `plain` (the caller's model) receives the gathered masks
         model, objective = sharded_copy(model, objective)
