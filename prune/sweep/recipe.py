@@ -74,7 +74,7 @@ class SensitivityConfig(StrictConfig):
     method: str | None = Field(None, description="a one-shot method (default: wanda if in the grid, else the first)")
     sparsity: str | float = Field("0.5", description="level applied to one group at a time")
     by: list[Literal["block", "type"]] = Field(default_factory=lambda: ["block", "type"])
-    heldout_blocks: int | None = Field(8, ge=1, description="held-out windows per perplexity (None: all)")
+    heldout_blocks: int | None = Field(8, ge=1, description="validation windows per perplexity (None: all)")
 
 
 class SweepRecipe(StrictConfig):
