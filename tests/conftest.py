@@ -56,7 +56,7 @@ def prose_stand_in():
     reads a fixed stand-in instead (documentation the tiny corpora never include), so no test needs the network
     and every run still measures a second text. tests/test_prose.py tests the real fetch on a local tarball."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(text, "moby_dick", lambda: docs_text(90_000)[60_000:])
+        patch.setattr(text, "moby_dick", lambda: docs_text(150_000)[60_000:])
         yield
 
 
