@@ -89,7 +89,8 @@ def _text_note(report: dict) -> str:
     selection = data.get("used", {}).get("selection")
     if selection is not None:
         note += f". The kept masks were chosen on {selection['windows']} validation windows, never on test"
-    return note + ". [95% CI]: bootstrap over windows (2000 resamples, fixed seed); ± stderr: lm-eval's standard error."
+    note += ". [95% CI]: bootstrap over windows (2000 resamples, fixed seed)"
+    return note + ("; ± stderr: lm-eval's standard error." if "accuracy" in report else ".")
 
 
 def _kernel_note(report: dict) -> str:
