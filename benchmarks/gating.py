@@ -147,7 +147,7 @@ def run_llm(args) -> dict:
 
     model, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
-    heldout = splits.heldout_blocks(args.seq_len)[: args.windows]
+    heldout = splits.test_blocks(args.seq_len)[: args.windows]
     train_rows = splits.train_blocks(args.seq_len)
     result: dict = {"seq_len": args.seq_len, "windows": len(heldout), "tokens": int(heldout.numel()),
                     "train_blocks": len(train_rows), "rank": args.rank, "steps": args.steps,
@@ -203,7 +203,7 @@ def run_llm_joint(args) -> dict:
 
     _, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
-    heldout = splits.heldout_blocks(args.seq_len)[: args.windows]
+    heldout = splits.test_blocks(args.seq_len)[: args.windows]
     train_rows = splits.train_blocks(args.joint_seq_len)
     result: dict = {"seq_len": args.seq_len, "windows": len(heldout), "tokens": int(heldout.numel()),
                     "train_seq_len": args.joint_seq_len, "rank": args.rank, "steps": args.joint_steps,

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
     train_x = cache_inputs(model, args.layers, splits.train_blocks(args.seq_len)[: args.train_blocks])
-    test_x = cache_inputs(model, args.layers, splits.heldout_blocks(args.seq_len)[: args.heldout_blocks])
+    test_x = cache_inputs(model, args.layers, splits.test_blocks(args.seq_len)[: args.heldout_blocks])
     result = {"command": "python benchmarks/gating_ceiling.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "args": vars(args), "train_tokens": len(train_x[args.layers[0]]),
               "heldout_tokens": len(test_x[args.layers[0]]), "layers": {}}

@@ -1,9 +1,12 @@
 """MaskLLM quality on SmolLM2-135M: `recipes/smollm2-135m/2of4-maskllm.yaml`, learned 2:4 masks on frozen weights.
 
 Runs the recipe (or resumes it, or reuses it when its run directory already holds a finished run of the same
-recipe), then writes the `maskllm` section of benchmarks/RESULTS.md: the held-out perplexity of the hard masks
-against training tokens (step 0 = the SparseGPT prior; benchmarks/maskllm-curve.png), the final figures of the
-kept (best) masks on the whole held-out split next to the dense model, and the training time.
+recipe) and, on the same data and evaluation settings, SparseGPT 2:4 with and without its weight update; then
+writes the `maskllm` section of benchmarks/RESULTS.md. The protocol: the kept masks are the best of the periodic
+evaluations on the VALIDATION part (step 0 = the SparseGPT prior; benchmarks/maskllm-curve.png); every model is
+then measured on the TEST part of the embedded CPython docs and of an out-of-domain text (moby-dick), each
+perplexity with its 95% bootstrap interval over windows, and each run is paired window by window with the best
+of the four (`prune compare`'s verdicts: best / not distinguishable from best / worse).
 
     python benchmarks/maskllm.py [--output runs/smollm2-135m-2of4-maskllm] [--set KEY=VALUE ...]
 """
@@ -14,6 +17,10 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from results import interval, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "smollm2-135m" / "2of4-maskllm.yaml"
@@ -41,13 +48,76 @@ def throughput(directory: Path) -> float:
     return rates[len(rates) // 2]
 
 
-def section(recipe, report: dict, directory: Path, command: str, note: str) -> str:
+BASELINES = [("SparseGPT 2:4, weights updated", "sparsegpt-2of4", "true"),
+             ("SparseGPT 2:4, mask only (this run's prior)", "sparsegpt-2of4-mask-only", "false")]
+
+
+def ran(recipe) -> dict:
+    """The finished report of `recipe` in its output directory, running (or resuming) it when there is none."""
+    from prune.runs.pipeline import run
+
+    directory = Path(recipe.output)
+    report = finished_report(recipe, directory)
+    return report if report is not None else run(recipe, resume=(directory / "train" / "checkpoints").is_dir())
+
+
+def baselines(overrides: list[str], output: str) -> list[tuple[str, Path]]:
+    """SparseGPT 2:4 with and without its weight update, on the MaskLLM recipe's data and evaluation settings:
+    the same test windows, so every run pairs with every other."""
+    from prune.runs.recipe import load_recipe
+
+    runs = []
+    for label, name, update in BASELINES:
+        method = f"method={{name: sparsegpt, sparsity: '2:4', update_weights: {update}}}"
+        recipe = load_recipe(RECIPE, [*overrides, method, "train.steps=0", f"output={output}-{name}"])
+        ran(recipe)
+        runs.append((label, Path(recipe.output)))
+    return runs
+
+
+def comparison(runs: list[tuple[str, Path]], ood: str) -> tuple[list[str], dict[str, dict]]:
+    """The table of every run (paired verdicts from `prune compare`) and each run's row by label."""
+    from prune.sweep.compare import rows_from_runs, text_keys
+
+    rows = rows_from_runs([directory for _, directory in runs])
+    labels = {str(directory): label for label, directory in runs}
+    by_label = {("dense" if row["status"] == "dense" else labels[row["dir"]]): row for row in rows}
+    keys = text_keys(ood)
+    lines = [f"| model | test perplexity [95% CI] | vs best | {ood} perplexity [95% CI] (out of domain) | vs best | "
+             "last-word acc ± stderr | FLOPs (2:4 kernel) |", "|---|---:|---|---:|---|---:|---:|"]
+    for label, row in by_label.items():
+        flops = row.get("flops.semi_structured") if row["status"] == "done" else row.get("flops.dense")
+        lines.append(
+            f"| {label} | {interval(row['perplexity'], row['perplexity.ci95'])} | {row.get('verdict', '-')} | "
+            f"{interval(row[keys['value']], row[keys['ci95']])} | {row.get(keys['verdict'], '-')} | "
+            f"{row['accuracy.docs_lastword']:.3f} ± {row['accuracy_stderr.docs_lastword']:.3f} | "
+            f"{flops / 1e9:.1f} G |")
+    return lines, by_label
+
+
+def goal_lines(by_label: dict[str, dict], ood: str) -> list[str]:
+    """Issue 14's goal: on test, below SparseGPT-with-update with non-overlapping intervals; out of domain, below it."""
+    from prune.sweep.compare import text_keys
+
+    learned, updated = by_label["MaskLLM 2:4, best masks"], by_label[BASELINES[0][0]]
+    keys = text_keys(ood)
+    apart = learned["perplexity.ci95"][1] < updated["perplexity.ci95"][0]
+    below = learned[keys["value"]] < updated[keys["value"]]
+    return [f"Goal (test perplexity below SparseGPT 2:4 with its update, intervals apart: "
+            f"{'met' if apart else 'not met'}; out of domain below it: {'met' if below else 'not met'}): "
+            f"test {learned['perplexity']:.2f} vs {updated['perplexity']:.2f}, {ood} "
+            f"{learned[keys['value']]:.2f} vs {updated[keys['value']]:.2f}."]
+
+
+def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]], command: str, note: str) -> str:
     train = recipe.train
     tokens_per_step = train.batch_size * train.grad_accum * recipe.data.seq_len
     curve = evaluations(directory)
-    dense, seq_len = report["dense"], recipe.data.seq_len
+    seq_len, ood = recipe.data.seq_len, recipe.eval.extra_texts[0]
+    data = report["data"]
     weights = ("SparseGPT's weight update baked into the frozen weights" if recipe.method.prior_update_weights
                else "mask only: the weights are never changed")
+    table, by_label = comparison(runs, ood)
     lines = [
         "## MaskLLM: learned 2:4 masks on frozen SmolLM2-135M weights", "",
         f"Command: `{command}` ({recipe.train.steps} steps x {tokens_per_step} tokens = "
@@ -57,19 +127,19 @@ def section(recipe, report: dict, directory: Path, command: str, note: str) -> s
         f"{recipe.method.sparse_weight_reg:g}; 2-core CPU, float32). {note}", "",
         f"Training took {report['timings']['train'] / 60:.0f} min (median {throughput(directory):.0f} tokens/s); the "
         f"whole run {sum(report['timings'].values()) / 60:.0f} min.", "",
-        f"| model | perplexity (all held-out, {seq_len}-token windows) | last-word acc | FLOPs per {seq_len} tokens "
-        "(2:4 kernel) |",
-        "|---|---:|---:|---:|",
-        f"| dense | {dense['perplexity']['value']:.2f} | {dense['accuracy']['docs_lastword']:.3f} | "
-        f"{dense['flops']['dense'] / 1e9:.1f} G |",
-        f"| MaskLLM 2:4, best masks (step {report['train']['best_step']}) | {report['perplexity']['value']:.2f} | "
-        f"{report['accuracy']['docs_lastword']:.3f} | {report['flops']['semi_structured'] / 1e9:.1f} G |",
-        "", f"Perplexity tokens: {report['perplexity']['tokens']:,}. One-shot baselines on the same held-out "
-        "text are in the `oneshot` section (SparseGPT 2:4 mask only = this run's prior; SparseGPT 2:4 with its "
-        "weight update). 2:4 kernel: "
+        f"Parts of the docs' token stream (train / validation / test): {data['splits']['train']} / "
+        f"{data['splits']['validation']} / {data['splits']['test']}, {data['windows']['train']} / "
+        f"{data['windows']['validation']} / {data['windows']['test']} windows of {seq_len} tokens. The kept masks "
+        f"(step {report['train']['best_step']}) are the best of the evaluations on the first {train.eval_windows} "
+        f"validation windows; every figure below reads only test parts ({data['windows']['test']} windows of the docs, "
+        f"{data['extra_texts'][ood]['windows']['test']} of {ood}). [95% CI]: bootstrap over windows; `vs best`: "
+        "paired bootstrap against the lowest of the four on the same windows.", "",
+        *table,
+        "", *goal_lines(by_label, ood), "",
+        "2:4 kernel: "
         + (f"{report['semi_structured_kernel']['speedup']:.2f}x prefill" if report['semi_structured_kernel']['available']
            else "unavailable here (" + report['semi_structured_kernel']['reason'].split(';')[0] + ")") + ".", "",
-        f"Held-out perplexity of the hard masks during training (the first {train.eval_windows} held-out windows, "
+        f"Validation perplexity of the hard masks during training (the first {train.eval_windows} validation windows, "
         f"{seq_len} tokens each; step 0 is the prior):", "",
         "| step | training tokens | perplexity |", "|---:|---:|---:|",
     ]
@@ -84,23 +154,18 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe override (a dry run: not published)")
     parser.add_argument("--note", default="", help="a sentence on the conditions of this run")
     args = parser.parse_args()
-    from prune.runs.pipeline import run
     from prune.runs.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, [*args.set, f"output={args.output}"])
     directory = Path(args.output)
-    report = finished_report(recipe, directory)
-    if report is None:
-        report = run(recipe, resume=(directory / "train" / "checkpoints").is_dir())
+    report = ran(recipe)
+    runs = [("MaskLLM 2:4, best masks", directory), *baselines(args.set, args.output)]
     command = "python benchmarks/maskllm.py" + "".join(f" --set '{item}'" for item in args.set)
-    body = section(recipe, report, directory, command, args.note)
+    body = section(recipe, report, directory, runs, command, args.note)
     print(body)
     if args.set:
         return
     shutil.copyfile(directory / "train_curve.png", CURVE)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from results import write_section
-
     print(f"written to {write_section('maskllm', body)}")
 
 

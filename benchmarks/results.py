@@ -17,3 +17,9 @@ def write_section(name: str, body: str) -> Path:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
     return RESULTS
+
+
+def interval(value: float, ci95) -> str:
+    """'13.50 [12.91, 14.12]': a perplexity and its 95% bootstrap interval, as every section prints them."""
+    low, high = ci95
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"

@@ -7,7 +7,9 @@ Three parts, each in its own process (so each peak RSS is its own), one invocati
   3. `rest`:     the full grid in the same sweep directory: the 5 Wanda points resume, the other 13 are computed;
   4. `learned`:  the grid plus MaskLLM (`nm_gumbel`, SparseGPT prior, a short mask training): the 18 one-shot points
                  resume, the learned method runs at 2:4 and is skipped, with its reason, at the fractional levels.
-Writes the `sweep` section of benchmarks/RESULTS.md and benchmarks/sweep-perplexity.png.
+Writes the `sweep` section of benchmarks/RESULTS.md and benchmarks/sweep-perplexity.png. Every point is measured on
+the test part of the embedded docs and of moby-dick (out of domain), with 95% bootstrap intervals and paired
+verdicts against the best of its level; the MaskLLM point keeps the masks its VALIDATION evaluations pick.
 
     python benchmarks/sweep.py [--calibration-samples 16] [--seq-len 256] [--heldout-fraction 0.015] [--limit 20] [--learned-steps 50]
 """
@@ -44,7 +46,7 @@ def peak_mb() -> float:
 def learned_overrides(args) -> list[str]:
     """The learned point's training (one-shot points drop train.*): `--learned-steps` steps of 2 sequences at
     lr 1e-3 (in so few steps a much smaller rate moves no logit past the prior's lead of 0.03), the hard masks
-    evaluated on 4 held-out windows every 10 steps and from the start, the best kept."""
+    evaluated on 4 validation windows every 10 steps and from the start, the best kept."""
     return [f"train.steps={args.learned_steps}", "train.batch_size=1", "train.grad_accum=2", "train.lr=1.0e-3",
             f"train.log_every={max(1, args.learned_steps // 10)}", "train.eval_every=10", "train.eval_windows=4"]
 
@@ -60,7 +62,8 @@ def part_sweep(args, methods: list[str], levels: list[str], extra: list[str] = (
     result = run_sweep(sweep, base, progress=False, write=lambda line: print(line, file=sys.stderr, flush=True))
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb(), "counts": result["counts"],
             "shared": result["timings"]["shared"], "calibration_passes": result["calibration_passes"],
-            "rows": [{k: row.get(k) for k in ("method", "sparsity", "perplexity", "status", "timings.prune",
+            "rows": [{k: row.get(k) for k in ("method", "sparsity", "perplexity", "perplexity.ci95", "verdict",
+                                              "extra_texts.moby-dick.perplexity.value", "status", "timings.prune",
                                               "timings.pruned_eval")} for row in result["rows"]]}
 
 
@@ -111,9 +114,10 @@ def section(args, parts: dict, command: str) -> str:
     speedup = separate["seconds"] / wanda["seconds"]
     lines = [
         "## Sparsity sweep of SmolLM2-135M (`prune sweep`)", "",
-        f"Command: `{command}` — {args.calibration_samples} x {args.seq_len} calibration tokens, held-out tail "
-        f"{args.heldout_fraction:g} of the embedded CPython docs in {args.seq_len}-token windows, `docs_lastword` "
-        f"on up to {args.limit} examples (as many as that held-out text yields), FLOPs per {args.seq_len}-token forward, latency off; shared 2-core CPU, float32, "
+        f"Command: `{command}` — {args.calibration_samples} x {args.seq_len} calibration tokens from the train part; "
+        f"perplexity on the test part (the last {args.heldout_fraction:g}) of the embedded CPython docs and of "
+        f"moby-dick (out of domain) in {args.seq_len}-token windows, with 95% bootstrap intervals; `docs_lastword` "
+        f"on up to {args.limit} examples (as many as that test text yields), FLOPs per {args.seq_len}-token forward, latency off; shared 2-core CPU, float32, "
         f"{args.threads} intra-op thread(s) (the machine was loaded by other jobs: one thread was several times "
         "faster than two). Equivalent CLI: `prune sweep recipes/sweeps/smollm2-135m.yaml --set "
         f"'grid.sparsities=[{', '.join(LEVELS)}]' " + " ".join(f"--set '{o}'" for o in overrides(args)) + "`.", "",
@@ -146,13 +150,15 @@ def section(args, parts: dict, command: str) -> str:
         f"A fourth invocation added the learned method, MaskLLM (`nm_gumbel`, label `maskllm`: SparseGPT mask as the "
         f"prior, weights frozen, no sparse-weight regularizer, {args.learned_steps} training steps of 2 x {args.seq_len} "
         f"tokens, lr 1e-3, best of the "
-        f"evaluations every 10 steps on 4 held-out windows (the prior included); "
+        f"evaluations every 10 steps on 4 validation windows (the prior included; never the test part); "
         f"{learned['seconds']:.0f} s, counts {learned['counts']}): it runs at 2:4 only and is skipped at the fractional "
         "levels with the reason in the table. This short training is a sweep-sized taste; the full MaskLLM result "
         "is in the `maskllm` section.", "",
         table, "",
-        "`*`: best of its level (lowest perplexity). `x dense`: perplexity over the dense model's. Time: pruning + "
-        "evaluating the point (the shared load, dense eval and calibration are not in the rows).", "",
+        "Bold: the lowest perplexity of its level. `vs best`: a paired bootstrap over the same test windows against "
+        "that point (`worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not distinguishable "
+        "from best`), per text. `x dense`: perplexity over the dense model's. Time: pruning + evaluating the point "
+        "(the shared load, dense eval and calibration are not in the rows).", "",
         "![perplexity vs sparsity](sweep-perplexity.png)",
     ]
     return "\n".join(lines)

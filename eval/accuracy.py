@@ -15,14 +15,20 @@ with `lm_eval.simple_evaluate`. Tasks are resolved by name:
 The score per task is `acc` (for loglikelihood tasks: the target is the greedy continuation; for
 multiple choice: the highest-likelihood choice is right); a task without `acc` reports its first
 higher-is-better metric (e.g. `exact_match`). A tag (a name for several tasks) reports each task.
+`accuracy_scores` also returns lm-eval's standard error of that metric (closed form for a mean such as
+`acc`: the sample standard deviation over sqrt(n); a bootstrap for the few metrics lm-eval bootstraps),
+so a reader can tell a 2-point difference on 200 examples from noise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
+import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +40,8 @@ from eval.hub_probe import hub_reachable
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HELDOUT_TASKS = frozenset({"docs_lastword"})  # local tasks whose data is built from heldout_text
+# lm-eval's resamples for the metrics it bootstraps (not `acc`, whose standard error is closed-form).
+STDERR_RESAMPLES = 1000
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,23 @@ def _quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _serial_bootstrap() -> Iterator[None]:
+    """lm-eval bootstraps in a multiprocessing pool unless DISABLE_MULTIPROC is set; forking a process that
+    holds a model to resample a few hundred scores costs far more than doing it here. Its "bootstrapping for
+    stddev" print would land in the caller's stdout (a results table): it goes nowhere."""
+    saved = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        if saved is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = saved
+
+
+@contextlib.contextmanager
 def _rng_preserved() -> Iterator[None]:
     """Restore the caller's random / numpy / torch RNG states afterwards."""
     import random
@@ -196,22 +221,39 @@ def _object_name(obj) -> str:
     return name
 
 
-def _score(metrics: dict[str, Any], higher_is_better: dict[str, bool]) -> float | None:
-    """`acc` if present, else the first higher-is-better numeric metric."""
-    numeric = {
-        k.split(",")[0]: float(v)
-        for k, v in metrics.items()
-        if "," in k and "_stderr" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+@dataclass(frozen=True)
+class TaskScore:
+    value: float  # in [0, 1]
+    stderr: float | None  # lm-eval's standard error of `value`; None when it gave none (e.g. one example)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _score(metrics: dict[str, Any], higher_is_better: dict[str, bool]) -> TaskScore | None:
+    """`acc` if present, else the first higher-is-better numeric metric, with its `<metric>_stderr`."""
+    numeric: dict[str, TaskScore] = {}
+    for key, value in metrics.items():
+        name, comma, filter_key = key.partition(",")
+        if comma and "_stderr" not in name and _is_number(value):
+            stderr = metrics.get(f"{name}_stderr,{filter_key}")
+            numeric[name] = TaskScore(float(value), float(stderr) if _is_number(stderr) else None)
     if "acc" in numeric:
         return numeric["acc"]
-    for key, value in numeric.items():
+    for key, score in numeric.items():
         if higher_is_better.get(key):
-            return value
+            return score
     return None
 
 
-def task_accuracy(
+def task_accuracy(model, tokenizer, tasks: list[str], **options: Any) -> dict[str, float]:
+    """Accuracy in [0, 1] of `model` on each task, through lm-eval; `options` (heldout_text, limit, batch_size)
+    and errors as `accuracy_scores`, which also gives each score's standard error."""
+    return {name: score.value for name, score in accuracy_scores(model, tokenizer, tasks, **options).items()}
+
+
+def accuracy_scores(
     model,
     tokenizer,
     tasks: list[str],
@@ -219,8 +261,8 @@ def task_accuracy(
     heldout_text: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
-) -> dict[str, float]:
-    """Accuracy in [0, 1] of `model` on each task, through lm-eval.
+) -> dict[str, TaskScore]:
+    """Accuracy in [0, 1] of `model` on each task and its standard error, through lm-eval.
 
     `heldout_text` feeds the local `docs_lastword` task (ValueError when that task is asked for
     without it). `limit` caps the examples per task. Unknown tasks, and hub tasks whose dataset
@@ -263,14 +305,15 @@ def task_accuracy(
 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
-            with _hub_offline(offline), _rng_preserved():  # simple_evaluate reseeds random/numpy/torch
+            # simple_evaluate reseeds random/numpy/torch
+            with _hub_offline(offline), _rng_preserved(), _serial_bootstrap():
                 out = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=objects,
                     task_manager=_local_task_manager(),  # tasks are prebuilt; avoids a 15k-YAML index
                     limit=limit,
                     log_samples=False,
-                    bootstrap_iters=0,
+                    bootstrap_iters=STDERR_RESAMPLES,
                 )
         finally:
             if hasattr(model, "train"):
@@ -280,7 +323,7 @@ def task_accuracy(
         return {}
     results: dict[str, dict[str, Any]] = out["results"]
     hib: dict[str, dict[str, bool]] = out.get("higher_is_better", {})
-    scores: dict[str, float] = {}
+    scores: dict[str, TaskScore] = {}
     for obj in reported:
         key = _object_name(obj)
         score = _score(results.get(key, {}), hib.get(key, {}))

@@ -4,6 +4,8 @@ The caller cuts the held-out split into rows of a `[n, seq_len]` LongTensor; eac
 window. Every token after the first of each row is predicted, so exactly `n * (seq_len - 1)` tokens
 are scored. Token NLLs are summed with `cross_entropy(reduction="sum")` on the shifted logits (a
 model's own `labels=` averaging is not trusted: some models shift, some average over padding).
+The per-window sums and token counts come back too: the window is the unit a bootstrap interval or a paired
+comparison of two models resamples (`eval.bootstrap`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class PerplexityResult:
     tokens: int  # predicted tokens: n * (seq_len - 1)
     windows: int  # rows scored
     nll: float  # mean negative log-likelihood per predicted token (nats)
+    window_nll: tuple[float, ...]  # summed NLL (nats) of each window, in row order
+    window_tokens: tuple[int, ...]  # predicted tokens of each window (seq_len - 1)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -70,7 +74,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     device = model_device(model)
-    total = 0.0
+    sums: list[float] = []
     bad_windows = 0
     try:
         for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
@@ -85,7 +89,7 @@ def perplexity(
             per_window = per_token.sum(dim=1, dtype=torch.float64)
             finite = torch.isfinite(per_window)
             bad_windows += int((~finite).sum())
-            total += float(per_window[finite].sum())
+            sums += per_window.tolist()
     finally:
         model.train(was_training)
 
@@ -95,11 +99,12 @@ def perplexity(
             "(diverged or broken weights?); refusing to report a perplexity"
         )
     tokens = n * (seq_len - 1)
-    nll = total / tokens
+    nll = math.fsum(sums) / tokens
     try:
         value = math.exp(nll)
     except OverflowError:
         value = math.inf
     if not math.isfinite(value):
         raise NonFiniteError(f"{desc}: mean NLL {nll:.1f} nats overflows exp(); perplexity is infinite")
-    return PerplexityResult(value=value, tokens=tokens, windows=n, nll=nll)
+    return PerplexityResult(value=value, tokens=tokens, windows=n, nll=nll, window_nll=tuple(sums),
+                            window_tokens=(seq_len - 1,) * n)

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 from eval.metric_errors import NonFiniteError
+from prune.data.prose import MOBY_DICK
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -25,22 +26,25 @@ def _run(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from eval.tables import render_table
     from prune.runs import run_dir
-    from prune.data.text import prepare
+    from prune.data.text import prepare, prepare_extra
     from prune.tasks.causal_lm import measure
     from prune.runs.loading import load_model
     from prune.runs.recipe import DataConfig
     from prune.tasks.eval_config import EvalConfig
-    from prune.runs.report import COLUMNS, summary_row
+    from prune.runs.report import columns, summary_row
 
     given = Path(args.model)
     is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
     spec = str(given / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
     model, tokenizer = load_model(spec)
     data = DataConfig(source=args.data, seq_len=args.seq_len)
-    config = EvalConfig(tasks=args.tasks, limit=args.limit, latency=not args.no_latency)
-    splits = prepare(tokenizer, data.source, heldout_fraction=data.heldout_fraction)
-    figures = measure(model, tokenizer, splits, config, data.seq_len, args.model)
-    print(render_table([summary_row(args.model, figures)], COLUMNS))
+    config = EvalConfig(tasks=args.tasks, extra_texts=args.extra_texts, limit=args.limit, latency=not args.no_latency)
+    splits = prepare(tokenizer, data.source, heldout_fraction=data.heldout_fraction,
+                     validation_fraction=data.validation_fraction)
+    extra = prepare_extra(tokenizer, config.extra_texts, data.seq_len, heldout_fraction=data.heldout_fraction,
+                          validation_fraction=data.validation_fraction)
+    figures = measure(model, tokenizer, splits, config, data.seq_len, args.model, extra=extra)
+    print(render_table([summary_row(args.model, figures)], columns(figures)))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -99,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default="embedded-docs", help="text source for perplexity and tasks")
     evaluate.add_argument("--seq-len", type=int, default=512)
     evaluate.add_argument("--tasks", nargs="*", default=["docs_lastword"], help="lm-eval task names")
+    evaluate.add_argument("--extra-texts", nargs="*", default=[MOBY_DICK],
+                          help="out-of-domain texts whose test-part perplexity is reported too (none: --extra-texts)")
     evaluate.add_argument("--limit", type=int, default=200, help="examples per task")
     evaluate.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     evaluate.set_defaults(handler=_eval)

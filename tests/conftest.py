@@ -5,6 +5,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from prune.data import text
+
 
 def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """Two blocks with grouped-query attention (4 query heads over 2 key/value heads)."""
@@ -48,6 +50,16 @@ def docs_text(chars: int = 60_000) -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))[:chars]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prose_stand_in():
+    """Runs measure `moby-dick` by default (eval.extra_texts), which is fetched from the npm registry: the suite
+    reads a fixed stand-in instead (documentation the tiny corpora never include), so no test needs the network
+    and every run still measures a second text. tests/test_prose.py tests the real fetch on a local tarball."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(text, "moby_dick", lambda: docs_text(150_000)[60_000:])
+        yield
+
+
 def save_tiny_model(directory, family: str = "llama", text: str | None = None):
     """A tiny random model plus a byte-level BPE tokenizer (512 tokens) trained on `text`, saved like a real
     checkpoint: decoding is exact, so held-out text keeps its lines for the last-word task."""
@@ -67,6 +79,20 @@ def save_tiny_model(directory, family: str = "llama", text: str | None = None):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """docs_text() as a .txt text source."""
+    path = tmp_path_factory.mktemp("data") / "docs.txt"
+    path.write_text(docs_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama with its tokenizer, saved like a real checkpoint."""
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

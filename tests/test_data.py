@@ -33,36 +33,59 @@ def offline(monkeypatch):
 
 # --- splits -----------------------------------------------------------------------------------------------------
 
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(2, 2000), fraction=st.floats(0.001, 0.999))
-def test_split_is_a_contiguous_cut_covering_the_stream(n, fraction):
-    ids = torch.arange(n)
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(2, 5000), heldout=st.floats(0.001, 0.95), validation=st.floats(0.001, 0.95),
+       seq_len=st.integers(1, 64))
+def test_three_parts_are_disjoint_contiguous_and_cover_the_stream(n, heldout, validation, seq_len):
+    ids = torch.arange(n)  # every token value is its position
+    n_test, n_validation = round(n * heldout), round(n * validation)
     try:
-        splits = data.split_tokens(ids, fraction)
+        splits = data.split_tokens(ids, heldout, validation)
     except UserInputError:
-        assert round(n * fraction) in (0, n)  # only when one part would be empty
+        assert min(n_test, n_validation, n - n_test - n_validation) < 1  # only when a part would be empty
         return
-    assert torch.equal(torch.cat([splits.train_ids, splits.heldout_ids]), ids)
-    assert splits.train_ids.numel() >= 1 and splits.heldout_ids.numel() >= 1
-    assert splits.heldout_ids.numel() == round(n * fraction)
-    assert not set(splits.train_ids.tolist()) & set(splits.heldout_ids.tolist())
+    parts = [splits.train_ids, splits.validation_ids, splits.test_ids]
+    assert torch.equal(torch.cat(parts), ids) and min(part.numel() for part in parts) >= 1
+    assert (splits.test_ids.numel(), splits.validation_ids.numel()) == (n_test, n_validation)
+    for name, part in zip(data.PARTS, parts):  # report.json's ranges are exactly the parts' positions
+        start, end = splits.ranges[name]
+        assert torch.equal(part, ids[start:end])
+    windows = [set(data.token_blocks(part, seq_len).flatten().tolist()) for part in parts]
+    assert not (windows[0] & windows[1] or windows[0] & windows[2] or windows[1] & windows[2])
+    assert splits.describe(seq_len)["windows"] == {name: part.numel() // seq_len for name, part in zip(data.PARTS, parts)}
 
 
-def test_prepare_is_deterministic_and_holds_out_the_tail():
+def test_prepare_is_deterministic_validation_sits_before_the_test_tail():
     tok = CharTokenizer()
-    a = data.prepare(tok, "embedded-docs", heldout_fraction=0.1)
-    b = data.prepare(tok, "embedded-docs", heldout_fraction=0.1)
-    assert torch.equal(a.train_ids, b.train_ids) and torch.equal(a.heldout_ids, b.heldout_ids)
+    a = data.prepare(tok, "embedded-docs", heldout_fraction=0.1, validation_fraction=0.05)
+    b = data.prepare(tok, "embedded-docs", heldout_fraction=0.1, validation_fraction=0.05)
+    assert all(torch.equal(a.part(name), b.part(name)) for name in data.PARTS) and a.ranges == b.ranges
     text = "\n\n".join(data.load_documents("embedded-docs"))
-    assert a.train_ids.numel() + a.heldout_ids.numel() == len(text)
-    assert a.heldout_text(tok) == text[-a.heldout_ids.numel():]
-    assert a.heldout_ids.dtype == torch.long and a.heldout_ids.dim() == 1
+    assert a.ranges["test"] == (len(text) - round(0.1 * len(text)), len(text))
+    assert a.ranges["validation"] == (a.ranges["test"][0] - round(0.05 * len(text)), a.ranges["test"][0])
+    assert a.test_text(tok) == text[-a.test_ids.numel():]
+    assert a.test_ids.dtype == torch.long and a.test_ids.dim() == 1
 
 
 @pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, True])
-def test_bad_heldout_fraction(bad):
+def test_bad_fractions(bad):
     with pytest.raises(UserInputError, match="heldout_fraction"):
         data.split_tokens(torch.arange(100), bad)
+    with pytest.raises(UserInputError, match="validation_fraction"):
+        data.split_tokens(torch.arange(100), 0.1, bad)
+
+
+def test_too_small_text_says_what_it_has_and_what_the_run_needs():
+    splits = data.split_tokens(torch.arange(1000), 0.1, 0.1)  # 800 / 100 / 100 tokens
+    splits.require("x.txt", 50, {"train": (16, "calibration_samples=16"), "validation": (2, "eval"), "test": (1, "t")})
+    with pytest.raises(UserInputError) as error:
+        splits.require("x.txt", 50, {"train": (17, "calibration_samples=17"), "validation": (3, "train.eval_windows=3"),
+                                     "test": (1, "the test perplexity")})
+    message = str(error.value)
+    assert "'x.txt' (1,000 tokens)" in message and "seq_len=50" in message
+    assert "train part has 800 tokens (16 windows) but calibration_samples=17 needs 17 windows = 850 tokens" in message
+    assert "validation part has 100 tokens (2 windows) but train.eval_windows=3 needs 3 windows = 150" in message
+    assert "test part" not in message
 
 
 # --- blocks -----------------------------------------------------------------------------------------------------
@@ -76,25 +99,26 @@ def test_token_blocks_are_consecutive_and_drop_the_remainder():
 
 
 def test_calibration_blocks_distinct_reproducible_seeded_and_from_train_only():
-    splits = data.split_tokens(torch.arange(10_000), 0.2)  # train = 0..7999, every value unique
+    splits = data.split_tokens(torch.arange(10_000), 0.2, 0.1)  # train = 0..6999, every value unique
     a = splits.calibration_blocks(32, 16, seed=0)
     assert a.shape == (32, 16)
     assert torch.equal(a, splits.calibration_blocks(32, 16, seed=0))
     assert not torch.equal(a, splits.calibration_blocks(32, 16, seed=1))
     assert len({row[0] for row in a.tolist()}) == 32  # distinct blocks
-    assert int(a.max()) < 8000  # never from the held-out part
+    assert int(a.max()) < 7000  # never from the validation or test part
     assert all(row[0] % 16 == 0 for row in a.tolist())  # aligned to the block grid: non-overlapping
-    held = splits.heldout_blocks(16)
+    held = splits.test_blocks(16)
     assert held.shape == (125, 16) and int(held.min()) == 8000
-    assert splits.train_blocks(16).shape == (500, 16)
+    assert splits.validation_blocks(16).shape == (62, 16) and int(splits.validation_blocks(16).min()) == 7000
+    assert splits.train_blocks(16).shape == (437, 16)
 
 
 def test_too_many_calibration_blocks_says_how_many_fit():
-    splits = data.split_tokens(torch.arange(1000), 0.1)  # 900 train tokens -> 9 blocks of 100
-    with pytest.raises(UserInputError, match="holds only 9"):
-        splits.calibration_blocks(10, 100, seed=0)
+    splits = data.split_tokens(torch.arange(1000), 0.1, 0.05)  # 850 train tokens -> 8 blocks of 100
+    with pytest.raises(UserInputError, match="holds only 8"):
+        splits.calibration_blocks(9, 100, seed=0)
     with pytest.raises(UserInputError, match="fewer than seq_len"):
-        splits.heldout_blocks(500)
+        splits.test_blocks(500)
 
 
 # --- local files ------------------------------------------------------------------------------------------------
@@ -113,7 +137,7 @@ def test_jsonl_json_parquet(tmp_path):
     for name in ("a.jsonl", "a.json", "a.parquet"):
         assert data.load_documents(str(tmp_path / name)) == ["alpha", "beta"], name
     splits = data.prepare(CharTokenizer(), str(tmp_path / "a.jsonl"), heldout_fraction=0.5)
-    assert splits.heldout_text(CharTokenizer()) == "alpha\n\nbeta"[-splits.heldout_ids.numel():]
+    assert splits.test_text(CharTokenizer()) == "alpha\n\nbeta"[-splits.test_ids.numel():]
 
 
 def test_missing_column_lists_the_columns(tmp_path):
@@ -173,7 +197,10 @@ def test_hub_aliases_and_heldout_split(monkeypatch):
     splits = data.prepare(CharTokenizer(), "wikitext", heldout_split="test")
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "train", {}),
                      ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", {})]
-    assert splits.heldout_text(CharTokenizer()).startswith("test text")
+    assert splits.test_text(CharTokenizer()) == "\n\n".join(["test text"] * 3)  # the whole test split
+    train_stream = "\n\n".join(["train text"] * 3)  # validation: the tail of the training split's stream
+    assert splits.ranges == {"train": (0, 32), "validation": (32, 34), "test": (0, 31)}
+    assert CharTokenizer().decode(splits.validation_ids.tolist()) == train_stream[32:]
     calls.clear()
     data.load_documents("c4")
     assert calls == [("allenai/c4", None, "validation",
@@ -182,3 +209,22 @@ def test_hub_aliases_and_heldout_split(monkeypatch):
         data.prepare(CharTokenizer(), "wikitext", heldout_split="train")
     with pytest.raises(UserInputError, match="splits"):
         data.load_documents("c4", split="test")
+
+
+# --- out-of-domain texts ------------------------------------------------------------------------------------------
+
+def test_moby_dick_is_an_alias_and_extra_texts_are_split_like_any_source(monkeypatch):
+    monkeypatch.setattr(data, "moby_dick", lambda: "Call me Ishmael. " * 100)
+    assert data.load_documents("moby-dick") == ["Call me Ishmael. " * 100]
+    extra = data.prepare_extra(CharTokenizer(), ["moby-dick", "moby-dick"], 16, heldout_fraction=0.2)
+    assert list(extra) == ["moby-dick"]
+    assert extra["moby-dick"].ranges == {"train": (0, 1275), "validation": (1275, 1360), "test": (1360, 1700)}
+
+
+def test_extra_text_that_cannot_be_found_or_is_too_small_names_the_entry(tmp_path, offline):
+    with pytest.raises(UserInputError, match=r"eval.extra_texts entry '.*nope.txt': no such file"):
+        data.prepare_extra(CharTokenizer(), [str(tmp_path / "nope.txt")], 16)
+    small = tmp_path / "small.txt"
+    small.write_text("x" * 100)  # 10 test tokens: no window of 16
+    with pytest.raises(UserInputError, match=r"entry '.*small.txt': .*test part has 10 tokens \(0 windows\)"):
+        data.prepare_extra(CharTokenizer(), [str(small)], 16)

@@ -1,3 +1,4 @@
+import math
 import random
 import time
 
@@ -6,7 +7,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from eval.accuracy import hub_reachable, local_tasks, task_accuracy
+from eval.accuracy import accuracy_scores, hub_reachable, local_tasks, task_accuracy
 from eval.metric_errors import TaskUnavailableError
 from eval.lastword import CONTEXT_WORDS, build_examples, is_code_like
 
@@ -147,6 +148,17 @@ def test_metric_is_real_oracle_scores_one_and_wrong_guesser_zero():
     wrong = task_accuracy(tiny_gpt2(len(tok), favour=apple), tok, ["docs_lastword"], heldout_text=text, limit=8)
     assert right == {"docs_lastword": 1.0}
     assert wrong == {"docs_lastword": 0.0}
+
+
+def test_scores_carry_lm_evals_standard_error_of_the_mean():
+    text = prose(final=("banana", "cherry"))
+    tok = word_tokenizer(text)
+    model = tiny_gpt2(len(tok), favour=tok.convert_tokens_to_ids("banana"))  # right on the banana sentences only
+    score = accuracy_scores(model, tok, ["docs_lastword"], heldout_text=text, limit=20)["docs_lastword"]
+    p, n = score.value, 20
+    assert 0.0 < p < 1.0
+    assert score.stderr == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-9)  # sd of 0/1 scores / sqrt(n)
+    assert task_accuracy(model, tok, ["docs_lastword"], heldout_text=text, limit=20) == {"docs_lastword": p}
 
 
 # ------------------------------------------------------------------------- real SmolLM2 (slow)

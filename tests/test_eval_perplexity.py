@@ -57,6 +57,16 @@ def test_matches_model_loss_and_batch_size_invariant(make):
     assert 1.0 < res1.value < 10 * V  # a random model is near-uniform, not degenerate
 
 
+def test_per_window_sums_are_each_windows_own_nll_in_row_order():
+    model = tiny_llama()
+    data = blocks(n=4, seq_len=12)
+    res = perplexity(model, data, batch_size=3)
+    assert len(res.window_nll) == 4 and res.window_tokens == (11, 11, 11, 11)
+    for row, window_nll in zip(data, res.window_nll):  # each window alone gives back its own sum
+        assert perplexity(model, row[None]).nll * 11 == pytest.approx(window_nll, rel=1e-6)
+    assert sum(res.window_nll) / sum(res.window_tokens) == pytest.approx(res.nll, rel=1e-12)
+
+
 def test_nan_weights_raise_and_name_the_windows():
     model = tiny_llama()
     with torch.no_grad():

@@ -295,7 +295,7 @@ def test_pipeline_run_dir_restores_the_gated_model_and_export_refuses(tmp_path, 
     assert report["flops"]["pruned"] == pytest.approx(report["flops"]["dense"] - saved, abs=1)
     model, tokenizer = load_model(str(run_dir))
     assert len(gated_layers(model)) == 2
-    heldout = prepare(tokenizer, str(corpus)).heldout_blocks(32)
+    heldout = prepare(tokenizer, str(corpus)).test_blocks(32)
     assert perplexity(model, heldout).value == pytest.approx(report["perplexity"]["value"], rel=1e-5)
     with pytest.raises(UserInputError, match="no plain-checkpoint form"):
         export_run(run_dir)

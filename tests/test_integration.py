@@ -41,7 +41,7 @@ def test_exported_model_loads_with_plain_transformers_and_reproduces_perplexity(
     root, reports = runs
     model = AutoModelForCausalLM.from_pretrained(root / "wanda" / "model", dtype=torch.float32)
     _, tokenizer = load_model("smollm2-135m")
-    blocks = prepare(tokenizer, "embedded-docs", heldout_fraction=0.05).heldout_blocks(512)
+    blocks = prepare(tokenizer, "embedded-docs", heldout_fraction=0.05).test_blocks(512)
     value = perplexity(model, blocks).value
     assert value == pytest.approx(reports["wanda"]["perplexity"]["value"], rel=1e-4)
     weight = model.model.layers[3].mlp.down_proj.weight

@@ -14,14 +14,7 @@ from prune.masks.storage import load_masks
 from prune.runs.loading import load_model
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
-from tests.conftest import docs_text, save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text(docs_text())
-    return path
+from tests.conftest import save_tiny_model
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -40,7 +33,7 @@ def recipe_for(model_dir, corpus, output, method="wanda", sparsity="2:4", **meth
 
 
 def heldout_perplexity(model, tokenizer, corpus) -> float:
-    return perplexity(model, prepare(tokenizer, str(corpus)).heldout_blocks(32)).value
+    return perplexity(model, prepare(tokenizer, str(corpus)).test_blocks(32)).value
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])

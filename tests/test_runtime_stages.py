@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eval.accuracy import TaskScore
 from eval.perplexity import perplexity as eval_perplexity
 from prune.core.errors import UserInputError
 from prune.runs.recipe import parse_recipe
@@ -26,10 +27,10 @@ class Heldout:
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
 
-    def heldout_blocks(self, seq_len: int) -> torch.Tensor:
+    def test_blocks(self, seq_len: int) -> torch.Tensor:
         return self.blocks
 
-    def heldout_text(self, tokenizer) -> str:
+    def test_text(self, tokenizer) -> str:
         return "held-out text"
 
 
@@ -43,14 +44,14 @@ def _measure(monkeypatch, batch_size: int | None) -> tuple[dict, dict]:
 
     def accuracy(model, tokenizer, tasks, **kwargs):
         asked["task_accuracy"] = kwargs.get("batch_size", 8)
-        return {task: 0.5 for task in tasks}
+        return {task: TaskScore(0.5, 0.1) for task in tasks}
 
     monkeypatch.setattr(causal_lm, "perplexity", perplexity)
-    monkeypatch.setattr(causal_lm, "task_accuracy", accuracy)
+    monkeypatch.setattr(causal_lm, "accuracy_scores", accuracy)
     blocks = torch.randint(0, 128, (7, 24), generator=torch.Generator().manual_seed(0))
     settings = EvalConfig(tasks=["docs_lastword"], flops=False, latency=False, semi_structured_kernel=False,
-                          batch_size=batch_size)
-    return causal_lm.measure(make_tiny_llama(), None, Heldout(blocks), settings, 24, "t"), asked
+                          batch_size=batch_size, extra_texts=[])
+    return causal_lm.measure(make_tiny_llama(), None, Heldout(blocks), settings, 24, "t", extra={}), asked
 
 
 def test_batched_perplexity_equals_one_window_at_a_time_and_lm_eval_gets_the_batch_size(monkeypatch, one_thread):

@@ -22,7 +22,7 @@ from prune.core.config import MethodConfig
 from prune.methods.spec import MethodSpec
 from prune.sweep.runner import run_sweep
 from prune.sweep.recipe import load_sweep
-from tests.conftest import docs_text, make_tiny_llama, save_tiny_model
+from tests.conftest import make_tiny_llama, save_tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,13 +52,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "docs.txt"
-    path.write_text(docs_text())
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +147,11 @@ def test_sweep_rows_skips_and_shared_calibration(swept):
     assert calls["load"] == 1
     for level in ("0.5", "2:4"):
         assert sum(row["best"] for row in rows if row["sparsity"] == level) == 1
+        done = [row for row in rows if row["sparsity"] == level and row["status"] == "done"]
+        for key in ("verdict", "extra_texts.moby-dick.verdict"):  # paired against the level's best, per text
+            assert sorted(row[key] == "best" for row in done) == [False] * (len(done) - 1) + [True]
+            assert {row[key] for row in done} <= {"best", "not distinguishable from best", "worse"}
+        assert all(row["verdict"] == "best" for row in done if row["best"])
     # the live table printed a line per row as it finished
     assert sum(1 for line in swept["lines"] if line.startswith(("magnitude", "wanda", "sparsegpt", "fixed_nm"))) == 12
 
@@ -166,13 +164,15 @@ def test_sweep_outputs_and_point_reports(swept):
     summary = json.loads((out / "sweep.json").read_text())
     assert len(summary["rows"]) == 13 and summary["calibration_passes"] == 1
     markdown = (out / "sweep.md").read_text()
-    assert "| * |" in markdown and "one layer-by-layer pass over the dense model" in markdown
+    assert "| best |" in markdown and "one layer-by-layer pass over the dense model" in markdown
+    assert "moby-dick [95% CI]" in markdown and "paired bootstrap" in markdown
     for name in ("perplexity_vs_sparsity.png", "accuracy_vs_flops.png", "layers.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
     report = json.loads((out / "points" / "sparsegpt-2of4" / "report.json").read_text())
     assert report["sweep"]["path"] == "shared" and report["sweep"]["fingerprint"]
     assert report["dense"]["perplexity"]["value"] == report["perplexity"]["dense"]
+    assert report["data"]["used"]["calibration"]["part"] == "train" and len(report["perplexity"]["ci95"]) == 2
     assert set(report["layer_sparsity"]) and (out / "points" / "sparsegpt-2of4" / "masks.safetensors").is_file()
     assert json.loads((out / "points" / "wanda-3of7" / "skipped.json").read_text())["status"] == "skipped"
 

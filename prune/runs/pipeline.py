@@ -20,10 +20,10 @@ from prune.core.atomic import write_json_atomic
 from prune.runs import run_dir
 from prune.data import images
 from prune.tasks import zero_shot
-from prune.data.text import TokenSplits, prepare
+from prune.data.text import TokenSplits, prepare, prepare_extra
 from prune.core.errors import UserInputError
 from prune.masks.base import achieved_sparsity
-from prune.tasks.causal_lm import measure
+from prune.tasks.causal_lm import data_report, measure, with_dense
 from prune.runs.loading import load_model
 from prune.runs.placed import attach_kwargs, place, prepare_runtime, run_streamed
 from prune.runs.recipe import Recipe
@@ -70,19 +70,23 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
         splits = prepare(
             tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
             text_column=data.text_column, heldout_fraction=data.heldout_fraction,
+            validation_fraction=data.validation_fraction,
         )
+        used = _uses(spec, recipe, splits)
+        extra = prepare_extra(tokenizer, recipe.eval.extra_texts, seq_len, heldout_fraction=data.heldout_fraction,
+                              validation_fraction=data.validation_fraction)
         calibration = (
             splits.calibration_blocks(data.calibration_samples, seq_len, recipe.seed) if spec.needs_calibration else None
         )
     dense = None
     if recipe.eval.dense_baseline and state.is_main_process:
         with timed(timings, "dense_eval"):
-            dense = _dense_figures(model, tokenizer, splits, recipe, directory, resume, runtime.device)
+            dense = _dense_figures(model, tokenizer, splits, extra, recipe, directory, resume, runtime.device)
 
     with timed(timings, "prune"):
         objective = spec.attach(model, recipe.method, calibration, **attach_kwargs(spec, runtime))
     training = None
-    if spec.kind == "learnable" and recipe.train.steps:
+    if "training" in used:
         with timed(timings, "train"):
             training = _train(model, objective, splits, recipe, directory, resume, runtime.device)
     if not state.is_main_process:
@@ -103,7 +107,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
     if plain:
         model = spec.export(model, recipe.method)
     with timed(timings, "pruned_eval"):
-        pruned = measure(model, tokenizer, splits, recipe.eval, seq_len, "pruned", runtime.device)
+        pruned = measure(model, tokenizer, splits, recipe.eval, seq_len, "pruned", runtime.device, extra=extra)
     if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
             run_dir.save_model_atomic(model, tokenizer, directory / run_dir.MODEL_DIR)
@@ -114,6 +118,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
         "recipe_fingerprint": recipe.fingerprint(),
         "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
         **{key: value for key, value in pruned.items() if key != "seconds"},
+        "data": data_report(data.source, seq_len, splits, extra, used),
         "timings": timings,
         "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
     }
@@ -123,21 +128,19 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
             "best_eval_perplexity": training.best_score, "seconds": round(training.seconds, 2),
         }
     if dense is not None:
-        report["dense"] = dense
-        if "perplexity" in dense:
-            report["perplexity"]["dense"] = dense["perplexity"]["value"]
+        with_dense(report, dense)
     if spec.report is not None:  # figures only the method can measure (e.g. FLOPs of per-input masks)
         with timed(timings, "method_report"):
-            report.update(spec.report(model, recipe.method, splits.heldout_blocks(seq_len), report))
+            report.update(spec.report(model, recipe.method, splits.test_blocks(seq_len), report))
     write_report(directory, report)
     return report
 
 
-def _dense_figures(model, tokenizer, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool,
-                   device: torch.device) -> dict:
+def _dense_figures(model, tokenizer, splits: TokenSplits, extra: dict[str, TokenSplits], recipe: Recipe,
+                   directory: Path, resume: bool, device: torch.device) -> dict:
     """The dense baseline, measured once per run directory (a resumed run reuses it)."""
     return _cached_dense(directory, resume, lambda: measure(model, tokenizer, splits, recipe.eval, recipe.data.seq_len,
-                                                            "dense", device))
+                                                            "dense", device, extra=extra))
 
 
 def _cached_dense(directory: Path, resume: bool, compute) -> dict:
@@ -149,19 +152,43 @@ def _cached_dense(directory: Path, resume: bool, compute) -> dict:
     return figures
 
 
-def _train(model, objective, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool,
-           device: torch.device) -> TrainResult:
-    """Train the masks on the train split; periodic held-out perplexity picks the best masks, which are kept."""
-    heldout = splits.heldout_blocks(recipe.data.seq_len)[: recipe.train.eval_windows]
+def _uses(spec, recipe: Recipe, splits: TokenSplits) -> dict[str, dict]:
+    """Which part (and how many windows) calibration, training and the choice of the best masks read; checks
+    first that every part holds what the run needs (one error saying what the text has and needs)."""
+    data, train_config, seq_len = recipe.data, recipe.train, recipe.data.seq_len
+    used, needs = {}, {"train": (1, "a run"), "validation": (1, "a run"), "test": (1, "the test perplexity")}
+    if spec.needs_calibration:
+        used["calibration"] = {"part": "train", "windows": data.calibration_samples}
+        needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
+    if spec.kind == "learnable" and train_config.steps:
+        used["training"] = {"part": "train", "windows": len(_training_blocks(splits, recipe))}
+        if train_config.eval_every:
+            used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
+            needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
+    splits.require(data.source, seq_len, needs)
+    return used
 
-    def evaluate(masked_model) -> float:
-        return perplexity(masked_model, heldout, desc="eval hard masks").value
 
+def _training_blocks(splits: TokenSplits, recipe: Recipe) -> torch.Tensor:
+    """The train part's windows, or a seeded share of them (`data.fraction`, VTrans' Fast variant)."""
     blocks = splits.train_blocks(recipe.data.seq_len)
     fraction = getattr(recipe.data, "fraction", 1.0)
-    if fraction < 1.0:  # a seeded share of the blocks (VTrans' Fast variant)
+    if fraction < 1.0:
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))
         blocks = blocks[order[: max(1, round(fraction * len(blocks)))]]
+    return blocks
+
+
+def _train(model, objective, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool,
+           device: torch.device) -> TrainResult:
+    """Train the masks on the train part; the periodic perplexity of the hard masks on the VALIDATION part (never
+    the test part, which only the reported figures read) picks the best masks, which are kept."""
+    validation = splits.validation_blocks(recipe.data.seq_len)[: recipe.train.eval_windows]
+
+    def evaluate(masked_model) -> float:
+        return perplexity(masked_model, validation, desc="eval hard masks (validation)").value
+
+    blocks = _training_blocks(splits, recipe)
     result = train(model, objective, blocks, recipe.train, directory, evaluate=evaluate, resume=resume, device=device)
     _keep_best(model, objective, directory, result)
     return result

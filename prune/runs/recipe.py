@@ -21,6 +21,7 @@ from prune.core.config import MethodConfig, StrictConfig
 from prune.methods.registry import get_method
 from prune.models.runtime import RuntimeConfig
 from prune.data.images import ImageDataConfig
+from prune.data.text import HELDOUT_FRACTION, VALIDATION_FRACTION
 from prune.tasks.eval_config import EvalConfig
 from prune.training.config import TrainConfig
 from prune.tasks.zero_shot import TASK as ZERO_SHOT
@@ -35,11 +36,23 @@ class DataConfig(StrictConfig):
     split: str | None = Field(None, description="hub dataset split for calibration/training")
     heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
     text_column: str = Field("text", description="the column holding the text in a dataset or .jsonl/.parquet file")
-    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="tail of the token stream held out")
+    heldout_fraction: float = Field(HELDOUT_FRACTION, gt=0.0, lt=1.0, description="the test part: the tail of the "
+                                    "token stream, read only by the reported figures")
+    validation_fraction: float = Field(VALIDATION_FRACTION, gt=0.0, lt=1.0, description="the validation part, just "
+                                       "before the test part: what picks the best masks (train.eval_every)")
     calibration_samples: int = Field(128, ge=1, description="blocks of seq_len tokens drawn (seeded) for calibration")
     seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training blocks a learnable method "
                             "trains on (seeded; VTrans' Fast variant uses a small share)")
+
+    @model_validator(mode="after")
+    def _parts_fit(self):
+        if self.heldout_fraction + self.validation_fraction >= 1.0:
+            raise ValueError(
+                f"heldout_fraction ({self.heldout_fraction}) + validation_fraction ({self.validation_fraction}) must "
+                "be below 1: the rest of the text is the train part; lower one of them."
+            )
+        return self
 
 
 class ExportConfig(StrictConfig):

@@ -6,6 +6,11 @@ A row is flat: every figure of a report under its dotted key (`perplexity`, `acc
 `method`, `sparsity` (the target as written: 0.5, 2:4), `fraction` (the share removed), `achieved`, `status`
 (dense | done | skipped | failed), `reason`, `best` and `dir`. The best point of each level (per model) has the
 lowest perplexity (the highest mean accuracy when perplexity was not measured).
+
+Whether "best" means anything: for each text (the in-domain test part as `verdict`, each out-of-domain text as
+`extra_texts.<name>.verdict`) every point of a level is compared with that level's best by a paired bootstrap
+over the same test windows (`eval.bootstrap`, per-window NLLs from report.json, fixed seed): "best", "not
+distinguishable from best" (the interval of ppl / ppl_best holds 1) or "worse".
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from eval.bootstrap import BEST, verdicts_against_best
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.sweep import plots
@@ -22,7 +28,10 @@ from prune.core.errors import UserInputError
 from prune.core.sparsity import parse_sparsity
 
 REPORT = "report.json"
-FRONT = ["model", "method", "sparsity", "fraction", "achieved", "status", "best", "perplexity", "perplexity.dense"]
+FRONT = ["model", "method", "sparsity", "fraction", "achieved", "status", "best", "verdict", "perplexity",
+         "perplexity.ci95", "perplexity.dense"]
+NOT_PAIRED = "not paired: other test windows"
+_WINDOW_NLL = ".window_nll"  # per-window NLLs: in the rows (to pair them) and sweep.json, not in the CSV
 _SKIP = ("dense", "layer_sparsity", "sweep", "config")
 
 
@@ -96,6 +105,53 @@ def mark_best(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def extra_texts_of(rows: list[dict]) -> list[str]:
+    """The out-of-domain texts any row measured, in first-seen order (names may hold dots: they are file paths)."""
+    head, tail = "extra_texts.", ".perplexity.value"
+    return list(dict.fromkeys(key[len(head):-len(tail)] for row in rows for key in row
+                              if key.startswith(head) and key.endswith(tail)))
+
+
+def text_keys(name: str | None) -> dict[str, str]:
+    """A row's keys for one text's perplexity: the in-domain test part (None) or the extra text `name`."""
+    if name is None:
+        return {"value": "perplexity", "ci95": "perplexity.ci95", "nll": "perplexity.window_nll",
+                "tokens": "perplexity.tokens", "verdict": "verdict", "range": "data.splits.test", "source": "data.source"}
+    prefix = f"extra_texts.{name}."
+    return {"value": f"{prefix}perplexity.value", "ci95": f"{prefix}perplexity.ci95", "nll": f"{prefix}perplexity.window_nll",
+            "tokens": f"{prefix}perplexity.tokens", "verdict": f"{prefix}verdict", "range": f"data.{prefix}splits.test"}
+
+
+def _windows(row: dict, keys: dict[str, str]) -> tuple:
+    """What makes two rows' windows the same ones: the source, the test range, the tokens and window count."""
+    source = row.get(keys["source"]) if "source" in keys else None  # an extra text's name is in its keys already
+    return (source, tuple(row.get(keys["range"]) or ()), row.get(keys["tokens"]), len(row[keys["nll"]]))
+
+
+def mark_verdicts(rows: list[dict]) -> list[dict]:
+    """For each text, each done row's paired bootstrap verdict against the best of its (model, level). Rows scored
+    on other windows than that best cannot be paired and say so; rows without per-window NLLs get no verdict."""
+    for name in [None, *extra_texts_of(rows)]:
+        keys = text_keys(name)
+        groups: dict[tuple, list[dict]] = {}
+        for row in rows:
+            row.pop(keys["verdict"], None)
+            if row["status"] == "done" and isinstance(row.get(keys["value"]), (int, float)) \
+                    and isinstance(row.get(keys["nll"]), list):
+                groups.setdefault((row["model"], row["sparsity"]), []).append(row)
+        for members in groups.values():
+            windows = _windows(min(members, key=lambda row: row[keys["value"]]), keys)
+            paired = [row for row in members if _windows(row, keys) == windows]
+            per_window = windows[2] / windows[3]
+            words = verdicts_against_best({index: row[keys["nll"]] for index, row in enumerate(paired)},
+                                          [per_window] * windows[3])
+            for index, row in enumerate(paired):
+                row[keys["verdict"]] = words[index]
+            for row in members:
+                row.setdefault(keys["verdict"], NOT_PAIRED)
+    return rows
+
+
 def sort_rows(rows: list[dict], method_order: list[str] | None = None) -> list[dict]:
     models = list(dict.fromkeys(row["model"] for row in rows))
     methods = list(dict.fromkeys((method_order or []) + [row["method"] for row in rows]))
@@ -111,10 +167,14 @@ def best_row(rows: list[dict]) -> dict | None:
 
 # ---- display -------------------------------------------------------------------------------------------------
 
-def display_columns(tasks: list[str], multi_model: bool, best: bool = True) -> list[str]:
-    return ((["model"] if multi_model else []) + ["method", "sparsity", "achieved", "perplexity", "x dense"]
-            + (["best"] if best else []) + [f"acc {task}" for task in tasks]
-            + ["FLOPs", "nonzero", "latency", "time (s)", "peak MB", "notes"])
+def display_columns(tasks: list[str], multi_model: bool, best: bool = True, texts: list[str] = ()) -> list[str]:
+    """The table's columns; `best` adds the paired verdicts (known once a level is complete), `texts` are the
+    out-of-domain texts."""
+    columns = (["model"] if multi_model else []) + ["method", "sparsity", "achieved", "perplexity [95% CI]", "x dense"]
+    columns += ["vs best"] if best else []
+    for name in texts:
+        columns += [f"{name} [95% CI]"] + ([f"{name} vs best"] if best else [])
+    return columns + [f"acc {task}" for task in tasks] + ["FLOPs", "nonzero", "latency", "time (s)", "peak MB", "notes"]
 
 
 def tasks_of(rows: list[dict]) -> list[str]:
@@ -127,6 +187,22 @@ def _short(text: str, limit: int = 110) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _perplexity_cell(row: dict, keys: dict[str, str]) -> str:
+    """'12.2 [11.5, 13.0]', or the value alone when the row has no interval (a report from before intervals)."""
+    value, interval = row.get(keys["value"]), row.get(keys["ci95"])
+    if value is None:
+        return "-"
+    if not isinstance(interval, list):
+        return format_number(value)
+    return f"{format_number(value)} [{format_number(interval[0])}, {format_number(interval[1])}]"
+
+
+def _accuracy_cell(value, stderr) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if isinstance(stderr, (int, float)) else "")
+
+
 def display_row(row: dict, dense_ppl: float | None = None) -> dict[str, str]:
     ppl = row.get("perplexity")
     dense_ppl = row.get("perplexity.dense", dense_ppl)
@@ -134,9 +210,9 @@ def display_row(row: dict, dense_ppl: float | None = None) -> dict[str, str]:
     cells = {
         "model": row["model"], "method": row["method"], "sparsity": row["sparsity"],
         "achieved": "-" if row.get("achieved") is None else f"{row['achieved']:.1%}",
-        "perplexity": format_number(ppl) if ppl is not None else "-",
+        "perplexity [95% CI]": _perplexity_cell(row, text_keys(None)),
         "x dense": f"{ppl / dense_ppl:.2f}" if ppl is not None and dense_ppl and row["status"] == "done" else "-",
-        "best": "*" if row.get("best") else "",
+        "vs best": row.get("verdict") or (BEST if row.get("best") else ""),
         "FLOPs": format_number(row["flops.pruned"], kind="flops") if row.get("flops.pruned") is not None else "-",
         "nonzero": format_number(row["params.nonzero"], kind="params") if row.get("params.nonzero") is not None else "-",
         "latency": f"{latency:.1f} ms/tok" if latency is not None else "-",
@@ -148,7 +224,12 @@ def display_row(row: dict, dense_ppl: float | None = None) -> dict[str, str]:
         cells["notes"] = "pipeline run"
     for key, value in row.items():
         if key.startswith("accuracy."):
-            cells[f"acc {key.split('.', 1)[1]}"] = f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+            task = key.split(".", 1)[1]
+            cells[f"acc {task}"] = _accuracy_cell(value, row.get(f"accuracy_stderr.{task}"))
+    for name in extra_texts_of([row]):
+        keys = text_keys(name)
+        cells[f"{name} [95% CI]"] = _perplexity_cell(row, keys)
+        cells[f"{name} vs best"] = row.get(keys["verdict"], "")
     return cells
 
 
@@ -157,7 +238,7 @@ class LiveTable:
 
     def __init__(self, columns: list[str], write: Callable[[str], None] = print):
         self.columns, self.write, self.started = columns, write, False
-        self.widths = {c: max(len(c), {"method": 12, "model": 14, "perplexity": 9, "sparsity": 8}.get(c, 7)) for c in columns}
+        self.widths = {c: max(len(c), {"method": 12, "model": 14, "sparsity": 8}.get(c, 7)) for c in columns}
 
     def row(self, cells: dict[str, str]) -> None:
         if not self.started:
@@ -176,12 +257,12 @@ def _dense_ppl(rows: list[dict], model: str) -> float | None:
 
 def render(rows: list[dict], markdown: bool = False) -> str:
     multi = len({row["model"] for row in rows}) > 1
-    columns = display_columns(tasks_of(rows), multi)
+    columns = display_columns(tasks_of(rows), multi, texts=extra_texts_of(rows))
     cells = [display_row(row, _dense_ppl(rows, row["model"])) for row in rows]
     if markdown:
         for cell, row in zip(cells, rows):
             if row.get("best"):
-                cell["perplexity"] = f"**{cell['perplexity']}**"
+                cell["perplexity [95% CI]"] = f"**{cell['perplexity [95% CI]']}**"
     return (render_markdown_table if markdown else render_table)(cells, columns)
 
 
@@ -189,8 +270,8 @@ def render(rows: list[dict], markdown: bool = False) -> str:
 
 def csv_text(rows: list[dict], front: list[str] = FRONT, tail: list[str] = ("reason", "path", "dir")) -> str:
     """CSV with `front` columns first, then every other key sorted, then `tail`."""
-    keys = list(dict.fromkeys(list(front) + sorted({key for row in rows for key in row} - set(front) - set(tail))
-                              + list(tail)))
+    found = {key for row in rows for key in row if not key.endswith(_WINDOW_NLL)}
+    keys = list(dict.fromkeys(list(front) + sorted(found - set(front) - set(tail)) + list(tail)))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
@@ -214,8 +295,11 @@ def write_outputs(directory: Path, rows: list[dict], *, title: str, notes: list[
         "csv": write_text_atomic(directory / f"{name}.csv", csv_text(rows)),
         "json": write_json_atomic(directory / f"{name}.json", {**meta, "rows": rows}),
     }
+    texts = [("in-domain test part", "perplexity", "perplexity.ci95")]
+    texts += [(f"{name}: test part (out of domain)", text_keys(name)["value"], text_keys(name)["ci95"])
+              for name in extra_texts_of(rows)]
     figures = {
-        "perplexity": plots.perplexity_vs_sparsity(rows, directory / "perplexity_vs_sparsity.png"),
+        "perplexity": plots.perplexity_vs_sparsity(rows, directory / "perplexity_vs_sparsity.png", texts),
         "accuracy": plots.accuracy_vs_flops(rows, directory / "accuracy_vs_flops.png"),
     }
     best = best_row(rows)
@@ -229,8 +313,12 @@ def write_outputs(directory: Path, rows: list[dict], *, title: str, notes: list[
             f"per-layer sparsity of the best {best['sparsity']} point: {best['method']} ({best['model']})", sensitivity)
     written.update({key: path for key, path in figures.items() if path is not None})
     lines = [f"# {title}", "", render(rows, markdown=True), "",
-             "`*`: best point of its level (lowest perplexity). `x dense`: perplexity over the dense model's. "
-             "FLOPs: one forward of one window, sparse-kernel ideal. Time: pruning + evaluating the point.", ""]
+             "Perplexity: the test part of each text, [95% CI] from a bootstrap over its windows; bold: the lowest "
+             "of its level. `vs best`: a paired bootstrap over the same windows against the level's best (2000 "
+             "resamples, fixed seed): `worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not "
+             "distinguishable from best`. `x dense`: perplexity over the dense model's. Accuracy ± lm-eval's "
+             "standard error. FLOPs: one forward of one window, sparse-kernel ideal. Time: pruning + evaluating the "
+             "point.", ""]
     lines += [f"- {note}" for note in notes]
     plots_md = [f"![{key}]({path.name})" for key, path in written.items() if path.suffix == ".png"]
     lines += [""] + plots_md + [""]
@@ -265,7 +353,7 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
             rows.append(row)
     if not rows:
         raise UserInputError(f"no finished runs in {', '.join(map(str, run_dirs))}.")
-    return mark_best(sort_rows(rows))
+    return mark_verdicts(mark_best(sort_rows(rows)))
 
 
 def compare(run_dirs: list[str | Path], output: str | Path) -> tuple[list[dict], dict[str, Path]]:

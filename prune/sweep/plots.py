@@ -1,7 +1,8 @@
 """The comparison plots (matplotlib, Agg backend: no display needed), each from plain table rows.
 
-- perplexity vs sparsity, one line per method (per model when several); N:M patterns as separate markers at
-  their fraction; the dense perplexity as a dashed line; log scale when the values span a decade or more;
+- perplexity vs sparsity, one panel per text (in-domain, then each out-of-domain text), one line per method (per
+  model when several), each point with its 95% bootstrap interval; N:M patterns as separate markers at their
+  fraction; the dense perplexity as a dashed line; log scale when the values span a decade or more;
 - accuracy vs FLOPs, one panel per task, dense included;
 - per-layer sparsity of one point (per block, weighted by weights), with the sensitivity scan's per-block
   perplexity increase beneath when there is one;
@@ -44,33 +45,60 @@ def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return series
 
 
-def perplexity_vs_sparsity(rows: list[dict], path: Path) -> Path | None:
-    done = [row for row in rows if row.get("status") == "done" and _finite(row.get("perplexity"))]
-    if not done:
+def perplexity_vs_sparsity(rows: list[dict], path: Path, texts: list[tuple[str, str, str]]) -> Path | None:
+    """One panel per text, `texts` = [(title, value key, ci95 key)]: the in-domain test part, then each
+    out-of-domain text. Every point carries its 95% bootstrap interval as an error bar."""
+    panels = [text for text in texts if any(row.get("status") == "done" and _finite(row.get(text[1])) for row in rows)]
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    values = [row["perplexity"] for row in done]
-    for i, ((model, label), members) in enumerate(_series(done).items()):
-        color = f"C{i % 10}"
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (title, value, ci95) in zip(axes[0], panels):
+        _perplexity_panel(ax, rows, value, ci95, title)
+    return _save(fig, path)
+
+
+def _error_bar(row: dict, value: str, ci95: str) -> list[list[float]] | None:
+    """matplotlib's yerr for one point: distances from the value down to the interval's low end and up to its high."""
+    interval = row.get(ci95)
+    if not isinstance(interval, list) or len(interval) != 2:
+        return None
+    return [[max(0.0, row[value] - interval[0])], [max(0.0, interval[1] - row[value])]]
+
+
+def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -> None:
+    """Each method's points (nudged sideways by a fraction of a percent per method, so that intervals at the same
+    level stay apart) with their intervals; the dense value as a dashed line over its interval as a band."""
+    done = [row for row in rows if row.get("status") == "done" and _finite(row.get(value))]
+    values = [row[value] for row in done]
+    series = _series(done)
+    for i, ((model, label), members) in enumerate(series.items()):
+        color, nudge = f"C{i % 10}", 0.4 * (i - (len(series) - 1) / 2)
         fractions = sorted((row for row in members if ":" not in row["sparsity"]), key=lambda row: row["fraction"])
         if fractions:
-            ax.plot([100 * row["fraction"] for row in fractions], [row["perplexity"] for row in fractions],
+            ax.plot([100 * row["fraction"] + nudge for row in fractions], [row[value] for row in fractions],
                     marker="o", color=color, label=label)
         for j, row in enumerate(row for row in members if ":" in row["sparsity"]):
-            ax.scatter([100 * row["fraction"]], [row["perplexity"]], marker=MARKERS[(j + 2) % len(MARKERS)], s=60,
+            ax.scatter([100 * row["fraction"] + nudge], [row[value]], marker=MARKERS[(j + 2) % len(MARKERS)], s=60,
                        color=color, edgecolors="black", zorder=3, label=f"{label} {row['sparsity']}")
-    for j, row in enumerate(row for row in rows if row.get("status") == "dense" and _finite(row.get("perplexity"))):
-        values.append(row["perplexity"])
-        ax.axhline(row["perplexity"], color="gray", linestyle="--", linewidth=1,
-                   label="dense" if len({r["model"] for r in rows}) == 1 else f"dense ({row['model']})")
+        for row in members:
+            bar = _error_bar(row, value, ci95)
+            if bar is not None:
+                ax.errorbar([100 * row["fraction"] + nudge], [row[value]], yerr=bar, color=color, capsize=3,
+                            linewidth=1)
+    for row in rows:
+        if row.get("status") == "dense" and _finite(row.get(value)):
+            values.append(row[value])
+            ax.axhline(row[value], color="gray", linestyle="--", linewidth=1,
+                       label="dense" if len({r["model"] for r in rows}) == 1 else f"dense ({row['model']})")
+            if isinstance(row.get(ci95), list):
+                ax.axhspan(*row[ci95], color="gray", alpha=0.12)
     if max(values) / max(min(values), 1e-12) >= 10:
         ax.set_yscale("log")
     ax.set_xlabel("sparsity of the pruned layers (%)")
-    ax.set_ylabel("held-out perplexity" + (" (log scale)" if ax.get_yscale() == "log" else ""))
-    ax.set_title("Perplexity vs sparsity")
+    ax.set_ylabel("test perplexity, 95% CI" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:

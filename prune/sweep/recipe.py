@@ -79,7 +79,7 @@ class SensitivityConfig(StrictConfig):
     sparsity: str | float = Field("0.5", description="level applied to one group at a time")
     by: list[Literal["block", "type"]] = Field(default_factory=lambda: ["block", "type"],
                                                description="group layers per decoder block and/or per layer type")
-    heldout_blocks: int | None = Field(8, ge=1, description="held-out windows per perplexity (None: all)")
+    heldout_blocks: int | None = Field(8, ge=1, description="validation windows per perplexity (None: all)")
 
 
 class SweepRecipe(StrictConfig):

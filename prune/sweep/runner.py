@@ -96,7 +96,9 @@ class _Sweep:
         self.points = expand_points(sweep, base)
         self.models = models_of(sweep, base)
         tasks = next((list(p.recipe.eval.tasks) for p in self.points if p.recipe), [])
-        self.table = compare.LiveTable(compare.display_columns(tasks, len(self.models) > 1, best=False), write)
+        texts = next((list(p.recipe.eval.extra_texts) for p in self.points if p.recipe), [])
+        self.table = compare.LiveTable(compare.display_columns(tasks, len(self.models) > 1, best=False, texts=texts),
+                                       write)
         self.write = write
         self.rows: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
@@ -132,7 +134,8 @@ class _Sweep:
                 pending.append(point)
         for model in self.models:
             self._run_model(model, [p for p in pending if p.model == model])
-        rows = compare.mark_best(compare.sort_rows(list(self.rows.values()), [p.method_label for p in self.points]))
+        rows = compare.mark_verdicts(compare.mark_best(compare.sort_rows(list(self.rows.values()),
+                                                                         [p.method_label for p in self.points])))
         total = round(time.perf_counter() - start, 2)
         meta = self._meta(total)
         notes = self._notes(total)
@@ -259,8 +262,8 @@ def run_sensitivity(sweep: SweepRecipe, base: dict, *, force: bool = False, prog
     write_json_atomic(result_file, result)
     write_text_atomic(directory / "sensitivity.csv", compare.csv_text(result["entries"], front=["rank", "kind", "group"], tail=[]))
     plot = plots.sensitivity_bars(result["entries"], directory / "sensitivity.png", title)
-    text = [f"# {title}", "", f"Dense perplexity {result['dense_perplexity']:.3f} over {result['heldout_tokens']} "
-            f"held-out tokens; increase = pruned group's perplexity - dense. Took {result['seconds']:.0f} s.", "",
+    text = [f"# {title}", "", f"Dense perplexity {result['dense_perplexity']:.3f} over {result['validation_tokens']} "
+            f"tokens of the validation part; increase = pruned group's perplexity - dense. Took {result['seconds']:.0f} s.", "",
             render_markdown_table(rows, sensitivity.COLUMNS), "", f"![sensitivity]({plot.name})" if plot else "", ""]
     write_text_atomic(directory / "sensitivity.md", "\n".join(text))
     write(render_table(rows, sensitivity.COLUMNS))

@@ -1,8 +1,10 @@
 """Layer sensitivity: prune one group of targets at a time (one block, or one layer type such as every q_proj),
-everything else dense, and rank the groups by how much held-out perplexity rises.
+everything else dense, and rank the groups by how much perplexity rises.
 
-Masks come from the sweep's shared dense statistics (`SharedModel.pruned`), so the scan costs one calibration
-pass (reused from the sweep when it has run) plus one perplexity per group, on `heldout_blocks` windows.
+A ranking is what a user tunes per-layer sparsity with, so it reads the VALIDATION part (its first
+`heldout_blocks` windows), never the test part the reported figures come from. Masks come from the sweep's shared
+dense statistics (`SharedModel.pruned`), so the scan costs one calibration pass (reused from the sweep when it has
+run) plus one perplexity per group.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def scan(shared, config: MethodConfig, by: list[str], heldout_blocks: int | None
     """Perplexity increase per group, ranked (largest first within each kind; NaN/inf ranks first)."""
     start = time.perf_counter()
     model = shared.model
-    blocks = shared.splits.heldout_blocks(shared.recipe.data.seq_len)
+    blocks = shared.splits.validation_blocks(shared.recipe.data.seq_len)
     blocks = blocks[:heldout_blocks] if heldout_blocks else blocks
     dense = perplexity(model, blocks, desc="perplexity (dense)").value
     modules = dict(model.named_modules())
@@ -65,7 +67,7 @@ def scan(shared, config: MethodConfig, by: list[str], heldout_blocks: int | None
             entry["rank"] = rank
     return {
         "model": shared.recipe.model, "method": config.name, "sparsity": str(config.pattern),
-        "dense_perplexity": dense, "heldout_tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)),
+        "dense_perplexity": dense, "validation_tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)),
         "seconds": round(time.perf_counter() - start, 2), "entries": entries,
     }
 

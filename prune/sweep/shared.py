@@ -29,12 +29,12 @@ from prune.core.atomic import staged_directory, write_json_atomic
 
 from prune.runs import run_dir
 from prune.models.blocks import in_out_features, weight_matrix
-from prune.data.text import prepare
+from prune.data.text import prepare, prepare_extra
 from prune.core.errors import UserInputError
 from prune.masks.base import achieved_sparsity, attach_hard_masks, merge, wrappers
 from prune.masks.storage import save_masks
 from prune.masks.targets import method_targets
-from prune.tasks.causal_lm import measure
+from prune.tasks.causal_lm import data_report, measure, with_dense
 from prune.runs.loading import load_model
 from prune.runs.placed import place, prepare_runtime
 from prune.methods.oneshot.method import SHARED_STATS, prune_from_stats
@@ -115,7 +115,10 @@ class SharedModel:
         self.splits = prepare(
             self.tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
             text_column=data.text_column, heldout_fraction=data.heldout_fraction,
+            validation_fraction=data.validation_fraction,
         )
+        self.extra = prepare_extra(self.tokenizer, recipe.eval.extra_texts, data.seq_len,
+                                   heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
         self.timings["load"] = round(time.perf_counter() - start, 2)
         self.store: StatsStore | None = None
         self.calibration_passes = 0
@@ -137,7 +140,7 @@ class SharedModel:
                 return saved["figures"]
         recipe = self.recipe
         figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, "dense",
-                          self.runtime.device)
+                          self.runtime.device, extra=self.extra)
         self.timings["dense_eval"] = round(figures["seconds"], 2)
         write_json_atomic(cache, {"fingerprint": key, "model": recipe.model, "figures": figures})
         return figures
@@ -244,14 +247,17 @@ class SharedModel:
                 timings["save_masks"] = round(time.perf_counter() - start, 2)
             merge(self.model)
             figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, point.label,
-                              self.runtime.device)
+                              self.runtime.device, extra=self.extra)
             timings["pruned_eval"] = round(figures.pop("seconds"), 2)
+        used = {} if SHARED_STATS[config.name] == "none" else {
+            "calibration": {"part": "train", "windows": recipe.data.calibration_samples}}
         report = {
             "model": recipe.model,
             "method": config.name,
             "recipe_fingerprint": recipe.fingerprint(),
             "sparsity": {"target": str(pattern), "achieved": achieved},
             **figures,
+            "data": data_report(recipe.data.source, recipe.data.seq_len, self.splits, self.extra, used),
             "timings": timings,
             "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
@@ -263,9 +269,7 @@ class SharedModel:
 def finish_report(report: dict, point: Point, dense: dict | None, layers: dict | None, shared: dict) -> dict:
     """Add what a sweep knows to a point's report: the dense figures, per-layer sparsity, sweep bookkeeping."""
     if dense is not None:
-        report["dense"] = dict(dense)
-        if "perplexity" in dense and "perplexity" in report:
-            report["perplexity"]["dense"] = dense["perplexity"]["value"]
+        with_dense(report, dense)
     if layers:
         report["layer_sparsity"] = layers
     report["sweep"] = {"path": point.path, "fingerprint": point.fingerprint, "label": point.label,

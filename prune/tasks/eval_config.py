@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from prune.core.config import StrictConfig
+from prune.data.text import MOBY_DICK
 
 
 class EvalConfig(StrictConfig):
@@ -11,6 +12,10 @@ class EvalConfig(StrictConfig):
 
     perplexity: bool = Field(True, description="held-out perplexity")
     dense_baseline: bool = Field(True, description="also evaluate the unpruned model in the same run")
+    extra_texts: list[str] = Field(
+        default_factory=lambda: [MOBY_DICK], description="texts of other genres whose test part's perplexity is "
+        "reported beside the in-domain one (extra_texts.<name>.perplexity): aliases (moby-dick, embedded-docs), "
+        "local files or Hub datasets; [] for none")
     tasks: list[str] = Field(default_factory=lambda: ["docs_lastword"], description="lm-eval task names")
     limit: int | None = Field(200, ge=1, description="examples per accuracy task (None: all)")
     batch_size: int | None = Field(None, ge=1, description="windows per perplexity forward and lm-eval's batch "
