@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification,
+)
 
 
 def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -20,6 +22,15 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config).eval()
+
+
+def make_tiny_resnet(seed: int = 0, classes: int = 10) -> ResNetForImageClassification:
+    """A Hugging Face ResNet with a few channels: stem, two stages of one basic block (one with a shortcut)."""
+    torch.manual_seed(seed)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          num_labels=classes, id2label={i: str(i) for i in range(classes)},
+                          label2id={str(i): i for i in range(classes)})
+    return ResNetForImageClassification(config).eval()
 
 
 @pytest.fixture

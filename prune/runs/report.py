@@ -1,10 +1,12 @@
-"""report.json, report.md and the terminal table: dense vs pruned side by side."""
+"""report.json, report.md and the terminal table: dense vs pruned side by side (report.md's note on what was
+measured comes from the run's task, prune.tasks)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
+from prune.tasks.registry import DEFAULT_TASK, get_task
 
 COLUMNS = ["model", "perplexity", "accuracy", "FLOPs", "params (nonzero)", "sparsity", "latency", "time (s)"]
 
@@ -12,7 +14,7 @@ COLUMNS = ["model", "perplexity", "accuracy", "FLOPs", "params (nonzero)", "spar
 def summary_row(
     label: str, figures: dict, sparsity: float | None = None, seconds: float | None = None, flops: str = "pruned"
 ) -> dict:
-    """One table row from the figures `prune.tasks.causal_lm.measure` returns; `flops` picks dense or pruned FLOPs."""
+    """One table row from the figures a task's `measure` returns; `flops` picks dense or pruned FLOPs."""
     accuracy = figures.get("accuracy", {})
     latency = figures.get("latency")
     return {
@@ -42,24 +44,6 @@ def render(report: dict) -> str:
     return render_table(summary_rows(report), COLUMNS)
 
 
-def _data_note(report: dict) -> str:
-    """What the figures were measured on: held-out tokens for an LLM run, held-out images for a CLIP run."""
-    images = report.get("eval_data")
-    if images is not None:
-        masked = report.get("masked", {})
-        return (
-            f"Accuracy of CLIP's zero-shot head (prompts {images['templates']}) on {images['heldout_images']} "
-            f"held-out images ({images['heldout']}), {images['classes']} classes; the dense row is the zero-shot "
-            f"model, the other is tuned on {images['train_images']} images. Masked: "
-            f"{masked.get('targeted', 0):.2%} of the targeted weights, {masked.get('all', 0):.2%} of all parameters."
-        )
-    return (
-        f"Perplexity over {report.get('perplexity', {}).get('tokens', 0)} held-out tokens in windows of "
-        f"{report.get('perplexity', {}).get('seq_len', '-')}; FLOPs per forward of one window "
-        "(pruned: what a sparse kernel would run)."
-    )
-
-
 def _kernel_note(report: dict) -> str:
     """PyTorch's 2:4 kernels: the measured speed-up, or why they could not run (never a made-up number)."""
     kernel = report.get("semi_structured_kernel")
@@ -79,7 +63,7 @@ def write_report(directory: Path, report: dict) -> None:
         "",
         render_markdown_table(summary_rows(report), COLUMNS),
         "",
-        _data_note(report) + _kernel_note(report) + " Timings (s): "
+        get_task(report.get("task", DEFAULT_TASK)).note(report) + _kernel_note(report) + " Timings (s): "
         + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in report["timings"].items()),
         "",
     ]

@@ -1,22 +1,31 @@
-"""One model, one set of held-out data -> every figure the recipe's `eval` section asks for.
+"""The causal-lm task: a causal LM on a text corpus, scored by held-out perplexity.
 
-Used for the dense baseline and the pruned model alike, so the two are measured the same way.
+`measure` turns one model and the held-out text into every figure the recipe's `eval` section asks for; it is
+used for the dense baseline and the pruned model alike, so the two are measured the same way (and by
+`prune eval` and sweeps, outside any run).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from eval.accuracy import task_accuracy
 from eval.flops import count_flops, count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
 from eval.semi_structured import semi_structured_speedup
-from prune.data.text import TokenSplits
+from prune.data.text import DataConfig, TokenSplits, prepare
+from prune.methods.spec import HeldOut
+from prune.models import loading
+from prune.structural.shrink import has_layer_sizes, load_resized
+from prune.tasks.base import RunSettings, Task
 from prune.tasks.eval_config import EvalConfig
+
+METHOD_REPORT_WINDOWS = 32  # held-out windows a method's own report hook measures on (e.g. per-token FLOPs)
 
 
 def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig, seq_len: int, label: str,
@@ -49,3 +58,71 @@ def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig
             figures["semi_structured_kernel"] = kernel
     figures["seconds"] = time.perf_counter() - start
     return figures
+
+
+class CausalLM(Task):
+    """`task: causal-lm`: text in, perplexity (and lm-eval accuracy, FLOPs, latency) out."""
+
+    name = "causal-lm"
+    data_config = DataConfig
+    metric = "perplexity"
+    unit = "tokens"
+
+    def __init__(self, model: nn.Module, tokenizer, settings: RunSettings, device: torch.device | None = None):
+        super().__init__(model, tokenizer, settings, device)
+        data = settings.data
+        self.seq_len = data.seq_len
+        self.splits = prepare(
+            tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
+            text_column=data.text_column, heldout_fraction=data.heldout_fraction,
+        )
+
+    @classmethod
+    def load_model(cls, spec: str, dtype: torch.dtype):
+        """An alias, a model directory, a Hub id, or a structural export whose layers differ in size."""
+        path = Path(spec).expanduser()
+        if path.is_dir() and has_layer_sizes(str(path)):
+            return load_resized(str(path), dtype).eval(), loading.load_tokenizer(str(path))
+        return loading.load(spec, dtype)
+
+    @staticmethod
+    def note(report: dict) -> str:
+        return (
+            f"Perplexity over {report.get('perplexity', {}).get('tokens', 0)} held-out tokens in windows of "
+            f"{report.get('perplexity', {}).get('seq_len', '-')}; FLOPs per forward of one window "
+            "(pruned: what a sparse kernel would run)."
+        )
+
+    @property
+    def sample_size(self) -> int:
+        return self.seq_len
+
+    def calibration(self) -> Tensor:
+        """`data.calibration_samples` blocks of the train part, drawn with the recipe's seed."""
+        return self.splits.calibration_blocks(self.settings.data.calibration_samples, self.seq_len, self.settings.seed)
+
+    def train_data(self) -> Tensor:
+        """The train part's blocks; with `data.fraction` < 1 a seeded share of them (VTrans' Fast variant)."""
+        blocks = self.splits.train_blocks(self.seq_len)
+        fraction = self.settings.data.fraction
+        if fraction < 1.0:
+            order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(self.settings.seed))
+            blocks = blocks[order[: max(1, round(fraction * len(blocks)))]]
+        return blocks
+
+    def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
+        """Next-token cross-entropy on a [batch, seq] block of token ids."""
+        return model(input_ids=batch, labels=batch).loss
+
+    def heldout_score(self, model: nn.Module) -> float:
+        windows = self.splits.heldout_blocks(self.seq_len)[: self.settings.train.eval_windows]
+        return perplexity(model, windows, desc="eval hard masks").value
+
+    def measure(self, label: str) -> dict:
+        return measure(self.model, self.processor, self.splits, self.settings.eval, self.seq_len, label, self.device)
+
+    def heldout(self) -> HeldOut:
+        windows = self.splits.heldout_blocks(self.seq_len)[:METHOD_REPORT_WINDOWS]
+        return HeldOut(windows.to(next(self.model.parameters()).device), name="windows",
+                       unit="tokens", per_sample=self.seq_len,
+                       flops=lambda model: count_flops(model, self.seq_len).dense)
