@@ -24,13 +24,24 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def make_tiny_resnet(seed: int = 0, classes: int = 10) -> ResNetForImageClassification:
-    """A Hugging Face ResNet with a few channels: stem, two stages of one basic block (one with a shortcut)."""
+def make_tiny_resnet(seed: int = 0, labels: list[str] | None = None) -> ResNetForImageClassification:
+    """A Hugging Face ResNet with a few channels (stem, two stages of one basic block, one with a shortcut) and a
+    head over `labels` (default: the ten digits)."""
+    labels = labels or [str(digit) for digit in range(10)]
     torch.manual_seed(seed)
     config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                          num_labels=classes, id2label={i: str(i) for i in range(classes)},
-                          label2id={str(i): i for i in range(classes)})
+                          num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={label: index for index, label in enumerate(labels)})
     return ResNetForImageClassification(config).eval()
+
+
+def save_tiny_resnet(directory, labels: list[str] | None = None):
+    """The tiny ResNet saved like a real checkpoint, with an image processor for 16x16 inputs."""
+    from transformers import ViTImageProcessorPil
+
+    make_tiny_resnet(labels=labels).save_pretrained(directory)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import typing
 
 import pytest
 import torch
-from transformers import AutoModelForImageClassification, ViTImageProcessorPil
+from transformers import AutoModelForImageClassification
 
 from prune.cli import main
 from prune.core.errors import UserInputError
@@ -25,7 +25,7 @@ from prune.tasks.classification import classifier_accuracy
 from prune.tasks.image_classification import ImageClassification, head_indices
 from prune.tasks.registry import TASKS, get_task
 from prune.tasks.zero_shot import ZeroShotDataConfig
-from tests.conftest import docs_text, make_tiny_resnet, save_tiny_model
+from tests.conftest import docs_text, save_tiny_model, save_tiny_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,11 +82,8 @@ def test_head_indices_match_classes_by_name_in_any_order():
 
 @pytest.fixture(scope="module")
 def resnet_dir(tmp_path_factory):
-    """A tiny HF ResNet for the ten digits, saved with a 16x16 image processor like a real checkpoint."""
-    directory = tmp_path_factory.mktemp("resnet") / "tiny"
-    make_tiny_resnet().save_pretrained(directory)
-    ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
-    return directory
+    """A tiny HF ResNet for the ten digits, saved like a real checkpoint."""
+    return save_tiny_resnet(tmp_path_factory.mktemp("resnet") / "tiny")
 
 
 def digits_recipe(model_dir, output, method: dict, task="image-classification", steps=4, **data) -> Recipe:
