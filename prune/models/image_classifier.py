@@ -9,9 +9,6 @@ loaded like any checkpoint: an offline, trained CNN to prune, in seconds of CPU 
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +19,7 @@ from transformers import (
     ResNetForImageClassification, ViTImageProcessorPil,
 )
 
+from prune.core.atomic import staged_directory
 from prune.core.errors import UserInputError
 from prune.models.loading import cache_root, from_dir_or_hub, is_model_dir
 
@@ -66,7 +64,7 @@ def digits_processor() -> ViTImageProcessorPil:
 
 def make_resnet_digits(directory: Path, images: Tensor, labels: Tensor, processor, *, seed: int = 0) -> None:
     """Train the digits ResNet on `images` ([N, 3, 32, 32], preprocessed by `processor`) and save it with the
-    processor at `directory` (atomically: staged, then renamed)."""
+    processor at `directory`, whole or not at all (a concurrent first use that finishes first wins)."""
     names = {index: str(index) for index in range(10)}
     config = ResNetConfig(num_channels=3, embedding_size=STEM, hidden_sizes=list(WIDTHS), depths=list(DEPTHS),
                           layer_type="basic", num_labels=10, id2label=names, label2id={v: k for k, v in names.items()})
@@ -77,20 +75,9 @@ def make_resnet_digits(directory: Path, images: Tensor, labels: Tensor, processo
         model = train_classifier(ResNetForImageClassification(config), images, labels, epochs=EPOCHS, seed=seed)
     finally:
         torch.set_num_threads(threads)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.staging-"))
-    staging.chmod(0o755)
-    try:
+    with staged_directory(directory, complete=is_model_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if directory.exists() and not is_model_dir(directory):
-            shutil.rmtree(directory)  # a leftover without config.json in our own cache namespace
-        os.replace(staging, directory)
-    except OSError:
-        if not is_model_dir(directory):  # another process finishing first is fine
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def train_classifier(model: PreTrainedModel, images: Tensor, labels: Tensor, *, epochs: int, lr: float = 3e-3,
