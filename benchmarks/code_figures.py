@@ -96,7 +96,7 @@ def main() -> None:
     from prune.runs.loading import load_model
 
     model, tokenizer = load_model("smollm2-135m")
-    windows = prepare(tokenizer, "embedded-docs").heldout_blocks(args.seq_len)[: args.windows]
+    windows = prepare(tokenizer, "embedded-docs").test_blocks(args.seq_len)[: args.windows]
     init = noisy_init(model, windows)
     print(f"noisy init: {init}", flush=True)
     convert = conversion_ms(args.elements)

@@ -2,13 +2,14 @@
 gating of SmolLM2-135M on held-out embedded text. Writes the `gating` section of benchmarks/RESULTS.md,
 benchmarks/gating.json (both parts' figures; running one part keeps the other's) and benchmarks/gating-llm.png.
 
-    python benchmarks/gating.py --part cnn                 # digits ResNet, dense then gated: ~10 min on 2 cores
+    python benchmarks/gating.py --part cnn                 # resnet-digits, 2 modes x 4 thresholds: ~20 min, 1 core
     python benchmarks/gating.py --part llm                 # 4 thresholds x 60 steps: ~1 h on 2 busy cores
     python benchmarks/gating.py --part llm-joint           # joint mode, r = 1 (reference) and 0.9: ~35 min, 1 core
 
-CNN: train the dense ResNet here, then for each mode (decoupled: frozen backbone; joint: backbone fine-tuned
-with the gates) and threshold r, train the predictors with the one trainer and report test accuracy and conv
-FLOPs per image (every conv of the net is in a gated block; predictors and their pooling counted).
+CNN: the recipe recipes/resnet-digits/gating-r80.yaml through `prune run`'s pipeline, for each mode
+(decoupled: frozen backbone; joint: backbone fine-tuned with the gates) and threshold r: held-out accuracy
+and conv FLOPs per image from its report (every conv of the net is in a gated block; predictors and their
+pooling counted). The alias resnet-digits is trained in a fresh cache by the first run.
 LLM: dense perplexity; the oracle gate (each token's largest |act(gate)*up| neurons, from the full
 activations) at several keep fractions; then per r, predictors trained (decoupled, backbone frozen) and
 measured: perplexity through the real sparse path, FFN FLOPs per token (gate, up and down of the kept neurons
@@ -20,8 +21,8 @@ LLM joint: predictors and backbone trained together (run_llm_joint), against the
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -37,47 +38,40 @@ from benchmarks.results import write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "gating.json"
+CNN_RECIPE = HERE.parent / "recipes" / "resnet-digits" / "gating-r80.yaml"
 PLOT = HERE / "gating-llm.png"
 
 
 # ------------------------------------------------------------------------------------------------------ CNN
 
 def run_cnn(args) -> dict:
-    from torch.utils.data import TensorDataset
+    """`prune run recipes/resnet-digits/gating-r80.yaml` once per mode and threshold (every other setting as the
+    recipe has it), so each row is what the recipe writes. The cache is a fresh one: the alias resnet-digits
+    is trained here, as on a user's first run."""
+    from prune.runs.pipeline import run
+    from prune.runs.recipe import load_recipe
 
-    from prune.models.digits_cnn import DigitsResNet, classification_loss, classifier_accuracy, conv_flops, digits_splits, train_classifier
-    from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating
-    from prune.training.config import TrainConfig
-    from prune.training.trainer import train
-
-    data = digits_splits(seed=args.seed)
-    start = time.perf_counter()
-    dense = train_classifier(DigitsResNet(), data.train_x, data.train_y, epochs=args.cnn_epochs, seed=args.seed)
-    result = {"train_images": len(data.train_y), "test_images": len(data.test_y),
-              "dense_train_s": time.perf_counter() - start,
-              "dense_accuracy": classifier_accuracy(dense, data.test_x, data.test_y),
-              "dense_conv_flops": conv_flops(dense, data.test_x), "rows": []}
-    rows = TensorDataset(data.train_x, data.train_y)
-    for mode in args.cnn_modes:
-        for threshold in args.cnn_thresholds:
-            model = copy.deepcopy(dense)
-            config = GatingConfig(name="gating", threshold=threshold, mode=mode, init_bias=1.0,
-                                  backbone_lr_scale=args.cnn_backbone_lr_scale)
-            objective = attach_gating(model, config)
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                train(model, objective, rows, TrainConfig(steps=args.cnn_steps, batch_size=64, lr=args.cnn_lr,
-                      log_every=50, checkpoint_every=10**6, seed=args.seed), Path(tmp), task_loss=classification_loss)
-            seconds = time.perf_counter() - start
-            summary = measure_gating(model, [data.test_x], forward=lambda m, batch: m(batch))
-            assert summary["flops_per_input"]["dense"] == result["dense_conv_flops"], "a conv is outside the gates"
-            result["rows"].append({
-                "mode": mode, "threshold": threshold, "accuracy": classifier_accuracy(model, data.test_x, data.test_y),
-                "conv_flops": summary["flops_per_input"], "keep_fraction": summary["keep_fraction"],
-                "target_recall": summary["target_recall"], "target_precision": summary["target_precision"],
-                "train_s": seconds,
-            })
-            print(f"cnn {mode} r={threshold}: {result['rows'][-1]}", flush=True)
+    result: dict = {"recipe": str(CNN_RECIPE.relative_to(HERE.parent)), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MASKPRUNE_CACHE"] = str(Path(tmp) / "cache")
+        for mode in args.cnn_modes:
+            for threshold in args.cnn_thresholds:
+                recipe = load_recipe(CNN_RECIPE, [f"method.mode={mode}", f"method.threshold={threshold}",
+                                                  f"output={tmp}/{mode}-{threshold}"])
+                report = run(recipe)
+                gating, dense = report["gating"], report["dense"]
+                assert gating["flops_per_input"]["dense"] == dense["flops"]["dense"], "a conv is outside the gates"
+                if not result["rows"]:  # the first run trained the alias in its load stage
+                    result.update(train_images=report["eval_data"]["train_images"],
+                                  test_images=report["eval_data"]["heldout_images"], alias_load_s=report["timings"]["load"],
+                                  dense_accuracy=dense["accuracy"]["digits"], dense_conv_flops=dense["flops"]["dense"])
+                result["rows"].append({
+                    "mode": mode, "threshold": threshold, "accuracy": report["accuracy"]["digits"],
+                    "conv_flops": gating["flops_per_input"], "keep_fraction": gating["keep_fraction"],
+                    "target_recall": gating["target_recall"], "target_precision": gating["target_precision"],
+                    "train_s": report["train"]["seconds"],
+                })
+                print(f"cnn {mode} r={threshold}: {result['rows'][-1]}", flush=True)
     return result
 
 
@@ -277,13 +271,14 @@ def render(results: dict) -> str:
     lines = ["## Dynamic gating (Fire Together Wire Together)", ""]
     cnn = results.get("cnn")
     if cnn:
-        lines += [f"### CNN: digits ResNet (scikit-learn digits, {cnn['train_images']} train / "
-                  f"{cnn['test_images']} test images)", "", f"Command: `{cnn['command']}`", "",
-                  f"Dense: test accuracy {_pct(cnn['dense_accuracy'])}, {cnn['dense_conv_flops']:,} conv FLOPs per "
-                  f"image (trained here in {cnn['dense_train_s']:.0f} s). Gated FLOPs count the kept output "
-                  "channels times the non-zero input channels of every conv, plus each predictor (linear map and "
-                  "spatial mean).", "",
-                  "| mode | r | test accuracy | change (points) | conv FLOPs / image | reduction | channels kept | "
+        lines += [f"### CNN: resnet-digits (a Hugging Face ResNet; scikit-learn digits, {cnn['train_images']} train / "
+                  f"{cnn['test_images']} held-out images)", "", f"Command: `{cnn['command']}`", "",
+                  f"Each row is `prune run {cnn['recipe']}` with method.mode and method.threshold set as listed. "
+                  f"Dense: held-out accuracy {_pct(cnn['dense_accuracy'])}, {cnn['dense_conv_flops']:,} conv FLOPs "
+                  f"per image (the alias trained and loaded in {cnn['alias_load_s']:.0f} s). Gated FLOPs count the "
+                  "kept output channels times the non-zero input channels of every conv, plus each predictor "
+                  "(linear map and spatial mean).", "",
+                  "| mode | r | held-out accuracy | change (points) | conv FLOPs / image | reduction | channels kept | "
                   "target recall / precision | train (s) |", "|---|---|---|---|---|---|---|---|---|"]
         for row in cnn["rows"]:
             change = 100 * (row["accuracy"] - cnn["dense_accuracy"])
@@ -296,7 +291,7 @@ def render(results: dict) -> str:
                and row["accuracy"] >= cnn["dense_accuracy"] - 0.01]
         lines += ["", "Goal (>= 50% fewer conv FLOPs for <= 1 point of accuracy): " + (
             "met by " + ", ".join(f"{row['mode']} r={row['threshold']:g}" for row in met) if met else "not met"
-        ) + f" (1 point = {cnn['test_images'] / 100:.1f} test images).", ""]
+        ) + f" (1 point = {cnn['test_images'] / 100:.1f} held-out images).", ""]
     llm = results.get("llm")
     if llm:
         dense = llm["dense_perplexity"]
@@ -368,10 +363,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=["cnn", "llm", "llm-joint", "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cnn-epochs", type=int, default=30)
-    parser.add_argument("--cnn-steps", type=int, default=400)
-    parser.add_argument("--cnn-lr", type=float, default=0.05)
-    parser.add_argument("--cnn-backbone-lr-scale", type=float, default=0.02)
     parser.add_argument("--cnn-modes", nargs="+", default=["decoupled", "joint"])
     parser.add_argument("--cnn-thresholds", nargs="+", type=float, default=[0.95, 0.9, 0.8, 0.7])
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.95, 0.9, 0.8, 0.7])

@@ -29,7 +29,7 @@ def _eval(args: argparse.Namespace) -> None:
     from prune.data.text import prepare, prepare_extra
     from prune.tasks.causal_lm import measure
     from prune.runs.loading import load_model
-    from prune.runs.recipe import DataConfig
+    from prune.data.text import DataConfig
     from prune.tasks.eval_config import EvalConfig
     from prune.runs.report import columns, summary_row
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification,
+)
 
 from prune.data import text
 
@@ -22,6 +24,26 @@ def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config).eval()
+
+
+def make_tiny_resnet(seed: int = 0, labels: list[str] | None = None) -> ResNetForImageClassification:
+    """A Hugging Face ResNet with a few channels (stem, two stages of one basic block, one with a shortcut) and a
+    head over `labels` (default: the ten digits)."""
+    labels = labels or [str(digit) for digit in range(10)]
+    torch.manual_seed(seed)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={label: index for index, label in enumerate(labels)})
+    return ResNetForImageClassification(config).eval()
+
+
+def save_tiny_resnet(directory, labels: list[str] | None = None):
+    """The tiny ResNet saved like a real checkpoint, with an image processor for 16x16 inputs."""
+    from transformers import ViTImageProcessorPil
+
+    make_tiny_resnet(labels=labels).save_pretrained(directory)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture

@@ -11,15 +11,15 @@ from torch.nn import functional as F
 
 from prune.models.clip import load_clip
 from prune.core.errors import UserInputError
-from prune.masks.base import ConvWeightMasked, WeightMasked, wrappers
+from prune.masks.base import ConvWeightMasked, WeightMasked, masked_fractions, wrappers
 from prune.methods.binary.method import (
     BinaryConfig, BinaryScoreMask, attach_binary, gradient_dropout, keep_probability, kl_to_reference,
-    masked_fractions,
 )
 from prune.masks.storage import load_masks
 from prune.masks.with_peft import load_with_adapter, save_with_adapter, set_trainable
 from prune.runs.recipe import parse_recipe
-from prune.tasks.zero_shot import ZeroShotClassifier, classification_loss
+from prune.tasks.classification import classification_loss
+from prune.tasks.zero_shot import ZeroShotClassifier
 
 CLASSES = ["cat", "dog", "bird"]
 pytestmark = pytest.mark.usefixtures("one_thread")

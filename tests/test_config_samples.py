@@ -12,10 +12,11 @@ from prune.models.runtime import RuntimeConfig
 from prune.runs.recipe import DataConfig, ExportConfig, Recipe, parse_recipe
 from prune.sweep.recipe import SweepRecipe
 from prune.tasks.eval_config import EvalConfig
+from prune.tasks.zero_shot import ZeroShotDataConfig
 from prune.training.config import TrainConfig
 
-SECTIONS = {"data": DataConfig, "data (images)": ImageDataConfig, "train": TrainConfig, "eval": EvalConfig,
-            "export": ExportConfig, "runtime": RuntimeConfig}
+SECTIONS = {"data": DataConfig, "data (images)": ImageDataConfig, "data (zero-shot)": ZeroShotDataConfig,
+            "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "runtime": RuntimeConfig}
 
 
 def _config_classes() -> list[type[StrictConfig]]:

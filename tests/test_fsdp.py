@@ -64,7 +64,7 @@ def _recipe(tmp_path: Path, method: str) -> Path:
     recipe = {
         "model": str(save_tiny_model(tmp_path / "llama", "llama")),
         "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
-        "method": {"name": method, **({"sparsity": "2:4"} if method != "binary" else {})},
+        "method": {"name": method, **({"sparsity": "2:4"} if method != "gating" else {})},
         "train": {"steps": 2 if method != "wanda" else 0}, "runtime": {"device": "cpu"},
         "output": str(tmp_path / "run"),
     }
@@ -75,7 +75,7 @@ def _recipe(tmp_path: Path, method: str) -> Path:
 
 @pytest.mark.parametrize("method, message", [
     ("wanda", "not verified to train sharded"),
-    ("binary", "not verified to train sharded"),
+    ("gating", "not verified to train sharded"),  # learnable, not sharded
     ("nm_gumbel", "needs an accelerator"),  # shardable, but accelerate does not shard on a CPU
 ])
 def test_an_fsdp_launch_that_cannot_shard_exits_2_before_writing(tmp_path, fsdp_launch, method, message, capsys):

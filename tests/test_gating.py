@@ -6,10 +6,8 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification
 
-from prune.models.digits_cnn import DigitsResNet, classification_loss, conv_bn, conv_flops
 from prune.core.errors import UserInputError
 from prune.methods.gating.sparse_ffn import masked_dense, sparse_ffn
 from prune.masks.base import unwrap
@@ -17,9 +15,10 @@ from prune.methods.gating.predictor import mass_labels, uniform_labels
 from prune.methods.gating.layers import GatedConv, GatedFFN, accounting, gated_layers, oracle, summarize
 from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating, restore_gating, save_gating
 from prune.runs.recipe import parse_recipe
+from prune.tasks.classification import classification_loss, conv_flops
 from prune.training.config import TrainConfig
 from prune.training.trainer import lm_loss, set_mask_training, train
-from tests.conftest import docs_text, make_tiny_gpt2, make_tiny_llama, save_tiny_model
+from tests.conftest import docs_text, make_tiny_gpt2, make_tiny_llama, make_tiny_resnet, save_tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,6 +32,10 @@ def one_thread():
 
 def config(**overrides) -> GatingConfig:
     return GatingConfig(name="gating", **overrides)
+
+
+def conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
 def set_predictor(layer, bias: list[float] | torch.Tensor) -> None:
@@ -172,7 +175,7 @@ def test_conv_flops_count_chosen_channels_zero_inputs_and_the_predictor():
     dense = per_pixel * (4 * 2 + 3 * 4)
     gated = per_pixel * (2 * 2 + 2 * 2) + (2 * 2 * 4 + 2 * 25) + (2 * 4 * 3 + 4 * 25)  # + predictors (map + pool)
     assert summary["inputs"] == 3
-    assert summary["flops_per_input"]["dense"] == dense == conv_flops(model, x)
+    assert summary["flops_per_input"]["dense"] == dense == conv_flops(model, x).dense
     assert summary["flops_per_input"]["gated"] == gated
     assert summary["flops_per_input"]["reduction"] == pytest.approx(1 - gated / dense)
     assert summary["keep_fraction"] == pytest.approx(4 / 7)
@@ -249,16 +252,17 @@ def test_restore_refuses_predictors_of_other_settings(tmp_path):
 
 
 def test_joint_mode_saves_the_trained_backbone_too(tmp_path):
-    model = DigitsResNet(width=4, blocks=1).eval()
-    images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    model = make_tiny_resnet()
+    images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    rows = [{"pixel_values": image, "labels": label} for image, label in zip(images, labels)]
     cfg = config(mode="joint", backbone_lr_scale=1.0)
     objective = attach_gating(model, cfg)
-    train(model, objective, TensorDataset(images, labels), TrainConfig(steps=3, batch_size=8, lr=0.01), tmp_path / "run",
+    train(model, objective, rows, TrainConfig(steps=3, batch_size=8, lr=0.01), tmp_path / "run",
           task_loss=classification_loss)
     save_gating(model, tmp_path, cfg, {})
-    restored = restore_gating(DigitsResNet(width=4, blocks=1).eval(), tmp_path, cfg)
+    restored = restore_gating(make_tiny_resnet(seed=1), tmp_path, cfg)
     with torch.no_grad():
-        torch.testing.assert_close(restored(images), model.eval()(images), rtol=0, atol=1e-5)
+        torch.testing.assert_close(restored(images).logits, model.eval()(images).logits, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +341,7 @@ def test_hf_resnet_gates_every_conv_bn_block_and_counts_its_flops():
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, expected)  # every gate starts open
     summary = measure_gating(model, [x], forward=lambda m, batch: m(batch))
-    assert summary["flops_per_input"]["dense"] == conv_flops(model, x)
+    assert summary["flops_per_input"]["dense"] == conv_flops(model, x).dense
 
 
 def test_torchvision_style_conv_bn_pairs_are_gated_in_place():

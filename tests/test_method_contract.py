@@ -10,7 +10,7 @@ A new method adds one row; a new model family adds one entry to FAMILIES and its
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,11 +26,12 @@ from prune.models.clip import make_tiny_clip
 from prune.runs.loading import load_model
 from prune.runs.pipeline import run
 from prune.runs.recipe import load_recipe, parse_recipe
-from prune.tasks.zero_shot import TASK as ZERO_SHOT
-from prune.tasks.zero_shot import ZeroShotClassifier, classification_loss
+from prune.tasks.classification import classification_loss
+from prune.tasks.image_classification import ImageClassification
+from prune.tasks.zero_shot import ZeroShotClassification, ZeroShotClassifier
 from prune.training.config import TrainConfig
 from prune.training.trainer import lm_loss, train
-from tests.conftest import docs_text, save_tiny_model
+from tests.conftest import docs_text, save_tiny_model, save_tiny_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,6 +45,7 @@ class Row:
     families: tuple[str, ...]
     config: dict  # tiny overrides of the method's defaults
     bad: tuple[dict, str]  # one bad value of the method's config, and words its error must say
+    family_config: dict = field(default_factory=dict)  # family name -> overrides for that family only
 
 
 ROWS = [
@@ -55,8 +57,9 @@ ROWS = [
     Row("nm_gumbel", ("llama", "gpt2"), {"prior": "magnitude"}, ({"sparsity": 0.5}, "nm_gumbel learns N:M masks")),
     Row("vib", ("llama", "gpt2"), {"target": {"params": 0.3}, "units": {"layers": True}},
         ({"units": {"heads": False, "ffn": False, "hidden": False}}, "at least one unit kind")),
-    Row("binary", ("clip",), {}, ({"init_score": 0.001}, "must exceed threshold")),
-    Row("gating", ("llama", "gpt2"), {"threshold": 0.8}, ({"threshold": 1.5}, "threshold")),
+    Row("binary", ("clip", "resnet"), {}, ({"init_score": 0.001}, "must exceed threshold"),
+        family_config={"resnet": {"targets": ["*convolution"]}}),  # the default targets are CLIP's
+    Row("gating", ("llama", "gpt2", "resnet"), {"threshold": 0.8}, ({"threshold": 1.5}, "threshold")),
 ]
 
 
@@ -93,7 +96,7 @@ class CausalLM:
 class ZeroShotCLIP:
     """The tiny random CLIP (vision + text towers) as a zero-shot classifier on digits."""
 
-    name, task = "clip", ZERO_SHOT
+    name, task = "clip", ZeroShotClassification.name
     calibration = None  # no text: methods that calibrate do not support this family
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     classes = ["zero", "one", "two"]
@@ -119,8 +122,31 @@ class ZeroShotCLIP:
         return self.classifier(model, processor), rows, classification_loss
 
 
-# The image-classification task's tiny ResNet joins as one more family here, and "resnet" in gating's row.
-FAMILIES = {family.name: family for family in (CausalLM("llama"), CausalLM("gpt2"), ZeroShotCLIP())}
+class ResNetClassifier:
+    """A tiny HF ResNet with its own head over the image folder's classes (task image-classification)."""
+
+    name, task = "resnet", ImageClassification.name
+    calibration = None
+    pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def checkpoint(self, directory: Path) -> Path:
+        return save_tiny_resnet(directory, labels=ZeroShotCLIP.classes)
+
+    def data(self, datasets: Path) -> dict:
+        return {"source": str(datasets / "images"), "shots": 1}
+
+    def eval(self) -> dict:
+        return {"limit": 20, "dense_baseline": False}
+
+    def logits(self, model: nn.Module, processor) -> Tensor:
+        return model(self.pixels).logits
+
+    def trainee(self, model: nn.Module, processor):
+        rows = [{"pixel_values": pixels, "labels": torch.tensor(index % 3)} for index, pixels in enumerate(self.pixels)]
+        return model, rows, classification_loss
+
+
+FAMILIES = {family.name: family for family in (CausalLM("llama"), CausalLM("gpt2"), ZeroShotCLIP(), ResNetClassifier())}
 
 CASES = [pytest.param((row, FAMILIES[name]), id=f"{row.method}-{name}") for row in ROWS for name in row.families]
 
@@ -163,7 +189,8 @@ class Case:
 
     def __post_init__(self):
         self.spec = get_method(self.row.method)
-        self.config = method_config(self.row.method, **self.row.config)
+        self.method = {**self.row.config, **self.row.family_config.get(self.family.name, {})}
+        self.config = method_config(self.row.method, **self.method)
 
     def load(self) -> tuple[nn.Module, object]:
         return load_model(str(self.directory), task=self.family.task)
@@ -195,6 +222,11 @@ def scramble(model: nn.Module) -> None:
 
 def test_every_registered_method_has_a_row():
     assert {row.method for row in ROWS} == set(METHODS)
+
+
+def test_the_rows_cover_exactly_the_tasks_each_method_declares():
+    for row in ROWS:
+        assert {FAMILIES[name].task for name in row.families} == METHODS[row.method].tasks, row.method
 
 
 @pytest.mark.parametrize("case", CASES, indirect=True)
@@ -280,7 +312,7 @@ def test_a_short_run_writes_a_complete_run_directory(case, datasets, tmp_path):
     output = tmp_path / "run"
     recipe = parse_recipe({
         "model": str(case.directory), "task": case.family.task, "data": case.family.data(datasets),
-        "method": {"name": case.row.method, **case.row.config},
+        "method": {"name": case.row.method, **case.method},
         **({"train": {"steps": TRAIN_STEPS, "batch_size": 2, "log_every": 1}} if learnable else {}),
         "eval": case.family.eval(), "output": str(output),
     })

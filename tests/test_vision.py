@@ -21,7 +21,8 @@ from prune.runs.recipe import load_recipe, parse_recipe
 from prune.data.images import (
     DIGIT_NAMES, ImageDataConfig, columns_and_classes, digits_table, few_shot, load_image_data, stratified_split,
 )
-from prune.tasks.zero_shot import ZeroShotClassifier, zero_shot_accuracy
+from prune.tasks.classification import classifier_accuracy
+from prune.tasks.zero_shot import ZeroShotClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,7 +222,7 @@ def test_digits_recipe_lifts_a_random_clip_from_chance_to_80_percent(tmp_path, m
     data = load_image_data(recipe.data, processor.image_processor, recipe.seed)
     tuned = ZeroShotClassifier(CLIPModel.from_pretrained(output / "model").eval(), processor.tokenizer,
                                data.class_names, recipe.data.templates)
-    assert zero_shot_accuracy(tuned, data.heldout) == pytest.approx(report["accuracy"]["digits"])
+    assert classifier_accuracy(tuned, data.heldout) == pytest.approx(report["accuracy"]["digits"])
 
 
 def test_gradient_dropout_runs_in_the_pipeline(tmp_path, clip_dir):

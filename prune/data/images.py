@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from prune.core import hub
@@ -29,30 +29,21 @@ _MATERIALIZE_BYTES = 1 << 30  # preprocess a split once when its pixels fit in 1
 
 
 class ImageDataConfig(StrictConfig):
-    """The `data` section when `task: zero-shot-classification`."""
+    """The `data` section of an image task: image-classification, or zero-shot-classification with its prompt
+    templates (prune.tasks.zero_shot.ZeroShotDataConfig)."""
 
     source: str = Field(DIGITS, description="digits, a Hub dataset (org/name), or a local image folder")
     config: str | None = Field(None, description="Hub dataset configuration")
-    split: str = Field("train", description="where the shots come from")
+    split: str = Field("train", description="where the training images come from")
     heldout_split: str | None = Field(None, description="null: the dataset's `test` split if any, else "
                                       "heldout_fraction of `split`")
     heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out (seeded)")
     image_column: str | None = Field(None, description="null: the first Image column")
     label_column: str | None = Field(None, description="a ClassLabel column, or a column of class names (null: the "
                                      "first ClassLabel column, else label/labels/class/...)")
-    class_names: list[str] | None = Field(None, description="the names used in the prompts (null: the dataset's)")
-    shots: int | None = Field(16, ge=1, description="training images per class (seeded); null: all")
-    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."],
-                                 description="prompt templates, each with one {} for the class name")
+    class_names: list[str] | None = Field(None, description="the class names to use (null: the dataset's)")
+    shots: int | None = Field(None, ge=1, description="training images per class (seeded); null: all")
     batch_size: int = Field(64, ge=1, description="evaluation batch size")
-
-    @field_validator("templates")
-    @classmethod
-    def _one_slot(cls, templates: list[str]) -> list[str]:
-        bad = [template for template in templates if template.count("{}") != 1]
-        if not templates or bad:
-            raise ValueError(f"every prompt template needs exactly one '{{}}' for the class name; got {bad or templates}.")
-        return templates
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -223,7 +214,7 @@ class ImageRows(torch.utils.data.Dataset):
 
 @dataclass
 class ImageData:
-    """What a zero-shot run trains and evaluates on."""
+    """What an image task trains and evaluates on."""
 
     train: ImageRows
     heldout: ImageRows
@@ -255,7 +246,7 @@ def load_image_data(config: ImageDataConfig, image_processor, seed: int) -> Imag
         class_names=class_names,
         name=name,
         notes={"train_images": len(chosen), "heldout_images": len(heldout_indices), "classes": len(class_names),
-               "shots": config.shots, "heldout": held_from, "templates": list(config.templates)},
+               "shots": config.shots, "heldout": held_from},
     )
 
 

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field, model_validator
 
 from prune.core import hub
+from prune.core.config import StrictConfig
 from prune.core.errors import UserInputError
 from prune.data.prose import MOBY_DICK, moby_dick
 
@@ -42,6 +44,33 @@ _OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `
 _WIKITEXT = {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "train"}
 # C4 is 300+ GB; the usual calibration practice reads a single shard of the English config.
 _C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+class DataConfig(StrictConfig):
+    """The `data` section for a causal LM: where the text comes from and how it is cut."""
+
+    source: str = Field(EMBEDDED_DOCS, description="embedded-docs, a hub dataset name, or a local file")
+    config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
+    split: str | None = Field(None, description="hub dataset split for calibration/training")
+    heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
+    text_column: str = Field("text", description="the column holding the text in a dataset or .jsonl/.parquet file")
+    heldout_fraction: float = Field(HELDOUT_FRACTION, gt=0.0, lt=1.0, description="the test part: the tail of the "
+                                    "token stream, read only by the reported figures")
+    validation_fraction: float = Field(VALIDATION_FRACTION, gt=0.0, lt=1.0, description="the validation part, just "
+                                       "before the test part: what picks the best masks (train.eval_every)")
+    calibration_samples: int = Field(128, ge=1, description="blocks of seq_len tokens drawn (seeded) for calibration")
+    seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training blocks a learnable method "
+                            "trains on (seeded; VTrans' Fast variant uses a small share)")
+
+    @model_validator(mode="after")
+    def _parts_fit(self):
+        if self.heldout_fraction + self.validation_fraction >= 1.0:
+            raise ValueError(
+                f"heldout_fraction ({self.heldout_fraction}) + validation_fraction ({self.validation_fraction}) must "
+                "be below 1: the rest of the text is the train part; lower one of them."
+            )
+        return self
 
 
 def load_documents(source: str, *, config: str | None = None, split: str | None = None,

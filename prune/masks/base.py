@@ -188,8 +188,17 @@ def attach_hard_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     wrap(model, {name: weight_masked(modules[name], HardMask(keep)) for name, keep in masks.items()})
 
 
+def masked_fractions(model: nn.Module) -> dict[str, float]:
+    """Share of the targeted weights that the hard masks remove, and the same count over all the model's
+    parameters (mask parameters themselves excluded; tied weights counted once)."""
+    masks = hard_masks(model).values()
+    targeted = sum(keep.numel() for keep in masks)
+    removed = sum(int((~keep).sum()) for keep in masks)
+    own = {id(param) for param in mask_parameters(model)}
+    total = sum(param.numel() for param in {id(p): p for p in model.parameters() if id(p) not in own}.values())
+    return {"targeted": removed / targeted if targeted else 0.0, "all": removed / total if total else 0.0}
+
+
 def achieved_sparsity(model: nn.Module) -> float:
     """The share of targeted weights that the hard masks remove."""
-    masks = hard_masks(model).values()
-    total = sum(keep.numel() for keep in masks)
-    return 1.0 - sum(int(keep.sum()) for keep in masks) / total if total else 0.0
+    return masked_fractions(model)["targeted"]

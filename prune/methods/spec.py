@@ -20,7 +20,24 @@ AttachFn = Callable[..., object]
 SaveFn = Callable[[nn.Module, Path, MethodConfig, dict], None]
 ExportFn = Callable[[nn.Module, MethodConfig], nn.Module]
 LoadFn = Callable[[nn.Module, Path, MethodConfig], nn.Module]
-ReportFn = Callable[[nn.Module, MethodConfig, Tensor, dict], dict]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out inputs a method's `report` hook measures on, whatever the task (prune.tasks hands them over):
+    `samples` stacked, one sample per forward `model(samples[i:i + 1])` (token windows of a causal LM, images
+    of a classifier); each holds `per_sample` of the per-input `unit` a method may count in (tokens in a
+    window, 1 for an image); `name` is what a sample is called in the report (windows, images); `flops(model)`
+    is the task's dense FLOPs count of one sample's forward."""
+
+    samples: Tensor
+    name: str
+    unit: str
+    per_sample: int
+    flops: Callable[[nn.Module], int]
+
+
+ReportFn = Callable[[nn.Module, MethodConfig, HeldOut, dict], dict]
 
 
 def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, meta: dict) -> None:
@@ -50,9 +67,12 @@ class MethodSpec:
 
     `restore(base_model, run_dir, config)` is for methods whose pruned model cannot be a plain checkpoint
     (per-input gating): the pipeline writes no model/ for them, `prune export` refuses, and
-    `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, test_blocks,
-    report)` returns report entries the method measures itself (e.g. FLOPs of per-input masks). `fsdp`: the
-    method may train under an FSDP launch (others are refused and run with DDP)."""
+    `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, heldout, report)`
+    returns report entries the method measures itself (e.g. FLOPs of per-input masks) on `HeldOut` inputs.
+    `fsdp`: the method may train under an FSDP launch (others are refused and run with DDP).
+
+    `tasks` names the kinds of run the method supports (prune.tasks: causal-lm, zero-shot-classification,
+    image-classification); a recipe pairing the method with another task is refused when it is validated."""
 
     name: str
     config_class: type[MethodConfig]
@@ -65,3 +85,4 @@ class MethodSpec:
     restore: LoadFn | None = None
     report: ReportFn | None = None
     fsdp: bool = False  # its masks train sharded under FSDP (verified against DDP in benchmarks/fsdp.py)
+    tasks: frozenset[str] = frozenset({"causal-lm"})

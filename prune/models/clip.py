@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoProcessor, CLIPModel, ProcessorMixin
 
-from prune.core import hub
 from prune.core.atomic import staged_directory
 from prune.core.errors import UserInputError
-from prune.models.loading import cache_root, from_hub
+from prune.models.loading import cache_root, from_dir_or_hub
 
 TINY_CLIP = "clip-tiny-random"
 _OFFLINE_HINT = f"pass a local CLIP directory saved with save_pretrained, or the alias `{TINY_CLIP}`"
@@ -30,15 +29,9 @@ def load_clip(spec: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel,
         if not (directory / "config.json").is_file():
             make_tiny_clip(directory)
         return _from_pretrained(str(directory), dtype)
-    path = Path(spec).expanduser()
-    if path.exists() or not hub.looks_like_hub_id(spec):
-        if not (path / "config.json").is_file():
-            raise UserInputError(
-                f"{spec!r} is not a saved model directory (no config.json); pass a CLIP directory saved with "
-                f"save_pretrained, a Hub id such as openai/clip-vit-base-patch16, or the alias `{TINY_CLIP}`."
-            )
-        return _from_pretrained(str(path), dtype)
-    return from_hub(spec, dtype, _from_pretrained, _OFFLINE_HINT)
+    kinds = (f"a CLIP directory saved with save_pretrained, a Hub id such as openai/clip-vit-base-patch16, or the "
+             f"alias `{TINY_CLIP}`")
+    return from_dir_or_hub(spec, dtype, _from_pretrained, kinds, _OFFLINE_HINT)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[CLIPModel, ProcessorMixin]:

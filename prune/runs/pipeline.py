@@ -1,7 +1,10 @@
 """The one orchestrator: recipe -> model/data -> masks -> (train) -> export -> evaluate -> run directory.
 
-Each stage takes the previous stage's output and nothing else; `timings` records how long each took.
-Under `accelerate launch` every process prunes and trains, and only the main process evaluates and writes.
+One flow for every kind of model: what differs between a causal LM, CLIP as a zero-shot classifier and an
+image classifier (loading, data, training loss, held-out score, figures, report fields) is the recipe's task
+(prune.tasks), and what differs between methods is their MethodSpec's hooks. Each stage takes the previous
+stage's output and nothing else; `timings` records how long each took. Under `accelerate launch` every
+process prunes and trains, and only the main process evaluates and writes.
 """
 from __future__ import annotations
 
@@ -15,20 +18,18 @@ from accelerate import PartialState
 from safetensors.torch import load_file
 import torch
 
-from eval.perplexity import perplexity
 from prune.core.atomic import write_json_atomic
-from prune.runs import run_dir
-from prune.data import images
-from prune.tasks import zero_shot
-from prune.data.text import TokenSplits, prepare, prepare_extra
 from prune.core.errors import UserInputError
 from prune.masks.base import achieved_sparsity
-from prune.tasks.causal_lm import data_report, measure, with_dense
+from prune.methods.registry import get_method
+from prune.methods.spec import MethodSpec
+from prune.runs import run_dir
 from prune.runs.loading import load_model
 from prune.runs.placed import attach_kwargs, place, prepare_runtime, run_streamed
 from prune.runs.recipe import Recipe
-from prune.methods.registry import get_method
-from prune.runs.report import write_report
+from prune.runs.report import with_dense, write_report
+from prune.tasks.base import Task
+from prune.tasks.registry import get_task
 from prune.training.curve import training_curve
 from prune.training.trainer import TrainResult, train, trainable_parameters
 
@@ -57,93 +58,83 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
         run_dir.claim(directory, recipe.to_dict(), overwrite=overwrite, resume=resume)
     state.wait_for_everyone()
     timings: dict[str, float] = {}
-    if recipe.task == zero_shot.TASK:
-        return _run_zero_shot(recipe, spec, state, directory, timings, resume)
     if runtime.streams:
         return run_streamed(recipe, runtime, directory, timings, timed)
-    seq_len = recipe.data.seq_len
 
     with timed(timings, "load"):
-        model, tokenizer = load_model(recipe.model, runtime.dtype)
-        model = place(model, runtime)
-        data = recipe.data
-        splits = prepare(
-            tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
-            text_column=data.text_column, heldout_fraction=data.heldout_fraction,
-            validation_fraction=data.validation_fraction,
-        )
-        used = _uses(spec, recipe, splits)
-        extra = prepare_extra(tokenizer, recipe.eval.extra_texts, seq_len, heldout_fraction=data.heldout_fraction,
-                              validation_fraction=data.validation_fraction)
-        calibration = (
-            splits.calibration_blocks(data.calibration_samples, seq_len, recipe.seed) if spec.needs_calibration else None
-        )
+        model, processor = load_model(recipe.model, runtime.dtype, task=recipe.task)
+        task = get_task(recipe.task)(place(model, runtime), processor, recipe, runtime.device)
+        task.check_data(spec)  # every part of the data holds what the run needs, before any forward
+        calibration = task.calibration() if spec.needs_calibration else None
     dense = None
     if recipe.eval.dense_baseline and state.is_main_process:
         with timed(timings, "dense_eval"):
-            dense = _dense_figures(model, tokenizer, splits, extra, recipe, directory, resume, runtime.device)
+            dense = _cached_dense(directory, resume, lambda: task.measure("dense"))
 
     with timed(timings, "prune"):
-        objective = spec.attach(model, recipe.method, calibration, **attach_kwargs(spec, runtime))
+        objective = spec.attach(task.model, recipe.method, calibration, **attach_kwargs(spec, runtime))
     training = None
-    if "training" in used:
+    if spec.kind == "learnable" and recipe.train.steps:
         with timed(timings, "train"):
-            training = _train(model, objective, splits, recipe, directory, resume, runtime.device)
+            training = _train(task, objective, recipe, directory, resume, runtime.device)
     if not state.is_main_process:
         return None
     if training is not None:
-        _plot_training(directory, recipe, seq_len * state.num_processes, "tokens")
+        _plot_training(directory, recipe, task.sample_size * state.num_processes, task.unit)
 
-    achieved = achieved_sparsity(model)
+    achieved = achieved_sparsity(task.model)
+    fields = task.fields()  # taken while the masks are attached
     meta = {
         "model": recipe.model,
         "method": spec.name,
         "config": recipe.to_dict()["method"],
         "weights_changed": recipe.method.changes_weights,
     }
-    spec.save(model, directory, recipe.method, meta)
+    spec.save(task.model, directory, recipe.method, meta)
 
-    plain = spec.restore is None  # else no plain checkpoint exists: the run dir restores via prune.models.loading.load
+    plain = spec.restore is None  # else no plain checkpoint exists: the run dir restores via prune.runs.loading
     if plain:
-        model = spec.export(model, recipe.method)
+        task.use_model(spec.export(task.model, recipe.method))
     with timed(timings, "pruned_eval"):
-        pruned = measure(model, tokenizer, splits, recipe.eval, seq_len, "pruned", runtime.device, extra=extra)
+        pruned = task.measure("pruned")
     if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
-            run_dir.save_model_atomic(model, tokenizer, directory / run_dir.MODEL_DIR)
+            run_dir.save_model_atomic(task.model, task.processor, directory / run_dir.MODEL_DIR)
 
+    report = _report(recipe, spec, task, achieved, fields, pruned, timings, training, dense)
+    write_report(directory, report)
+    return report
+
+
+def _report(recipe: Recipe, spec: MethodSpec, task: Task, achieved: float, fields: dict, pruned: dict,
+            timings: dict, training: TrainResult | None, dense: dict | None) -> dict:
+    """report.json's content: the run, the pruned model's figures, the task's fields, the dense baseline and
+    the figures only the method can measure (e.g. FLOPs of per-input masks)."""
     report = {
         "model": recipe.model,
         "method": spec.name,
+        **fields,
         "recipe_fingerprint": recipe.fingerprint(),
         "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
         **{key: value for key, value in pruned.items() if key != "seconds"},
-        "data": data_report(data.source, seq_len, splits, extra, used),
         "timings": timings,
         "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
     }
     if training is not None:
         report["train"] = {
             "steps": training.steps, "best_step": training.best_step,
-            "best_eval_perplexity": training.best_score, "seconds": round(training.seconds, 2),
+            f"best_eval_{task.metric}": training.best_score, "seconds": round(training.seconds, 2),
         }
     if dense is not None:
         with_dense(report, dense)
-    if spec.report is not None:  # figures only the method can measure (e.g. FLOPs of per-input masks)
+    if spec.report is not None:
         with timed(timings, "method_report"):
-            report.update(spec.report(model, recipe.method, splits.test_blocks(seq_len), report))
-    write_report(directory, report)
+            report.update(spec.report(task.module, recipe.method, task.heldout(), report))
     return report
 
 
-def _dense_figures(model, tokenizer, splits: TokenSplits, extra: dict[str, TokenSplits], recipe: Recipe,
-                   directory: Path, resume: bool, device: torch.device) -> dict:
-    """The dense baseline, measured once per run directory (a resumed run reuses it)."""
-    return _cached_dense(directory, resume, lambda: measure(model, tokenizer, splits, recipe.eval, recipe.data.seq_len,
-                                                            "dense", device, extra=extra))
-
-
 def _cached_dense(directory: Path, resume: bool, compute) -> dict:
+    """The dense baseline, measured once per run directory (a resumed run reuses it)."""
     saved = directory / DENSE_FILE
     if resume and saved.is_file():
         return json.loads(saved.read_text())
@@ -152,45 +143,13 @@ def _cached_dense(directory: Path, resume: bool, compute) -> dict:
     return figures
 
 
-def _uses(spec, recipe: Recipe, splits: TokenSplits) -> dict[str, dict]:
-    """Which part (and how many windows) calibration, training and the choice of the best masks read; checks
-    first that every part holds what the run needs (one error saying what the text has and needs)."""
-    data, train_config, seq_len = recipe.data, recipe.train, recipe.data.seq_len
-    used, needs = {}, {"train": (1, "a run"), "validation": (1, "a run"), "test": (1, "the test perplexity")}
-    if spec.needs_calibration:
-        used["calibration"] = {"part": "train", "windows": data.calibration_samples}
-        needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
-    if spec.kind == "learnable" and train_config.steps:
-        used["training"] = {"part": "train", "windows": len(_training_blocks(splits, recipe))}
-        if train_config.eval_every:
-            used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
-            needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
-    splits.require(data.source, seq_len, needs)
-    return used
-
-
-def _training_blocks(splits: TokenSplits, recipe: Recipe) -> torch.Tensor:
-    """The train part's windows, or a seeded share of them (`data.fraction`, VTrans' Fast variant)."""
-    blocks = splits.train_blocks(recipe.data.seq_len)
-    fraction = getattr(recipe.data, "fraction", 1.0)
-    if fraction < 1.0:
-        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(recipe.seed))
-        blocks = blocks[order[: max(1, round(fraction * len(blocks)))]]
-    return blocks
-
-
-def _train(model, objective, splits: TokenSplits, recipe: Recipe, directory: Path, resume: bool,
-           device: torch.device) -> TrainResult:
-    """Train the masks on the train part; the periodic perplexity of the hard masks on the VALIDATION part (never
-    the test part, which only the reported figures read) picks the best masks, which are kept."""
-    validation = splits.validation_blocks(recipe.data.seq_len)[: recipe.train.eval_windows]
-
-    def evaluate(masked_model) -> float:
-        return perplexity(masked_model, validation, desc="eval hard masks (validation)").value
-
-    blocks = _training_blocks(splits, recipe)
-    result = train(model, objective, blocks, recipe.train, directory, evaluate=evaluate, resume=resume, device=device)
-    _keep_best(model, objective, directory, result)
+def _train(task: Task, objective, recipe: Recipe, directory: Path, resume: bool, device: torch.device
+           ) -> TrainResult:
+    """Train the masks on the task's training data (on `device`, runtime.device); the periodic held-out score
+    picks the best masks, which are kept."""
+    result = train(task.module, objective, task.train_data(), recipe.train, directory, task_loss=task.loss,
+                   evaluate=task.heldout_score, eval_metric=task.metric, resume=resume, device=device)
+    _keep_best(task.module, objective, directory, result)
     return result
 
 
@@ -207,73 +166,3 @@ def _keep_best(model, objective, directory: Path, result: TrainResult) -> None:
         params = trainable_parameters(model, objective)
         for name, value in load_file(best).items():
             params[name].data.copy_(value)
-
-
-def _run_zero_shot(recipe: Recipe, spec, state, directory: Path, timings: dict, resume: bool) -> dict | None:
-    """`task: zero-shot-classification`: a CLIP model on images. The same stages and report as an LLM run, with
-    zero-shot accuracy (class prompts) as the dense figures and the tuned model's accuracy after."""
-    from prune.methods.binary.method import masked_fractions
-
-    if spec.needs_calibration or spec.restore is not None:
-        raise UserInputError(
-            f"method {spec.name!r} needs calibration text or a per-input model, which task zero-shot-classification "
-            "does not have; use method binary (R-AMT mask tuning) or magnitude."
-        )
-    data_config, limit = recipe.data, recipe.eval.limit
-    with timed(timings, "load"):
-        model, processor = load_model(recipe.model, task=recipe.task)
-        data = images.load_image_data(data_config, processor.image_processor, recipe.seed)
-        classifier = zero_shot.ZeroShotClassifier(model, processor.tokenizer, data.class_names, data_config.templates)
-        data.notes["heldout_images"] = min(limit or len(data.heldout), len(data.heldout))  # what accuracy counts
-
-    def figures() -> dict:
-        return zero_shot.measure(classifier, data, limit, data_config.batch_size)
-
-    dense = None
-    if recipe.eval.dense_baseline and state.is_main_process:
-        with timed(timings, "dense_eval"):
-            dense = _cached_dense(directory, resume, figures)
-    with timed(timings, "prune"):
-        objective = spec.attach(model, recipe.method, None)
-    training = None
-    if spec.kind == "learnable" and recipe.train.steps:
-        def error(masked) -> float:
-            return 1.0 - zero_shot.zero_shot_accuracy(masked, data.heldout, data_config.batch_size, limit)
-
-        with timed(timings, "train"):
-            training = train(classifier, objective, data.train, recipe.train, directory, task_loss=zero_shot.classification_loss,
-                             evaluate=error, eval_metric="error", resume=resume)
-            _keep_best(classifier, objective, directory, training)
-    if not state.is_main_process:
-        return None
-    if training is not None:
-        _plot_training(directory, recipe, state.num_processes, "images")
-
-    masked = masked_fractions(model)
-    meta = {"model": recipe.model, "method": spec.name, "config": recipe.to_dict()["method"], "weights_changed": False}
-    spec.save(model, directory, recipe.method, meta)
-    model = classifier.clip = spec.export(model, recipe.method)
-    with timed(timings, "pruned_eval"):
-        tuned = figures()
-    if recipe.export.save_model:
-        with timed(timings, "save_model"):
-            run_dir.save_model_atomic(model, processor, directory / run_dir.MODEL_DIR)
-    report = {
-        "model": recipe.model,
-        "method": spec.name,
-        "task": recipe.task,
-        "recipe_fingerprint": recipe.fingerprint(),
-        "sparsity": {"target": recipe.method.target_label(), "achieved": masked["targeted"]},
-        "masked": masked,
-        **{key: value for key, value in tuned.items() if key != "seconds"},
-        "eval_data": data.notes,
-        "timings": timings,
-        "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
-    }
-    if training is not None:
-        report["train"] = {"steps": training.steps, "best_step": training.best_step,
-                           "best_eval_error": training.best_score, "seconds": round(training.seconds, 2)}
-    if dense is not None:
-        report["dense"] = dense
-    write_report(directory, report)
-    return report

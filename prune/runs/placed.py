@@ -95,7 +95,7 @@ def run_streamed(recipe: Recipe, runtime: Runtime, directory: Path, timings: dic
                          heldout_split=data.heldout_split, text_column=data.text_column,
                          heldout_fraction=data.heldout_fraction)
         calibration = splits.calibration_blocks(data.calibration_samples, seq_len, recipe.seed)
-    heldout = splits.heldout_blocks(seq_len)
+    heldout = splits.test_blocks(seq_len)
     figures = {"device": runtime.device, "dtype": runtime.dtype}
     report: dict = {"model": recipe.model, "method": config.name, "recipe_fingerprint": recipe.fingerprint()}
     if recipe.eval.dense_baseline and recipe.eval.perplexity:

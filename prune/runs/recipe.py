@@ -18,41 +18,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from prune.core.errors import UserInputError
 from prune.core.config import MethodConfig, StrictConfig
-from prune.methods.registry import get_method
+from prune.methods.registry import METHODS, get_method
 from prune.models.runtime import RuntimeConfig
 from prune.data.images import ImageDataConfig
-from prune.data.text import HELDOUT_FRACTION, VALIDATION_FRACTION
+from prune.data.text import DataConfig
 from prune.tasks.eval_config import EvalConfig
+from prune.tasks.registry import DEFAULT_TASK, TASKS
 from prune.training.config import TrainConfig
-from prune.tasks.zero_shot import TASK as ZERO_SHOT
 from prune.core.yaml_io import load_yaml, read_mapping
-
-
-class DataConfig(StrictConfig):
-    """The `data` section for a causal LM: where the text comes from and how it is cut."""
-
-    source: str = Field("embedded-docs", description="embedded-docs, a hub dataset name, or a local file")
-    config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
-    split: str | None = Field(None, description="hub dataset split for calibration/training")
-    heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
-    text_column: str = Field("text", description="the column holding the text in a dataset or .jsonl/.parquet file")
-    heldout_fraction: float = Field(HELDOUT_FRACTION, gt=0.0, lt=1.0, description="the test part: the tail of the "
-                                    "token stream, read only by the reported figures")
-    validation_fraction: float = Field(VALIDATION_FRACTION, gt=0.0, lt=1.0, description="the validation part, just "
-                                       "before the test part: what picks the best masks (train.eval_every)")
-    calibration_samples: int = Field(128, ge=1, description="blocks of seq_len tokens drawn (seeded) for calibration")
-    seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
-    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training blocks a learnable method "
-                            "trains on (seeded; VTrans' Fast variant uses a small share)")
-
-    @model_validator(mode="after")
-    def _parts_fit(self):
-        if self.heldout_fraction + self.validation_fraction >= 1.0:
-            raise ValueError(
-                f"heldout_fraction ({self.heldout_fraction}) + validation_fraction ({self.validation_fraction}) must "
-                "be below 1: the rest of the text is the train part; lower one of them."
-            )
-        return self
 
 
 class ExportConfig(StrictConfig):
@@ -69,10 +42,11 @@ class Recipe(StrictConfig):
     """A whole recipe: what to prune, how, and how to evaluate it."""
 
     model: str = Field("smollm2-135m", description="an embedded alias, a local save_pretrained directory, or a Hub id")
-    task: Literal["causal-lm", "zero-shot-classification"] = Field(
-        "causal-lm", description="causal-lm: text data, perplexity; zero-shot-classification: CLIP on images")
+    task: Literal["causal-lm", "zero-shot-classification", "image-classification"] = Field(
+        DEFAULT_TASK, description="causal-lm: text data, perplexity; zero-shot-classification: CLIP on images; "
+        "image-classification: an image classifier's own head on images (prune.tasks)")
     data: DataConfig | ImageDataConfig | None = Field(
-        None, validate_default=True, description="text data (DataConfig), or images (ImageDataConfig) for CLIP")
+        None, validate_default=True, description="the task's data: text (DataConfig) or images (ImageDataConfig)")
     method: MethodConfig = Field(description="`name` picks the method (prune.methods.registry); its config class "
                                  "validates the other keys")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the trainer (learnable methods)")
@@ -85,8 +59,8 @@ class Recipe(StrictConfig):
     @field_validator("data", mode="before")
     @classmethod
     def _data_for_task(cls, value: Any, info) -> DataConfig | ImageDataConfig:
-        """The `data` section's schema follows `task`: token streams for causal-lm, images for CLIP."""
-        config_class = ImageDataConfig if info.data.get("task") == ZERO_SHOT else DataConfig
+        """The `data` section's schema follows `task`: token streams for causal-lm, images for the image tasks."""
+        config_class = TASKS.get(info.data.get("task"), TASKS[DEFAULT_TASK]).data_config
         if isinstance(value, (DataConfig, ImageDataConfig)):
             value = value.model_dump()
         try:
@@ -106,6 +80,18 @@ class Recipe(StrictConfig):
         except UserInputError as error:
             raise ValueError(str(error)) from None
         return spec.config_class.model_validate(value)
+
+    @model_validator(mode="after")
+    def _method_supports_task(self):
+        """A method runs on the tasks it declares (MethodSpec.tasks); any other pairing is refused up front."""
+        supported = get_method(self.method.name).tasks
+        if self.task not in supported:
+            others = sorted(name for name, spec in METHODS.items() if self.task in spec.tasks)
+            raise ValueError(
+                f"method {self.method.name!r} does not support task {self.task!r}; it supports "
+                f"{', '.join(sorted(supported))}. For {self.task}, use one of: {', '.join(others)}."
+            )
+        return self
 
     @model_validator(mode="after")
     def _structural_export(self):

@@ -1,10 +1,12 @@
-"""report.json, report.md and the terminal table: dense vs pruned side by side."""
+"""report.json, report.md and the terminal table: dense vs pruned side by side (report.md's note on what was
+measured comes from the run's task, prune.tasks)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
+from prune.tasks.registry import DEFAULT_TASK, get_task
 
 COLUMNS = ["model", "perplexity [95% CI]", "accuracy (± stderr)", "FLOPs", "params (nonzero)", "sparsity", "latency",
            "time (s)"]
@@ -31,7 +33,7 @@ def _accuracy_cell(figures: dict) -> str:
 def summary_row(
     label: str, figures: dict, sparsity: float | None = None, seconds: float | None = None, flops: str = "pruned"
 ) -> dict:
-    """One table row from the figures `prune.tasks.causal_lm.measure` returns; `flops` picks dense or pruned FLOPs."""
+    """One table row from the figures a task's `measure` returns; `flops` picks dense or pruned FLOPs."""
     latency = figures.get("latency")
     row = {
         "model": label,
@@ -63,37 +65,6 @@ def render(report: dict) -> str:
     return render_table(summary_rows(report), columns(report))
 
 
-def _data_note(report: dict) -> str:
-    """What the figures were measured on: held-out tokens for an LLM run, held-out images for a CLIP run."""
-    images = report.get("eval_data")
-    if images is not None:
-        masked = report.get("masked", {})
-        return (
-            f"Accuracy of CLIP's zero-shot head (prompts {images['templates']}) on {images['heldout_images']} "
-            f"held-out images ({images['heldout']}), {images['classes']} classes; the dense row is the zero-shot "
-            f"model, the other is tuned on {images['train_images']} images. Masked: "
-            f"{masked.get('targeted', 0):.2%} of the targeted weights, {masked.get('all', 0):.2%} of all parameters."
-        )
-    return _text_note(report) + " FLOPs per forward of one window (pruned: what a sparse kernel would run)."
-
-
-def _text_note(report: dict) -> str:
-    """Which text each perplexity read: the test part of the source (and of each out-of-domain text); what chose
-    the kept masks (the validation part); the interval's method."""
-    data, perplexity = report.get("data", {}), report.get("perplexity", {})
-    if "perplexity" not in report:
-        return ""
-    note = (f"Perplexity over the {perplexity['tokens']:,} predicted tokens of the test part of "
-            f"{data.get('source', 'the text')} ({perplexity['windows']} windows of {perplexity['seq_len']})")
-    for name, text in report.get("extra_texts", {}).items():
-        note += f"; {name}: the test part of that text ({text['perplexity']['windows']} windows), out of domain"
-    selection = data.get("used", {}).get("selection")
-    if selection is not None:
-        note += f". The kept masks were chosen on {selection['windows']} validation windows, never on test"
-    note += ". [95% CI]: bootstrap over windows (2000 resamples, fixed seed)"
-    return note + ("; ± stderr: lm-eval's standard error." if "accuracy" in report else ".")
-
-
 def _kernel_note(report: dict) -> str:
     """PyTorch's 2:4 kernels: the measured speed-up, or why they could not run (never a made-up number)."""
     kernel = report.get("semi_structured_kernel")
@@ -113,9 +84,21 @@ def write_report(directory: Path, report: dict) -> None:
         "",
         render_markdown_table(summary_rows(report), columns(report)),
         "",
-        _data_note(report) + _kernel_note(report) + " Timings (s): "
+        get_task(report.get("task", DEFAULT_TASK)).note(report) + _kernel_note(report) + " Timings (s): "
         + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in report["timings"].items()),
         "",
     ]
     write_text_atomic(directory / "report.md", "\n".join(markdown))
     write_json_atomic(directory / "report.json", report)
+
+
+def with_dense(report: dict, dense: dict) -> dict:
+    """The dense figures under `dense`, and each dense perplexity beside the pruned one (`perplexity.dense`,
+    `extra_texts.<name>.perplexity.dense`)."""
+    report["dense"] = dict(dense)
+    if "perplexity" in dense and "perplexity" in report:
+        report["perplexity"]["dense"] = dense["perplexity"]["value"]
+    for name, figures in report.get("extra_texts", {}).items():
+        if name in dense.get("extra_texts", {}):
+            figures["perplexity"]["dense"] = dense["extra_texts"][name]["perplexity"]["value"]
+    return report

@@ -34,7 +34,8 @@ from prune.core.errors import UserInputError
 from prune.masks.base import achieved_sparsity, attach_hard_masks, merge, wrappers
 from prune.masks.storage import save_masks
 from prune.masks.targets import method_targets
-from prune.tasks.causal_lm import data_report, measure, with_dense
+from prune.runs.report import with_dense
+from prune.tasks.causal_lm import data_report, measure
 from prune.runs.loading import load_model
 from prune.runs.placed import place, prepare_runtime
 from prune.methods.oneshot.method import SHARED_STATS, prune_from_stats

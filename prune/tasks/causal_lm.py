@@ -1,18 +1,21 @@
-"""One model, the test parts of its texts -> every figure the recipe's `eval` section asks for.
+"""The causal-lm task: a causal LM on a text corpus, scored by held-out perplexity.
 
-Used for the dense baseline and the pruned model alike, so the two are measured the same way. Only test parts
-are read here (the in-domain source's and each `eval.extra_texts` entry's); every perplexity carries a 95%
-bootstrap interval over its windows (`eval.bootstrap`, fixed seed: a rerun prints the same interval) and the
-per-window NLL sums, so that `prune compare` can pair two runs window by window.
+`measure` turns one model and the held-out text into every figure the recipe's `eval` section asks for; it is
+used for the dense baseline and the pruned model alike, so the two are measured the same way (and by
+`prune eval` and sweeps, outside any run).
+Only test parts are measured (the in-domain source's and each `eval.extra_texts` entry's); the best masks are
+chosen on the validation part. Every perplexity carries a 95% bootstrap interval over its windows
+(`eval.bootstrap`, fixed seed) and the per-window NLL sums, so that `prune compare` can pair two runs.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from eval.accuracy import accuracy_scores
 from eval.bootstrap import perplexity_ci
@@ -20,8 +23,14 @@ from eval.flops import count_flops, count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
 from eval.semi_structured import semi_structured_speedup
-from prune.data.text import TokenSplits
+from prune.data.text import DataConfig, TokenSplits, prepare, prepare_extra
+from prune.methods.spec import HeldOut
+from prune.models import loading
+from prune.structural.shrink import has_layer_sizes, load_resized
+from prune.tasks.base import RunSettings, Task
 from prune.tasks.eval_config import EvalConfig
+
+METHOD_REPORT_WINDOWS = 32  # held-out windows a method's own report hook measures on (e.g. per-token FLOPs)
 
 
 def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig, seq_len: int, label: str,
@@ -72,18 +81,6 @@ def _perplexity(model: nn.Module, blocks: torch.Tensor, desc: str, batched: dict
     }
 
 
-def with_dense(report: dict, dense: dict) -> dict:
-    """The dense figures under `dense`, and each dense perplexity beside the pruned one (`perplexity.dense`,
-    `extra_texts.<name>.perplexity.dense`)."""
-    report["dense"] = dict(dense)
-    if "perplexity" in dense and "perplexity" in report:
-        report["perplexity"]["dense"] = dense["perplexity"]["value"]
-    for name, figures in report.get("extra_texts", {}).items():
-        if name in dense.get("extra_texts", {}):
-            figures["perplexity"]["dense"] = dense["extra_texts"][name]["perplexity"]["value"]
-    return report
-
-
 def data_report(source: str, seq_len: int, splits: TokenSplits, extra: Mapping[str, TokenSplits],
                 used: dict[str, dict]) -> dict:
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
@@ -97,3 +94,107 @@ def data_report(source: str, seq_len: int, splits: TokenSplits, extra: Mapping[s
                                "used": {"perplexity": {"part": "test", "windows": text.windows(seq_len)["test"]}}}
                         for name, text in extra.items()},
     }
+
+
+class CausalLM(Task):
+    """`task: causal-lm`: text in, perplexity (and lm-eval accuracy, FLOPs, latency) out."""
+
+    name = "causal-lm"
+    data_config = DataConfig
+    metric = "perplexity"
+    unit = "tokens"
+
+    def __init__(self, model: nn.Module, tokenizer, settings: RunSettings, device: torch.device | None = None):
+        super().__init__(model, tokenizer, settings, device)
+        data = settings.data
+        self.seq_len = data.seq_len
+        self.splits = prepare(
+            tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
+            text_column=data.text_column, heldout_fraction=data.heldout_fraction,
+            validation_fraction=data.validation_fraction,
+        )
+        self.extra = prepare_extra(tokenizer, settings.eval.extra_texts, self.seq_len,
+                                   heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
+        self.used: dict[str, dict] = {}
+
+    @classmethod
+    def load_model(cls, spec: str, dtype: torch.dtype):
+        """An alias, a model directory, a Hub id, or a structural export whose layers differ in size."""
+        path = Path(spec).expanduser()
+        if path.is_dir() and has_layer_sizes(str(path)):
+            return load_resized(str(path), dtype).eval(), loading.load_tokenizer(str(path))
+        return loading.load(spec, dtype)
+
+    @staticmethod
+    def note(report: dict) -> str:
+        """Which text each perplexity read: the test part of the source (and of each out-of-domain text); what
+        chose the kept masks (the validation part); the interval's method; what FLOPs count."""
+        data, perplexity_figures = report.get("data", {}), report.get("perplexity")
+        if perplexity_figures is None:
+            return "FLOPs per forward of one window (pruned: what a sparse kernel would run)."
+        note = (f"Perplexity over the {perplexity_figures['tokens']:,} predicted tokens of the test part of "
+                f"{data.get('source', 'the text')} ({perplexity_figures['windows']} windows of "
+                f"{perplexity_figures['seq_len']})")
+        for name, text in report.get("extra_texts", {}).items():
+            note += f"; {name}: the test part of that text ({text['perplexity']['windows']} windows), out of domain"
+        selection = data.get("used", {}).get("selection")
+        if selection is not None:
+            note += f". The kept masks were chosen on {selection['windows']} validation windows, never on test"
+        note += ". [95% CI]: bootstrap over windows (2000 resamples, fixed seed)"
+        note += "; ± stderr: lm-eval's standard error." if "accuracy" in report else "."
+        return note + " FLOPs per forward of one window (pruned: what a sparse kernel would run)."
+
+    def check_data(self, spec) -> None:
+        """Which part (and how many windows) calibration, training and the choice of the best masks read; checks
+        that every part holds what the run needs (one error saying what the text has and needs)."""
+        data, train_config = self.settings.data, self.settings.train
+        needs = {"train": (1, "a run"), "validation": (1, "a run"), "test": (1, "the test perplexity")}
+        if spec.needs_calibration:
+            self.used["calibration"] = {"part": "train", "windows": data.calibration_samples}
+            needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
+        if spec.kind == "learnable" and train_config.steps:
+            self.used["training"] = {"part": "train", "windows": len(self.train_data())}
+            if train_config.eval_every:
+                self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
+                needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
+        self.splits.require(data.source, self.seq_len, needs)
+
+    def fields(self) -> dict:
+        return {"data": data_report(self.settings.data.source, self.seq_len, self.splits, self.extra, self.used)}
+
+    @property
+    def sample_size(self) -> int:
+        return self.seq_len
+
+    def calibration(self) -> Tensor:
+        """`data.calibration_samples` blocks of the train part, drawn with the recipe's seed."""
+        return self.splits.calibration_blocks(self.settings.data.calibration_samples, self.seq_len, self.settings.seed)
+
+    def train_data(self) -> Tensor:
+        """The train part's blocks; with `data.fraction` < 1 a seeded share of them (VTrans' Fast variant)."""
+        blocks = self.splits.train_blocks(self.seq_len)
+        fraction = self.settings.data.fraction
+        if fraction < 1.0:
+            order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(self.settings.seed))
+            blocks = blocks[order[: max(1, round(fraction * len(blocks)))]]
+        return blocks
+
+    def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
+        """Next-token cross-entropy on a [batch, seq] block of token ids."""
+        return model(input_ids=batch, labels=batch).loss
+
+    def heldout_score(self, model: nn.Module) -> float:
+        """Perplexity of the hard masks on the VALIDATION part (never the test part, which only the reported
+        figures read): what picks the best masks."""
+        windows = self.splits.validation_blocks(self.seq_len)[: self.settings.train.eval_windows]
+        return perplexity(model, windows, desc="eval hard masks (validation)").value
+
+    def measure(self, label: str) -> dict:
+        return measure(self.model, self.processor, self.splits, self.settings.eval, self.seq_len, label, self.device,
+                       extra=self.extra)
+
+    def heldout(self) -> HeldOut:
+        windows = self.splits.test_blocks(self.seq_len)[:METHOD_REPORT_WINDOWS]
+        return HeldOut(windows.to(next(self.model.parameters()).device), name="windows",
+                       unit="tokens", per_sample=self.seq_len,
+                       flops=lambda model: count_flops(model, self.seq_len).dense)

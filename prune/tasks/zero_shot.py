@@ -1,4 +1,4 @@
-"""The zero-shot classification task: CLIP as a classifier over fixed class prompts.
+"""The zero-shot-classification task: CLIP as a classifier over fixed class prompts.
 
 The classifier is CLIP's zero-shot head: each class is the mean of the normalized text embeddings of its
 prompts ("a photo of a {}."), and an image's logits are logit_scale · cosine(image, class). The class
@@ -11,15 +11,33 @@ import time
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from eval.flops import count_params
-from prune.core.errors import UserInputError
-from prune.data.images import ImageData, ImageRows
-from prune.masks.base import MaskWrapper
+from prune.data.images import ImageDataConfig
+from prune.masks.base import MaskWrapper, masked_fractions
+from prune.models.clip import load_clip
+from prune.tasks.base import RunSettings
+from prune.tasks.classification import ImageTask
 
-TASK = "zero-shot-classification"
+
+class ZeroShotDataConfig(ImageDataConfig):
+    """The `data` section when `task: zero-shot-classification`: an image source (ImageDataConfig) and the
+    prompts that turn class names into CLIP's classifier."""
+
+    shots: int | None = Field(16, ge=1, description="training images per class (seeded); null: all")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."],
+                                 description="prompt templates, each with one {} for the class name")
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot(cls, templates: list[str]) -> list[str]:
+        bad = [template for template in templates if template.count("{}") != 1]
+        if not templates or bad:
+            raise ValueError(f"every prompt template needs exactly one '{{}}' for the class name; got {bad or templates}.")
+        return templates
 
 
 @dataclass
@@ -71,33 +89,53 @@ class ZeroShotClassifier(nn.Module):
         return ZeroShotOutput(logits=logits, loss=loss)
 
 
-def classification_loss(model: nn.Module, batch: dict) -> Tensor:
-    """The trainer's task loss: cross-entropy of the zero-shot logits."""
-    return model(**batch).loss
+class ZeroShotClassification(ImageTask):
+    """`task: zero-shot-classification`: CLIP's zero-shot head (class prompts) on images, scored by accuracy."""
 
+    name = "zero-shot-classification"
+    data_config = ZeroShotDataConfig
 
-@torch.no_grad()
-def zero_shot_accuracy(classifier: nn.Module, rows: ImageRows, batch_size: int = 64, limit: int | None = None) -> float:
-    """Top-1 accuracy on the first `limit` (all when None) rows, in order."""
-    count = len(rows) if limit is None else min(limit, len(rows))
-    if count == 0:
-        raise UserInputError("the held-out split is empty; use a larger dataset or heldout_fraction.")
-    device = next(classifier.parameters()).device
-    correct = 0
-    for start in range(0, count, batch_size):
-        positions = list(range(start, min(start + batch_size, count)))
-        logits = classifier(rows.pixel_values(positions).to(device)).logits
-        correct += int((logits.argmax(-1).cpu() == rows.labels[positions]).sum())
-    return correct / count
+    def __init__(self, model: nn.Module, processor, settings: RunSettings, device: torch.device | None = None):
+        super().__init__(model, processor, settings, device)
+        self.data.notes["templates"] = list(settings.data.templates)
+        self.classifier = ZeroShotClassifier(model, processor.tokenizer, self.data.class_names, settings.data.templates)
 
+    @classmethod
+    def load_model(cls, spec: str, dtype: torch.dtype):
+        return load_clip(spec, dtype)
 
-def measure(classifier: nn.Module, data: ImageData, limit: int | None, batch_size: int) -> dict:
-    """The figures of one model, keyed like an LLM run's report: accuracy on the held-out split, parameters."""
-    start = time.perf_counter()
-    classifier.eval()
-    params = count_params(classifier.clip)
-    return {
-        "accuracy": {data.name: zero_shot_accuracy(classifier, data.heldout, batch_size, limit)},
-        "params": {"total": params.total, "nonzero": params.nonzero},
-        "seconds": time.perf_counter() - start,
-    }
+    @staticmethod
+    def note(report: dict) -> str:
+        images, masked = report["eval_data"], report.get("masked", {})
+        return (
+            f"Accuracy of CLIP's zero-shot head (prompts {images['templates']}) on {images['heldout_images']} "
+            f"held-out images ({images['heldout']}), {images['classes']} classes; the dense row is the zero-shot "
+            f"model, the other is tuned on {images['train_images']} images. Masked: "
+            f"{masked.get('targeted', 0):.2%} of the targeted weights, {masked.get('all', 0):.2%} of all parameters."
+        )
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def module(self) -> nn.Module:
+        return self.classifier
+
+    def use_model(self, model: nn.Module) -> None:
+        self.model = self.classifier.clip = model
+
+    def measure(self, label: str) -> dict:
+        """Accuracy on the held-out split and CLIP's parameters."""
+        start = time.perf_counter()
+        self.classifier.eval()
+        params = count_params(self.model)
+        return {
+            "accuracy": self.heldout_accuracy(),
+            "params": {"total": params.total, "nonzero": params.nonzero},
+            "seconds": time.perf_counter() - start,
+        }
+
+    def fields(self) -> dict:
+        """The task, what the masks removed (of the targeted weights, of all parameters), the data's notes."""
+        return {"task": self.name, "masked": masked_fractions(self.model), "eval_data": self.data.notes}

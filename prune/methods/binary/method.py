@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from prune.models.blocks import LINEAR_TYPES, weight_matrix
-from prune.masks.base import Mask, Objective, hard_masks, mask_parameters, weight_masked, wrap, wrappers
+from prune.masks.base import Mask, Objective, hard_masks, weight_masked, wrap, wrappers
 from prune.masks.storage import write_masks
 from prune.masks.targets import select_by_glob
 from prune.masks.with_peft import canonical_name
@@ -93,17 +93,6 @@ def masks_off(masks: list[BinaryScoreMask]):
     finally:
         for mask in masks:
             mask.bypass = False
-
-
-def masked_fractions(model: nn.Module) -> dict[str, float]:
-    """Share of the targeted weights that the hard masks remove, and the same count over all the model's
-    parameters (mask scores themselves excluded; tied weights counted once)."""
-    masks = hard_masks(model).values()
-    targeted = sum(keep.numel() for keep in masks)
-    removed = sum(int((~keep).sum()) for keep in masks)
-    scores = {id(param) for param in mask_parameters(model)}
-    total = sum(param.numel() for param in {id(p): p for p in model.parameters() if id(p) not in scores}.values())
-    return {"targeted": removed / targeted if targeted else 0.0, "all": removed / total if total else 0.0}
 
 
 # ------------------------------------------------------------------------------------------ config + attach
@@ -247,5 +236,6 @@ def attach_binary(model: nn.Module, config: BinaryConfig, calibration=None) -> B
 
 
 BINARY = MethodSpec(
-    "binary", BinaryConfig, attach_binary, kind="learnable", needs_calibration=False, save=save_binary_masks
+    "binary", BinaryConfig, attach_binary, kind="learnable", needs_calibration=False, save=save_binary_masks,
+    tasks=frozenset({"zero-shot-classification", "image-classification"}),
 )

@@ -33,19 +33,17 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from eval.flops import count_flops
 from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.methods.gating.predictor import GatingMask, LabelRule, check_threshold
 from prune.methods.gating.layers import accounting, bypassed, gate_sites, gated_layers, select_gate_sites, summarize
 from prune.core.config import MethodConfig
-from prune.methods.spec import MethodSpec
+from prune.methods.spec import HeldOut, MethodSpec
 
 FORMAT_VERSION = 1
 PREDICTORS_FILE = "predictors.safetensors"
 GATING_FILE = "gating.json"
-REPORT_WINDOWS = 32  # held-out windows measured for the per-token FLOPs and mask-quality figures
 
 
 class GatingConfig(MethodConfig):
@@ -237,24 +235,25 @@ def measure_gating(model: nn.Module, inputs: Tensor | list, forward=None) -> dic
     return summarize(stats)
 
 
-def report_gating(model: nn.Module, config: GatingConfig, heldout: Tensor, report: dict) -> dict:
-    """The pipeline's report entries: per-token FLOPs of the gated layers on held-out text, the share of gated
-    neurons skipped (as sparsity.achieved), and whole-window FLOPs with the gates' savings subtracted."""
-    windows = heldout[:REPORT_WINDOWS]
-    summary = measure_gating(model, windows)
+def report_gating(model: nn.Module, config: GatingConfig, heldout: HeldOut, report: dict) -> dict:
+    """The pipeline's report entries: per-input FLOPs of the gated layers on the held-out samples (per token of
+    a causal LM, per image of a CNN), the share of gated channels skipped (as sparsity.achieved), and each
+    sample's FLOPs with the gates' savings subtracted."""
+    samples = heldout.samples
+    summary = measure_gating(model, list(samples.split(1)), forward=lambda m, batch: m(batch))
     entries = {
-        "gating": {"windows": len(windows), "tokens": summary["inputs"], **summary},
+        "gating": {heldout.name: len(samples), heldout.unit: summary["inputs"], **summary},
         "sparsity": {"target": config.target_label(), "achieved": 1.0 - summary["keep_fraction"]},
     }
     if "flops" in report:
-        seq_len = heldout.shape[1]
         with bypassed(model):
-            dense = count_flops(model, seq_len).dense
-        per_token = summary["flops_per_input"]
-        saved = seq_len * (per_token["dense"] - per_token["gated"])
+            dense = heldout.flops(model)
+        per_input = summary["flops_per_input"]
+        saved = heldout.per_sample * (per_input["dense"] - per_input["gated"])
         entries["flops"] = {"dense": dense, "pruned": int(round(dense - saved)), "semi_structured": None}
     return entries
 
 
 GATING = MethodSpec("gating", GatingConfig, attach_gating, kind="learnable", needs_calibration=False, save=save_gating,
-                   load=restore_gating, export=refuse_export, restore=restore_gating, report=report_gating)
+                   load=restore_gating, export=refuse_export, restore=restore_gating, report=report_gating,
+                   tasks=frozenset({"causal-lm", "image-classification"}))

@@ -172,7 +172,8 @@ def prune_from_stats(config: MethodConfig, module: nn.Module, stats) -> tuple[Te
 
 
 MAGNITUDE = MethodSpec(
-    "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False
+    "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False,
+    tasks=frozenset({"causal-lm", "zero-shot-classification"}),
 )
 WANDA = MethodSpec(
     "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True

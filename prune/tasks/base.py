@@ -1,0 +1,103 @@
+"""`Task`: the one seam between a run and what kind of model it prunes.
+
+The pipeline (prune.runs.pipeline) is one flow for every kind of model; everything that differs between a
+causal LM on text, CLIP as a zero-shot classifier and an image classifier with its own head lives behind
+this interface: how the model of a spec loads, which data the recipe's `data` section names, what the
+trainer trains on (and with which loss), the held-out score its periodic evaluation minimizes, the figures
+of the dense and the pruned model, and the report's task fields and report.md note.
+
+A task is a class: its class attributes and class methods are what the recipe and the loaders need before
+a model exists; an instance is one run's model and data (made by the pipeline after loading the model).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from prune.core.config import StrictConfig
+from prune.methods.spec import HeldOut
+from prune.tasks.eval_config import EvalConfig
+
+
+class RunSettings(Protocol):
+    """The recipe sections a task reads (prune.runs.recipe.Recipe has them)."""
+
+    model: str
+    data: Any
+    train: Any  # prune.training.config.TrainConfig
+    eval: EvalConfig
+    seed: int
+
+
+class Task(ABC):
+    """One kind of model and data. Subclasses set the class attributes and implement the methods below."""
+
+    name: ClassVar[str]  # the recipe's `task:` value
+    data_config: ClassVar[type[StrictConfig]]  # the schema of the recipe's `data` section
+    metric: ClassVar[str]  # the held-out score the trainer minimizes: perplexity | error
+    unit: ClassVar[str]  # what a training sample is counted in on train_curve.png: tokens | images
+
+    def __init__(self, model: nn.Module, processor, settings: RunSettings, device: torch.device | None = None):
+        self.model = model  # what a method attaches its masks to
+        self.processor = processor  # saved beside model/: a tokenizer or a processor
+        self.settings = settings
+        self.device = device  # runtime.device: where latency is timed (None: where the model is)
+
+    @classmethod
+    @abstractmethod
+    def load_model(cls, spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+        """(model in eval mode, tokenizer or processor) for an alias, a model directory or a Hub id."""
+
+    @staticmethod
+    @abstractmethod
+    def note(report: dict) -> str:
+        """report.md's sentence on what the figures were measured on."""
+
+    @property
+    def module(self) -> nn.Module:
+        """What runs one sample: the model itself by default (CLIP runs wrapped as a zero-shot classifier). The
+        trainer trains it (parameters saved by their names in it), the held-out score and method hooks run it."""
+        return self.model
+
+    def use_model(self, model: nn.Module) -> None:
+        """Measure `model` from now on (the exported model replaces the masked one)."""
+        self.model = model
+
+    def calibration(self) -> Tensor | None:
+        """Calibration inputs for methods that need them (only causal-lm has them; see MethodSpec.tasks)."""
+        return None
+
+    @property
+    def sample_size(self) -> int:
+        """How many `unit`s one training sample holds (tokens in a window; 1 for an image)."""
+        return 1
+
+    @abstractmethod
+    def train_data(self) -> Tensor | Sequence:
+        """Rows the trainer batches: token blocks, or a dataset of {"pixel_values", "labels"} rows."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch) -> Tensor:
+        """The trainer's task loss on one batch of `train_data()`."""
+
+    @abstractmethod
+    def heldout_score(self, model: nn.Module) -> float:
+        """The periodic evaluation's held-out `metric` of the hard masks (lower is better)."""
+
+    @abstractmethod
+    def measure(self, label: str) -> dict:
+        """The figures of the current model, keyed like report.json; `seconds` says how long it took."""
+
+    @abstractmethod
+    def heldout(self) -> HeldOut:
+        """The held-out samples a method's own report hook measures on."""
+
+    def check_data(self, spec) -> None:
+        """Raise UserInputError when the data cannot serve what the method `spec` needs (nothing by default)."""
+
+    def fields(self) -> dict:
+        """Report entries of the task itself, taken while the masks are still attached (none by default)."""
+        return {}
