@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import PartialState
-from safetensors.torch import load_file
 import torch
 
 from eval.perplexity import perplexity
@@ -29,6 +28,8 @@ from prune.runs.placed import attach_kwargs, place, prepare_runtime, run_streame
 from prune.runs.recipe import Recipe
 from prune.methods.registry import get_method
 from prune.runs.report import write_report
+from prune.core.rng import seed_all
+from prune.training.checkpoint import load_params
 from prune.training.curve import training_curve
 from prune.training.trainer import TrainResult, train, trainable_parameters
 
@@ -80,6 +81,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
             dense = _dense_figures(model, tokenizer, splits, recipe, directory, resume, runtime.device)
 
     with timed(timings, "prune"):
+        seed_all(recipe.seed)  # random initial values (e.g. `prior: none` logits) follow the recipe's seed
         objective = spec.attach(model, recipe.method, calibration, **attach_kwargs(spec, runtime))
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
@@ -177,9 +179,7 @@ def _keep_best(model, objective, directory: Path, result: TrainResult) -> None:
     """Load the masks of the best periodic evaluation (when there was one) back into the model."""
     best = directory / "train" / "best.safetensors"
     if result.best_step is not None and best.is_file():
-        params = trainable_parameters(model, objective)
-        for name, value in load_file(best).items():
-            params[name].data.copy_(value)
+        load_params(best, trainable_parameters(model, objective), "Start the run over with --overwrite.")
 
 
 def _run_zero_shot(recipe: Recipe, spec, state, directory: Path, timings: dict, resume: bool) -> dict | None:
@@ -207,6 +207,7 @@ def _run_zero_shot(recipe: Recipe, spec, state, directory: Path, timings: dict, 
         with timed(timings, "dense_eval"):
             dense = _cached_dense(directory, resume, figures)
     with timed(timings, "prune"):
+        seed_all(recipe.seed)
         objective = spec.attach(model, recipe.method, None)
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
