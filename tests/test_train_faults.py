@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from eval.errors import NonFiniteError
+from eval.metric_errors import NonFiniteError
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.methods.registry import get_method

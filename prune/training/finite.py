@@ -4,8 +4,8 @@ One NaN spreads to every mask parameter within a step or two; training on would 
 them as the run's result (every N:M group collapses to candidate 0) and print a meaningless perplexity. So
 every step checks its loss and gradients before the update and the parameters after it, and the log records
 before they are written; the first non-finite value raises `TrainingDiverged`, which the CLI turns into exit
-code 1 (it is an eval.errors.NonFiniteError). The checkpoints, best masks and log lines written before stay as
-they were: they all hold finite values. With several processes they agree on every verdict (a NaN loss on one
+code 1 (it is an eval.metric_errors.NonFiniteError). The checkpoints, best masks and log lines written before
+stay as they were: they all hold finite values. With several processes they agree on every verdict (a NaN loss on one
 rank, a NaN in one rank's FSDP shard), so that all of them stop at the same point instead of some waiting in a
 collective for the others.
 """
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from eval.errors import NonFiniteError
+from eval.metric_errors import NonFiniteError
 
 
 class TrainingDiverged(NonFiniteError):

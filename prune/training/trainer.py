@@ -28,7 +28,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from eval.errors import NonFiniteError
+from eval.metric_errors import NonFiniteError
 from prune.core import rng
 from prune.core.atomic import write_safetensors_atomic
 from prune.masks.base import Objective, hard_masks, wrappers
