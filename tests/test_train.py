@@ -181,14 +181,14 @@ def test_sigterm_checkpoints_like_ctrl_c_and_restores_the_handler(tmp_path):
 
     def terminated_loss(model, batch):
         calls["n"] += 1
-        if calls["n"] == 5:  # during step 5: steps 0-3 are finished
+        if calls["n"] == 5:  # during step 5: it is finished, checkpointed, then training stops
             os.kill(os.getpid(), signal.SIGTERM)
         return lm_loss(model, batch)
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(), tmp_path, task_loss=terminated_loss)
-    assert (tmp_path / "train" / "checkpoints" / "latest").read_text() == "step-4"
+    assert (tmp_path / "train" / "checkpoints" / "latest").read_text() == "step-5"
     assert signal.getsignal(signal.SIGTERM) is before
 
 

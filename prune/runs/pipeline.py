@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import PartialState
-from safetensors.torch import load_file
 import torch
 
 from prune.core.atomic import write_json_atomic
@@ -30,6 +29,8 @@ from prune.runs.recipe import Recipe
 from prune.runs.report import with_dense, write_report
 from prune.tasks.base import Task
 from prune.tasks.registry import get_task
+from prune.core.rng import seed_all
+from prune.training.checkpoint import load_params
 from prune.training.curve import training_curve
 from prune.training.trainer import TrainResult, train, trainable_parameters
 
@@ -72,6 +73,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dic
             dense = _cached_dense(directory, resume, lambda: task.measure("dense"))
 
     with timed(timings, "prune"):
+        seed_all(recipe.seed)  # random initial values (e.g. `prior: none` logits) follow the recipe's seed
         objective = spec.attach(task.model, recipe.method, calibration, **attach_kwargs(spec, runtime))
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
@@ -163,6 +165,4 @@ def _keep_best(model, objective, directory: Path, result: TrainResult) -> None:
     """Load the masks of the best periodic evaluation (when there was one) back into the model."""
     best = directory / "train" / "best.safetensors"
     if result.best_step is not None and best.is_file():
-        params = trainable_parameters(model, objective)
-        for name, value in load_file(best).items():
-            params[name].data.copy_(value)
+        load_params(best, trainable_parameters(model, objective), "Start the run over with --overwrite.")

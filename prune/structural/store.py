@@ -20,6 +20,7 @@ from torch import nn
 
 from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError
+from prune.core.tensor_fit import check_fit
 from prune.masks.base import unwrap, wrappers
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.structural.gates import FixedGate, GateSet, UnitGate, attach_unit_gates
@@ -170,10 +171,12 @@ def load_gates(model: nn.Module, directory: Path) -> GateSet:
         if kind not in kinds:
             return None
         key = kind if layer is None else f"{kind}.{layer}"
-        keep, value = tensors[f"{key}.keep"].bool(), tensors[f"{key}.value"]
-        if keep.numel() != size:
-            raise UserInputError(f"{directory}: mask {key} has {keep.numel()} units, the model {size}.")
-        return FixedGate(kind, keep, layer, scale=value)
+        names = {f"{key}.keep": torch.uint8, f"{key}.value": torch.float32}  # as save_gates writes them
+        check_fit({name: tensors[name] for name in names if name in tensors},
+                  {name: torch.empty(size, dtype=dtype) for name, dtype in names.items()},
+                  f"the structural masks in {directory} (model {meta.get('model', '?')})",
+                  "Load them into the model they were made for.")
+        return FixedGate(kind, tensors[f"{key}.keep"].bool(), layer, scale=tensors[f"{key}.value"])
 
     return attach_unit_gates(model, structure, make)
 

@@ -2,12 +2,14 @@
 
 Each checkpoint is a directory `step-<n>/`; the file `latest` names the newest complete one and is replaced
 atomically after the directory is fully written, so an interrupted write leaves the previous checkpoint in
-force. Older directories are deleted only after `latest` moved on.
+force. Older directories are deleted only after `latest` moved on. A checkpoint holds everything the next step
+depends on: parameters, optimizer and scheduler state, the step (which fixes the data order) and the state of
+every random generator (prune.core.rng). Loading checks every tensor against what it is loaded into
+(prune.core.tensor_fit) and the trainer state's types before anything is restored.
 """
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -16,11 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prune.core import rng
 from prune.core.atomic import staged_directory, write_text_atomic
 from prune.core.errors import UserInputError
+from prune.core.tensor_fit import check_fit
 from prune.training.sharded import copy_into, shard_optimizer_state
 
 POINTER = "latest"
+START_OVER = "Start the run over with --overwrite instead of --resume."
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -65,15 +70,13 @@ def _write_checkpoint(staging: Path, step: int, masks: dict[str, torch.Tensor], 
                       extra: dict) -> None:
     save_file(masks, staging / "masks.safetensors")
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
-    optimizer_tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        optimizer_tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(optimizer_tensors, staging / "optimizer.safetensors")
+    rng_tensors, python_rng = rng.to_checkpoint(rng.capture())
+    save_file({**optimizer_tensors, **rng_tensors}, staging / "optimizer.safetensors")
     state = {
         "step": step,
         "optimizer": optimizer_meta,
         "scheduler": scheduler.state_dict(),
-        "python_rng": random.getstate(),
+        "python_rng": python_rng,
         **extra,
     }
     (staging / "trainer_state.json").write_text(json.dumps(state))
@@ -81,7 +84,7 @@ def _write_checkpoint(staging: Path, step: int, masks: dict[str, torch.Tensor], 
 
 def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimizer, scheduler) -> dict:
     """Restore parameters, optimizer, scheduler and RNG states; returns the trainer state (with `step`). Every
-    process reads the whole files and keeps its own shard under FSDP."""
+    process reads the whole files and keeps its own shard under FSDP (a shard's shape is its whole tensor's)."""
     pointer = directory / POINTER
     if not pointer.is_file():
         raise UserInputError(f"no checkpoint to resume from in {directory}; run without --resume.")
@@ -91,16 +94,46 @@ def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimiz
         optimizer_tensors = load_file(source / "optimizer.safetensors")
         state = json.loads((source / "trainer_state.json").read_text())
     except (OSError, SafetensorError, json.JSONDecodeError) as error:
-        raise UserInputError(f"checkpoint {source} is unreadable ({error}); rerun without --resume.") from None
-    if set(params) != set(trainable):
-        raise UserInputError(f"checkpoint {source} holds other mask parameters than this model; rerun without --resume.")
+        raise UserInputError(f"checkpoint {source} is unreadable ({error}). {START_OVER}") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if type(step) is not int or step < 0:  # bool is an int subclass, and no step count
+        raise UserInputError(f"{source / 'trainer_state.json'}: step must be a whole number >= 0, found {step!r}. "
+                             f"{START_OVER}")
+    check_fit(params, trainable, f"checkpoint {source / 'masks.safetensors'}", START_OVER)
+    layout = {**_optimizer_layout(optimizer, optimizer_tensors), **rng.checkpoint_layout(optimizer_tensors)}
+    check_fit(optimizer_tensors, layout, f"checkpoint {source / 'optimizer.safetensors'}", START_OVER)
+    try:
+        random_state = rng.from_checkpoint(optimizer_tensors, state["python_rng"])
+        moments = {name: tensor for name, tensor in optimizer_tensors.items() if name.startswith("state.")}
+        optimizer.load_state_dict(shard_optimizer_state(_unflatten_optimizer(moments, state["optimizer"]), optimizer))
+        scheduler.load_state_dict(state["scheduler"])
+        rng.restore(random_state)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserInputError(
+            f"checkpoint {source} is malformed ({type(error).__name__}: {error}). {START_OVER}") from None
     copy_into(trainable, params)
-    torch.set_rng_state(optimizer_tensors.pop("rng.torch"))
-    cuda_state = optimizer_tensors.pop("rng.cuda", None)
-    if cuda_state is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_state)
-    optimizer.load_state_dict(shard_optimizer_state(_unflatten_optimizer(optimizer_tensors, state["optimizer"]), optimizer))
-    scheduler.load_state_dict(state["scheduler"])
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
     return state
+
+
+def _optimizer_layout(optimizer, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What each saved AdamW state tensor `state.<index>.<key>` must look like: `step` a scalar, the moments like
+    their parameter. Only saved names are listed (a parameter without a gradient yet has no state); a name that
+    points at no parameter is left out, so that it is reported."""
+    ordered = [param for group in optimizer.param_groups for param in group["params"]]
+    layout = {}
+    for name in saved:
+        kind, index, key = (name.split(".", 2) + ["", ""])[:3]
+        if kind == "state" and index.isdigit() and int(index) < len(ordered) and key:
+            param = ordered[int(index)]
+            layout[name] = torch.empty((), dtype=saved[name].dtype) if key == "step" else param
+    return layout
+
+
+def load_params(path: Path, trainable: dict[str, nn.Parameter], fix: str) -> None:
+    """Load saved parameters (e.g. the best masks) into `trainable`, after checking every name, shape and dtype."""
+    try:
+        saved = load_file(path)
+    except (OSError, SafetensorError) as error:
+        raise UserInputError(f"{path} is unreadable ({error}). {fix}") from None
+    check_fit(saved, trainable, str(path), fix)
+    copy_into(trainable, saved)

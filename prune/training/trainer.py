@@ -4,16 +4,17 @@ Reads top to bottom like a nanoGPT loop: seeded batches, forward, task loss + th
 backward (averaged across processes by accelerate), clip, AdamW step, cosine schedule; every `log_every`
 steps a log line (tqdm + train_log.jsonl), every `eval_every` steps (and before the first) the held-out
 score of the hard masks (best and last masks kept), every `checkpoint_every` steps an atomic checkpoint.
-Ctrl-C (or SIGTERM) checkpoints first.
+Ctrl-C (or SIGTERM) finishes the step in progress, checkpoints it and stops (prune.training.interrupt), so
+`--resume` continues exactly as the uninterrupted run would have; a non-finite loss, gradient or parameter
+stops training before anything of its step is saved (prune.training.finite).
 The same code runs on CPU, one GPU or many: `accelerate launch -m prune.cli run RECIPE`, with DDP or with
 FSDP (sharded masks, see prune.training.sharded; accelerate config files in recipes/accelerate/).
 """
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,10 +28,14 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from eval.metric_errors import NonFiniteError
+from prune.core import rng
 from prune.core.atomic import write_safetensors_atomic
-from prune.training.checkpoint import load_checkpoint, save_checkpoint
 from prune.masks.base import Objective, hard_masks, wrappers
+from prune.training.checkpoint import load_checkpoint, save_checkpoint
 from prune.training.config import TrainConfig
+from prune.training.finite import FiniteGuard
+from prune.training.interrupt import stop_at_step_boundary
 from prune.training.sharded import copy_into, full, full_optimizer_state, gather, is_sharded, rebind, sharded_copy
 
 TaskLoss = Callable[[nn.Module, Any], Tensor]
@@ -110,12 +115,24 @@ def make_accelerator(config: TrainConfig, device: torch.device | None = None) ->
     return Accelerator(mixed_precision=config.resolved_precision(device or PartialState().device))
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of a train_log.jsonl line; None for a line a crash cut short mid-write."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else None
+
+
 class _Log:
     """train_log.jsonl plus the share of hard masks that changed since the previous log line."""
 
     def __init__(self, path: Path, resume_step: int):
+        """Keep the lines of the steps the checkpoint covers; drop later ones and a line cut short by a crash."""
         self.path = path
-        kept = [line for line in self._lines() if json.loads(line)["step"] <= resume_step]
+        steps = [(line, _logged_step(line)) for line in self._lines()]
+        kept = [line for line, step in steps if step is not None and step <= resume_step]
         path.write_text("".join(line + "\n" for line in kept))
         self.previous: dict[str, Tensor] | None = None
 
@@ -165,78 +182,82 @@ def train(
     plain_params = rebind(params, plain)  # the same parameters unless sharded
     train_dir = run_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
-    state = load_checkpoint(train_dir / "checkpoints", params, optimizer, scheduler) if resume else {"step": 0}
+    checkpoints = train_dir / "checkpoints"
+    state = load_checkpoint(checkpoints, params, optimizer, scheduler) if resume else {"step": 0}
     step, best = state["step"], state.get("best", {"score": None, "step": None})
     log = _Log(train_dir / "train_log.jsonl", step) if accelerator.is_main_process else None
+    guard = FiniteGuard(checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator))
     if not resume:
-        torch.manual_seed(config.seed)  # on resume the checkpoint restored the RNG states
+        rng.seed_all(config.seed)  # on resume the checkpoint restored every generator
 
     def checkpoint() -> None:
         masks, optimizer_state = gather(params), full_optimizer_state(optimizer)  # every process gathers
         if accelerator.is_main_process:
-            save_checkpoint(train_dir / "checkpoints", step, masks, optimizer_state, scheduler, {"best": best})
+            save_checkpoint(checkpoints, step, masks, optimizer_state, scheduler, {"best": best})
         accelerator.wait_for_everyone()
+        guard.saved_step = step
 
     start, tokens, window_start = time.perf_counter(), 0, time.perf_counter()
     rate_key = "tokens_per_s" if isinstance(data, Tensor) else "samples_per_s"
-    custom_backward = objective.backward
     progress = tqdm(total=config.steps, initial=step, desc="train masks", disable=not accelerator.is_main_process)
     if evaluate is not None and config.eval_every and step == 0:  # the starting masks (e.g. the prior) compete too
-        best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log, eval_metric)
+        best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log, guard,
+                         eval_metric)
     set_mask_training(model, True)
-    previous_sigterm = _sigterm_raises_interrupt()
-    try:
-        while step < config.steps:
-            schedule = objective.begin_step(step, config.steps)
-            parts = {"loss": 0.0, "task_loss": 0.0, "regularizer": 0.0}
-            for micro in range(config.grad_accum):
-                rows = batch_indices(step, micro, config, accelerator.process_index, accelerator.num_processes, len(data))
-                batch = make_batch(data, rows, accelerator.device)
-                with accelerator.autocast():
-                    if custom_backward is None:
-                        task = task_loss(model, batch)
-                        regularizer = _whole(objective.regularizer(accelerator.unwrap_model(model)))
-                    else:  # the method computes and accumulates its own gradients (e.g. gradient dropout)
-                        task, regularizer = custom_backward(model, batch, task_loss, accelerator, 1.0 / config.grad_accum)
-                    loss = (task + regularizer) / config.grad_accum
-                if custom_backward is None:
-                    accelerator.backward(loss)
-                parts["loss"] += loss.item()
-                parts["task_loss"] += task.item() / config.grad_accum
-                parts["regularizer"] += float(regularizer.detach()) / config.grad_accum
-                tokens += (batch.numel() if isinstance(batch, Tensor) else len(rows)) * accelerator.num_processes
-            if config.max_grad_norm:
-                accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
+    with stop_at_step_boundary() as stop:
+        rewind_to, updating = rng.capture(), False
+        try:
+            while step < config.steps and not _any_process(accelerator, stop.signal is not None):
+                # until the update nothing but the random state moves: an interrupt before it rewinds to here
+                rewind_to, updating = rng.capture(), False
+                schedule = objective.begin_step(step, config.steps)
+                parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
+                tokens += seen
+                clipped = (accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+                           if config.max_grad_norm else None)
+                guard.before_update(step + 1, parts["loss"], params, clipped)
+                updating = True
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                guard.after_update(step, params)
+                progress.update(1)
 
-            if step % config.log_every == 0 or step == config.steps:
-                elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
-                record = {"step": step, **parts, **schedule, "lr": scheduler.get_last_lr()[0],
-                          rate_key: tokens / elapsed}
-                tokens = 0
-                if sharded:  # the plain model's masks (the log reads whole masks) follow the shards
-                    copy_into(plain_params, gather(params))
-                if log is not None:
-                    record["changed"] = log.changed_fraction(plain if sharded else accelerator.unwrap_model(model))
-                    log.write(record)
-                    progress.set_postfix({key: f"{value:.4g}" for key, value in record.items()
-                                          if isinstance(value, float) and key != "lr"})
-            if evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
-                                 eval_metric)
-            if step % config.checkpoint_every == 0 or step == config.steps:
+                if step % config.log_every == 0 or step == config.steps:
+                    elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
+                    record = {"step": step, **parts, **schedule, "lr": scheduler.get_last_lr()[0],
+                              rate_key: tokens / elapsed}
+                    tokens = 0
+                    if sharded:  # the plain model's masks (the log reads whole masks) follow the shards
+                        copy_into(plain_params, gather(params))
+                    if log is not None:
+                        record["changed"] = log.changed_fraction(plain if sharded else accelerator.unwrap_model(model))
+                        guard.record(step, record)
+                        log.write(record)
+                        progress.set_postfix({key: f"{value:.4g}" for key, value in record.items()
+                                              if isinstance(value, float) and key != "lr"})
+                if evaluate is not None and config.eval_every and (step % config.eval_every == 0
+                                                                   or step == config.steps):
+                    best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
+                                     guard, eval_metric)
+                if step % config.checkpoint_every == 0 or step == config.steps:
+                    checkpoint()
+        except KeyboardInterrupt:  # raised mid-step: a second signal, or code that raises it itself
+            # before the update the parameters are those of the last finished step: checkpoint it exactly (with
+            # one process: a checkpoint is collective, and the others are not here)
+            if not updating and accelerator.num_processes == 1:
+                rng.restore(rewind_to)
+                if guard.saved_step != step:
+                    checkpoint()
+            raise  # otherwise the last periodic checkpoint stays in force
+        finally:
+            progress.close()
+        if _any_process(accelerator, stop.signal is not None):
+            if guard.saved_step != step:
                 checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
-    finally:
-        progress.close()
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+            raise KeyboardInterrupt(f"{stop.signal or 'a stop signal to another process'}: stopped after step "
+                                    f"{step}, checkpoint in {checkpoints}; continue with --resume")
     set_mask_training(model, False)
     last = gather(params)
     if sharded:
@@ -246,20 +267,41 @@ def train(
     return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
 
 
-def _sigterm_raises_interrupt():
-    """Treat SIGTERM (`kill`, a scheduler's preemption) like Ctrl-C: checkpoint, then stop. Background jobs
-    often ignore SIGINT, so this is how they are interrupted cleanly. Returns the previous handler (None off
-    the main thread, where signals cannot be handled)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+def _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss) -> tuple[dict, int]:
+    """Forward and backward of the step's micro-batches, gradients summed in `.grad`; returns the loss parts for
+    the log and the tokens (or samples) seen by all processes."""
+    parts = {"loss": 0.0, "task_loss": 0.0, "regularizer": 0.0}
+    seen = 0
+    custom_backward = objective.backward
+    for micro in range(config.grad_accum):
+        rows = batch_indices(step, micro, config, accelerator.process_index, accelerator.num_processes, len(data))
+        batch = make_batch(data, rows, accelerator.device)
+        with accelerator.autocast():
+            if custom_backward is None:
+                task = task_loss(model, batch)
+                regularizer = _whole(objective.regularizer(accelerator.unwrap_model(model)))
+            else:  # the method computes and accumulates its own gradients (e.g. gradient dropout)
+                task, regularizer = custom_backward(model, batch, task_loss, accelerator, 1.0 / config.grad_accum)
+            loss = (task + regularizer) / config.grad_accum
+        if custom_backward is None:
+            accelerator.backward(loss)
+        parts["loss"] += loss.item()
+        parts["task_loss"] += task.item() / config.grad_accum
+        parts["regularizer"] += float(regularizer.detach()) / config.grad_accum
+        seen += (batch.numel() if isinstance(batch, Tensor) else len(rows)) * accelerator.num_processes
+    return parts, seen
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
 
-    return signal.signal(signal.SIGTERM, interrupt)
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process, so that all of them take the same branch (a stop signal that
+    reached one rank, a NaN in one rank's shard); a collective when there are several processes."""
+    if accelerator.num_processes == 1:
+        return flag
+    count = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return bool(count.item() > 0)
 
 
-def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
+def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log, guard: FiniteGuard,
               eval_metric="perplexity") -> dict:
     """Score the hard masks on held-out data (main process; every process under FSDP, whose forward is
     collective); keep the best masks' parameters among those the objective calls selectable (e.g. meeting a
@@ -267,13 +309,18 @@ def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, pa
     sharded = is_sharded(accelerator)
     if sharded or accelerator.is_main_process:
         set_mask_training(model, False)
-        score = evaluate(accelerator.unwrap_model(model))
+        try:
+            score = evaluate(accelerator.unwrap_model(model))
+        except NonFiniteError as error:
+            raise guard.error(step, f"the held-out evaluation failed ({error})") from None
         set_mask_training(model, True)
     masks = gather(params) if sharded else params
     if accelerator.is_main_process:
         selectable = objective.selectable()
+        record = {"step": step, f"eval_{eval_metric}": score, "selectable": selectable}
+        guard.record(step, record)
         if log is not None:
-            log.write({"step": step, f"eval_{eval_metric}": score, "selectable": selectable})
+            log.write(record)
         if selectable and (best["score"] is None or score < best["score"]):
             best = {"score": score, "step": step}
             _save_tensors(train_dir / "best.safetensors", masks)
