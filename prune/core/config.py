@@ -7,11 +7,12 @@ docstring ends with that sample, generated when the class is defined, so it cann
 from __future__ import annotations
 
 import inspect
+import os
 import textwrap
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from prune.core.errors import UserInputError
 from prune.core.sparsity import Sparsity, parse_sparsity
@@ -52,10 +53,21 @@ def _flow(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 20, sort_keys=False).removesuffix("...\n").strip()
 
 
-class StrictConfig(BaseModel):
-    """A config section whose unknown keys are errors, not silently ignored."""
+def normalize_path(value: str) -> str:
+    """`runs/x/`, `runs//x` and `./runs/x` name one directory: spelled one way, so that a recipe, its
+    fingerprint and `--resume`'s comparison see the same run. Hub ids and aliases pass unchanged."""
+    return os.path.normpath(value) if value else value
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+# a local path (or a name that may be one: a model alias, a hub id, a data source)
+PathText = Annotated[str, AfterValidator(normalize_path)]
+
+
+class StrictConfig(BaseModel):
+    """A config section whose unknown keys are errors, not silently ignored, and whose numbers are finite:
+    `inf`/`nan` (YAML `.inf`, `.nan`) in any numeric field is an error, never a learning rate or a fraction."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

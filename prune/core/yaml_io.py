@@ -37,8 +37,18 @@ RecipeLoader.add_implicit_resolver(
 )
 
 
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=RecipeLoader)
+def load_yaml(text: str, origin: str = "the YAML") -> Any:
+    """Parse `text`; a syntax error is bad input, reported with its line and column and `origin` (what holds it)."""
+    try:
+        return yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserInputError(
+            f"{origin} is not valid YAML ({problem}{where}); fix the syntax there, quoting values that hold "
+            "YAML's special characters ([ ] { } : # ,), e.g. 'a: [1, 2]' or \"note: 'x # y'\"."
+        ) from None
 
 
 def read_mapping(path: Path, what: str, not_found: str) -> dict[str, Any]:
@@ -46,7 +56,15 @@ def read_mapping(path: Path, what: str, not_found: str) -> dict[str, Any]:
     `what` names the file when it holds no mapping. An empty file is an empty mapping."""
     if not path.is_file():
         raise UserInputError(not_found)
-    raw = load_yaml(path.read_text()) or {}
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserInputError(
+            f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+    raw = load_yaml(text, f"{what} {str(path)!r}") or {}
     if not isinstance(raw, dict):
-        raise UserInputError(f"{what} {str(path)!r} is not a YAML mapping.")
+        raise UserInputError(f"{what} {str(path)!r} is not a YAML mapping of `key: value` lines.")
     return raw

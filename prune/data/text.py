@@ -30,7 +30,7 @@ import torch
 from pydantic import Field, model_validator
 
 from prune.core import hub
-from prune.core.config import StrictConfig
+from prune.core.config import PathText, StrictConfig
 from prune.core.errors import UserInputError
 from prune.data.prose import MOBY_DICK, moby_dick
 
@@ -49,7 +49,7 @@ _C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c
 class DataConfig(StrictConfig):
     """The `data` section for a causal LM: where the text comes from and how it is cut."""
 
-    source: str = Field(EMBEDDED_DOCS, description="embedded-docs, a hub dataset name, or a local file")
+    source: PathText = Field(EMBEDDED_DOCS, description="embedded-docs, a hub dataset name, or a local file")
     config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
     split: str | None = Field(None, description="hub dataset split for calibration/training")
     heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
@@ -102,6 +102,13 @@ def _source_kind(source: str) -> str:
 
 
 def _file_documents(path: Path, text_column: str) -> list[str]:
+    if path.is_dir():
+        examples = sorted(str(child) for child in path.iterdir() if child.suffix.lower() in _FILE_SUFFIXES)[:3]
+        raise UserInputError(
+            f"data source {str(path)!r} is a directory; pass one file in it"
+            + (f" (e.g. {', '.join(examples)})" if examples else "")
+            + f": a .txt/.jsonl/.json/.parquet file, a Hub dataset name or `{EMBEDDED_DOCS}`."
+        )
     if not path.is_file():
         raise UserInputError(
             f"no such file {str(path)!r}; pass an existing .txt/.jsonl/.json/.parquet file, a Hub dataset name "
@@ -111,7 +118,14 @@ def _file_documents(path: Path, text_column: str) -> list[str]:
     if builder is None:
         raise UserInputError(f"{str(path)!r}: unsupported file type; use one of {', '.join(_FILE_SUFFIXES)}.")
     if builder == "text":
-        return [path.read_text(encoding="utf-8")]
+        data = path.read_bytes()
+        try:
+            return [data.decode("utf-8")]
+        except UnicodeDecodeError as error:
+            raise UserInputError(
+                f"{str(path)!r} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}): a binary "
+                "file, or text in another encoding; pass a UTF-8 text file (convert with `iconv -t utf-8`)."
+            ) from None
     import datasets
 
     try:

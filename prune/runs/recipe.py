@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from prune.core.errors import UserInputError
-from prune.core.config import MethodConfig, StrictConfig
+from prune.core.config import MethodConfig, PathText, StrictConfig
 from prune.methods.registry import METHODS, get_method
 from prune.models.runtime import RuntimeConfig
 from prune.data.images import ImageDataConfig
@@ -41,7 +41,8 @@ class ExportConfig(StrictConfig):
 class Recipe(StrictConfig):
     """A whole recipe: what to prune, how, and how to evaluate it."""
 
-    model: str = Field("smollm2-135m", description="an embedded alias, a local save_pretrained directory, or a Hub id")
+    model: PathText = Field("smollm2-135m",
+                            description="an embedded alias, a local save_pretrained directory, or a Hub id")
     task: Literal["causal-lm", "zero-shot-classification", "image-classification"] = Field(
         DEFAULT_TASK, description="causal-lm: text data, perplexity; zero-shot-classification: CLIP on images; "
         "image-classification: an image classifier's own head on images (prune.tasks)")
@@ -53,7 +54,7 @@ class Recipe(StrictConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="which figures to measure")
     export: ExportConfig = Field(default_factory=ExportConfig, description="what model/ holds")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="where and how the model runs")
-    output: str | None = Field(None, description="run directory (default: runs/<recipe name>)")
+    output: PathText | None = Field(None, description="run directory (default: runs/<recipe name>)")
     seed: int = Field(0, description="seed of calibration sampling and everything else the run draws")
 
     @field_validator("data", mode="before")
@@ -122,7 +123,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
             raise UserInputError(f"--set {override!r}: expected KEY=VALUE, e.g. --set method.sparsity=0.5")
-        set_dotted(raw, key.strip(), load_yaml(text), f"--set {override!r}")
+        set_dotted(raw, key.strip(), load_yaml(text, f"the value of --set {override!r}"), f"--set {override!r}")
     return raw
 
 
@@ -146,11 +147,32 @@ def _describe(error: ValidationError, raw: dict[str, Any]) -> str:
             section = ".".join(str(part) for part in item["loc"][:-1])
             allowed = _allowed_keys(section, raw)
             lines.append(f"unknown key {where!r}; allowed keys{' in ' + section if section else ''}: {allowed}")
+        elif item["type"] == "missing" and item["loc"] == ("method",):
+            lines.append(f"the recipe has no `method` section. {MINIMAL_RECIPE}")
+        elif isinstance(item.get("ctx", {}).get("error"), SectionError):  # names its keys already
+            lines.append(item["msg"].removeprefix("Value error, "))
         else:
-            message = item["msg"].removeprefix("Value error, ")
-            worded = isinstance(item.get("ctx", {}).get("error"), SectionError)  # names its keys already
-            lines.append(f"{where}: {message}" if where and not worded else message)
-    return "invalid recipe: " + "; ".join(lines)
+            lines.append(_worded(item, where, error))
+    return "invalid recipe: " + "; ".join(filter(None, lines))
+
+
+MINIMAL_RECIPE = (
+    "A minimal recipe is the single line `method: {name: wanda, sparsity: 2:4}`: model (smollm2-135m), data "
+    "(embedded-docs), eval and output (runs/<file name>) have defaults; recipes/default.yaml spells them all out."
+)
+
+
+def _worded(item: dict, where: str, error: ValidationError) -> str | None:
+    """One field's error as `where: what is wrong` (None when another error of the same field says it)."""
+    if item["type"] == "finite_number":
+        return (f"{where.removesuffix('.float')}: {item['input']!r} is not a finite number; give a number "
+                "(inf and nan are not allowed)")
+    if item["type"] == "string_type" and any(
+        other["type"] == "finite_number" and other["loc"][:-1] == item["loc"][:-1] for other in error.errors()
+    ):
+        return None  # a `str | float` field given inf/nan: its float branch's error says it
+    message = item["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 class SectionError(ValueError):
@@ -165,8 +187,8 @@ def _section_errors(error: ValidationError, section: str, config_class: type[Str
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key {where!r}; allowed keys in {section}: {', '.join(config_class.model_fields)}")
         else:
-            lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
-    return lines
+            lines.append(_worded(item, where, error))
+    return list(filter(None, lines))
 
 
 def _allowed_keys(section: str, raw: dict[str, Any]) -> str:
@@ -181,11 +203,20 @@ def _allowed_keys(section: str, raw: dict[str, Any]) -> str:
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     if not isinstance(raw, dict):
-        raise UserInputError("a recipe must be a YAML mapping with at least `method: {name: ...}`.")
+        raise UserInputError(f"a recipe must be a YAML mapping. {MINIMAL_RECIPE}")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as error:
         raise UserInputError(_describe(error, raw)) from None
+
+
+def parse_options(config_class: type[StrictConfig], options: dict[str, Any]) -> StrictConfig:
+    """A config section built from command-line options (`prune eval --seq-len 0`): errors name the option."""
+    try:
+        return config_class.model_validate(options)
+    except ValidationError as error:
+        problems = [f"--{str(item['loc'][0]).replace('_', '-')} {item['input']!r}: {item['msg']}" for item in error.errors()]
+        raise UserInputError("; ".join(problems) + ".") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
