@@ -35,14 +35,14 @@ def load_clip(spec: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel,
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[CLIPModel, ProcessorMixin]:
-    model_type = AutoConfig.from_pretrained(source, **kwargs).model_type
+    model_type = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs).model_type
     if model_type != "clip":
         raise UserInputError(
             f"{source!r} is a {model_type!r} model; task zero-shot-classification needs a CLIP model "
             "(vision + text towers, e.g. openai/clip-vit-base-patch16). For a causal LM use task: causal-lm."
         )
-    processor = AutoProcessor.from_pretrained(source, **kwargs)
-    model = CLIPModel.from_pretrained(source, dtype=dtype, **kwargs)
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=False, **kwargs)
+    model = CLIPModel.from_pretrained(source, dtype=dtype, trust_remote_code=False, **kwargs)
     return model.eval(), processor
 
 

