@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 from torch import nn
 
 from prune.models.blocks import LINEAR_TYPES, find_blocks, in_out_features
-from prune.core.errors import UserInputError
+from prune.core.errors import UserInputError, summarize_names
 from prune.core.sparsity import Sparsity
 
 
@@ -75,10 +75,11 @@ def nm_compatible(model: nn.Module, names: list[str], m: int, skip_incompatible:
     modules = dict(model.named_modules())
     bad = [name for name in names if in_out_features(modules[name])[0] % m]
     if bad and not skip_incompatible:
-        listed = ", ".join(f"{name} (in={in_out_features(modules[name])[0]})" for name in bad)
+        sizes = ", ".join(str(size) for size in sorted({in_out_features(modules[name])[0] for name in bad}))
         raise UserInputError(
-            f"{len(bad)} targeted layer(s) have an input size not divisible by M={m}: {listed}. "
-            "Exclude them with `method.targets`, or set `method.skip_incompatible: true` to leave them dense."
+            f"{len(bad)} targeted layer(s) have an input size ({sizes}) not divisible by M={m}: "
+            f"{summarize_names(bad)}. Choose an M that divides them, exclude them with `method.targets`, or set "
+            "`method.skip_incompatible: true` to leave them dense."
         )
     return [name for name in names if name not in bad]
 

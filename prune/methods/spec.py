@@ -38,6 +38,7 @@ class HeldOut:
 
 
 ReportFn = Callable[[nn.Module, MethodConfig, HeldOut, dict], dict]
+TargetsFn = Callable[[nn.Module, MethodConfig], list[str]]
 
 
 def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, meta: dict) -> None:
@@ -72,7 +73,12 @@ class MethodSpec:
     `fsdp`: the method may train under an FSDP launch (others are refused and run with DDP).
 
     `tasks` names the kinds of run the method supports (prune.tasks: causal-lm, zero-shot-classification,
-    image-classification); a recipe pairing the method with another task is refused when it is validated."""
+    image-classification); a recipe pairing the method with another task is refused when it is validated.
+
+    `targets(model, config)` names the modules the method masks from the model's structure alone (no
+    forward): the pipeline calls it before the first forward, so a pattern that cannot fit the layers (N:M
+    groups that do not tile them, a glob that matches nothing) fails at once, and `prune export` compares it
+    with the saved masks."""
 
     name: str
     config_class: type[MethodConfig]
@@ -86,3 +92,4 @@ class MethodSpec:
     report: ReportFn | None = None
     fsdp: bool = False  # its masks train sharded under FSDP (verified against DDP in benchmarks/fsdp.py)
     tasks: frozenset[str] = frozenset({"causal-lm"})
+    targets: TargetsFn | None = None

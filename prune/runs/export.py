@@ -1,29 +1,47 @@
 """Rebuild a run's `model/` from the base model and its saved masks, through the method's own load and export
-hooks (weight masks: merged into the weights; structural methods: the smaller model)."""
+hooks (weight masks: merged into the weights; structural methods: the smaller model).
+
+Nothing is written until the run's files agree: masks.json with masks.safetensors (prune.masks.storage, in the
+method's load), both with recipe.yaml (model, method settings), and the masks with the modules the recipe
+targets on the base model."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from prune.runs import run_dir
-from prune.core.errors import UserInputError
+from prune.core.errors import UserInputError, summarize_names
+from prune.masks.storage import CONFIG_FILE, read_mask_config
 from prune.runs.loading import load_model
-from prune.runs.recipe import parse_recipe
+from prune.runs.recipe import Recipe, parse_recipe
 from prune.methods.registry import get_method
-from prune.core.yaml_io import load_yaml
 
 
 def export_run(directory: str | Path) -> Path:
-    """Write `<run>/model/`, loadable by plain `AutoModelForCausalLM.from_pretrained` (or the task's class)."""
+    """Write `<run>/model/`, loadable by plain `AutoModelForCausalLM.from_pretrained` (or the task's class).
+    The run is locked meanwhile: a `prune run` writing it refuses to start, and an export refuses a live run."""
     directory = run_dir.require_run(directory)
-    raw = load_yaml((directory / run_dir.RECIPE_FILE).read_text())
-    method = (raw.get("method") or {}).get("name") if isinstance(raw, dict) else None
+    run_dir.lock(directory)
+    try:
+        return _export(directory)
+    finally:
+        run_dir.release(directory)
+
+
+def _export(directory: Path) -> Path:
+    raw = run_dir.read_recipe(directory)
+    method = raw["method"].get("name") if isinstance(raw.get("method"), dict) else None
     if isinstance(method, str) and get_method(method).restore is not None:
         raise UserInputError(
             f"{directory} was pruned by {method}, whose model chooses what to compute per input and so "
             "has no plain-checkpoint form; the run directory itself holds it: load it with "
             f"prune.load_model({str(directory)!r}) (base model + the saved predictors)."
         )
-    recipe = parse_recipe(raw)
+    try:
+        recipe = parse_recipe(raw)
+    except UserInputError as error:
+        raise UserInputError(f"{directory / run_dir.RECIPE_FILE}: {error}") from None
+    saved = read_mask_config(directory)
+    _check_same_run(directory, saved, recipe)
     if recipe.method.changes_weights:
         raise UserInputError(
             f"{directory} was pruned by {recipe.method.name} with weight updates, which the masks alone cannot "
@@ -31,7 +49,41 @@ def export_run(directory: str | Path) -> Path:
         )
     spec = get_method(recipe.method.name)
     model, tokenizer = load_model(recipe.model, task=recipe.task)  # a CLIP run: the model and its processor
+    _check_targets(directory, model, recipe, set(saved.get("targets") or {}))
     spec.load(model, directory, recipe.method)
     model_dir = directory / run_dir.MODEL_DIR
     run_dir.save_model_atomic(spec.export(model, recipe.method), tokenizer, model_dir)
     return model_dir
+
+
+def _check_same_run(directory: Path, meta: dict, recipe: Recipe) -> None:
+    """masks.json records the model and method section its masks were made with; recipe.yaml must agree."""
+    saved = {"model": meta.get("model"), **(meta.get("config") or {})}
+    wanted = {"model": recipe.model, **recipe.to_dict()["method"]}
+    differ = [key for key in wanted if key in saved and saved[key] != wanted[key]]
+    if differ:
+        shown = "; ".join(f"{key}: {saved[key]!r} in {CONFIG_FILE}, {wanted[key]!r} in {run_dir.RECIPE_FILE}"
+                          for key in differ[:3])
+        raise UserInputError(
+            f"the masks in {directory} were not made by the run its {run_dir.RECIPE_FILE} describes ({shown}). "
+            f"Keep the mask files and {run_dir.RECIPE_FILE} of one run together, or rerun `prune run`."
+        )
+
+
+def _check_targets(directory: Path, model, recipe: Recipe, saved: set[str]) -> None:
+    """The masks cover exactly the modules the recipe targets on this model (none missing, none extra)."""
+    spec = get_method(recipe.method.name)
+    if spec.targets is None:
+        return
+    wanted = set(spec.targets(model, recipe.method))
+    missing, extra = sorted(wanted - saved), sorted(saved - wanted)
+    if missing or extra:
+        details = "; ".join(filter(None, [
+            f"no mask for {summarize_names(missing)}" if missing else "",
+            f"masks for modules it does not target: {summarize_names(extra)}" if extra else "",
+        ]))
+        raise UserInputError(
+            f"the masks in {directory} ({len(saved)}) do not cover the {len(wanted)} modules its "
+            f"{run_dir.RECIPE_FILE} targets: {details}. Keep the mask files and {run_dir.RECIPE_FILE} of one run "
+            "together, or rerun `prune run`."
+        )

@@ -238,4 +238,5 @@ def attach_binary(model: nn.Module, config: BinaryConfig, calibration=None) -> B
 BINARY = MethodSpec(
     "binary", BinaryConfig, attach_binary, kind="learnable", needs_calibration=False, save=save_binary_masks,
     tasks=frozenset({"zero-shot-classification", "image-classification"}),
+    targets=lambda model, config: binary_targets(model, config.targets),
 )

@@ -217,7 +217,8 @@ class NMGumbelConfig(MethodConfig):
         if count > MAX_CANDIDATES:
             raise ValueError(
                 f"{pattern} has {count} candidate patterns per group ({count / pattern.m:.0f} logits per weight); "
-                f"nm_gumbel supports at most {MAX_CANDIDATES}, e.g. 2:4, 1:4, 4:8."
+                f"nm_gumbel enumerates them and supports at most {MAX_CANDIDATES}, e.g. 2:4, 1:4, 4:8. For a "
+                f"larger M use a one-shot method (magnitude, wanda, sparsegpt), which enumerates nothing."
             )
         if self.prior_update_weights and self.prior != "sparsegpt":
             raise ValueError("prior_update_weights applies SparseGPT's weight update; it needs prior: sparsegpt.")
@@ -316,10 +317,14 @@ def transferred_prior(model: nn.Module, names: list[str], pattern: Sparsity, run
     return masks
 
 
+def nm_gumbel_targets(model: nn.Module, config: NMGumbelConfig) -> list[str]:
+    return method_targets(model, config.targets, config.pattern, config.skip_incompatible)
+
+
 def attach_nm_gumbel(model: nn.Module, config: NMGumbelConfig, calibration: Tensor | None) -> NMGumbelObjective:
     """Wrap every target with a learnable N:M mask initialized from the prior; return the training objective."""
     pattern = config.pattern
-    names = method_targets(model, config.targets, pattern, config.skip_incompatible)
+    names = nm_gumbel_targets(model, config)
     priors, updated = compute_prior(model, names, config, pattern, calibration)
     modules = dict(model.named_modules())
     if config.prior_update_weights:
@@ -341,5 +346,6 @@ def attach_nm_gumbel(model: nn.Module, config: NMGumbelConfig, calibration: Tens
 
 
 NM_GUMBEL = MethodSpec(
-    "nm_gumbel", NMGumbelConfig, attach_nm_gumbel, kind="learnable", needs_calibration=True, fsdp=True
+    "nm_gumbel", NMGumbelConfig, attach_nm_gumbel, kind="learnable", needs_calibration=True, fsdp=True,
+    targets=nm_gumbel_targets,
 )

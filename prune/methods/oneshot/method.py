@@ -173,11 +173,11 @@ def prune_from_stats(config: MethodConfig, module: nn.Module, stats) -> tuple[Te
 
 MAGNITUDE = MethodSpec(
     "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False,
-    tasks=frozenset({"causal-lm", "zero-shot-classification"}),
+    tasks=frozenset({"causal-lm", "zero-shot-classification"}), targets=_targets,
 )
 WANDA = MethodSpec(
-    "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True
+    "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True, targets=_targets
 )
 SPARSEGPT = MethodSpec(
-    "sparsegpt", SparseGPTConfig, attach_sparsegpt, kind="oneshot", needs_calibration=True
+    "sparsegpt", SparseGPTConfig, attach_sparsegpt, kind="oneshot", needs_calibration=True, targets=_targets
 )
