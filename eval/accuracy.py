@@ -23,6 +23,7 @@ so a reader can tell a 2-point difference on 200 examples from noise.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import io
 import logging
@@ -211,6 +212,28 @@ def _load_named(name: str, *, local: bool, offline: bool) -> list:
     if name in groups:  # keep the group so lm-eval aggregates it
         return [groups[name]]
     return list(loaded["tasks"].values())
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Raise TaskUnavailableError at once, before any model work, for a task that cannot run: a name that is
+    neither local nor in lm-eval's registry (close names suggested), or, with the Hub unreachable, a Hub
+    task whose dataset is not in the local cache."""
+    local = set(local_tasks())
+    remote = [name for name in dict.fromkeys(tasks) if name not in local]
+    if not remote:
+        return
+    registry = _full_task_manager().all_tasks
+    for name in remote:
+        if name not in registry:
+            close = difflib.get_close_matches(name, [*registry, *local], n=3)
+            raise TaskUnavailableError(
+                f"unknown task {name!r}: not in lm-eval's registry nor in {TASKS_DIR}"
+                + (f"; did you mean {', '.join(close)}?" if close else f" (local tasks: {', '.join(sorted(local))})")
+            )
+    if not hub_reachable():
+        with _quiet():
+            for name in remote:
+                _load_named(name, local=False, offline=True)
 
 
 # ------------------------------------------------------------------------------------- scoring

@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import shlex
 import sys
 import textwrap
 from pathlib import Path
 
 from eval.metric_errors import NonFiniteError
 from prune.data.prose import MOBY_DICK
+
+# what a full, read-only or forbidden output looks like: bad input (exit 2), not a crash
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what to do next (e.g. the exact command that resumes the run)."""
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -17,28 +28,48 @@ def _run(args: argparse.Namespace) -> None:
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     recipe = load_recipe(args.recipe, overrides)
-    report = run(recipe, overwrite=args.overwrite, resume=args.resume)
+    try:
+        report = run(recipe, overwrite=args.overwrite, resume=args.resume)
+    except KeyboardInterrupt:
+        raise Interrupted(_resume_hint(args, recipe.output)) from None
     if report is not None:  # None on the non-main processes of `accelerate launch`
         print(render(report))
         print(f"\nrun directory: {recipe.output}")
 
 
+def _resume_hint(args: argparse.Namespace, output: str) -> str:
+    """The exact command that continues an interrupted run, when it left a checkpoint to continue from."""
+    from prune.runs.run_dir import checkpoint_step
+
+    step = checkpoint_step(output)
+    if step is None:
+        return f"no training checkpoint was written in {output}; run the same command again to start over."
+    sets = [part for value in args.set for part in ("--set", value)]
+    command = ["prune", "run", args.recipe, *sets, "--output", output, "--resume"]
+    return f"the last checkpoint (step {step}) is in {output}. Resume with:\n  {shlex.join(command)}"
+
+
 def _eval(args: argparse.Namespace) -> None:
     from eval.tables import render_table
     from prune.runs import run_dir
-    from prune.data.text import prepare, prepare_extra
-    from prune.tasks.causal_lm import measure
+    from prune.data.text import DataConfig, prepare, prepare_extra
+    from prune.tasks.causal_lm import check_eval_tasks, measure
     from prune.runs.loading import load_model
-    from prune.data.text import DataConfig
+    from prune.models.loading import check_seq_len
+    from prune.runs.recipe import parse_options
     from prune.tasks.eval_config import EvalConfig
     from prune.runs.report import columns, summary_row
 
+    data = parse_options(DataConfig, {"source": args.data, "seq_len": args.seq_len})
+    config = parse_options(EvalConfig, {"tasks": args.tasks, "extra_texts": args.extra_texts, "limit": args.limit,
+                                        "latency": not args.no_latency})
     given = Path(args.model)
     is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
     spec = str(given / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
     model, tokenizer = load_model(spec)
-    data = DataConfig(source=args.data, seq_len=args.seq_len)
-    config = EvalConfig(tasks=args.tasks, extra_texts=args.extra_texts, limit=args.limit, latency=not args.no_latency)
+    check_seq_len(model, data.seq_len, args.model, "--seq-len")
+    if config.tasks:
+        check_eval_tasks(config, "--tasks")
     splits = prepare(tokenizer, data.source, heldout_fraction=data.heldout_fraction,
                      validation_fraction=data.validation_fraction)
     extra = prepare_extra(tokenizer, config.extra_texts, data.seq_len, heldout_fraction=data.heldout_fraction,
@@ -94,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="YAML recipe, e.g. recipes/default.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     run.add_argument("--output", help="run directory (default: the recipe's `output`)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a MaskPrune run in the output directory (only its own files are removed)")
     run.add_argument("--resume", action="store_true", help="continue training from the run's last checkpoint")
     run.set_defaults(handler=_run)
 
@@ -145,8 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except OSError as error:
+        if error.errno not in DISK_ERRORS:
+            raise
+        print(textwrap.fill(
+            f"error: cannot use {error.filename or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}). "
+            "Free space or fix the permissions there, or choose another --output on a writable disk, then run the "
+            "command again; every file written so far is whole (written atomically) and nothing was deleted.",
+            width=100), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted; {interrupt}" if isinstance(interrupt, Interrupted) else "interrupted", file=sys.stderr)
         return 130
     return 0
 

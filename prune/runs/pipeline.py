@@ -18,13 +18,13 @@ from accelerate import PartialState
 import torch
 
 from prune.core.atomic import write_json_atomic
-from prune.core.errors import UserInputError
 from prune.masks.base import achieved_sparsity
 from prune.methods.registry import get_method
 from prune.methods.spec import MethodSpec
 from prune.runs import run_dir
 from prune.runs.loading import load_model
 from prune.runs.placed import attach_kwargs, place, prepare_runtime, run_streamed
+from prune.runs.preflight import check_model, check_recipe
 from prune.runs.recipe import Recipe
 from prune.runs.report import with_dense, write_report
 from prune.tasks.base import Task
@@ -33,8 +33,6 @@ from prune.core.rng import seed_all
 from prune.training.checkpoint import load_params
 from prune.training.curve import training_curve
 from prune.training.trainer import TrainResult, train, trainable_parameters
-
-DENSE_FILE = "dense.json"
 
 
 @contextmanager
@@ -46,27 +44,41 @@ def timed(timings: dict[str, float], stage: str):
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dict | None:
     """Prune `recipe.model` as the recipe says and write the run directory; returns report.json's content
-    (None on the non-main processes of a distributed run)."""
+    (None on the non-main processes of a distributed run). Everything that can be checked without computing
+    (the recipe, the output directory, the model, the data) is checked before the output is claimed, and the
+    claim's lock is released however the run ends."""
+    try:
+        return _run(recipe, overwrite=overwrite, resume=resume)
+    finally:
+        run_dir.release(recipe.output)
+
+
+def _claim(recipe: Recipe, state: PartialState, overwrite: bool, resume: bool) -> None:
+    if state.is_main_process:
+        run_dir.claim(recipe.output, recipe.to_dict(), overwrite=overwrite, resume=resume)
+    state.wait_for_everyone()
+
+
+def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
     spec = get_method(recipe.method.name)
-    if spec.kind == "oneshot" and recipe.train.steps:
-        raise UserInputError(f"method {spec.name!r} is one-shot; train.steps applies to learnable methods only.")
-    if resume and spec.kind == "oneshot":
-        raise UserInputError(f"method {spec.name!r} is one-shot and has nothing to resume; run without --resume.")
+    check_recipe(recipe, spec, resume)
     runtime = prepare_runtime(recipe)
     state = PartialState(cpu=runtime.device.type == "cpu")  # the trainer's Accelerator follows runtime.device
-    directory = Path(recipe.output)
     if state.is_main_process:
-        run_dir.claim(directory, recipe.to_dict(), overwrite=overwrite, resume=resume)
-    state.wait_for_everyone()
+        run_dir.check(recipe.output, recipe.to_dict(), overwrite=overwrite, resume=resume)
+    directory = Path(recipe.output)
     timings: dict[str, float] = {}
     if runtime.streams:
-        return run_streamed(recipe, runtime, directory, timings, timed)
+        return run_streamed(recipe, runtime, directory, timings, timed,
+                            claim=lambda: _claim(recipe, state, overwrite, resume))
 
     with timed(timings, "load"):
         model, processor = load_model(recipe.model, runtime.dtype, task=recipe.task)
+        check_model(model, recipe, spec)  # targets, seq_len, task names: before any data and the first forward
         task = get_task(recipe.task)(place(model, runtime), processor, recipe, runtime.device)
         task.check_data(spec)  # every part of the data holds what the run needs, before any forward
         calibration = task.calibration() if spec.needs_calibration else None
+    _claim(recipe, state, overwrite, resume)
     dense = None
     if recipe.eval.dense_baseline and state.is_main_process:
         with timed(timings, "dense_eval"):
@@ -137,7 +149,7 @@ def _report(recipe: Recipe, spec: MethodSpec, task: Task, achieved: float, field
 
 def _cached_dense(directory: Path, resume: bool, compute) -> dict:
     """The dense baseline, measured once per run directory (a resumed run reuses it)."""
-    saved = directory / DENSE_FILE
+    saved = directory / run_dir.DENSE_FILE
     if resume and saved.is_file():
         return json.loads(saved.read_text())
     figures = compute()
@@ -158,11 +170,11 @@ def _train(task: Task, objective, recipe: Recipe, directory: Path, resume: bool,
 def _plot_training(directory: Path, recipe: Recipe, units_per_sample: int, unit: str) -> None:
     """train_curve.png: held-out score of the hard masks vs training tokens/images seen (all processes)."""
     per_step = recipe.train.batch_size * recipe.train.grad_accum * units_per_sample
-    training_curve(directory / "train" / "train_log.jsonl", per_step, unit, directory / "train_curve.png")
+    training_curve(directory / run_dir.TRAIN_DIR / "train_log.jsonl", per_step, unit, directory / run_dir.CURVE_FILE)
 
 
 def _keep_best(model, objective, directory: Path, result: TrainResult) -> None:
     """Load the masks of the best periodic evaluation (when there was one) back into the model."""
-    best = directory / "train" / "best.safetensors"
+    best = directory / run_dir.TRAIN_DIR / "best.safetensors"
     if result.best_step is not None and best.is_file():
         load_params(best, trainable_parameters(model, objective), "Start the run over with --overwrite.")

@@ -85,8 +85,9 @@ def attach_kwargs(spec: MethodSpec, runtime: Runtime) -> dict:
     return {"placement": OnDevice(runtime.device)} if runtime.offload == "cpu" and spec.name in PLACED_METHODS else {}
 
 
-def run_streamed(recipe: Recipe, runtime: Runtime, directory: Path, timings: dict, timed) -> dict:
-    """The run under runtime.offload: disk: model/ written shard by shard, perplexity block by block."""
+def run_streamed(recipe: Recipe, runtime: Runtime, directory: Path, timings: dict, timed, claim) -> dict:
+    """The run under runtime.offload: disk: model/ written shard by shard, perplexity block by block.
+    `claim()` claims the output once the inputs are loaded, before anything is written."""
     model_dir = local_model_dir(recipe.model)
     data, config, seq_len = recipe.data, recipe.method, recipe.data.seq_len
     with timed(timings, "load"):
@@ -96,6 +97,7 @@ def run_streamed(recipe: Recipe, runtime: Runtime, directory: Path, timings: dic
                          heldout_fraction=data.heldout_fraction)
         calibration = splits.calibration_blocks(data.calibration_samples, seq_len, recipe.seed)
     heldout = splits.test_blocks(seq_len)
+    claim()
     figures = {"device": runtime.device, "dtype": runtime.dtype}
     report: dict = {"model": recipe.model, "method": config.name, "recipe_fingerprint": recipe.fingerprint()}
     if recipe.eval.dense_baseline and recipe.eval.perplexity:

@@ -264,6 +264,7 @@ class SharedModel:
         }
         finish_report(report, point, dense, layers, {"calibration": NOTE, **self.timings})
         write_report(directory, report)
+        run_dir.release(directory)
         return report
 
 

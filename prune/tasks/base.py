@@ -51,6 +51,11 @@ class Task(ABC):
     def load_model(cls, spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
         """(model in eval mode, tokenizer or processor) for an alias, a model directory or a Hub id."""
 
+    @classmethod
+    def check_model(cls, model: nn.Module, settings: RunSettings) -> None:
+        """Raise UserInputError for what the loaded model rules out before any data is read (nothing by default):
+        run before the output directory is claimed and before the first forward."""
+
     @staticmethod
     @abstractmethod
     def note(report: dict) -> str:

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from eval.accuracy import accuracy_scores
+from eval.accuracy import accuracy_scores, check_tasks
 from eval.bootstrap import perplexity_ci
 from eval.flops import count_flops, count_params
 from eval.latency import measure_latency
+from eval.metric_errors import TaskUnavailableError
 from eval.perplexity import perplexity
 from eval.semi_structured import semi_structured_speedup
+from prune.core.errors import UserInputError
 from prune.data.text import DataConfig, TokenSplits, prepare, prepare_extra
 from prune.methods.spec import HeldOut
 from prune.models import loading
@@ -125,6 +127,13 @@ class CausalLM(Task):
             return load_resized(str(path), dtype).eval(), loading.load_tokenizer(str(path))
         return loading.load(spec, dtype)
 
+    @classmethod
+    def check_model(cls, model: nn.Module, settings: RunSettings) -> None:
+        """Before any text is read: a window longer than the model's positions, accuracy tasks that cannot run."""
+        loading.check_seq_len(model, settings.data.seq_len, settings.model)
+        if settings.eval.tasks:
+            check_eval_tasks(settings.eval)
+
     @staticmethod
     def note(report: dict) -> str:
         """Which text each perplexity read: the test part of the source (and of each out-of-domain text); what
@@ -198,3 +207,12 @@ class CausalLM(Task):
         return HeldOut(windows.to(next(self.model.parameters()).device), name="windows",
                        unit="tokens", per_sample=self.seq_len,
                        flops=lambda model: count_flops(model, self.seq_len).dense)
+
+
+def check_eval_tasks(config: EvalConfig, setting: str = "eval.tasks") -> None:
+    """Every accuracy task can run (a known name; offline, a cached dataset): checked before the first forward,
+    so a typo does not surface after minutes of dense evaluation."""
+    try:
+        check_tasks(config.tasks)
+    except TaskUnavailableError as error:
+        raise UserInputError(f"{error}. Fix {setting}, or leave accuracy out ({setting} empty).") from None
