@@ -162,7 +162,8 @@ def read_masks(directory: str | Path) -> tuple[dict[str, Tensor], dict]:
     targets = config.get("targets")
     described = isinstance(targets, dict) and all(isinstance(info, dict) for info in targets.values())
     if not described or config.get("format_version") != FORMAT_VERSION:
-        raise UserInputError(f"{config_path} is not a MaskPrune mask description (format {FORMAT_VERSION}). {_RECREATE}")
+        raise UserInputError(f"{config_path} is not a MaskPrune mask description (format {FORMAT_VERSION}). "
+                             f"{_RECREATE}")
     if set(tensors) != set(targets):
         missing, extra = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
         raise UserInputError(
