@@ -380,7 +380,7 @@ CASES = [
          lambda lab: (disk_error(lab, "prune.runs.report.write_text_atomic", errno.ENOSPC), lab.run())[1], 2,
          "the disk is full", rerun_succeeds),
     Case("permission denied writing masks", "7",
-         lambda lab: (disk_error(lab, "prune.masks.storage.save_file", errno.EACCES), lab.run())[1], 2,
+         lambda lab: (disk_error(lab, "prune.core.atomic.save_file", errno.EACCES), lab.run())[1], 2,
          "permission denied", staged_files_gone),
     Case("seq_len above a GPT-2's positions", "7",
          lambda lab: lab.run("--set", f"model={lab.root / 'gpt2'}", "--set", "data.seq_len=512"), 2,
@@ -399,7 +399,7 @@ CASES = [
     Case("seq_len above a Llama's positions", "10", lambda lab: lab.run("--set", "data.seq_len=512"), 2,
          "data.seq_len 512 is longer than the 256 positions", no_output),
     Case("targets that match nothing", "11", lambda lab: lab.run("--set", "method.targets=['*.nothing']"), 2,
-         "match no", no_output),
+         "matches no", no_output),
     Case("more calibration blocks than the data holds", "11",
          lambda lab: lab.run("--set", "data.calibration_samples=100000"), 2, "calibration blocks", no_output),
     Case("2:5 does not tile the layers", "12",
@@ -427,6 +427,9 @@ CASES = [
     Case("Ctrl-C says how to resume", "14", interrupted, 130, "Resume with: prune run", resume_command_works),
     Case("a model that ships its own code", "14", remote_code, 2, "never runs a model repository's code",
          no_code_ran),
+    Case("prune run of a model that ships its own code", "14",
+         lambda lab: (remote_code(lab), lab.run("--set", f"model={lab.tmp / 'remote'}"))[1], 2,
+         "never runs a model repository's code", no_code_ran),
 ]
 
 
@@ -542,22 +545,28 @@ def test_every_model_load_passes_trust_remote_code_false(monkeypatch, tmp_path, 
     """A config with an auto_map would make transformers ask on the terminal and, answered 'y', run its code."""
     import transformers
 
+    from prune.calibration.streaming import skeleton
+    from prune.models.preflight import model_size
     from prune.runs.loading import load_model
     from prune.structural.shrink import LAYER_SIZES_KEY
 
     calls = []
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig,
-                transformers.AutoProcessor, transformers.CLIPModel):
-        original = cls.from_pretrained.__func__
+    for cls, method in [(transformers.AutoModelForCausalLM, "from_pretrained"),
+                        (transformers.AutoModelForCausalLM, "from_config"), (transformers.AutoTokenizer, "from_pretrained"),
+                        (transformers.AutoConfig, "from_pretrained"), (transformers.AutoProcessor, "from_pretrained"),
+                        (transformers.CLIPModel, "from_pretrained")]:
+        original = getattr(cls, method).__func__
 
-        def spy(klass, *args, _original=original, _name=cls.__name__, **kwargs):
+        def spy(klass, *args, _original=original, _name=f"{cls.__name__}.{method}", **kwargs):
             calls.append((_name, kwargs.get("trust_remote_code", "unset")))
             return _original(klass, *args, **kwargs)
 
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+        monkeypatch.setattr(cls, method, classmethod(spy))
     model_dir = save_tiny_model(tmp_path / "llama")
     load_model(str(model_dir))
     load_model(str(clip_dir), task="zero-shot-classification")
+    model_size(model_dir)  # the memory preflight and the streamed path build skeletons from the config
+    skeleton(model_dir, torch.float32)
 
     class Stop(Exception):
         pass
@@ -569,8 +578,9 @@ def test_every_model_load_passes_trust_remote_code_false(monkeypatch, tmp_path, 
     write(model_dir / "config.json", json.dumps({**config, LAYER_SIZES_KEY: []}))
     with pytest.raises(Stop):
         load_model(str(model_dir))
-    names = {name for name, _ in calls}
+    names = {name.split(".")[0] for name, _ in calls}
     assert {"AutoModelForCausalLM", "AutoTokenizer", "AutoConfig", "AutoProcessor", "CLIPModel"} <= names
+    assert "AutoModelForCausalLM.from_config" in {name for name, _ in calls}
     assert all(value is False for _, value in calls), calls
 
 

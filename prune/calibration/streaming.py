@@ -24,14 +24,16 @@ from prune.calibration.layerwise import (
 )
 from prune.calibration.placement import FromShards, release_freed_memory
 from prune.models.blocks import find_blocks
+from prune.models.loading import checkpoint_errors
 from prune.models.shards import ShardedWriter, ShardReader, TensorSpec
 
 
 def skeleton(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
     """The model of `model_dir` with every parameter on the meta device."""
-    config = AutoConfig.from_pretrained(model_dir)
+    with checkpoint_errors(str(model_dir)):
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     model.config.dtype = dtype
     return model.eval()
 

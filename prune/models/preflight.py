@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from prune.core.errors import UserInputError
 from prune.models.blocks import find_blocks
+from prune.models.loading import checkpoint_errors
 from prune.models.runtime import Runtime
 
 GB = 1024**3
@@ -37,9 +38,10 @@ class ModelSize:
 
 def model_size(model_dir: Path) -> ModelSize:
     """Parameter counts of the model a directory's config.json describes (no weight is read)."""
-    config = AutoConfig.from_pretrained(model_dir)
+    with checkpoint_errors(str(model_dir)):
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     _, blocks = find_blocks(model)
     largest = max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
     return ModelSize(sum(p.numel() for p in model.parameters()), largest)
