@@ -140,19 +140,20 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any, origin: str) -> Non
 
 
 def _describe(error: ValidationError, raw: dict[str, Any]) -> str:
-    lines = []
+    lines, unknown = [], {}  # unknown keys by section: one line per section, its allowed keys said once
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            section = ".".join(str(part) for part in item["loc"][:-1])
-            allowed = _allowed_keys(section, raw)
-            lines.append(f"unknown key {where!r}; allowed keys{' in ' + section if section else ''}: {allowed}")
+            unknown.setdefault(".".join(str(part) for part in item["loc"][:-1]), []).append(repr(where))
         elif item["type"] == "missing" and item["loc"] == ("method",):
             lines.append(f"the recipe has no `method` section. {MINIMAL_RECIPE}")
         elif isinstance(item.get("ctx", {}).get("error"), SectionError):  # names its keys already
             lines.append(item["msg"].removeprefix("Value error, "))
         else:
             lines.append(_worded(item, where, error))
+    for section, keys in unknown.items():
+        lines.append(f"unknown key{'s' if len(keys) > 1 else ''} {', '.join(keys)}; allowed keys"
+                     f"{' in ' + section if section else ''}: {_allowed_keys(section, raw)}")
     return "invalid recipe: " + "; ".join(filter(None, lines))
 
 
