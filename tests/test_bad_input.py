@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from prune.cli import main
 from prune.runs import run_dir
-from tests.conftest import docs_text, save_tiny_model
+from tests.conftest import docs_text, save_tiny_model, save_tiny_resnet
 
 
 @dataclass
@@ -106,7 +106,7 @@ def fail_on_forward(lab: Lab) -> None:
     """Any measurement (the dense evaluation is the first forward) fails the row: the check must come first."""
     def forward(*args, **kwargs):
         raise AssertionError("a forward ran before the check")
-    lab.monkeypatch.setattr("prune.runs.pipeline.measure", forward)
+    lab.monkeypatch.setattr("prune.tasks.causal_lm.measure", forward)
 
 
 def disk_error(lab: Lab, target: str, code: int) -> None:
@@ -401,7 +401,8 @@ CASES = [
     Case("targets that match nothing", "11", lambda lab: lab.run("--set", "method.targets=['*.nothing']"), 2,
          "matches no", no_output),
     Case("more calibration blocks than the data holds", "11",
-         lambda lab: lab.run("--set", "data.calibration_samples=100000"), 2, "calibration blocks", no_output),
+         lambda lab: lab.run("--set", "data.calibration_samples=100000"), 2, "calibration_samples=100000 needs",
+         no_output),
     Case("2:5 does not tile the layers", "12",
          lambda lab: (fail_on_forward(lab), lab.run("--set", "method.sparsity=2:5"))[1], 2,
          "14 targeted layer(s) have an input size (64, 128) not divisible by M=5: 14 of them "
@@ -554,7 +555,9 @@ def test_every_model_load_passes_trust_remote_code_false(monkeypatch, tmp_path, 
     for cls, method in [(transformers.AutoModelForCausalLM, "from_pretrained"),
                         (transformers.AutoModelForCausalLM, "from_config"), (transformers.AutoTokenizer, "from_pretrained"),
                         (transformers.AutoConfig, "from_pretrained"), (transformers.AutoProcessor, "from_pretrained"),
-                        (transformers.CLIPModel, "from_pretrained")]:
+                        (transformers.CLIPModel, "from_pretrained"),
+                        (transformers.AutoModelForImageClassification, "from_pretrained"),
+                        (transformers.AutoImageProcessor, "from_pretrained")]:
         original = getattr(cls, method).__func__
 
         def spy(klass, *args, _original=original, _name=f"{cls.__name__}.{method}", **kwargs):
@@ -565,6 +568,7 @@ def test_every_model_load_passes_trust_remote_code_false(monkeypatch, tmp_path, 
     model_dir = save_tiny_model(tmp_path / "llama")
     load_model(str(model_dir))
     load_model(str(clip_dir), task="zero-shot-classification")
+    load_model(str(save_tiny_resnet(tmp_path / "resnet")), task="image-classification")
     model_size(model_dir)  # the memory preflight and the streamed path build skeletons from the config
     skeleton(model_dir, torch.float32)
 
@@ -579,7 +583,8 @@ def test_every_model_load_passes_trust_remote_code_false(monkeypatch, tmp_path, 
     with pytest.raises(Stop):
         load_model(str(model_dir))
     names = {name.split(".")[0] for name, _ in calls}
-    assert {"AutoModelForCausalLM", "AutoTokenizer", "AutoConfig", "AutoProcessor", "CLIPModel"} <= names
+    assert {"AutoModelForCausalLM", "AutoTokenizer", "AutoConfig", "AutoProcessor", "CLIPModel",
+            "AutoModelForImageClassification", "AutoImageProcessor"} <= names
     assert "AutoModelForCausalLM.from_config" in {name for name, _ in calls}
     assert all(value is False for _, value in calls), calls
 

@@ -40,16 +40,16 @@ def load_image_classifier(spec: str, dtype: torch.dtype = torch.float32) -> tupl
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, object]:
-    model_type = AutoConfig.from_pretrained(source, **kwargs).model_type
+    model_type = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs).model_type
     try:
-        model = AutoModelForImageClassification.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForImageClassification.from_pretrained(source, dtype=dtype, trust_remote_code=False, **kwargs)
     except ValueError:  # transformers: "Unrecognized configuration class ... for AutoModelForImageClassification"
         raise UserInputError(
             f"{source!r} is a {model_type!r} model, not an image classifier; task image-classification needs a "
             "model with a classification head (AutoModelForImageClassification, e.g. microsoft/resnet-50). For "
             "CLIP use task: zero-shot-classification; for a causal LM, task: causal-lm."
         ) from None
-    return model.eval(), AutoImageProcessor.from_pretrained(source, **kwargs)
+    return model.eval(), AutoImageProcessor.from_pretrained(source, trust_remote_code=False, **kwargs)
 
 
 def resnet_digits_dir() -> Path:

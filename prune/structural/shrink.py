@@ -213,7 +213,7 @@ def _resize_layers(model: PreTrainedModel, config) -> None:
 
 def build_model(config, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A randomly initialised model of `config`'s (possibly per-layer) sizes, ready for `load_state_dict`."""
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     if getattr(config, LAYER_SIZES_KEY, None):
         _resize_layers(model, config)
     return model.eval()
