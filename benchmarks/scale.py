@@ -42,6 +42,25 @@ PRESETS = {  # the models' own config.json numbers
 CALIBRATION = (8, 128)  # random-weight cases: samples x tokens
 QUALITY_CALIBRATION = (32, 512)  # real SmolLM2-135M: samples x tokens, held-out windows of 512
 STREAM_LIMIT_MB = 3 * 1024  # the 7B goal: streamed from disk in <= 3 GB
+HEADER = """## Scale: one-shot 2:4 of real architectures, in memory and streamed from disk
+
+Random bfloat16 weights from each model's real config (seeded, generated shard by shard); quality is meaningless
+on them, so only cost is reported. Calibration 8 x 128 random tokens, one torch thread, on a 2-core CPU shared
+with other jobs (load average about 6, so wall times are pessimistic and vary run to run). Each case runs in a
+fresh process; peak RSS is that process's `ru_maxrss`. *memory*: `from_pretrained` in bfloat16, pruned in place
+block by block, `save_pretrained`. *stream*: `runtime.offload: disk` (`stream_prune`): one decoder block resident,
+read with `pread`, written shard by shard, freed heap returned with `malloc_trim`. *prune (s)*: the block-by-block
+part (streamed: all of it, reads and writes included); *s/block* = prune / layers. RSS goals: streamed <= 3 GB
+(the Llama-2-7B goal, applied to every streamed row); in memory <= 1.25 x the model's bf16 bytes + 1 GB.
+*exactly 2:4*: every decoder-block projection of the output, read tensor by tensor, has at most 2 nonzeros in
+every group of 4 along its input dimension. *loads*: the output's index and shard headers (parsed by
+safetensors) name exactly the tensors of transformers' own meta-device skeleton of the model, with their shapes
+and dtypes (a tied head absent), which is what `from_pretrained` reads."""
+QUALITY_NOTE = """
+Real SmolLM2-135M (`smollm2-135m`), loaded in each dtype, pruned by the method's own attach (the pipeline's
+in-memory path: SparseGPT's Hessian and inverse stay float32), merged; calibration {samples} x {seq} tokens from
+the embedded CPython docs (seed 0), perplexity over the held-out tail in {seq}-token windows ({tokens} tokens).
+"""
 
 
 def generate(directory: Path, preset: str, seed: int = 0) -> None:
@@ -262,7 +281,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def render(rows: list[dict]) -> str:
     cost = [r for r in rows if r["kind"] == "cost"]
     quality = {(r["method"], r["dtype"]): r for r in rows if r["kind"] == "quality"}
-    lines = ["| shape | params | bytes (bf16) | mode | method | wall (s) | prune (s) | s/block | peak RSS (MB) | "
+    lines = [HEADER, "", "| shape | params | bytes (bf16) | mode | method | wall (s) | prune (s) | s/block | peak RSS (MB) | "
              "RSS goal (MB) | met | exactly 2:4 | loads |", "|" + "---|" * 13]
     for r in sorted(cost, key=lambda r: (r["params"], r["method"], r["mode"])):
         limit, met = goal(r)
@@ -287,6 +306,11 @@ def render(rows: list[dict]) -> str:
                 fp32, bf16 = quality[method, "float32"]["perplexity"], quality[method, "bfloat16"]["perplexity"]
                 text += (f"| {method}{' 2:4' if method != 'dense' else ''} | {fp32:.2f} | {bf16:.2f} | "
                          f"{bf16 / fp32:.3f} | {'yes' if abs(bf16 / fp32 - 1) <= 0.03 else 'NO'} |\n")
+    if quality:
+        text += QUALITY_NOTE.format(samples=QUALITY_CALIBRATION[0], seq=QUALITY_CALIBRATION[1],
+                                    tokens=next(iter(quality.values()))["tokens"])
+    missed = [f"{r['model']} {r['method']} {r['mode']}" for r in cost if not goal(r)[1] or not r["exactly_2_4"]]
+    text += "\nGoals not met: " + (", ".join(missed) if missed else "none among the rows above") + ".\n"
     commands = sorted({r["command"] for r in rows})
     return text + "\nCommands (`PYTHONPATH=. OMP_NUM_THREADS=1`):\n\n" + "\n".join(f"    {c}" for c in commands)
 
