@@ -250,6 +250,16 @@ def slope(rows: list[dict]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
+def affine(rows: list[dict]) -> tuple[float, float] | None:
+    """Least-squares s/block = a + b * block params: (a seconds, b seconds per million parameters)."""
+    points = [(r["block_params"] / 1e6, r["s_per_block"]) for r in rows]
+    if len({x for x, _ in points}) < 2:
+        return None
+    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - b * mx, b
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -281,8 +291,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def render(rows: list[dict]) -> str:
     cost = [r for r in rows if r["kind"] == "cost"]
     quality = {(r["method"], r["dtype"]): r for r in rows if r["kind"] == "quality"}
-    lines = [HEADER, "", "| shape | params | bytes (bf16) | mode | method | wall (s) | prune (s) | s/block | peak RSS (MB) | "
-             "RSS goal (MB) | met | exactly 2:4 | loads |", "|" + "---|" * 13]
+    lines = [HEADER, "", "| shape | params | bytes (bf16) | mode | method | wall (s) | prune (s) | s/block | "
+             "peak RSS (MB) | RSS goal (MB) | met | exactly 2:4 | loads |", "|" + "---|" * 13]
     for r in sorted(cost, key=lambda r: (r["params"], r["method"], r["mode"])):
         limit, met = goal(r)
         lines.append(f"| {r['model']} | {r['params'] / 1e9:.3f} B | {r['bytes'] / 1e9:.2f} GB | {r['mode']} | "
@@ -292,10 +302,12 @@ def render(rows: list[dict]) -> str:
     exponents = []
     for method in sorted({r["method"] for r in cost}):
         for mode in ("memory", "stream"):
-            chosen = [r for r in cost if r["method"] == method and r["mode"] == mode]
-            value = slope(chosen)
+            chosen = sorted((r for r in cost if r["method"] == method and r["mode"] == mode),
+                            key=lambda r: r["params"])
+            value, line = slope(chosen), affine(chosen)
             if value is not None:
-                exponents.append(f"{method} {mode}: **{value:.2f}** over {', '.join(r['model'] for r in chosen)}")
+                exponents.append(f"{method} {mode}: **{value:.2f}** over {', '.join(r['model'] for r in chosen)} "
+                                 f"(affine fit: {line[0]:.2f} s + {line[1]:.3f} s per million block parameters)")
     text = "\n".join(lines) + "\n\nExponent of s/block against block parameters (log-log least squares): " + (
         "; ".join(exponents) or "-") + ".\n"
     if quality:
