@@ -1,17 +1,26 @@
-"""Scale benchmark (issue 12): cost of one-shot 2:4 pruning of real architectures, in memory and streamed from disk.
+"""Scale benchmark (issue 12): cost of one-shot 2:4 pruning of real architectures, in memory and streamed from
+disk, and the float32 vs bfloat16 perplexity of the real SmolLM2-135M after one-shot 2:4.
 
-    python benchmarks/scale.py --presets smollm2-135m smollm2-360m --work /tmp/scale   # writes the `scale` section
+    python benchmarks/scale.py --presets smollm2-135m llama-2-7b --methods wanda --modes stream --work /tmp/scale
+    python benchmarks/scale.py --quality wanda sparsegpt --work /tmp/scale
+    python benchmarks/scale.py --write --work /tmp/scale      # the `scale` section and scale.png from every row
 
 Random bfloat16 weights (quality is meaningless; only cost is reported): each model is generated from its real
 config shard by shard, every tensor from its own generator seeded by (seed, name), so generation never holds the
-model. Each case runs in a fresh subprocess (`--case`) so its peak RSS is its own, with one torch thread.
-Calibration: 8 x 128 random tokens. The streamed output is checked tensor by tensor to be exactly 2:4.
+model. Each case runs in a fresh subprocess (`--case`) with one torch thread, so its peak RSS is its own.
+Calibration: 8 x 128 random tokens. "memory": `from_pretrained` in bfloat16, pruned in place block by block by the
+layer-by-layer driver (no copy of the original weights, no mask kept), then `save_pretrained`. "stream": the
+`runtime.offload: disk` path (`stream_prune`), one block resident. Every output is checked tensor by tensor to be
+exactly 2:4 in its targets, and to load with transformers (the index and shard headers against the model's own
+meta-device skeleton: every tensor present with its shape and dtype). Finished rows accumulate in
+`<work>/rows.jsonl`, so presets can run in separate invocations; `--write` renders them all.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -30,6 +39,28 @@ PRESETS = {  # the models' own config.json numbers
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
+CALIBRATION = (8, 128)  # random-weight cases: samples x tokens
+QUALITY_CALIBRATION = (32, 512)  # real SmolLM2-135M: samples x tokens, held-out windows of 512
+STREAM_LIMIT_MB = 3 * 1024  # the 7B goal: streamed from disk in <= 3 GB
+HEADER = """## Scale: one-shot 2:4 of real architectures, in memory and streamed from disk
+
+Random bfloat16 weights from each model's real config (seeded, generated shard by shard); quality is meaningless
+on them, so only cost is reported. Calibration 8 x 128 random tokens, one torch thread, on a 2-core CPU shared
+with other jobs (load average about 6, so wall times are pessimistic and vary run to run). Each case runs in a
+fresh process; peak RSS is that process's `ru_maxrss`. *memory*: `from_pretrained` in bfloat16, pruned in place
+block by block, `save_pretrained`. *stream*: `runtime.offload: disk` (`stream_prune`): one decoder block resident,
+read with `pread`, written shard by shard, freed heap returned with `malloc_trim`. *prune (s)*: the block-by-block
+part (streamed: all of it, reads and writes included); *s/block* = prune / layers. RSS goals: streamed <= 3 GB
+(the Llama-2-7B goal, applied to every streamed row); in memory <= 1.25 x the model's bf16 bytes + 1 GB.
+*exactly 2:4*: every decoder-block projection of the output, read tensor by tensor, has at most 2 nonzeros in
+every group of 4 along its input dimension. *loads*: the output's index and shard headers (parsed by
+safetensors) name exactly the tensors of transformers' own meta-device skeleton of the model, with their shapes
+and dtypes (a tied head absent), which is what `from_pretrained` reads."""
+QUALITY_NOTE = """
+Real SmolLM2-135M (`smollm2-135m`), loaded in each dtype, pruned by the method's own attach (the pipeline's
+in-memory path: SparseGPT's Hessian and inverse stay float32), merged; calibration {samples} x {seq} tokens from
+the embedded CPython docs (seed 0), perplexity over the held-out tail in {seq}-token windows ({tokens} tokens).
+"""
 
 
 def generate(directory: Path, preset: str, seed: int = 0) -> None:
@@ -57,85 +88,274 @@ def generate(directory: Path, preset: str, seed: int = 0) -> None:
             writer.write(name, tensor)
 
 
+def sizes(directory: Path) -> dict:
+    """Parameters and bytes of the checkpoint (a tied head counted once) and of one decoder block."""
+    from prune.models.shards import ShardReader
+
+    specs = ShardReader(directory).specs().values()
+    numel = {name: math.prod(shape) for name, _, shape in specs}
+    return {"params": sum(numel.values()),
+            "bytes": sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs),
+            "block_params": sum(n for name, n in numel.items() if name.startswith("model.layers.0."))}
+
+
+def _method_config(method: str):
+    from prune.methods.oneshot import method as oneshot
+
+    return (oneshot.WandaConfig if method == "wanda" else oneshot.SparseGPTConfig)(name=method, sparsity="2:4")
+
+
 def run_case(source: Path, out: Path, method: str, mode: str) -> dict:
-    """One pruning run in this process: streamed from disk, or the model loaded whole (then saved)."""
+    """One pruning run in this process: streamed from disk, or the model loaded whole, pruned in place, saved.
+    `prune_seconds` is the block-by-block part (streamed: all of it, reads and writes included)."""
     from transformers import AutoModelForCausalLM
 
+    from prune.calibration.layerwise import prune_layerwise
     from prune.calibration.streaming import stream_prune
-    from prune.methods.oneshot import method as oneshot
-    from prune.models.blocks import weight_matrix
+    from prune.methods.oneshot.method import make_stats_for, prune_from_stats, targets_of
 
     torch.set_num_threads(1)
-    config = (oneshot.WandaConfig if method == "wanda" else oneshot.SparseGPTConfig)(name=method, sparsity="2:4")
-    calibration = torch.randint(0, 32000, (8, 128), generator=torch.Generator().manual_seed(0))
+    config = _method_config(method)
+    calibration = torch.randint(0, 32000, CALIBRATION, generator=torch.Generator().manual_seed(0))
+    prune_module = lambda name, module, stats: prune_from_stats(config, module, stats)  # noqa: E731
     start = time.perf_counter()
     if mode == "stream":
-        stream_prune(source, out, oneshot.targets_of(config), lambda name, module, stats:
-                     oneshot.prune_from_stats(config, module, stats), oneshot.make_stats_for(config), calibration,
+        stream_prune(source, out, targets_of(config), prune_module, make_stats_for(config), calibration,
                      device=torch.device("cpu"), dtype=torch.bfloat16)
+        prune_seconds = time.perf_counter() - start
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
-        targets = oneshot.targets_of(config)(model)
-        if method == "wanda":
-            result = oneshot.wanda(model, targets, config.pattern, "row", calibration, progress=False)
-        else:
-            result = oneshot.sparsegpt(model, targets, config.pattern, calibration, progress=False)
-        modules = dict(model.named_modules())
-        with torch.no_grad():
-            for name, mask in result.masks.items():
-                weight = weight_matrix(modules[name])
-                weight.copy_(result.weights.get(name, weight)).masked_fill_(~mask, 0)
+        loaded = time.perf_counter()
+        prune_layerwise(model, targets_of(config)(model), prune_module, make_stats_for(config), calibration,
+                        restore=False, progress=False, keep_results=False)
+        prune_seconds = time.perf_counter() - loaded
         model.save_pretrained(out)
-    seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {"seconds": round(time.perf_counter() - start, 1), "prune_seconds": round(prune_seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def exactly_2_4(directory: Path) -> bool:
+    """Every decoder-block projection has at most 2 nonzeros in each group of 4 along its input dimension."""
     from prune.models.shards import ShardReader
 
     reader = ShardReader(directory)
     for name in reader.specs():
         if ".layers." in name and name.endswith("proj.weight"):
             groups = reader.get_tensor(name).reshape(-1, 4)
-            if not bool(((groups != 0).sum(dim=1) <= 2).all()):
+            if int(groups.count_nonzero(dim=1).max()) > 2:
                 return False
     return True
 
 
+def loads_with_transformers(directory: Path) -> bool:
+    """What `from_pretrained` needs, checked without loading the weights: the index and the shard headers name
+    exactly the tensors of the model's own meta-device skeleton (a tied head absent), each with its shape and
+    dtype, and safetensors itself parses every shard's header."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prune.models.shards import INDEX_FILE, ShardReader, shard_files
+
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    expected = {name: t for name, t in model.state_dict().items() if name not in tied}
+    weight_map = {}
+    for filename in shard_files(directory):
+        with safe_open(directory / filename, framework="pt") as shard:
+            weight_map.update(dict.fromkeys(shard.keys(), filename))
+    index = directory / INDEX_FILE
+    if index.is_file() and json.loads(index.read_text())["weight_map"] != weight_map:
+        return False
+    specs = ShardReader(directory).specs()
+    if set(weight_map) != set(expected) or set(specs) != set(expected):
+        return False
+    return all(specs[name][1:] == (t.dtype, tuple(t.shape)) for name, t in expected.items())
+
+
+def quality_case(method: str, dtype: str) -> dict:
+    """The real SmolLM2-135M in `dtype`: one-shot 2:4 through the method's own attach (dense: none), merged, then
+    perplexity on the held-out embedded text in 512-token windows."""
+    from eval.perplexity import perplexity
+    from prune.data.text import prepare
+    from prune.masks.base import merge
+    from prune.methods.registry import get_method
+    from prune.runs.loading import load_model
+    from prune.runs.recipe import parse_recipe
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2-135m", getattr(torch, dtype))
+    splits = prepare(tokenizer, "embedded-docs")
+    start = time.perf_counter()
+    if method != "dense":
+        recipe = parse_recipe({"method": {"name": method, "sparsity": "2:4"}})
+        get_method(method).attach(model, recipe.method, splits.calibration_blocks(*QUALITY_CALIBRATION, 0))
+        merge(model)
+    prune_seconds = time.perf_counter() - start
+    result = perplexity(model, splits.heldout_blocks(QUALITY_CALIBRATION[1]))
+    return {"kind": "quality", "method": method, "dtype": dtype, "perplexity": result.value,
+            "tokens": result.tokens, "prune_seconds": round(prune_seconds, 1)}
+
+
+def _subprocess(*args: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _append(rows_file: Path, row: dict) -> None:
+    with open(rows_file, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def measure(args) -> None:
+    rows_file = args.work / "rows.jsonl"
+    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    for preset in args.presets:
+        source = args.work / preset
+        generate(source, preset)
+        for method in args.methods:
+            for mode in args.modes:
+                out = args.work / f"{preset}-{method}-{mode}"
+                figures = _subprocess("--case", str(source), str(out), method, mode)
+                layers = PRESETS[preset]["num_hidden_layers"]
+                _append(rows_file, {"kind": "cost", "model": preset, **sizes(source), "method": method,
+                                    "mode": mode, **figures, "s_per_block": figures["prune_seconds"] / layers,
+                                    "exactly_2_4": exactly_2_4(out), "loads": loads_with_transformers(out),
+                                    "command": command})
+                if not args.keep_outputs:
+                    subprocess.run(["rm", "-rf", str(out)], check=True)
+    for method in args.quality:
+        for dtype in ("float32", "bfloat16"):
+            _append(rows_file, {**_subprocess("--quality-case", method, dtype), "command": command})
+
+
+def goal(row: dict) -> tuple[float, bool]:
+    """The row's peak-RSS goal in MB and whether it is met: streamed <= 3 GB, in memory <= 1.25 x bytes + 1 GB."""
+    limit = STREAM_LIMIT_MB if row["mode"] == "stream" else 1.25 * row["bytes"] / 2**20 + 1024
+    return limit, row["peak_rss_mb"] <= limit
+
+
+def slope(rows: list[dict]) -> float | None:
+    """Least-squares slope of log(s/block) against log(block params)."""
+    points = [(math.log(r["block_params"]), math.log(r["s_per_block"])) for r in rows]
+    if len({x for x, _ in points}) < 2:
+        return None
+    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+def affine(rows: list[dict]) -> tuple[float, float] | None:
+    """Least-squares s/block = a + b * block params: (a seconds, b seconds per million parameters)."""
+    points = [(r["block_params"] / 1e6, r["s_per_block"]) for r in rows]
+    if len({x for x, _ in points}) < 2:
+        return None
+    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - b * mx, b
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rss, seconds) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in sorted({r["method"] for r in rows}):
+        for mode, marker in (("memory", "o"), ("stream", "s")):
+            chosen = sorted((r for r in rows if r["method"] == method and r["mode"] == mode), key=lambda r: r["params"])
+            if chosen:
+                label = f"{method}, {mode}"
+                rss.plot([r["params"] for r in chosen], [r["peak_rss_mb"] / 1024 for r in chosen], marker=marker,
+                         label=label)
+                seconds.plot([r["params"] for r in chosen], [r["seconds"] for r in chosen], marker=marker,
+                             label=label)
+    params = sorted({r["params"] for r in rows})
+    rss.plot(params, [2 * p / 2**30 for p in params], "k:", label="model bytes (bf16)")
+    rss.set(xscale="log", yscale="log", xlabel="parameters", ylabel="peak RSS (GiB)", title="peak RSS")
+    seconds.set(xscale="log", yscale="log", xlabel="parameters", ylabel="wall time (s)", title="wall time")
+    for axis in (rss, seconds):
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("One-shot 2:4 of random bf16 models, 1 CPU thread")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def render(rows: list[dict]) -> str:
+    cost = [r for r in rows if r["kind"] == "cost"]
+    quality = {(r["method"], r["dtype"]): r for r in rows if r["kind"] == "quality"}
+    lines = [HEADER, "", "| shape | params | bytes (bf16) | mode | method | wall (s) | prune (s) | s/block | "
+             "peak RSS (MB) | RSS goal (MB) | met | exactly 2:4 | loads |", "|" + "---|" * 13]
+    for r in sorted(cost, key=lambda r: (r["params"], r["method"], r["mode"])):
+        limit, met = goal(r)
+        lines.append(f"| {r['model']} | {r['params'] / 1e9:.3f} B | {r['bytes'] / 1e9:.2f} GB | {r['mode']} | "
+                     f"{r['method']} | {r['seconds']:.0f} | {r['prune_seconds']:.0f} | {r['s_per_block']:.2f} | "
+                     f"{r['peak_rss_mb']} | {limit:.0f} | {'yes' if met else 'NO'} | {r['exactly_2_4']} | "
+                     f"{r['loads']} |")
+    exponents = []
+    for method in sorted({r["method"] for r in cost}):
+        for mode in ("memory", "stream"):
+            chosen = sorted((r for r in cost if r["method"] == method and r["mode"] == mode),
+                            key=lambda r: r["params"])
+            value, line = slope(chosen), affine(chosen)
+            if value is not None:
+                exponents.append(f"{method} {mode}: **{value:.2f}** over {', '.join(r['model'] for r in chosen)} "
+                                 f"(affine fit: {line[0]:.2f} s + {line[1]:.3f} s per million block parameters)")
+    text = "\n".join(lines) + "\n\nExponent of s/block against block parameters (log-log least squares): " + (
+        "; ".join(exponents) or "-") + ".\n"
+    if quality:
+        text += ("\n| method | float32 perplexity | bfloat16 perplexity | bf16 / fp32 | within 3% |\n"
+                 "|---|---|---|---|---|\n")
+        for method in ("dense", "wanda", "sparsegpt"):
+            if (method, "float32") in quality and (method, "bfloat16") in quality:
+                fp32, bf16 = quality[method, "float32"]["perplexity"], quality[method, "bfloat16"]["perplexity"]
+                text += (f"| {method}{' 2:4' if method != 'dense' else ''} | {fp32:.2f} | {bf16:.2f} | "
+                         f"{bf16 / fp32:.3f} | {'yes' if abs(bf16 / fp32 - 1) <= 0.03 else 'NO'} |\n")
+    if quality:
+        text += QUALITY_NOTE.format(samples=QUALITY_CALIBRATION[0], seq=QUALITY_CALIBRATION[1],
+                                    tokens=next(iter(quality.values()))["tokens"])
+    missed = [f"{r['model']} {r['method']} {r['mode']}" for r in cost if not goal(r)[1] or not r["exactly_2_4"]]
+    text += "\nGoals not met: " + (", ".join(missed) if missed else "none among the rows above") + ".\n"
+    commands = sorted({r["command"] for r in rows})
+    return text + "\nCommands (`PYTHONPATH=. OMP_NUM_THREADS=1`):\n\n" + "\n".join(f"    {c}" for c in commands)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--presets", nargs="+", default=["smollm2-135m"])
-    parser.add_argument("--methods", nargs="+", default=["wanda"])
-    parser.add_argument("--modes", nargs="+", default=["memory", "stream"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="*", default=[], choices=sorted(PRESETS))
+    parser.add_argument("--methods", nargs="+", default=["wanda"], choices=["wanda", "sparsegpt"])
+    parser.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
+    parser.add_argument("--quality", nargs="*", default=[], choices=["dense", "wanda", "sparsegpt"],
+                        help="methods for the float32 vs bfloat16 perplexity of the real SmolLM2-135M")
     parser.add_argument("--work", type=Path, default=Path("/tmp/maskprune-scale"))
-    parser.add_argument("--case", nargs=4, metavar=("SOURCE", "OUT", "METHOD", "MODE"))
+    parser.add_argument("--keep-outputs", action="store_true", help="keep the pruned checkpoints (default: deleted)")
+    parser.add_argument("--write", action="store_true", help="write the `scale` section and scale.png from rows.jsonl")
+    parser.add_argument("--case", nargs=4, metavar=("SOURCE", "OUT", "METHOD", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--quality-case", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         source, out, method, mode = args.case
         print(json.dumps(run_case(Path(source), Path(out), method, mode)))
         return
-    rows = []
-    for preset in args.presets:
-        source = args.work / preset
-        generate(source, preset)
-        size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-        layers = PRESETS[preset]["num_hidden_layers"]
-        for method in args.methods:
-            for mode in args.modes:
-                out = args.work / f"{preset}-{method}-{mode}"
-                done = subprocess.run([sys.executable, __file__, "--case", str(source), str(out), method, mode],
-                                      capture_output=True, text=True, check=True)
-                figures = json.loads(done.stdout.strip().splitlines()[-1])
-                rows.append({"model": preset, "GB (bf16)": round(size / 1e9, 2), "method": method, "mode": mode,
-                             **figures, "s/block": round(figures["seconds"] / layers, 2),
-                             "exactly 2:4": exactly_2_4(out)})
-                print(json.dumps(rows[-1]), flush=True)
-    from benchmarks.results import write_section
+    if args.quality_case:
+        print(json.dumps(quality_case(*args.quality_case)))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    measure(args)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from results import write_section
 
-    header = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
-    body = header + "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in rows)
-    write_section("scale", "Random bf16 weights, 8x128 calibration, 1 thread, `python benchmarks/scale.py "
-                  + " ".join(sys.argv[1:]) + "`:\n\n" + body)
+        rows = [json.loads(line) for line in (args.work / "rows.jsonl").read_text().splitlines()]
+        plot([r for r in rows if r["kind"] == "cost"], Path(__file__).with_name("scale.png"))
+        print(write_section("scale", render(rows)))
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def masked_fractions(model: nn.Module) -> dict[str, float]:
     parameters (mask parameters themselves excluded; tied weights counted once)."""
     masks = hard_masks(model).values()
     targeted = sum(keep.numel() for keep in masks)
-    removed = sum(int((~keep).sum()) for keep in masks)
+    removed = targeted - sum(int(keep.count_nonzero()) for keep in masks)  # a bool sum() copies to int64
     own = {id(param) for param in mask_parameters(model)}
     total = sum(param.numel() for param in {id(p): p for p in model.parameters() if id(p) not in own}.values())
     return {"targeted": removed / targeted if targeted else 0.0, "all": removed / total if total else 0.0}
