@@ -117,7 +117,8 @@ def stream_perplexity(model_dir: Path, blocks: Tensor, *, device: torch.device, 
                                        reduction="sum").double())
         tokens += batch[:, 1:].numel()
     nll = total / tokens
-    return {"value": math.exp(nll), "tokens": tokens, "seq_len": blocks.shape[1], "streamed": True}
+    return {"value": math.exp(nll), "tokens": tokens, "seq_len": blocks.shape[1], "windows": blocks.shape[0],
+            "streamed": True}
 
 
 class _Replay(nn.Module):
