@@ -282,6 +282,7 @@ def plot(rows: list[dict], path: Path) -> None:
     seconds.set(xscale="log", yscale="log", xlabel="parameters", ylabel="wall time (s)", title="wall time")
     for axis in (rss, seconds):
         axis.grid(True, which="both", alpha=0.3)
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log minor labels overlap
         axis.legend(fontsize=8)
     figure.suptitle("One-shot 2:4 of random bf16 models, 1 CPU thread")
     figure.tight_layout()
@@ -321,10 +322,18 @@ def render(rows: list[dict]) -> str:
     if quality:
         text += QUALITY_NOTE.format(samples=QUALITY_CALIBRATION[0], seq=QUALITY_CALIBRATION[1],
                                     tokens=next(iter(quality.values()))["tokens"])
-    missed = [f"{r['model']} {r['method']} {r['mode']}" for r in cost if not goal(r)[1] or not r["exactly_2_4"]]
-    text += "\nGoals not met: " + (", ".join(missed) if missed else "none among the rows above") + ".\n"
+    missed = [f"peak RSS or 2:4 of {r['model']} {r['method']} {r['mode']}" for r in cost
+              if not goal(r)[1] or not r["exactly_2_4"] or not r["loads"]]
+    missed += [f"bfloat16 perplexity of {method} 2:4 within 3% of float32" for method in ("wanda", "sparsegpt")
+               if (method, "float32") in quality and (method, "bfloat16") in quality
+               and abs(quality[method, "bfloat16"]["perplexity"] / quality[method, "float32"]["perplexity"] - 1) > 0.03]
+    text += "\nGoals not met: " + ("; ".join(missed) if missed else "none") + ".\n"
+    for method in sorted({r["method"] for r in cost}):
+        shapes = [p for p in PRESETS if any(r["model"] == p and r["method"] == method for r in cost)]
+        text += f"{method} 2:4 ran on: {', '.join(shapes)} (shapes not listed were not run).\n"
     commands = sorted({r["command"] for r in rows})
-    return text + "\nCommands (`PYTHONPATH=. OMP_NUM_THREADS=1`):\n\n" + "\n".join(f"    {c}" for c in commands)
+    return (text + "\nCommands (`PYTHONPATH=. OMP_NUM_THREADS=1`), then `--write` with the same `--work`:\n\n"
+            + "\n".join(f"    {c}" for c in commands))
 
 
 def main() -> None:
