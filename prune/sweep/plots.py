@@ -14,25 +14,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from prune.core.figures import is_finite_number, save_figure
 
 MARKERS = "osD^v<>ph*"
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -48,13 +34,13 @@ def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 def perplexity_vs_sparsity(rows: list[dict], path: Path, texts: list[tuple[str, str, str]]) -> Path | None:
     """One panel per text, `texts` = [(title, value key, ci95 key)]: the in-domain test part, then each
     out-of-domain text. Every point carries its 95% bootstrap interval as an error bar."""
-    panels = [text for text in texts if any(row.get("status") == "done" and _finite(row.get(text[1])) for row in rows)]
+    panels = [text for text in texts if any(row.get("status") == "done" and is_finite_number(row.get(text[1])) for row in rows)]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (title, value, ci95) in zip(axes[0], panels):
         _perplexity_panel(ax, rows, value, ci95, title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _error_bar(row: dict, value: str, ci95: str) -> list[list[float]] | None:
@@ -68,7 +54,7 @@ def _error_bar(row: dict, value: str, ci95: str) -> list[list[float]] | None:
 def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -> None:
     """Each method's points (nudged sideways by a fraction of a percent per method, so that intervals at the same
     level stay apart) with their intervals; the dense value as a dashed line over its interval as a band."""
-    done = [row for row in rows if row.get("status") == "done" and _finite(row.get(value))]
+    done = [row for row in rows if row.get("status") == "done" and is_finite_number(row.get(value))]
     values = [row[value] for row in done]
     series = _series(done)
     for i, ((model, label), members) in enumerate(series.items()):
@@ -86,7 +72,7 @@ def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -
                 ax.errorbar([100 * row["fraction"] + nudge], [row[value]], yerr=bar, color=color, capsize=3,
                             linewidth=1)
     for row in rows:
-        if row.get("status") == "dense" and _finite(row.get(value)):
+        if row.get("status") == "dense" and is_finite_number(row.get(value)):
             values.append(row[value])
             ax.axhline(row[value], color="gray", linestyle="--", linewidth=1,
                        label="dense" if len({r["model"] for r in rows}) == 1 else f"dense ({row['model']})")
@@ -103,29 +89,29 @@ def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -
 
 def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
     tasks = sorted({key.split(".", 1)[1] for row in rows for key in row if key.startswith("accuracy.")
-                    and _finite(row[key])})
-    points = [row for row in rows if row.get("status") in ("done", "dense") and _finite(row.get("flops.pruned"))]
+                    and is_finite_number(row[key])})
+    points = [row for row in rows if row.get("status") in ("done", "dense") and is_finite_number(row.get("flops.pruned"))]
     if not tasks or not points:
         return None
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         key = f"accuracy.{task}"
         for i, ((model, label), members) in enumerate(_series(points).items()):
-            members = [row for row in members if _finite(row.get(key))]
+            members = [row for row in members if is_finite_number(row.get(key))]
             ax.scatter([row["flops.pruned"] / 1e9 for row in members], [row[key] for row in members],
                        color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], label=label)
             for row in members:
                 ax.annotate(row["sparsity"], (row["flops.pruned"] / 1e9, row[key]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
         for row in points:
-            if row.get("status") == "dense" and _finite(row.get(key)):
+            if row.get("status") == "dense" and is_finite_number(row.get(key)):
                 ax.scatter([row["flops.pruned"] / 1e9], [row[key]], marker="*", s=150, color="black", label="dense")
         ax.set_xlabel("FLOPs per window, sparse-kernel ideal (GFLOPs)")
         ax.set_ylabel(f"{task} accuracy")
         ax.set_title(f"{task}: accuracy vs FLOPs")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _block_of(name: str) -> tuple[str, str]:
@@ -165,12 +151,12 @@ def layer_profile(layers: dict[str, dict], path: Path, title: str, sensitivity: 
     if by_block:
         ax = axes[1][0]
         increase = {entry["group"].removeprefix("block "): entry.get("increase") for entry in by_block}
-        ax.bar(x, [increase.get(b) if _finite(increase.get(b)) else 0.0 for b in order], color="C3")
+        ax.bar(x, [increase.get(b) if is_finite_number(increase.get(b)) else 0.0 for b in order], color="C3")
         ax.set_xticks(list(x), order, fontsize=7)
         ax.set_xlabel("block pruned alone")
         ax.set_ylabel("perplexity increase")
         ax.set_title("sensitivity: perplexity increase when only this block is pruned")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sensitivity_bars(entries: list[dict], path: Path, title: str) -> Path | None:
@@ -182,13 +168,13 @@ def sensitivity_bars(entries: list[dict], path: Path, title: str) -> Path | None
                              gridspec_kw={"height_ratios": heights})
     for ax, kind in zip(axes[:, 0], kinds):
         ranked = [entry for entry in entries if entry["kind"] == kind]
-        values = [entry["increase"] if _finite(entry.get("increase")) else math.nan for entry in ranked]
-        top = max([v for v in values if _finite(v)], default=1.0)
+        values = [entry["increase"] if is_finite_number(entry.get("increase")) else math.nan for entry in ranked]
+        top = max([v for v in values if is_finite_number(v)], default=1.0)
         labels = [entry["group"] for entry in ranked]
-        bars = [v if _finite(v) else top for v in values]
-        ax.barh(range(len(ranked)), bars, color=["C3" if _finite(v) else "black" for v in values])
+        bars = [v if is_finite_number(v) else top for v in values]
+        ax.barh(range(len(ranked)), bars, color=["C3" if is_finite_number(v) else "black" for v in values])
         ax.set_yticks(range(len(ranked)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("perplexity increase over dense (black: NaN/inf)")
         ax.set_title(f"{title} — one {kind} at a time")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -2,24 +2,18 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from prune.core.figures import is_finite_number, save_figure
 
 
 def training_curve(log_path: Path, per_step: int, unit: str, path: Path) -> Path | None:
     """Held-out score of the hard masks vs training `unit`s (tokens, images: `per_step` per optimizer step),
     from the trainer's train_log.jsonl eval records; step 0 is the starting masks (e.g. the prior)."""
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    points = [(r["step"], key, r[key]) for r in records for key in r if key.startswith("eval_") and _finite(r[key])]
+    points = [(r["step"], key, r[key]) for r in records for key in r if key.startswith("eval_") and is_finite_number(r[key])]
     if not points:
         return None
     metric = points[0][1]
@@ -29,9 +23,4 @@ def training_curve(log_path: Path, per_step: int, unit: str, path: Path) -> Path
     ax.set_ylabel(f"held-out {metric.removeprefix('eval_')}")
     ax.set_title("Held-out score of the hard masks during training")
     ax.grid(True, alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
