@@ -118,10 +118,13 @@ def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]],
     weights = ("SparseGPT's weight update baked into the frozen weights" if recipe.method.prior_update_weights
                else "mask only: the weights are never changed")
     table, by_label = comparison(runs, ood)
+    mix = recipe.data.mix
+    texts = (f"s of the embedded CPython docs and of {', '.join(mix)} (data.mix: calibration, training and selection "
+             "read both, window by window)" if mix else " of the embedded CPython docs")
     lines = [
         "## MaskLLM: learned 2:4 masks on frozen SmolLM2-135M weights", "",
         f"Command: `{command}` ({recipe.train.steps} steps x {tokens_per_step} tokens = "
-        f"{recipe.train.steps * tokens_per_step:,} training tokens from the train part of the embedded CPython docs; "
+        f"{recipe.train.steps * tokens_per_step:,} training tokens from the train part{texts}; "
         f"lr {train.lr:g}, tau {recipe.method.tau_start:g} -> {recipe.method.tau_end:g}, kappa "
         f"{recipe.method.kappa_start:g} -> {recipe.method.kappa_end:g}, prior {recipe.method.prior} ({weights}), prior strength {recipe.method.prior_strength:g}, sparse-weight regularizer "
         f"{recipe.method.sparse_weight_reg:g}; 2-core CPU, float32). {note}", "",
@@ -131,7 +134,7 @@ def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]],
         f"{data['splits']['validation']} / {data['splits']['test']}, {data['windows']['train']} / "
         f"{data['windows']['validation']} / {data['windows']['test']} windows of {seq_len} tokens. The kept masks "
         f"(step {report['train']['best_step']}) are the best of the evaluations on the first {train.eval_windows} "
-        f"validation windows; every figure below reads only test parts ({data['windows']['test']} windows of the docs, "
+        f"validation windows{' (the texts alternating)' if mix else ''}; every figure below reads only test parts ({data['windows']['test']} windows of the docs, "
         f"{data['extra_texts'][ood]['windows']['test']} of {ood}). [95% CI]: bootstrap over windows; `vs best`: "
         "paired bootstrap against the lowest of the four on the same windows.", "",
         *table,

@@ -228,3 +228,35 @@ def test_extra_text_that_cannot_be_found_or_is_too_small_names_the_entry(tmp_pat
     small.write_text("x" * 100)  # 10 test tokens: no window of 16
     with pytest.raises(UserInputError, match=r"entry '.*small.txt': .*test part has 10 tokens \(0 windows\)"):
         data.prepare_extra(CharTokenizer(), [str(small)], 16)
+
+
+# --- data.mix: other texts in calibration, training and selection -------------------------------------------------
+
+def test_interleave_alternates_windows_of_every_text_and_keeps_the_source_test_part():
+    source = data.split_tokens(torch.arange(0, 200), heldout_fraction=0.1, validation_fraction=0.2)
+    other = data.split_tokens(torch.arange(1000, 1400), heldout_fraction=0.1, validation_fraction=0.2)
+    assert data.interleave(source, {}, 10) is source  # no mix: exactly what was read before
+    woven = data.interleave(source, {"other": other}, 10)
+    train = woven.train_blocks(10)
+    source_train, other_train = source.train_blocks(10), other.train_blocks(10)
+    assert train[0].tolist() == source_train[0].tolist() and train[1].tolist() == other_train[0].tolist()
+    assert train[2].tolist() == source_train[1].tolist()  # window by window
+    assert sorted(map(tuple, train.tolist())) == sorted(map(tuple, torch.cat([source_train, other_train]).tolist()))
+    validation = woven.validation_blocks(10)
+    assert {row[0] >= 1000 for row in validation[:2].tolist()} == {True, False}  # the first two: both texts
+    assert len(validation) == len(source.validation_blocks(10)) + len(other.validation_blocks(10))
+    assert torch.equal(woven.test_ids, source.test_ids) and woven.ranges == source.ranges
+    never_read = set(other.test_ids.tolist())  # the mix text's test part is in no window of any part
+    assert not never_read & set(train.flatten().tolist()) and not never_read & set(validation.flatten().tolist())
+
+
+def test_mix_must_name_other_texts_once(monkeypatch, tmp_path, offline):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="repeats a text or names data.source"):
+        data.DataConfig(source="embedded-docs", mix=["embedded-docs"])
+    with pytest.raises(ValidationError, match="repeats a text"):
+        data.DataConfig(mix=["moby-dick", "moby-dick"])
+    config = data.DataConfig(seq_len=16, mix=[str(tmp_path / "nope.txt")])
+    with pytest.raises(UserInputError, match=r"data.mix entry '.*nope.txt': no such file"):
+        data.prepare_mix(CharTokenizer(), config)

@@ -164,3 +164,30 @@ def test_an_extra_text_that_cannot_be_found_exits_2_naming_it(tmp_path, llama_di
     assert main(["run", write_recipe(tmp_path, llama_dir, corpus, evaluate=f", extra_texts: [{missing}]")]) == 2
     error = " ".join(capsys.readouterr().err.split())
     assert "eval.extra_texts entry" in error and "missing_novel.txt" in error and "no such file" in error
+
+
+def test_mix_texts_join_training_and_selection_but_their_test_parts_stay_unread(
+        tmp_path, llama_dir, corpus, monkeypatch, one_thread):
+    """data.mix: the moby-dick train part joins the training blocks and its validation part the selection
+    windows; neither its test part nor the source's is read by any choice; report.json lists the mix's parts."""
+    seen = []
+    original = causal_lm.perplexity
+
+    def spy(model, blocks, **kwargs):
+        if kwargs.get("desc", "").startswith("eval hard masks"):
+            seen.append(blocks.clone())
+        return original(model, blocks, **kwargs)
+
+    monkeypatch.setattr(causal_lm, "perplexity", spy)
+    mixed = recipe(llama_dir, corpus, tmp_path / "run", {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
+                   train={"steps": 2, "batch_size": 2, "lr": 0.05, "eval_every": 2, "eval_windows": 4})
+    mixed.data.mix = ["moby-dick"]
+    report = run(mixed)
+    _, tokenizer = load_model(str(llama_dir))
+    source, prose = prepare(tokenizer, str(corpus)), prepare(tokenizer, "moby-dick")
+    prose_validation = prose.validation_blocks(32).tolist()
+    unread = source.test_blocks(32).tolist() + prose.test_blocks(32).tolist()
+    assert seen and all(any(row in prose_validation for row in blocks.tolist()) for blocks in seen)
+    assert not any(row in unread for blocks in seen for row in blocks.tolist())
+    assert report["data"]["mix"]["moby-dick"]["used"]["selection"] == {"part": "validation"}
+    assert report["data"]["used"]["training"]["windows"] == (len(source.train_blocks(32)) + len(prose.train_blocks(32)))

@@ -23,6 +23,7 @@ calibration draws `n` distinct blocks from the train part with a seeded generato
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,16 @@ class DataConfig(StrictConfig):
     seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training blocks a learnable method "
                             "trains on (seeded; VTrans' Fast variant uses a small share)")
+    mix: list[PathText] = Field([], description="other texts (e.g. moby-dick) whose train parts join calibration and "
+                                "training and whose validation parts join the choice of the best masks, window by "
+                                "window; their test parts are never read (measure them with eval.extra_texts)")
+
+    @model_validator(mode="after")
+    def _mix_is_other_texts(self):
+        if self.source in self.mix or len(set(self.mix)) != len(self.mix):
+            raise ValueError(f"data.mix {self.mix} repeats a text or names data.source ({self.source!r}); list each "
+                             "other text once.")
+        return self
 
     @model_validator(mode="after")
     def _parts_fit(self):
@@ -340,19 +351,57 @@ def prepare(tokenizer, source: str, *, config: str | None = None, split: str | N
     return _split_with_test_stream(tokenize(tokenizer, documents), tokenize(tokenizer, heldout), validation_fraction)
 
 
-def prepare_extra(tokenizer, sources: list[str], seq_len: int, *, heldout_fraction: float = HELDOUT_FRACTION,
-                  validation_fraction: float = VALIDATION_FRACTION) -> dict[str, TokenSplits]:
-    """The out-of-domain texts a run also measures (`eval.extra_texts`), split like any source with the same
-    fractions; each must hold at least one test window. Errors name the entry."""
+def prepare_source(tokenizer, data: DataConfig) -> TokenSplits:
+    """`data.source` loaded, tokenized and split as the data section says."""
+    return prepare(tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
+                   text_column=data.text_column, heldout_fraction=data.heldout_fraction,
+                   validation_fraction=data.validation_fraction)
+
+
+def _prepare_texts(tokenizer, sources: list[str], seq_len: int, setting: str, needs: dict[str, tuple[int, str]],
+                   heldout_fraction: float, validation_fraction: float) -> dict[str, TokenSplits]:
     texts = {}
     for source in dict.fromkeys(sources):
         try:
             texts[source] = prepare(tokenizer, source, heldout_fraction=heldout_fraction,
                                     validation_fraction=validation_fraction)
-            texts[source].require(source, seq_len, {"test": (1, "its perplexity")})
+            texts[source].require(source, seq_len, needs)
         except UserInputError as error:
-            raise UserInputError(f"eval.extra_texts entry {source!r}: {error}") from None
+            raise UserInputError(f"{setting} entry {source!r}: {error}") from None
     return texts
+
+
+def prepare_extra(tokenizer, sources: list[str], seq_len: int, *, heldout_fraction: float = HELDOUT_FRACTION,
+                  validation_fraction: float = VALIDATION_FRACTION) -> dict[str, TokenSplits]:
+    """The out-of-domain texts a run also measures (`eval.extra_texts`), split like any source with the same
+    fractions; each must hold at least one test window. Errors name the entry."""
+    return _prepare_texts(tokenizer, sources, seq_len, "eval.extra_texts", {"test": (1, "its perplexity")},
+                          heldout_fraction, validation_fraction)
+
+
+def prepare_mix(tokenizer, data: DataConfig) -> dict[str, TokenSplits]:
+    """The `data.mix` texts, split like the source (same fractions, so their test parts stay as unread as the
+    source's); each must hold a train and a validation window. Errors name the entry."""
+    needs = {"train": (1, "data.mix"), "validation": (1, "data.mix")}
+    return _prepare_texts(tokenizer, data.mix, data.seq_len, "data.mix", needs, data.heldout_fraction,
+                          data.validation_fraction)
+
+
+def interleave(splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int) -> TokenSplits:
+    """What calibration, training and selection read under `data.mix`: the train (and validation) windows of
+    `splits` and of every mix text, alternating window by window, so the first k validation windows hold every
+    text; a text that runs out leaves the others to go on. Test part and ranges stay `splits`' own. Without a mix
+    this is `splits` itself, so a recipe without one reads exactly what it read before."""
+    if not mix:
+        return splits
+    texts = [splits, *mix.values()]
+
+    def woven(part: str) -> torch.Tensor:
+        blocks = [token_blocks(text.part(part), seq_len) for text in texts]
+        rows = [b[i] for i in range(max(len(b) for b in blocks)) for b in blocks if i < len(b)]
+        return torch.cat(rows)
+
+    return TokenSplits(woven("train"), woven("validation"), splits.test_ids, splits.ranges)
 
 
 def _default_split(source: str) -> str:

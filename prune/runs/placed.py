@@ -20,7 +20,7 @@ from prune.calibration.placement import OnDevice
 from prune.calibration.streaming import skeleton, stream_perplexity, stream_prune
 from prune.core.atomic import staged_directory
 from prune.core.errors import UserInputError
-from prune.data.text import prepare
+from prune.data.text import interleave, prepare_mix, prepare_source
 from prune.methods.oneshot.method import make_stats_for, prune_from_stats, targets_of
 from prune.methods.registry import get_method
 from prune.methods.spec import MethodSpec
@@ -92,9 +92,7 @@ def run_streamed(recipe: Recipe, runtime: Runtime, directory: Path, timings: dic
     data, config, seq_len = recipe.data, recipe.method, recipe.data.seq_len
     with timed(timings, "load"):
         tokenizer = loading.load_tokenizer(str(model_dir))
-        splits = prepare(tokenizer, data.source, config=data.config, split=data.split,
-                         heldout_split=data.heldout_split, text_column=data.text_column,
-                         heldout_fraction=data.heldout_fraction)
+        splits = interleave(prepare_source(tokenizer, data), prepare_mix(tokenizer, data), seq_len)
         calibration = splits.calibration_blocks(data.calibration_samples, seq_len, recipe.seed)
     heldout = splits.test_blocks(seq_len)
     claim()

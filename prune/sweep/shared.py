@@ -29,7 +29,7 @@ from prune.core.atomic import staged_directory, write_json_atomic
 
 from prune.runs import run_dir
 from prune.models.blocks import in_out_features, weight_matrix
-from prune.data.text import prepare, prepare_extra
+from prune.data.text import interleave, prepare_extra, prepare_mix, prepare_source
 from prune.core.errors import UserInputError
 from prune.masks.base import achieved_sparsity, attach_hard_masks, merge, wrappers
 from prune.masks.storage import save_masks
@@ -113,11 +113,9 @@ class SharedModel:
         model, self.tokenizer = load_model(recipe.model, self.runtime.dtype)
         self.model = place(model, self.runtime)
         data = recipe.data
-        self.splits = prepare(
-            self.tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
-            text_column=data.text_column, heldout_fraction=data.heldout_fraction,
-            validation_fraction=data.validation_fraction,
-        )
+        self.source_splits = prepare_source(self.tokenizer, data)
+        self.mix = prepare_mix(self.tokenizer, data)
+        self.splits = interleave(self.source_splits, self.mix, data.seq_len)  # calibration and selection read these
         self.extra = prepare_extra(self.tokenizer, recipe.eval.extra_texts, data.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
         self.timings["load"] = round(time.perf_counter() - start, 2)
@@ -258,7 +256,8 @@ class SharedModel:
             "recipe_fingerprint": recipe.fingerprint(),
             "sparsity": {"target": str(pattern), "achieved": achieved},
             **figures,
-            "data": data_report(recipe.data.source, recipe.data.seq_len, self.splits, self.extra, used),
+            "data": data_report(recipe.data.source, recipe.data.seq_len, self.source_splits, self.extra, used,
+                                mix=self.mix),
             "timings": timings,
             "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }

@@ -25,7 +25,7 @@ from eval.metric_errors import TaskUnavailableError
 from eval.perplexity import perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
-from prune.data.text import DataConfig, TokenSplits, prepare, prepare_extra
+from prune.data.text import DataConfig, TokenSplits, interleave, prepare_extra, prepare_mix, prepare_source
 from prune.methods.spec import HeldOut
 from prune.models import loading
 from prune.structural.shrink import has_layer_sizes, load_resized
@@ -84,9 +84,10 @@ def _perplexity(model: nn.Module, blocks: torch.Tensor, desc: str, batched: dict
 
 
 def data_report(source: str, seq_len: int, splits: TokenSplits, extra: Mapping[str, TokenSplits],
-                used: dict[str, dict]) -> dict:
+                used: dict[str, dict], *, mix: Mapping[str, TokenSplits] | None = None) -> dict:
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
-    how many windows) each use read: `used` maps a use (calibration, training, selection) to its part."""
+    how many windows) each use read: `used` maps a use (calibration, training, selection) to its part; under
+    `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts)."""
     measured = {"perplexity": {"part": "test", "windows": splits.windows(seq_len)["test"]},
                 "accuracy": {"part": "test", "note": "docs_lastword is built from the test text; other tasks "
                              "bring their own data"}}
@@ -95,6 +96,9 @@ def data_report(source: str, seq_len: int, splits: TokenSplits, extra: Mapping[s
         "extra_texts": {name: {**text.describe(seq_len),
                                "used": {"perplexity": {"part": "test", "windows": text.windows(seq_len)["test"]}}}
                         for name, text in extra.items()},
+        **({"mix": {name: {**text.describe(seq_len), "used": {"calibration, training": {"part": "train"},
+                                                               "selection": {"part": "validation"}}}
+                    for name, text in mix.items()}} if mix else {}),
     }
 
 
@@ -110,11 +114,9 @@ class CausalLM(Task):
         super().__init__(model, tokenizer, settings, device)
         data = settings.data
         self.seq_len = data.seq_len
-        self.splits = prepare(
-            tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
-            text_column=data.text_column, heldout_fraction=data.heldout_fraction,
-            validation_fraction=data.validation_fraction,
-        )
+        self.source_splits = prepare_source(tokenizer, data)
+        self.mix = prepare_mix(tokenizer, data)
+        self.splits = interleave(self.source_splits, self.mix, self.seq_len)  # what calibration/training/selection read
         self.extra = prepare_extra(tokenizer, settings.eval.extra_texts, self.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
         self.used: dict[str, dict] = {}
@@ -169,7 +171,8 @@ class CausalLM(Task):
         self.splits.require(data.source, self.seq_len, needs)
 
     def fields(self) -> dict:
-        return {"data": data_report(self.settings.data.source, self.seq_len, self.splits, self.extra, self.used)}
+        return {"data": data_report(self.settings.data.source, self.seq_len, self.source_splits, self.extra, self.used,
+                                    mix=self.mix)}
 
     @property
     def sample_size(self) -> int:
