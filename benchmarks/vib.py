@@ -35,7 +35,7 @@ from eval.bootstrap import perplexity_ci
 from eval.flops import count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
-from prune.data.text import MOBY_DICK, prepare, prepare_extra
+from prune.data.text import MOBY_DICK, DataConfig, interleave, prepare_extra, prepare_mix, prepare_source
 from prune.structural.store import export_gated, gate_set, summary
 from prune.methods.vib.method import BUDGET_TOLERANCE
 from prune.runs.loading import load_model
@@ -195,7 +195,8 @@ def render(results: dict) -> str:
         (f"SmolLM2-135M; perplexity on the first {a['windows']} windows of {a['seq_len']} tokens of the test part "
          f"of the embedded CPython docs ({results['test_tokens']} tokens) and of {MOBY_DICK} (out of domain, "
          f"{results['ood_tokens']} tokens), [95% CI] from a bootstrap over those windows; masks trained on the train "
-         f"part, the last ones kept (no selection). VIB: mask-only training, {a['steps']} steps x batch {a['batch']} x "
+         f"part{'s of the docs and of ' + ', '.join(a['mix']) + ' (window by window; calibration too)' if a.get('mix') else ''}"
+         ", the last ones kept (no selection). VIB: mask-only training, {a['steps']} steps x batch {a['batch']} x "
          f"{a['seq_len']} tokens, lr {a['lr']} (log sigma^2 x{a['sigma_lr_scale']:g}, multipliers "
          f"x{a['lagrangian_lr_scale']:g}), target warm-up {a['target_warmup']:g} of the steps, units "
          f"{', '.join(a['units'])}, KL weight {a['kl_weight']}. Baselines: one-shot, the same share of head units "
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--units", nargs="+", default=["heads", "ffn", "hidden"])
     parser.add_argument("--fraction", type=float, default=1.0, help="share of the training blocks (VTrans Fast)")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--mix", nargs="*", default=[], help="other texts whose train parts join training and "
+                        "calibration (data.mix), e.g. moby-dick")
     parser.add_argument("--windows", type=int, default=16, help="test windows per text for perplexity")
     parser.add_argument("--calibration", type=int, default=32, help="calibration blocks for activation scores")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/vib.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
     dense_model, tokenizer = load_model(MODEL)
-    splits = prepare(tokenizer, "embedded-docs")
+    data = DataConfig(seq_len=args.seq_len, mix=args.mix)
+    splits = interleave(prepare_source(tokenizer, data), prepare_mix(tokenizer, data), args.seq_len)
     ood = prepare_extra(tokenizer, [MOBY_DICK], args.seq_len)[MOBY_DICK]
     texts = {"perplexity": splits.test_blocks(args.seq_len)[: args.windows],
              "ood_perplexity": ood.test_blocks(args.seq_len)[: args.windows]}
