@@ -71,6 +71,8 @@ class MethodSpec:
     `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, heldout, report)`
     returns report entries the method measures itself (e.g. FLOPs of per-input masks) on `HeldOut` inputs.
     `fsdp`: the method may train under an FSDP launch (others are refused and run with DDP).
+    `block_by_block`: the method prunes one decoder block at a time from that block's calibration statistics, so
+    it runs under `runtime.offload` (cpu: blocks onloaded to the device in turn; disk: streamed from shards).
 
     `tasks` names the kinds of run the method supports (prune.tasks: causal-lm, zero-shot-classification,
     image-classification); a recipe pairing the method with another task is refused when it is validated.
@@ -91,5 +93,6 @@ class MethodSpec:
     restore: LoadFn | None = None
     report: ReportFn | None = None
     fsdp: bool = False  # its masks train sharded under FSDP (verified against DDP in benchmarks/fsdp.py)
+    block_by_block: bool = False
     tasks: frozenset[str] = frozenset({"causal-lm"})
     targets: TargetsFn | None = None

@@ -22,7 +22,7 @@ from prune.core.atomic import staged_directory
 from prune.core.errors import UserInputError
 from prune.data.text import interleave, prepare_mix, prepare_source
 from prune.methods.oneshot.method import make_stats_for, prune_from_stats, targets_of
-from prune.methods.registry import get_method
+from prune.methods.registry import METHODS, get_method
 from prune.methods.spec import MethodSpec
 from prune.models import loading
 from prune.models.preflight import preflight
@@ -33,7 +33,6 @@ from prune.runs.recipe import Recipe
 from prune.runs.report import write_report
 from prune.training.sharded import check_fsdp, fsdp_requested
 
-PLACED_METHODS = ("magnitude", "wanda", "sparsegpt")
 STREAM_SKIPPED = "runtime.offload: disk keeps one block in memory; {what} needs the whole model (use offload: cpu)"
 
 
@@ -56,9 +55,11 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
     apply_threads(recipe.runtime)
     model_dir = local_model_dir(recipe.model)
     runtime = resolve_runtime(recipe.runtime, model_dir / "config.json" if model_dir else None)
-    if runtime.offload != "none" and recipe.method.name not in PLACED_METHODS:
+    spec = get_method(recipe.method.name)
+    if runtime.offload != "none" and not spec.block_by_block:
+        placed = ", ".join(name for name, method in METHODS.items() if method.block_by_block)
         raise UserInputError(
-            f"runtime.offload: {runtime.offload} prunes block by block, which methods {', '.join(PLACED_METHODS)} do; "
+            f"runtime.offload: {runtime.offload} prunes block by block, which methods {placed} do; "
             f"{recipe.method.name!r} needs the whole model on the device; use runtime.offload: none."
         )
     if runtime.streams:
@@ -68,7 +69,6 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
                 "download it first (or pass its local directory)."
             )
         shard_files(model_dir)
-    spec = get_method(recipe.method.name)
     check_fsdp(spec.name, spec.fsdp, runtime.device)
     if model_dir is not None and recipe.task == "causal-lm":
         preflight(model_dir, runtime)
@@ -82,7 +82,7 @@ def place(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
 
 
 def attach_kwargs(spec: MethodSpec, runtime: Runtime) -> dict:
-    return {"placement": OnDevice(runtime.device)} if runtime.offload == "cpu" and spec.name in PLACED_METHODS else {}
+    return {"placement": OnDevice(runtime.device)} if runtime.offload == "cpu" and spec.block_by_block else {}
 
 
 def run_streamed(recipe: Recipe, runtime: Runtime, directory: Path, timings: dict, timed, claim) -> dict:

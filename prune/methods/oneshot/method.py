@@ -172,12 +172,14 @@ def prune_from_stats(config: MethodConfig, module: nn.Module, stats) -> tuple[Te
 
 
 MAGNITUDE = MethodSpec(
-    "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False,
+    "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False, block_by_block=True,
     tasks=frozenset({"causal-lm", "zero-shot-classification"}), targets=_targets,
 )
 WANDA = MethodSpec(
-    "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True, targets=_targets
+    "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True, block_by_block=True,
+    targets=_targets
 )
 SPARSEGPT = MethodSpec(
-    "sparsegpt", SparseGPTConfig, attach_sparsegpt, kind="oneshot", needs_calibration=True, targets=_targets
+    "sparsegpt", SparseGPTConfig, attach_sparsegpt, kind="oneshot", needs_calibration=True,
+    block_by_block=True, targets=_targets
 )
