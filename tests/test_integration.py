@@ -19,7 +19,7 @@ def short_run(output, method: str) -> dict:
         "model": "smollm2-135m",
         "data": {"calibration_samples": 8, "seq_len": 512, "heldout_fraction": 0.05},
         "method": {"name": method, "sparsity": "2:4"},
-        "eval": {"dense_baseline": False, "tasks": [], "latency": False},
+        "eval": {"dense_baseline": False, "tasks": [], "latency": False, "extra_texts": []},
         "output": str(output),
     }))
 

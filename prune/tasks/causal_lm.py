@@ -40,7 +40,8 @@ def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig
     """Figures for one model, keyed like report.json; `extra` holds the prepared `config.extra_texts`; `seconds`
     says how long measuring took. Latency is timed on `device` (runtime.device; None: where the model is), which
     under runtime.offload: cpu is not where the model waits."""
-    assert list(extra) == list(dict.fromkeys(config.extra_texts)), "extra must hold the prepared eval.extra_texts"
+    assert not config.perplexity or list(extra) == list(dict.fromkeys(config.extra_texts)), \
+        "extra must hold the prepared eval.extra_texts"
     start = time.perf_counter()
     model.eval()
     figures: dict = {}
@@ -117,7 +118,8 @@ class CausalLM(Task):
         self.source_splits = prepare_source(tokenizer, data)
         self.mix = prepare_mix(tokenizer, data)
         self.splits = interleave(self.source_splits, self.mix, self.seq_len)  # what calibration/training/selection read
-        self.extra = prepare_extra(tokenizer, settings.eval.extra_texts, self.seq_len,
+        measured = settings.eval.extra_texts if settings.eval.perplexity else []  # only perplexity reads them
+        self.extra = prepare_extra(tokenizer, measured, self.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
         self.used: dict[str, dict] = {}
 
