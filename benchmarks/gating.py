@@ -144,7 +144,7 @@ def run_llm(args) -> dict:
     heldout = splits.test_blocks(args.seq_len)[: args.windows]
     train_rows = splits.train_blocks(args.seq_len)
     result: dict = {"seq_len": args.seq_len, "windows": len(heldout), "tokens": int(heldout.numel()),
-                    "train_blocks": len(train_rows), "rank": args.rank, "steps": args.steps,
+                    "train_blocks": len(train_rows), "train_part": list(splits.ranges["train"]), "rank": args.rank, "steps": args.steps,
                     "batch_size": args.batch, "lr": args.lr}
     result["dense_perplexity"] = perplexity(model, heldout, desc="dense").value
     print(f"dense perplexity {result['dense_perplexity']:.3f}", flush=True)
@@ -200,7 +200,7 @@ def run_llm_joint(args) -> dict:
     heldout = splits.test_blocks(args.seq_len)[: args.windows]
     train_rows = splits.train_blocks(args.joint_seq_len)
     result: dict = {"seq_len": args.seq_len, "windows": len(heldout), "tokens": int(heldout.numel()),
-                    "train_seq_len": args.joint_seq_len, "rank": args.rank, "steps": args.joint_steps,
+                    "train_seq_len": args.joint_seq_len, "train_part": list(splits.ranges["train"]), "rank": args.rank, "steps": args.joint_steps,
                     "batch_size": args.joint_batch, "lr": args.lr, "backbone_lr": args.lr * args.joint_backbone_lr_scale,
                     "rows": []}
     for threshold in [1.0, *args.joint_thresholds]:
@@ -299,7 +299,8 @@ def render(results: dict) -> str:
                   "tokens)", "", f"Command: `{llm['command']}`", "",
                   f"Dense perplexity {dense:.3f}. Predictors: rank {llm['rank']}, trained {llm['steps']} steps x "
                   f"{llm['batch_size']} windows, decoupled (the model frozen). FFN FLOPs per token count gate, up and "
-                  "down of the kept neurons plus the predictor; the dense FFN is 3 x 2 x 576 x 1536 x 30 layers.", "",
+                  "down of the kept neurons plus the predictor; the dense FFN is 3 x 2 x 576 x 1536 x 30 layers. "
+                  + train_part_line(llm), "",
                   "| r | perplexity | change | FFN FLOPs reduction | neurons kept | oracle recall | oracle ppl at same "
                   "keep | decode ms/tok gated / dense | prefill tok/s gated / dense |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -335,6 +336,17 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def train_part_line(result: dict) -> str:
+    """Which windows trained the predictors: runs made before the docs were cut into train / validation / test
+    (issue 14) trained on the first 90% of the stream, in an order drawn over that many windows."""
+    if "train_part" in result:
+        start, end = result["train_part"]
+        return f"Training windows from the train part (tokens [{start}, {end}) of the docs); held-out ones from the test part."
+    return ("Measured before the docs were cut into train / validation / test: the held-out windows are the same test "
+            "part, but the predictors trained on the first 90% of the stream (now the train part ends at 85%, so a "
+            "rerun trains on fewer windows in another order); not re-measured since.")
+
+
 def render_llm_joint(joint: dict) -> list[str]:
     reference = next(row for row in joint["rows"] if row["threshold"] == 1.0)
     lines = ["### SmolLM2-135M: joint mode (predictors and backbone trained together)", "",
@@ -343,7 +355,7 @@ def render_llm_joint(joint: dict) -> list[str]:
               f"predictors lr {joint['lr']}, backbone lr {joint['backbone_lr']:g} (AdamW). The backbone also learns "
               "the domain, so the fair reference is r = 1 (every neuron kept: the dense model fine-tuned alike). "
               f"Held-out: {joint['windows']} windows of {joint['seq_len']} tokens; dense, untouched: "
-              f"{joint['dense_perplexity']:.3f}."), "",
+              f"{joint['dense_perplexity']:.3f}. " + train_part_line(joint)), "",
              "| r | perplexity | vs dense fine-tuned alike | vs dense | FFN FLOPs reduction | neurons kept | oracle recall "
              "| train (s) |", "|---|---|---|---|---|---|---|---|"]
     for row in joint["rows"]:
