@@ -75,24 +75,32 @@ def perplexity(
     model.eval()
     device = model_device(model)
     sums: list[float] = []
-    bad_windows = 0
     try:
         for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
             batch = blocks[start : start + batch_size].to(device=device, dtype=torch.long)
-            logits = _logits(model(input_ids=batch)).float()
-            shift_logits = logits[:, :-1, :]
-            targets = batch[:, 1:]
-            # Per-window sums, so a NaN can be attributed to its window.
-            per_token = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), targets.reshape(-1), reduction="none"
-            ).view(targets.shape)
-            per_window = per_token.sum(dim=1, dtype=torch.float64)
-            finite = torch.isfinite(per_window)
-            bad_windows += int((~finite).sum())
-            sums += per_window.tolist()
+            sums += window_nll(_logits(model(input_ids=batch)), batch).tolist()
     finally:
         model.train(was_training)
+    return perplexity_of(sums, seq_len, desc)
 
+
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """The summed NLL (float64, nats) of each window of `batch` [b, seq] from its logits [b, seq, vocab], every
+    token after the first predicted: one function for every way a model is run (whole, or streamed block by
+    block), so the same logits give the same figures bit for bit."""
+    shift_logits = logits.float()[:, :-1, :]
+    targets = batch[:, 1:]
+    per_token = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
+    return per_token.sum(dim=1, dtype=torch.float64)
+
+
+def perplexity_of(sums: list[float], seq_len: int, desc: str) -> PerplexityResult:
+    """The corpus perplexity of windows of `seq_len` tokens whose summed NLLs are `sums`. Raises
+    `NonFiniteError` when any window's loss is NaN/inf (the message says how many)."""
+    n = len(sums)
+    bad_windows = sum(not math.isfinite(value) for value in sums)
     if bad_windows:
         raise NonFiniteError(
             f"{desc}: the loss was NaN/inf in {bad_windows} of {n} windows "

@@ -13,6 +13,7 @@ from prune.calibration.placement import OnDevice
 from prune.calibration.streaming import stream_perplexity, stream_prune
 from prune.core.errors import UserInputError
 from prune.methods.oneshot import method as oneshot
+from prune.methods.registry import get_method
 from prune.methods.oneshot.sparsegpt import HessianStats
 from prune.models.blocks import weight_matrix
 from prune.models.preflight import GB, ModelSize, check_fit, model_size
@@ -20,6 +21,9 @@ from prune.models.runtime import Runtime, RuntimeConfig, resolve_runtime
 from prune.models.shards import INDEX_FILE, ShardedWriter, shard_files
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
+from prune.sweep.compare import compare, render
+from prune.tasks.registry import get_task
+from prune.tasks.streamed import StreamedCausalLM
 from tests.conftest import docs_text, make_tiny_gpt2, make_tiny_llama, save_tiny_model
 
 CPU = torch.device("cpu")
@@ -54,9 +58,11 @@ def _in_memory(model, config, calibration, placement=None):
 
 
 def _stream(source, out, config, calibration, dtype=torch.float32, max_shard_bytes=2 * GB):
-    stream_prune(source, out, oneshot.targets_of(config), lambda name, module, stats:
-                 oneshot.prune_from_stats(config, module, stats), oneshot.make_stats_for(config), calibration,
-                 device=CPU, dtype=dtype, batch_size=2, max_shard_bytes=max_shard_bytes)
+    """Streamed pruning through the method's registered `block_pruning` hook, as the streamed task prunes."""
+    spec = get_method(config.name)
+    pruning = spec.block_pruning(config)
+    stream_prune(source, out, lambda model: spec.targets(model, config), pruning.prune, pruning.make_stats,
+                 calibration, device=CPU, dtype=dtype, batch_size=2, max_shard_bytes=max_shard_bytes)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -80,8 +86,10 @@ def test_streamed_perplexity_equals_the_loaded_models(tmp_path, family, one_thre
     model.save_pretrained(tmp_path)
     heldout = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(5))
     streamed = stream_perplexity(tmp_path, heldout, device=CPU, dtype=torch.float32, batch_size=2)
-    assert streamed["value"] == pytest.approx(perplexity(model, heldout).value, rel=1e-5)
-    assert streamed["tokens"] == 3 * 31
+    loaded = perplexity(model, heldout)
+    assert streamed.value == pytest.approx(loaded.value, rel=1e-5)
+    assert streamed.tokens == 3 * 31 and streamed.window_tokens == loaded.window_tokens
+    assert streamed.window_nll == pytest.approx(loaded.window_nll, rel=1e-6)
 
 
 def test_onloading_blocks_gives_the_same_masks_as_a_resident_model(one_thread):
@@ -159,6 +167,12 @@ def test_bin_only_checkpoint_cannot_stream(tmp_path):
         shard_files(tmp_path)
 
 
+def test_only_a_task_whose_model_streams_takes_offload_disk():
+    assert get_task("causal-lm", streamed=True) is StreamedCausalLM
+    with pytest.raises(UserInputError, match="task 'zero-shot-classification' needs its model in memory.*offload: cpu"):
+        get_task("zero-shot-classification", streamed=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
@@ -179,16 +193,54 @@ def _recipe(model_dir, corpus, output, method="wanda", **runtime):
     })
 
 
-def test_streamed_run_writes_a_loadable_model_and_says_what_it_skipped(tmp_path, tiny_dir, corpus):
-    report = run(_recipe(tiny_dir, corpus, tmp_path / "run", offload="disk"))
-    memory = run(_recipe(tiny_dir, corpus, tmp_path / "memory", offload="cpu"))
-    assert report["perplexity"]["value"] == pytest.approx(memory["perplexity"]["value"], rel=1e-5)
-    assert report["dense"]["perplexity"]["value"] == pytest.approx(memory["dense"]["perplexity"]["value"], rel=1e-5)
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def paired_runs(request, tmp_path_factory, corpus):
+    """One recipe run twice on a tiny model: streamed from disk, and in memory (offload: cpu)."""
+    model_dir = save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+    root = tmp_path_factory.mktemp("runs")
+    streamed = run(_recipe(model_dir, corpus, root / "disk", offload="disk"))
+    memory = run(_recipe(model_dir, corpus, root / "memory", offload="cpu"))
+    return root, streamed, memory
+
+
+def test_streamed_run_writes_a_loadable_model_and_says_what_it_skipped(paired_runs):
+    root, report, memory = paired_runs
     assert report["sparsity"]["achieved"] == pytest.approx(0.5)
-    assert "accuracy" in report["skipped"] and "accuracy" in memory
-    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").state_dict()
-    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory" / "model").state_dict()
+    assert report["sparsity"]["target"] == memory["sparsity"]["target"]
+    assert report["sparsity"]["achieved"] == pytest.approx(memory["sparsity"]["achieved"])
+    assert "accuracy" in report["skipped"] and "accuracy" in memory and "accuracy" not in report
+    assert "masks" in report["skipped"] and not (root / "disk" / "masks.safetensors").exists()
+    assert "skipped" not in memory
+    streamed = AutoModelForCausalLM.from_pretrained(root / "disk" / "model").state_dict()
+    in_memory = AutoModelForCausalLM.from_pretrained(root / "memory" / "model").state_dict()
     assert all(torch.equal(streamed[name], in_memory[name]) for name in in_memory)
+
+
+def _assert_same_perplexity(streamed: dict, memory: dict) -> None:
+    assert streamed.keys() == memory.keys() >= {"value", "tokens", "seq_len", "windows", "ci95", "window_nll"}
+    assert [streamed[key] for key in ("tokens", "seq_len", "windows")] == [memory[key] for key in ("tokens", "seq_len", "windows")]
+    for key in ("value", "ci95", "window_nll"):
+        assert streamed[key] == pytest.approx(memory[key], rel=1e-6, abs=1e-6), key
+
+
+def test_streamed_run_reports_the_in_memory_runs_figures(paired_runs):
+    _, streamed, memory = paired_runs
+    for figures, expected in ((streamed, memory), (streamed["dense"], memory["dense"])):
+        _assert_same_perplexity(figures["perplexity"], expected["perplexity"])
+        assert figures["extra_texts"].keys() == expected["extra_texts"].keys() == {"moby-dick"}
+        _assert_same_perplexity(figures["extra_texts"]["moby-dick"]["perplexity"],
+                                expected["extra_texts"]["moby-dick"]["perplexity"])
+        assert figures["params"] == expected["params"]
+    assert streamed["data"] == memory["data"] and streamed["data"]["used"]["calibration"]["windows"] == 4
+
+
+def test_compare_pairs_a_streamed_run_with_an_in_memory_one(paired_runs, tmp_path):
+    root, _, _ = paired_runs
+    rows, _ = compare([root / "disk", root / "memory"], tmp_path / "cmp")
+    done = [row for row in rows if row["status"] == "done"]
+    assert sorted(row["verdict"] for row in done) == ["best", "not distinguishable from best"]
+    assert sorted(row["extra_texts.moby-dick.verdict"] for row in done) == ["best", "not distinguishable from best"]
+    assert "not distinguishable from best" in render(rows)
 
 
 @pytest.mark.parametrize("runtime, message", [

@@ -9,16 +9,15 @@ streamed result is bit-identical to pruning the loaded model.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from eval.perplexity import PerplexityResult, perplexity_of, window_nll
 from prune.calibration.layerwise import (
     LayerPruner, MakeStats, _capture_block_inputs, _forward_kwargs, _run_block, prune_layerwise,
 )
@@ -93,11 +92,12 @@ def _copy_generation_config(model_dir: Path, out_dir: Path) -> None:
 
 @torch.no_grad()
 def stream_perplexity(model_dir: Path, blocks: Tensor, *, device: torch.device, dtype: torch.dtype,
-                      batch_size: int = 1) -> dict:
+                      batch_size: int = 1, desc: str = "perplexity") -> PerplexityResult:
     """Perplexity of the checkpoint in `model_dir` on token windows `blocks` [n, seq], one decoder block in
     memory at a time (as SparseGPT's reference evaluation): every window goes through block k before block k+1
     is read. The head then runs on the last hidden states through the model's own forward, the blocks replaced
-    by a stand-in that returns them."""
+    by a stand-in that returns them. The per-window NLLs are summed as `eval.perplexity` sums them, so the result
+    (intervals and paired comparisons included) is the loaded model's."""
     reader = ShardReader(model_dir)
     model = skeleton(model_dir, dtype)
     _load_outside_blocks(model, reader, dtype)
@@ -110,15 +110,10 @@ def stream_perplexity(model_dir: Path, blocks: Tensor, *, device: torch.device, 
         _run_block(layer, acts, calls, write=True)
         placement.offload(index, layer)
     release_freed_memory()
-    total, tokens = 0.0, 0
+    sums: list[float] = []
     for call, batch in zip(calls, batches):
-        logits = _head_logits(model, layers, batch, acts[call.rows])
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1),
-                                       reduction="sum").double())
-        tokens += batch[:, 1:].numel()
-    nll = total / tokens
-    return {"value": math.exp(nll), "tokens": tokens, "seq_len": blocks.shape[1], "windows": blocks.shape[0],
-            "streamed": True}
+        sums += window_nll(_head_logits(model, layers, batch, acts[call.rows]), batch).tolist()
+    return perplexity_of(sums, blocks.shape[1], desc)
 
 
 class _Replay(nn.Module):

@@ -105,6 +105,14 @@ def staged_directory(target: str | os.PathLike, *, complete: Callable[[Path], bo
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def save_pretrained_atomic(directory: str | os.PathLike, model, processor) -> None:
+    """`save_pretrained` of a model and its tokenizer or processor into a staging dir, then swapped in: the
+    checkpoint is whole or absent."""
+    with staged_directory(directory) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+
+
 def _publish(directory: Path) -> None:
     """Give a staged directory and its files the usual permissions (mkdtemp and safetensors use 0700/0600)."""
     os.chmod(directory, readable_mode(directory=True))

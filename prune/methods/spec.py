@@ -12,6 +12,7 @@ from typing import Callable, Literal
 
 from torch import Tensor, nn
 
+from prune.calibration.layerwise import LayerPruner, MakeStats
 from prune.core.config import MethodConfig
 from prune.masks.base import merge
 from prune.masks.storage import load_masks, save_masks
@@ -39,6 +40,20 @@ class HeldOut:
 
 ReportFn = Callable[[nn.Module, MethodConfig, HeldOut, dict], dict]
 TargetsFn = Callable[[nn.Module, MethodConfig], list[str]]
+
+
+@dataclass(frozen=True)
+class BlockPruning:
+    """How a method prunes its targets one decoder block at a time from that block's calibration statistics
+    (prune.calibration.layerwise): `make_stats(module)` accumulates a target's inputs (None: the method reads no
+    data), `prune(name, module, stats)` returns its keep-mask and re-fit weight (or None) without modifying it.
+    What a model that is never whole in memory (runtime.offload: disk) is pruned with."""
+
+    make_stats: MakeStats | None
+    prune: LayerPruner
+
+
+BlockPruningFn = Callable[[MethodConfig], BlockPruning]
 
 
 def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, meta: dict) -> None:
@@ -71,8 +86,9 @@ class MethodSpec:
     `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, heldout, report)`
     returns report entries the method measures itself (e.g. FLOPs of per-input masks) on `HeldOut` inputs.
     `fsdp`: the method may train under an FSDP launch (others are refused and run with DDP).
-    `block_by_block`: the method prunes one decoder block at a time from that block's calibration statistics, so
-    it runs under `runtime.offload` (cpu: blocks onloaded to the device in turn; disk: streamed from shards).
+    `block_pruning(config)`: how the method prunes one decoder block at a time from that block's calibration
+    statistics (see BlockPruning); a method that has it runs under `runtime.offload` (cpu: blocks onloaded to the
+    device in turn; disk: streamed from shards, the task pruning through this hook).
 
     `tasks` names the kinds of run the method supports (prune.tasks: causal-lm, zero-shot-classification,
     image-classification); a recipe pairing the method with another task is refused when it is validated.
@@ -93,6 +109,11 @@ class MethodSpec:
     restore: LoadFn | None = None
     report: ReportFn | None = None
     fsdp: bool = False  # its masks train sharded under FSDP (verified against DDP in benchmarks/fsdp.py)
-    block_by_block: bool = False
+    block_pruning: BlockPruningFn | None = None
     tasks: frozenset[str] = frozenset({"causal-lm"})
     targets: TargetsFn | None = None
+
+    @property
+    def block_by_block(self) -> bool:
+        """The method prunes block by block, so it runs under runtime.offload."""
+        return self.block_pruning is not None

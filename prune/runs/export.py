@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prune.core.atomic import save_pretrained_atomic
 from prune.runs import run_dir
 from prune.core.errors import UserInputError, summarize_names
 from prune.masks.storage import CONFIG_FILE, read_mask_config
@@ -52,7 +53,7 @@ def _export(directory: Path) -> Path:
     _check_targets(directory, model, recipe, set(saved.get("targets") or {}))
     spec.load(model, directory, recipe.method)
     model_dir = directory / run_dir.MODEL_DIR
-    run_dir.save_model_atomic(spec.export(model, recipe.method), tokenizer, model_dir)
+    save_pretrained_atomic(model_dir, spec.export(model, recipe.method), tokenizer)
     return model_dir
 
 

@@ -2,9 +2,11 @@
 
 One flow for every kind of model: what differs between a causal LM, CLIP as a zero-shot classifier and an
 image classifier (loading, data, training loss, held-out score, figures, report fields) is the recipe's task
-(prune.tasks), and what differs between methods is their MethodSpec's hooks. Each stage takes the previous
-stage's output and nothing else; `timings` records how long each took. Under `accelerate launch` every
-process prunes and trains, and only the main process evaluates and writes.
+(prune.tasks), and so is how the model is held: in memory, or under `runtime.offload: disk` streamed from its
+shards block by block (prune.runs.placed.open_task picks the task's variant). What differs between methods is
+their MethodSpec's hooks. Each stage takes the previous stage's output and nothing else; `timings` records how
+long each took. Under `accelerate launch` every process prunes and trains, and only the main process evaluates
+and writes.
 """
 from __future__ import annotations
 
@@ -18,17 +20,14 @@ from accelerate import PartialState
 import torch
 
 from prune.core.atomic import write_json_atomic
-from prune.masks.base import achieved_sparsity
 from prune.methods.registry import get_method
 from prune.methods.spec import MethodSpec
 from prune.runs import run_dir
-from prune.runs.loading import load_model
-from prune.runs.placed import attach_kwargs, place, prepare_runtime, run_streamed
-from prune.runs.preflight import check_model, check_recipe
+from prune.runs.placed import block_placement, open_task, prepare_runtime
+from prune.runs.preflight import check_recipe
 from prune.runs.recipe import Recipe
 from prune.runs.report import with_dense, write_report
 from prune.tasks.base import Task
-from prune.tasks.registry import get_task
 from prune.core.rng import seed_all
 from prune.training.checkpoint import load_params
 from prune.training.curve import training_curve
@@ -68,14 +67,8 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
         run_dir.check(recipe.output, recipe.to_dict(), overwrite=overwrite, resume=resume)
     directory = Path(recipe.output)
     timings: dict[str, float] = {}
-    if runtime.streams:
-        return run_streamed(recipe, runtime, directory, timings, timed,
-                            claim=lambda: _claim(recipe, state, overwrite, resume))
-
     with timed(timings, "load"):
-        model, processor = load_model(recipe.model, runtime.dtype, task=recipe.task)
-        check_model(model, recipe, spec)  # targets, seq_len, task names: before any data and the first forward
-        task = get_task(recipe.task)(place(model, runtime), processor, recipe, runtime.device)
+        task = open_task(recipe, spec, runtime, directory / run_dir.MODEL_DIR)  # model checked before any data
         task.check_data(spec)  # every part of the data holds what the run needs, before any forward
         calibration = task.calibration() if spec.needs_calibration else None
     _claim(recipe, state, overwrite, resume)
@@ -86,7 +79,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
 
     with timed(timings, "prune"):
         seed_all(recipe.seed)  # random initial values (e.g. `prior: none` logits) follow the recipe's seed
-        objective = spec.attach(task.model, recipe.method, calibration, **attach_kwargs(spec, runtime))
+        objective = task.prune(spec, recipe.method, calibration, block_placement(runtime))
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
         with timed(timings, "train"):
@@ -96,7 +89,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
     if training is not None:
         _plot_training(directory, recipe, task.sample_size * state.num_processes, task.unit)
 
-    achieved = achieved_sparsity(task.model)
+    achieved = task.sparsity()
     fields = task.fields()  # taken while the masks are attached
     meta = {
         "model": recipe.model,
@@ -104,16 +97,16 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
         "config": recipe.to_dict()["method"],
         "weights_changed": recipe.method.changes_weights,
     }
-    spec.save(task.model, directory, recipe.method, meta)
+    task.save_masks(spec, directory, recipe.method, meta)
 
     plain = spec.restore is None  # else no plain checkpoint exists: the run dir restores via prune.runs.loading
     if plain:
-        task.use_model(spec.export(task.model, recipe.method))
+        task.export(spec, recipe.method)
     with timed(timings, "pruned_eval"):
         pruned = task.measure("pruned")
     if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
-            run_dir.save_model_atomic(task.model, task.processor, directory / run_dir.MODEL_DIR)
+            task.save_model(directory / run_dir.MODEL_DIR)
 
     report = _report(recipe, spec, task, achieved, fields, pruned, timings, training, dense)
     write_report(directory, report)

@@ -7,7 +7,7 @@ from torch import nn
 from prune.core.errors import UserInputError
 from prune.methods.spec import MethodSpec
 from prune.runs.recipe import Recipe
-from prune.tasks.registry import get_task
+from prune.tasks.base import Task
 
 
 def check_recipe(recipe: Recipe, spec: MethodSpec, resume: bool) -> None:
@@ -18,10 +18,10 @@ def check_recipe(recipe: Recipe, spec: MethodSpec, resume: bool) -> None:
         raise UserInputError(f"method {spec.name!r} is one-shot and has nothing to resume; run without --resume.")
 
 
-def check_model(model: nn.Module, recipe: Recipe, spec: MethodSpec) -> None:
-    """What the loaded model rules out, from its config and module names alone: the method's targets (an N:M
-    pattern must tile every targeted layer, globs must match) and what the task checks (for a causal LM: a
-    window longer than its positions, accuracy tasks that cannot run)."""
+def check_model(model: nn.Module, recipe: Recipe, spec: MethodSpec, task: type[Task]) -> None:
+    """What the loaded model (or the skeleton of a streamed one) rules out, from its config and module names
+    alone: the method's targets (an N:M pattern must tile every targeted layer, globs must match) and what the
+    task checks (for a causal LM: a window longer than its positions, accuracy tasks that cannot run)."""
     if spec.targets is not None:
         spec.targets(model, recipe.method)
-    get_task(recipe.task).check_model(model, recipe)
+    task.check_model(model, recipe)

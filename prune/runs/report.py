@@ -20,7 +20,7 @@ def columns(figures: dict) -> list[str]:
 
 def perplexity_cell(perplexity: dict) -> str:
     """'12.2 [11.5, 13.0]': the value and its bootstrap interval over windows (the value alone for a perplexity
-    measured without one: the streamed, block-by-block evaluation under runtime.offload: disk)."""
+    measured without one: a report written before intervals)."""
     if "ci95" not in perplexity:
         return format_number(perplexity["value"])
     low, high = perplexity["ci95"]

@@ -18,9 +18,8 @@ import shutil
 from pathlib import Path
 
 import yaml
-from torch import nn
 
-from prune.core.atomic import readable_mode, staged_directory, write_text_atomic
+from prune.core.atomic import readable_mode, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.yaml_io import read_mapping
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
@@ -130,13 +129,6 @@ def checkpoint_step(directory: str | Path) -> int | None:
 def read_recipe(directory: Path) -> dict:
     """A run's recipe.yaml as a mapping (not validated: callers read the keys they need)."""
     return read_mapping(directory / RECIPE_FILE, f"the run's {RECIPE_FILE}", _no_recipe(directory))
-
-
-def save_model_atomic(model: nn.Module, tokenizer, directory: Path) -> None:
-    """save_pretrained into a staging dir, then swap it in: model/ is whole or absent."""
-    with staged_directory(directory) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
 
 
 def require_run(directory: str | Path) -> Path:

@@ -2,7 +2,8 @@
 
 The pipeline (prune.runs.pipeline) is one flow for every kind of model; everything that differs between a
 causal LM on text, CLIP as a zero-shot classifier and an image classifier with its own head lives behind
-this interface: how the model of a spec loads, which data the recipe's `data` section names, what the
+this interface: how the model of a spec loads and how it is held, pruned and saved (in memory here; streamed
+from disk block by block in prune.tasks.streamed), which data the recipe's `data` section names, what the
 trainer trains on (and with which loss), the held-out score its periodic evaluation minimizes, the figures
 of the dense and the pruned model, and the report's task fields and report.md note.
 
@@ -12,13 +13,17 @@ a model exists; an instance is one run's model and data (made by the pipeline af
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from prune.core.config import StrictConfig
-from prune.methods.spec import HeldOut
+from prune.calibration.layerwise import BlockPlacement
+from prune.core.atomic import save_pretrained_atomic
+from prune.core.config import MethodConfig, StrictConfig
+from prune.masks.base import achieved_sparsity
+from prune.methods.spec import HeldOut, MethodSpec
 from prune.tasks.eval_config import EvalConfig
 
 
@@ -70,6 +75,31 @@ class Task(ABC):
     def use_model(self, model: nn.Module) -> None:
         """Measure `model` from now on (the exported model replaces the masked one)."""
         self.model = model
+
+    def prune(self, spec: MethodSpec, config: MethodConfig, calibration: Tensor | None,
+              placement: BlockPlacement | None = None) -> object:
+        """Attach the method's masks to the model in memory; returns what `spec.attach` returns (a learnable
+        method's objective, which the trainer then trains). `placement`: where blocks wait under runtime.offload:
+        cpu (None: the model is on the device)."""
+        if placement is None:
+            return spec.attach(self.model, config, calibration)
+        return spec.attach(self.model, config, calibration, placement=placement)  # block-by-block methods only
+
+    def sparsity(self) -> float:
+        """The share of targeted weights the attached masks remove."""
+        return achieved_sparsity(self.model)
+
+    def save_masks(self, spec: MethodSpec, directory: Path, config: MethodConfig, meta: dict) -> None:
+        """Write the method's masks (gates, predictors) into the run directory, through its `save` hook."""
+        spec.save(self.model, directory, config, meta)
+
+    def export(self, spec: MethodSpec, config: MethodConfig) -> None:
+        """Measure the method's exported model from now on (masks merged, a structural export shrunk)."""
+        self.use_model(spec.export(self.model, config))
+
+    def save_model(self, directory: Path) -> None:
+        """Write the (exported) model and its tokenizer or processor as a plain checkpoint, whole or absent."""
+        save_pretrained_atomic(directory, self.model, self.processor)
 
     def calibration(self) -> Tensor | None:
         """Calibration inputs for methods that need them (only causal-lm has them; see MethodSpec.tasks)."""

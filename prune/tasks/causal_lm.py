@@ -10,7 +10,7 @@ chosen on the validation part. Every perplexity carries a 95% bootstrap interval
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from eval.bootstrap import perplexity_ci
 from eval.flops import count_flops, count_params
 from eval.latency import measure_latency
 from eval.metric_errors import TaskUnavailableError
-from eval.perplexity import perplexity
+from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
 from prune.data.text import DataConfig, TokenSplits, interleave, prepare_extra, prepare_mix, prepare_source
@@ -47,12 +47,8 @@ def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig
     figures: dict = {}
     batched = {} if config.batch_size is None else {"batch_size": config.batch_size}
     if config.perplexity:
-        figures["perplexity"] = _perplexity(model, splits.test_blocks(seq_len), f"perplexity ({label})", batched)
-        if extra:
-            figures["extra_texts"] = {
-                name: {"perplexity": _perplexity(model, text.test_blocks(seq_len), f"{name} ({label})", batched)}
-                for name, text in extra.items()
-            }
+        figures.update(text_perplexities(lambda blocks, desc: perplexity(model, blocks, desc=desc, **batched), splits,
+                                         extra, seq_len, label))
     if config.tasks:
         scores = accuracy_scores(
             model, tokenizer, config.tasks, heldout_text=splits.test_text(tokenizer), limit=config.limit,
@@ -75,10 +71,23 @@ def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig
     return figures
 
 
-def _perplexity(model: nn.Module, blocks: torch.Tensor, desc: str, batched: dict) -> dict:
-    result = perplexity(model, blocks, desc=desc, **batched)
+def text_perplexities(score: Callable[[Tensor, str], PerplexityResult], splits: TokenSplits,
+                      extra: Mapping[str, TokenSplits], seq_len: int, label: str) -> dict:
+    """report.json's `perplexity` and `extra_texts`: the test part of the source and of each out-of-domain text,
+    each window scored by `score(blocks, desc)`. One builder however the model is held (in memory, or streamed
+    from disk), so every run's figures have the same shape and pair in `prune compare`."""
+    figures = {"perplexity": _figures(score(splits.test_blocks(seq_len), f"perplexity ({label})"), seq_len)}
+    if extra:
+        figures["extra_texts"] = {
+            name: {"perplexity": _figures(score(text.test_blocks(seq_len), f"{name} ({label})"), seq_len)}
+            for name, text in extra.items()
+        }
+    return figures
+
+
+def _figures(result: PerplexityResult, seq_len: int) -> dict:
     return {
-        "value": result.value, "tokens": result.tokens, "seq_len": blocks.shape[1], "windows": result.windows,
+        "value": result.value, "tokens": result.tokens, "seq_len": seq_len, "windows": result.windows,
         "ci95": list(perplexity_ci(result.window_nll, result.window_tokens)),
         "window_nll": list(result.window_nll),
     }

@@ -23,7 +23,7 @@ from prune.methods.oneshot.masking import mask_from_scores
 from prune.methods.oneshot.sparsegpt import HessianStats, sparsegpt_prune
 from prune.methods.oneshot.wanda import WandaStats, wanda_scores
 from prune.core.config import MethodConfig
-from prune.methods.spec import MethodSpec
+from prune.methods.spec import BlockPruning, MethodSpec
 from prune.core.sparsity import Sparsity
 
 
@@ -171,15 +171,21 @@ def prune_from_stats(config: MethodConfig, module: nn.Module, stats) -> tuple[Te
     raise KeyError(f"method {config.name!r} cannot prune from shared statistics; see SHARED_STATS")
 
 
+def block_pruning(config: MethodConfig) -> BlockPruning:
+    """The MethodSpec hook: this config's statistics and its per-target pruning from them (prune_from_stats),
+    what the layer-by-layer driver needs to prune a model streamed block by block."""
+    return BlockPruning(make_stats_for(config), lambda name, module, stats: prune_from_stats(config, module, stats))
+
+
 MAGNITUDE = MethodSpec(
-    "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False, block_by_block=True,
-    tasks=frozenset({"causal-lm", "zero-shot-classification"}), targets=_targets,
+    "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False,
+    block_pruning=block_pruning, tasks=frozenset({"causal-lm", "zero-shot-classification"}), targets=_targets,
 )
 WANDA = MethodSpec(
-    "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True, block_by_block=True,
+    "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True, block_pruning=block_pruning,
     targets=_targets
 )
 SPARSEGPT = MethodSpec(
     "sparsegpt", SparseGPTConfig, attach_sparsegpt, kind="oneshot", needs_calibration=True,
-    block_by_block=True, targets=_targets
+    block_pruning=block_pruning, targets=_targets
 )
