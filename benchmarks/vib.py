@@ -196,7 +196,7 @@ def render(results: dict) -> str:
          f"of the embedded CPython docs ({results['test_tokens']} tokens) and of {MOBY_DICK} (out of domain, "
          f"{results['ood_tokens']} tokens), [95% CI] from a bootstrap over those windows; masks trained on the train "
          f"part{'s of the docs and of ' + ', '.join(a['mix']) + ' (window by window; calibration too)' if a.get('mix') else ''}"
-         ", the last ones kept (no selection). VIB: mask-only training, {a['steps']} steps x batch {a['batch']} x "
+         f", the last ones kept (no selection). VIB: mask-only training, {a['steps']} steps x batch {a['batch']} x "
          f"{a['seq_len']} tokens, lr {a['lr']} (log sigma^2 x{a['sigma_lr_scale']:g}, multipliers "
          f"x{a['lagrangian_lr_scale']:g}), target warm-up {a['target_warmup']:g} of the steps, units "
          f"{', '.join(a['units'])}, KL weight {a['kl_weight']}. Baselines: one-shot, the same share of head units "
