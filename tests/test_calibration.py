@@ -9,11 +9,12 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
-from prune.calibration.layerwise import prune_layerwise
+from prune.calibration.layerwise import collect_stats, prune_layerwise
 from prune.core.errors import UserInputError
 from prune.methods.oneshot import method as methods
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores, removed_count
+from prune.methods.oneshot.stats import InputStats
 from prune.methods.oneshot.wanda import WandaStats
 from prune.core.sparsity import parse_sparsity
 
@@ -168,6 +169,56 @@ def test_block1_stats_come_from_pruned_block0(model_name):
         for name in names[:-1]:
             weight_matrix(dict(everything.named_modules())[name]).mul_(result.masks[name])
     torch.testing.assert_close(recorded["lm_head"], _inputs_of(everything, "lm_head", calib), rtol=1e-5, atol=1e-5)
+
+
+class _Tee(Recorder):
+    """Wanda's norms and SparseGPT's Hessian, accumulated as the methods do, beside the raw inputs they saw."""
+
+    def __init__(self, in_features):
+        super().__init__()
+        self.stats = InputStats(in_features, hessian=True)
+
+    def add(self, x):
+        super().add(x)
+        self.stats.add(x)
+
+
+def _keep_all(name, module, stats):
+    return torch.ones(weight_matrix(module).shape, dtype=torch.bool), None
+
+
+DRIVERS = {
+    "prune_layerwise": lambda model, names, make, calib: prune_layerwise(model, names, _keep_all, make, calib,
+                                                                         batch_size=3, progress=False),
+    "collect_stats": lambda model, names, make, calib: collect_stats(model, names, make, calib, batch_size=3,
+                                                                     progress=False),
+}
+
+
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+def test_bfloat16_model_statistics_are_accumulated_in_full_precision(driver):
+    """The inputs of a bfloat16 model are bfloat16, but its statistics must not be: summed over many tokens in
+    bfloat16 (8 mantissa bits) the norms and the Hessian would be off by about 1e-2 relative, and Wanda's 2:4 choice
+    between near-equal scores would follow the rounding. Norms float64, Hessian float32, as in float32."""
+    model = _llama().to(torch.bfloat16)
+    names = _targets(model)
+    calib = torch.randint(0, VOCAB, (12, 64), generator=torch.Generator().manual_seed(2))
+    tees = []
+
+    def make_stats(module):
+        tees.append(_Tee(weight_matrix(module).shape[1]))
+        return tees[-1]
+
+    DRIVERS[driver](model, names, make_stats, calib)
+    assert len(tees) >= 4
+    for tee in tees:
+        assert {x.dtype for x in tee.inputs} == {torch.bfloat16}  # the model really ran in bfloat16
+        x = tee.all().double()
+        assert tee.stats.tokens == x.shape[0] == 12 * 64
+        norms, hessian = tee.stats.input_sq_norm(), tee.stats.matrix()
+        assert norms.dtype == torch.float64 and hessian.dtype == torch.float32
+        torch.testing.assert_close(norms, x.pow(2).sum(0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(hessian.double(), 2 / x.shape[0] * x.t() @ x, rtol=1e-5, atol=1e-6)
 
 
 def test_holds_one_activation_tensor():
