@@ -65,11 +65,12 @@ class Lab:
         return target
 
     def hold_lock(self, directory: Path) -> int:
-        """Another process holding the run's lock, as a live `prune run` does; returns its pid."""
+        """Another process holding the run's lock, as a live `prune run` does (until the cleanup kills it, however
+        slowly a loaded machine reaches the lock check); returns its pid."""
         holder = subprocess.Popen(
             [sys.executable, "-c", "import fcntl, os, sys, time\n"
              "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
-             "os.write(fd, str(os.getpid()).encode())\nprint('held', flush=True)\ntime.sleep(120)",
+             "os.write(fd, str(os.getpid()).encode())\nprint('held', flush=True)\ntime.sleep(3600)",
              str(directory / run_dir.LOCK_FILE)],
             stdout=subprocess.PIPE, text=True,
         )
