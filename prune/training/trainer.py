@@ -181,7 +181,8 @@ def train(
     names = model_names(params, model)
     optimizer = torch.optim.AdamW(param_groups(params, config.lr), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * config.steps), config.steps)
-    model, optimizer = (prepare_sharded if sharded else Accelerator.prepare)(accelerator, model, optimizer)
+    prepare = partial(prepare_sharded, accelerator) if sharded else accelerator.prepare
+    model, optimizer = prepare(model, optimizer)
     params = rebind(params, accelerator.unwrap_model(model), names)
     plain_params = rebind(params, plain, names)  # the same parameters unless sharded
     clipped_params = in_model_order(params, accelerator.unwrap_model(model))
