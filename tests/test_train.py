@@ -137,14 +137,15 @@ class Interrupt(Exception):
     pass
 
 
-def interrupting_loss(at_call: int):
+def interrupting_loss(at_call: int, task_loss=lm_loss):
+    """`task_loss` that raises KeyboardInterrupt (a Ctrl-C) at its `at_call`-th call."""
     calls = {"n": 0}
 
     def loss(model, batch):
         calls["n"] += 1
         if calls["n"] == at_call:
             raise KeyboardInterrupt
-        return lm_loss(model, batch)
+        return task_loss(model, batch)
 
     return loss
 

@@ -85,7 +85,8 @@ class MethodSpec:
     (per-input gating): the pipeline writes no model/ for them, `prune export` refuses, and
     `prune.load_model(run_dir)` rebuilds the model through it. `report(model, config, heldout, report)`
     returns report entries the method measures itself (e.g. FLOPs of per-input masks) on `HeldOut` inputs.
-    `fsdp`: the method may train under an FSDP launch (others are refused and run with DDP).
+    `fsdp`: its masks train sharded under an FSDP launch (every learnable method: tests/test_fsdp.py checks each
+    against one process); one-shot methods train nothing to shard and are refused.
     `block_pruning(config)`: how the method prunes one decoder block at a time from that block's calibration
     statistics (see BlockPruning); a method that has it runs under `runtime.offload` (cpu: blocks onloaded to the
     device in turn; disk: streamed from shards, the task pruning through this hook).
@@ -108,7 +109,7 @@ class MethodSpec:
     export: ExportFn = merge_weight_masks
     restore: LoadFn | None = None
     report: ReportFn | None = None
-    fsdp: bool = False  # its masks train sharded under FSDP (verified against DDP in benchmarks/fsdp.py)
+    fsdp: bool = False
     block_pruning: BlockPruningFn | None = None
     tasks: frozenset[str] = frozenset({"causal-lm"})
     targets: TargetsFn | None = None

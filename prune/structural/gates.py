@@ -161,6 +161,12 @@ class _GateWrapper(MaskWrapper):
 class GatedEmbedding(_GateWrapper):
     """Embedding output ⊙ hidden gate."""
 
+    @property
+    def weight(self) -> Tensor:
+        """The embedding matrix: code that ties it to the LM head reads `get_input_embeddings().weight` (accelerate's
+        FSDP grouping keeps tied weights in one shard group only when it finds the tie)."""
+        return self.base.weight
+
     def forward(self, ids: Tensor) -> Tensor:
         out = self.base(ids)
         return out * _gate_value(self.gates["hidden"], out)

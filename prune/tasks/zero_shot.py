@@ -60,6 +60,11 @@ class ZeroShotClassifier(nn.Module):
         self.register_buffer("attention_mask", tokens["attention_mask"].to(device), persistent=False)
         self._cached: tuple[tuple, Tensor] | None = None  # (text tower's module ids, class embeddings)
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """CLIP's blocks: an FSDP launch (accelerate) gives each its own shard group, as in a transformers model."""
+        return self.clip._no_split_modules
+
     def _text_key(self) -> tuple | None:
         """Identifies the text tower's current modules, or None when it may change between forwards (masks that
         train, or anything in it that requires grad): then the class embeddings are recomputed every time."""

@@ -23,20 +23,23 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from eval.metric_errors import NonFiniteError
 from prune.core import rng
+from prune.core.distributed import whole
 from prune.core.atomic import write_safetensors_atomic
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.checkpoint import load_checkpoint, save_checkpoint
 from prune.training.config import TrainConfig
 from prune.training.finite import FiniteGuard
 from prune.training.interrupt import stop_at_step_boundary
-from prune.training.sharded import copy_into, full, full_optimizer_state, gather, is_sharded, rebind, sharded_copy
+from prune.training.sharded import (
+    copy_into, finish_backward, full, full_optimizer_state, gather, in_model_order, is_sharded, model_names,
+    prepare_sharded, rebind, sharded_copy,
+)
 
 TaskLoss = Callable[[nn.Module, Any], Tensor]
 Evaluate = Callable[[nn.Module], float]
@@ -175,11 +178,14 @@ def train(
     if sharded:  # FSDP shards a copy; `plain` (the caller's model) receives the gathered masks
         model, objective = sharded_copy(model, objective)
     params = trainable_parameters(model, objective)
+    names = model_names(params, model)
     optimizer = torch.optim.AdamW(param_groups(params, config.lr), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_fraction * config.steps), config.steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    params = rebind(params, accelerator.unwrap_model(model))
-    plain_params = rebind(params, plain)  # the same parameters unless sharded
+    prepare = partial(prepare_sharded, accelerator) if sharded else accelerator.prepare
+    model, optimizer = prepare(model, optimizer)
+    params = rebind(params, accelerator.unwrap_model(model), names)
+    plain_params = rebind(params, plain, names)  # the same parameters unless sharded
+    clipped_params = in_model_order(params, accelerator.unwrap_model(model))
     train_dir = run_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = train_dir / "checkpoints"
@@ -213,7 +219,7 @@ def train(
                 schedule = objective.begin_step(step, config.steps)
                 parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
                 tokens += seen
-                clipped = (accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+                clipped = (accelerator.clip_grad_norm_(clipped_params, config.max_grad_norm)
                            if config.max_grad_norm else None)
                 guard.before_update(step + 1, parts["loss"], params, clipped)
                 updating = True
@@ -279,12 +285,14 @@ def _accumulate_gradients(model, objective, data, config, accelerator, step, tas
         with accelerator.autocast():
             if custom_backward is None:
                 task = task_loss(model, batch)
-                regularizer = _whole(objective.regularizer(accelerator.unwrap_model(model)))
+                regularizer = whole(objective.regularizer(accelerator.unwrap_model(model)))  # a sum over shards
             else:  # the method computes and accumulates its own gradients (e.g. gradient dropout)
                 task, regularizer = custom_backward(model, batch, task_loss, accelerator, 1.0 / config.grad_accum)
             loss = (task + regularizer) / config.grad_accum
         if custom_backward is None:
             accelerator.backward(loss)
+            if is_sharded(accelerator) and not task.requires_grad:  # only the regularizer trains: see finish_backward
+                finish_backward(model)
         parts["loss"] += loss.item()
         parts["task_loss"] += task.item() / config.grad_accum
         parts["regularizer"] += float(regularizer.detach()) / config.grad_accum
@@ -314,9 +322,9 @@ def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, pa
         except NonFiniteError as error:
             raise guard.error(step, f"the held-out evaluation failed ({error})") from None
         set_mask_training(model, True)
+        selectable = objective.selectable()  # may read whole masks: a collective under FSDP
     masks = gather(params) if sharded else params
     if accelerator.is_main_process:
-        selectable = objective.selectable()
         record = {"step": step, f"eval_{eval_metric}": score, "selectable": selectable}
         guard.record(step, record)
         if log is not None:
@@ -326,12 +334,6 @@ def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, pa
             _save_tensors(train_dir / "best.safetensors", masks)
     accelerator.wait_for_everyone()
     return best
-
-
-def _whole(regularizer: Tensor) -> Tensor:
-    """A regularizer computed from sharded masks outside the forward is a DTensor: every process adds its whole
-    value (FSDP averages the task gradients, the regularizer's reach each shard directly)."""
-    return regularizer.full_tensor() if isinstance(regularizer, DTensor) else regularizer
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:

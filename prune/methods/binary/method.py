@@ -22,10 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from prune.core.distributed import local_part, whole
 from prune.models.blocks import LINEAR_TYPES, weight_matrix
 from prune.masks.base import Mask, Objective, hard_masks, weight_masked, wrap, wrappers
 from prune.masks.storage import write_masks
@@ -50,8 +52,9 @@ def keep_probability(a: Tensor, b: Tensor) -> Tensor:
 
 
 def gradient_dropout(a: Tensor, b: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
-    """((1 − λ) + λ · 1[P > U]) · a, U ~ Uniform(0, 1) drawn elementwise (from `generator` or the global RNG)."""
-    uniform = torch.rand(a.shape, generator=generator, device=a.device, dtype=a.dtype)
+    """((1 − λ) + λ · 1[P > U]) · a, U ~ Uniform(0, 1) drawn elementwise (from `generator` or the global RNG). For
+    FSDP shards (DTensors) U is drawn whole and each process keeps its shard's part: one process's draw."""
+    uniform = local_part(torch.rand(a.shape, generator=generator, device=a.device, dtype=a.dtype), a)
     keep = (keep_probability(a, b) > uniform).to(a.dtype)
     return ((1.0 - strength) + strength * keep) * a
 
@@ -162,25 +165,20 @@ class BinaryObjective(Objective):
     def regularizer(self, model: nn.Module) -> Tensor:
         if not self.masks or self.config.score_reg == 0:
             return torch.zeros(())
-        squares = torch.stack([mask.scores.float().pow(2).sum() for mask in self.masks])
+        # each mask's sum of squares whole: under FSDP a sum over this process's shard, added up over processes
+        squares = torch.stack([whole(mask.scores.float().pow(2).sum()) for mask in self.masks])
         return self.config.score_reg * squares.sum().clamp_min(1e-30).sqrt()
 
     def dropout_backward(self, model: nn.Module, batch, task_loss, accelerator, scale: float) -> tuple[Tensor, Tensor]:
         """The trainer's gradient hook (see Objective.backward): accumulates `scale` × the dropped-out gradient
         of every score, and the plain gradient of anything else that trains (e.g. a LoRA adapter)."""
+        if accelerator.distributed_type == DistributedType.FSDP:
+            return self._sharded_dropout_backward(model, batch, task_loss, accelerator, scale)
         core = accelerator.unwrap_model(model)
         trainable = [param for param in core.parameters() if param.requires_grad]
         score_ids = {id(mask.scores) for mask in self.masks}
-        outputs: list = []
-        handle = core.register_forward_hook(lambda module, args, output: outputs.append(output))
-        try:
-            with accelerator.no_sync(model):
-                task = task_loss(model, batch)
-                logits = _logits(outputs[-1]) if outputs else _logits(_forward(model, batch))
-                with torch.no_grad(), masks_off(self.masks):
-                    reference = _logits(_forward(model, batch))
-        finally:
-            handle.remove()
+        with accelerator.no_sync(model):
+            task, logits, reference = self._forward_twice(model, batch, task_loss, accelerator)
         regularizer = self.regularizer(core)
         kl = kl_to_reference(logits, reference, self.config.kl_temperature)
         grads_a = torch.autograd.grad(task + regularizer, trainable, retain_graph=True, allow_unused=True)
@@ -189,14 +187,60 @@ class BinaryObjective(Objective):
         for param, a in zip(trainable, grads_a):
             if a is None:
                 continue
-            b = grads_b.get(id(param))
             if id(param) in score_ids:
-                a = gradient_dropout(a, torch.zeros_like(a) if b is None else b, self.config.gradient_dropout)
+                a = self._dropped_out(a, grads_b.get(id(param)))
             if accelerator.num_processes > 1:
                 a = accelerator.reduce(a, reduction="mean")
             a = a * scale
             param.grad = a if param.grad is None else param.grad.add_(a)
         return task.detach(), regularizer.detach()
+
+    def _sharded_dropout_backward(self, model: nn.Module, batch, task_loss, accelerator, scale: float
+                                  ) -> tuple[Tensor, Tensor]:
+        """`dropout_backward` under FSDP, where a gradient exists only as each process's shard of the average over
+        the processes, after a backward: two backward passes through the one forward give b (the KL's) and then a
+        (the task's and the regularizer's), each averaged by FSDP, and the dropout acts on the shards. So a and b
+        are those of the whole batch, as with one process (DDP drops out each process's own a and b instead).
+        Gradients are held by name: a name's registered parameter is its shard outside a forward, and the whole
+        tensor inside one."""
+        core = accelerator.unwrap_model(model)
+        earlier = {name: param.grad for name, param in core.named_parameters() if param.requires_grad}
+        core.zero_grad(set_to_none=True)
+        task, logits, reference = self._forward_twice(model, batch, task_loss, accelerator)
+        regularizer = self.regularizer(core)
+        kl_to_reference(logits, reference, self.config.kl_temperature).backward(retain_graph=True)
+        grads_b = {name: param.grad for name, param in core.named_parameters() if param.requires_grad}
+        core.zero_grad(set_to_none=True)
+        (task + regularizer).backward()
+        score_ids = {id(mask.scores) for mask in self.masks}
+        for name, param in core.named_parameters():
+            if not param.requires_grad:
+                continue
+            a = param.grad
+            if a is None:  # the task did not reach it: its earlier gradient stays
+                param.grad = earlier[name]
+                continue
+            a = (self._dropped_out(a, grads_b[name]) if id(param) in score_ids else a) * scale
+            param.grad = a if earlier[name] is None else earlier[name].add_(a)
+        return task.detach(), regularizer.detach()
+
+    def _forward_twice(self, model: nn.Module, batch, task_loss, accelerator) -> tuple[Tensor, Tensor, Tensor]:
+        """The task loss and logits of the masked model, and the zero-shot model's logits (masks off, no gradient)."""
+        outputs: list = []
+        handle = accelerator.unwrap_model(model).register_forward_hook(
+            lambda module, args, output: outputs.append(output))
+        try:
+            task = task_loss(model, batch)
+            logits = _logits(outputs[-1]) if outputs else _logits(_forward(model, batch))
+            with torch.no_grad(), masks_off(self.masks):
+                reference = _logits(_forward(model, batch))
+        finally:
+            handle.remove()
+        return task, logits, reference
+
+    def _dropped_out(self, a: Tensor, b: Tensor | None) -> Tensor:
+        """A score's gradient after gradient dropout against the KL's gradient `b` (None: the KL did not reach it)."""
+        return gradient_dropout(a, torch.zeros_like(a) if b is None else b, self.config.gradient_dropout)
 
 
 def kl_to_reference(logits: Tensor, reference: Tensor, temperature: float = 1.0) -> Tensor:
@@ -236,7 +280,7 @@ def attach_binary(model: nn.Module, config: BinaryConfig, calibration=None) -> B
 
 
 BINARY = MethodSpec(
-    "binary", BinaryConfig, attach_binary, kind="learnable", needs_calibration=False, save=save_binary_masks,
+    "binary", BinaryConfig, attach_binary, kind="learnable", needs_calibration=False, save=save_binary_masks, fsdp=True,
     tasks=frozenset({"zero-shot-classification", "image-classification"}),
     targets=lambda model, config: binary_targets(model, config.targets),
 )

@@ -256,4 +256,4 @@ def report_gating(model: nn.Module, config: GatingConfig, heldout: HeldOut, repo
 
 GATING = MethodSpec("gating", GatingConfig, attach_gating, kind="learnable", needs_calibration=False, save=save_gating,
                    load=restore_gating, export=refuse_export, restore=restore_gating, report=report_gating,
-                   tasks=frozenset({"causal-lm", "image-classification"}))
+                   fsdp=True, tasks=frozenset({"causal-lm", "image-classification"}))

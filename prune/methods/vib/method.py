@@ -32,6 +32,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from prune.core.distributed import whole
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.structural.gates import GateSet, UnitGate, attach_unit_gates
@@ -52,7 +53,9 @@ BUDGET_TOLERANCE = 0.01
 
 
 class VIBGate(UnitGate):
-    """mu and log sigma^2 per unit (see the module doc)."""
+    """mu and log sigma^2 per unit (see the module doc). Both are read whole (prune.core.distributed.whole): under
+    FSDP the budget, the KL and the hidden-dimension gate (applied in every block, owned by the embeddings) read
+    them outside the forward of the shard group that holds them."""
 
     def __init__(self, kind: str, size: int, layer: int | None = None, *, mu_init: float = 1.0,
                  log_sigma2_init: float = -9.0, keep_temperature: float = 1.0, log_sigma2_lr_scale: float = 1.0,
@@ -64,7 +67,7 @@ class VIBGate(UnitGate):
         self.keep_temperature = float(keep_temperature)
 
     def log_alpha(self) -> Tensor:
-        return self.log_sigma2 - torch.log(self.mu.pow(2) + 1e-12)
+        return whole(self.log_sigma2) - torch.log(whole(self.mu).pow(2) + 1e-12)
 
     def natural_keep(self) -> Tensor:
         return self.log_alpha().detach() < 0
@@ -73,10 +76,11 @@ class VIBGate(UnitGate):
         return -self.log_alpha().detach()
 
     def scale(self) -> Tensor:
-        return self.mu
+        return whole(self.mu)
 
     def sample(self) -> Tensor:
-        return self.mu + torch.randn_like(self.mu) * torch.exp(0.5 * self.log_sigma2)
+        mu = whole(self.mu)
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * whole(self.log_sigma2))
 
     def keep_probability(self) -> Tensor:
         return torch.sigmoid(-self.log_alpha() / self.keep_temperature)
@@ -235,6 +239,6 @@ def attach_vib(model: nn.Module, config: VIBConfig, calibration: Tensor | None) 
 
 
 VIB = MethodSpec(
-    "vib", VIBConfig, attach_vib, kind="learnable", needs_calibration=False,
-                 save=save_gates, load=load_gated, export=export_gated, report=report_gated
+    "vib", VIBConfig, attach_vib, kind="learnable", needs_calibration=False, fsdp=True,
+    save=save_gates, load=load_gated, export=export_gated, report=report_gated,
 )
