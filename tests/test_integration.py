@@ -19,7 +19,8 @@ def short_run(output, method: str) -> dict:
         "model": "smollm2-135m",
         "data": {"calibration_samples": 8, "seq_len": 512, "heldout_fraction": 0.05},
         "method": {"name": method, "sparsity": "2:4"},
-        "eval": {"dense_baseline": False, "tasks": [], "latency": False, "extra_texts": []},
+        "eval": {"dense_baseline": False, "tasks": [], "latency": False, "flops": False, "extra_texts": []},
+        "export": {"save_model": method == "wanda"},  # only the Wanda model is reloaded below
         "output": str(output),
     }))
 
