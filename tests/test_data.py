@@ -260,3 +260,11 @@ def test_mix_must_name_other_texts_once(monkeypatch, tmp_path, offline):
     config = data.DataConfig(seq_len=16, mix=[str(tmp_path / "nope.txt")])
     with pytest.raises(UserInputError, match=r"data.mix entry '.*nope.txt': no such file"):
         data.prepare_mix(CharTokenizer(), config)
+
+
+def test_a_text_in_both_mix_and_extra_texts_is_prepared_once(monkeypatch):
+    monkeypatch.setattr(data, "moby_dick", lambda: "Call me Ishmael. " * 100)
+    config = data.DataConfig(seq_len=16, mix=["moby-dick"])
+    extra = data.prepare_extra(CharTokenizer(), ["moby-dick"], 16)
+    monkeypatch.setattr(data, "prepare", lambda *args, **kwargs: pytest.fail("moby-dick tokenized a second time"))
+    assert data.prepare_mix(CharTokenizer(), config, extra)["moby-dick"] is extra["moby-dick"]

@@ -359,12 +359,15 @@ def prepare_source(tokenizer, data: DataConfig) -> TokenSplits:
 
 
 def _prepare_texts(tokenizer, sources: list[str], seq_len: int, setting: str, needs: dict[str, tuple[int, str]],
-                   heldout_fraction: float, validation_fraction: float) -> dict[str, TokenSplits]:
+                   heldout_fraction: float, validation_fraction: float,
+                   prepared: Mapping[str, TokenSplits] | None = None) -> dict[str, TokenSplits]:
+    """Each of `sources` split with the given fractions; one already in `prepared` (split with the same
+    fractions) is reused rather than read and tokenized again."""
     texts = {}
     for source in dict.fromkeys(sources):
         try:
-            texts[source] = prepare(tokenizer, source, heldout_fraction=heldout_fraction,
-                                    validation_fraction=validation_fraction)
+            texts[source] = (prepared or {}).get(source) or prepare(
+                tokenizer, source, heldout_fraction=heldout_fraction, validation_fraction=validation_fraction)
             texts[source].require(source, seq_len, needs)
         except UserInputError as error:
             raise UserInputError(f"{setting} entry {source!r}: {error}") from None
@@ -379,12 +382,13 @@ def prepare_extra(tokenizer, sources: list[str], seq_len: int, *, heldout_fracti
                           heldout_fraction, validation_fraction)
 
 
-def prepare_mix(tokenizer, data: DataConfig) -> dict[str, TokenSplits]:
+def prepare_mix(tokenizer, data: DataConfig, extra: Mapping[str, TokenSplits] | None = None) -> dict[str, TokenSplits]:
     """The `data.mix` texts, split like the source (same fractions, so their test parts stay as unread as the
-    source's); each must hold a train and a validation window. Errors name the entry."""
+    source's); each must hold a train and a validation window. Errors name the entry. `extra`: the prepared
+    `eval.extra_texts` (split with the data section's fractions); a text in both is tokenized once."""
     needs = {"train": (1, "data.mix"), "validation": (1, "data.mix")}
     return _prepare_texts(tokenizer, data.mix, data.seq_len, "data.mix", needs, data.heldout_fraction,
-                          data.validation_fraction)
+                          data.validation_fraction, extra)
 
 
 def interleave(splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int) -> TokenSplits:

@@ -114,10 +114,10 @@ class SharedModel:
         self.model = place(model, self.runtime)
         data = recipe.data
         self.source_splits = prepare_source(self.tokenizer, data)
-        self.mix = prepare_mix(self.tokenizer, data)
-        self.splits = interleave(self.source_splits, self.mix, data.seq_len)  # calibration and selection read these
         self.extra = prepare_extra(self.tokenizer, recipe.eval.extra_texts, data.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
+        self.mix = prepare_mix(self.tokenizer, data, self.extra)
+        self.splits = interleave(self.source_splits, self.mix, data.seq_len)  # calibration and selection read these
         self.timings["load"] = round(time.perf_counter() - start, 2)
         self.store: StatsStore | None = None
         self.calibration_passes = 0

@@ -125,11 +125,11 @@ class CausalLM(Task):
         data = settings.data
         self.seq_len = data.seq_len
         self.source_splits = prepare_source(tokenizer, data)
-        self.mix = prepare_mix(tokenizer, data)
-        self.splits = interleave(self.source_splits, self.mix, self.seq_len)  # what calibration/training/selection read
         measured = settings.eval.extra_texts if settings.eval.perplexity else []  # only perplexity reads them
         self.extra = prepare_extra(tokenizer, measured, self.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
+        self.mix = prepare_mix(tokenizer, data, self.extra)
+        self.splits = interleave(self.source_splits, self.mix, self.seq_len)  # what calibration/training/selection read
         self.used: dict[str, dict] = {}
 
     @classmethod
