@@ -151,6 +151,21 @@ def _serial_bootstrap() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _no_environment_probe() -> Iterator[None]:
+    """simple_evaluate ends by describing the environment (torch's collect_env runs pip, nvidia-smi and more as
+    subprocesses, and git for a commit hash) into results we never read; it has no switch, and on a small model
+    the probe costs more than the evaluation. For the duration, it records nothing."""
+    from lm_eval import evaluator
+
+    saved = evaluator.add_env_info, evaluator.get_git_commit_hash
+    evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda results: None), (lambda: None)
+    try:
+        yield
+    finally:
+        evaluator.add_env_info, evaluator.get_git_commit_hash = saved
+
+
+@contextlib.contextmanager
 def _rng_preserved() -> Iterator[None]:
     """Restore the caller's random / numpy / torch RNG states afterwards."""
     import random
@@ -329,7 +344,7 @@ def accuracy_scores(
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
             # simple_evaluate reseeds random/numpy/torch
-            with _hub_offline(offline), _rng_preserved(), _serial_bootstrap():
+            with _hub_offline(offline), _rng_preserved(), _serial_bootstrap(), _no_environment_probe():
                 out = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=objects,

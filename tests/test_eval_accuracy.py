@@ -140,6 +140,23 @@ def test_end_to_end_random_tiny_model_scores_near_zero():
     assert model.training  # mode restored
 
 
+def test_lm_evals_environment_probe_is_skipped_and_put_back(monkeypatch):
+    """simple_evaluate's add_env_info runs torch's collect_env (pip, nvidia-smi... as subprocesses) for results we
+    discard: an evaluation must never reach it, and lm-eval's own function is back in place afterwards."""
+    import torch.utils.collect_env
+    from lm_eval import evaluator
+
+    probes = []
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: probes.append("probed") or "")
+    original = evaluator.add_env_info
+    text = prose(final=("banana",))
+    tok = word_tokenizer(text)
+    assert "docs_lastword" in task_accuracy(tiny_gpt2(len(tok)), tok, ["docs_lastword"], heldout_text=text, limit=4)
+    assert probes == [] and evaluator.add_env_info is original
+    original({})
+    assert probes == ["probed"]  # the spy sits where lm-eval's probe looks
+
+
 def test_metric_is_real_oracle_scores_one_and_wrong_guesser_zero():
     text = prose(final=("banana",))
     tok = word_tokenizer(text)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def short_run(output, method: str) -> dict:
     return run(parse_recipe({
         "model": "smollm2-135m",
-        "data": {"calibration_samples": 8, "seq_len": 512, "heldout_fraction": 0.05},
+        "data": {"calibration_samples": 4, "seq_len": 512, "heldout_fraction": 0.02},
         "method": {"name": method, "sparsity": "2:4"},
         "eval": {"dense_baseline": False, "tasks": [], "latency": False, "flops": False, "extra_texts": []},
         "export": {"save_model": method == "wanda"},  # only the Wanda model is reloaded below
@@ -34,7 +34,7 @@ def runs(tmp_path_factory, smollm2_dir):
 def test_wanda_2of4_is_far_below_magnitude_2of4(runs):
     _, reports = runs
     wanda, magnitude = reports["wanda"]["perplexity"]["value"], reports["magnitude"]["perplexity"]["value"]
-    assert wanda < 150 < 500 < magnitude  # measured here: Wanda about 60, magnitude above 1,000
+    assert wanda < 150 < 500 < magnitude  # measured here: Wanda 54.8, magnitude 1,798
     assert reports["wanda"]["sparsity"]["achieved"] == 0.5
 
 
@@ -42,7 +42,7 @@ def test_exported_model_loads_with_plain_transformers_and_reproduces_perplexity(
     root, reports = runs
     model = AutoModelForCausalLM.from_pretrained(root / "wanda" / "model", dtype=torch.float32)
     _, tokenizer = load_model("smollm2-135m")
-    blocks = prepare(tokenizer, "embedded-docs", heldout_fraction=0.05).test_blocks(512)
+    blocks = prepare(tokenizer, "embedded-docs", heldout_fraction=0.02).test_blocks(512)
     value = perplexity(model, blocks).value
     assert value == pytest.approx(reports["wanda"]["perplexity"]["value"], rel=1e-4)
     weight = model.model.layers[3].mlp.down_proj.weight

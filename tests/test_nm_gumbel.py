@@ -80,6 +80,11 @@ def test_hard_mask_is_the_argmax_candidate_and_exactly_n_of_m(nm):
     assert torch.equal(keep, nm_candidates(n, m)[best].reshape(7, -1))
     mask.eval()
     assert torch.equal(mask(), keep)
+    with torch.no_grad():
+        mask.logits.copy_(mask.logits.round(decimals=1).abs())  # ties, and a tie at the top picks the first
+    best = mask.group_logits.argmax(-1)
+    assert (mask.logits == mask.logits.max(0).values).sum(0).max() > 1  # some group really has a tie at the top
+    assert torch.equal(mask.hard(), nm_candidates(n, m)[best].reshape(7, -1))
 
 
 def test_soft_mask_approaches_the_hard_mask_when_cold():

@@ -372,7 +372,7 @@ def test_best_masks_of_another_shape_are_refused(tmp_path, one_thread):
 @pytest.mark.integration
 def test_smollm2_nm_gumbel_resumed_after_ctrl_c_at_step_3_equals_the_uninterrupted_run(
         tmp_path, smollm2_dir, monkeypatch):
-    """The issue's case, kept short: nm_gumbel on the attention projections of SmolLM2-135M, 6 steps of 64
+    """The issue's case, kept short: nm_gumbel on the query projections of SmolLM2-135M, 6 steps of 64
     tokens, a checkpoint every 4; Ctrl-C during step 3's forward (after its Gumbel noise was drawn), then
     --resume."""
     from prune.masks.storage import read_masks
@@ -383,7 +383,7 @@ def test_smollm2_nm_gumbel_resumed_after_ctrl_c_at_step_3_equals_the_uninterrupt
         return parse_recipe({
             "model": "smollm2-135m",
             "data": {"seq_len": 64, "calibration_samples": 1},
-            "method": {"name": "nm_gumbel", "prior": "magnitude", "targets": ["*.self_attn.*_proj"]},
+            "method": {"name": "nm_gumbel", "prior": "magnitude", "targets": ["*.self_attn.q_proj"]},
             "train": {"steps": 6, "batch_size": 1, "lr": 0.01, "log_every": 3, "checkpoint_every": 4,
                       "warmup_fraction": 0.0},
             "eval": {"dense_baseline": False, "perplexity": False, "tasks": [], "flops": False, "latency": False},

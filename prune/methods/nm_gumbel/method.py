@@ -112,7 +112,9 @@ class NMGumbelMask(Mask):
         return soft_from_probs(probs, self.n, self.m)
 
     def hard(self) -> Tensor:
-        index = self.logits.detach().argmax(0)  # [out, G]
+        # max(0).indices, not argmax(0): the same first-maximum index, but on CPU torch's argmax over a short
+        # leading dimension (the C candidates) takes a slow path, several times slower.
+        index = self.logits.detach().max(0).indices  # [out, G]
         return self.candidates[index].reshape(self.out_features, self.in_features)
 
     def regularizer_scale(self) -> float:
