@@ -27,6 +27,9 @@ from prune.tasks.registry import DEFAULT_TASK, TASKS
 from prune.training.config import TrainConfig
 from prune.core.yaml_io import load_yaml, read_mapping
 
+# (section, key, neutral value) of settings added after run directories existed: see Recipe.fingerprint
+LATER_SETTINGS = (("train", "distill", 0.0),)
+
 
 class ExportConfig(StrictConfig):
     """The `export` section: what the run writes as model/."""
@@ -95,6 +98,20 @@ class Recipe(StrictConfig):
         return self
 
     @model_validator(mode="after")
+    def _distillation_trains_a_causal_lm(self):
+        """train.distill shapes the loss of mask training on text: meaningless for a method that trains nothing
+        or a task without next-token distributions."""
+        if not self.train.distill:
+            return self
+        if self.task != DEFAULT_TASK:
+            raise ValueError(f"train.distill applies to task {DEFAULT_TASK}, not {self.task}; remove it.")
+        if get_method(self.method.name).kind != "learnable":
+            learnable = sorted(name for name, spec in METHODS.items() if spec.kind == "learnable")
+            raise ValueError(f"train.distill needs a method that trains masks ({', '.join(learnable)}); "
+                             f"{self.method.name!r} trains nothing. Remove train.distill.")
+        return self
+
+    @model_validator(mode="after")
     def _structural_export(self):
         """export.round_to / export.uniform shape a structural method's masks, so its config receives them."""
         for key in ("round_to", "uniform"):
@@ -112,8 +129,13 @@ class Recipe(StrictConfig):
         return self.model_dump(mode="json", serialize_as_any=True)
 
     def fingerprint(self) -> str:
-        """A short hash of everything that decides the result (not where it is written)."""
+        """A short hash of everything that decides the result (not where it is written). Settings added after
+        run directories existed (LATER_SETTINGS) are left out at their neutral value, so those runs keep their
+        fingerprint: they still resume, and sweeps and benchmarks still reuse them."""
         content = {key: value for key, value in self.to_dict().items() if key != "output"}
+        for section, key, neutral in LATER_SETTINGS:
+            if content[section].get(key) == neutral:
+                del content[section][key]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -9,6 +9,7 @@ chosen on the validation part. Every perplexity carries a 95% bootstrap interval
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -112,6 +113,22 @@ def data_report(source: str, seq_len: int, splits: TokenSplits, extra: Mapping[s
     }
 
 
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over positions of KL(teacher || student) between next-token distributions, in float32: the dense
+    model's whole distribution is a richer target per token than the one observed next token."""
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The dense model as a distillation teacher: copied before any method touches the weights (a prior may
+    update them), never trained, in evaluation mode."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 class CausalLM(Task):
     """`task: causal-lm`: text in, perplexity (and lm-eval accuracy, FLOPs, latency) out."""
 
@@ -131,6 +148,7 @@ class CausalLM(Task):
         self.mix = prepare_mix(tokenizer, data, self.extra)
         self.splits = interleave(self.source_splits, self.mix, self.seq_len)  # what calibration/training/selection read
         self.used: dict[str, dict] = {}
+        self.teacher = frozen_copy(model) if settings.train.distill else None  # before any method attaches
 
     @classmethod
     def load_model(cls, spec: str, dtype: torch.dtype):
@@ -203,8 +221,16 @@ class CausalLM(Task):
         return blocks
 
     def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
-        """Next-token cross-entropy on a [batch, seq] block of token ids."""
-        return model(input_ids=batch, labels=batch).loss
+        """Next-token cross-entropy on a [batch, seq] block of token ids; with `train.distill` = w,
+        (1 - w) * cross-entropy + w * KL(dense teacher || model) over the positions the cross-entropy scores."""
+        output = model(input_ids=batch, labels=batch)
+        weight = self.settings.train.distill
+        if self.teacher is None:
+            return output.loss
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=batch.to(next(self.teacher.parameters()).device)).logits
+        kl = distillation_kl(output.logits[:, :-1], teacher_logits[:, :-1].to(output.logits.device))
+        return (1.0 - weight) * output.loss + weight * kl
 
     def heldout_score(self, model: nn.Module) -> float:
         """Perplexity of the hard masks on the VALIDATION part (never the test part, which only the reported
