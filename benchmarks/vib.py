@@ -1,9 +1,10 @@
 """VIB structured pruning of SmolLM2-135M vs one-shot structured baselines at the same size, with the exported
 (physically smaller) model's latency beside the dense model's.
 
-Protocol: masks train on the train part of the embedded CPython docs and nothing picks among them (the last
-masks are kept), so no choice reads the test part; every perplexity is measured on the first `--windows` windows
-of the TEST part of the docs and of an out-of-domain text (moby-dick), each with its 95% bootstrap interval.
+Protocol: masks train on the train part of the embedded CPython docs (and of the `--mix` texts; with
+`--distill`, against the dense model's next-token distribution) and nothing picks among them (the last masks are
+kept), so no choice reads the test part; every perplexity is measured on the first `--windows` windows of the
+TEST part of the docs and of an out-of-domain text (moby-dick), each with its 95% bootstrap interval.
 
 For each target (share of parameters removed): VIB masks are trained mask-only (the one trainer), evaluated
 with hard masks, exported, and the export is checked to reproduce the gated perplexity; then the structured
@@ -41,7 +42,8 @@ from prune.methods.vib.method import BUDGET_TOLERANCE
 from prune.runs.loading import load_model
 from prune.training.config import TrainConfig
 from prune.methods.registry import get_method
-from prune.training.trainer import train
+from prune.tasks.causal_lm import distillation_loss
+from prune.training.trainer import lm_loss, train
 
 HERE = Path(__file__).parent
 JSON = HERE / "vib.json"
@@ -86,7 +88,9 @@ def latency_pair(dense, exported, args) -> dict:
     return out
 
 
-def run_vib(share: float, splits, texts: dict, args) -> tuple[dict, object]:
+def run_vib(share: float, splits, texts: dict, teacher, args) -> tuple[dict, object]:
+    """VIB masks at `share` removed, trained on `splits`' train part (against `teacher`, the dense model, with
+    --distill)."""
     model, _ = load_model(MODEL)
     spec = get_method("vib")
     units = {kind: kind in args.units for kind in ("heads", "ffn", "hidden", "layers")}
@@ -101,8 +105,13 @@ def run_vib(share: float, splits, texts: dict, args) -> tuple[dict, object]:
         blocks = blocks[order[: max(1, round(args.fraction * len(blocks)))]]
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, log_every=max(1, args.steps // 10),
                                checkpoint_every=max(args.steps, 1), seed=0)
+
+    def task_loss(masked, batch):
+        return distillation_loss(masked, teacher, batch, args.distill)
+
     with tempfile.TemporaryDirectory() as directory:
-        result = train(model, objective, blocks, train_config, Path(directory))
+        result = train(model, objective, blocks, train_config, Path(directory),
+                       task_loss=task_loss if args.distill else lm_loss)
         log = [json.loads(line) for line in (Path(directory) / "train" / "train_log.jsonl").read_text().splitlines()]
     gated = measured(model, texts)
     figures = summary(gate_set(model), args.seq_len)
@@ -257,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--mix", nargs="*", default=[], help="other texts whose train parts join training and "
                         "calibration (data.mix), e.g. moby-dick")
+    parser.add_argument("--distill", type=float, default=0.0, help="weight of the KL divergence from the dense "
+                        "model in the training loss (train.distill)")
     parser.add_argument("--windows", type=int, default=16, help="test windows per text for perplexity")
     parser.add_argument("--calibration", type=int, default=32, help="calibration blocks for activation scores")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -280,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                "dense": {**measured(dense_model, texts), "params": count_params(dense_model).total},
                "notes": args.note}
     for share in args.targets:
-        row, exported = run_vib(share, splits, texts, args)
+        row, exported = run_vib(share, splits, texts, dense_model, args)
         row["latency"] = latency_pair(dense_model, exported, args)
         results["rows"].append(row)
         del exported

@@ -121,6 +121,16 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
+def distillation_loss(model: nn.Module, teacher: nn.Module, batch: Tensor, weight: float) -> Tensor:
+    """(1 - weight) * next-token cross-entropy + weight * KL(teacher || model), over the positions the
+    cross-entropy scores (every one but the last); the teacher runs without gradients on its own device."""
+    output = model(input_ids=batch, labels=batch)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch.to(next(teacher.parameters()).device)).logits
+    kl = distillation_kl(output.logits[:, :-1], teacher_logits[:, :-1].to(output.logits.device))
+    return (1.0 - weight) * output.loss + weight * kl
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """The dense model as a distillation teacher: copied before any method touches the weights (a prior may
     update them), never trained, in evaluation mode."""
@@ -221,16 +231,11 @@ class CausalLM(Task):
         return blocks
 
     def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
-        """Next-token cross-entropy on a [batch, seq] block of token ids; with `train.distill` = w,
-        (1 - w) * cross-entropy + w * KL(dense teacher || model) over the positions the cross-entropy scores."""
-        output = model(input_ids=batch, labels=batch)
-        weight = self.settings.train.distill
+        """Next-token cross-entropy on a [batch, seq] block of token ids; with `train.distill`, mixed with the KL
+        divergence from the dense teacher (distillation_loss)."""
         if self.teacher is None:
-            return output.loss
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch.to(next(self.teacher.parameters()).device)).logits
-        kl = distillation_kl(output.logits[:, :-1], teacher_logits[:, :-1].to(output.logits.device))
-        return (1.0 - weight) * output.loss + weight * kl
+            return model(input_ids=batch, labels=batch).loss
+        return distillation_loss(model, self.teacher, batch, self.settings.train.distill)
 
     def heldout_score(self, model: nn.Module) -> float:
         """Perplexity of the hard masks on the VALIDATION part (never the test part, which only the reported
