@@ -9,6 +9,7 @@ perplexity with its 95% bootstrap interval over windows, and each run is paired 
 of the four (`prune compare`'s verdicts: best / not distinguishable from best / worse).
 
     python benchmarks/maskllm.py [--output runs/smollm2-135m-2of4-maskllm] [--set KEY=VALUE ...]
+    python benchmarks/maskllm.py --set train.distill=1.0 --output runs/smollm2-135m-2of4-maskllm-distill
 """
 from __future__ import annotations
 
@@ -61,15 +62,17 @@ def ran(recipe) -> dict:
     return report if report is not None else run(recipe, resume=(directory / "train" / "checkpoints").is_dir())
 
 
-def baselines(overrides: list[str], output: str) -> list[tuple[str, Path]]:
+def baselines(overrides: list[str], prefix: str) -> list[tuple[str, Path]]:
     """SparseGPT 2:4 with and without its weight update, on the MaskLLM recipe's data and evaluation settings:
-    the same test windows, so every run pairs with every other."""
+    the same test windows, so every run pairs with every other. They train nothing, so training settings
+    (steps, distillation) are not theirs: a variant of the training reuses the same baseline runs."""
     from prune.runs.recipe import load_recipe
 
     runs = []
     for label, name, update in BASELINES:
         method = f"method={{name: sparsegpt, sparsity: '2:4', update_weights: {update}}}"
-        recipe = load_recipe(RECIPE, [*overrides, method, "train.steps=0", f"output={output}-{name}"])
+        recipe = load_recipe(RECIPE, [*overrides, method, "train.steps=0", "train.distill=0",
+                                      f"output={prefix}-{name}"])
         ran(recipe)
         runs.append((label, Path(recipe.output)))
     return runs
@@ -156,13 +159,15 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "runs" / "smollm2-135m-2of4-maskllm"))
     parser.add_argument("--set", action="append", default=[], help="recipe override (a dry run: not published)")
     parser.add_argument("--note", default="", help="a sentence on the conditions of this run")
+    parser.add_argument("--baselines", default=str(ROOT / "runs" / "smollm2-135m-2of4-maskllm"),
+                        help="prefix of the baseline runs' directories (PREFIX-sparsegpt-2of4, ...)")
     args = parser.parse_args()
     from prune.runs.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, [*args.set, f"output={args.output}"])
     directory = Path(args.output)
     report = ran(recipe)
-    runs = [("MaskLLM 2:4, best masks", directory), *baselines(args.set, args.output)]
+    runs = [("MaskLLM 2:4, best masks", directory), *baselines(args.set, args.baselines)]
     command = "python benchmarks/maskllm.py" + "".join(f" --set '{item}'" for item in args.set)
     body = section(recipe, report, directory, runs, command, args.note)
     print(body)
