@@ -19,7 +19,7 @@ from prune.runs.loading import load_model
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
 from prune.structural.store import gate_set
-from tests.conftest import make_tiny_llama, save_tiny_model
+from tests.conftest import docs_text, make_tiny_llama, save_tiny_model
 from tests.test_runtime import _assert_same_perplexity
 
 SCORES = ["magnitude", "activation"]
@@ -35,6 +35,14 @@ def _recipe(model_dir, corpus, output, method: dict, offload: str) -> dict:
         "method": method, "runtime": {"threads": 1, "offload": offload},
         "eval": {"tasks": [], "latency": False, "flops": False, "dense_baseline": False, "extra_texts": []}, "output": str(output),
     }
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A short text: a few held-out windows are enough to compare two runs' perplexities."""
+    path = tmp_path_factory.mktemp("data") / "docs.txt"
+    path.write_text(docs_text(20_000))
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ rotary frequencies stay real). Only the tensors outside the decoder blocks (embe
 read up front; the layer-by-layer driver then brings one block at a time in from the shards (`FromShards`),
 prunes it and writes it to the output checkpoint. Resident at any time: the tensors outside the blocks, one
 block, and the calibration activations [n, seq, hidden]. The computation is the in-memory driver's own, so the
-streamed result is bit-identical to pruning the loaded model.
+streamed result is bit-identical to pruning the loaded model. `stream_rewrite` is the same walk for a structural
+method: the dense statistics (`collect_stats`), a decision per block, and the block's tensors written in the
+smaller shapes of the output model's config.
 """
 from __future__ import annotations
 

@@ -8,6 +8,12 @@ Scores (pure tensor math, from the structural map's table, so every family gets 
 Allocation: the same share of head units and of neurons is removed in every layer, the smallest share that
 meets the target (bisection on the exact size arithmetic); each layer keeps its best-scored units. The
 decisions become fixed gates, so saving, export and reporting are those of every structural method.
+
+Because the counts come from the structural map alone and the scores are per layer, the method runs block by
+block: under runtime.offload: cpu the activation statistics are read with each block on the device (the
+layer-by-layer driver's `collect_stats`, which the in-memory run uses too); under offload: disk
+(`write_streamed`) each block is scored and sliced as the export slices it, and the smaller checkpoint is written
+shard by shard.
 """
 from __future__ import annotations
 
