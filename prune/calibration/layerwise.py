@@ -100,11 +100,7 @@ def prune_layerwise(
     if make_stats is None:
         return _prune_placed_without_data(model, modules, prune_module, result, placement, restore, keep_results)
     blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
-    if placement is not None and outside:
-        raise UserInputError(
-            f"targets outside the decoder blocks ({', '.join(outside[:3])}) cannot be pruned with runtime.offload; "
-            "narrow method.targets to the blocks, or use runtime.offload: none."
-        )
+    _check_placed(placement, outside)
 
     originals: dict[str, Tensor] | None = {} if restore else None
     was_training = model.training
@@ -142,21 +138,41 @@ def prune_layerwise(
     return result
 
 
+def _check_placed(placement: BlockPlacement | None, outside: list[str]) -> None:
+    """Placed blocks are all a placement moves: targets outside them cannot be reached."""
+    if placement is not None and outside:
+        raise UserInputError(
+            f"targets outside the decoder blocks ({', '.join(outside[:3])}) cannot be pruned with runtime.offload; "
+            "narrow method.targets to the blocks, or use runtime.offload: none."
+        )
+
+
+def visit_placed_blocks(model: nn.Module, placement: BlockPlacement, visit: Callable[[int, nn.Module], None],
+                        wanted: Callable[[int], bool] = lambda index: True) -> None:
+    """The data-free walk over placed blocks: each `wanted` block onloaded, `visit(index, block)`ed, offloaded."""
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        for index, block in enumerate(blocks):
+            if wanted(index):
+                placement.onload(index, block)
+                visit(index, block)
+                placement.offload(index, block)
+
+
 def _prune_placed_without_data(model, modules, prune_module, result, placement: BlockPlacement, restore: bool,
                                keep_results: bool) -> LayerwiseResult:
     """Data-free pruning (magnitude) of placed blocks: onload each block, prune its targets, offload."""
     blocks_name, blocks = find_blocks(model)
-    with torch.no_grad():
-        for index, block in enumerate(blocks):
-            names = [name for name in modules if _block_index(name, blocks_name, len(blocks)) == index]
-            if not names:
-                continue
-            placement.onload(index, block)
-            for name in names:
-                _prune_one(name, modules[name], None, prune_module, result, apply=not restore, originals=None)
-                if not keep_results:
-                    _forget(result, name)
-            placement.offload(index, block)
+    per_block = [[name for name in modules if _block_index(name, blocks_name, len(blocks)) == index]
+                 for index in range(len(blocks))]
+
+    def visit(index: int, block: nn.Module) -> None:
+        for name in per_block[index]:
+            _prune_one(name, modules[name], None, prune_module, result, apply=not restore, originals=None)
+            if not keep_results:
+                _forget(result, name)
+
+    visit_placed_blocks(model, placement, visit, lambda index: bool(per_block[index]))
     return result
 
 
@@ -363,6 +379,7 @@ def collect_stats(
     share_inputs: bool = True,
     sink: Callable[[dict[str, Accumulator]], None] | None = None,
     progress: bool = True,
+    placement: BlockPlacement | None = None,
 ) -> dict[str, Accumulator]:
     """One layer-by-layer pass over the *dense* model: input statistics for every target, no weight touched.
 
@@ -372,10 +389,13 @@ def collect_stats(
     as in `prune_layerwise`. With `share_inputs`, targets that read the very same input tensor (q/k/v,
     gate/up) share one accumulator: `stats[q] is stats[k]`. With `sink`, each block's statistics are handed
     over as soon as they are complete and not kept (the return value is then empty), so the caller can
-    write them to disk and hold one block's statistics at a time.
+    write them to disk and hold one block's statistics at a time. With a `placement`, each block visits the work
+    device for its turn as in `prune_layerwise`, and `sink` runs while the block is still there (so it can read
+    the block's weights beside its statistics).
     """
     modules = _resolve_targets(model, target_names)
     blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
+    _check_placed(placement, outside)
     result: dict[str, Accumulator] = {}
     emit = sink or result.update
     was_training = model.training
@@ -386,11 +406,15 @@ def collect_stats(
                 acts, calls = _capture_block_inputs(model, blocks[0], batches)
                 for index in tqdm(range(last + 1), desc="calibration statistics", disable=not progress):
                     block, names, write = blocks[index], per_block[index], index < last
+                    if placement is not None:
+                        placement.onload(index, block)
                     if names:
                         emit(_collect_shared(modules, names, make_stats, block, share_inputs,
                                              lambda: _run_block(block, acts, calls, write)))
                     elif write:
                         _run_block(block, acts, calls, write=True)
+                    if placement is not None:
+                        placement.offload(index, block)
                 del acts, calls
             if outside:
                 emit(_collect_shared(modules, outside, make_stats, model, share_inputs,

@@ -8,10 +8,11 @@ checkpoint's shards when its turn comes, and written to the output checkpoint an
 from __future__ import annotations
 
 import ctypes
+from typing import Callable
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
-from torch import nn
+from torch import Tensor, nn
 
 from prune.models.shards import ShardedWriter, ShardReader
 
@@ -29,14 +30,23 @@ class OnDevice:
         block.to(self.home)
 
 
+Rewrite = Callable[[str, Tensor], Tensor]
+
+
+def unchanged(name: str, tensor: Tensor) -> Tensor:
+    return tensor
+
+
 class FromShards:
     """Blocks of a meta-device model read from `reader` on onload; on offload written to `writer` (when given)
-    in the writer's planned dtype, then put back on the meta device and the freed heap returned to the OS."""
+    as `rewrite(name, tensor)` (a structural method slices them to its kept units) in the writer's planned dtype,
+    then put back on the meta device and the freed heap returned to the OS."""
 
     def __init__(self, model: nn.Module, blocks_name: str, reader: ShardReader, writer: ShardedWriter | None,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, rewrite: Rewrite = unchanged):
         self.model, self.prefix = model, blocks_name + "." if blocks_name else ""
         self.reader, self.writer, self.device, self.dtype = reader, writer, device, dtype
+        self.rewrite = rewrite
 
     def _names(self, index: int, block: nn.Module) -> list[str]:
         return [f"{self.prefix}{index}.{key}" for key in block.state_dict()]
@@ -51,7 +61,7 @@ class FromShards:
         state = block.state_dict()
         for key, name in zip(state, self._names(index, block)):
             if self.writer is not None:
-                self.writer.write(name, state[key].to("cpu", self.writer.where[name].entries[name][0]))
+                self.writer.write(name, self.rewrite(name, state[key]).to("cpu", self.writer.where[name].entries[name][0]))
             set_module_tensor_to_device(self.model, name, "meta")
         del state
         release_freed_memory()

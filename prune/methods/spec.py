@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+import torch
 from torch import Tensor, nn
 
 from prune.calibration.layerwise import LayerPruner, MakeStats
@@ -56,6 +57,18 @@ class BlockPruning:
 BlockPruningFn = Callable[[MethodConfig], BlockPruning]
 
 
+@dataclass(frozen=True)
+class StreamedExport:
+    """How a structural method prunes a model that is never whole in memory (runtime.offload: disk) straight into
+    the physically smaller checkpoint its `export` writes: `check(skeleton, config)` refuses, before anything is
+    written, what cannot stream (e.g. a smaller model that plain transformers cannot describe); `write(checkpoint,
+    output, config, calibration, device, dtype)` writes it shard by shard, one block in memory at a time, and
+    returns the structural figures its `report` reads (prune.structural.store.summary)."""
+
+    check: Callable[[nn.Module, MethodConfig], None]
+    write: Callable[[Path, Path, MethodConfig, Tensor | None, torch.device, torch.dtype], dict]
+
+
 def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, meta: dict) -> None:
     """The default save: hard weight masks, N:M ones as candidate indices (see prune.masks.storage)."""
     pattern = config.pattern
@@ -89,7 +102,9 @@ class MethodSpec:
     against one process); one-shot methods train nothing to shard and are refused.
     `block_pruning(config)`: how the method prunes one decoder block at a time from that block's calibration
     statistics (see BlockPruning); a method that has it runs under `runtime.offload` (cpu: blocks onloaded to the
-    device in turn; disk: streamed from shards, the task pruning through this hook).
+    device in turn; disk: streamed from shards, the task pruning through this hook). A structural method instead
+    has `streamed_export` (see StreamedExport); either way its `attach` takes `placement=` (the blocks' placement
+    under offload: cpu, prune.calibration.placement) and reads each block's data with that block on the device.
 
     `tasks` names the kinds of run the method supports (prune.tasks: causal-lm, zero-shot-classification,
     image-classification); a recipe pairing the method with another task is refused when it is validated.
@@ -111,10 +126,11 @@ class MethodSpec:
     report: ReportFn | None = None
     fsdp: bool = False
     block_pruning: BlockPruningFn | None = None
+    streamed_export: StreamedExport | None = None
     tasks: frozenset[str] = frozenset({"causal-lm"})
     targets: TargetsFn | None = None
 
     @property
     def block_by_block(self) -> bool:
         """The method prunes block by block, so it runs under runtime.offload."""
-        return self.block_pruning is not None
+        return self.block_pruning is not None or self.streamed_export is not None

@@ -92,6 +92,8 @@ def open_task(recipe: Recipe, spec: MethodSpec, runtime: Runtime, model_output: 
         checkpoint = local_model_dir(recipe.model)
         model, processor = task.load_model(str(checkpoint), runtime.dtype)
         check_model(model, recipe, spec, task)
+        if spec.streamed_export is not None:
+            spec.streamed_export.check(model, recipe.method)
         return task(model, processor, recipe, runtime.device, checkpoint=checkpoint, output=model_output)
     model, processor = load_model(recipe.model, runtime.dtype, task=recipe.task)
     check_model(model, recipe, spec, task)

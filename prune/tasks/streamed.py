@@ -54,14 +54,18 @@ class StreamedCausalLM(CausalLM):
 
     def prune(self, spec: MethodSpec, config: MethodConfig, calibration: Tensor | None,
               placement: BlockPlacement | None = None) -> None:
-        """Prune the checkpoint block by block through the method's `block_pruning` hook into `output`, written
-        shard by shard (whole or absent), which `measure` reads from now on. `placement` is None here: the
-        shards are where the blocks wait."""
-        pruning = spec.block_pruning(config)
-        self.targets = spec.targets(self.model, config)
+        """Prune the checkpoint block by block through the method's `block_pruning` hook (or a structural method's
+        `streamed_export`, which writes the smaller model) into `output`, written shard by shard (whole or absent),
+        which `measure` reads from now on. `placement` is None here: the shards are where the blocks wait."""
         with staged_directory(self.output) as staging:
-            stream_prune(self.checkpoint, staging, lambda model: spec.targets(model, config), pruning.prune,
-                         pruning.make_stats, calibration, device=self.device, dtype=self.model.dtype)
+            if spec.streamed_export is not None:
+                self.model.maskprune_summary = spec.streamed_export.write(  # what the method's `report` reads
+                    self.checkpoint, staging, config, calibration, self.device, self.model.dtype)
+            else:
+                pruning = spec.block_pruning(config)
+                self.targets = spec.targets(self.model, config)
+                stream_prune(self.checkpoint, staging, lambda model: spec.targets(model, config), pruning.prune,
+                             pruning.make_stats, calibration, device=self.device, dtype=self.model.dtype)
             self.processor.save_pretrained(staging)
         self.checkpoint = self.output
 

@@ -8,17 +8,29 @@ Scores (pure tensor math, from the structural map's table, so every family gets 
 Allocation: the same share of head units and of neurons is removed in every layer, the smallest share that
 meets the target (bisection on the exact size arithmetic); each layer keeps its best-scored units. The
 decisions become fixed gates, so saving, export and reporting are those of every structural method.
+
+Because the counts come from the structural map alone and the scores are per layer, the method runs block by
+block: under runtime.offload: cpu the activation statistics are read with each block on the device (the
+layer-by-layer driver's `collect_stats`, which the in-memory run uses too); under offload: disk
+(`write_streamed`) each block is scored and sliced as the export slices it, and the smaller checkpoint is written
+shard by shard.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from prune.calibration.layerwise import BlockPlacement, collect_stats
+from prune.calibration.streaming import skeleton, stream_rewrite
 from prune.core.errors import UserInputError
-from prune.structural.gates import FixedGate, attach_unit_gates, rounded_count
+from prune.methods.oneshot.wanda import WandaStats
+from prune.models.blocks import in_out_features
+from prune.structural.gates import FixedGate, GateSet, attach_unit_gates, rounded_count
+from prune.structural.shrink import LAYER_SIZES_KEY, shrunk_config, shrunk_state
 from prune.structural.store import (
     StructuralBudgetConfig,
     export_gated,
@@ -26,10 +38,11 @@ from prune.structural.store import (
     report_gated,
     save_gates,
     budget_reachable,
+    summary,
 )
 from prune.core.config import StrictConfig
-from prune.methods.spec import MethodSpec
-from prune.structural.layout import FFN, HEADS, Counts, Structure, structure_of
+from prune.methods.spec import MethodSpec, StreamedExport
+from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure, structure_of
 
 
 class BaselineUnits(StrictConfig):
@@ -55,7 +68,7 @@ def unit_weight_norms(model: nn.Module, structure: Structure, kind: str, layer: 
     for relative, entry in structure.layer_entries.items():
         if entry.name is None:
             continue
-        tensor = model.get_parameter(structure.layer_name(layer, relative)).detach().float()
+        tensor = model.get_parameter(structure.layer_name(layer, relative)).detach().float().cpu()
         for dim, axis in enumerate(entry.axes):
             if axis.kind == kind:
                 moved = tensor.movedim(dim, 0).reshape(axis.segments, total.numel(), axis.unit, -1)
@@ -63,25 +76,27 @@ def unit_weight_norms(model: nn.Module, structure: Structure, kind: str, layer: 
     return total.sqrt()
 
 
-@torch.no_grad()
-def output_input_norms(model: nn.Module, structure: Structure, calibration: Tensor) -> dict[str, Tensor]:
-    """Sum of squares per input channel of every output projection (heads' and neurons'), over calibration."""
-    names = [structure.layer_name(i, rel) for i in range(structure.num_layers) for rel in (structure.attn_out, structure.ffn_out)]
-    sums: dict[str, Tensor] = {}
-    handles = []
-    for name in names:
-        def hook(module, args, name=name):
-            x = args[0].detach().float()
-            sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
-    try:
-        for row in calibration:
-            model(input_ids=row[None].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: value.cpu() for name, value in sums.items()}
+def _output_projections(structure: Structure) -> list[str]:
+    """The attention-output and FFN-output projection of every layer: whose inputs `activation` reads."""
+    return [structure.layer_name(i, rel) for i in range(structure.num_layers) for rel in (structure.attn_out, structure.ffn_out)]
+
+
+def _sum_of_squares(module: nn.Module) -> WandaStats:
+    return WandaStats(in_out_features(module)[0])
+
+
+def output_input_norms(model: nn.Module, structure: Structure, calibration: Tensor,
+                       placement: BlockPlacement | None = None) -> dict[str, Tensor]:
+    """Sum of squares per input channel of every output projection (heads' and neurons'), over calibration, on
+    the dense model, block by block (prune.calibration.layerwise.collect_stats: each block visits the work device
+    under a `placement`, so offload: cpu reads the same statistics as the model on the device)."""
+    stats = collect_stats(model, _output_projections(structure), _sum_of_squares, calibration,
+                          share_inputs=False, progress=False, placement=placement)
+    return _norms(stats)
+
+
+def _norms(stats: dict) -> dict[str, Tensor]:
+    return {name: acc.input_sq_norm().cpu() for name, acc in stats.items()}
 
 
 def activation_scores(model: nn.Module, structure: Structure, kind: str, layer: int, norms: dict[str, Tensor]) -> Tensor:
@@ -89,7 +104,7 @@ def activation_scores(model: nn.Module, structure: Structure, kind: str, layer: 
     relative = structure.attn_out if kind == HEADS else structure.ffn_out
     entry = structure.layer_entries[f"{relative}.weight"]
     dim = next(d for d, axis in enumerate(entry.axes) if axis.kind == kind)
-    weight = model.get_parameter(structure.layer_name(layer, f"{relative}.weight")).detach().float()
+    weight = model.get_parameter(structure.layer_name(layer, f"{relative}.weight")).detach().float().cpu()
     column_norms = weight.movedim(dim, 0).reshape(weight.shape[dim], -1).norm(dim=1)
     channel = norms[structure.layer_name(layer, relative)].sqrt() * column_norms
     return channel.reshape(getattr(structure, kind)[layer], -1).sum(1)
@@ -130,33 +145,128 @@ def _keep_top(scores: Tensor, count: int) -> Tensor:
     return keep
 
 
-def attach_structured(model: nn.Module, config: StructuredConfig, calibration: Tensor | None) -> None:
-    """Score the units, allocate the budget, and gate the model with the fixed decisions."""
+def _counts(structure: Structure, config: StructuredConfig) -> Counts:
+    """The kept counts per layer, from the structural map alone (before any weight or data is read)."""
     kinds = config.kinds()
     if not kinds:
         raise UserInputError("structured needs units.heads or units.ffn on.")
-    structure = structure_of(model)
     budget_reachable(structure, kinds, config.quantity, config.share, config.flops_seq_len)
-    counts = allocate(structure, config)
-    if config.score == "activation":
-        if calibration is None:
-            raise UserInputError("score: activation needs calibration data (data.calibration_samples blocks).")
-        norms = output_input_norms(model, structure, calibration)
+    return allocate(structure, config)
 
-    def make(kind: str, size: int, layer: int | None):
-        if kind not in kinds:
-            return None
+
+def layer_keeps(model: nn.Module, structure: Structure, config: StructuredConfig, counts: Counts, layer: int,
+                norms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per unit kind removed: the bool keep of `layer`'s units, its best-scored `counts` (from that layer's own
+    weights, and for `activation` its output projections' input norms)."""
+    keeps = {}
+    for kind in config.kinds():
         if config.score == "activation":
             scores = activation_scores(model, structure, kind, layer, norms)
         else:
             scores = unit_weight_norms(model, structure, kind, layer)
-        count = (counts.heads if kind == HEADS else counts.ffn)[layer]
-        return FixedGate(kind, _keep_top(scores, count), layer)
+        keeps[kind] = _keep_top(scores, (counts.heads if kind == HEADS else counts.ffn)[layer])
+    return keeps
+
+
+def _calibration(config: StructuredConfig, calibration: Tensor | None) -> Tensor | None:
+    if config.score == "activation" and calibration is None:
+        raise UserInputError("score: activation needs calibration data (data.calibration_samples blocks).")
+    return calibration if config.score == "activation" else None
+
+
+def attach_structured(model: nn.Module, config: StructuredConfig, calibration: Tensor | None,
+                      placement: BlockPlacement | None = None) -> None:
+    """Score the units, allocate the budget, and gate the model with the fixed decisions. Under offload: cpu
+    (`placement`) the activation statistics are read with each block on the work device; the scores and gates
+    are computed where the model waits."""
+    structure = structure_of(model)
+    counts = _counts(structure, config)
+    calibration = _calibration(config, calibration)
+    norms = output_input_norms(model, structure, calibration, placement) if calibration is not None else {}
+    keeps = [layer_keeps(model, structure, config, counts, layer, norms) for layer in range(structure.num_layers)]
+
+    def make(kind: str, size: int, layer: int | None):
+        return FixedGate(kind, keeps[layer][kind], layer) if layer is not None and kind in keeps[layer] else None
 
     attach_unit_gates(model, structure, make)
 
 
+# ----------------------------------------------------------------------------- streamed (runtime.offload: disk)
+
+def _decisions(structure: Structure, keeps: list[dict[str, Tensor]]) -> dict:
+    """What prune.structural.shrink slices by: the one-shot gates' decisions (kept units at value 1)."""
+    def one(keep: Tensor) -> tuple[Tensor, Tensor]:
+        return keep, keep.float()
+
+    full = {HEADS: structure.heads, FFN: structure.ffn}
+    return {
+        HIDDEN: one(torch.ones(structure.hidden, dtype=torch.bool)),
+        HEADS: [one(keeps[i].get(HEADS, torch.ones(full[HEADS][i], dtype=torch.bool))) for i in range(len(keeps))],
+        FFN: [one(keeps[i].get(FFN, torch.ones(full[FFN][i], dtype=torch.bool))) for i in range(len(keeps))],
+        LAYERS: [],
+    }
+
+
+def _first_units(structure: Structure, counts: Counts) -> list[dict[str, Tensor]]:
+    """Stand-in keeps with the allocated counts: every shape of the smaller model, before any weight is read."""
+    def first(count: int, size: int) -> Tensor:
+        return torch.arange(size) < count
+
+    return [{HEADS: first(counts.heads[i], structure.heads[i]), FFN: first(counts.ffn[i], structure.ffn[i])}
+            for i in range(structure.num_layers)]
+
+
+def _streamed_config(model: nn.Module, config: StructuredConfig):
+    """The smaller model's config (uniform counts fix it before any data is read); refused when plain
+    transformers cannot describe it, since the streamed run writes and measures that checkpoint as such."""
+    structure = structure_of(model)
+    counts = _counts(structure, config)
+    smaller = shrunk_config(model.config, structure, _decisions(structure, _first_units(structure, counts)))
+    if hasattr(smaller, LAYER_SIZES_KEY):
+        raise UserInputError(
+            f"runtime.offload: disk writes structured's smaller {structure.family} model as a plain transformers "
+            f"checkpoint, and its kept sizes ({counts.heads[0]} head units of {structure.heads[0]}, "
+            f"{counts.ffn[0]} neurons of {structure.ffn[0]} per layer) are not ones the standard config fields can "
+            "say (heads x head_dim must divide or equal the width); use runtime.offload: cpu (the export then "
+            "records per-layer sizes), or units.heads: false."
+        )
+    return smaller
+
+
+def check_streamed(model: nn.Module, config: StructuredConfig) -> None:
+    """Everything `write_streamed` would refuse, from the skeleton alone (before the output is claimed)."""
+    _streamed_config(model, config)
+
+
+def write_streamed(checkpoint: Path, output: Path, config: StructuredConfig, calibration: Tensor | None,
+                   device: torch.device, dtype: torch.dtype) -> dict:
+    """Structured pruning of the checkpoint streamed block by block into the smaller checkpoint the in-memory
+    export writes: each block's units scored as in memory (its own weights, its dense input norms), its
+    tensors sliced by prune.structural.shrink's own slicing. Returns the structural figures of the report."""
+    model = skeleton(checkpoint, dtype)
+    structure = structure_of(model)
+    counts = _counts(structure, config)
+    keeps: list[dict[str, Tensor]] = [{} for _ in range(structure.num_layers)]
+
+    def decide(placed: nn.Module, layer: int, stats: dict) -> None:
+        keeps[layer] = layer_keeps(placed, structure, config, counts, layer, _norms(stats))
+
+    def rewrite(name: str, tensor: Tensor) -> Tensor:
+        return shrunk_state({name: tensor}, structure, _decisions(structure, keeps))[name]
+
+    calibration = _calibration(config, calibration)
+    stream_rewrite(checkpoint, output, _streamed_config(model, config), rewrite, decide,
+                   lambda placed: _output_projections(structure), _sum_of_squares if calibration is not None else None,
+                   calibration, device=device, dtype=dtype)
+    gates = GateSet(structure, heads=[FixedGate(HEADS, keep[HEADS], i) if HEADS in keep else None
+                                      for i, keep in enumerate(keeps)],
+                    ffn=[FixedGate(FFN, keep[FFN], i) if FFN in keep else None for i, keep in enumerate(keeps)],
+                    layers=[None] * structure.num_layers)
+    return summary(gates, config.flops_seq_len)
+
+
 STRUCTURED = MethodSpec(
     "structured", StructuredConfig, attach_structured, kind="oneshot", needs_calibration=True,
-                 save=save_gates, load=load_gated, export=export_gated, report=report_gated
+    save=save_gates, load=load_gated, export=export_gated, report=report_gated,
+    streamed_export=StreamedExport(check_streamed, write_streamed),
 )
