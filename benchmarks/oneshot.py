@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--cache", default=str(Path(__file__).resolve().parent.parent / "runs" / "bench-oneshot"),
                         help="where finished points are kept (delete it to measure everything again)")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph added under the table (the "
+                        "conditions of this run, what moved since the last one)")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point is not None:
@@ -143,7 +145,7 @@ def main() -> None:
             f"{rows[0]['lastword_examples']} `docs_lastword` examples the test text yields (limit {args.limit}); "
             "FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
             "prune time and peak RSS are the pruning step alone (the process had loaded the model and data before).\n\n"
-            + table(rows))
+            + table(rows) + "".join(f"\n\n{note}" for note in args.note))
     print(table(rows))
     print(f"written to {write_section('oneshot', body)}")
 
