@@ -12,7 +12,7 @@ targets of `method.name: gating`). Fitted on the cached training tokens and meas
 Figures per layer: neurons kept, recall of the oracle's choice at the same count, and the FFN output's
 relative error ||y_kept - y|| / ||y|| (mean over tokens). Writes the `gating_ceiling` section of RESULTS.md.
 
-    python benchmarks/gating_ceiling.py --threads 1      # ~10 min on one core
+    python benchmarks/gating_ceiling.py --threads 1      # 269 s on one core (RESULTS.md, `gating_ceiling`)
 """
 from __future__ import annotations
 

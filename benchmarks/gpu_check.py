@@ -1,4 +1,5 @@
-"""The GPU check: one command, under 8 minutes on one GPU, that the runtime section works on real hardware.
+"""The GPU check: one command, meant to take under 8 minutes on one GPU (not yet measured: RESULTS.md has no
+`gpu` section), that the runtime section works on real hardware.
 
     PYTHONPATH=. python benchmarks/gpu_check.py [--calibration-samples 128] [--cpu-threads N]
 

@@ -348,7 +348,7 @@ def accuracy_scores(
                 out = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=objects,
-                    task_manager=_local_task_manager(),  # tasks are prebuilt; avoids a 15k-YAML index
+                    task_manager=_local_task_manager(),  # tasks are prebuilt: no registry index (_full_task_manager)
                     limit=limit,
                     log_samples=False,
                     bootstrap_iters=STDERR_RESAMPLES,
