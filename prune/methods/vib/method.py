@@ -17,8 +17,8 @@ gradients), at `lagrangian_lr_scale` times the mask learning rate.
 
 `budget_value: hard` (the default) evaluates s at the hard decisions while its gradient stays that of the
 expected share (straight-through). Why: the KL keeps pushing every unit toward the keep boundary, where
-P(keep) is fractional, so a constraint met in expectation can leave the real size far from the target (on
-our toy problem: expected 0.40 removed, hard 0.29). With the hard value the multipliers see the real gap and
+P(keep) is fractional, so a constraint met in expectation can leave the real size far from the target (the toy
+problem of tests/test_vib.py shows both forms). With the hard value the multipliers see the real gap and
 stop only when the model that will be exported meets the target. `budget_value: expected` is the plain form.
 
 Variants (VTrans): all three train the masks only, as the one trainer does: full = the whole train split,
