@@ -98,21 +98,25 @@ def comparison(runs: list[tuple[str, Path]], ood: str) -> tuple[list[str], dict[
     return lines, by_label
 
 
-def goal_lines(by_label: dict[str, dict], ood: str) -> list[str]:
-    """Issue 14's goal: on test, below SparseGPT-with-update with non-overlapping intervals; out of domain, below it."""
+def goal_lines(by_label: dict[str, dict], learned_labels: list[str], ood: str) -> list[str]:
+    """Issue 14's goal, for each learned run: on test, below SparseGPT-with-update with non-overlapping intervals;
+    out of domain, below it."""
     from prune.sweep.compare import text_keys
 
-    learned, updated = by_label["MaskLLM 2:4, best masks"], by_label[BASELINES[0][0]]
-    keys = text_keys(ood)
-    apart = learned["perplexity.ci95"][1] < updated["perplexity.ci95"][0]
-    below = learned[keys["value"]] < updated[keys["value"]]
-    return [f"Goal (test perplexity below SparseGPT 2:4 with its update, intervals apart: "
-            f"{'met' if apart else 'not met'}; out of domain below it: {'met' if below else 'not met'}): "
-            f"test {learned['perplexity']:.2f} vs {updated['perplexity']:.2f}, {ood} "
-            f"{learned[keys['value']]:.2f} vs {updated[keys['value']]:.2f}."]
+    updated, keys, lines = by_label[BASELINES[0][0]], text_keys(ood), []
+    for label in learned_labels:
+        learned = by_label[label]
+        apart = learned["perplexity.ci95"][1] < updated["perplexity.ci95"][0]
+        below = learned[keys["value"]] < updated[keys["value"]]
+        lines.append(f"Goal, {label} (test perplexity below SparseGPT 2:4 with its update, intervals apart: "
+                     f"{'met' if apart else 'not met'}; out of domain below it: {'met' if below else 'not met'}): "
+                     f"test {learned['perplexity']:.2f} vs {updated['perplexity']:.2f}, {ood} "
+                     f"{learned[keys['value']]:.2f} vs {updated[keys['value']]:.2f}.")
+    return lines
 
 
-def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]], command: str, note: str) -> str:
+def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]], learned: list[str], command: str,
+            note: str) -> str:
     train = recipe.train
     tokens_per_step = train.batch_size * train.grad_accum * recipe.data.seq_len
     curve = evaluations(directory)
@@ -139,9 +143,9 @@ def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]],
         f"(step {report['train']['best_step']}) are the best of the evaluations on the first {train.eval_windows} "
         f"validation windows{' (the texts alternating)' if mix else ''}; every figure below reads only test parts ({data['windows']['test']} windows of the docs, "
         f"{data['extra_texts'][ood]['windows']['test']} of {ood}). [95% CI]: bootstrap over windows; `vs best`: "
-        "paired bootstrap against the lowest of the four on the same windows.", "",
+        "paired bootstrap against the lowest of the runs on the same windows.", "",
         *table,
-        "", *goal_lines(by_label, ood), "",
+        "", *(line for goal in goal_lines(by_label, learned, ood) for line in (goal, "")),
         "2:4 kernel: "
         + (f"{report['semi_structured_kernel']['speedup']:.2f}x prefill" if report['semi_structured_kernel']['available']
            else "unavailable here (" + report['semi_structured_kernel']['reason'].split(';')[0] + ")") + ".", "",
@@ -159,6 +163,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "runs" / "smollm2-135m-2of4-maskllm"))
     parser.add_argument("--set", action="append", default=[], help="recipe override (a dry run: not published)")
     parser.add_argument("--note", default="", help="a sentence on the conditions of this run")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
+                        help="a finished run of this recipe with other training settings (e.g. --set "
+                        "train.distill=1.0), compared in the same table")
     parser.add_argument("--baselines", default=str(ROOT / "runs" / "smollm2-135m-2of4-maskllm"),
                         help="prefix of the baseline runs' directories (PREFIX-sparsegpt-2of4, ...)")
     args = parser.parse_args()
@@ -167,9 +174,12 @@ def main() -> None:
     recipe = load_recipe(RECIPE, [*args.set, f"output={args.output}"])
     directory = Path(args.output)
     report = ran(recipe)
-    runs = [("MaskLLM 2:4, best masks", directory), *baselines(args.set, args.baselines)]
-    command = "python benchmarks/maskllm.py" + "".join(f" --set '{item}'" for item in args.set)
-    body = section(recipe, report, directory, runs, command, args.note)
+    variants = [(label, Path(path)) for label, _, path in (item.partition("=") for item in args.variant)]
+    learned = [("MaskLLM 2:4, best masks", directory), *variants]
+    runs = [*learned, *baselines(args.set, args.baselines)]
+    command = "python benchmarks/maskllm.py" + "".join(f" --set '{item}'" for item in args.set) + "".join(
+        f" --variant '{item}'" for item in args.variant)
+    body = section(recipe, report, directory, runs, [label for label, _ in learned], command, args.note)
     print(body)
     if args.set:
         return
