@@ -6,7 +6,8 @@ writes the `maskllm` section of benchmarks/RESULTS.md. The protocol: the kept ma
 evaluations on the VALIDATION part (step 0 = the SparseGPT prior; benchmarks/maskllm-curve.png); every model is
 then measured on the TEST part of the embedded CPython docs and of an out-of-domain text (moby-dick), each
 perplexity with its 95% bootstrap interval over windows, and each run is paired window by window with the best
-of the four (`prune compare`'s verdicts: best / not distinguishable from best / worse).
+of the runs (`prune compare`'s verdicts: best / not distinguishable from best / worse); `--variant` adds finished
+runs of the recipe with other training settings to the same table.
 
     python benchmarks/maskllm.py [--output runs/smollm2-135m-2of4-maskllm] [--set KEY=VALUE ...]
     python benchmarks/maskllm.py --set train.distill=1.0 --output runs/smollm2-135m-2of4-maskllm-distill
