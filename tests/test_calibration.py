@@ -15,7 +15,7 @@ from prune.methods.oneshot import method as methods
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores, removed_count
 from prune.methods.oneshot.stats import InputStats
-from prune.methods.oneshot.wanda import WandaStats
+from prune.calibration.input_norms import WandaStats
 from prune.core.sparsity import parse_sparsity
 
 N, SEQ, HIDDEN, VOCAB = 5, 7, 64, 128

@@ -8,7 +8,8 @@ from prune.core.errors import UserInputError
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores, removed_count
 from prune.methods.oneshot.sparsegpt import HessianStats, sparsegpt_prune
-from prune.methods.oneshot.wanda import WandaStats, wanda_scores
+from prune.calibration.input_norms import WandaStats
+from prune.methods.oneshot.wanda import wanda_scores
 from prune.core.sparsity import Sparsity, parse_sparsity
 
 

@@ -21,7 +21,8 @@ from prune.masks.targets import method_targets
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores
 from prune.methods.oneshot.sparsegpt import HessianStats, sparsegpt_prune
-from prune.methods.oneshot.wanda import WandaStats, wanda_scores
+from prune.calibration.input_norms import WandaStats
+from prune.methods.oneshot.wanda import wanda_scores
 from prune.core.config import MethodConfig
 from prune.methods.spec import BlockPruning, MethodSpec
 from prune.core.sparsity import Sparsity

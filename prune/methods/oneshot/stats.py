@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from prune.methods.oneshot.sparsegpt import HessianStats
-from prune.methods.oneshot.wanda import WandaStats
+from prune.calibration.input_norms import WandaStats
 
 
 class InputStats:

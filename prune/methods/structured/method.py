@@ -24,10 +24,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from prune.calibration.input_norms import WandaStats
 from prune.calibration.layerwise import BlockPlacement, collect_stats
 from prune.calibration.streaming import skeleton, stream_rewrite
 from prune.core.errors import UserInputError
-from prune.methods.oneshot.wanda import WandaStats
 from prune.models.blocks import in_out_features
 from prune.structural.gates import FixedGate, GateSet, attach_unit_gates, rounded_count
 from prune.structural.shrink import LAYER_SIZES_KEY, shrunk_config, shrunk_state
@@ -184,11 +184,13 @@ def attach_structured(model: nn.Module, config: StructuredConfig, calibration: T
     calibration = _calibration(config, calibration)
     norms = output_input_norms(model, structure, calibration, placement) if calibration is not None else {}
     keeps = [layer_keeps(model, structure, config, counts, layer, norms) for layer in range(structure.num_layers)]
+    attach_unit_gates(model, structure,
+                      lambda kind, size, layer: _fixed_gate(keeps, kind, layer) if layer is not None else None)
 
-    def make(kind: str, size: int, layer: int | None):
-        return FixedGate(kind, keeps[layer][kind], layer) if layer is not None and kind in keeps[layer] else None
 
-    attach_unit_gates(model, structure, make)
+def _fixed_gate(keeps: list[dict[str, Tensor]], kind: str, layer: int) -> FixedGate | None:
+    """The one-shot gate of `layer`'s `kind` units, or None where that kind is not pruned."""
+    return FixedGate(kind, keeps[layer][kind], layer) if kind in keeps[layer] else None
 
 
 # ----------------------------------------------------------------------------- streamed (runtime.offload: disk)
@@ -258,10 +260,9 @@ def write_streamed(checkpoint: Path, output: Path, config: StructuredConfig, cal
     stream_rewrite(checkpoint, output, _streamed_config(model, config), rewrite, decide,
                    lambda placed: _output_projections(structure), _sum_of_squares if calibration is not None else None,
                    calibration, device=device, dtype=dtype)
-    gates = GateSet(structure, heads=[FixedGate(HEADS, keep[HEADS], i) if HEADS in keep else None
-                                      for i, keep in enumerate(keeps)],
-                    ffn=[FixedGate(FFN, keep[FFN], i) if FFN in keep else None for i, keep in enumerate(keeps)],
-                    layers=[None] * structure.num_layers)
+    layers = range(structure.num_layers)
+    gates = GateSet(structure, heads=[_fixed_gate(keeps, HEADS, i) for i in layers],
+                    ffn=[_fixed_gate(keeps, FFN, i) for i in layers], layers=[None] * structure.num_layers)
     return summary(gates, config.flops_seq_len)
 
 
