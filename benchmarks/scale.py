@@ -365,6 +365,16 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def seed_ratios(gap: list[dict]) -> tuple[list[int], list[float], list[float]]:
+    """The calibration seeds with both Wanda figures in their own dtype, and those figures: (seeds, float32
+    perplexities, bfloat16 perplexities)."""
+    found = {(r["seed"], r["mask_from"], r["evaluated_in"]): r["perplexity"] for r in gap}
+    seeds = sorted(seed for seed, mask_kind, eval_kind in found
+                   if (mask_kind, eval_kind) == ("float32", "float32") and (seed, "bfloat16", "bfloat16") in found)
+    return (seeds, [found[seed, "float32", "float32"] for seed in seeds],
+            [found[seed, "bfloat16", "bfloat16"] for seed in seeds])
+
+
 def render_gap(rows: list[dict]) -> str:
     """The decomposition of Wanda's bfloat16 gap: one row per (seed, mask, evaluation), against the seed's float32
     mask in float32, then the spread of that float32 figure over the seeds."""
@@ -376,11 +386,8 @@ def render_gap(rows: list[dict]) -> str:
         value, base = found[seed, mask_kind, eval_kind], found.get((seed, "float32", "float32"))
         ratio = f"{value / base:.3f}" if base else "-"
         text += f"| {seed} | {mask_kind} | {eval_kind} | {value:.2f} | {ratio} |\n"
-    seeds = sorted(seed for seed, mask_kind, eval_kind in found
-                   if (mask_kind, eval_kind) == ("float32", "float32") and (seed, "bfloat16", "bfloat16") in found)
+    seeds, float32, bfloat16 = seed_ratios(rows)
     if len(seeds) > 1:
-        float32 = [found[seed, "float32", "float32"] for seed in seeds]
-        bfloat16 = [found[seed, "bfloat16", "bfloat16"] for seed in seeds]
         ratios = ", ".join(f"{b / f:.3f}" for f, b in zip(float32, bfloat16))
         mean_f, mean_b = geometric_mean(float32), geometric_mean(bfloat16)
         text += (f"\nOver calibration seeds {', '.join(map(str, seeds))}: float32 Wanda 2:4 perplexity "
@@ -389,6 +396,20 @@ def render_gap(rows: list[dict]) -> str:
                  f"{mean_b:.2f} / {mean_f:.2f} = "
                  f"**{mean_b / mean_f:.3f}** ({'within' if abs(mean_b / mean_f - 1) <= 0.03 else 'NOT within'} 3%).\n")
     return text + GAP_NOTE.format(samples=QUALITY_CALIBRATION[0], seq=QUALITY_CALIBRATION[1])
+
+
+def bf16_goal(method: str, quality: dict, gap: list[dict]) -> tuple[float, str] | None:
+    """bfloat16 / float32 perplexity of `method` 2:4 and what it was judged on. Wanda's is the ratio of the
+    geometric means over the calibration seeds when several were measured: its float32 figure alone moves by more
+    than the 3% asked between calibration draws (the gap table), so one draw cannot resolve the goal."""
+    seeds, float32, bfloat16 = seed_ratios(gap)
+    if method == "wanda" and len(seeds) > 1:
+        return (geometric_mean(bfloat16) / geometric_mean(float32),
+                f"the geometric mean over calibration seeds {', '.join(map(str, seeds))}")
+    if (method, "float32") in quality and (method, "bfloat16") in quality:
+        return quality[method, "bfloat16"]["perplexity"] / quality[method, "float32"]["perplexity"], \
+            "calibration seed 0 alone"
+    return None
 
 
 def render(rows: list[dict]) -> str:
@@ -429,10 +450,14 @@ def render(rows: list[dict]) -> str:
         text += render_gap(gap)
     missed = [f"peak RSS or 2:4 of {r['model']} {r['method']} {r['mode']}" for r in cost
               if not goal(r)[1] or not r["exactly_2_4"] or not r["loads"]]
-    missed += [f"bfloat16 perplexity of {method} 2:4 within 3% of float32 (calibration seed 0)"
-               for method in ("wanda", "sparsegpt")
-               if (method, "float32") in quality and (method, "bfloat16") in quality
-               and abs(quality[method, "bfloat16"]["perplexity"] / quality[method, "float32"]["perplexity"] - 1) > 0.03]
+    judged = {method: bf16_goal(method, quality, gap) for method in ("wanda", "sparsegpt")}
+    judged = {method: verdict for method, verdict in judged.items() if verdict}
+    if judged:
+        text += "\nbfloat16 goal (2:4 perplexity within 3% of float32): " + "; ".join(
+            f"{method} {ratio:.3f}, judged on {basis} ({'met' if abs(ratio - 1) <= 0.03 else 'NOT met'})"
+            for method, (ratio, basis) in judged.items()) + ".\n"
+    missed += [f"bfloat16 perplexity of {method} 2:4 within 3% of float32 ({basis})"
+               for method, (ratio, basis) in judged.items() if abs(ratio - 1) > 0.03]
     text += "\nGoals not met: " + ("; ".join(missed) if missed else "none") + ".\n"
     for method in sorted({r["method"] for r in cost}):
         shapes = [p for p in PRESETS if any(r["model"] == p and r["method"] == method for r in cost)]
