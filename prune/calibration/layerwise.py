@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prune.calibration.placement import release_freed_memory
 from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
 from prune.core.errors import UserInputError
 
@@ -120,6 +121,7 @@ def prune_layerwise(
                             if not keep_results:
                                 _forget(result, name)
                         del stats
+                        release_freed_memory()
                     if index < last:
                         _run_block(block, acts, calls, write=True)
                     if placement is not None:
