@@ -4,6 +4,7 @@ disk, and the float32 vs bfloat16 perplexity of the real SmolLM2-135M after one-
     python benchmarks/scale.py --presets smollm2-135m llama-2-7b --methods wanda --modes stream --work /tmp/scale
     python benchmarks/scale.py --quality dense wanda sparsegpt --gap-seeds 0 1 2 --work /tmp/scale  # quality only
     python benchmarks/scale.py --write --work /tmp/scale      # the `scale` section and scale.png from every row
+    python benchmarks/scale.py --note 'what a rerun replaced' --write --work /tmp/scale    # a note kept with the rows
 
 Random bfloat16 weights (quality is meaningless; only cost is reported): each model is generated from its real
 config shard by shard, every tensor from its own generator seeded by (seed, name), so generation never holds the
@@ -289,6 +290,8 @@ def _append(rows_file: Path, row: dict) -> None:
 def measure(args) -> None:
     rows_file = args.work / "rows.jsonl"
     command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    for note in args.note:
+        _append(rows_file, {"kind": "note", "text": note})
     for preset in args.presets:
         source = args.work / preset
         generate(source, preset)
@@ -317,13 +320,27 @@ def goal(row: dict) -> tuple[float, bool]:
     return limit, row["peak_rss_mb"] <= limit
 
 
+def log_slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of log y against log x."""
+    logs = [(math.log(x), math.log(y)) for x, y in points]
+    if len({x for x, _ in logs}) < 2:
+        return None
+    mx, my = sum(x for x, _ in logs) / len(logs), sum(y for _, y in logs) / len(logs)
+    return sum((x - mx) * (y - my) for x, y in logs) / sum((x - mx) ** 2 for x, _ in logs)
+
+
 def slope(rows: list[dict]) -> float | None:
     """Least-squares slope of log(s/block) against log(block params)."""
-    points = [(math.log(r["block_params"]), math.log(r["s_per_block"])) for r in rows]
-    if len({x for x, _ in points}) < 2:
-        return None
-    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
-    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return log_slope([(r["block_params"], r["s_per_block"]) for r in rows])
+
+
+def obs_work(preset: str) -> int:
+    """SparseGPT's arithmetic per decoder block up to a constant: out x in^2 summed over its projections (the
+    OBS updates; the inverse Hessians' in^3 is smaller)."""
+    config = PRESETS[preset]
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    return (2 * hidden + 2 * kv + 2 * inner) * hidden ** 2 + hidden * inner ** 2
 
 
 def affine(rows: list[dict]) -> tuple[float, float] | None:
@@ -434,6 +451,14 @@ def render(rows: list[dict]) -> str:
                                  f"(affine fit: {line[0]:.2f} s + {line[1]:.3f} s per million block parameters)")
     text = "\n".join(lines) + "\n\nExponent of s/block against block parameters (log-log least squares): " + (
         "; ".join(exponents) or "-") + ".\n"
+    block_params = {r["model"]: r["block_params"] for r in cost}
+    sparsegpt_shapes = [p for p in PRESETS if any(r["model"] == p and r["method"] == "sparsegpt" for r in cost)]
+    work = log_slope([(block_params[p], obs_work(p)) for p in sparsegpt_shapes])
+    if work is not None:
+        text += (f"SparseGPT's OBS updates cost out x in^2 per projection, which over {', '.join(sparsegpt_shapes)} "
+                 f"grows as block parameters^{work:.2f} (the inputs widen with the blocks); the calibration forward "
+                 "and the per-column loop are linear, so an exponent between 1 and that is the algorithm's "
+                 "arithmetic, not overhead. Wanda's work is linear in the parameters.\n")
     if quality:
         text += ("\n| method | float32 perplexity | bfloat16 perplexity | bf16 / fp32 | within 3% |\n"
                  "|---|---|---|---|---|\n")
@@ -459,10 +484,11 @@ def render(rows: list[dict]) -> str:
     missed += [f"bfloat16 perplexity of {method} 2:4 within 3% of float32 ({basis})"
                for method, (ratio, basis) in judged.items() if abs(ratio - 1) > 0.03]
     text += "\nGoals not met: " + ("; ".join(missed) if missed else "none") + ".\n"
+    text += "".join(f"\n{r['text']}\n" for r in rows if r["kind"] == "note")
     for method in sorted({r["method"] for r in cost}):
         shapes = [p for p in PRESETS if any(r["model"] == p and r["method"] == method for r in cost)]
         text += f"{method} 2:4 ran on: {', '.join(shapes)} (shapes not listed were not run).\n"
-    commands = sorted({r["command"] for r in rows})
+    commands = sorted({r["command"] for r in rows if "command" in r})
     return (text + "\nCommands (`PYTHONPATH=. OMP_NUM_THREADS=1`), then `--write` with the same `--work`:\n\n"
             + "\n".join(f"    {c}" for c in commands))
 
@@ -479,6 +505,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/maskprune-scale"))
     parser.add_argument("--keep-outputs", action="store_true", help="keep the pruned checkpoints (default: deleted)")
     parser.add_argument("--write", action="store_true", help="write the `scale` section and scale.png from rows.jsonl")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence kept with the rows and printed under the tables (e.g. what a rerun replaced)")
     parser.add_argument("--case", nargs=4, metavar=("SOURCE", "OUT", "METHOD", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--quality-case", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--gap-case", nargs=4, metavar=("MASK_FROM", "EVALUATED_IN", "SEED", "CACHE"),
