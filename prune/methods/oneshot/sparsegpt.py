@@ -62,9 +62,10 @@ def _inverse_cholesky(H: Tensor, dampening: float) -> Tensor:
         added = damp
         factor, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
-            factor = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(factor, upper=True)
+            inverse = torch.cholesky_inverse(factor)
             del factor
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper
     raise UserInputError(
