@@ -250,6 +250,33 @@ def test_interleave_alternates_windows_of_every_text_and_keeps_the_source_test_p
     assert not never_read & set(train.flatten().tolist()) and not never_read & set(validation.flatten().tolist())
 
 
+def test_source_share_cuts_the_longer_side_to_the_share_and_reads_no_window_twice():
+    source = data.split_tokens(torch.arange(0, 300), heldout_fraction=0.1, validation_fraction=0.1)  # 24 train windows
+    long = data.split_tokens(torch.arange(1000, 2000), heldout_fraction=0.1, validation_fraction=0.1)  # 80
+    short = data.split_tokens(torch.arange(5000, 5100), heldout_fraction=0.1, validation_fraction=0.1)  # 8
+    assert data.shared_train_windows(source, {"long": long}, 10, None) == [24, 80]  # unset: every window
+    assert data.shared_train_windows(source, {"long": long}, 10, 0.5) == [24, 24]  # the mix text is cut
+    assert data.shared_train_windows(source, {"long": long}, 10, 0.75) == [24, 8]
+    assert data.shared_train_windows(source, {"long": long, "short": short}, 10, 0.5) == [16, 8, 8]  # source cut
+    woven = data.interleave(source, {"long": long}, 10, source_share=0.75)
+    train = woven.train_blocks(10).tolist()
+    from_source = [row for row in train if row[0] < 1000]
+    assert len(from_source) == 24 and len(train) == 32  # 0.75 of the train windows are the source's
+    assert len({tuple(row) for row in train}) == len(train)  # no window twice
+    assert [row[0] for row in train if row[0] >= 1000] == [1000 + 10 * i for i in range(8)]  # the first ones kept
+    assert len(woven.validation_blocks(10)) == len(source.validation_blocks(10)) + len(long.validation_blocks(10))
+    with pytest.raises(UserInputError, match=r"source_share=0.01 leaves no train window of data.source.*source 24"):
+        data.shared_train_windows(source, {"short": short}, 10, 0.01)
+
+
+def test_source_share_needs_a_mix():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="source_share .* data.mix, which is empty"):
+        data.DataConfig(source_share=0.5)
+    assert data.DataConfig(mix=["moby-dick"], source_share=0.5).source_share == 0.5
+
+
 def test_mix_must_name_other_texts_once(monkeypatch, tmp_path, offline):
     from pydantic import ValidationError
 

@@ -191,3 +191,18 @@ def test_mix_texts_join_training_and_selection_but_their_test_parts_stay_unread(
     assert not any(row in unread for blocks in seen for row in blocks.tolist())
     assert report["data"]["mix"]["moby-dick"]["used"]["selection"] == {"part": "validation"}
     assert report["data"]["used"]["training"]["windows"] == (len(source.train_blocks(32)) + len(prose.train_blocks(32)))
+
+
+def test_source_share_sets_how_many_train_windows_each_text_gives_and_the_report_says_so(
+        tmp_path, llama_dir, corpus, one_thread):
+    """data.source_share 0.5: the mix text gives as many train windows as the source, and report.json counts them."""
+    shared = recipe(llama_dir, corpus, tmp_path / "run", {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
+                    train={"steps": 1, "batch_size": 2, "lr": 0.05})
+    shared.data.mix, shared.data.source_share = ["moby-dick"], 0.5
+    report = run(shared)
+    _, tokenizer = load_model(str(llama_dir))
+    source_windows = len(prepare(tokenizer, str(corpus)).train_blocks(32))
+    assert report["data"]["source_share"] == 0.5
+    assert report["data"]["mix"]["moby-dick"]["used"]["calibration, training"] == {"part": "train",
+                                                                                   "windows": source_windows}
+    assert report["data"]["used"]["training"]["windows"] == 2 * source_windows

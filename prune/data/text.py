@@ -67,6 +67,18 @@ class DataConfig(StrictConfig):
                                 "training and whose validation parts join the choice of the best masks, window by "
                                 "window; their test parts are never read (measure them with eval.extra_texts)")
 
+    source_share: float | None = Field(None, gt=0.0, lt=1.0, description="under data.mix: data.source's share of "
+                                       "the train windows calibration and training read (every mix text gets an "
+                                       "equal part of the rest; the longer side's last windows are dropped). Unset: "
+                                       "every train window of every text")
+
+    @model_validator(mode="after")
+    def _share_needs_a_mix(self):
+        if self.source_share is not None and not self.mix:
+            raise ValueError(f"data.source_share ({self.source_share}) shares the train windows with data.mix, which "
+                             "is empty; add the other texts to data.mix or drop source_share.")
+        return self
+
     @model_validator(mode="after")
     def _mix_is_other_texts(self):
         if self.source in self.mix or len(set(self.mix)) != len(self.mix):
@@ -391,21 +403,47 @@ def prepare_mix(tokenizer, data: DataConfig, extra: Mapping[str, TokenSplits] | 
                           data.validation_fraction, extra)
 
 
-def interleave(splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int) -> TokenSplits:
+def shared_train_windows(splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int,
+                         source_share: float | None) -> list[int]:
+    """How many train windows of the source and of each mix text (in `mix` order) calibration and training read.
+    With `source_share` s the source holds s of them and the k mix texts (1 - s) / k each: the side with more
+    windows than that is cut, so no window is read twice. Unset: all of them."""
+    counts = [len(token_blocks(text.train_ids, seq_len)) for text in (splits, *mix.values())]
+    if source_share is None or not mix:
+        return counts
+    source, others = counts[0], counts[1:]
+    per_text = round(source * (1 - source_share) / (source_share * len(others)))
+    if per_text > min(others):  # the mix texts are the short side: cut the source instead
+        per_text = min(others)
+        source = min(source, round(per_text * len(others) * source_share / (1 - source_share)))
+    if source < 1 or per_text < 1:
+        raise UserInputError(
+            f"data.source_share={source_share} leaves no train window of "
+            f"{'data.source' if source < 1 else 'a data.mix text'} (train windows of {seq_len} tokens: source "
+            f"{counts[0]}, mix {others}); choose a share nearer 0.5 or longer texts.")
+    return [source, *[per_text] * len(others)]
+
+
+def interleave(splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int,
+               source_share: float | None = None) -> TokenSplits:
     """What calibration, training and selection read under `data.mix`: the train (and validation) windows of
     `splits` and of every mix text, alternating window by window, so the first k validation windows hold every
-    text; a text that runs out leaves the others to go on. Test part and ranges stay `splits`' own. Without a mix
-    this is `splits` itself, so a recipe without one reads exactly what it read before."""
+    text; a text that runs out leaves the others to go on. `source_share` cuts the train windows to that share
+    (`shared_train_windows`); selection's validation windows stay every text's. Test part and ranges stay
+    `splits`' own. Without a mix this is `splits` itself, so a recipe without one reads exactly what it read
+    before."""
     if not mix:
         return splits
     texts = [splits, *mix.values()]
+    train_counts = shared_train_windows(splits, mix, seq_len, source_share)
 
-    def woven(part: str) -> torch.Tensor:
-        blocks = [token_blocks(text.part(part), seq_len) for text in texts]
+    def woven(part: str, counts: list[int | None]) -> torch.Tensor:
+        blocks = [token_blocks(text.part(part), seq_len)[:count] for text, count in zip(texts, counts)]
         rows = [b[i] for i in range(max(len(b) for b in blocks)) for b in blocks if i < len(b)]
         return torch.cat(rows)
 
-    return TokenSplits(woven("train"), woven("validation"), splits.test_ids, splits.ranges)
+    return TokenSplits(woven("train", train_counts), woven("validation", [None] * len(texts)), splits.test_ids,
+                       splits.ranges)
 
 
 def _default_split(source: str) -> str:

@@ -117,7 +117,7 @@ class SharedModel:
         self.extra = prepare_extra(self.tokenizer, recipe.eval.extra_texts, data.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
         self.mix = prepare_mix(self.tokenizer, data, self.extra)
-        self.splits = interleave(self.source_splits, self.mix, data.seq_len)  # calibration and selection read these
+        self.splits = interleave(self.source_splits, self.mix, data.seq_len, data.source_share)  # calibration and selection read these
         self.timings["load"] = round(time.perf_counter() - start, 2)
         self.store: StatsStore | None = None
         self.calibration_passes = 0
@@ -257,7 +257,7 @@ class SharedModel:
             "sparsity": {"target": str(pattern), "achieved": achieved},
             **figures,
             "data": data_report(recipe.data.source, recipe.data.seq_len, self.source_splits, self.extra, used,
-                                mix=self.mix),
+                                mix=self.mix, source_share=recipe.data.source_share),
             "timings": timings,
             "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }

@@ -26,7 +26,8 @@ from eval.metric_errors import TaskUnavailableError
 from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
-from prune.data.text import DataConfig, TokenSplits, interleave, prepare_extra, prepare_mix, prepare_source
+from prune.data.text import (DataConfig, TokenSplits, interleave, prepare_extra, prepare_mix, prepare_source,
+                             shared_train_windows)
 from prune.methods.spec import HeldOut
 from prune.models import loading
 from prune.structural.shrink import has_layer_sizes, load_resized
@@ -95,10 +96,14 @@ def _figures(result: PerplexityResult, seq_len: int) -> dict:
 
 
 def data_report(source: str, seq_len: int, splits: TokenSplits, extra: Mapping[str, TokenSplits],
-                used: dict[str, dict], *, mix: Mapping[str, TokenSplits] | None = None) -> dict:
+                used: dict[str, dict], *, mix: Mapping[str, TokenSplits] | None = None,
+                source_share: float | None = None) -> dict:
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
     how many windows) each use read: `used` maps a use (calibration, training, selection) to its part; under
-    `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts)."""
+    `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts and how
+    many train windows calibration and training drew from, after `data.source_share`)."""
+    mix = mix or {}
+    train_windows = shared_train_windows(splits, mix, seq_len, source_share)[1:]
     measured = {"perplexity": {"part": "test", "windows": splits.windows(seq_len)["test"]},
                 "accuracy": {"part": "test", "note": "docs_lastword is built from the test text; other tasks "
                              "bring their own data"}}
@@ -107,9 +112,11 @@ def data_report(source: str, seq_len: int, splits: TokenSplits, extra: Mapping[s
         "extra_texts": {name: {**text.describe(seq_len),
                                "used": {"perplexity": {"part": "test", "windows": text.windows(seq_len)["test"]}}}
                         for name, text in extra.items()},
-        **({"mix": {name: {**text.describe(seq_len), "used": {"calibration, training": {"part": "train"},
-                                                               "selection": {"part": "validation"}}}
-                    for name, text in mix.items()}} if mix else {}),
+        **({"source_share": source_share,
+            "mix": {name: {**text.describe(seq_len),
+                           "used": {"calibration, training": {"part": "train", "windows": windows},
+                                    "selection": {"part": "validation"}}}
+                    for (name, text), windows in zip(mix.items(), train_windows)}} if mix else {}),
     }
 
 
@@ -156,7 +163,7 @@ class CausalLM(Task):
         self.extra = prepare_extra(tokenizer, measured, self.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
         self.mix = prepare_mix(tokenizer, data, self.extra)
-        self.splits = interleave(self.source_splits, self.mix, self.seq_len)  # what calibration/training/selection read
+        self.splits = interleave(self.source_splits, self.mix, self.seq_len, data.source_share)  # what calibration/training/selection read
         self.used: dict[str, dict] = {}
         self.teacher = frozen_copy(model) if settings.train.distill else None  # before any method attaches
 
@@ -210,8 +217,9 @@ class CausalLM(Task):
         self.splits.require(data.source, self.seq_len, needs)
 
     def fields(self) -> dict:
-        return {"data": data_report(self.settings.data.source, self.seq_len, self.source_splits, self.extra, self.used,
-                                    mix=self.mix)}
+        data = self.settings.data
+        return {"data": data_report(data.source, self.seq_len, self.source_splits, self.extra, self.used, mix=self.mix,
+                                    source_share=data.source_share)}
 
     @property
     def sample_size(self) -> int:
