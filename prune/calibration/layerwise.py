@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prune.calibration.placement import release_freed_memory
+from prune.core.memory import release_freed_memory
 from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
 from prune.core.errors import UserInputError
 

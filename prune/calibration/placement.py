@@ -7,13 +7,13 @@ checkpoint's shards when its turn comes, and written to the output checkpoint an
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Callable
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import Tensor, nn
 
+from prune.core.memory import release_freed_memory
 from prune.models.shards import ShardedWriter, ShardReader
 
 
@@ -65,11 +65,3 @@ class FromShards:
             set_module_tensor_to_device(self.model, name, "meta")
         del state
         release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """glibc keeps freed block-sized buffers in its arenas, so RSS creeps up block after block without this."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass

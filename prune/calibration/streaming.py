@@ -26,7 +26,8 @@ from prune.calibration.layerwise import (
     Accumulator, LayerPruner, MakeStats, _block_index, _capture_block_inputs, _forward_kwargs, _run_block,
     collect_stats, prune_layerwise, visit_placed_blocks,
 )
-from prune.calibration.placement import FromShards, Rewrite, release_freed_memory, unchanged
+from prune.calibration.placement import FromShards, Rewrite, unchanged
+from prune.core.memory import release_freed_memory
 from prune.models.blocks import find_blocks
 from prune.models.loading import checkpoint_errors
 from prune.models.shards import ShardedWriter, ShardReader, TensorSpec
