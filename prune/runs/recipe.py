@@ -28,7 +28,7 @@ from prune.training.config import TrainConfig
 from prune.core.yaml_io import load_yaml, read_mapping
 
 # (section, key, neutral value) of settings added after run directories existed: see Recipe.fingerprint
-LATER_SETTINGS = (("train", "distill", 0.0),)
+LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None))
 
 
 class ExportConfig(StrictConfig):
