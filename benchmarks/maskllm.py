@@ -116,6 +116,18 @@ def goal_lines(by_label: dict[str, dict], learned_labels: list[str], ood: str) -
     return lines
 
 
+def mixed_windows(recipe, data: dict) -> str:
+    """How the train windows were shared between the docs and the data.mix texts, from report.json's counts."""
+    counts = {name: data["mix"][name]["used"]["calibration, training"].get(  # reports from before source_share:
+        "windows", data["mix"][name]["windows"]["train"]) for name in recipe.data.mix}  # every train window
+    docs = data["used"]["training"]["windows"] - sum(counts.values())
+    share = recipe.data.source_share
+    how = f"data.source_share {share:g}" if share is not None else "every train window of each text"
+    return (f"data.mix: calibration and training draw from {docs} train windows of the docs and "
+            + ", ".join(f"{count} of {name}" for name, count in counts.items())
+            + f", {how}; selection alternates between the texts' validation windows")
+
+
 def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]], learned: list[str], command: str,
             note: str) -> str:
     train = recipe.train
@@ -127,8 +139,8 @@ def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]],
                else "mask only: the weights are never changed")
     table, by_label = comparison(runs, ood)
     mix = recipe.data.mix
-    texts = (f"s of the embedded CPython docs and of {', '.join(mix)} (data.mix: calibration, training and selection "
-             "read both, window by window)" if mix else " of the embedded CPython docs")
+    texts = f"s of the embedded CPython docs and of {', '.join(mix)} ({mixed_windows(recipe, data)})" if mix else (
+        " of the embedded CPython docs")
     lines = [
         "## MaskLLM: learned 2:4 masks on frozen SmolLM2-135M weights", "",
         f"Command: `{command}` ({recipe.train.steps} steps x {tokens_per_step} tokens = "
