@@ -134,7 +134,7 @@ class Recipe(StrictConfig):
         fingerprint: they still resume, and sweeps and benchmarks still reuse them."""
         content = {key: value for key, value in self.to_dict().items() if key != "output"}
         for section, key, neutral in LATER_SETTINGS:
-            if content[section].get(key) == neutral:
+            if key in content[section] and content[section][key] == neutral:  # a task's section may lack it
                 del content[section][key]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
