@@ -1,6 +1,9 @@
 """Recipe validation: unknown keys, bad sparsity, the YAML base-60 trap, overrides."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from prune.core.errors import UserInputError
@@ -85,9 +88,6 @@ def test_fingerprint_ignores_output_only():
 
 def test_source_share_unset_leaves_the_fingerprint_of_runs_made_before_it():
     """Finished runs from before data.source_share existed are still reused (benchmarks, sweeps, resume)."""
-    import hashlib
-    import json
-
     base = {"method": {"name": "wanda", "sparsity": "2:4"}, "data": {"mix": ["moby-dick"]}, "output": "a"}
     plain = parse_recipe(base)
     content = {key: value for key, value in plain.to_dict().items() if key != "output"}

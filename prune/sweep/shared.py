@@ -117,7 +117,8 @@ class SharedModel:
         self.extra = prepare_extra(self.tokenizer, recipe.eval.extra_texts, data.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
         self.mix = prepare_mix(self.tokenizer, data, self.extra)
-        self.splits = interleave(self.source_splits, self.mix, data.seq_len, data.source_share)  # calibration and selection read these
+        # calibration and selection read these
+        self.splits = interleave(self.source_splits, self.mix, data.seq_len, data.source_share)
         self.timings["load"] = round(time.perf_counter() - start, 2)
         self.store: StatsStore | None = None
         self.calibration_passes = 0

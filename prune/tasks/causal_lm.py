@@ -163,7 +163,8 @@ class CausalLM(Task):
         self.extra = prepare_extra(tokenizer, measured, self.seq_len,
                                    heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
         self.mix = prepare_mix(tokenizer, data, self.extra)
-        self.splits = interleave(self.source_splits, self.mix, self.seq_len, data.source_share)  # what calibration/training/selection read
+        # what calibration, training and selection read
+        self.splits = interleave(self.source_splits, self.mix, self.seq_len, data.source_share)
         self.used: dict[str, dict] = {}
         self.teacher = frozen_copy(model) if settings.train.distill else None  # before any method attaches
 
