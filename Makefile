@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test benchmark clean
+.PHONY: run test lint benchmark clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,8 +16,12 @@ $(INSTALLED): pyproject.toml
 run: $(INSTALLED)
 	$(VENV)/bin/prune run recipes/default.yaml --overwrite
 
-test: $(INSTALLED)
+test: $(INSTALLED) lint
 	$(PYTHON) -m pytest -q
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 benchmark: $(INSTALLED)
 	$(PYTHON) benchmarks/oneshot.py

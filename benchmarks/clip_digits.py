@@ -8,6 +8,7 @@ section of benchmarks/RESULTS.md.
 Every variant is `prune run recipes/clip/digits-offline.yaml` with the overrides listed in its row; the model
 (clip-tiny-random) and the data split are seeded, so the figures are reproducible on one machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,17 @@ def run_variant(name: str, overrides: list[str], steps: int | None, output: Path
     start = time.perf_counter()
     report = run(recipe, overwrite=True)
     return {
-        "name": name, "overrides": overrides, "steps": recipe.train.steps,
-        "train_images": report["eval_data"]["train_images"], "heldout_images": report["eval_data"]["heldout_images"],
-        "zero_shot": report["dense"]["accuracy"]["digits"], "tuned": report["accuracy"]["digits"],
-        "masked_targeted": report["masked"]["targeted"], "masked_all": report["masked"]["all"],
-        "train_s": report["timings"].get("train", 0.0), "total_s": time.perf_counter() - start,
+        "name": name,
+        "overrides": overrides,
+        "steps": recipe.train.steps,
+        "train_images": report["eval_data"]["train_images"],
+        "heldout_images": report["eval_data"]["heldout_images"],
+        "zero_shot": report["dense"]["accuracy"]["digits"],
+        "tuned": report["accuracy"]["digits"],
+        "masked_targeted": report["masked"]["targeted"],
+        "masked_all": report["masked"]["all"],
+        "train_s": report["timings"].get("train", 0.0),
+        "total_s": time.perf_counter() - start,
     }
 
 
@@ -58,10 +65,11 @@ def render(rows: list[dict], command: str, threads: int) -> str:
         "",
         "Model: clip-tiny-random (32x32 images, patch 8, 2 vision + 2 text layers, seeded random weights). Data: "
         "scikit-learn's 1797 digits upscaled to 32x32, 20% of each class held out (seeded). Masks on the image "
-        "encoder's q/k/v/out projections and patch embedding; prompts \"{}.\". "
+        'encoder\'s q/k/v/out projections and patch embedding; prompts "{}.". '
         "Zero-shot = the frozen random model (chance is 10%).",
         "",
-        "| variant | overrides | steps | train images | held-out images | zero-shot acc | tuned acc | masked (targeted) | masked (all params) | train (s) |",
+        "| variant | overrides | steps | train images | held-out images | zero-shot acc | tuned acc | masked "
+        "(targeted) | masked (all params) | train (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -87,7 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="override train.steps of every variant (a smoke run)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on a busy CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on a busy CPU)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

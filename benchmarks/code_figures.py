@@ -13,6 +13,7 @@
 
 Writes the `code_figures` section of benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,26 +108,34 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from results import write_section
 
-    command = (f"python benchmarks/code_figures.py --windows {args.windows} --seq-len {args.seq_len} "
-               f"--threads {args.threads} --elements {args.elements}")
-    body = "\n".join([
-        "## Figures behind design choices in the code", "",
-        f"Command: `{command}` (SmolLM2-135M, float32, {args.threads} torch thread(s), torch {torch.__version__}; "
-        "shared 2-core CPU).", "",
-        "| what | figure |", "|---|---:|",
-        f"| MaskLLM noisy init (N(0, {INIT_STD}^2) + prior shift at strength {STRENGTH:g}, magnitude 2:4 prior): "
-        f"groups whose step-0 choice is not the prior | {init['flipped'] / init['groups']:.2%} of {init['groups']:,} |",
-        f"| perplexity, {args.windows} held-out windows of {args.seq_len} tokens: dense / prior / noisy init | "
-        f"{init['dense']:.2f} / {init['prior']:.2f} / {init['noisy']:.2f} |",
-        f"| float32 -> bfloat16, {args.elements:,} values (median ms) | {convert['bfloat16']:.2f} |",
-        f"| float32 -> float16, {args.elements:,} values (median ms) | {convert['float16']:.2f} |",
-        f"| `import lm_eval.tasks` (s) | {index['import_s']:.1f} |",
-        f"| lm-eval TaskManager over its {index['yamls']:,} task YAMLs plus ours (s) | {index['index_s']:.1f} |",
-        "",
-        "prune.methods.nm_gumbel starts from noise-free logits (the prior wins every group at step 0) because of "
-        "the first two rows; it keeps the forward's Gumbel noise as bfloat16 on CPU because of the next two; "
-        "eval.accuracy builds lm-eval's full index once, and only for a non-local task, because of the last two.",
-    ])
+    command = (
+        f"python benchmarks/code_figures.py --windows {args.windows} --seq-len {args.seq_len} "
+        f"--threads {args.threads} --elements {args.elements}"
+    )
+    body = "\n".join(
+        [
+            "## Figures behind design choices in the code",
+            "",
+            f"Command: `{command}` (SmolLM2-135M, float32, {args.threads} torch thread(s), torch {torch.__version__}; "
+            "shared 2-core CPU).",
+            "",
+            "| what | figure |",
+            "|---|---:|",
+            f"| MaskLLM noisy init (N(0, {INIT_STD}^2) + prior shift at strength {STRENGTH:g}, magnitude 2:4 prior): "
+            f"groups whose step-0 choice is not the prior | {init['flipped'] / init['groups']:.2%} of "
+            f"{init['groups']:,} |",
+            f"| perplexity, {args.windows} held-out windows of {args.seq_len} tokens: dense / prior / noisy init | "
+            f"{init['dense']:.2f} / {init['prior']:.2f} / {init['noisy']:.2f} |",
+            f"| float32 -> bfloat16, {args.elements:,} values (median ms) | {convert['bfloat16']:.2f} |",
+            f"| float32 -> float16, {args.elements:,} values (median ms) | {convert['float16']:.2f} |",
+            f"| `import lm_eval.tasks` (s) | {index['import_s']:.1f} |",
+            f"| lm-eval TaskManager over its {index['yamls']:,} task YAMLs plus ours (s) | {index['index_s']:.1f} |",
+            "",
+            "prune.methods.nm_gumbel starts from noise-free logits (the prior wins every group at step 0) because of "
+            "the first two rows; it keeps the forward's Gumbel noise as bfloat16 on CPU because of the next two; "
+            "eval.accuracy builds lm-eval's full index once, and only for a non-local task, because of the last two.",
+        ]
+    )
     print(f"written to {write_section('code_figures', body)}")
 
 

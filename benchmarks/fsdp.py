@@ -9,14 +9,16 @@ sample other noise than one: its like-for-like reference is DDP with the same pr
 out gradients from a and b: DDP from each process's own, FSDP from the averaged ones, as one process does, so
 its like-for-like reference is one process.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -39,8 +41,17 @@ CLASSES = ["cat", "dog", "bird"]
 
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def tokens() -> torch.Tensor:
@@ -69,8 +80,12 @@ def language(name: str, **fields) -> Callable[[Path], tuple[Any, Any, Any, Calla
 def binary(out: Path):
     """R-AMT on the zero-shot classifier of a tiny random CLIP (vision width 128, 2 blocks)."""
     clip, processor = load_clip(str(out / "clip"))
-    return (ZeroShotClassifier(clip, processor.tokenizer, CLASSES, ["a photo of a {}."]), _attach(clip, "binary"),
-            images(), classification_loss)
+    return (
+        ZeroShotClassifier(clip, processor.tokenizer, CLASSES, ["a photo of a {}."]),
+        _attach(clip, "binary"),
+        images(),
+        classification_loss,
+    )
 
 
 METHODS = {
@@ -97,9 +112,26 @@ def run(mode: str, out: Path) -> None:
 
 
 def launch(mode: str, out: Path) -> None:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29741", "benchmarks/fsdp.py", "--worker", mode, str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29741",
+        "benchmarks/fsdp.py",
+        "--worker",
+        mode,
+        str(out),
+    ]
     subprocess.run(command, check=True, cwd=REPO)
 
 
@@ -130,17 +162,22 @@ def main() -> None:
         rows, diffs = [], []
         for name, (_, setting) in METHODS.items():
             ranks = [json.loads((out / f"fsdp-{name}-rank{rank}.json").read_text()) for rank in (0, 1)]
-            rows += [f"| {name} | {rank} | {row['mask_elements']} | {row['mask_total']} | "
-                     f"{row['optimizer_elements']} | {row['optimizer_total']} |" for rank, row in enumerate(ranks)]
+            rows += [
+                f"| {name} | {rank} | {row['mask_elements']} | {row['mask_total']} | "
+                f"{row['optimizer_elements']} | {row['optimizer_total']} |"
+                for rank, row in enumerate(ranks)
+            ]
             last = {mode: out / mode / name / "train" / "last.safetensors" for mode in ("fsdp", "ddp", "single")}
-            diffs.append(f"| {name} ({setting}) | {difference(last['fsdp'], last['ddp'])} | "
-                         f"{difference(last['fsdp'], last['single'])} | {difference(last['ddp'], last['single'])} | "
-                         f"{moved(out, name)} |")
+            diffs.append(
+                f"| {name} ({setting}) | {difference(last['fsdp'], last['ddp'])} | "
+                f"{difference(last['fsdp'], last['single'])} | {difference(last['ddp'], last['single'])} | "
+                f"{moved(out, name)} |"
+            )
     lines = [
         "## Sharded mask training (FSDP2) vs DDP and one process, every learnable method",
         "",
         f"Command: `{COMMAND}` (2 processes, gloo on CPU; accelerate's FSDP2 plugin, one shard group per decoder",
-        f"block). A random 4-block Llama (hidden 128) for nm_gumbel, vib and gating, a tiny random CLIP for binary;",
+        "block). A random 4-block Llama (hidden 128) for nm_gumbel, vib and gating, a tiny random CLIP for binary;",
         f"{STEPS} steps, global batch {GLOBAL_BATCH} (2 x {GLOBAL_BATCH // 2} rows sharded, 1 x {GLOBAL_BATCH} alone),"
         " lr 0.05.",
         "",

@@ -14,6 +14,7 @@ relative error ||y_kept - y|| / ||y|| (mean over tokens). Writes the `gating_cei
 
     python benchmarks/gating_ceiling.py --threads 1      # 269 s on one core (RESULTS.md, `gating_ceiling`)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.results import write_section  # noqa: E402
 from prune.data.text import prepare  # noqa: E402
-from prune.methods.gating.predictor import mass_labels  # noqa: E402
 from prune.methods.gating.layers import oracle_overlap  # noqa: E402
+from prune.methods.gating.predictor import mass_labels  # noqa: E402
 from prune.runs.loading import load_model  # noqa: E402
 
 
@@ -39,12 +40,15 @@ from prune.runs.loading import load_model  # noqa: E402
 def cache_inputs(model, layers: list[int], blocks: Tensor, batch: int = 8) -> dict[int, Tensor]:
     """The FFN input of every token of `blocks` at each layer in `layers`: {layer: [tokens, hidden]}."""
     cached: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-    hooks = [model.model.layers[layer].mlp.register_forward_hook(
-        lambda module, args, out, layer=layer: cached[layer].append(args[0].reshape(-1, args[0].shape[-1])))
-        for layer in layers]
+    hooks = [
+        model.model.layers[layer].mlp.register_forward_hook(
+            lambda module, args, out, layer=layer: cached[layer].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for layer in layers
+    ]
     try:
         for start in range(0, len(blocks), batch):
-            model(input_ids=blocks[start:start + batch])
+            model(input_ids=blocks[start : start + batch])
     finally:
         for hook in hooks:
             hook.remove()
@@ -98,17 +102,22 @@ def probe_layer(mlp: nn.Module, train_x: Tensor, test_x: Tensor, args) -> dict:
     counts = targets_test.sum(dim=-1)
     down = mlp.down_proj.weight.detach()
     generator = torch.Generator().manual_seed(args.seed)
-    rows = {"oracle": quality(targets_test, h_test, down),
-            "random": quality(top_counts(torch.rand(h_test.shape, generator=generator), counts), h_test, down)}
-    predictors = (("linear, full rank", "linear", None), (f"linear, rank {args.rank}", "linear", args.rank),
-                  (f"MLP, one ReLU layer of {args.mlp_width}", "mlp", args.mlp_width))
+    rows = {
+        "oracle": quality(targets_test, h_test, down),
+        "random": quality(top_counts(torch.rand(h_test.shape, generator=generator), counts), h_test, down),
+    }
+    predictors = (
+        ("linear, full rank", "linear", None),
+        (f"linear, rank {args.rank}", "linear", args.rank),
+        (f"MLP, one ReLU layer of {args.mlp_width}", "mlp", args.mlp_width),
+    )
     for label, kind, width in predictors:
         torch.manual_seed(args.seed)
         net = fit(make_predictor(kind, width, train_x.shape[1], h_train.shape[1]), train_x, targets_train, args.epochs)
         with torch.no_grad():
             rows[label] = quality(net(test_x) > 0, h_test, down)
     covariance = train_x.T @ train_x / len(train_x)
-    basis = torch.linalg.eigh(covariance).eigenvectors[:, -args.rank:]
+    basis = torch.linalg.eigh(covariance).eigenvectors[:, -args.rank :]
     estimate = activations(mlp, test_x @ basis @ basis.T).abs()
     rows[f"low-rank activation estimate, rank {args.rank}"] = quality(top_counts(estimate, counts), h_test, down)
     return rows
@@ -116,18 +125,27 @@ def probe_layer(mlp: nn.Module, train_x: Tensor, test_x: Tensor, args) -> dict:
 
 def render(result: dict) -> str:
     a = result["args"]
-    lines = ["## Gating ceiling: how predictable are a frozen SwiGLU FFN's neurons?", "",
-             f"Command: `{result['command']}`", "",
-             (f"SmolLM2-135M, FFN inputs cached from the dense model: {result['train_tokens']:,} training tokens "
-              f"(fit) and {result['heldout_tokens']:,} held-out tokens (measured), mass rule r={a['threshold']}. "
-              f"Predictors trained by BCE, {a['epochs']} passes (far more tokens than the gating benchmark's "
-              "trainer sees). Recall: share of the chosen neurons among the oracle's top-|h| choice of the same "
-              "count (random = the kept share). Output error: ||y_kept - y|| / ||y|| of the FFN output."), "",
-             "| layer | predictor | neurons kept | recall of oracle | FFN output error |", "|---|---|---|---|---|"]
+    lines = [
+        "## Gating ceiling: how predictable are a frozen SwiGLU FFN's neurons?",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        (
+            f"SmolLM2-135M, FFN inputs cached from the dense model: {result['train_tokens']:,} training tokens "
+            f"(fit) and {result['heldout_tokens']:,} held-out tokens (measured), mass rule r={a['threshold']}. "
+            f"Predictors trained by BCE, {a['epochs']} passes (far more tokens than the gating benchmark's "
+            "trainer sees). Recall: share of the chosen neurons among the oracle's top-|h| choice of the same "
+            "count (random = the kept share). Output error: ||y_kept - y|| / ||y|| of the FFN output."
+        ),
+        "",
+        "| layer | predictor | neurons kept | recall of oracle | FFN output error |",
+        "|---|---|---|---|---|",
+    ]
     for layer, rows in result["layers"].items():
         for label, row in rows.items():
-            lines.append(f"| {layer} | {label} | {100 * row['keep']:.1f}% | {row['recall']:.3f} | "
-                         f"{row['output_error']:.3f} |")
+            lines.append(
+                f"| {layer} | {label} | {100 * row['keep']:.1f}% | {row['recall']:.3f} | {row['output_error']:.3f} |"
+            )
     lines += ["", f"Took {result['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -151,9 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     splits = prepare(tokenizer, "embedded-docs")
     train_x = cache_inputs(model, args.layers, splits.train_blocks(args.seq_len)[: args.train_blocks])
     test_x = cache_inputs(model, args.layers, splits.test_blocks(args.seq_len)[: args.heldout_blocks])
-    result = {"command": "python benchmarks/gating_ceiling.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-              "args": vars(args), "train_tokens": len(train_x[args.layers[0]]),
-              "heldout_tokens": len(test_x[args.layers[0]]), "layers": {}}
+    result = {
+        "command": "python benchmarks/gating_ceiling.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "args": vars(args),
+        "train_tokens": len(train_x[args.layers[0]]),
+        "heldout_tokens": len(test_x[args.layers[0]]),
+        "layers": {},
+    }
     for layer in args.layers:
         result["layers"][layer] = probe_layer(model.model.layers[layer].mlp, train_x[layer], test_x[layer], args)
         print(layer, result["layers"][layer], flush=True)

@@ -16,6 +16,7 @@ It writes the `gpu` section of benchmarks/RESULTS.md. Exit status: 0 when measur
 machine has no CUDA GPU, after saying so and writing nothing (nothing here is a failure); 1 when the bfloat16
 perplexity is not within 3% of float32 (the section is written all the same).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,33 @@ SPARSEGPT = "recipes/smollm2-135m/sparsegpt-2of4.yaml"
 MASKLLM = "recipes/smollm2-135m/2of4-maskllm.yaml"
 DDP_CONFIG = "recipes/accelerate/ddp.yaml"
 TOLERANCE = 0.03
-NO_GPU = "gpu_check: this machine has no CUDA GPU (torch.cuda.is_available() is False); nothing measured, " \
-         "benchmarks/RESULTS.md left as it was. Run it where `python -c 'import torch; print(torch.cuda.is_available())'` " \
-         "prints True."
+NO_GPU = (
+    "gpu_check: this machine has no CUDA GPU (torch.cuda.is_available() is False); nothing measured, "
+    "benchmarks/RESULTS.md left as it was. Run it where `python -c 'import torch; print(torch.cuda.is_available())'` "
+    "prints True."
+)
 # Evaluation the check does not need: lm-eval tasks, latency, FLOPs, a second (dense) perplexity, model/ on disk.
-QUIET = ["eval.tasks=[]", "eval.latency=false", "eval.flops=false", "eval.dense_baseline=false",
-         "export.save_model=false"]
+QUIET = [
+    "eval.tasks=[]",
+    "eval.latency=false",
+    "eval.flops=false",
+    "eval.dense_baseline=false",
+    "export.save_model=false",
+]
 
 
 def prune_run(recipe: str, output: Path, sets: list[str], launcher: list[str] | None = None) -> dict:
     """`prune run RECIPE --set ...` in a child process; its report.json."""
-    command = [*(launcher or [sys.executable]), "-m", "prune.cli", "run", recipe, "--output", str(output),
-               *[arg for item in QUIET + sets for arg in ("--set", item)]]
+    command = [
+        *(launcher or [sys.executable]),
+        "-m",
+        "prune.cli",
+        "run",
+        recipe,
+        "--output",
+        str(output),
+        *[arg for item in QUIET + sets for arg in ("--set", item)],
+    ]
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run(command, check=True, cwd=REPO, env=environment)
     return json.loads((output / "report.json").read_text())
@@ -65,22 +81,48 @@ def tokens_per_s(run_directory: Path) -> float:
 def measure(work: Path, calibration_samples: int, cpu_threads: int, gpus: int) -> dict:
     blocks = AutoConfig.from_pretrained(local_model_dir("smollm2-135m")).num_hidden_layers
     data = f"data.calibration_samples={calibration_samples}"
-    figures: dict = {"blocks": blocks, "calibration_samples": calibration_samples, "cpu_threads": cpu_threads,
-                     "gpu": torch.cuda.get_device_name(0), "gpus": gpus}
-    figures["sparsegpt_gpu"] = prune_run(SPARSEGPT, work / "sparsegpt-gpu", [
-        data, "runtime.device=cuda", "runtime.dtype=bfloat16", "eval.semi_structured_kernel=true"])
-    figures["sparsegpt_cpu"] = prune_run(SPARSEGPT, work / "sparsegpt-cpu", [
-        data, "runtime.device=cpu", "runtime.dtype=float32", f"runtime.threads={cpu_threads}",
-        "eval.semi_structured_kernel=false"])
+    figures: dict = {
+        "blocks": blocks,
+        "calibration_samples": calibration_samples,
+        "cpu_threads": cpu_threads,
+        "gpu": torch.cuda.get_device_name(0),
+        "gpus": gpus,
+    }
+    figures["sparsegpt_gpu"] = prune_run(
+        SPARSEGPT,
+        work / "sparsegpt-gpu",
+        [data, "runtime.device=cuda", "runtime.dtype=bfloat16", "eval.semi_structured_kernel=true"],
+    )
+    figures["sparsegpt_cpu"] = prune_run(
+        SPARSEGPT,
+        work / "sparsegpt-cpu",
+        [
+            data,
+            "runtime.device=cpu",
+            "runtime.dtype=float32",
+            f"runtime.threads={cpu_threads}",
+            "eval.semi_structured_kernel=false",
+        ],
+    )
     train = ["runtime.device=cuda", "runtime.dtype=float32", "train.eval_every=0", "eval.semi_structured_kernel=false"]
     prune_run(MASKLLM, work / "nm-gumbel", [data, "train.steps=200", *train])
     figures["nm_gumbel_tokens_per_s"] = tokens_per_s(work / "nm-gumbel")
     if gpus >= 2:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG,
-                    "--num_processes", "2"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            DDP_CONFIG,
+            "--num_processes",
+            "2",
+        ]
         report = prune_run(MASKLLM, work / "ddp", [data, "train.steps=50", *train], launcher)
-        figures["ddp"] = {"tokens_per_s": tokens_per_s(work / "ddp"), "seconds": report["train"]["seconds"],
-                          "perplexity": report["perplexity"]["value"]}
+        figures["ddp"] = {
+            "tokens_per_s": tokens_per_s(work / "ddp"),
+            "seconds": report["train"]["seconds"],
+            "perplexity": report["perplexity"]["value"],
+        }
     return figures
 
 
@@ -109,18 +151,27 @@ def section(figures: dict, command: str) -> str:
     lines += ["", f"bfloat16 on the GPU vs float32 on the CPU: {ratio:+.2%} perplexity, {verdict} {TOLERANCE:.0%}.", ""]
     kernel = gpu.get("semi_structured_kernel")
     if kernel and kernel.get("available"):
-        lines.append(f"2:4 semi-structured kernels (eval/semi_structured.py, {kernel['layers']} linears, "
-                     f"{kernel['dtype']}, batch {kernel['batch']} x {kernel['seq_len']} prefill): dense "
-                     f"{kernel['dense_ms']:.2f} ms, 2:4 {kernel['sparse_ms']:.2f} ms, speed-up {kernel['speedup']:.2f}x "
-                     f"(max abs logit difference {kernel['max_abs_logit_diff']:.3g}).")
+        lines.append(
+            f"2:4 semi-structured kernels (eval/semi_structured.py, {kernel['layers']} linears, "
+            f"{kernel['dtype']}, batch {kernel['batch']} x {kernel['seq_len']} prefill): dense "
+            f"{kernel['dense_ms']:.2f} ms, 2:4 {kernel['sparse_ms']:.2f} ms, speed-up {kernel['speedup']:.2f}x "
+            f"(max abs logit difference {kernel['max_abs_logit_diff']:.3g})."
+        )
     else:
         lines.append(f"2:4 semi-structured kernels: not measured ({(kernel or {}).get('reason', 'no 2:4 linears')}).")
-    lines += ["", f"nm_gumbel mask training, 200 steps on the GPU (2of4-maskllm recipe, float32 weights, bf16 "
-                  f"autocast): {figures['nm_gumbel_tokens_per_s']:.0f} tokens/s."]
+    lines += [
+        "",
+        f"nm_gumbel mask training, 200 steps on the GPU (2of4-maskllm recipe, float32 weights, bf16 "
+        f"autocast): {figures['nm_gumbel_tokens_per_s']:.0f} tokens/s.",
+    ]
     ddp = figures.get("ddp")
-    lines += ["", "2-process DDP mask training: not run (one GPU)." if ddp is None else
-                 f"2-process DDP mask training, 50 steps: {ddp['tokens_per_s']:.0f} tokens/s (both processes), "
-                 f"{ddp['seconds']:.1f} s, final perplexity {ddp['perplexity']:.3f}."]
+    lines += [
+        "",
+        "2-process DDP mask training: not run (one GPU)."
+        if ddp is None
+        else f"2-process DDP mask training, 50 steps: {ddp['tokens_per_s']:.0f} tokens/s (both processes), "
+        f"{ddp['seconds']:.1f} s, final perplexity {ddp['perplexity']:.3f}.",
+    ]
     return "\n".join(lines)
 
 
@@ -132,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(NO_GPU)
         return 0
-    command = ("PYTHONPATH=. python benchmarks/gpu_check.py "
-               f"--calibration-samples {args.calibration_samples} --cpu-threads {args.cpu_threads}")
+    command = (
+        "PYTHONPATH=. python benchmarks/gpu_check.py "
+        f"--calibration-samples {args.calibration_samples} --cpu-threads {args.cpu_threads}"
+    )
     with tempfile.TemporaryDirectory() as work:
         figures = measure(Path(work), args.calibration_samples, args.cpu_threads, torch.cuda.device_count())
     body = section(figures, command)

@@ -12,6 +12,7 @@ runs of the recipe with other training settings to the same table.
     python benchmarks/maskllm.py [--output runs/smollm2-135m-2of4-maskllm] [--set KEY=VALUE ...]
     python benchmarks/maskllm.py --set train.distill=1.0 --output runs/smollm2-135m-2of4-maskllm-distill
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def throughput(directory: Path) -> float:
     return rates[len(rates) // 2]
 
 
-BASELINES = [("SparseGPT 2:4, weights updated", "sparsegpt-2of4", "true"),
-             ("SparseGPT 2:4, mask only (this run's prior)", "sparsegpt-2of4-mask-only", "false")]
+BASELINES = [
+    ("SparseGPT 2:4, weights updated", "sparsegpt-2of4", "true"),
+    ("SparseGPT 2:4, mask only (this run's prior)", "sparsegpt-2of4-mask-only", "false"),
+]
 
 
 def ran(recipe) -> dict:
@@ -72,8 +75,9 @@ def baselines(overrides: list[str], prefix: str) -> list[tuple[str, Path]]:
     runs = []
     for label, name, update in BASELINES:
         method = f"method={{name: sparsegpt, sparsity: '2:4', update_weights: {update}}}"
-        recipe = load_recipe(RECIPE, [*overrides, method, "train.steps=0", "train.distill=0",
-                                      f"output={prefix}-{name}"])
+        recipe = load_recipe(
+            RECIPE, [*overrides, method, "train.steps=0", "train.distill=0", f"output={prefix}-{name}"]
+        )
         ran(recipe)
         runs.append((label, Path(recipe.output)))
     return runs
@@ -87,15 +91,19 @@ def comparison(runs: list[tuple[str, Path]], ood: str) -> tuple[list[str], dict[
     labels = {str(directory): label for label, directory in runs}
     by_label = {("dense" if row["status"] == "dense" else labels[row["dir"]]): row for row in rows}
     keys = text_keys(ood)
-    lines = [f"| model | test perplexity [95% CI] | vs best | {ood} perplexity [95% CI] (out of domain) | vs best | "
-             "last-word acc ± stderr | FLOPs (2:4 kernel) |", "|---|---:|---|---:|---|---:|---:|"]
+    lines = [
+        f"| model | test perplexity [95% CI] | vs best | {ood} perplexity [95% CI] (out of domain) | vs best | "
+        "last-word acc ± stderr | FLOPs (2:4 kernel) |",
+        "|---|---:|---|---:|---|---:|---:|",
+    ]
     for label, row in by_label.items():
         flops = row.get("flops.semi_structured") if row["status"] == "done" else row.get("flops.dense")
         lines.append(
             f"| {label} | {interval(row['perplexity'], row['perplexity.ci95'])} | {row.get('verdict', '-')} | "
             f"{interval(row[keys['value']], row[keys['ci95']])} | {row.get(keys['verdict'], '-')} | "
             f"{row['accuracy.docs_lastword']:.3f} ± {row['accuracy_stderr.docs_lastword']:.3f} | "
-            f"{flops / 1e9:.1f} G |")
+            f"{flops / 1e9:.1f} G |"
+        )
     return lines, by_label
 
 
@@ -109,62 +117,91 @@ def goal_lines(by_label: dict[str, dict], learned_labels: list[str], ood: str) -
         learned = by_label[label]
         apart = learned["perplexity.ci95"][1] < updated["perplexity.ci95"][0]
         below = learned[keys["value"]] < updated[keys["value"]]
-        lines.append(f"Goal, {label} (test perplexity below SparseGPT 2:4 with its update, intervals apart: "
-                     f"{'met' if apart else 'not met'}; out of domain below it: {'met' if below else 'not met'}): "
-                     f"test {learned['perplexity']:.2f} vs {updated['perplexity']:.2f}, {ood} "
-                     f"{learned[keys['value']]:.2f} vs {updated[keys['value']]:.2f}.")
+        lines.append(
+            f"Goal, {label} (test perplexity below SparseGPT 2:4 with its update, intervals apart: "
+            f"{'met' if apart else 'not met'}; out of domain below it: {'met' if below else 'not met'}): "
+            f"test {learned['perplexity']:.2f} vs {updated['perplexity']:.2f}, {ood} "
+            f"{learned[keys['value']]:.2f} vs {updated[keys['value']]:.2f}."
+        )
     return lines
 
 
 def mixed_windows(recipe, data: dict) -> str:
     """How the train windows were shared between the docs and the data.mix texts, from report.json's counts."""
-    counts = {name: data["mix"][name]["used"]["calibration, training"].get(  # reports from before source_share:
-        "windows", data["mix"][name]["windows"]["train"]) for name in recipe.data.mix}  # every train window
+    counts = {
+        name: data["mix"][name]["used"]["calibration, training"].get(  # reports from before source_share:
+            "windows", data["mix"][name]["windows"]["train"]
+        )
+        for name in recipe.data.mix
+    }  # every train window
     docs = data["used"]["training"]["windows"] - sum(counts.values())
     share = recipe.data.source_share
     how = f"data.source_share {share:g}" if share is not None else "every train window of each text"
-    return (f"data.mix: calibration and training draw from {docs} train windows of the docs and "
-            + ", ".join(f"{count} of {name}" for name, count in counts.items())
-            + f", {how}; selection alternates between the texts' validation windows")
+    return (
+        f"data.mix: calibration and training draw from {docs} train windows of the docs and "
+        + ", ".join(f"{count} of {name}" for name, count in counts.items())
+        + f", {how}; selection alternates between the texts' validation windows"
+    )
 
 
-def section(recipe, report: dict, directory: Path, runs: list[tuple[str, Path]], learned: list[str], command: str,
-            note: str) -> str:
+def section(
+    recipe, report: dict, directory: Path, runs: list[tuple[str, Path]], learned: list[str], command: str, note: str
+) -> str:
     train = recipe.train
     tokens_per_step = train.batch_size * train.grad_accum * recipe.data.seq_len
     curve = evaluations(directory)
     seq_len, ood = recipe.data.seq_len, recipe.eval.extra_texts[0]
     data = report["data"]
-    weights = ("SparseGPT's weight update baked into the frozen weights" if recipe.method.prior_update_weights
-               else "mask only: the weights are never changed")
+    weights = (
+        "SparseGPT's weight update baked into the frozen weights"
+        if recipe.method.prior_update_weights
+        else "mask only: the weights are never changed"
+    )
     table, by_label = comparison(runs, ood)
     mix = recipe.data.mix
-    texts = f"s of the embedded CPython docs and of {', '.join(mix)} ({mixed_windows(recipe, data)})" if mix else (
-        " of the embedded CPython docs")
+    texts = (
+        f"s of the embedded CPython docs and of {', '.join(mix)} ({mixed_windows(recipe, data)})"
+        if mix
+        else (" of the embedded CPython docs")
+    )
     lines = [
-        "## MaskLLM: learned 2:4 masks on frozen SmolLM2-135M weights", "",
+        "## MaskLLM: learned 2:4 masks on frozen SmolLM2-135M weights",
+        "",
         f"Command: `{command}` ({recipe.train.steps} steps x {tokens_per_step} tokens = "
         f"{recipe.train.steps * tokens_per_step:,} training tokens from the train part{texts}; "
         f"lr {train.lr:g}, tau {recipe.method.tau_start:g} -> {recipe.method.tau_end:g}, kappa "
-        f"{recipe.method.kappa_start:g} -> {recipe.method.kappa_end:g}, prior {recipe.method.prior} ({weights}), prior strength {recipe.method.prior_strength:g}, sparse-weight regularizer "
-        f"{recipe.method.sparse_weight_reg:g}; 2-core CPU, float32). {note}", "",
+        f"{recipe.method.kappa_start:g} -> {recipe.method.kappa_end:g}, prior {recipe.method.prior} ({weights}), "
+        f"prior strength {recipe.method.prior_strength:g}, sparse-weight regularizer "
+        f"{recipe.method.sparse_weight_reg:g}; 2-core CPU, float32). {note}",
+        "",
         f"Training took {report['timings']['train'] / 60:.0f} min (median {throughput(directory):.0f} tokens/s); the "
-        f"whole run {sum(report['timings'].values()) / 60:.0f} min.", "",
+        f"whole run {sum(report['timings'].values()) / 60:.0f} min.",
+        "",
         f"Parts of the docs' token stream (train / validation / test): {data['splits']['train']} / "
         f"{data['splits']['validation']} / {data['splits']['test']}, {data['windows']['train']} / "
         f"{data['windows']['validation']} / {data['windows']['test']} windows of {seq_len} tokens. The kept masks "
         f"(step {report['train']['best_step']}) are the best of the evaluations on the first {train.eval_windows} "
-        f"validation windows{' (the texts alternating)' if mix else ''}; every figure below reads only test parts ({data['windows']['test']} windows of the docs, "
+        f"validation windows{' (the texts alternating)' if mix else ''}; every figure below reads only test parts "
+        f"({data['windows']['test']} windows of the docs, "
         f"{data['extra_texts'][ood]['windows']['test']} of {ood}). [95% CI]: bootstrap over windows; `vs best`: "
-        "paired bootstrap against the lowest of the runs on the same windows.", "",
+        "paired bootstrap against the lowest of the runs on the same windows.",
+        "",
         *table,
-        "", *(line for goal in goal_lines(by_label, learned, ood) for line in (goal, "")),
+        "",
+        *(line for goal in goal_lines(by_label, learned, ood) for line in (goal, "")),
         "2:4 kernel: "
-        + (f"{report['semi_structured_kernel']['speedup']:.2f}x prefill" if report['semi_structured_kernel']['available']
-           else "unavailable here (" + report['semi_structured_kernel']['reason'].split(';')[0] + ")") + ".", "",
+        + (
+            f"{report['semi_structured_kernel']['speedup']:.2f}x prefill"
+            if report["semi_structured_kernel"]["available"]
+            else "unavailable here (" + report["semi_structured_kernel"]["reason"].split(";")[0] + ")"
+        )
+        + ".",
+        "",
         f"Validation perplexity of the hard masks during training (the first {train.eval_windows} validation windows, "
-        f"{seq_len} tokens each; step 0 is the prior):", "",
-        "| step | training tokens | perplexity |", "|---:|---:|---:|",
+        f"{seq_len} tokens each; step 0 is the prior):",
+        "",
+        "| step | training tokens | perplexity |",
+        "|---:|---:|---:|",
     ]
     lines += [f"| {step} | {step * tokens_per_step:,} | {value:.2f} |" for step, value in curve]
     lines += ["", "![MaskLLM training curve](maskllm-curve.png)"]
@@ -176,11 +213,19 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "runs" / "smollm2-135m-2of4-maskllm"))
     parser.add_argument("--set", action="append", default=[], help="recipe override (a dry run: not published)")
     parser.add_argument("--note", default="", help="a sentence on the conditions of this run")
-    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
-                        help="a finished run of this recipe with other training settings (e.g. --set "
-                        "train.distill=1.0), compared in the same table")
-    parser.add_argument("--baselines", default=str(ROOT / "runs" / "smollm2-135m-2of4-maskllm"),
-                        help="prefix of the baseline runs' directories (PREFIX-sparsegpt-2of4, ...)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="a finished run of this recipe with other training settings (e.g. --set "
+        "train.distill=1.0), compared in the same table",
+    )
+    parser.add_argument(
+        "--baselines",
+        default=str(ROOT / "runs" / "smollm2-135m-2of4-maskllm"),
+        help="prefix of the baseline runs' directories (PREFIX-sparsegpt-2of4, ...)",
+    )
     args = parser.parse_args()
     from prune.runs.recipe import load_recipe
 
@@ -190,8 +235,11 @@ def main() -> None:
     variants = [(label, Path(path)) for label, _, path in (item.partition("=") for item in args.variant)]
     learned = [("MaskLLM 2:4, best masks", directory), *variants]
     runs = [*learned, *baselines(args.set, args.baselines)]
-    command = "python benchmarks/maskllm.py" + "".join(f" --set '{item}'" for item in args.set) + "".join(
-        f" --variant '{item}'" for item in args.variant)
+    command = (
+        "python benchmarks/maskllm.py"
+        + "".join(f" --set '{item}'" for item in args.set)
+        + "".join(f" --variant '{item}'" for item in args.variant)
+    )
     body = section(recipe, report, directory, runs, [label for label, _ in learned], command, args.note)
     print(body)
     if args.set:

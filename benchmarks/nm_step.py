@@ -15,6 +15,7 @@ The time per step is the median over `--steps` steps after `--warmup` steps, as 
 CPU time (less sensitive to other processes sharing the cores). `--write` puts the table into
 benchmarks/RESULTS.md with this command line (replacing this benchmark's previous section).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,10 +89,15 @@ def child(variant: str, args) -> dict:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
     return {
-        "variant": variant, "median_s": statistics.median(times), "times": times,
+        "variant": variant,
+        "median_s": statistics.median(times),
+        "times": times,
         "median_cpu_s": statistics.median(cpu_times),
-        "peak_rss_mb": _rss_mb(), "rss_after_load_mb": rss_loaded, "trained_params": trained,
-        "threads": torch.get_num_threads(), "loss": float(loss),
+        "peak_rss_mb": _rss_mb(),
+        "rss_after_load_mb": rss_loaded,
+        "trained_params": trained,
+        "threads": torch.get_num_threads(),
+        "loss": float(loss),
     }
 
 
@@ -105,8 +111,10 @@ def run_child(variant: str, argv: list[str]) -> dict:
 
 def table(results: list[dict], reference: dict) -> str:
     lines = [
-        ("| variant | trained params | step, wall (median) | vs dense | step, CPU time (median) | vs dense "
-         "| peak RSS | vs dense |"),
+        (
+            "| variant | trained params | step, wall (median) | vs dense | step, CPU time (median) | vs dense "
+            "| peak RSS | vs dense |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -135,15 +143,30 @@ def main() -> None:
         print(json.dumps(child(args.child, args)))
         return
 
-    argv = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    argv = [
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+    ]
     variants = list(dict.fromkeys(["dense", *args.variants]))
     results = []
     for variant in variants:
         result = run_child(variant, argv)
-        print(f"{variant}: median {result['median_s']:.2f} s/step (CPU {result['median_cpu_s']:.2f} s), "
-              f"steps {[round(t, 2) for t in result['times']]}, "
-              f"peak RSS {result['peak_rss_mb']:.0f} MB (after load {result['rss_after_load_mb']:.0f} MB)", flush=True)
+        print(
+            f"{variant}: median {result['median_s']:.2f} s/step (CPU {result['median_cpu_s']:.2f} s), "
+            f"steps {[round(t, 2) for t in result['times']]}, "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB (after load {result['rss_after_load_mb']:.0f} MB)",
+            flush=True,
+        )
         results.append(result)
     text = table(results, results[0])
     print(text)

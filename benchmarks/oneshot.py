@@ -9,6 +9,7 @@ one invocation, side by side (finished points are kept under --cache, so an inte
 
     python benchmarks/oneshot.py [--calibration-samples 128] [--limit 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure_point(label: str, method: str, sparsity: str | None, extra: dict, calibration_samples: int,
-                  limit: int, threads: int) -> dict:
+def measure_point(
+    label: str, method: str, sparsity: str | None, extra: dict, calibration_samples: int, limit: int, threads: int
+) -> dict:
     """Load, prune (timed, peak memory), merge, evaluate: one point, in this process."""
     import torch
 
@@ -55,9 +57,9 @@ def measure_point(label: str, method: str, sparsity: str | None, extra: dict, ca
     from eval.perplexity import perplexity
     from prune.data.text import MOBY_DICK, prepare, prepare_extra
     from prune.masks.base import merge
+    from prune.methods.registry import get_method
     from prune.runs.loading import load_model
     from prune.runs.recipe import parse_recipe
-    from prune.methods.registry import get_method
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m")
@@ -80,7 +82,9 @@ def measure_point(label: str, method: str, sparsity: str | None, extra: dict, ca
         result[key], result[f"{key}_ci95"] = measured.value, perplexity_ci(measured.window_nll, measured.window_tokens)
         result[f"{key}_windows"] = measured.windows
     test_text = splits.test_text(tokenizer)
-    lastword = accuracy_scores(model, tokenizer, ["docs_lastword"], heldout_text=test_text, limit=limit)["docs_lastword"]
+    lastword = accuracy_scores(model, tokenizer, ["docs_lastword"], heldout_text=test_text, limit=limit)[
+        "docs_lastword"
+    ]
     result["lastword"], result["lastword_stderr"] = lastword.value, lastword.stderr
     result["lastword_examples"] = min(limit, len(build_examples(test_text)))
     flops = count_flops(model, 512)
@@ -93,15 +97,23 @@ def with_ci(row: dict, key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | sparsity | test perplexity [95% CI] | moby-dick [95% CI] | last-word acc ± stderr | "
-             "FLOPs (pruned / dense) | nonzero params | prune time (s) | peak RSS while pruning (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | sparsity | test perplexity [95% CI] | moby-dick [95% CI] | last-word acc ± stderr | "
+        "FLOPs (pruned / dense) | nonzero params | prune time (s) | peak RSS while pruning (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {row['sparsity']} | {with_ci(row, 'perplexity')} | {with_ci(row, 'ood_perplexity')} | "
+            f"| {row['method']} | {row['sparsity']} | {with_ci(row, 'perplexity')} | "
+            f"{with_ci(row, 'ood_perplexity')} | "
             f"{row['lastword']:.3f} ± {row['lastword_stderr']:.3f} | "
-            f"{row['flops_pruned'] / 1e9:.1f} G / {row['flops_dense'] / 1e9:.1f} G | {row['params_nonzero'] / 1e6:.1f} M | "
-            + (f"{row['prune_seconds']:.0f} | {row['prune_peak_rss_mb']:.0f} |" if "prune_seconds" in row else "- | - |")
+            f"{row['flops_pruned'] / 1e9:.1f} G / {row['flops_dense'] / 1e9:.1f} G | "
+            f"{row['params_nonzero'] / 1e6:.1f} M | "
+            + (
+                f"{row['prune_seconds']:.0f} | {row['prune_peak_rss_mb']:.0f} |"
+                if "prune_seconds" in row
+                else "- | - |"
+            )
         )
     return "\n".join(lines)
 
@@ -111,10 +123,17 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--limit", type=int, default=200, help="last-word examples")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--cache", default=str(Path(__file__).resolve().parent.parent / "runs" / "bench-oneshot"),
-                        help="where finished points are kept (delete it to measure everything again)")
-    parser.add_argument("--note", action="append", default=[], help="a paragraph added under the table (the "
-                        "conditions of this run, what moved since the last one)")
+    parser.add_argument(
+        "--cache",
+        default=str(Path(__file__).resolve().parent.parent / "runs" / "bench-oneshot"),
+        help="where finished points are kept (delete it to measure everything again)",
+    )
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a paragraph added under the table (the conditions of this run, what moved since the last one)",
+    )
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point is not None:
@@ -128,24 +147,39 @@ def main() -> None:
     for index, (label, _, sparsity, _) in enumerate(POINTS):
         saved = done / f"point-{index}.json"
         if not saved.is_file():
-            command = [sys.executable, __file__, "--point", str(index), "--threads", str(args.threads),
-                       "--calibration-samples", str(args.calibration_samples), "--limit", str(args.limit)]
+            command = [
+                sys.executable,
+                __file__,
+                "--point",
+                str(index),
+                "--threads",
+                str(args.threads),
+                "--calibration-samples",
+                str(args.calibration_samples),
+                "--limit",
+                str(args.limit),
+            ]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             saved.write_text(output.strip().splitlines()[-1])
         rows.append(json.loads(saved.read_text()))
         print(f"{label} {sparsity or ''}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
-    command = (f"python benchmarks/oneshot.py --calibration-samples {args.calibration_samples} --limit {args.limit} "
-               f"--threads {args.threads}")
-    body = (f"## One-shot pruning of SmolLM2-135M\n\nCommand: `{command}` "
-            f"({args.calibration_samples} x 512 calibration tokens, 2-core CPU, {args.threads} torch thread(s), "
-            f"float32). Perplexity over the test part (the last 10%) of the embedded CPython documentation "
-            f"({rows[0]['perplexity_windows']} windows of 512 tokens) and of moby-dick, out of domain "
-            f"({rows[0]['ood_perplexity_windows']} windows), [95% CI] from a bootstrap over windows; calibration "
-            "draws from the train part only; last-word accuracy ± lm-eval's standard error on the "
-            f"{rows[0]['lastword_examples']} `docs_lastword` examples the test text yields (limit {args.limit}); "
-            "FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
-            "prune time and peak RSS are the pruning step alone (the process had loaded the model and data before).\n\n"
-            + table(rows) + "".join(f"\n\n{note}" for note in args.note))
+    command = (
+        f"python benchmarks/oneshot.py --calibration-samples {args.calibration_samples} --limit {args.limit} "
+        f"--threads {args.threads}"
+    )
+    body = (
+        f"## One-shot pruning of SmolLM2-135M\n\nCommand: `{command}` "
+        f"({args.calibration_samples} x 512 calibration tokens, 2-core CPU, {args.threads} torch thread(s), "
+        f"float32). Perplexity over the test part (the last 10%) of the embedded CPython documentation "
+        f"({rows[0]['perplexity_windows']} windows of 512 tokens) and of moby-dick, out of domain "
+        f"({rows[0]['ood_perplexity_windows']} windows), [95% CI] from a bootstrap over windows; calibration "
+        "draws from the train part only; last-word accuracy ± lm-eval's standard error on the "
+        f"{rows[0]['lastword_examples']} `docs_lastword` examples the test text yields (limit {args.limit}); "
+        "FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
+        "prune time and peak RSS are the pruning step alone (the process had loaded the model and data before).\n\n"
+        + table(rows)
+        + "".join(f"\n\n{note}" for note in args.note)
+    )
     print(table(rows))
     print(f"written to {write_section('oneshot', body)}")
 

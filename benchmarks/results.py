@@ -1,4 +1,5 @@
 """benchmarks/RESULTS.md is shared by every benchmark: each owns one section between markers."""
+
 from __future__ import annotations
 
 import re

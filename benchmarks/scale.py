@@ -21,6 +21,7 @@ Quality (no `--presets`: only this part runs): the real SmolLM2-135M pruned in f
 and in float32 with its weights rounded to bfloat16 ("bf16-weights": bfloat16's weights without its arithmetic),
 on several calibration samples, each evaluated on the float32 model (bfloat16's also on bfloat16).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,20 +32,48 @@ import resource
 import subprocess
 import sys
 import time
-from statistics import geometric_mean
 from pathlib import Path
+from statistics import geometric_mean
 
 import torch
 
 PRESETS = {  # the models' own config.json numbers
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                         num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-360m": dict(
+        hidden_size=960,
+        intermediate_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "llama-2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
 }
 CALIBRATION = (8, 128)  # random-weight cases: samples x tokens
 QUALITY_CALIBRATION = (32, 512)  # real SmolLM2-135M: samples x tokens, test windows of 512
@@ -111,9 +140,11 @@ def sizes(directory: Path) -> dict:
 
     specs = ShardReader(directory).specs().values()
     numel = {name: math.prod(shape) for name, _, shape in specs}
-    return {"params": sum(numel.values()),
-            "bytes": sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs),
-            "block_params": sum(n for name, n in numel.items() if name.startswith("model.layers.0."))}
+    return {
+        "params": sum(numel.values()),
+        "bytes": sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs),
+        "block_params": sum(n for name, n in numel.items() if name.startswith("model.layers.0.")),
+    }
 
 
 def _method_config(method: str):
@@ -137,18 +168,37 @@ def run_case(source: Path, out: Path, method: str, mode: str) -> dict:
     prune_module = lambda name, module, stats: prune_from_stats(config, module, stats)  # noqa: E731
     start = time.perf_counter()
     if mode == "stream":
-        stream_prune(source, out, targets_of(config), prune_module, make_stats_for(config), calibration,
-                     device=torch.device("cpu"), dtype=torch.bfloat16)
+        stream_prune(
+            source,
+            out,
+            targets_of(config),
+            prune_module,
+            make_stats_for(config),
+            calibration,
+            device=torch.device("cpu"),
+            dtype=torch.bfloat16,
+        )
         prune_seconds = time.perf_counter() - start
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
         loaded = time.perf_counter()
-        prune_layerwise(model, targets_of(config)(model), prune_module, make_stats_for(config), calibration,
-                        restore=False, progress=False, keep_results=False)
+        prune_layerwise(
+            model,
+            targets_of(config)(model),
+            prune_module,
+            make_stats_for(config),
+            calibration,
+            restore=False,
+            progress=False,
+            keep_results=False,
+        )
         prune_seconds = time.perf_counter() - loaded
         model.save_pretrained(out)
-    return {"seconds": round(time.perf_counter() - start, 1), "prune_seconds": round(prune_seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "seconds": round(time.perf_counter() - start, 1),
+        "prune_seconds": round(prune_seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def exactly_2_4(directory: Path) -> bool:
@@ -213,8 +263,14 @@ def quality_case(method: str, dtype: str) -> dict:
         merge(model)
     prune_seconds = time.perf_counter() - start
     result = perplexity(model, splits.test_blocks(QUALITY_CALIBRATION[1]))
-    return {"kind": "quality", "method": method, "dtype": dtype, "perplexity": result.value,
-            "tokens": result.tokens, "prune_seconds": round(prune_seconds, 1)}
+    return {
+        "kind": "quality",
+        "method": method,
+        "dtype": dtype,
+        "perplexity": result.value,
+        "tokens": result.tokens,
+        "prune_seconds": round(prune_seconds, 1),
+    }
 
 
 def _smollm(kind: str):
@@ -243,8 +299,9 @@ def wanda_masks(kind: str, seed: int, cache: Path) -> dict:
     model, tokenizer = _smollm(kind)
     config = _method_config("wanda")
     calibration = prepare(tokenizer, "embedded-docs").calibration_blocks(*QUALITY_CALIBRATION, seed)
-    masks = wanda(model, targets_of(config)(model), config.pattern, config.granularity, calibration,
-                  progress=False).masks
+    masks = wanda(
+        model, targets_of(config)(model), config.pattern, config.granularity, calibration, progress=False
+    ).masks
     cache.mkdir(parents=True, exist_ok=True)
     save_file(masks, path)
     return masks
@@ -262,8 +319,7 @@ def gap_case(mask_kind: str, eval_kind: str, seed: int, cache: Path) -> dict:
     attach_hard_masks(model, masks)
     merge(model)
     result = perplexity(model, prepare(tokenizer, "embedded-docs").test_blocks(QUALITY_CALIBRATION[1]))
-    return {"kind": "gap", "mask_from": mask_kind, "evaluated_in": eval_kind, "seed": seed,
-            "perplexity": result.value}
+    return {"kind": "gap", "mask_from": mask_kind, "evaluated_in": eval_kind, "seed": seed, "perplexity": result.value}
 
 
 def gap_cases(seeds: list[int]) -> list[tuple[str, str, int]]:
@@ -301,10 +357,21 @@ def measure(args) -> None:
                 out = args.work / f"{preset}-{method}-{mode}"
                 figures = _subprocess("--case", str(source), str(out), method, mode)
                 layers = PRESETS[preset]["num_hidden_layers"]
-                _append(rows_file, {"kind": "cost", "model": preset, **sizes(source), "method": method,
-                                    "mode": mode, **figures, "s_per_block": figures["prune_seconds"] / layers,
-                                    "exactly_2_4": exactly_2_4(out), "loads": loads_with_transformers(out),
-                                    "command": command})
+                _append(
+                    rows_file,
+                    {
+                        "kind": "cost",
+                        "model": preset,
+                        **sizes(source),
+                        "method": method,
+                        "mode": mode,
+                        **figures,
+                        "s_per_block": figures["prune_seconds"] / layers,
+                        "exactly_2_4": exactly_2_4(out),
+                        "loads": loads_with_transformers(out),
+                        "command": command,
+                    },
+                )
                 if not args.keep_outputs:
                     subprocess.run(["rm", "-rf", str(out)], check=True)
     for method in args.quality:
@@ -341,7 +408,7 @@ def obs_work(preset: str) -> int:
     config = PRESETS[preset]
     hidden, inner = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
-    return (2 * hidden + 2 * kv + 2 * inner) * hidden ** 2 + hidden * inner ** 2
+    return (2 * hidden + 2 * kv + 2 * inner) * hidden**2 + hidden * inner**2
 
 
 def affine(rows: list[dict]) -> tuple[float, float] | None:
@@ -366,10 +433,10 @@ def plot(rows: list[dict], path: Path) -> None:
             chosen = sorted((r for r in rows if r["method"] == method and r["mode"] == mode), key=lambda r: r["params"])
             if chosen:
                 label = f"{method}, {mode}"
-                rss.plot([r["params"] for r in chosen], [r["peak_rss_mb"] / 1024 for r in chosen], marker=marker,
-                         label=label)
-                seconds.plot([r["params"] for r in chosen], [r["seconds"] for r in chosen], marker=marker,
-                             label=label)
+                rss.plot(
+                    [r["params"] for r in chosen], [r["peak_rss_mb"] / 1024 for r in chosen], marker=marker, label=label
+                )
+                seconds.plot([r["params"] for r in chosen], [r["seconds"] for r in chosen], marker=marker, label=label)
     params = sorted({r["params"] for r in rows})
     rss.plot(params, [2 * p / 2**30 for p in params], "k:", label="model bytes (bf16)")
     rss.set(xscale="log", yscale="log", xlabel="parameters", ylabel="peak RSS (GiB)", title="peak RSS")
@@ -387,18 +454,26 @@ def seed_ratios(gap: list[dict]) -> tuple[list[int], list[float], list[float]]:
     """The calibration seeds with both Wanda figures in their own dtype, and those figures: (seeds, float32
     perplexities, bfloat16 perplexities)."""
     found = {(r["seed"], r["mask_from"], r["evaluated_in"]): r["perplexity"] for r in gap}
-    seeds = sorted(seed for seed, mask_kind, eval_kind in found
-                   if (mask_kind, eval_kind) == ("float32", "float32") and (seed, "bfloat16", "bfloat16") in found)
-    return (seeds, [found[seed, "float32", "float32"] for seed in seeds],
-            [found[seed, "bfloat16", "bfloat16"] for seed in seeds])
+    seeds = sorted(
+        seed
+        for seed, mask_kind, eval_kind in found
+        if (mask_kind, eval_kind) == ("float32", "float32") and (seed, "bfloat16", "bfloat16") in found
+    )
+    return (
+        seeds,
+        [found[seed, "float32", "float32"] for seed in seeds],
+        [found[seed, "bfloat16", "bfloat16"] for seed in seeds],
+    )
 
 
 def render_gap(rows: list[dict]) -> str:
     """The decomposition of Wanda's bfloat16 gap: one row per (seed, mask, evaluation), against the seed's float32
     mask in float32, then the spread of that float32 figure over the seeds."""
     found = {(r["seed"], r["mask_from"], r["evaluated_in"]): r["perplexity"] for r in rows}
-    text = ("\n| calibration seed | mask chosen in | evaluated in | Wanda 2:4 perplexity | "
-            "/ float32 mask in float32 |\n|---|---|---|---|---|\n")
+    text = (
+        "\n| calibration seed | mask chosen in | evaluated in | Wanda 2:4 perplexity | "
+        "/ float32 mask in float32 |\n|---|---|---|---|---|\n"
+    )
     order = sorted(found, key=lambda key: (key[0], GAP_MODELS.index(key[1]), key[2] != "float32"))
     for seed, mask_kind, eval_kind in order:
         value, base = found[seed, mask_kind, eval_kind], found.get((seed, "float32", "float32"))
@@ -408,11 +483,13 @@ def render_gap(rows: list[dict]) -> str:
     if len(seeds) > 1:
         ratios = ", ".join(f"{b / f:.3f}" for f, b in zip(float32, bfloat16))
         mean_f, mean_b = geometric_mean(float32), geometric_mean(bfloat16)
-        text += (f"\nOver calibration seeds {', '.join(map(str, seeds))}: float32 Wanda 2:4 perplexity "
-                 f"{min(float32):.2f} to {max(float32):.2f} (max / min {max(float32) / min(float32):.3f}); "
-                 f"bfloat16 / float32, each pruned and evaluated in its own dtype: {ratios}; geometric means "
-                 f"{mean_b:.2f} / {mean_f:.2f} = "
-                 f"**{mean_b / mean_f:.3f}** ({'within' if within_tolerance(mean_b / mean_f) else 'NOT within'} 3%).\n")
+        text += (
+            f"\nOver calibration seeds {', '.join(map(str, seeds))}: float32 Wanda 2:4 perplexity "
+            f"{min(float32):.2f} to {max(float32):.2f} (max / min {max(float32) / min(float32):.3f}); "
+            f"bfloat16 / float32, each pruned and evaluated in its own dtype: {ratios}; geometric means "
+            f"{mean_b:.2f} / {mean_f:.2f} = "
+            f"**{mean_b / mean_f:.3f}** ({'within' if within_tolerance(mean_b / mean_f) else 'NOT within'} 3%).\n"
+        )
     return text + GAP_NOTE.format(samples=QUALITY_CALIBRATION[0], seq=QUALITY_CALIBRATION[1])
 
 
@@ -427,76 +504,111 @@ def bf16_goal(method: str, quality: dict, gap: list[dict]) -> tuple[float, str] 
     than the 3% asked between calibration draws (the gap table), so one draw cannot resolve the goal."""
     seeds, float32, bfloat16 = seed_ratios(gap)
     if method == "wanda" and len(seeds) > 1:
-        return (geometric_mean(bfloat16) / geometric_mean(float32),
-                f"the geometric mean over calibration seeds {', '.join(map(str, seeds))}")
+        return (
+            geometric_mean(bfloat16) / geometric_mean(float32),
+            f"the geometric mean over calibration seeds {', '.join(map(str, seeds))}",
+        )
     if (method, "float32") in quality and (method, "bfloat16") in quality:
-        return quality[method, "bfloat16"]["perplexity"] / quality[method, "float32"]["perplexity"], \
-            "calibration seed 0 alone"
+        return quality[method, "bfloat16"]["perplexity"] / quality[method, "float32"][
+            "perplexity"
+        ], "calibration seed 0 alone"
     return None
 
 
 def render(rows: list[dict]) -> str:
     cost = [r for r in rows if r["kind"] == "cost"]
     quality = {(r["method"], r["dtype"]): r for r in rows if r["kind"] == "quality"}
-    lines = [HEADER, "", "| shape | params | bytes (bf16) | mode | method | wall (s) | prune (s) | s/block | "
-             "peak RSS (MB) | RSS goal (MB) | met | exactly 2:4 | loads |", "|" + "---|" * 13]
+    lines = [
+        HEADER,
+        "",
+        "| shape | params | bytes (bf16) | mode | method | wall (s) | prune (s) | s/block | "
+        "peak RSS (MB) | RSS goal (MB) | met | exactly 2:4 | loads |",
+        "|" + "---|" * 13,
+    ]
     for r in sorted(cost, key=lambda r: (r["params"], r["method"], r["mode"])):
         limit, met = goal(r)
-        lines.append(f"| {r['model']} | {r['params'] / 1e9:.3f} B | {r['bytes'] / 1e9:.2f} GB | {r['mode']} | "
-                     f"{r['method']} | {r['seconds']:.0f} | {r['prune_seconds']:.0f} | {r['s_per_block']:.2f} | "
-                     f"{r['peak_rss_mb']} | {limit:.0f} | {'yes' if met else 'NO'} | {r['exactly_2_4']} | "
-                     f"{r['loads']} |")
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e9:.3f} B | {r['bytes'] / 1e9:.2f} GB | {r['mode']} | "
+            f"{r['method']} | {r['seconds']:.0f} | {r['prune_seconds']:.0f} | {r['s_per_block']:.2f} | "
+            f"{r['peak_rss_mb']} | {limit:.0f} | {'yes' if met else 'NO'} | {r['exactly_2_4']} | "
+            f"{r['loads']} |"
+        )
     exponents = []
     for method in sorted({r["method"] for r in cost}):
         for mode in ("memory", "stream"):
-            chosen = sorted((r for r in cost if r["method"] == method and r["mode"] == mode),
-                            key=lambda r: r["params"])
+            chosen = sorted((r for r in cost if r["method"] == method and r["mode"] == mode), key=lambda r: r["params"])
             value, line = slope(chosen), affine(chosen)
             if value is not None:
-                exponents.append(f"{method} {mode}: **{value:.2f}** over {', '.join(r['model'] for r in chosen)} "
-                                 f"(affine fit: {line[0]:.2f} s + {line[1]:.3f} s per million block parameters)")
-    text = "\n".join(lines) + "\n\nExponent of s/block against block parameters (log-log least squares): " + (
-        "; ".join(exponents) or "-") + ".\n"
+                exponents.append(
+                    f"{method} {mode}: **{value:.2f}** over {', '.join(r['model'] for r in chosen)} "
+                    f"(affine fit: {line[0]:.2f} s + {line[1]:.3f} s per million block parameters)"
+                )
+    text = (
+        "\n".join(lines)
+        + "\n\nExponent of s/block against block parameters (log-log least squares): "
+        + ("; ".join(exponents) or "-")
+        + ".\n"
+    )
     block_params = {r["model"]: r["block_params"] for r in cost}
     sparsegpt_shapes = [p for p in PRESETS if any(r["model"] == p and r["method"] == "sparsegpt" for r in cost)]
     work = log_slope([(block_params[p], obs_work(p)) for p in sparsegpt_shapes])
     if work is not None:
-        text += (f"SparseGPT's OBS updates cost out x in^2 per projection, which over {', '.join(sparsegpt_shapes)} "
-                 f"grows as block parameters^{work:.2f} (the inputs widen with the blocks); the calibration forward "
-                 "and the per-column loop are linear, so an exponent between 1 and that is the algorithm's "
-                 "arithmetic, not overhead. Wanda's work is linear in the parameters.\n")
+        text += (
+            f"SparseGPT's OBS updates cost out x in^2 per projection, which over {', '.join(sparsegpt_shapes)} "
+            f"grows as block parameters^{work:.2f} (the inputs widen with the blocks); the calibration forward "
+            "and the per-column loop are linear, so an exponent between 1 and that is the algorithm's "
+            "arithmetic, not overhead. Wanda's work is linear in the parameters.\n"
+        )
     if quality:
-        text += ("\n| method | float32 perplexity | bfloat16 perplexity | bf16 / fp32 | within 3% |\n"
-                 "|---|---|---|---|---|\n")
+        text += (
+            "\n| method | float32 perplexity | bfloat16 perplexity | bf16 / fp32 | within 3% |\n|---|---|---|---|---|\n"
+        )
         for method in ("dense", "wanda", "sparsegpt"):
             if (method, "float32") in quality and (method, "bfloat16") in quality:
                 fp32, bf16 = quality[method, "float32"]["perplexity"], quality[method, "bfloat16"]["perplexity"]
-                text += (f"| {method}{' 2:4' if method != 'dense' else ''} | {fp32:.2f} | {bf16:.2f} | "
-                         f"{bf16 / fp32:.3f} | {'yes' if within_tolerance(bf16 / fp32) else 'NO'} |\n")
+                text += (
+                    f"| {method}{' 2:4' if method != 'dense' else ''} | {fp32:.2f} | {bf16:.2f} | "
+                    f"{bf16 / fp32:.3f} | {'yes' if within_tolerance(bf16 / fp32) else 'NO'} |\n"
+                )
     if quality:
-        text += QUALITY_NOTE.format(samples=QUALITY_CALIBRATION[0], seq=QUALITY_CALIBRATION[1],
-                                    tokens=next(iter(quality.values()))["tokens"])
+        text += QUALITY_NOTE.format(
+            samples=QUALITY_CALIBRATION[0], seq=QUALITY_CALIBRATION[1], tokens=next(iter(quality.values()))["tokens"]
+        )
     gap = [r for r in rows if r["kind"] == "gap"]
     if gap:
         text += render_gap(gap)
-    missed = [f"peak RSS or 2:4 of {r['model']} {r['method']} {r['mode']}" for r in cost
-              if not goal(r)[1] or not r["exactly_2_4"] or not r["loads"]]
+    missed = [
+        f"peak RSS or 2:4 of {r['model']} {r['method']} {r['mode']}"
+        for r in cost
+        if not goal(r)[1] or not r["exactly_2_4"] or not r["loads"]
+    ]
     judged = {method: bf16_goal(method, quality, gap) for method in ("wanda", "sparsegpt")}
     judged = {method: verdict for method, verdict in judged.items() if verdict}
     if judged:
-        text += "\nbfloat16 goal (2:4 perplexity within 3% of float32): " + "; ".join(
-            f"{method} {ratio:.3f}, judged on {basis} ({'met' if within_tolerance(ratio) else 'NOT met'})"
-            for method, (ratio, basis) in judged.items()) + ".\n"
-    missed += [f"bfloat16 perplexity of {method} 2:4 within 3% of float32 ({basis})"
-               for method, (ratio, basis) in judged.items() if not within_tolerance(ratio)]
+        text += (
+            "\nbfloat16 goal (2:4 perplexity within 3% of float32): "
+            + "; ".join(
+                f"{method} {ratio:.3f}, judged on {basis} ({'met' if within_tolerance(ratio) else 'NOT met'})"
+                for method, (ratio, basis) in judged.items()
+            )
+            + ".\n"
+        )
+    missed += [
+        f"bfloat16 perplexity of {method} 2:4 within 3% of float32 ({basis})"
+        for method, (ratio, basis) in judged.items()
+        if not within_tolerance(ratio)
+    ]
     text += "\nGoals not met: " + ("; ".join(missed) if missed else "none") + ".\n"
     text += "".join(f"\n{r['text']}\n" for r in rows if r["kind"] == "note")
     for method in sorted({r["method"] for r in cost}):
         shapes = [p for p in PRESETS if any(r["model"] == p and r["method"] == method for r in cost)]
         text += f"{method} 2:4 ran on: {', '.join(shapes)} (shapes not listed were not run).\n"
     commands = sorted({r["command"] for r in rows if "command" in r})
-    return (text + "\nCommands (`PYTHONPATH=. OMP_NUM_THREADS=1`), then `--write` with the same `--work`:\n\n"
-            + "\n".join(f"    {c}" for c in commands))
+    return (
+        text
+        + "\nCommands (`PYTHONPATH=. OMP_NUM_THREADS=1`), then `--write` with the same `--work`:\n\n"
+        + "\n".join(f"    {c}" for c in commands)
+    )
 
 
 def main() -> None:
@@ -504,19 +616,34 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=[], choices=sorted(PRESETS))
     parser.add_argument("--methods", nargs="+", default=["wanda"], choices=["wanda", "sparsegpt"])
     parser.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
-    parser.add_argument("--quality", nargs="*", default=[], choices=["dense", "wanda", "sparsegpt"],
-                        help="methods for the float32 vs bfloat16 perplexity of the real SmolLM2-135M")
-    parser.add_argument("--gap-seeds", nargs="*", type=int, default=[],
-                        help="calibration seeds for the decomposition of Wanda's bfloat16 gap")
+    parser.add_argument(
+        "--quality",
+        nargs="*",
+        default=[],
+        choices=["dense", "wanda", "sparsegpt"],
+        help="methods for the float32 vs bfloat16 perplexity of the real SmolLM2-135M",
+    )
+    parser.add_argument(
+        "--gap-seeds",
+        nargs="*",
+        type=int,
+        default=[],
+        help="calibration seeds for the decomposition of Wanda's bfloat16 gap",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/maskprune-scale"))
     parser.add_argument("--keep-outputs", action="store_true", help="keep the pruned checkpoints (default: deleted)")
     parser.add_argument("--write", action="store_true", help="write the `scale` section and scale.png from rows.jsonl")
-    parser.add_argument("--note", action="append", default=[],
-                        help="a sentence kept with the rows and printed under the tables (e.g. what a rerun replaced)")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a sentence kept with the rows and printed under the tables (e.g. what a rerun replaced)",
+    )
     parser.add_argument("--case", nargs=4, metavar=("SOURCE", "OUT", "METHOD", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--quality-case", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
-    parser.add_argument("--gap-case", nargs=4, metavar=("MASK_FROM", "EVALUATED_IN", "SEED", "CACHE"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--gap-case", nargs=4, metavar=("MASK_FROM", "EVALUATED_IN", "SEED", "CACHE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.case:
         source, out, method, mode = args.case

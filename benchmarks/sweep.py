@@ -11,8 +11,10 @@ Writes the `sweep` section of benchmarks/RESULTS.md and benchmarks/sweep-perplex
 the test part of the embedded docs and of moby-dick (out of domain), with 95% bootstrap intervals and paired
 verdicts against the best of its level; the MaskLLM point keeps the masks its VALIDATION evaluations pick.
 
-    python benchmarks/sweep.py [--calibration-samples 16] [--seq-len 256] [--heldout-fraction 0.015] [--limit 20] [--learned-steps 50]
+    python benchmarks/sweep.py [--calibration-samples 16] [--seq-len 256] [--heldout-fraction 0.015] [--limit 20] \
+        [--learned-steps 50]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +36,15 @@ LEARNED = "{name: nm_gumbel, label: maskllm, prior: sparsegpt, sparse_weight_reg
 
 
 def overrides(args) -> list[str]:
-    return [f"data.seq_len={args.seq_len}", f"data.calibration_samples={args.calibration_samples}",
-            f"data.heldout_fraction={args.heldout_fraction}", "eval.tasks=[docs_lastword]", f"eval.limit={args.limit}",
-            "eval.latency=false", *args.set]
+    return [
+        f"data.seq_len={args.seq_len}",
+        f"data.calibration_samples={args.calibration_samples}",
+        f"data.heldout_fraction={args.heldout_fraction}",
+        "eval.tasks=[docs_lastword]",
+        f"eval.limit={args.limit}",
+        "eval.latency=false",
+        *args.set,
+    ]
 
 
 def peak_mb() -> float:
@@ -47,24 +55,57 @@ def learned_overrides(args) -> list[str]:
     """The learned point's training (one-shot points drop train.*): `--learned-steps` steps of 2 sequences at
     lr 1e-3 (in so few steps a much smaller rate moves no logit past the prior's lead of 0.03), the hard masks
     evaluated on 4 validation windows every 10 steps and from the start, the best kept."""
-    return [f"train.steps={args.learned_steps}", "train.batch_size=1", "train.grad_accum=2", "train.lr=1.0e-3",
-            f"train.log_every={max(1, args.learned_steps // 10)}", "train.eval_every=10", "train.eval_windows=4"]
+    return [
+        f"train.steps={args.learned_steps}",
+        "train.batch_size=1",
+        "train.grad_accum=2",
+        "train.lr=1.0e-3",
+        f"train.log_every={max(1, args.learned_steps // 10)}",
+        "train.eval_every=10",
+        "train.eval_windows=4",
+    ]
 
 
 def part_sweep(args, methods: list[str], levels: list[str], extra: list[str] = ()) -> dict:
-    from prune.sweep.runner import run_sweep
     from prune.sweep.recipe import load_sweep
+    from prune.sweep.runner import run_sweep
 
-    sweep, base = load_sweep(RECIPE, overrides(args) + [f"grid.methods=[{', '.join(methods)}]",
-                                                        f"grid.sparsities=[{', '.join(levels)}]", f"output={args.output}",
-                                                        *extra])
+    sweep, base = load_sweep(
+        RECIPE,
+        overrides(args)
+        + [
+            f"grid.methods=[{', '.join(methods)}]",
+            f"grid.sparsities=[{', '.join(levels)}]",
+            f"output={args.output}",
+            *extra,
+        ],
+    )
     start = time.perf_counter()
     result = run_sweep(sweep, base, progress=False, write=lambda line: print(line, file=sys.stderr, flush=True))
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb(), "counts": result["counts"],
-            "shared": result["timings"]["shared"], "calibration_passes": result["calibration_passes"],
-            "rows": [{k: row.get(k) for k in ("method", "sparsity", "perplexity", "perplexity.ci95", "verdict",
-                                              "extra_texts.moby-dick.perplexity.value", "status", "timings.prune",
-                                              "timings.pruned_eval")} for row in result["rows"]]}
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_mb(),
+        "counts": result["counts"],
+        "shared": result["timings"]["shared"],
+        "calibration_passes": result["calibration_passes"],
+        "rows": [
+            {
+                k: row.get(k)
+                for k in (
+                    "method",
+                    "sparsity",
+                    "perplexity",
+                    "perplexity.ci95",
+                    "verdict",
+                    "extra_texts.moby-dick.perplexity.value",
+                    "status",
+                    "timings.prune",
+                    "timings.pruned_eval",
+                )
+            }
+            for row in result["rows"]
+        ],
+    }
 
 
 def part_separate(args) -> dict:
@@ -73,14 +114,26 @@ def part_separate(args) -> dict:
 
     runs, start = [], time.perf_counter()
     for level in WANDA_LEVELS:
-        recipe = load_recipe(BASE, overrides(args) + [f"method.sparsity={level}", "export.save_model=false",
-                                                      f"output={args.output}/separate/wanda-{level}"])
+        recipe = load_recipe(
+            BASE,
+            overrides(args)
+            + [f"method.sparsity={level}", "export.save_model=false", f"output={args.output}/separate/wanda-{level}"],
+        )
         began = time.perf_counter()
         report = run(recipe, overwrite=True)
-        runs.append({"sparsity": level, "seconds": time.perf_counter() - began, "timings": report["timings"],
-                     "perplexity": report["perplexity"]["value"]})
-        print(f"separate wanda {level}: {runs[-1]['seconds']:.0f} s, perplexity {runs[-1]['perplexity']:.3f}",
-              file=sys.stderr, flush=True)
+        runs.append(
+            {
+                "sparsity": level,
+                "seconds": time.perf_counter() - began,
+                "timings": report["timings"],
+                "perplexity": report["perplexity"]["value"],
+            }
+        )
+        print(
+            f"separate wanda {level}: {runs[-1]['seconds']:.0f} s, perplexity {runs[-1]['perplexity']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_mb(), "runs": runs}
 
 
@@ -113,15 +166,19 @@ def section(args, parts: dict, command: str) -> str:
     sweep_ppl = {row["sparsity"]: row["perplexity"] for row in wanda["rows"] if row["status"] == "done"}
     speedup = separate["seconds"] / wanda["seconds"]
     lines = [
-        "## Sparsity sweep of SmolLM2-135M (`prune sweep`)", "",
+        "## Sparsity sweep of SmolLM2-135M (`prune sweep`)",
+        "",
         f"Command: `{command}` — {args.calibration_samples} x {args.seq_len} calibration tokens from the train part; "
         f"perplexity on the test part (the last {args.heldout_fraction:g}) of the embedded CPython docs and of "
         f"moby-dick (out of domain) in {args.seq_len}-token windows, with 95% bootstrap intervals; `docs_lastword` "
-        f"on up to {args.limit} examples (as many as that test text yields), FLOPs per {args.seq_len}-token forward, latency off; shared 2-core CPU, float32, "
+        f"on up to {args.limit} examples (as many as that test text yields), FLOPs per {args.seq_len}-token forward, "
+        "latency off; shared 2-core CPU, float32, "
         f"{args.threads} intra-op thread(s) (the machine was loaded by other jobs: one thread was several times "
         "faster than two). Equivalent CLI: `prune sweep recipes/sweeps/smollm2-135m.yaml --set "
-        f"'grid.sparsities=[{', '.join(LEVELS)}]' " + " ".join(f"--set '{o}'" for o in overrides(args)) + "`.", "",
-        "### Shared work vs one run per point (5-level Wanda, 30-70%)", "",
+        f"'grid.sparsities=[{', '.join(LEVELS)}]' " + " ".join(f"--set '{o}'" for o in overrides(args)) + "`.",
+        "",
+        "### Shared work vs one run per point (5-level Wanda, 30-70%)",
+        "",
         "| | wall time (s) | load | dense eval | calibration | pruning | pruned eval | peak RSS (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| `prune sweep` (one process) | {wanda['seconds']:.0f} | {shared.get('load', 0):.0f} | "
@@ -130,35 +187,50 @@ def section(args, parts: dict, command: str) -> str:
         f"| 5 x `prune.runs.pipeline.run` | {separate['seconds']:.0f} | {stage_sum.get('load', 0):.0f} | "
         f"{stage_sum.get('dense_eval', 0):.0f} | (in pruning: 5 sequential passes) | {stage_sum.get('prune', 0):.0f} | "
         f"{stage_sum.get('pruned_eval', 0):.0f} | {separate['peak_rss_mb']:.0f} |",
-        "", f"**Speed-up: {speedup:.1f}x** (goal: at least 2x). The sweep loads the model and measures the dense model "
+        "",
+        f"**Speed-up: {speedup:.1f}x** (goal: at least 2x). The sweep loads the model and measures the dense model "
         "once, and gathers Wanda's statistics in one pass over the dense model; separate runs repeat all three per "
         "point, and their sequential calibration runs every block twice (statistics, then the pruned block's outputs).",
-        "", "Perplexity of the same Wanda points, shared dense statistics (sweep) vs sequential calibration "
-        "(`prune run`):", "", "| sparsity | sweep | prune run |", "|---|---:|---:|",
+        "",
+        "Perplexity of the same Wanda points, shared dense statistics (sweep) vs sequential calibration (`prune run`):",
+        "",
+        "| sparsity | sweep | prune run |",
+        "|---|---:|---:|",
     ]
-    lines += [f"| {run['sparsity']} | {sweep_ppl.get(run['sparsity'], float('nan')):.3f} | {run['perplexity']:.3f} |"
-              for run in separate["runs"]]
+    lines += [
+        f"| {run['sparsity']} | {sweep_ppl.get(run['sparsity'], float('nan')):.3f} | {run['perplexity']:.3f} |"
+        for run in separate["runs"]
+    ]
     rest_shared = next(iter(rest["shared"].values()), {})
     lines += [
-        "", "### The grid: magnitude, Wanda, SparseGPT at 30-70% and 2:4", "",
+        "",
+        "### The grid: magnitude, Wanda, SparseGPT at 30-70% and 2:4",
+        "",
         f"The 18-point sweep ran in {wanda['seconds'] + rest['seconds']:.0f} s over two invocations of the same sweep "
         f"directory: the first computed the 5 Wanda points ({wanda['seconds']:.0f} s); the second resumed them and "
         f"computed the other 13 ({rest['seconds']:.0f} s, counts {rest['counts']}), gathering statistics again because "
-        f"SparseGPT needs Hessians that the Wanda-only pass had not stored (calibration {rest_shared.get('calibration', 0):.0f} s). "
+        "SparseGPT needs Hessians that the Wanda-only pass had not stored (calibration "
+        f"{rest_shared.get('calibration', 0):.0f} s). "
         f"Peak RSS of that process: {rest['peak_rss_mb']:.0f} MB. The whole benchmark (four processes) took "
-        f"{parts.get('total', 0):.0f} s.", "",
+        f"{parts.get('total', 0):.0f} s.",
+        "",
         f"A fourth invocation added the learned method, MaskLLM (`nm_gumbel`, label `maskllm`: SparseGPT mask as the "
-        f"prior, weights frozen, no sparse-weight regularizer, {args.learned_steps} training steps of 2 x {args.seq_len} "
+        f"prior, weights frozen, no sparse-weight regularizer, {args.learned_steps} training steps of 2 x "
+        f"{args.seq_len} "
         f"tokens, lr 1e-3, best of the "
         f"evaluations every 10 steps on 4 validation windows (the prior included; never the test part); "
-        f"{learned['seconds']:.0f} s, counts {learned['counts']}): it runs at 2:4 only and is skipped at the fractional "
+        f"{learned['seconds']:.0f} s, counts {learned['counts']}): it runs at 2:4 only and is skipped at the "
+        "fractional "
         "levels with the reason in the table. This short training is a sweep-sized taste; the full MaskLLM result "
-        "is in the `maskllm` section.", "",
-        table, "",
+        "is in the `maskllm` section.",
+        "",
+        table,
+        "",
         "Bold: the lowest perplexity of its level. `vs best`: a paired bootstrap over the same test windows against "
         "that point (`worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not distinguishable "
         "from best`), per text. `x dense`: perplexity over the dense model's. Time: pruning + evaluating the point "
-        "(the shared load, dense eval and calibration are not in the rows).", "",
+        "(the shared load, dense eval and calibration are not in the rows).",
+        "",
         "![perplexity vs sparsity](sweep-perplexity.png)",
     ]
     return "\n".join(lines)
@@ -172,7 +244,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20, help="docs_lastword examples")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench-sweep"))
-    parser.add_argument("--set", action="append", default=[], help="extra recipe override (e.g. a tiny model for a dry run)")
+    parser.add_argument(
+        "--set", action="append", default=[], help="extra recipe override (e.g. a tiny model for a dry run)"
+    )
     parser.add_argument("--learned-steps", type=int, default=50, help="mask-training steps of the MaskLLM point")
     parser.add_argument("--part", choices=["wanda", "separate", "rest", "learned"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,15 +254,30 @@ def main() -> None:
         child(args)
         return
     shutil.rmtree(args.output, ignore_errors=True)
-    flags = ["--calibration-samples", str(args.calibration_samples), "--seq-len", str(args.seq_len),
-             "--heldout-fraction", str(args.heldout_fraction), "--limit", str(args.limit), "--threads", str(args.threads),
-             "--learned-steps", str(args.learned_steps)]
+    flags = [
+        "--calibration-samples",
+        str(args.calibration_samples),
+        "--seq-len",
+        str(args.seq_len),
+        "--heldout-fraction",
+        str(args.heldout_fraction),
+        "--limit",
+        str(args.limit),
+        "--threads",
+        str(args.threads),
+        "--learned-steps",
+        str(args.learned_steps),
+    ]
     flags += [item for override in args.set for item in ("--set", override)]
     parts, began_all = {}, time.perf_counter()
     for part in ("wanda", "separate", "rest", "learned"):
         began = time.perf_counter()
-        output = subprocess.run([sys.executable, __file__, "--part", part, "--output", args.output, *flags],
-                                check=True, stdout=subprocess.PIPE, text=True).stdout
+        output = subprocess.run(
+            [sys.executable, __file__, "--part", part, "--output", args.output, *flags],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        ).stdout
         parts[part] = json.loads(output.strip().splitlines()[-1])
         print(f"part {part}: {time.perf_counter() - began:.0f} s", flush=True)
     parts["total"] = time.perf_counter() - began_all

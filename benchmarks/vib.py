@@ -16,6 +16,7 @@ benchmarks/vib.json, benchmarks/vib_ppl_vs_params.png and the `vib` section of b
     python benchmarks/vib.py --threads 1          # full settings: ~25 min per target on one CPU core
     python benchmarks/vib.py --steps 4 --windows 2 --latency-rounds 1   # a quick end-to-end check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,12 @@ from eval.flops import count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
 from prune.data.text import MOBY_DICK, DataConfig, interleave, prepare_extra, prepare_mix, prepare_source
-from prune.structural.store import export_gated, gate_set, summary
+from prune.methods.registry import get_method
 from prune.methods.vib.method import BUDGET_TOLERANCE
 from prune.runs.loading import load_model
-from prune.training.config import TrainConfig
-from prune.methods.registry import get_method
+from prune.structural.store import export_gated, gate_set, summary
 from prune.tasks.causal_lm import distillation_loss
+from prune.training.config import TrainConfig
 from prune.training.trainer import lm_loss, train
 
 HERE = Path(__file__).parent
@@ -81,8 +82,11 @@ def latency_pair(dense, exported, args) -> dict:
             runs[label].append((result.prefill_tokens_per_s, result.decode_ms_per_token))
     out = {}
     for label, values in runs.items():
-        out[label] = {"prefill_tokens_per_s": max(v[0] for v in values),
-                      "decode_ms_per_token": min(v[1] for v in values), "rounds": values}
+        out[label] = {
+            "prefill_tokens_per_s": max(v[0] for v in values),
+            "decode_ms_per_token": min(v[1] for v in values),
+            "rounds": values,
+        }
     out["speedup_prefill"] = out["exported"]["prefill_tokens_per_s"] / out["dense"]["prefill_tokens_per_s"]
     out["speedup_decode"] = out["dense"]["decode_ms_per_token"] / out["exported"]["decode_ms_per_token"]
     return out
@@ -94,35 +98,61 @@ def run_vib(share: float, splits, texts: dict, teacher, args) -> tuple[dict, obj
     model, _ = load_model(MODEL)
     spec = get_method("vib")
     units = {kind: kind in args.units for kind in ("heads", "ffn", "hidden", "layers")}
-    config = spec.config_class.model_validate({
-        "name": "vib", "target": {"params": share}, "units": units, "kl_weight": args.kl_weight,
-        "log_sigma2_lr_scale": args.sigma_lr_scale, "lagrangian_lr_scale": args.lagrangian_lr_scale,
-        "target_warmup": args.target_warmup})
+    config = spec.config_class.model_validate(
+        {
+            "name": "vib",
+            "target": {"params": share},
+            "units": units,
+            "kl_weight": args.kl_weight,
+            "log_sigma2_lr_scale": args.sigma_lr_scale,
+            "lagrangian_lr_scale": args.lagrangian_lr_scale,
+            "target_warmup": args.target_warmup,
+        }
+    )
     objective = spec.attach(model, config, None)
     blocks = splits.train_blocks(args.seq_len)
     if args.fraction < 1.0:
         order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))
         blocks = blocks[order[: max(1, round(args.fraction * len(blocks)))]]
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, log_every=max(1, args.steps // 10),
-                               checkpoint_every=max(args.steps, 1), seed=0)
+    train_config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        log_every=max(1, args.steps // 10),
+        checkpoint_every=max(args.steps, 1),
+        seed=0,
+    )
 
     def task_loss(masked, batch):
         return distillation_loss(masked, teacher, batch, args.distill)
 
     with tempfile.TemporaryDirectory() as directory:
-        result = train(model, objective, blocks, train_config, Path(directory),
-                       task_loss=task_loss if args.distill else lm_loss)
+        result = train(
+            model, objective, blocks, train_config, Path(directory), task_loss=task_loss if args.distill else lm_loss
+        )
         log = [json.loads(line) for line in (Path(directory) / "train" / "train_log.jsonl").read_text().splitlines()]
     gated = measured(model, texts)
     figures = summary(gate_set(model), args.seq_len)
     exported = export_gated(model, config)
     row = {
-        "method": "vib", "target": share, **gated, "exported_perplexity": ppl(exported, texts["perplexity"]),
-        "params_kept": figures["params"]["kept"], "params_removed": figures["params"]["removed"],
-        "flops_removed": figures["flops"]["removed"], "hidden": figures["hidden"], "layers": figures["layers"],
-        "train_seconds": result.seconds, "seconds_per_step": result.seconds / max(1, args.steps),
-        "log": [{key: line.get(key) for key in ("step", "task_loss", "hard_removed", "expected_removed",
-                                                "lambda1", "lambda2", "target")} for line in log],
+        "method": "vib",
+        "target": share,
+        **gated,
+        "exported_perplexity": ppl(exported, texts["perplexity"]),
+        "params_kept": figures["params"]["kept"],
+        "params_removed": figures["params"]["removed"],
+        "flops_removed": figures["flops"]["removed"],
+        "hidden": figures["hidden"],
+        "layers": figures["layers"],
+        "train_seconds": result.seconds,
+        "seconds_per_step": result.seconds / max(1, args.steps),
+        "log": [
+            {
+                key: line.get(key)
+                for key in ("step", "task_loss", "hard_removed", "expected_removed", "lambda1", "lambda2", "target")
+            }
+            for line in log
+        ],
     }
     assert count_params(exported).total == row["params_kept"]
     return row, exported
@@ -135,9 +165,15 @@ def run_baseline(score: str, share: float, target: float, texts: dict, calibrati
     config = spec.config_class.model_validate({"name": "structured", "score": score, "target": {"params": share}})
     spec.attach(model, config, calibration)
     figures = summary(gate_set(model), args.seq_len)
-    row = {"method": f"structured-{score}", "target": target, **measured(model, texts),
-           "params_kept": figures["params"]["kept"], "params_removed": figures["params"]["removed"],
-           "flops_removed": figures["flops"]["removed"], "hidden": figures["hidden"]}
+    row = {
+        "method": f"structured-{score}",
+        "target": target,
+        **measured(model, texts),
+        "params_kept": figures["params"]["kept"],
+        "params_removed": figures["params"]["removed"],
+        "flops_removed": figures["flops"]["removed"],
+        "hidden": figures["hidden"],
+    }
     if score == "activation" and abs(share - target) <= 0.02:  # the target size: its speedup is what that size buys
         exported = export_gated(model, config)
         row["exported_perplexity"] = ppl(exported, texts["perplexity"])
@@ -156,8 +192,12 @@ def plot(results: dict) -> Path | None:
     methods = sorted({row["method"] for row in results["rows"]})
     for marker, method in zip("osD^", methods):
         rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["params_kept"])
-        ax.plot([r["params_kept"] / dense["params"] for r in rows], [r["perplexity"] for r in rows],
-                marker=marker, label=method)
+        ax.plot(
+            [r["params_kept"] / dense["params"] for r in rows],
+            [r["perplexity"] for r in rows],
+            marker=marker,
+            label=method,
+        )
     ax.scatter([1.0], [dense["perplexity"]], color="black", marker="*", s=120, zorder=5, label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("parameters kept (share of dense)")
@@ -175,43 +215,59 @@ def goal_lines(rows: list[dict], dense: dict) -> list[str]:
     the dense model's (issue 14's goal at 30%: at most 1.5x), and the export's speedup."""
     lines = []
     for vib in (r for r in rows if r["method"] == "vib"):
-        peers = [r for r in rows if r["method"] != "vib" and r["target"] == vib["target"]
-                 and abs(r["params_removed"] - vib["params_removed"]) < 0.005]
-        line = (f"Target {vib['target']:.2f}: VIB removed {vib['params_removed']:.3f} of the parameters "
-                f"({'meets' if vib['params_removed'] >= vib['target'] - BUDGET_TOLERANCE else 'misses'} the budget)")
+        peers = [
+            r
+            for r in rows
+            if r["method"] != "vib"
+            and r["target"] == vib["target"]
+            and abs(r["params_removed"] - vib["params_removed"]) < 0.005
+        ]
+        line = (
+            f"Target {vib['target']:.2f}: VIB removed {vib['params_removed']:.3f} of the parameters "
+            f"({'meets' if vib['params_removed'] >= vib['target'] - BUDGET_TOLERANCE else 'misses'} the budget)"
+        )
         if peers:
             best = min(peers, key=lambda r: r["perplexity"])
-            line += (f"; perplexity {vib['perplexity']:.2f} vs {best['perplexity']:.2f} for the best one-shot "
-                     f"baseline at that size ({best['method']}, {best['perplexity'] / vib['perplexity']:.1f}x higher)")
+            line += (
+                f"; perplexity {vib['perplexity']:.2f} vs {best['perplexity']:.2f} for the best one-shot "
+                f"baseline at that size ({best['method']}, {best['perplexity'] / vib['perplexity']:.1f}x higher)"
+            )
         ood = vib["ood_perplexity"] / dense["ood_perplexity"]
-        line += (f"; out of domain {vib['ood_perplexity']:.2f} = {ood:.2f}x dense"
-                 + (f" (goal <= 1.5x: {'met' if ood <= 1.5 else 'not met'})"
-                    if abs(vib["target"] - 0.3) < 1e-9 else ""))
+        line += f"; out of domain {vib['ood_perplexity']:.2f} = {ood:.2f}x dense" + (
+            f" (goal <= 1.5x: {'met' if ood <= 1.5 else 'not met'})" if abs(vib["target"] - 0.3) < 1e-9 else ""
+        )
         if "latency" in vib:
-            line += (f"; exported model {vib['latency']['speedup_prefill']:.2f}x faster prefill, "
-                     f"{vib['latency']['speedup_decode']:.2f}x faster decode than dense")
+            line += (
+                f"; exported model {vib['latency']['speedup_prefill']:.2f}x faster prefill, "
+                f"{vib['latency']['speedup_decode']:.2f}x faster decode than dense"
+            )
         lines += ["", line + "."]
     return lines
 
 
 def render(results: dict) -> str:
     d, a = results["dense"], results["args"]
+    mix = ", ".join(a.get("mix") or [])
+    trained_on = f"parts of the docs and of {mix} (window by window; calibration too)" if mix else "part"
     lines = [
         "## Structured pruning with VIB masks (VTrans)",
         "",
         f"Command: `{results['command']}`",
         "",
-        (f"SmolLM2-135M; perplexity on the first {a['windows']} windows of {a['seq_len']} tokens of the test part "
-         f"of the embedded CPython docs ({results['test_tokens']} tokens) and of {MOBY_DICK} (out of domain, "
-         f"{results['ood_tokens']} tokens), [95% CI] from a bootstrap over those windows; masks trained on the train "
-         f"part{'s of the docs and of ' + ', '.join(a['mix']) + ' (window by window; calibration too)' if a.get('mix') else ''}"
-         f", the last ones kept (no selection). VIB: mask-only training, {a['steps']} steps x batch {a['batch']} x "
-         f"{a['seq_len']} tokens, lr {a['lr']} (log sigma^2 x{a['sigma_lr_scale']:g}, multipliers "
-         f"x{a['lagrangian_lr_scale']:g}), target warm-up {a['target_warmup']:g} of the steps, units "
-         f"{', '.join(a['units'])}, KL weight {a['kl_weight']}. Baselines: one-shot, the same share of head units "
-         f"and neurons in every layer, allocated to the share VIB removed (activation scores from "
-         f"{a['calibration']} calibration blocks). Dense perplexity {with_ci(d, 'perplexity')}, {MOBY_DICK} "
-         f"{with_ci(d, 'ood_perplexity')}; {d['params']:,} parameters."),
+        (
+            f"SmolLM2-135M; perplexity on the first {a['windows']} windows of {a['seq_len']} tokens of the test part "
+            f"of the embedded CPython docs ({results['test_tokens']} tokens) and of {MOBY_DICK} (out of domain, "
+            f"{results['ood_tokens']} tokens), [95% CI] from a bootstrap over those windows; masks trained on the "
+            f"train {trained_on}, the last ones kept (no selection). VIB: mask-only training, {a['steps']} steps x "
+            "batch "
+            f"{a['batch']} x "
+            f"{a['seq_len']} tokens, lr {a['lr']} (log sigma^2 x{a['sigma_lr_scale']:g}, multipliers "
+            f"x{a['lagrangian_lr_scale']:g}), target warm-up {a['target_warmup']:g} of the steps, units "
+            f"{', '.join(a['units'])}, KL weight {a['kl_weight']}. Baselines: one-shot, the same share of head units "
+            f"and neurons in every layer, allocated to the share VIB removed (activation scores from "
+            f"{a['calibration']} calibration blocks). Dense perplexity {with_ci(d, 'perplexity')}, {MOBY_DICK} "
+            f"{with_ci(d, 'ood_perplexity')}; {d['params']:,} parameters."
+        ),
         "",
         f"| target | method | params kept | params removed | FLOPs removed | test perplexity [95% CI] | x dense | "
         f"{MOBY_DICK} [95% CI] | x dense |",
@@ -219,15 +275,26 @@ def render(results: dict) -> str:
     ]
     order = sorted(results["rows"], key=lambda r: (r["target"], r["params_removed"], r["method"] != "vib", r["method"]))
     for row in order:
-        lines.append(f"| {row['target']:.2f} | {row['method']} | {row['params_kept']:,} | {row['params_removed']:.3f} | "
-                     f"{row['flops_removed']:.3f} | {with_ci(row, 'perplexity')} | "
-                     f"{row['perplexity'] / d['perplexity']:.2f} | {with_ci(row, 'ood_perplexity')} | "
-                     f"{row['ood_perplexity'] / d['ood_perplexity']:.2f} |")
-    lines += ["", ("Exported models (physically sliced) vs dense, timed alternately in this run "
-                   f"(prompt {a['prompt_len']} tokens, {a['decode_tokens']} decoded, batch 1, {a['threads']} threads; "
-                   f"best of {a['latency_rounds']} interleaved rounds of 3 runs):"), "",
-              ("| target, model | exported ppl (= gated) | hidden | prefill tok/s dense -> exported | speedup | "
-               "decode ms/token dense -> exported | speedup |"), "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['target']:.2f} | {row['method']} | {row['params_kept']:,} | {row['params_removed']:.3f} | "
+            f"{row['flops_removed']:.3f} | {with_ci(row, 'perplexity')} | "
+            f"{row['perplexity'] / d['perplexity']:.2f} | {with_ci(row, 'ood_perplexity')} | "
+            f"{row['ood_perplexity'] / d['ood_perplexity']:.2f} |"
+        )
+    lines += [
+        "",
+        (
+            "Exported models (physically sliced) vs dense, timed alternately in this run "
+            f"(prompt {a['prompt_len']} tokens, {a['decode_tokens']} decoded, batch 1, {a['threads']} threads; "
+            f"best of {a['latency_rounds']} interleaved rounds of 3 runs):"
+        ),
+        "",
+        (
+            "| target, model | exported ppl (= gated) | hidden | prefill tok/s dense -> exported | speedup | "
+            "decode ms/token dense -> exported | speedup |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
         if "latency" not in row:
             continue
@@ -237,16 +304,29 @@ def render(results: dict) -> str:
             f"{row['exported_perplexity']:.2f} (= {row['perplexity']:.2f}) | {row['hidden']} | "
             f"{lat['dense']['prefill_tokens_per_s']:.0f} -> {lat['exported']['prefill_tokens_per_s']:.0f} | "
             f"{lat['speedup_prefill']:.2f}x | {lat['dense']['decode_ms_per_token']:.1f} -> "
-            f"{lat['exported']['decode_ms_per_token']:.1f} | {lat['speedup_decode']:.2f}x |")
+            f"{lat['exported']['decode_ms_per_token']:.1f} | {lat['speedup_decode']:.2f}x |"
+        )
     short = [r for r in results["rows"] if r["method"] == "vib" and r["params_removed"] < r["target"] - 0.02]
     for row in short:
-        lines += ["", (f"VIB at target {row['target']:.2f} removed only {row['params_removed']:.3f} in {a['steps']} "
-                       "steps (too few to meet the budget); its baselines were cut both to that share and to the target.")]
+        lines += [
+            "",
+            (
+                f"VIB at target {row['target']:.2f} removed only {row['params_removed']:.3f} in {a['steps']} "
+                "steps (too few to meet the budget); its baselines were cut both to that share and to the target."
+            ),
+        ]
     lines += goal_lines(results["rows"], d)
     per_step = statistics.mean(r["seconds_per_step"] for r in results["rows"] if r["method"] == "vib")
-    lines += ["", f"![perplexity vs parameters kept]({PLOT.name})", "",
-              (f"Training took {per_step:.1f} s per step here (2-core CPU shared with other jobs, so latencies are "
-               "noisy too)."), ""]
+    lines += [
+        "",
+        f"![perplexity vs parameters kept]({PLOT.name})",
+        "",
+        (
+            f"Training took {per_step:.1f} s per step here (2-core CPU shared with other jobs, so latencies are "
+            "noisy too)."
+        ),
+        "",
+    ]
     lines += results.get("notes", [])
     return "\n".join(lines)
 
@@ -264,10 +344,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--units", nargs="+", default=["heads", "ffn", "hidden"])
     parser.add_argument("--fraction", type=float, default=1.0, help="share of the training blocks (VTrans Fast)")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--mix", nargs="*", default=[], help="other texts whose train parts join training and "
-                        "calibration (data.mix), e.g. moby-dick")
-    parser.add_argument("--distill", type=float, default=0.0, help="weight of the KL divergence from the dense "
-                        "model in the training loss (train.distill)")
+    parser.add_argument(
+        "--mix",
+        nargs="*",
+        default=[],
+        help="other texts whose train parts join training and calibration (data.mix), e.g. moby-dick",
+    )
+    parser.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight of the KL divergence from the dense model in the training loss (train.distill)",
+    )
     parser.add_argument("--windows", type=int, default=16, help="test windows per text for perplexity")
     parser.add_argument("--calibration", type=int, default=32, help="calibration blocks for activation scores")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -277,19 +365,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--note", action="append", default=[], help="a line added under the tables")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/vib.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/vib.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     start = time.perf_counter()
     dense_model, tokenizer = load_model(MODEL)
     data = DataConfig(seq_len=args.seq_len, mix=args.mix)
     splits = interleave(prepare_source(tokenizer, data), prepare_mix(tokenizer, data), args.seq_len)
     ood = prepare_extra(tokenizer, [MOBY_DICK], args.seq_len)[MOBY_DICK]
-    texts = {"perplexity": splits.test_blocks(args.seq_len)[: args.windows],
-             "ood_perplexity": ood.test_blocks(args.seq_len)[: args.windows]}
+    texts = {
+        "perplexity": splits.test_blocks(args.seq_len)[: args.windows],
+        "ood_perplexity": ood.test_blocks(args.seq_len)[: args.windows],
+    }
     calibration = splits.calibration_blocks(args.calibration, args.seq_len, 0)
-    results = {"command": command, "args": vars(args), "test_tokens": int(texts["perplexity"].numel()),
-               "ood_tokens": int(texts["ood_perplexity"].numel()), "rows": [],
-               "dense": {**measured(dense_model, texts), "params": count_params(dense_model).total},
-               "notes": args.note}
+    results = {
+        "command": command,
+        "args": vars(args),
+        "test_tokens": int(texts["perplexity"].numel()),
+        "ood_tokens": int(texts["ood_perplexity"].numel()),
+        "rows": [],
+        "dense": {**measured(dense_model, texts), "params": count_params(dense_model).total},
+        "notes": args.note,
+    }
     for share in args.targets:
         row, exported = run_vib(share, splits, texts, dense_model, args)
         row["latency"] = latency_pair(dense_model, exported, args)

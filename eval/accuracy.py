@@ -29,15 +29,16 @@ import io
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from eval import lastword
-from eval.metric_errors import TaskUnavailableError
 from eval.hub_probe import hub_reachable
+from eval.metric_errors import TaskUnavailableError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HELDOUT_TASKS = frozenset({"docs_lastword"})  # local tasks whose data is built from heldout_text
@@ -212,8 +213,7 @@ def _load_named(name: str, *, local: bool, offline: bool) -> list:
             loaded = tm.load([name])
     except KeyError:
         raise TaskUnavailableError(
-            f"unknown task {name!r}: not in lm-eval's registry nor in {TASKS_DIR} "
-            f"(local tasks: {offline_tasks})"
+            f"unknown task {name!r}: not in lm-eval's registry nor in {TASKS_DIR} (local tasks: {offline_tasks})"
         ) from None
     except Exception as exc:
         if offline:

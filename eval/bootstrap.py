@@ -117,9 +117,7 @@ def verdicts_against_best(
         if name == best:
             words[name] = BEST
             continue
-        comparison = paired_bootstrap(
-            nll, window_nll_sums[best], tokens, seed=seed, resamples=resamples, level=level
-        )
+        comparison = paired_bootstrap(nll, window_nll_sums[best], tokens, seed=seed, resamples=resamples, level=level)
         words[name] = WORSE if comparison.verdict() == "worse" else NOT_DISTINGUISHABLE_FROM_BEST
     return words
 

@@ -2,6 +2,7 @@
 
 Without it an offline user waits through transformers'/datasets' retries and then reads a stack trace.
 """
+
 from __future__ import annotations
 
 import os

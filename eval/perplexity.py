@@ -114,5 +114,6 @@ def perplexity_of(sums: list[float], seq_len: int, desc: str) -> PerplexityResul
         value = math.inf
     if not math.isfinite(value):
         raise NonFiniteError(f"{desc}: mean NLL {nll:.1f} nats overflows exp(); perplexity is infinite")
-    return PerplexityResult(value=value, tokens=tokens, windows=n, nll=nll, window_nll=tuple(sums),
-                            window_tokens=(seq_len - 1,) * n)
+    return PerplexityResult(
+        value=value, tokens=tokens, windows=n, nll=nll, window_nll=tuple(sums), window_tokens=(seq_len - 1,) * n
+    )

@@ -8,6 +8,7 @@ measure. Only nn.Linear weights are converted (GPT-2's Conv1D stores the transpo
 The speed-up is measured side by side on a copy of the model: the same prefill forward, dense
 weights vs converted weights, median of a few timed repeats after a warm-up.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,16 +28,21 @@ def is_two_four(weight: torch.Tensor) -> bool:
 
 def two_four_linears(model: nn.Module) -> list[str]:
     """Names of the nn.Linear modules whose weight a 2:4 kernel can run."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and is_two_four(module.weight.detach())]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and is_two_four(module.weight.detach())
+    ]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     """Why PyTorch's 2:4 kernels cannot run on `device`, or None when they can."""
     if device.type != "cuda":
-        return (f"PyTorch's semi-structured (2:4) sparse kernels run on NVIDIA GPUs only (compute capability 8.0+); "
-                f"this model is on {device.type}, where a 2:4 model runs as dense (see flops.semi_structured for "
-                "what the kernel would compute)")
+        return (
+            f"PyTorch's semi-structured (2:4) sparse kernels run on NVIDIA GPUs only (compute capability 8.0+); "
+            f"this model is on {device.type}, where a 2:4 model runs as dense (see flops.semi_structured for "
+            "what the kernel would compute)"
+        )
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"PyTorch's 2:4 kernels need compute capability 8.0+; this GPU has {major}.{minor}"
@@ -82,6 +88,14 @@ def semi_structured_speedup(model: nn.Module, *, batch: int = 8, seq_len: int = 
     dense_ms, dense_logits = _prefill_ms(half, tokens, repeats)
     to_semi_structured(half, names)
     sparse_ms, sparse_logits = _prefill_ms(half, tokens, repeats)
-    return {"available": True, "layers": len(names), "dtype": "float16", "batch": batch, "seq_len": seq_len,
-            "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
-            "max_abs_logit_diff": float((dense_logits.float() - sparse_logits.float()).abs().max())}
+    return {
+        "available": True,
+        "layers": len(names),
+        "dtype": "float16",
+        "batch": batch,
+        "seq_len": seq_len,
+        "dense_ms": dense_ms,
+        "sparse_ms": sparse_ms,
+        "speedup": dense_ms / sparse_ms,
+        "max_abs_logit_diff": float((dense_logits.float() - sparse_logits.float()).abs().max()),
+    }

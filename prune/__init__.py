@@ -21,6 +21,7 @@ The Python API, peft-style: what `prune run` does with a recipe, one call at a t
 `prune.train(model, objective, blocks, prune.TrainConfig(steps=...), run_dir)` is the one trainer instead of
 your own loop (checkpoints, resume, logging, accelerate).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,9 +44,26 @@ from prune.training.config import TrainConfig
 from prune.training.trainer import train, trainable_parameters
 
 __all__ = [
-    "load_model", "method_config", "attach", "mask_parameters", "train", "TrainConfig", "save_masks",
-    "load_masks", "export", "METHODS", "MethodConfig", "Objective", "UserInputError", "MagnitudeConfig",
-    "WandaConfig", "SparseGPTConfig", "StructuredConfig", "NMGumbelConfig", "VIBConfig", "BinaryConfig",
+    "load_model",
+    "method_config",
+    "attach",
+    "mask_parameters",
+    "train",
+    "TrainConfig",
+    "save_masks",
+    "load_masks",
+    "export",
+    "METHODS",
+    "MethodConfig",
+    "Objective",
+    "UserInputError",
+    "MagnitudeConfig",
+    "WandaConfig",
+    "SparseGPTConfig",
+    "StructuredConfig",
+    "NMGumbelConfig",
+    "VIBConfig",
+    "BinaryConfig",
     "GatingConfig",
 ]
 

@@ -1,4 +1,7 @@
-"""`prune run | eval | export | sweep | compare | models`: thin argument parsing over the pipeline; bad input exits 2."""
+"""`prune run | eval | export | sweep | compare | models`: thin argument parsing over the pipeline.
+
+Bad input exits 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +15,13 @@ from eval.metric_errors import NonFiniteError
 from prune.data.prose import MOBY_DICK
 
 # what a full, read-only or forbidden output looks like: bad input (exit 2), not a crash
-DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied"}
+DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -51,18 +58,20 @@ def _resume_hint(args: argparse.Namespace, output: str) -> str:
 
 def _eval(args: argparse.Namespace) -> None:
     from eval.tables import render_table
-    from prune.runs import run_dir
     from prune.data.text import DataConfig, prepare, prepare_extra
-    from prune.tasks.causal_lm import check_eval_tasks, measure
-    from prune.runs.loading import load_model
     from prune.models.loading import check_seq_len
+    from prune.runs import run_dir
+    from prune.runs.loading import load_model
     from prune.runs.recipe import parse_options
-    from prune.tasks.eval_config import EvalConfig
     from prune.runs.report import columns, summary_row
+    from prune.tasks.causal_lm import check_eval_tasks, measure
+    from prune.tasks.eval_config import EvalConfig
 
     data = parse_options(DataConfig, {"source": args.data, "seq_len": args.seq_len})
-    config = parse_options(EvalConfig, {"tasks": args.tasks, "extra_texts": args.extra_texts, "limit": args.limit,
-                                        "latency": not args.no_latency})
+    config = parse_options(
+        EvalConfig,
+        {"tasks": args.tasks, "extra_texts": args.extra_texts, "limit": args.limit, "latency": not args.no_latency},
+    )
     given = Path(args.model)
     is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
     spec = str(given / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
@@ -70,10 +79,16 @@ def _eval(args: argparse.Namespace) -> None:
     check_seq_len(model, data.seq_len, args.model, "--seq-len")
     if config.tasks:
         check_eval_tasks(config, "--tasks")
-    splits = prepare(tokenizer, data.source, heldout_fraction=data.heldout_fraction,
-                     validation_fraction=data.validation_fraction)
-    extra = prepare_extra(tokenizer, config.extra_texts, data.seq_len, heldout_fraction=data.heldout_fraction,
-                          validation_fraction=data.validation_fraction)
+    splits = prepare(
+        tokenizer, data.source, heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction
+    )
+    extra = prepare_extra(
+        tokenizer,
+        config.extra_texts,
+        data.seq_len,
+        heldout_fraction=data.heldout_fraction,
+        validation_fraction=data.validation_fraction,
+    )
     figures = measure(model, tokenizer, splits, config, data.seq_len, args.model, extra=extra)
     print(render_table([summary_row(args.model, figures)], columns(figures)))
 
@@ -85,8 +100,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from prune.sweep.runner import run_sweep, run_sensitivity
     from prune.sweep.recipe import load_sweep
+    from prune.sweep.runner import run_sensitivity, run_sweep
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     sweep, base = load_sweep(args.recipe, overrides)
@@ -125,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="YAML recipe, e.g. recipes/default.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     run.add_argument("--output", help="run directory (default: the recipe's `output`)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace a MaskPrune run in the output directory (only its own files are removed)")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a MaskPrune run in the output directory (only its own files are removed)",
+    )
     run.add_argument("--resume", action="store_true", help="continue training from the run's last checkpoint")
     run.set_defaults(handler=_run)
 
@@ -135,8 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default="embedded-docs", help="text source for perplexity and tasks")
     evaluate.add_argument("--seq-len", type=int, default=512)
     evaluate.add_argument("--tasks", nargs="*", default=["docs_lastword"], help="lm-eval task names")
-    evaluate.add_argument("--extra-texts", nargs="*", default=[MOBY_DICK],
-                          help="out-of-domain texts whose test-part perplexity is reported too (none: --extra-texts)")
+    evaluate.add_argument(
+        "--extra-texts",
+        nargs="*",
+        default=[MOBY_DICK],
+        help="out-of-domain texts whose test-part perplexity is reported too (none: --extra-texts)",
+    )
     evaluate.add_argument("--limit", type=int, default=200, help="examples per task")
     evaluate.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     evaluate.set_defaults(handler=_eval)
@@ -147,12 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run a grid of methods x sparsity levels and compare them")
     sweep.add_argument("recipe", help="sweep YAML, e.g. recipes/sweeps/smollm2-135m.yaml")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a sweep key (grid.methods=[wanda]) or, for any other key, every point's recipe")
+    sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sweep key (grid.methods=[wanda]) or, for any other key, every point's recipe",
+    )
     sweep.add_argument("--output", help="sweep directory (default: the sweep's `output`)")
-    sweep.add_argument("--force", action="store_true", help="recompute finished points, the dense figures and statistics")
-    sweep.add_argument("--sensitivity", action="store_true",
-                       help="instead of the grid: prune one block / layer type at a time and rank the damage")
+    sweep.add_argument(
+        "--force", action="store_true", help="recompute finished points, the dense figures and statistics"
+    )
+    sweep.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="instead of the grid: prune one block / layer type at a time and rank the damage",
+    )
     sweep.set_defaults(handler=_sweep)
 
     compare = commands.add_parser("compare", help="the sweep table and plots from existing run directories")
@@ -180,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno not in DISK_ERRORS:
             raise
-        print(textwrap.fill(
-            f"error: cannot use {error.filename or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}). "
-            "Free space or fix the permissions there, or choose another --output on a writable disk, then run the "
-            "command again; every file written so far is whole (written atomically) and nothing was deleted.",
-            width=100), file=sys.stderr)
+        print(
+            textwrap.fill(
+                f"error: cannot use {error.filename or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}). "
+                "Free space or fix the permissions there, or choose another --output on a writable disk, then run the "
+                "command again; every file written so far is whole (written atomically) and nothing was deleted.",
+                width=100,
+            ),
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"interrupted; {interrupt}" if isinstance(interrupt, Interrupted) else "interrupted", file=sys.stderr)

@@ -1,10 +1,16 @@
 """Shared fixtures: tiny config-built models (random weights, no download) in the two families we test on."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ResNetConfig,
+    ResNetForImageClassification,
 )
 
 from prune.data import text
@@ -14,8 +20,13 @@ def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """Two blocks with grouped-query attention (4 query heads over 2 key/value heads)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -31,9 +42,16 @@ def make_tiny_resnet(seed: int = 0, labels: list[str] | None = None) -> ResNetFo
     head over `labels` (default: the ten digits)."""
     labels = labels or [str(digit) for digit in range(10)]
     torch.manual_seed(seed)
-    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                          num_labels=len(labels), id2label=dict(enumerate(labels)),
-                          label2id={label: index for index, label in enumerate(labels)})
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+    )
     return ResNetForImageClassification(config).eval()
 
 
@@ -42,7 +60,9 @@ def save_tiny_resnet(directory, labels: list[str] | None = None):
     from transformers import ViTImageProcessorPil
 
     make_tiny_resnet(labels=labels).save_pretrained(directory)
-    ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)
+    ViTImageProcessorPil(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        directory
+    )
     return directory
 
 
@@ -92,7 +112,10 @@ def save_tiny_model(directory, family: str = "llama", text: str | None = None):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=512,
+        special_tokens=["</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator([text or docs_text()], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>")

@@ -1,5 +1,6 @@
 """Run by `accelerate launch --cpu --num_processes 2 -m tests.ddp_worker OUT`: trains toy masks on a tiny
 Llama and writes each rank's final masks and its hard-masked loss before/after (see test_train_distributed)."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,13 @@ def main(out: Path) -> None:
     train(model, CountingObjective(), data, config(steps=30, log_every=10), out, accelerator=accelerator)
     model = accelerator.unwrap_model(model)
     rank = accelerator.process_index
-    save_file({name: mask.to("cpu").to(dtype=__import__("torch").uint8) for name, mask in hard_masks(model).items()},
-              out / f"masks-rank{rank}.safetensors")
-    (out / f"loss-rank{rank}.json").write_text(json.dumps({"before": before, "after": hard_loss(model, data),
-                                                          "world": accelerator.num_processes}))
+    save_file(
+        {name: mask.to("cpu").to(dtype=__import__("torch").uint8) for name, mask in hard_masks(model).items()},
+        out / f"masks-rank{rank}.safetensors",
+    )
+    (out / f"loss-rank{rank}.json").write_text(
+        json.dumps({"before": before, "after": hard_loss(model, data), "world": accelerator.num_processes})
+    )
 
 
 if __name__ == "__main__":

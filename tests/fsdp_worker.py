@@ -7,13 +7,15 @@ each process's share of the mask parameters and AdamW state to OUT/<case>/shares
 accelerate applies an FSDP plugin only on accelerators (on a CPU it silently falls back to DDP), so this worker
 switches accelerate's shared state to FSDP after building the Accelerator: the trainer then runs exactly the
 code path it runs on GPUs, over gloo."""
+
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -51,7 +53,9 @@ def new_fsdp_plugin() -> None:
     plugin, so each model type needs its own. One shard group per block (the model's _no_split_modules), as
     recipes/accelerate/fsdp.yaml."""
     AcceleratorState._shared_state["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        reshard_after_forward=True,
     )
 
 
@@ -59,11 +63,20 @@ def shares(accelerator: Accelerator) -> dict:
     """Elements this process holds of the (last prepared) masks and their AdamW state."""
     model, optimizer = accelerator._models[-1], accelerator._optimizers[-1]
     masks = [param for param in model.parameters() if param.requires_grad]
-    state = [value for values in optimizer.optimizer.state.values() for value in values.values()
-             if torch.is_tensor(value) and value.dim() > 0]
-    return {"mask_elements": sum(local_numel(p) for p in masks), "mask_total": sum(p.numel() for p in masks),
-            "optimizer_elements": sum(local_numel(v) for v in state), "optimizer_total": sum(v.numel() for v in state),
-            "world": accelerator.num_processes, "sharded": trainer.is_sharded(accelerator)}
+    state = [
+        value
+        for values in optimizer.optimizer.state.values()
+        for value in values.values()
+        if torch.is_tensor(value) and value.dim() > 0
+    ]
+    return {
+        "mask_elements": sum(local_numel(p) for p in masks),
+        "mask_total": sum(p.numel() for p in masks),
+        "optimizer_elements": sum(local_numel(v) for v in state),
+        "optimizer_total": sum(v.numel() for v in state),
+        "world": accelerator.num_processes,
+        "sharded": trainer.is_sharded(accelerator),
+    }
 
 
 @dataclass
@@ -90,6 +103,7 @@ def _method(model: nn.Module, name: str, **fields) -> tuple[Objective, Callable[
 
 def _lm(make: Callable[[], nn.Module], method: str, **fields) -> Callable[[Path], Setup]:
     """A case of `method` on a tiny language model, trained on counting token rows."""
+
     def build(workdir: Path) -> Setup:
         model = make()
         objective, save = _method(model, method, **fields)
@@ -107,8 +121,13 @@ def images(size: int, classes: int) -> list[dict]:
 
 def toy(workdir: Path) -> Setup:
     model = masked_tiny_llama()
-    return Setup(model, CountingObjective(), patterned_tokens(), lm_loss,
-                 lambda directory: write_masks(hard_masks(model), directory, {}))
+    return Setup(
+        model,
+        CountingObjective(),
+        patterned_tokens(),
+        lm_loss,
+        lambda directory: write_masks(hard_masks(model), directory, {}),
+    )
 
 
 def gating_resnet(workdir: Path) -> Setup:
@@ -154,20 +173,42 @@ def run_case(name: str, out: Path, accelerator: Accelerator) -> None:
         return CASES[name](out)
 
     setup = fresh()
-    train(setup.model, setup.objective, setup.data, config, out / name / "full", task_loss=setup.task_loss,
-          accelerator=accelerator)
+    train(
+        setup.model,
+        setup.objective,
+        setup.data,
+        config,
+        out / name / "full",
+        task_loss=setup.task_loss,
+        accelerator=accelerator,
+    )
     (out / name / f"shares-rank{accelerator.process_index}.json").write_text(json.dumps(shares(accelerator)))
     if accelerator.is_main_process:
         setup.save(out / name / "saved")
     again = fresh()
     try:
-        train(again.model, again.objective, again.data, config, out / name / "resumed", accelerator=accelerator,
-              task_loss=interrupting_loss(INTERRUPTED_IN, again.task_loss))
+        train(
+            again.model,
+            again.objective,
+            again.data,
+            config,
+            out / name / "resumed",
+            accelerator=accelerator,
+            task_loss=interrupting_loss(INTERRUPTED_IN, again.task_loss),
+        )
     except KeyboardInterrupt:
         pass
     again = fresh()
-    train(again.model, again.objective, again.data, config, out / name / "resumed", task_loss=again.task_loss,
-          accelerator=accelerator, resume=True)
+    train(
+        again.model,
+        again.objective,
+        again.data,
+        config,
+        out / name / "resumed",
+        task_loss=again.task_loss,
+        accelerator=accelerator,
+        resume=True,
+    )
 
 
 def main(out: Path, names: list[str]) -> None:

@@ -1,4 +1,5 @@
 """The public Python API (`import prune`): the README's example, run on a tiny Llama with nothing but its names."""
+
 from __future__ import annotations
 
 import pytest

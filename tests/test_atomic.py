@@ -21,8 +21,12 @@ def test_json_round_trip_and_no_temp_files(tmp_path):
     path = tmp_path / "sub" / "report.json"
     obj = {"ppl": 12.5, "tasks": {"docs_lastword": 0.4}, "shape": (1, 2), "path": tmp_path}
     write_json_atomic(path, obj)
-    assert json.loads(path.read_text()) == {"ppl": 12.5, "tasks": {"docs_lastword": 0.4},
-                                            "shape": [1, 2], "path": str(tmp_path)}
+    assert json.loads(path.read_text()) == {
+        "ppl": 12.5,
+        "tasks": {"docs_lastword": 0.4},
+        "shape": [1, 2],
+        "path": str(tmp_path),
+    }
     assert os.listdir(path.parent) == ["report.json"]
 
 

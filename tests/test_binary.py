@@ -1,5 +1,6 @@
 """R-AMT binary mask tuning: gradient dropout, the straight-through mask, step 0 = zero-shot, the objective's
 gradient hook, bad input, and composition with a peft LoRA adapter (each training only what it should; save/load)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,14 +10,19 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
 
-from prune.models.clip import load_clip
 from prune.core.errors import UserInputError
 from prune.masks.base import ConvWeightMasked, WeightMasked, masked_fractions, wrappers
-from prune.methods.binary.method import (
-    BinaryConfig, BinaryScoreMask, attach_binary, gradient_dropout, keep_probability, kl_to_reference,
-)
 from prune.masks.storage import load_masks
 from prune.masks.with_peft import load_with_adapter, save_with_adapter, set_trainable
+from prune.methods.binary.method import (
+    BinaryConfig,
+    BinaryScoreMask,
+    attach_binary,
+    gradient_dropout,
+    keep_probability,
+    kl_to_reference,
+)
+from prune.models.clip import load_clip
 from prune.runs.recipe import parse_recipe
 from prune.tasks.classification import classification_loss
 from prune.tasks.zero_shot import ZeroShotClassifier
@@ -32,8 +38,10 @@ def classifier(clip_dir, templates=("{}.",)):
 
 def images(count: int = 6, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.randn(count, 3, 32, 32, generator=generator),
-            "labels": torch.randint(0, len(CLASSES), (count,), generator=generator)}
+    return {
+        "pixel_values": torch.randn(count, 3, 32, 32, generator=generator),
+        "labels": torch.randint(0, len(CLASSES), (count,), generator=generator),
+    }
 
 
 def scramble(masks, seed: int = 1) -> None:
@@ -45,6 +53,7 @@ def scramble(masks, seed: int = 1) -> None:
 
 
 # ------------------------------------------------------------------------------------------ gradient dropout
+
 
 def test_agreeing_signs_keep_every_gradient():
     a = torch.tensor([3.0, -2.0, 0.5, -1e-3, 7.0])
@@ -66,6 +75,7 @@ def test_conflicting_signs_keep_with_probability_a_over_a_plus_b():
 
 
 # ------------------------------------------------------------------------------------------ the mask itself
+
 
 def test_straight_through_mask_forward_is_hard_and_gradient_is_identity():
     torch.manual_seed(0)
@@ -105,9 +115,16 @@ def test_step_zero_is_the_zero_shot_model_exactly(clip_dir):
     batch = images()
     with torch.no_grad():
         zero_shot = model(batch["pixel_values"]).logits
-    objective = attach_binary(model.clip, BinaryConfig(targets=[
-        "*vision_model.encoder.layers.*.self_attn.*_proj", "*vision_model.embeddings.patch_embedding",
-        "*text_model.encoder.layers.*.mlp.*"]))
+    objective = attach_binary(
+        model.clip,
+        BinaryConfig(
+            targets=[
+                "*vision_model.encoder.layers.*.self_attn.*_proj",
+                "*vision_model.embeddings.patch_embedding",
+                "*text_model.encoder.layers.*.mlp.*",
+            ]
+        ),
+    )
     assert len(objective.masks) == 2 * 4 + 1 + 2 * 2
     for training in (True, False):
         for wrapper in wrappers(model).values():
@@ -121,7 +138,7 @@ def test_regularizer_is_the_l2_norm_not_squared(clip_dir):
     model = classifier(clip_dir)
     objective = attach_binary(model.clip, BinaryConfig(score_reg=1e-4))
     count = sum(mask.scores.numel() for mask in objective.masks)
-    assert objective.regularizer(model).item() == pytest.approx(1e-4 * 1e-2 * count ** 0.5, rel=1e-5)
+    assert objective.regularizer(model).item() == pytest.approx(1e-4 * 1e-2 * count**0.5, rel=1e-5)
 
 
 def test_masked_fractions_count_targeted_and_all_parameters():
@@ -133,6 +150,7 @@ def test_masked_fractions_count_targeted_and_all_parameters():
 
 
 # ------------------------------------------------------------------------------------------- gradient hook
+
 
 def test_dropout_backward_accumulates_exactly_the_dropped_out_task_gradient(clip_dir):
     model = classifier(clip_dir)
@@ -166,23 +184,31 @@ def test_dropout_backward_accumulates_exactly_the_dropped_out_task_gradient(clip
 
 
 def test_gradient_dropout_off_leaves_the_plain_trainer_backward():
-    assert attach_binary(nn.Sequential(nn.Linear(2, 2)), BinaryConfig(targets=["0"], gradient_dropout=0)).backward is None
+    assert (
+        attach_binary(nn.Sequential(nn.Linear(2, 2)), BinaryConfig(targets=["0"], gradient_dropout=0)).backward is None
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad input
 
+
 def test_a_target_pattern_that_matches_nothing_is_named(clip_dir):
     model = classifier(clip_dir)
     with pytest.raises(UserInputError, match=r"'\*vision_model\.nope\*' matches no Linear/Conv2d.*vision_model"):
-        attach_binary(model.clip, BinaryConfig(targets=["*vision_model.encoder.layers.*.self_attn.q_proj", "*vision_model.nope*"]))
+        attach_binary(
+            model.clip, BinaryConfig(targets=["*vision_model.encoder.layers.*.self_attn.q_proj", "*vision_model.nope*"])
+        )
     assert not wrappers(model)
 
 
-@pytest.mark.parametrize("method, message", [
-    ({"init_score": 0.004}, "must exceed threshold"),
-    ({"sparsity": 0.5}, "remove method.sparsity"),
-    ({"targets": []}, "at least one pattern"),
-])
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ({"init_score": 0.004}, "must exceed threshold"),
+        ({"sparsity": 0.5}, "remove method.sparsity"),
+        ({"targets": []}, "at least one pattern"),
+    ],
+)
 def test_bad_method_config_is_refused(method, message):
     with pytest.raises(UserInputError, match=message):
         parse_recipe({"task": "zero-shot-classification", "method": {"name": "binary", **method}})
@@ -190,9 +216,12 @@ def test_bad_method_config_is_refused(method, message):
 
 # --------------------------------------------------------------------------------------------------- peft
 
+
 def lora_classifier(clip_dir):
     model = classifier(clip_dir)
-    peft_model = get_peft_model(model.clip, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model.clip, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     objective = attach_binary(peft_model, BinaryConfig())  # masks after the adapter: on each LoRA base_layer
     model.clip = peft_model.get_base_model()
     return model, peft_model, objective
@@ -241,5 +270,6 @@ def test_masks_and_lora_save_and_load_to_identical_logits(clip_dir, tmp_path):
     # the masks alone, under the plain model's names, load into the plain CLIP too
     plain_clip, _ = load_clip(str(clip_dir))
     load_masks(plain_clip, tmp_path)
-    assert set(wrappers(plain_clip)) == {name.removeprefix("base_model.model.").removesuffix(".base_layer")
-                                        for name in wrappers(peft_model)}
+    assert set(wrappers(plain_clip)) == {
+        name.removeprefix("base_model.model.").removesuffix(".base_layer") for name in wrappers(peft_model)
+    }

@@ -1,4 +1,5 @@
 """Bootstrap intervals: calibrated coverage on data with a known answer, reproducibility, verdicts, bad input."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Layer-by-layer calibration on tiny Llama (GQA) and GPT-2 models built from config."""
+
 import copy
 import gc
 import warnings
@@ -8,30 +9,45 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
+from prune.calibration.input_norms import WandaStats
 from prune.calibration.layerwise import collect_stats, prune_layerwise
 from prune.core.errors import UserInputError
+from prune.core.sparsity import parse_sparsity
 from prune.methods.oneshot import method as methods
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores, removed_count
 from prune.methods.oneshot.stats import InputStats
-from prune.calibration.input_norms import WandaStats
-from prune.core.sparsity import parse_sparsity
+from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
 
 N, SEQ, HIDDEN, VOCAB = 5, 7, 64, 128
 
 
 def _llama(attn="sdpa"):
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, attn_implementation=attn)
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def _gpt2(attn="sdpa"):
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32,
-                        bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    config = GPT2Config(
+        n_embd=HIDDEN,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=attn,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -66,14 +82,18 @@ def _assert_no_hooks(model):
 
 RUNS = {
     "magnitude-0.5": lambda model, names: methods.magnitude(model, names, parse_sparsity(0.5), progress=False),
-    "wanda-2:4": lambda model, names: methods.wanda(model, names, parse_sparsity("2:4"), calib_blocks=_calib(),
-                                                    batch_size=2, progress=False),
-    "wanda-0.3-layer": lambda model, names: methods.wanda(model, names, parse_sparsity(0.3), "layer", _calib(),
-                                                          batch_size=3, progress=False),
-    "sparsegpt-0.5": lambda model, names: methods.sparsegpt(model, names, parse_sparsity(0.5), _calib(),
-                                                            blocksize=32, batch_size=2, progress=False),
+    "wanda-2:4": lambda model, names: methods.wanda(
+        model, names, parse_sparsity("2:4"), calib_blocks=_calib(), batch_size=2, progress=False
+    ),
+    "wanda-0.3-layer": lambda model, names: methods.wanda(
+        model, names, parse_sparsity(0.3), "layer", _calib(), batch_size=3, progress=False
+    ),
+    "sparsegpt-0.5": lambda model, names: methods.sparsegpt(
+        model, names, parse_sparsity(0.5), _calib(), blocksize=32, batch_size=2, progress=False
+    ),
     "sparsegpt-2:4-mask-only": lambda model, names: methods.sparsegpt(
-        model, names, parse_sparsity("2:4"), _calib(), update_weights=False, progress=False),
+        model, names, parse_sparsity("2:4"), _calib(), update_weights=False, progress=False
+    ),
 }
 
 
@@ -188,10 +208,12 @@ def _keep_all(name, module, stats):
 
 
 DRIVERS = {
-    "prune_layerwise": lambda model, names, make, calib: prune_layerwise(model, names, _keep_all, make, calib,
-                                                                         batch_size=3, progress=False),
-    "collect_stats": lambda model, names, make, calib: collect_stats(model, names, make, calib, batch_size=3,
-                                                                     progress=False),
+    "prune_layerwise": lambda model, names, make, calib: prune_layerwise(
+        model, names, _keep_all, make, calib, batch_size=3, progress=False
+    ),
+    "collect_stats": lambda model, names, make, calib: collect_stats(
+        model, names, make, calib, batch_size=3, progress=False
+    ),
 }
 
 
@@ -236,8 +258,15 @@ def test_holds_one_activation_tensor():
         counts.append(len(alive))
         return _magnitude_half(name, module, stats)
 
-    prune_layerwise(model, _targets(model), prune, lambda m: WandaStats(weight_matrix(m).shape[1]), _calib(),
-                    batch_size=2, progress=False)
+    prune_layerwise(
+        model,
+        _targets(model),
+        prune,
+        lambda m: WandaStats(weight_matrix(m).shape[1]),
+        _calib(),
+        batch_size=2,
+        progress=False,
+    )
     assert counts == [1, 1]
 
 
@@ -250,8 +279,9 @@ def test_restore_false_leaves_pruned_and_updated_weights():
         keep, _ = _magnitude_half(name, module, stats)
         return keep, weight_matrix(module) * 2  # a method that also updates weights
 
-    result = prune_layerwise(model, names, prune, lambda m: WandaStats(weight_matrix(m).shape[1]), _calib(),
-                             restore=False, progress=False)
+    result = prune_layerwise(
+        model, names, prune, lambda m: WandaStats(weight_matrix(m).shape[1]), _calib(), restore=False, progress=False
+    )
     for name in names:
         weight = weight_matrix(modules[name])
         assert torch.equal(weight, result.weights[name]) and (weight[~result.masks[name]] == 0).all()
@@ -278,8 +308,7 @@ def test_errors_restore_weights_and_remove_hooks():
         return _magnitude_half(name, module, stats)
 
     with pytest.raises(RuntimeError, match="boom"):
-        prune_layerwise(model, names, prune, lambda m: WandaStats(weight_matrix(m).shape[1]), _calib(),
-                        progress=False)
+        prune_layerwise(model, names, prune, lambda m: WandaStats(weight_matrix(m).shape[1]), _calib(), progress=False)
     _assert_identical(model, snapshot)
     _assert_no_hooks(model)
     assert model.training

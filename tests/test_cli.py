@@ -1,4 +1,5 @@
 """The command line: exit 0 on success, 2 with a one-paragraph message on bad input, 1 on a non-finite result."""
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,21 @@ def test_eval_of_a_run_directory(setup, capsys, tmp_path):
     _, recipe, _ = setup
     assert main(["run", str(recipe), "--output", str(tmp_path / "run")]) == 0
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--data", str(setup[0] / "docs.txt"), "--seq-len", "32",
-                 "--tasks", "--no-latency"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "run"),
+                "--data",
+                str(setup[0] / "docs.txt"),
+                "--seq-len",
+                "32",
+                "--tasks",
+                "--no-latency",
+            ]
+        )
+        == 0
+    )
     assert "perplexity" in capsys.readouterr().out
 
 

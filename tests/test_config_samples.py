@@ -1,5 +1,6 @@
 """Every config class documents itself: its fields carry defaults and descriptions, and the YAML sample generated
 from them parses back to exactly those defaults (so the sample a docstring shows is a working recipe section)."""
+
 import textwrap
 
 import pytest
@@ -15,8 +16,15 @@ from prune.tasks.eval_config import EvalConfig
 from prune.tasks.zero_shot import ZeroShotDataConfig
 from prune.training.config import TrainConfig
 
-SECTIONS = {"data": DataConfig, "data (images)": ImageDataConfig, "data (zero-shot)": ZeroShotDataConfig,
-            "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig, "runtime": RuntimeConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "data (images)": ImageDataConfig,
+    "data (zero-shot)": ZeroShotDataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "export": ExportConfig,
+    "runtime": RuntimeConfig,
+}
 
 
 def _config_classes() -> list[type[StrictConfig]]:
@@ -51,8 +59,9 @@ def test_a_whole_recipe_sample_is_a_valid_recipe():
 def test_every_config_key_has_a_description():
     classes = _config_classes()
     assert {Recipe, SweepRecipe, DataConfig, TrainConfig} <= set(classes)
-    undocumented = [f"{cls.__name__}.{name}" for cls in classes for name, field in cls.model_fields.items()
-                    if not field.description]
+    undocumented = [
+        f"{cls.__name__}.{name}" for cls in classes for name, field in cls.model_fields.items() if not field.description
+    ]
     assert not undocumented
 
 

@@ -1,4 +1,5 @@
 """prune.data.text: sources, deterministic disjoint splits, blocks. A char-level stub tokenizer keeps these fast."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune.data import text as data
-
 from prune.core import hub
 from prune.core.errors import UserInputError
+from prune.data import text as data
 
 
 class CharTokenizer:
@@ -33,9 +33,14 @@ def offline(monkeypatch):
 
 # --- splits -----------------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=300, deadline=None)
-@given(n=st.integers(2, 5000), heldout=st.floats(0.001, 0.95), validation=st.floats(0.001, 0.95),
-       seq_len=st.integers(1, 64))
+@given(
+    n=st.integers(2, 5000),
+    heldout=st.floats(0.001, 0.95),
+    validation=st.floats(0.001, 0.95),
+    seq_len=st.integers(1, 64),
+)
 def test_three_parts_are_disjoint_contiguous_and_cover_the_stream(n, heldout, validation, seq_len):
     ids = torch.arange(n)  # every token value is its position
     n_test, n_validation = round(n * heldout), round(n * validation)
@@ -52,7 +57,9 @@ def test_three_parts_are_disjoint_contiguous_and_cover_the_stream(n, heldout, va
         assert torch.equal(part, ids[start:end])
     windows = [set(data.token_blocks(part, seq_len).flatten().tolist()) for part in parts]
     assert not (windows[0] & windows[1] or windows[0] & windows[2] or windows[1] & windows[2])
-    assert splits.describe(seq_len)["windows"] == {name: part.numel() // seq_len for name, part in zip(data.PARTS, parts)}
+    assert splits.describe(seq_len)["windows"] == {
+        name: part.numel() // seq_len for name, part in zip(data.PARTS, parts)
+    }
 
 
 def test_prepare_is_deterministic_validation_sits_before_the_test_tail():
@@ -63,7 +70,7 @@ def test_prepare_is_deterministic_validation_sits_before_the_test_tail():
     text = "\n\n".join(data.load_documents("embedded-docs"))
     assert a.ranges["test"] == (len(text) - round(0.1 * len(text)), len(text))
     assert a.ranges["validation"] == (a.ranges["test"][0] - round(0.05 * len(text)), a.ranges["test"][0])
-    assert a.test_text(tok) == text[-a.test_ids.numel():]
+    assert a.test_text(tok) == text[-a.test_ids.numel() :]
     assert a.test_ids.dtype == torch.long and a.test_ids.dim() == 1
 
 
@@ -79,8 +86,15 @@ def test_too_small_text_says_what_it_has_and_what_the_run_needs():
     splits = data.split_tokens(torch.arange(1000), 0.1, 0.1)  # 800 / 100 / 100 tokens
     splits.require("x.txt", 50, {"train": (16, "calibration_samples=16"), "validation": (2, "eval"), "test": (1, "t")})
     with pytest.raises(UserInputError) as error:
-        splits.require("x.txt", 50, {"train": (17, "calibration_samples=17"), "validation": (3, "train.eval_windows=3"),
-                                     "test": (1, "the test perplexity")})
+        splits.require(
+            "x.txt",
+            50,
+            {
+                "train": (17, "calibration_samples=17"),
+                "validation": (3, "train.eval_windows=3"),
+                "test": (1, "the test perplexity"),
+            },
+        )
     message = str(error.value)
     assert "'x.txt' (1,000 tokens)" in message and "seq_len=50" in message
     assert "train part has 800 tokens (16 windows) but calibration_samples=17 needs 17 windows = 850 tokens" in message
@@ -89,6 +103,7 @@ def test_too_small_text_says_what_it_has_and_what_the_run_needs():
 
 
 # --- blocks -----------------------------------------------------------------------------------------------------
+
 
 def test_token_blocks_are_consecutive_and_drop_the_remainder():
     blocks = data.TokenSplits.blocks(torch.arange(10), 3)
@@ -123,6 +138,7 @@ def test_too_many_calibration_blocks_says_how_many_fit():
 
 # --- local files ------------------------------------------------------------------------------------------------
 
+
 def test_txt_is_one_verbatim_document(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("first para\n\n\nsecond para\n", encoding="utf-8")
@@ -137,7 +153,7 @@ def test_jsonl_json_parquet(tmp_path):
     for name in ("a.jsonl", "a.json", "a.parquet"):
         assert data.load_documents(str(tmp_path / name)) == ["alpha", "beta"], name
     splits = data.prepare(CharTokenizer(), str(tmp_path / "a.jsonl"), heldout_fraction=0.5)
-    assert splits.test_text(CharTokenizer()) == "alpha\n\nbeta"[-splits.test_ids.numel():]
+    assert splits.test_text(CharTokenizer()) == "alpha\n\nbeta"[-splits.test_ids.numel() :]
 
 
 def test_missing_column_lists_the_columns(tmp_path):
@@ -175,6 +191,7 @@ def test_embedded_docs_sorted_and_substantial():
 
 # --- Hub --------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["wikitext", "c4", "someorg/some-corpus"])
 def test_hub_dataset_offline_fails_at_once_saying_what_to_pass(name, offline):
     start = time.monotonic()
@@ -195,16 +212,19 @@ def test_hub_aliases_and_heldout_split(monkeypatch):
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     splits = data.prepare(CharTokenizer(), "wikitext", heldout_split="test")
-    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "train", {}),
-                     ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", {})]
+    assert calls == [
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", {}),
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", {}),
+    ]
     assert splits.test_text(CharTokenizer()) == "\n\n".join(["test text"] * 3)  # the whole test split
     train_stream = "\n\n".join(["train text"] * 3)  # validation: the tail of the training split's stream
     assert splits.ranges == {"train": (0, 32), "validation": (32, 34), "test": (0, 31)}
     assert CharTokenizer().decode(splits.validation_ids.tolist()) == train_stream[32:]
     calls.clear()
     data.load_documents("c4")
-    assert calls == [("allenai/c4", None, "validation",
-                      {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}})]
+    assert calls == [
+        ("allenai/c4", None, "validation", {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}})
+    ]
     with pytest.raises(UserInputError, match="training split too"):
         data.prepare(CharTokenizer(), "wikitext", heldout_split="train")
     with pytest.raises(UserInputError, match="splits"):
@@ -212,6 +232,7 @@ def test_hub_aliases_and_heldout_split(monkeypatch):
 
 
 # --- out-of-domain texts ------------------------------------------------------------------------------------------
+
 
 def test_moby_dick_is_an_alias_and_extra_texts_are_split_like_any_source(monkeypatch):
     monkeypatch.setattr(data, "moby_dick", lambda: "Call me Ishmael. " * 100)
@@ -231,6 +252,7 @@ def test_extra_text_that_cannot_be_found_or_is_too_small_names_the_entry(tmp_pat
 
 
 # --- data.mix: other texts in calibration, training and selection -------------------------------------------------
+
 
 def test_interleave_alternates_windows_of_every_text_and_keeps_the_source_test_part():
     source = data.split_tokens(torch.arange(0, 200), heldout_fraction=0.1, validation_fraction=0.2)

@@ -1,4 +1,5 @@
 """train.distill: masks trained against the dense model's next-token distribution (causal-lm)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,14 +19,16 @@ from prune.tasks.causal_lm import CausalLM, distillation_kl
 
 
 def recipe(model_dir, corpus, output, method: dict, **train):
-    return parse_recipe({
-        "model": str(model_dir),
-        "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
-        "method": method,
-        "train": {"steps": 2, "batch_size": 2, "lr": 0.05, "log_every": 1, **train},
-        "eval": {"tasks": [], "latency": False, "flops": False, "extra_texts": [], "dense_baseline": False},
-        "output": str(output),
-    })
+    return parse_recipe(
+        {
+            "model": str(model_dir),
+            "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+            "method": method,
+            "train": {"steps": 2, "batch_size": 2, "lr": 0.05, "log_every": 1, **train},
+            "eval": {"tasks": [], "latency": False, "flops": False, "extra_texts": [], "dense_baseline": False},
+            "output": str(output),
+        }
+    )
 
 
 def test_kl_is_zero_against_itself_and_is_torchs_kl_div_per_position():
@@ -37,7 +40,8 @@ def test_kl_is_zero_against_itself_and_is_torchs_kl_div_per_position():
 
 
 def test_the_teacher_is_the_dense_model_even_when_the_prior_updated_the_weights(
-        tmp_path, llama_dir, corpus, one_thread):
+    tmp_path, llama_dir, corpus, one_thread
+):
     method = {"name": "nm_gumbel", "sparsity": "2:4", "prior": "sparsegpt", "prior_update_weights": True}
     settings = recipe(llama_dir, corpus, tmp_path / "run", method, distill=0.25)
     model, tokenizer = load_model(str(llama_dir))
@@ -72,11 +76,17 @@ def test_a_run_trains_on_the_distillation_loss(tmp_path, llama_dir, corpus, one_
     assert logs[0.0][0] > 2.0 > logs[1.0][0]  # cross-entropy of a random tiny model vs its KL from the dense one
 
 
-@pytest.mark.parametrize("method, task, message", [
-    ({"name": "wanda", "sparsity": "2:4"}, {}, "train.distill needs a method that trains masks"),
-    ({"name": "binary"}, {"task": "zero-shot-classification", "data": {"source": "digits"}},
-     "train.distill applies to task causal-lm"),
-])
+@pytest.mark.parametrize(
+    "method, task, message",
+    [
+        ({"name": "wanda", "sparsity": "2:4"}, {}, "train.distill needs a method that trains masks"),
+        (
+            {"name": "binary"},
+            {"task": "zero-shot-classification", "data": {"source": "digits"}},
+            "train.distill applies to task causal-lm",
+        ),
+    ],
+)
 def test_distill_without_mask_training_on_text_is_refused(tmp_path, method, task, message):
     raw = {"model": "smollm2-135m", "method": method, "train": {"distill": 0.5}, "output": str(tmp_path / "r"), **task}
     with pytest.raises(UserInputError, match=message):

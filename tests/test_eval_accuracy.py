@@ -8,8 +8,8 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from eval.accuracy import accuracy_scores, hub_reachable, local_tasks, task_accuracy
-from eval.metric_errors import TaskUnavailableError
 from eval.lastword import CONTEXT_WORDS, build_examples, is_code_like
+from eval.metric_errors import TaskUnavailableError
 
 WORDS = "the a cat dog saw ran over under big small red green quick slow house tree river".split()
 
@@ -41,8 +41,16 @@ def word_tokenizer(text: str) -> transformers.PreTrainedTokenizerFast:
 def tiny_gpt2(vocab_size: int, favour: int | None = None) -> transformers.GPT2LMHeadModel:
     """Random tiny GPT-2; with `favour`, its greedy next token is always that id."""
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=vocab_size, n_positions=256,
-                                  bos_token_id=1, eos_token_id=1, tie_word_embeddings=False)
+    cfg = transformers.GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=vocab_size,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     if favour is not None:
         with torch.no_grad():
@@ -69,7 +77,7 @@ def test_examples_are_deterministic_and_targets_are_sentence_final_words():
 def test_examples_do_not_overlap_and_respect_caps():
     text = prose()
     examples = build_examples(text)
-    flat = " ".join(l for l in text.splitlines() if not is_code_like(l)).split()
+    flat = " ".join(line for line in text.splitlines() if not is_code_like(line)).split()
     # Non-overlapping contexts: total context + target words fit in the text.
     assert sum(len(e["context"].split()) + 1 for e in examples) <= len(flat)
     assert len(build_examples(text, max_examples=3)) == 3

@@ -13,16 +13,23 @@ V = 97
 def tiny_llama(**kw) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=V, max_position_embeddings=128, **kw,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=V,
+        max_position_embeddings=128,
+        **kw,
     )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def tiny_gpt2() -> transformers.GPT2LMHeadModel:
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=V, n_positions=64,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -87,8 +94,6 @@ def test_restores_training_mode_and_rejects_bad_input():
         perplexity(model, torch.randint(0, V, (2, 1)))
     with pytest.raises(ValueError):
         perplexity(model, blocks(), batch_size=0)
-
-
 
 
 @pytest.mark.integration

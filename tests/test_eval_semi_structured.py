@@ -1,4 +1,5 @@
 """PyTorch's 2:4 kernels: which linears qualify, and an honest 'unavailable' off CUDA."""
+
 from __future__ import annotations
 
 import torch

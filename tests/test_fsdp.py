@@ -1,5 +1,6 @@
 """Sharded mask training (FSDP2 over gloo on CPU, 2 processes) of every learnable method against a one-process
 run, and the refusals of an FSDP launch that cannot shard."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ from prune.methods.registry import METHODS, get_method
 from prune.models.clip import make_tiny_clip
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
-from prune.training.trainer import train, trainable_parameters
 from prune.structural.gates import GatedEmbedding
+from prune.training.trainer import train, trainable_parameters
 from tests.conftest import docs_text, make_tiny_gpt2, save_tiny_model
 from tests.fsdp_worker import CASES, Setup, settings
 
@@ -30,9 +31,25 @@ def sharded(tmp_path_factory) -> Path:
     """Every case of tests/fsdp_worker.py trained by 2 processes under FSDP2 (one launch for all)."""
     out = tmp_path_factory.mktemp("fsdp")
     make_tiny_clip(out / "clip")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29731", "-m", "tests.fsdp_worker", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29731",
+        "-m",
+        "tests.fsdp_worker",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)  # a hang, on a busy CPU
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -79,8 +96,9 @@ def test_two_process_fsdp_equals_one_process_and_resumes_identically(sharded, ca
     for file in ("masks.safetensors", "predictors.safetensors"):
         if (tmp_path / "saved" / file).exists():
             assert_same_tensors(load_file(tmp_path / "saved" / file), load_file(out / "saved" / file), setup.tolerance)
-    assert sorted(path.name for path in (tmp_path / "saved").iterdir()) == \
-        sorted(path.name for path in (out / "saved").iterdir())
+    assert sorted(path.name for path in (tmp_path / "saved").iterdir()) == sorted(
+        path.name for path in (out / "saved").iterdir()
+    )
     checkpoint = Path("train") / "checkpoints" / "step-4"
     for file in ("masks.safetensors", "optimizer.safetensors"):
         one, two = load_file(tmp_path / checkpoint / file), load_file(out / "full" / checkpoint / file)
@@ -102,7 +120,8 @@ def _recipe(tmp_path: Path, method: str) -> Path:
         "model": str(save_tiny_model(tmp_path / "llama", "llama")),
         "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
         "method": {"name": method, **({"sparsity": "2:4"} if method != "gating" else {})},
-        "train": {"steps": 2 if method != "wanda" else 0}, "runtime": {"device": "cpu"},
+        "train": {"steps": 2 if method != "wanda" else 0},
+        "runtime": {"device": "cpu"},
         "output": str(tmp_path / "run"),
     }
     path = tmp_path / "recipe.json"
@@ -123,15 +142,21 @@ def test_a_gated_embedding_still_shows_accelerate_its_tie_to_the_lm_head():
 
 def test_every_learnable_method_trains_sharded_and_no_one_shot_method_claims_to():
     """check_fsdp's refusal says a method trains no masks: true only while fsdp marks exactly the learnable ones."""
-    assert {name for name, spec in METHODS.items() if spec.fsdp} == \
-        {name for name, spec in METHODS.items() if spec.kind == "learnable"} == {"nm_gumbel", "vib", "binary", "gating"}
+    assert (
+        {name for name, spec in METHODS.items() if spec.fsdp}
+        == {name for name, spec in METHODS.items() if spec.kind == "learnable"}
+        == {"nm_gumbel", "vib", "binary", "gating"}
+    )
 
 
-@pytest.mark.parametrize("method, message", [
-    ("wanda", "trains no masks, so an FSDP launch has nothing to shard"),
-    ("gating", "needs an accelerator"),  # shardable, but accelerate does not shard on a CPU
-    ("nm_gumbel", "needs an accelerator"),
-])
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ("wanda", "trains no masks, so an FSDP launch has nothing to shard"),
+        ("gating", "needs an accelerator"),  # shardable, but accelerate does not shard on a CPU
+        ("nm_gumbel", "needs an accelerator"),
+    ],
+)
 def test_an_fsdp_launch_that_cannot_shard_exits_2_before_writing(tmp_path, fsdp_launch, method, message, capsys):
     recipe = _recipe(tmp_path, method)
     assert main(["run", str(recipe)]) == 2

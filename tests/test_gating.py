@@ -1,4 +1,5 @@
 """Dynamic channel gating (FTWT): targets, decoupled gradients, FLOPs accounting, the sparse FFN path, save/load."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetForImageClassification
 
 from prune.core.errors import UserInputError
-from prune.methods.gating.sparse_ffn import masked_dense, sparse_ffn
 from prune.masks.base import unwrap
-from prune.methods.gating.predictor import mass_labels, uniform_labels
 from prune.methods.gating.layers import GatedConv, GatedFFN, accounting, gated_layers, oracle, summarize
 from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating, restore_gating, save_gating
+from prune.methods.gating.predictor import mass_labels, uniform_labels
+from prune.methods.gating.sparse_ffn import masked_dense, sparse_ffn
 from prune.runs.recipe import parse_recipe
 from prune.tasks.classification import classification_loss, conv_flops
 from prune.training.config import TrainConfig
@@ -48,11 +49,16 @@ def set_predictor(layer, bias: list[float] | torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------------------ targets
 
+
 def test_mass_labels_keep_the_largest_k_whose_mass_stays_within_r():
     scores = torch.tensor([[1.0, 4.0, 2.0, 3.0]])  # shares .1 .4 .2 .3; sorted cumulative .4 .7 .9 1.0
     expected = {
-        1.0: [True, True, True, True], 0.9: [False, True, True, True], 0.8: [False, True, False, True],
-        0.7: [False, True, False, True], 0.5: [False, True, False, False], 0.3: [False, False, False, False],
+        1.0: [True, True, True, True],
+        0.9: [False, True, True, True],
+        0.8: [False, True, False, True],
+        0.7: [False, True, False, True],
+        0.5: [False, True, False, False],
+        0.3: [False, False, False, False],
     }
     for r, keep in expected.items():
         assert mass_labels(scores, r).tolist() == [keep], r
@@ -104,6 +110,7 @@ def test_threshold_outside_zero_one_is_refused(bad):
 
 
 # ----------------------------------------------------------------------------------------- training signal
+
 
 def _grads(model, objective, batch, with_task: bool) -> dict[str, torch.Tensor]:
     params = {n: p for n, p in model.named_parameters() if ".mask." in n}
@@ -164,6 +171,7 @@ def test_the_one_trainer_teaches_the_gates_their_labels(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- FLOPs
 
+
 def test_conv_flops_count_chosen_channels_zero_inputs_and_the_predictor():
     model = nn.Sequential(conv_bn(2, 4), conv_bn(4, 3)).eval()
     attach_gating(model)
@@ -205,6 +213,7 @@ def test_the_oracle_keeps_each_tokens_largest_activations(token_batch):
 
 # ------------------------------------------------------------------------------------------ sparse FFN path
 
+
 @pytest.mark.parametrize("family", ["llama", "llama_bias", "gpt2"])
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_sparse_ffn_path_equals_the_masked_dense_path(family, tokens):
@@ -212,9 +221,16 @@ def test_sparse_ffn_path_equals_the_masked_dense_path(family, tokens):
         model = make_tiny_gpt2()
     else:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=1, num_attention_heads=4,
-                                             mlp_bias=family == "llama_bias")).eval()
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=128,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                mlp_bias=family == "llama_bias",
+            )
+        ).eval()
     attach_gating(model)
     layer = next(iter(gated_layers(model).values()))
     x = torch.randn(tokens, 64)
@@ -243,6 +259,7 @@ def test_gated_model_in_eval_mode_equals_its_accounting_path(tiny_model, token_b
 
 # ------------------------------------------------------------------------------------------- save / restore
 
+
 def test_restore_refuses_predictors_of_other_settings(tmp_path):
     model = make_tiny_llama()
     attach_gating(model, config(predictor_rank=4))
@@ -257,8 +274,14 @@ def test_joint_mode_saves_the_trained_backbone_too(tmp_path):
     rows = [{"pixel_values": image, "labels": label} for image, label in zip(images, labels)]
     cfg = config(mode="joint", backbone_lr_scale=1.0)
     objective = attach_gating(model, cfg)
-    train(model, objective, rows, TrainConfig(steps=3, batch_size=8, lr=0.01), tmp_path / "run",
-          task_loss=classification_loss)
+    train(
+        model,
+        objective,
+        rows,
+        TrainConfig(steps=3, batch_size=8, lr=0.01),
+        tmp_path / "run",
+        task_loss=classification_loss,
+    )
     save_gating(model, tmp_path, cfg, {})
     restored = restore_gating(make_tiny_resnet(seed=1), tmp_path, cfg)
     with torch.no_grad():
@@ -282,12 +305,16 @@ def test_pipeline_run_dir_restores_the_gated_model_and_export_refuses(tmp_path, 
     from prune.runs.pipeline import run
 
     model_dir = save_tiny_model(tmp_path / "tiny", family)
-    recipe = parse_recipe({
-        "model": str(model_dir), "data": {"source": str(corpus), "seq_len": 32},
-        "method": {"name": "gating", "threshold": 0.8, "softmax": False, "init_bias": 0.5},
-        "train": {"steps": 4, "batch_size": 2, "lr": 0.05},
-        "eval": {"tasks": [], "latency": False}, "output": str(tmp_path / "run"),
-    })
+    recipe = parse_recipe(
+        {
+            "model": str(model_dir),
+            "data": {"source": str(corpus), "seq_len": 32},
+            "method": {"name": "gating", "threshold": 0.8, "softmax": False, "init_bias": 0.5},
+            "train": {"steps": 4, "batch_size": 2, "lr": 0.05},
+            "eval": {"tasks": [], "latency": False},
+            "output": str(tmp_path / "run"),
+        }
+    )
     report = run(recipe)
     run_dir = tmp_path / "run"
     assert (run_dir / "predictors.safetensors").is_file() and not (run_dir / "model").exists()
@@ -310,6 +337,7 @@ def test_pipeline_run_dir_restores_the_gated_model_and_export_refuses(tmp_path, 
 
 # ---------------------------------------------------------------------------------------------- bad input
 
+
 def test_a_target_without_the_expected_structure_is_named():
     with pytest.raises(UserInputError, match=r"model.layers.0.self_attn.q_proj \(Linear"):
         attach_gating(make_tiny_llama(), config(targets=["*.q_proj"]))
@@ -328,10 +356,18 @@ def test_a_gated_layer_refuses_to_merge_into_a_plain_model():
 
 # ------------------------------------------------------------------------------------------------ CNNs
 
+
 def test_hf_resnet_gates_every_conv_bn_block_and_counts_its_flops():
-    model = ResNetForImageClassification(ResNetConfig(
-        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3,
-    )).eval()
+    model = ResNetForImageClassification(
+        ResNetConfig(
+            num_channels=1,
+            embedding_size=8,
+            hidden_sizes=[8, 16],
+            depths=[1, 1],
+            layer_type="basic",
+            num_labels=3,
+        )
+    ).eval()
     x = torch.randn(2, 1, 16, 16)
     expected = model(x).logits
     attach_gating(model)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py without a GPU (this machine): a clear message, exit 0, nothing run or written; and the
 section it writes on a GPU, from figures shaped like `prune run` reports."""
+
 from __future__ import annotations
 
 import subprocess
@@ -23,17 +24,36 @@ def test_without_a_gpu_it_says_so_and_writes_nothing(tmp_path, monkeypatch, caps
 
 
 def report(perplexity: float, prune_seconds: float, kernel: dict | None = None) -> dict:
-    return {"perplexity": {"value": perplexity}, "timings": {"prune": prune_seconds},
-            **({"semi_structured_kernel": kernel} if kernel else {})}
+    return {
+        "perplexity": {"value": perplexity},
+        "timings": {"prune": prune_seconds},
+        **({"semi_structured_kernel": kernel} if kernel else {}),
+    }
 
 
 @pytest.mark.parametrize("gpu_perplexity, within", [(20.5, True), (21.0, False)])
 def test_section_reports_the_perplexity_verdict_block_times_and_kernel(gpu_perplexity, within):
-    kernel = {"available": True, "layers": 210, "dtype": "float16", "batch": 8, "seq_len": 512,
-              "dense_ms": 10.0, "sparse_ms": 8.0, "speedup": 1.25, "max_abs_logit_diff": 0.01}
-    figures = {"blocks": 30, "calibration_samples": 128, "cpu_threads": 16, "gpu": "GPU", "gpus": 1,
-               "sparsegpt_gpu": report(gpu_perplexity, 15.0, kernel), "sparsegpt_cpu": report(20.0, 300.0),
-               "nm_gumbel_tokens_per_s": 5000.0}
+    kernel = {
+        "available": True,
+        "layers": 210,
+        "dtype": "float16",
+        "batch": 8,
+        "seq_len": 512,
+        "dense_ms": 10.0,
+        "sparse_ms": 8.0,
+        "speedup": 1.25,
+        "max_abs_logit_diff": 0.01,
+    }
+    figures = {
+        "blocks": 30,
+        "calibration_samples": 128,
+        "cpu_threads": 16,
+        "gpu": "GPU",
+        "gpus": 1,
+        "sparsegpt_gpu": report(gpu_perplexity, 15.0, kernel),
+        "sparsegpt_cpu": report(20.0, 300.0),
+        "nm_gumbel_tokens_per_s": 5000.0,
+    }
     assert gpu_check.within_tolerance(figures) is within
     body = gpu_check.section(figures, "cmd")
     assert ("NOT within 3%" in body) is not within

@@ -1,4 +1,5 @@
 """The real SmolLM2-135M, kept short: Wanda 2:4 far below magnitude 2:4; the exported model reproduces the run."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,14 +16,18 @@ pytestmark = pytest.mark.integration
 
 
 def short_run(output, method: str) -> dict:
-    return run(parse_recipe({
-        "model": "smollm2-135m",
-        "data": {"calibration_samples": 4, "seq_len": 512, "heldout_fraction": 0.02},
-        "method": {"name": method, "sparsity": "2:4"},
-        "eval": {"dense_baseline": False, "tasks": [], "latency": False, "flops": False, "extra_texts": []},
-        "export": {"save_model": method == "wanda"},  # only the Wanda model is reloaded below
-        "output": str(output),
-    }))
+    return run(
+        parse_recipe(
+            {
+                "model": "smollm2-135m",
+                "data": {"calibration_samples": 4, "seq_len": 512, "heldout_fraction": 0.02},
+                "method": {"name": method, "sparsity": "2:4"},
+                "eval": {"dense_baseline": False, "tasks": [], "latency": False, "flops": False, "extra_texts": []},
+                "export": {"save_model": method == "wanda"},  # only the Wanda model is reloaded below
+                "output": str(output),
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The mask framework: wrapping keeps weights untouched, merge/unwrap, compact save/load, N:M storage."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,12 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prune.models.blocks import weight_matrix
 from prune.core.errors import UserInputError
+from prune.core.sparsity import parse_sparsity
 from prune.masks.base import attach_hard_masks, wrappers
 from prune.masks.storage import decode_nm, encode_nm, load_masks, nm_candidates, read_masks, save_masks
 from prune.masks.targets import method_targets, select_targets
-from prune.core.sparsity import parse_sparsity
+from prune.models.blocks import weight_matrix
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 
@@ -42,8 +43,14 @@ def test_every_pattern_must_match_and_each_name_is_selected_once(tiny_model):
 def test_nm_incompatible_layers_listed_or_skipped():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=100, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=100,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(config)
     with pytest.raises(UserInputError, match=r"\(100\) not divisible by M=8: model.layers.0.mlp.down_proj"):
         method_targets(model, None, parse_sparsity("2:8"), skip_incompatible=False)
@@ -67,8 +74,10 @@ def test_wrapped_forward_equals_manually_masked_weights(tiny_model, token_batch)
 def test_nm_index_storage_is_compact(tmp_path):
     model = make_tiny_llama()
     names = select_targets(model, None)
-    masks = {name: nm_candidates(2, 4)[torch.zeros(keep.numel() // 4, dtype=torch.long)].reshape(keep.shape)
-             for name, keep in random_masks(model, names).items()}
+    masks = {
+        name: nm_candidates(2, 4)[torch.zeros(keep.numel() // 4, dtype=torch.long)].reshape(keep.shape)
+        for name, keep in random_masks(model, names).items()
+    }
     attach_hard_masks(model, masks)
     save_masks(model, tmp_path, {}, nm=(2, 4))
     weights = sum(keep.numel() for keep in masks.values())
@@ -76,7 +85,13 @@ def test_nm_index_storage_is_compact(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 7), extra=st.integers(1, 3), rows=st.integers(1, 6), groups=st.integers(1, 6), seed=st.integers(0, 10_000))
+@given(
+    n=st.integers(1, 7),
+    extra=st.integers(1, 3),
+    rows=st.integers(1, 6),
+    groups=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+)
 def test_nm_encoding_round_trips_exactly(n, extra, rows, groups, seed):
     m = n + extra
     candidates = nm_candidates(n, m)

@@ -7,6 +7,7 @@ identical logits; a short `prune run` writes a complete run directory; a bad con
 Each goes through the method's registered hooks (prune.methods.spec.MethodSpec), never a per-method branch.
 A new method adds one row; a new model family adds one entry to FAMILIES and its name in the rows it suits.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,18 +53,32 @@ ROWS = [
     Row("magnitude", ("llama", "gpt2", "clip"), {"sparsity": 0.5}, ({"granularity": "column"}, "granularity")),
     Row("wanda", ("llama", "gpt2"), {"sparsity": "2:4"}, ({"sparsity": "5:4"}, "sparsity")),
     Row("sparsegpt", ("llama", "gpt2"), {"sparsity": 0.5, "blocksize": 16}, ({"dampening": 0}, "dampening")),
-    Row("structured", ("llama", "gpt2"), {"score": "activation", "target": {"params": 0.3}},
-        ({"target": {"params": 1.5}}, "strictly between 0 and 1")),
+    Row(
+        "structured",
+        ("llama", "gpt2"),
+        {"score": "activation", "target": {"params": 0.3}},
+        ({"target": {"params": 1.5}}, "strictly between 0 and 1"),
+    ),
     Row("nm_gumbel", ("llama", "gpt2"), {"prior": "magnitude"}, ({"sparsity": 0.5}, "nm_gumbel learns N:M masks")),
-    Row("vib", ("llama", "gpt2"), {"target": {"params": 0.3}, "units": {"layers": True}},
-        ({"units": {"heads": False, "ffn": False, "hidden": False}}, "at least one unit kind")),
-    Row("binary", ("clip", "resnet"), {}, ({"init_score": 0.001}, "must exceed threshold"),
-        family_config={"resnet": {"targets": ["*convolution"]}}),  # the default targets are CLIP's
+    Row(
+        "vib",
+        ("llama", "gpt2"),
+        {"target": {"params": 0.3}, "units": {"layers": True}},
+        ({"units": {"heads": False, "ffn": False, "hidden": False}}, "at least one unit kind"),
+    ),
+    Row(
+        "binary",
+        ("clip", "resnet"),
+        {},
+        ({"init_score": 0.001}, "must exceed threshold"),
+        family_config={"resnet": {"targets": ["*convolution"]}},
+    ),  # the default targets are CLIP's
     Row("gating", ("llama", "gpt2", "resnet"), {"threshold": 0.8}, ({"threshold": 1.5}, "threshold")),
 ]
 
 
 # -------------------------------------------------------------------------------------------- model families
+
 
 class CausalLM:
     """A tiny Llama or GPT-2 with a BPE tokenizer, saved like a real checkpoint; text data."""
@@ -220,6 +235,7 @@ def scramble(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------------------------- contracts
 
+
 def test_every_registered_method_has_a_row():
     assert {row.method for row in ROWS} == set(METHODS)
 
@@ -310,12 +326,17 @@ def test_a_short_run_writes_a_complete_run_directory(case, datasets, tmp_path):
     loads back as the pruned model (equal to the base model + the saved masks)."""
     learnable = case.spec.kind == "learnable"
     output = tmp_path / "run"
-    recipe = parse_recipe({
-        "model": str(case.directory), "task": case.family.task, "data": case.family.data(datasets),
-        "method": {"name": case.row.method, **case.method},
-        **({"train": {"steps": TRAIN_STEPS, "batch_size": 2, "log_every": 1}} if learnable else {}),
-        "eval": case.family.eval(), "output": str(output),
-    })
+    recipe = parse_recipe(
+        {
+            "model": str(case.directory),
+            "task": case.family.task,
+            "data": case.family.data(datasets),
+            "method": {"name": case.row.method, **case.method},
+            **({"train": {"steps": TRAIN_STEPS, "batch_size": 2, "log_every": 1}} if learnable else {}),
+            "eval": case.family.eval(),
+            "output": str(output),
+        }
+    )
     report = run(recipe)
     assert json.loads((output / "report.json").read_text()) == json.loads(json.dumps(report))
     achieved = report["sparsity"]["achieved"]
@@ -331,7 +352,9 @@ def test_a_short_run_writes_a_complete_run_directory(case, datasets, tmp_path):
     if case.spec.restore is None:
         rebuilt = case.spec.export(rebuilt, recipe.method)
     if not recipe.method.changes_weights:
-        torch.testing.assert_close(case.logits(rebuilt, processor), case.logits(pruned, processor), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            case.logits(rebuilt, processor), case.logits(pruned, processor), rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("row", [pytest.param(row, id=row.method) for row in ROWS])

@@ -1,4 +1,6 @@
-"""prune.models.loading and prune.core.hub: fast tests on a tiny Llama saved offline; one integration test on SmolLM2-135M."""
+"""prune.models.loading and prune.core.hub: fast tests on a tiny Llama saved offline; one integration test on
+SmolLM2-135M."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +15,8 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from prune.core import hub
-
-from prune.models import loading as models
 from prune.core.errors import UserInputError
+from prune.models import loading as models
 
 
 @pytest.fixture
@@ -35,8 +36,14 @@ def save_tiny(directory):
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(directory)
-    config = LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=4,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
 
@@ -91,7 +98,8 @@ def test_list_models(cache):
     assert models.list_models() == [
         {"name": "smollm2-135m", "description": models.ALIASES["smollm2-135m"], "path": None},
         {"name": "clip-tiny-random", "description": models.VISION_ALIASES["clip-tiny-random"][1], "path": None},
-        {"name": "resnet-digits", "description": models.VISION_ALIASES["resnet-digits"][1], "path": None}]
+        {"name": "resnet-digits", "description": models.VISION_ALIASES["resnet-digits"][1], "path": None},
+    ]
     save_tiny(cache / "models" / "my-pruned")
     (cache / "models" / ".smollm2-135m.staging-x").mkdir()
     (cache / "models" / ".smollm2-135m.staging-x" / "config.json").write_text("{}")
@@ -100,8 +108,16 @@ def test_list_models(cache):
 
 
 def test_quantization_marker_dropped_before_save(tmp_path):
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=4,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     model.config.quantization_config = {"quant_method": "gguf"}
     models._drop_quantization_marker(model)
     model.save_pretrained(tmp_path)

@@ -1,5 +1,6 @@
 """MaskLLM's learnable N:M masks: soft/hard values, the fused autograd function, the prior, the regularizer,
 mask transfer, storage, and a short optimization that must beat its prior."""
+
 from __future__ import annotations
 
 import json
@@ -11,16 +12,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch.nn import functional as F
 
-from prune.models.blocks import weight_matrix
 from prune.core.errors import UserInputError
+from prune.core.sparsity import parse_sparsity
 from prune.masks.base import attach_hard_masks, hard_masks, mask_parameters, wrappers
-from prune.methods.nm_gumbel.method import NMGumbelConfig, NMGumbelMask, attach_nm_gumbel, prior_logits
-from prune.methods.nm_gumbel.kernel import gumbel_noise, masked_linear
 from prune.masks.storage import nm_candidates, read_masks, save_masks
 from prune.masks.targets import select_targets
+from prune.methods.nm_gumbel.kernel import gumbel_noise, masked_linear
+from prune.methods.nm_gumbel.method import NMGumbelConfig, NMGumbelMask, attach_nm_gumbel, prior_logits
 from prune.methods.oneshot.method import magnitude, sparsegpt
 from prune.methods.registry import get_method
-from prune.core.sparsity import parse_sparsity
+from prune.models.blocks import weight_matrix
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 
 
@@ -49,11 +50,16 @@ def naive_soft(logits, noise, tau, kappa, n=2, m=4):
 
 # ------------------------------------------------------------------------------------------ soft and hard
 
+
 @settings(max_examples=40, deadline=None)
 @given(
     nm=st.sampled_from([(2, 4), (1, 4), (3, 4), (2, 8), (1, 2)]),
-    out_features=st.integers(1, 6), groups=st.integers(1, 5),
-    tau=st.floats(0.01, 10.0), kappa=st.floats(0.1, 1000.0), scale=st.floats(0.0, 5.0), seed=st.integers(0, 10_000),
+    out_features=st.integers(1, 6),
+    groups=st.integers(1, 5),
+    tau=st.floats(0.01, 10.0),
+    kappa=st.floats(0.1, 1000.0),
+    scale=st.floats(0.0, 5.0),
+    seed=st.integers(0, 10_000),
 )
 def test_soft_mask_sums_to_n_per_group_at_any_temperature(nm, out_features, groups, tau, kappa, scale, seed):
     n, m = nm
@@ -64,8 +70,9 @@ def test_soft_mask_sums_to_n_per_group_at_any_temperature(nm, out_features, grou
     soft = mask.soft()
     assert soft.shape == (out_features, groups * m)
     assert torch.isfinite(soft).all() and soft.min() >= 0 and soft.max() <= 1 + 1e-5
-    torch.testing.assert_close(soft.reshape(out_features, groups, m).sum(-1),
-                               torch.full((out_features, groups), float(n)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        soft.reshape(out_features, groups, m).sum(-1), torch.full((out_features, groups), float(n)), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
@@ -94,6 +101,7 @@ def test_soft_mask_approaches_the_hard_mask_when_cold():
 
 
 # ------------------------------------------------------------------------------------ the fused function
+
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4), (2, 8)])  # 2:8 has 28 candidates: the matmul path
 def test_fused_function_passes_gradcheck_in_float64(nm):
@@ -125,7 +133,7 @@ def test_gumbel_noise_depends_on_the_seed_only_and_is_gumbel():
     assert torch.equal(single, parallel) and not torch.equal(single, gumbel_noise(shape, 12, "cpu"))
     assert torch.isfinite(single).all()
     assert float(single.mean()) == pytest.approx(0.5772, abs=0.01)  # Euler-Mascheroni
-    assert float(single.var()) == pytest.approx(torch.pi ** 2 / 6, rel=0.01)
+    assert float(single.var()) == pytest.approx(torch.pi**2 / 6, rel=0.01)
 
 
 @pytest.mark.parametrize("store_noise", [True, False])
@@ -178,6 +186,7 @@ def test_gradients_reach_the_logits_and_nothing_else(make, token_batch):
 
 
 # ---------------------------------------------------------------------------------------------- the prior
+
 
 def test_prior_logits_follow_maskllm_rule_without_noise():
     prior = torch.tensor([[True, True, False, False]])  # candidate 0 of 2:4
@@ -289,8 +298,16 @@ def test_prior_from_a_run_of_another_model_is_refused(tmp_path):
 def test_prior_from_a_run_with_other_shapes_is_refused(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     modules = dict(wider.named_modules())
     masks = {name: random_nm(weight_matrix(modules[name]).shape) for name in select_targets(wider, None)}
     run = _saved_run(tmp_path / "run", masks, model=wider)
@@ -299,6 +316,7 @@ def test_prior_from_a_run_with_other_shapes_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- storage round trip
+
 
 def test_learned_hard_masks_round_trip_through_compact_storage(tmp_path):
     torch.manual_seed(0)
@@ -314,6 +332,7 @@ def test_learned_hard_masks_round_trip_through_compact_storage(tmp_path):
 
 # -------------------------------------------------------------------------------- schedule and regularizer
 
+
 def test_schedule_values_at_start_and_end():
     model = make_tiny_llama()
     objective = attach_nm_gumbel(model, config(), None)
@@ -326,7 +345,7 @@ def test_schedule_values_at_start_and_end():
     mask = next(iter(wrappers(model).values())).mask
     assert (mask.tau, mask.kappa, mask.progress) == (pytest.approx(0.05), pytest.approx(500.0), 1.0)
     cosine = attach_nm_gumbel(make_tiny_llama(), config(schedule="cosine"), None).begin_step(25, 100)
-    assert cosine["tau"] == pytest.approx(4.0 - 3.95 * (1 - 0.5 ** 0.5) / 2)
+    assert cosine["tau"] == pytest.approx(4.0 - 3.95 * (1 - 0.5**0.5) / 2)
 
 
 def test_regularizer_is_the_hand_formula_and_vanishes_at_the_end():
@@ -372,6 +391,7 @@ def test_objective_regularizer_uses_the_forwards_soft_masks(token_batch):
 
 # ------------------------------------------------------------------------------------------------ learning
 
+
 def test_a_few_steps_beat_the_magnitude_prior():
     """The targets are the greedy tokens of the same tiny llama under another (random) 2:4 mask, so the
     magnitude prior is not optimal; 12 AdamW steps on the logits alone must lower the hard-masked loss."""
@@ -385,8 +405,9 @@ def test_a_few_steps_beat_the_magnitude_prior():
         targets = teacher(tokens).logits.argmax(-1).flatten()
 
     model = make_tiny_llama()
-    objective = attach_nm_gumbel(model, config(tau_start=1.0, tau_end=0.2, kappa_start=100.0, kappa_end=100.0,
-                                               sparse_weight_reg=0.0), None)
+    objective = attach_nm_gumbel(
+        model, config(tau_start=1.0, tau_end=0.2, kappa_start=100.0, kappa_end=100.0, sparse_weight_reg=0.0), None
+    )
     model.requires_grad_(False)
     params = mask_parameters(model)
     for param in params:
@@ -414,27 +435,38 @@ def test_a_few_steps_beat_the_magnitude_prior():
 
 # ------------------------------------------------------------------------------------ config and registry
 
+
 def test_registered_as_a_learnable_method_with_calibration():
     spec = get_method("nm_gumbel")
     assert spec.kind == "learnable" and spec.needs_calibration and spec.config_class is NMGumbelConfig
     defaults = config(prior="sparsegpt")
-    assert (defaults.prior_strength, defaults.tau_start, defaults.tau_end, defaults.kappa_start,
-            defaults.kappa_end, defaults.schedule, defaults.sparse_weight_reg, defaults.prior_update_weights) == (
-        3.0, 4.0, 0.05, 100.0, 500.0, "linear", 1e-5, False)
+    assert (
+        defaults.prior_strength,
+        defaults.tau_start,
+        defaults.tau_end,
+        defaults.kappa_start,
+        defaults.kappa_end,
+        defaults.schedule,
+        defaults.sparse_weight_reg,
+        defaults.prior_update_weights,
+    ) == (3.0, 4.0, 0.05, 100.0, 500.0, "linear", 1e-5, False)
     own = set(NMGumbelConfig.model_fields) - {"name", "sparsity", "targets", "skip_incompatible"}
     assert len(own) == 10 and all(NMGumbelConfig.model_fields[key].description for key in own)
     assert NMGumbelConfig(name="nm_gumbel", prior_update_weights=True).changes_weights
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"sparsity": 0.5}, "nm_gumbel learns N:M masks; use 2:4"),
-    ({"tau_end": 0.0}, "tau_end must be > 0"),
-    ({"kappa_start": -1.0}, "kappa_start must be > 0"),
-    ({"prior": "sparsgpt"}, "neither sparsegpt, wanda, magnitude, none, nor a run directory"),
-    ({"prior": "wanda", "prior_update_weights": True}, "needs prior: sparsegpt"),
-    ({"sparsity": "8:16"}, "candidate patterns"),
-    ({"prior_strenght": 3}, "Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sparsity": 0.5}, "nm_gumbel learns N:M masks; use 2:4"),
+        ({"tau_end": 0.0}, "tau_end must be > 0"),
+        ({"kappa_start": -1.0}, "kappa_start must be > 0"),
+        ({"prior": "sparsgpt"}, "neither sparsegpt, wanda, magnitude, none, nor a run directory"),
+        ({"prior": "wanda", "prior_update_weights": True}, "needs prior: sparsegpt"),
+        ({"sparsity": "8:16"}, "candidate patterns"),
+        ({"prior_strenght": 3}, "Extra inputs are not permitted"),
+    ],
+)
 def test_config_refuses_bad_values(overrides, message):
     with pytest.raises(ValidationError, match=message):
         config(**overrides)

@@ -1,16 +1,17 @@
 """One-shot tensor math: masks from scores, Wanda statistics, SparseGPT's OBS pruning."""
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prune.calibration.input_norms import WandaStats
 from prune.core.errors import UserInputError
+from prune.core.sparsity import Sparsity, parse_sparsity
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores, removed_count
 from prune.methods.oneshot.sparsegpt import HessianStats, sparsegpt_prune
-from prune.calibration.input_norms import WandaStats
 from prune.methods.oneshot.wanda import wanda_scores
-from prune.core.sparsity import Sparsity, parse_sparsity
 
 
 def _scores(out_features, in_features, seed):
@@ -18,8 +19,13 @@ def _scores(out_features, in_features, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(out_features=st.integers(1, 16), m=st.integers(2, 8), groups=st.integers(1, 4), data=st.data(),
-       seed=st.integers(0, 2**16))
+@given(
+    out_features=st.integers(1, 16),
+    m=st.integers(2, 8),
+    groups=st.integers(1, 4),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+)
 def test_nm_keeps_exactly_n_of_every_m(out_features, m, groups, data, seed):
     n = data.draw(st.integers(1, m - 1))
     scores = _scores(out_features, m * groups, seed)
@@ -34,8 +40,12 @@ def test_nm_keeps_exactly_n_of_every_m(out_features, m, groups, data, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(out_features=st.integers(1, 16), in_features=st.integers(1, 40),
-       fraction=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
+@given(
+    out_features=st.integers(1, 16),
+    in_features=st.integers(1, 40),
+    fraction=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**16),
+)
 def test_fraction_removes_exact_count(out_features, in_features, fraction, seed):
     scores = _scores(out_features, in_features, seed)
     layer = mask_from_scores(scores, Sparsity(fraction=fraction), "layer")

@@ -1,4 +1,5 @@
 """End to end on tiny models saved to disk: recipe -> run directory -> plain-transformers reload."""
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,15 @@ def tiny_dir(request, tmp_path_factory):
 
 
 def recipe_for(model_dir, corpus, output, method="wanda", sparsity="2:4", **method_extra):
-    return parse_recipe({
-        "model": str(model_dir),
-        "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
-        "method": {"name": method, "sparsity": sparsity, **method_extra},
-        "eval": {"tasks": ["docs_lastword"], "limit": 8, "latency": False},
-        "output": str(output),
-    })
+    return parse_recipe(
+        {
+            "model": str(model_dir),
+            "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+            "method": {"name": method, "sparsity": sparsity, **method_extra},
+            "eval": {"tasks": ["docs_lastword"], "limit": 8, "latency": False},
+            "output": str(output),
+        }
+    )
 
 
 def heldout_perplexity(model, tokenizer, corpus) -> float:
@@ -67,7 +70,9 @@ def test_exported_model_loads_with_plain_transformers_and_reproduces_perplexity(
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     _, tokenizer = load_model(str(tiny_dir))
     assert heldout_perplexity(model, tokenizer, corpus) == pytest.approx(report["perplexity"]["value"], rel=1e-5)
-    linear = model.get_submodule("model.layers.0.mlp.up_proj" if "Llama" in type(model).__name__ else "transformer.h.0.mlp.c_fc")
+    linear = model.get_submodule(
+        "model.layers.0.mlp.up_proj" if "Llama" in type(model).__name__ else "transformer.h.0.mlp.c_fc"
+    )
     weight = linear.weight if "Llama" in type(model).__name__ else linear.weight.t()
     assert torch.all((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2)
 
@@ -123,20 +128,22 @@ def test_one_shot_method_with_train_steps_is_refused(tmp_path, tiny_dir, corpus)
 
 
 def nm_gumbel_recipe(model_dir, corpus, output, **train):
-    return parse_recipe({
-        "model": str(model_dir),
-        "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
-        "method": {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
-        "train": {"steps": 6, "batch_size": 2, "lr": 0.05, "checkpoint_every": 2, "log_every": 2, **train},
-        "eval": {"tasks": [], "latency": False, "dense_baseline": False},
-        "output": str(output),
-    })
+    return parse_recipe(
+        {
+            "model": str(model_dir),
+            "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+            "method": {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
+            "train": {"steps": 6, "batch_size": 2, "lr": 0.05, "checkpoint_every": 2, "log_every": 2, **train},
+            "eval": {"tasks": [], "latency": False, "dense_baseline": False},
+            "output": str(output),
+        }
+    )
 
 
 def test_learnable_run_interrupted_then_resumed_reaches_the_same_masks(tmp_path, tiny_dir, corpus, monkeypatch):
     from prune.core.errors import UserInputError
-    from prune.methods.nm_gumbel.method import NMGumbelObjective
     from prune.masks.storage import read_masks
+    from prune.methods.nm_gumbel.method import NMGumbelObjective
 
     run(nm_gumbel_recipe(tiny_dir, corpus, tmp_path / "straight"))
     original = NMGumbelObjective.begin_step

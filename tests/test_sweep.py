@@ -1,4 +1,5 @@
 """`prune sweep` / `prune compare` on tiny models: rows, skips, resume, shared statistics, plots, sensitivity."""
+
 from __future__ import annotations
 
 import json
@@ -9,19 +10,18 @@ import torch
 from pydantic import field_validator
 
 from prune.calibration import layerwise as calibration
-
-from prune.methods import registry
 from prune.cli import main
+from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.masks.base import attach_hard_masks
 from prune.masks.targets import method_targets
+from prune.methods import registry
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores
-from prune.models.blocks import weight_matrix
-from prune.core.config import MethodConfig
 from prune.methods.spec import MethodSpec
-from prune.sweep.runner import run_sweep
+from prune.models.blocks import weight_matrix
 from prune.sweep.recipe import load_sweep
+from prune.sweep.runner import run_sweep
 from tests.conftest import make_tiny_llama, save_tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -41,8 +41,10 @@ class FixedNMConfig(MethodConfig):
 def attach_fixed_nm(model, config, calibration_blocks):
     modules = dict(model.named_modules())
     names = method_targets(model, config.targets, config.pattern, config.skip_incompatible)
-    attach_hard_masks(model, {name: mask_from_scores(magnitude_scores(weight_matrix(modules[name])), config.pattern)
-                              for name in names})
+    attach_hard_masks(
+        model,
+        {name: mask_from_scores(magnitude_scores(weight_matrix(modules[name])), config.pattern) for name in names},
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,7 +69,9 @@ def write_sweep(directory, model_dir, corpus, methods, sparsities, output, extra
         f"eval: {{{eval_extra}, latency: false}}\n"
     )
     path = directory / "sweep.yaml"
-    path.write_text(f"base: base.yaml\ngrid:\n  methods: {methods}\n  sparsities: {sparsities}\noutput: {output}\n{extra}")
+    path.write_text(
+        f"base: base.yaml\ngrid:\n  methods: {methods}\n  sparsities: {sparsities}\noutput: {output}\n{extra}"
+    )
     return path
 
 
@@ -79,9 +83,12 @@ class Counters:
         import prune.sweep.shared
 
         self.calls = {"collect_stats": 0, "prune_layerwise": 0, "pipeline": 0, "prune_from_stats": [], "load": 0}
-        for owner, name, key in [(calibration, "collect_stats", "collect_stats"),
-                                 (calibration, "prune_layerwise", "prune_layerwise"),
-                                 (prune.runs.pipeline, "run", "pipeline"), (prune.sweep.shared, "load_model", "load")]:
+        for owner, name, key in [
+            (calibration, "collect_stats", "collect_stats"),
+            (calibration, "prune_layerwise", "prune_layerwise"),
+            (prune.runs.pipeline, "run", "pipeline"),
+            (prune.sweep.shared, "load_model", "load"),
+        ]:
             patch.setattr(owner, name, self._count(getattr(owner, name), key))
         original = prune.sweep.shared.prune_from_stats
 
@@ -95,14 +102,16 @@ class Counters:
         def counted(*args, **kwargs):
             self.calls[key] += 1
             return function(*args, **kwargs)
+
         return counted
 
 
 @pytest.fixture(scope="module")
 def fixed_nm():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(registry.METHODS, "fixed_nm",
-                      MethodSpec("fixed_nm", FixedNMConfig, attach_fixed_nm, "learnable", False))
+        patch.setitem(
+            registry.METHODS, "fixed_nm", MethodSpec("fixed_nm", FixedNMConfig, attach_fixed_nm, "learnable", False)
+        )
         yield
 
 
@@ -110,8 +119,15 @@ def fixed_nm():
 def swept(tmp_path_factory, tiny_dir, corpus, fixed_nm):
     """One sweep over 4 methods x 3 levels: shared one-shot points, a pipeline point, and three kinds of skip."""
     directory = tmp_path_factory.mktemp("sweep")
-    path = write_sweep(directory, tiny_dir, corpus, "[magnitude, wanda, sparsegpt, fixed_nm]", "[0.5, 2:4, 3:7]",
-                       directory / "out", eval_extra="tasks: [docs_lastword], limit: 4")
+    path = write_sweep(
+        directory,
+        tiny_dir,
+        corpus,
+        "[magnitude, wanda, sparsegpt, fixed_nm]",
+        "[0.5, 2:4, 3:7]",
+        directory / "out",
+        eval_extra="tasks: [docs_lastword], limit: 4",
+    )
     lines = []
     with pytest.MonkeyPatch.context() as patch:
         counters = Counters(patch)
@@ -192,9 +208,13 @@ def test_resume_skips_finished_points_and_recomputes_changed_ones(swept, tmp_pat
     assert {(r["method"], r["sparsity"]): r.get("perplexity") for r in result["rows"]} == before
 
     # change one method's settings: only its points run again, from the stored statistics
-    sweep, base = load_sweep(swept["path"], [f"output={out}",
-                                            "grid.methods=[magnitude, {name: wanda, label: wanda, granularity: layer},"
-                                            " sparsegpt, fixed_nm]"])
+    sweep, base = load_sweep(
+        swept["path"],
+        [
+            f"output={out}",
+            "grid.methods=[magnitude, {name: wanda, label: wanda, granularity: layer}, sparsegpt, fixed_nm]",
+        ],
+    )
     with pytest.MonkeyPatch.context() as patch:
         counters = Counters(patch)
         result = run_sweep(sweep, base, progress=False, write=lambda line: None)
@@ -207,9 +227,14 @@ def test_resume_skips_finished_points_and_recomputes_changed_ones(swept, tmp_pat
     assert yaml_method(out / "points" / "wanda-0.5")["granularity"] == "layer"
 
     # training settings concern the learnable method only: the one-shot points resume
-    sweep, base = load_sweep(swept["path"], [f"output={out}", "train.lr=0.5",
-                                            "grid.methods=[magnitude, {name: wanda, label: wanda, granularity: layer},"
-                                            " sparsegpt, fixed_nm]"])
+    sweep, base = load_sweep(
+        swept["path"],
+        [
+            f"output={out}",
+            "train.lr=0.5",
+            "grid.methods=[magnitude, {name: wanda, label: wanda, granularity: layer}, sparsegpt, fixed_nm]",
+        ],
+    )
     with pytest.MonkeyPatch.context() as patch:
         counters = Counters(patch)
         result = run_sweep(sweep, base, progress=False, write=lambda line: None)
@@ -227,8 +252,14 @@ def test_shared_path_restores_weights_bit_for_bit(tiny_dir, corpus, tmp_path):
     from prune.runs.recipe import parse_recipe
     from prune.sweep.shared import SharedModel
 
-    recipe = parse_recipe({"model": str(tiny_dir), "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
-                           "method": {"name": "sparsegpt", "sparsity": "2:4"}, "output": str(tmp_path / "x")})
+    recipe = parse_recipe(
+        {
+            "model": str(tiny_dir),
+            "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+            "method": {"name": "sparsegpt", "sparsity": "2:4"},
+            "output": str(tmp_path / "x"),
+        }
+    )
     shared = SharedModel(recipe)
     shared.ensure_stats(tmp_path / "calibration", [recipe.method], progress=False)
     before = {key: value.clone() for key, value in shared.model.state_dict().items()}
@@ -241,15 +272,16 @@ def test_shared_path_restores_weights_bit_for_bit(tiny_dir, corpus, tmp_path):
 
 
 def test_collect_stats_shares_one_statistic_per_input_and_matches_sequential_first_block():
+    from prune.masks.targets import select_targets
     from prune.methods.oneshot.method import WandaConfig, prune_from_stats, wanda
     from prune.methods.oneshot.stats import InputStats
-    from prune.masks.targets import select_targets
 
     model = make_tiny_llama()
     blocks = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
     names = select_targets(model, None)
-    stats = calibration.collect_stats(model, names, lambda m: InputStats(weight_matrix(m).shape[1], True), blocks,
-                                      progress=False)
+    stats = calibration.collect_stats(
+        model, names, lambda m: InputStats(weight_matrix(m).shape[1], True), blocks, progress=False
+    )
     layer = "model.layers.0."
     assert stats[layer + "self_attn.q_proj"] is stats[layer + "self_attn.k_proj"] is stats[layer + "self_attn.v_proj"]
     assert stats[layer + "mlp.gate_proj"] is stats[layer + "mlp.up_proj"]
@@ -299,14 +331,24 @@ def fragile_dir(tmp_path_factory, corpus):
 
 
 def test_sensitivity_ranks_the_fragile_block_first(fragile_dir, corpus, tmp_path, capsys):
-    path = write_sweep(tmp_path, fragile_dir, corpus, "[magnitude, wanda]", "[0.5]", tmp_path / "out",
-                       extra="sensitivity: {method: magnitude, sparsity: 0.5, heldout_blocks: 24}\n")
+    path = write_sweep(
+        tmp_path,
+        fragile_dir,
+        corpus,
+        "[magnitude, wanda]",
+        "[0.5]",
+        tmp_path / "out",
+        extra="sensitivity: {method: magnitude, sparsity: 0.5, heldout_blocks: 24}\n",
+    )
     assert main(["sweep", str(path), "--sensitivity"]) == 0
     result = json.loads((tmp_path / "out" / "sensitivity" / "sensitivity.json").read_text())
     by_block = [entry for entry in result["entries"] if entry["kind"] == "block"]
     assert [entry["group"] for entry in by_block] == ["block 1", "block 0"]
     assert by_block[0]["increase"] > by_block[1]["increase"] and by_block[0]["increase"] > 0
-    assert {entry["group"] for entry in result["entries"] if entry["kind"] == "type"} >= {"mlp.up_proj", "self_attn.q_proj"}
+    assert {entry["group"] for entry in result["entries"] if entry["kind"] == "type"} >= {
+        "mlp.up_proj",
+        "self_attn.q_proj",
+    }
     assert (tmp_path / "out" / "sensitivity" / "sensitivity.png").read_bytes().startswith(PNG)
     assert "block 1" in (tmp_path / "out" / "sensitivity" / "sensitivity.md").read_text()
     assert "block 1" in capsys.readouterr().out
@@ -331,14 +373,17 @@ def test_compare_from_run_dirs_and_missing_report(swept, tmp_path, capsys):
     assert "unfinished" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("grid, message", [
-    ("grid: {methods: [], sparsities: [0.5]}", "grid.methods is empty"),
-    ("grid: {methods: [wanda], sparsities: []}", "grid.sparsities is empty"),
-    ("grid: {methods: [wanda], sparsities: [0.5], levels: [1]}", "unknown key 'grid.levels'"),
-    ("grid: {methods: [wanda], sparsities: [0.5]}\nrepeat: 2", "unknown key 'repeat'"),
-    ("grid: {methods: [nope], sparsities: [0.5]}", "unknown method 'nope'"),
-    ("grid: {methods: [wanda], sparsities: [1.5]}", "strictly between 0 and 1"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("grid: {methods: [], sparsities: [0.5]}", "grid.methods is empty"),
+        ("grid: {methods: [wanda], sparsities: []}", "grid.sparsities is empty"),
+        ("grid: {methods: [wanda], sparsities: [0.5], levels: [1]}", "unknown key 'grid.levels'"),
+        ("grid: {methods: [wanda], sparsities: [0.5]}\nrepeat: 2", "unknown key 'repeat'"),
+        ("grid: {methods: [nope], sparsities: [0.5]}", "unknown method 'nope'"),
+        ("grid: {methods: [wanda], sparsities: [1.5]}", "strictly between 0 and 1"),
+    ],
+)
 def test_bad_sweep_recipes_are_user_errors(tmp_path, grid, message, capsys):
     (tmp_path / "base.yaml").write_text("method: {name: wanda}\n")
     path = tmp_path / "sweep.yaml"

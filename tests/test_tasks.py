@@ -1,5 +1,6 @@
 """The Task seam: the registry, method x task pairs refused at validation, one pipeline flow for a causal LM, CLIP
 and an image classifier (complete run directories), gating a CNN from a recipe, and the resnet-digits alias."""
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------------------------ registry
 
+
 def test_the_registry_names_every_task_the_recipe_accepts_and_their_data_sections():
     assert list(TASKS) == list(typing.get_args(Recipe.model_fields["task"].annotation))
     assert all(task.name == name for name, task in TASKS.items())
     assert {name: task.data_config for name, task in TASKS.items()} == {
-        "causal-lm": DataConfig, "zero-shot-classification": ZeroShotDataConfig,
-        "image-classification": ImageDataConfig}
+        "causal-lm": DataConfig,
+        "zero-shot-classification": ZeroShotDataConfig,
+        "image-classification": ImageDataConfig,
+    }
     assert {name: task.metric for name, task in TASKS.items()} == {
-        "causal-lm": "perplexity", "zero-shot-classification": "error", "image-classification": "error"}
+        "causal-lm": "perplexity",
+        "zero-shot-classification": "error",
+        "image-classification": "error",
+    }
     with pytest.raises(UserInputError, match="unknown task 'audio'; available tasks: causal-lm, "):
         get_task("audio")
 
@@ -52,13 +59,18 @@ def test_every_method_declares_tasks_that_exist():
 
 
 def test_an_unsupported_method_task_pair_is_refused_when_the_recipe_is_validated(tmp_path, capsys):
-    with pytest.raises(UserInputError, match=r"method 'wanda' does not support task 'image-classification'; it "
-                                             r"supports causal-lm\. For image-classification, use one of: binary, gating"):
+    with pytest.raises(
+        UserInputError,
+        match=r"method 'wanda' does not support task 'image-classification'; it "
+        r"supports causal-lm\. For image-classification, use one of: binary, gating",
+    ):
         parse_recipe({"task": "image-classification", "method": {"name": "wanda"}})
     recipe = tmp_path / "vib-on-clip.yaml"
     recipe.write_text(f"task: zero-shot-classification\nmethod: {{name: vib}}\noutput: {tmp_path / 'run'}\n")
     assert main(["run", str(recipe)]) == 2
-    assert "does not support task 'zero-shot-classification'; it supports causal-lm" in " ".join(capsys.readouterr().err.split())
+    assert "does not support task 'zero-shot-classification'; it supports causal-lm" in " ".join(
+        capsys.readouterr().err.split()
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -80,6 +92,7 @@ def test_head_indices_match_classes_by_name_in_any_order():
 
 # ---------------------------------------------------------------------------------------------- one flow
 
+
 @pytest.fixture(scope="module")
 def resnet_dir(tmp_path_factory):
     """A tiny HF ResNet for the ten digits, saved like a real checkpoint."""
@@ -87,13 +100,17 @@ def resnet_dir(tmp_path_factory):
 
 
 def digits_recipe(model_dir, output, method: dict, task="image-classification", steps=4, **data) -> Recipe:
-    return parse_recipe({
-        "model": str(model_dir), "task": task,
-        "data": {"source": "digits", "shots": 4, **data},
-        "method": method,
-        "train": {"steps": steps, "batch_size": 8, "lr": 0.01, "log_every": 2, "eval_every": 2},
-        "eval": {"limit": 40}, "output": str(output),
-    })
+    return parse_recipe(
+        {
+            "model": str(model_dir),
+            "task": task,
+            "data": {"source": "digits", "shots": 4, **data},
+            "method": method,
+            "train": {"steps": steps, "batch_size": 8, "lr": 0.01, "log_every": 2, "eval_every": 2},
+            "eval": {"limit": 40},
+            "output": str(output),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +124,23 @@ def corpus(tmp_path_factory):
 def test_one_flow_writes_a_complete_run_directory_for_every_task(task, tmp_path, corpus, clip_dir, resnet_dir):
     output = tmp_path / "run"
     if task == "causal-lm":
-        recipe = parse_recipe({
-            "model": str(save_tiny_model(tmp_path / "tiny")), "data": {"source": str(corpus), "seq_len": 32},
-            "method": {"name": "magnitude", "sparsity": 0.5}, "eval": {"tasks": [], "latency": False},
-            "output": str(output)})
+        recipe = parse_recipe(
+            {
+                "model": str(save_tiny_model(tmp_path / "tiny")),
+                "data": {"source": str(corpus), "seq_len": 32},
+                "method": {"name": "magnitude", "sparsity": 0.5},
+                "eval": {"tasks": [], "latency": False},
+                "output": str(output),
+            }
+        )
     elif task == "zero-shot-classification":
         recipe = digits_recipe(clip_dir, output, {"name": "binary", "gradient_dropout": 0.0}, task, templates=["{}."])
     else:  # the convolutions' weights masked: a plain ResNet checkpoint comes out
-        recipe = digits_recipe(resnet_dir, output, {"name": "binary", "targets": ["*convolution"], "init_score": 0.0051,
-                                                    "gradient_dropout": 0.0})
+        recipe = digits_recipe(
+            resnet_dir,
+            output,
+            {"name": "binary", "targets": ["*convolution"], "init_score": 0.0051, "gradient_dropout": 0.0},
+        )
     report = run(recipe)
     assert json.loads((output / "report.json").read_text()) == json.loads(json.dumps(report))
     for name in ("report.md", "recipe.yaml", "masks.safetensors", "masks.json", "model/config.json"):
@@ -139,15 +164,19 @@ def test_one_flow_writes_a_complete_run_directory_for_every_task(task, tmp_path,
     assert "the model's own classification head on 40 held-out images" in (output / "report.md").read_text()
     # model/ is a plain transformers image classifier that reproduces the pruned accuracy
     model, processor = load_model(str(output / "model"), task=task)
-    assert type(AutoModelForImageClassification.from_pretrained(output / "model")).__name__ == "ResNetForImageClassification"
+    assert (
+        type(AutoModelForImageClassification.from_pretrained(output / "model")).__name__
+        == "ResNetForImageClassification"
+    )
     task_again = ImageClassification(model, processor, recipe)
     assert classifier_accuracy(model, task_again.data.heldout, limit=40) == pytest.approx(report["accuracy"]["digits"])
 
 
 def test_gating_a_cnn_runs_from_a_recipe_and_the_run_dir_restores_it(tmp_path, resnet_dir):
     output = tmp_path / "run"
-    recipe = digits_recipe(resnet_dir, output, {"name": "gating", "threshold": 0.8, "mode": "joint", "init_bias": 0.5},
-                           steps=6)
+    recipe = digits_recipe(
+        resnet_dir, output, {"name": "gating", "threshold": 0.8, "mode": "joint", "init_bias": 0.5}, steps=6
+    )
     report = run(recipe)
     assert (output / "predictors.safetensors").is_file() and not (output / "model").exists()
     gating, flops = report["gating"], report["flops"]
@@ -166,6 +195,7 @@ def test_gating_a_cnn_runs_from_a_recipe_and_the_run_dir_restores_it(tmp_path, r
 
 # ---------------------------------------------------------------------------------------------- the alias
 
+
 def test_resnet_digits_is_trained_once_on_the_train_part_and_listed(tmp_path, monkeypatch):
     """A narrow, one-epoch variant (the real one trains for about a minute)."""
     monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path))
@@ -175,8 +205,11 @@ def test_resnet_digits_is_trained_once_on_the_train_part_and_listed(tmp_path, mo
     monkeypatch.setattr(image_classifier, "EPOCHS", 1)
     trained = []
     original = image_classifier.train_classifier
-    monkeypatch.setattr(image_classifier, "train_classifier",
-                        lambda model, images, labels, **kw: trained.append(labels) or original(model, images, labels, **kw))
+    monkeypatch.setattr(
+        image_classifier,
+        "train_classifier",
+        lambda model, images, labels, **kw: trained.append(labels) or original(model, images, labels, **kw),
+    )
     model, processor = load_model("resnet-digits", task="image-classification")
     again, _ = load_model("resnet-digits", task="image-classification")
     assert len(trained) == 1  # the second load read the cache

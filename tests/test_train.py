@@ -1,4 +1,5 @@
 """The one trainer, on a tiny Llama with a toy learnable mask (sigmoid scores, straight-through hard mask)."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,13 @@ class CountingObjective(Objective):
 def masked_tiny_llama(seed: int = 0):
     model = make_tiny_llama(seed)
     modules = dict(model.named_modules())
-    wrap(model, {name: WeightMasked(modules[name], ScoreMask(modules[name].weight.shape))
-                 for name in select_targets(model, None)})
+    wrap(
+        model,
+        {
+            name: WeightMasked(modules[name], ScoreMask(modules[name].weight.shape))
+            for name in select_targets(model, None)
+        },
+    )
     return model
 
 
@@ -55,8 +61,17 @@ def patterned_tokens(rows: int = 32, seq: int = 16) -> torch.Tensor:
 
 
 def config(**overrides) -> TrainConfig:
-    return TrainConfig(**{"steps": 12, "batch_size": 4, "lr": 0.05, "log_every": 3, "checkpoint_every": 4,
-                          "warmup_fraction": 0.0, **overrides})
+    return TrainConfig(
+        **{
+            "steps": 12,
+            "batch_size": 4,
+            "lr": 0.05,
+            "log_every": 3,
+            "checkpoint_every": 4,
+            "warmup_fraction": 0.0,
+            **overrides,
+        }
+    )
 
 
 def hard_loss(model, data) -> float:
@@ -94,12 +109,22 @@ def test_training_lowers_the_hard_masked_loss_and_logs_every_field(tmp_path):
 
 def test_periodic_eval_keeps_best_and_last(tmp_path):
     scores = iter([6.0, 5.0, 3.0, 4.0])  # step 0 (the starting masks), 3, 6, 9
-    result = train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(steps=9, eval_every=3),
-                   tmp_path, evaluate=lambda model: next(scores))
+    result = train(
+        masked_tiny_llama(),
+        CountingObjective(),
+        patterned_tokens(),
+        config(steps=9, eval_every=3),
+        tmp_path,
+        evaluate=lambda model: next(scores),
+    )
     assert (result.best_step, result.best_score) == (6, 3.0)
     records = [json.loads(line) for line in (tmp_path / "train" / "train_log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["eval_perplexity"]) for r in records if "eval_perplexity" in r] == [
-        (0, 6.0), (3, 5.0), (6, 3.0), (9, 4.0)]
+        (0, 6.0),
+        (3, 5.0),
+        (6, 3.0),
+        (9, 4.0),
+    ]
 
 
 class BudgetObjective(CountingObjective):
@@ -111,24 +136,42 @@ class BudgetObjective(CountingObjective):
 
 def test_best_masks_are_chosen_among_selectable_evaluations_only(tmp_path):
     scores = iter([1.0, 2.0, 4.0, 3.0])  # step 0 and 3 score best but are not selectable
-    result = train(masked_tiny_llama(), BudgetObjective(), patterned_tokens(), config(steps=9, eval_every=3),
-                   tmp_path, evaluate=lambda model: next(scores))
+    result = train(
+        masked_tiny_llama(),
+        BudgetObjective(),
+        patterned_tokens(),
+        config(steps=9, eval_every=3),
+        tmp_path,
+        evaluate=lambda model: next(scores),
+    )
     assert (result.best_step, result.best_score) == (9, 3.0)
     records = [json.loads(line) for line in (tmp_path / "train" / "train_log.jsonl").read_text().splitlines()]
     assert [r["selectable"] for r in records if "eval_perplexity" in r] == [False, False, True, True]
 
 
 def test_without_a_selectable_evaluation_no_best_is_kept(tmp_path):
-    result = train(masked_tiny_llama(), BudgetObjective(), patterned_tokens(), config(steps=3, eval_every=3),
-                   tmp_path, evaluate=lambda model: 1.0)
+    result = train(
+        masked_tiny_llama(),
+        BudgetObjective(),
+        patterned_tokens(),
+        config(steps=3, eval_every=3),
+        tmp_path,
+        evaluate=lambda model: 1.0,
+    )
     assert (result.best_step, result.best_score) == (None, None)
     assert not (tmp_path / "train" / "best.safetensors").exists()
 
 
 def test_starting_masks_stay_best_when_training_never_beats_them(tmp_path):
     scores = iter([2.0, 5.0, 3.0, 4.0])
-    result = train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(steps=9, eval_every=3),
-                   tmp_path, evaluate=lambda model: next(scores))
+    result = train(
+        masked_tiny_llama(),
+        CountingObjective(),
+        patterned_tokens(),
+        config(steps=9, eval_every=3),
+        tmp_path,
+        evaluate=lambda model: next(scores),
+    )
     assert (result.best_step, result.best_score) == (0, 2.0)
     assert (tmp_path / "train" / "best.safetensors").exists() and (tmp_path / "train" / "last.safetensors").exists()
 
@@ -158,8 +201,14 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, grad_accum):
 
     interrupted = masked_tiny_llama()
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, CountingObjective(), data, config(grad_accum=grad_accum), tmp_path / "b",
-              task_loss=interrupting_loss(at_call=7 * grad_accum + 1))
+        train(
+            interrupted,
+            CountingObjective(),
+            data,
+            config(grad_accum=grad_accum),
+            tmp_path / "b",
+            task_loss=interrupting_loss(at_call=7 * grad_accum + 1),
+        )
     pointer = (tmp_path / "b" / "train" / "checkpoints" / "latest").read_text()
     assert pointer == "step-7"  # Ctrl-C wrote a checkpoint of the 7 finished steps
     resumed = masked_tiny_llama()
@@ -170,7 +219,9 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, grad_accum):
         assert torch.equal(mask, hard_masks(resumed)[name])
     for a, b in zip(mask_parameters(uninterrupted), mask_parameters(resumed)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "train" / "train_log.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "b" / "train" / "train_log.jsonl").read_text().splitlines()
+    ]
     assert steps == [3, 6, 9, 12]
 
 
@@ -188,7 +239,9 @@ def test_sigterm_checkpoints_like_ctrl_c_and_restores_the_handler(tmp_path):
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(), tmp_path, task_loss=terminated_loss)
+        train(
+            masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(), tmp_path, task_loss=terminated_loss
+        )
     assert (tmp_path / "train" / "checkpoints" / "latest").read_text() == "step-5"
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -231,9 +284,23 @@ def test_two_process_training_averages_gradients_and_ends_with_identical_masks(t
 
     from safetensors.torch import load_file
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "tests.ddp_worker", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "tests.ddp_worker",
+        str(tmp_path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [json.loads((tmp_path / f"loss-rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -1,6 +1,7 @@
 """Faults during training: Ctrl-C / SIGTERM at any point of a step, then `--resume`, must end with the masks of an
 uninterrupted run, bit for bit, for every learnable method; a non-finite loss, gradient or parameter stops
 training without saving anything non-finite; a checkpoint or best-masks file that does not fit is refused."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,18 @@ def tokens(rows: int = 16, seq: int = 16) -> torch.Tensor:
 
 
 def train_config(**overrides) -> TrainConfig:
-    return TrainConfig(**{"steps": STEPS, "batch_size": 1, "grad_accum": 2, "lr": 0.05, "log_every": 1,
-                          "checkpoint_every": 4, "warmup_fraction": 0.0, **overrides})
+    return TrainConfig(
+        **{
+            "steps": STEPS,
+            "batch_size": 1,
+            "grad_accum": 2,
+            "lr": 0.05,
+            "log_every": 1,
+            "checkpoint_every": 4,
+            "warmup_fraction": 0.0,
+            **overrides,
+        }
+    )
 
 
 def mask_state(model, objective) -> dict[str, torch.Tensor]:
@@ -110,11 +121,13 @@ class Fault:
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "raise"])
-@pytest.mark.parametrize("point, step, nth",
-                         [("forward", 2, 1), ("forward", 5, 2), ("backward", 3, 2), ("update", 5, 1)])
+@pytest.mark.parametrize(
+    "point, step, nth", [("forward", 2, 1), ("forward", 5, 2), ("backward", 3, 2), ("update", 5, 1)]
+)
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))
 def test_resume_after_an_interrupt_anywhere_in_a_step_equals_the_uninterrupted_run(
-        tmp_path_factory, one_thread, method, point, step, nth, how):
+    tmp_path_factory, one_thread, method, point, step, nth, how
+):
     reference = uninterrupted(method, tmp_path_factory.mktemp("reference"))
     run = tmp_path_factory.mktemp("run")
     model, objective = attached(method)
@@ -170,6 +183,7 @@ def test_signal_handlers_are_restored_after_training(tmp_path, one_thread):
 
 # ------------------------------------------------------------------------------------------- non-finite values
 
+
 def strict_records(path: Path) -> list[dict]:
     """train_log.jsonl parsed so that NaN / Infinity (which json writes by default) are errors."""
 
@@ -210,8 +224,14 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
 def test_a_huge_learning_rate_stops_training_and_writes_nothing_non_finite(tmp_path, one_thread):
     model, objective = attached("vib")
     with pytest.raises(NonFiniteError, match=r"step (\d+)") as error:
-        train(model, objective, tokens(), train_config(lr=1e30, checkpoint_every=1, eval_every=1), tmp_path,
-              evaluate=lambda masked: 1.0)
+        train(
+            model,
+            objective,
+            tokens(),
+            train_config(lr=1e30, checkpoint_every=1, eval_every=1),
+            tmp_path,
+            evaluate=lambda masked: 1.0,
+        )
     failed = int(re.search(r"step (\d+)", str(error.value)).group(1))
     records = strict_records(tmp_path / "train" / "train_log.jsonl")
     assert max(record["step"] for record in records) == failed - 1  # every finished step logged, the failed one not
@@ -269,21 +289,26 @@ def test_the_cli_exits_1_on_divergence_and_writes_no_report(tmp_path, one_thread
 
 # --------------------------------------------------------------------------------------------------- seeds
 
+
 def nm_gumbel_run(model_dir: Path, corpus: Path, output: Path, seed: int) -> dict[str, torch.Tensor]:
     """A `prior: none` run without training steps: its masks are the argmax of the initial logits."""
     from prune.masks.storage import read_masks
     from prune.runs.pipeline import run
     from prune.runs.recipe import parse_recipe
 
-    run(parse_recipe({
-        "model": str(model_dir),
-        "data": {"source": str(corpus), "seq_len": 32, "calibration_samples": 2},
-        "method": {"name": "nm_gumbel", "prior": "none"},
-        "eval": {"dense_baseline": False, "perplexity": False, "tasks": [], "flops": False, "latency": False},
-        "export": {"save_model": False},
-        "seed": seed,
-        "output": str(output),
-    }))
+    run(
+        parse_recipe(
+            {
+                "model": str(model_dir),
+                "data": {"source": str(corpus), "seq_len": 32, "calibration_samples": 2},
+                "method": {"name": "nm_gumbel", "prior": "none"},
+                "eval": {"dense_baseline": False, "perplexity": False, "tasks": [], "flops": False, "latency": False},
+                "export": {"save_model": False},
+                "seed": seed,
+                "output": str(output),
+            }
+        )
+    )
     return read_masks(output)[0]
 
 
@@ -293,13 +318,15 @@ def test_prior_none_logits_follow_the_recipe_seed(tmp_path, one_thread):
     corpus = tmp_path / "docs.txt"
     corpus.write_text(docs_text(20_000))
     model_dir = save_tiny_model(tmp_path / "model")
-    first, again, other = (nm_gumbel_run(model_dir, corpus, tmp_path / name, seed)
-                           for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    first, again, other = (
+        nm_gumbel_run(model_dir, corpus, tmp_path / name, seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    )
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
 # ----------------------------------------------------------------------------------------- tensors that do not fit
+
 
 def checkpointed_run(tmp_path: Path) -> Path:
     model, objective = attached("vib")
@@ -315,8 +342,11 @@ def resume(tmp_path: Path) -> None:
 def replace_tensor(path: Path, change, prefix: str = "") -> str:
     """Change the first tensor (name starting with `prefix`) that has more than one row; returns its name."""
     tensors = load_file(path)
-    name = next(name for name, tensor in sorted(tensors.items())
-                if name.startswith(prefix) and tensor.dim() >= 1 and tensor.shape[0] > 1)
+    name = next(
+        name
+        for name, tensor in sorted(tensors.items())
+        if name.startswith(prefix) and tensor.dim() >= 1 and tensor.shape[0] > 1
+    )
     tensors[name] = change(tensors[name])
     save_file(tensors, path)
     return name
@@ -369,9 +399,11 @@ def test_best_masks_of_another_shape_are_refused(tmp_path, one_thread):
 
 # ------------------------------------------------------------------------------------- the real SmolLM2-135M
 
+
 @pytest.mark.integration
 def test_smollm2_nm_gumbel_resumed_after_ctrl_c_at_step_3_equals_the_uninterrupted_run(
-        tmp_path, smollm2_dir, monkeypatch):
+    tmp_path, smollm2_dir, monkeypatch
+):
     """The issue's case, kept short: nm_gumbel on the query projections of SmolLM2-135M, 6 steps of 64
     tokens, a checkpoint every 4; Ctrl-C during step 3's forward (after its Gumbel noise was drawn), then
     --resume."""
@@ -380,16 +412,24 @@ def test_smollm2_nm_gumbel_resumed_after_ctrl_c_at_step_3_equals_the_uninterrupt
     from prune.runs.recipe import parse_recipe
 
     def recipe(output: Path):
-        return parse_recipe({
-            "model": "smollm2-135m",
-            "data": {"seq_len": 64, "calibration_samples": 1},
-            "method": {"name": "nm_gumbel", "prior": "magnitude", "targets": ["*.self_attn.q_proj"]},
-            "train": {"steps": 6, "batch_size": 1, "lr": 0.01, "log_every": 3, "checkpoint_every": 4,
-                      "warmup_fraction": 0.0},
-            "eval": {"dense_baseline": False, "perplexity": False, "tasks": [], "flops": False, "latency": False},
-            "export": {"save_model": False},
-            "output": str(output),
-        })
+        return parse_recipe(
+            {
+                "model": "smollm2-135m",
+                "data": {"seq_len": 64, "calibration_samples": 1},
+                "method": {"name": "nm_gumbel", "prior": "magnitude", "targets": ["*.self_attn.q_proj"]},
+                "train": {
+                    "steps": 6,
+                    "batch_size": 1,
+                    "lr": 0.01,
+                    "log_every": 3,
+                    "checkpoint_every": 4,
+                    "warmup_fraction": 0.0,
+                },
+                "eval": {"dense_baseline": False, "perplexity": False, "tasks": [], "flops": False, "latency": False},
+                "export": {"save_model": False},
+                "output": str(output),
+            }
+        )
 
     pipeline.run(recipe(tmp_path / "uninterrupted"))
     real_train = pipeline.train

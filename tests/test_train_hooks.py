@@ -1,5 +1,6 @@
 """The trainer's two generic extensions: datasets of dict rows (collated batches), and an Objective that computes
 its own gradients (`Objective.backward`, used by gradient dropout)."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,17 @@ def loss(model, batch):
 
 
 def config(**overrides) -> TrainConfig:
-    return TrainConfig(**{"steps": 20, "batch_size": 8, "lr": 0.1, "warmup_fraction": 0.0, "log_every": 10,
-                          "checkpoint_every": 100, **overrides})
+    return TrainConfig(
+        **{
+            "steps": 20,
+            "batch_size": 8,
+            "lr": 0.1,
+            "warmup_fraction": 0.0,
+            "log_every": 10,
+            "checkpoint_every": 100,
+            **overrides,
+        }
+    )
 
 
 def test_dict_rows_collate_into_batches():
@@ -91,7 +101,14 @@ class HookObjective(Objective):
 
 def test_trainer_calls_the_objective_backward_hook_instead_of_its_own(tmp_path):
     model, objective = Classifier(), HookObjective()
-    train(model, objective, rows(), config(steps=3, grad_accum=2, max_grad_norm=0.0, log_every=3), tmp_path, task_loss=loss)
+    train(
+        model,
+        objective,
+        rows(),
+        config(steps=3, grad_accum=2, max_grad_norm=0.0, log_every=3),
+        tmp_path,
+        task_loss=loss,
+    )
     assert objective.calls == [0.5] * 6  # steps x grad_accum, each with scale 1/grad_accum
     # AdamW's first steps move against a constant +1 gradient by ~lr each: every score went down, uniformly
     scores = model.head.mask.scores

@@ -1,4 +1,5 @@
 """VIB structured pruning and the one-shot structured baselines on tiny Llama (GQA) and GPT-2 models."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,15 @@ from transformers import AutoModelForCausalLM
 
 from eval.flops import count_params
 from prune.core.errors import UserInputError
-from prune.runs.export import export_run
-from prune.structural.store import export_gated, gate_set, load_gates, save_gates
+from prune.methods.registry import get_method
 from prune.methods.vib.method import VIBGate
+from prune.runs.export import export_run
 from prune.runs.loading import load_model
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
-from prune.training.config import TrainConfig
-from prune.methods.registry import get_method
 from prune.structural.layout import FFN
+from prune.structural.store import export_gated, gate_set, load_gates, save_gates
+from prune.training.config import TrainConfig
 from prune.training.trainer import train
 from tests.conftest import docs_text, make_tiny_gpt2, make_tiny_llama, save_tiny_model
 
@@ -84,8 +85,14 @@ def test_lagrangian_drives_the_expected_size_to_the_target_on_a_toy_problem(tmp_
     model = make_tiny_llama()
     _, objective = attach(model, target={"params": 0.4}, budget_value=budget_value)
     task_loss, weights = importance_loss(objective)
-    train(model, objective, torch.zeros(4, 1, dtype=torch.long),
-          TrainConfig(steps=200, lr=0.05, max_grad_norm=0, log_every=50), tmp_path, task_loss=task_loss)
+    train(
+        model,
+        objective,
+        torch.zeros(4, 1, dtype=torch.long),
+        TrainConfig(steps=200, lr=0.05, max_grad_norm=0, log_every=50),
+        tmp_path,
+        task_loss=task_loss,
+    )
     # each mode meets the target in the share it constrains (in `expected` mode the hard share may lag: the
     # reason `hard`, which the exported model follows, is the default)
     expected, hard = objective.expected_removed().item(), objective.hard_removed()
@@ -112,9 +119,15 @@ def test_periodic_evaluation_keeps_best_masks_only_among_those_meeting_the_budge
         removed_at[len(removed_at)] = objective.hard_removed()
         return 1.0 + objective.hard_removed()
 
-    result = train(model, objective, torch.zeros(4, 1, dtype=torch.long),
-                   TrainConfig(steps=200, lr=0.05, max_grad_norm=0, log_every=50, eval_every=25), tmp_path,
-                   task_loss=task_loss, evaluate=evaluate)
+    result = train(
+        model,
+        objective,
+        torch.zeros(4, 1, dtype=torch.long),
+        TrainConfig(steps=200, lr=0.05, max_grad_norm=0, log_every=50, eval_every=25),
+        tmp_path,
+        task_loss=task_loss,
+        evaluate=evaluate,
+    )
     log = [json.loads(line) for line in (tmp_path / "train" / "train_log.jsonl").read_text().splitlines()]
     evals = [line for line in log if "eval_perplexity" in line]
     assert len(evals) == len(removed_at) == 9  # steps 0, 25, ..., 200
@@ -208,8 +221,11 @@ def test_magnitude_score_is_the_l2_norm_of_a_units_weights():
 
     model = make_tiny_llama()
     mlp = model.model.layers[1].mlp
-    expected = (mlp.gate_proj.weight[5].pow(2).sum() + mlp.up_proj.weight[5].pow(2).sum()
-                + mlp.down_proj.weight[:, 5].pow(2).sum()).sqrt()
+    expected = (
+        mlp.gate_proj.weight[5].pow(2).sum()
+        + mlp.up_proj.weight[5].pow(2).sum()
+        + mlp.down_proj.weight[:, 5].pow(2).sum()
+    ).sqrt()
     assert unit_weight_norms(model, structure_of(model), FFN, 1)[5].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -217,14 +233,16 @@ def test_pipeline_run_writes_a_smaller_model_that_loads_in_one_line(tmp_path):
     corpus = tmp_path / "docs.txt"
     corpus.write_text(docs_text())
     base = save_tiny_model(tmp_path / "base", "llama")
-    recipe = parse_recipe({
-        "model": str(base),
-        "data": {"source": str(corpus), "seq_len": 32, "fraction": 0.5},
-        "method": {"name": "vib", "target": {"params": 0.3}},
-        "train": {"steps": 6, "batch_size": 2, "lr": 0.1},
-        "eval": {"tasks": [], "latency": False},
-        "output": str(tmp_path / "run"),
-    })
+    recipe = parse_recipe(
+        {
+            "model": str(base),
+            "data": {"source": str(corpus), "seq_len": 32, "fraction": 0.5},
+            "method": {"name": "vib", "target": {"params": 0.3}},
+            "train": {"steps": 6, "batch_size": 2, "lr": 0.1},
+            "eval": {"tasks": [], "latency": False},
+            "output": str(tmp_path / "run"),
+        }
+    )
     report = run(recipe)
     assert report["sparsity"]["target"] == "params 0.3" and report["sparsity"]["measure"] == "params"
     assert report["params"]["total"] == report["structure"]["params"]["kept"] <= report["dense"]["params"]["total"]

@@ -1,6 +1,7 @@
 """Image data (digits, image folders, class-name columns, k-shot sampling), the CLIP zero-shot head, the offline
 tiny CLIP, and the zero-shot-classification pipeline end to end: mask tuning lifts a random CLIP from chance
 to >= 80% on held-out digits."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,20 @@ from PIL import Image
 from transformers import CLIPModel
 
 from prune.cli import main
-from prune.models.clip import TINY_CLIP, load_clip
 from prune.core.errors import UserInputError
+from prune.data.images import (
+    DIGIT_NAMES,
+    ImageDataConfig,
+    columns_and_classes,
+    digits_table,
+    few_shot,
+    load_image_data,
+    stratified_split,
+)
 from prune.methods.binary.method import BinaryConfig, attach_binary
+from prune.models.clip import TINY_CLIP, load_clip
 from prune.models.loading import list_models
 from prune.runs.recipe import load_recipe, parse_recipe
-from prune.data.images import (
-    DIGIT_NAMES, ImageDataConfig, columns_and_classes, digits_table, few_shot, load_image_data, stratified_split,
-)
 from prune.tasks.classification import classifier_accuracy
 from prune.tasks.zero_shot import ZeroShotClassifier
 
@@ -28,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------------ data
+
 
 def test_few_shot_draws_k_per_class_seeded_from_the_pool():
     labels = [0] * 10 + [1] * 7 + [2] * 12
@@ -66,23 +74,32 @@ def table_with(columns: dict, features: dict | None = None):
 
 def test_a_column_of_class_names_gives_labels_and_names():
     images = [Image.new("RGB", (4, 4))] * 3
-    table = table_with({"image": images, "species": ["dog", "cat", "dog"]},
-                       {"image": datasets.Image(), "species": datasets.Value("string")})
+    table = table_with(
+        {"image": images, "species": ["dog", "cat", "dog"]},
+        {"image": datasets.Image(), "species": datasets.Value("string")},
+    )
     column, labels, names = columns_and_classes(table, ImageDataConfig(label_column="species"), "pets")
     assert (column, labels, names) == ("image", [1, 0, 1], ["cat", "dog"])
 
 
 def test_a_dataset_without_a_label_column_names_the_columns_it_has():
-    table = table_with({"image": [Image.new("RGB", (4, 4))], "caption": ["x"]},
-                       {"image": datasets.Image(), "caption": datasets.Value("string")})
-    with pytest.raises(UserInputError, match=r"no label or class-name column; the columns found are: image \(Image\), "
-                                             r"caption \(Value\)"):
+    table = table_with(
+        {"image": [Image.new("RGB", (4, 4))], "caption": ["x"]},
+        {"image": datasets.Image(), "caption": datasets.Value("string")},
+    )
+    with pytest.raises(
+        UserInputError,
+        match=r"no label or class-name column; the columns found are: image \(Image\), "
+        r"caption \(Value\)",
+    ):
         columns_and_classes(table, ImageDataConfig(), "captions")
 
 
 def test_integer_labels_need_class_names():
-    table = table_with({"image": [Image.new("RGB", (4, 4))] * 2, "label": [0, 1]},
-                       {"image": datasets.Image(), "label": datasets.Value("int64")})
+    table = table_with(
+        {"image": [Image.new("RGB", (4, 4))] * 2, "label": [0, 1]},
+        {"image": datasets.Image(), "label": datasets.Value("int64")},
+    )
     with pytest.raises(UserInputError, match="data.class_names"):
         columns_and_classes(table, ImageDataConfig(), "ints")
     assert columns_and_classes(table, ImageDataConfig(class_names=["no", "yes"]), "ints")[2] == ["no", "yes"]
@@ -109,7 +126,9 @@ def test_local_image_folder_with_train_and_test(tmp_path, clip_dir):
 
 def test_image_folder_without_test_split_holds_out_a_share(tmp_path, clip_dir):
     _, processor = load_clip(str(clip_dir))
-    config = ImageDataConfig(source=str(write_folder(tmp_path / "folder", ("train",))), shots=None, heldout_fraction=0.5)
+    config = ImageDataConfig(
+        source=str(write_folder(tmp_path / "folder", ("train",))), shots=None, heldout_fraction=0.5
+    )
     data = load_image_data(config, processor.image_processor, seed=0)
     assert (len(data.train), len(data.heldout)) == (6, 6)
     assert not set(data.train.indices) & set(data.heldout.indices)
@@ -121,16 +140,26 @@ def test_hub_dataset_with_a_class_name_column_and_its_test_split(monkeypatch, cl
     from prune.data import images as vision
 
     def table(count):
-        return table_with({"img": [Image.new("RGB", (6, 6), (i * 20, 0, 0)) for i in range(count)],
-                           "breed": ["pug", "corgi"] * (count // 2)},
-                          {"img": datasets.Image(), "breed": datasets.Value("string")})
+        return table_with(
+            {
+                "img": [Image.new("RGB", (6, 6), (i * 20, 0, 0)) for i in range(count)],
+                "breed": ["pug", "corgi"] * (count // 2),
+            },
+            {"img": datasets.Image(), "breed": datasets.Value("string")},
+        )
 
     loaded = []
     monkeypatch.setattr(vision.hub, "require_hub", lambda *args: None)
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, config: ["train", "validation", "test"])
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: loaded.append(split) or table(8 if split == "train" else 4))
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name, config, split: loaded.append(split) or table(8 if split == "train" else 4),
+    )
     _, processor = load_clip(str(clip_dir))
-    data = load_image_data(ImageDataConfig(source="someone/dogs", label_column="breed", shots=3), processor.image_processor, 0)
+    data = load_image_data(
+        ImageDataConfig(source="someone/dogs", label_column="breed", shots=3), processor.image_processor, 0
+    )
     assert loaded == ["train", "test"] and data.class_names == ["corgi", "pug"]
     assert (len(data.train), len(data.heldout), data.notes["heldout"]) == (6, 4, "test")
     with pytest.raises(UserInputError, match=r"no split 'dev'; its splits are \['train', 'validation', 'test'\]"):
@@ -146,6 +175,7 @@ def test_missing_folder_and_unreachable_hub_are_clear_errors(tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------- classifier
+
 
 def test_zero_shot_logits_are_logit_scale_times_cosine(clip_dir):
     clip, processor = load_clip(str(clip_dir))
@@ -174,6 +204,7 @@ def test_class_embeddings_follow_masks_on_the_text_tower(clip_dir):
 
 # -------------------------------------------------------------------------------------------- tiny CLIP alias
 
+
 def test_tiny_clip_alias_is_built_once_deterministically_and_listed(tmp_path, monkeypatch, clip_dir):
     monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path))
     clip, processor = load_clip(TINY_CLIP)
@@ -198,13 +229,24 @@ def test_clip_and_task_mismatches_are_clear(clip_dir, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
+
 def test_digits_recipe_lifts_a_random_clip_from_chance_to_80_percent(tmp_path, monkeypatch, capsys):
     """`prune run recipes/clip/digits-offline.yaml`, shortened to fit a test: 540 steps (12 epochs) and plain
     straight-through scores (gradient dropout doubles the cost of a step; its math is tested in test_binary)."""
     monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path / "cache"))
     output = tmp_path / "run"
-    main(["run", "recipes/clip/digits-offline.yaml", "--output", str(output),
-          "--set", "train.steps=540", "--set", "method.gradient_dropout=0"])
+    main(
+        [
+            "run",
+            "recipes/clip/digits-offline.yaml",
+            "--output",
+            str(output),
+            "--set",
+            "train.steps=540",
+            "--set",
+            "method.gradient_dropout=0",
+        ]
+    )
     report = json.loads((output / "report.json").read_text())
     assert report["dense"]["accuracy"]["digits"] < 0.2  # the frozen random model sits at chance
     assert report["accuracy"]["digits"] >= 0.8
@@ -220,19 +262,24 @@ def test_digits_recipe_lifts_a_random_clip_from_chance_to_80_percent(tmp_path, m
     recipe = load_recipe(output / "recipe.yaml")  # the resolved recipe parses again
     _, processor = load_clip(str(output / "model"))
     data = load_image_data(recipe.data, processor.image_processor, recipe.seed)
-    tuned = ZeroShotClassifier(CLIPModel.from_pretrained(output / "model").eval(), processor.tokenizer,
-                               data.class_names, recipe.data.templates)
+    tuned = ZeroShotClassifier(
+        CLIPModel.from_pretrained(output / "model").eval(), processor.tokenizer, data.class_names, recipe.data.templates
+    )
     assert classifier_accuracy(tuned, data.heldout) == pytest.approx(report["accuracy"]["digits"])
 
 
 def test_gradient_dropout_runs_in_the_pipeline(tmp_path, clip_dir):
-    recipe = parse_recipe({
-        "model": str(clip_dir), "task": "zero-shot-classification",
-        "data": {"source": "digits", "shots": 4, "templates": ["{}."]},
-        "method": {"name": "binary", "gradient_dropout": 0.3},
-        "train": {"steps": 6, "batch_size": 8, "lr": 0.005, "log_every": 3, "eval_every": 3},
-        "eval": {"limit": 50}, "output": str(tmp_path / "run"),
-    })
+    recipe = parse_recipe(
+        {
+            "model": str(clip_dir),
+            "task": "zero-shot-classification",
+            "data": {"source": "digits", "shots": 4, "templates": ["{}."]},
+            "method": {"name": "binary", "gradient_dropout": 0.3},
+            "train": {"steps": 6, "batch_size": 8, "lr": 0.005, "log_every": 3, "eval_every": 3},
+            "eval": {"limit": 50},
+            "output": str(tmp_path / "run"),
+        }
+    )
     from prune.runs.pipeline import run
 
     report = run(recipe)

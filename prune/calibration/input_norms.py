@@ -1,5 +1,6 @@
 """Per-input-feature sums of squares of a layer's inputs: Wanda's statistic, also the activation score of the
 structured method, so it lives below both methods."""
+
 from __future__ import annotations
 
 from torch import Tensor

@@ -28,19 +28,21 @@ device (or read from disk) by `placement.onload` just before its statistics, and
 `placement.offload` right after its outputs are written, so the work device holds one block plus its
 activations, never the model. Blocks after the last targeted one are neither onloaded nor run.
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prune.core.errors import UserInputError
 from prune.core.memory import release_freed_memory
 from prune.models.blocks import LINEAR_TYPES, find_blocks, weight_matrix
-from prune.core.errors import UserInputError
 
 
 class BlockPlacement(Protocol):
@@ -115,7 +117,9 @@ def prune_layerwise(
                     if placement is not None:
                         placement.onload(index, block)
                     if names:
-                        stats = _collect(modules, names, make_stats, lambda: _run_block(block, acts, calls, False))
+                        stats = _collect(
+                            modules, names, make_stats, lambda block=block: _run_block(block, acts, calls, False)
+                        )
                         for name in names:
                             _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
                             if not keep_results:
@@ -149,8 +153,12 @@ def _check_placed(placement: BlockPlacement | None, outside: list[str]) -> None:
         )
 
 
-def visit_placed_blocks(model: nn.Module, placement: BlockPlacement, visit: Callable[[int, nn.Module], None],
-                        wanted: Callable[[int], bool] = lambda index: True) -> None:
+def visit_placed_blocks(
+    model: nn.Module,
+    placement: BlockPlacement,
+    visit: Callable[[int, nn.Module], None],
+    wanted: Callable[[int], bool] = lambda index: True,
+) -> None:
     """The data-free walk over placed blocks: each `wanted` block onloaded, `visit(index, block)`ed, offloaded."""
     _, blocks = find_blocks(model)
     with torch.no_grad():
@@ -161,12 +169,15 @@ def visit_placed_blocks(model: nn.Module, placement: BlockPlacement, visit: Call
                 placement.offload(index, block)
 
 
-def _prune_placed_without_data(model, modules, prune_module, result, placement: BlockPlacement, restore: bool,
-                               keep_results: bool) -> LayerwiseResult:
+def _prune_placed_without_data(
+    model, modules, prune_module, result, placement: BlockPlacement, restore: bool, keep_results: bool
+) -> LayerwiseResult:
     """Data-free pruning (magnitude) of placed blocks: onload each block, prune its targets, offload."""
     blocks_name, blocks = find_blocks(model)
-    per_block = [[name for name in modules if _block_index(name, blocks_name, len(blocks)) == index]
-                 for index in range(len(blocks))]
+    per_block = [
+        [name for name in modules if _block_index(name, blocks_name, len(blocks)) == index]
+        for index in range(len(blocks))
+    ]
 
     def visit(index: int, block: nn.Module) -> None:
         for name in per_block[index]:
@@ -211,7 +222,7 @@ def _block_index(name: str, blocks_name: str, count: int) -> int | None:
     prefix = blocks_name + "." if blocks_name else ""
     if not name.startswith(prefix):
         return None
-    head = name[len(prefix):].split(".", 1)[0]
+    head = name[len(prefix) :].split(".", 1)[0]
     return int(head) if head.isdigit() and int(head) < count else None
 
 
@@ -241,8 +252,10 @@ def _collect(modules, names, make_stats: MakeStats, run: Callable[[], None]) -> 
     handles = []
     try:
         for name in names:
+
             def hook(module, args, output, acc=stats[name]):
                 acc.add(args[0].detach())
+
             handles.append(modules[name].register_forward_hook(hook))
         run()
     finally:
@@ -344,8 +357,12 @@ def _is_cache(value: Any) -> bool:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return (
-            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
-            and a.device == b.device and torch.equal(a, b)
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and torch.equal(a, b)
         )
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
@@ -411,31 +428,44 @@ def collect_stats(
                     if placement is not None:
                         placement.onload(index, block)
                     if names:
-                        emit(_collect_shared(modules, names, make_stats, block, share_inputs,
-                                             lambda: _run_block(block, acts, calls, write)))
+                        emit(
+                            _collect_shared(
+                                modules,
+                                names,
+                                make_stats,
+                                block,
+                                share_inputs,
+                                lambda block=block, write=write: _run_block(block, acts, calls, write),
+                            )
+                        )
                     elif write:
                         _run_block(block, acts, calls, write=True)
                     if placement is not None:
                         placement.offload(index, block)
                 del acts, calls
             if outside:
-                emit(_collect_shared(modules, outside, make_stats, model, share_inputs,
-                                     _whole_model_runner(model, batches)))
+                emit(
+                    _collect_shared(
+                        modules, outside, make_stats, model, share_inputs, _whole_model_runner(model, batches)
+                    )
+                )
     finally:
         model.train(was_training)
     return result
 
 
-def _collect_shared(modules, names, make_stats: MakeStats, scope: nn.Module, share_inputs: bool,
-                    run: Callable[[], None]) -> dict[str, Accumulator]:
+def _collect_shared(
+    modules, names, make_stats: MakeStats, scope: nn.Module, share_inputs: bool, run: Callable[[], None]
+) -> dict[str, Accumulator]:
     """Like `_collect`, but a target whose input is the same tensor as an earlier target's in the same call of
     `scope` (one batch) reuses that target's accumulator instead of adding the same rows again."""
     stats: dict[str, Accumulator] = {}
     seen: list[tuple[Tensor, str]] = []  # inputs of this call of `scope`, held so their memory is not reused
 
     def same(a: Tensor, b: Tensor) -> bool:
-        return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                          and a.dtype == b.dtype)
+        return a is b or (
+            a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+        )
 
     def hook(module, args, output, name):
         x = args[0]
@@ -452,8 +482,11 @@ def _collect_shared(modules, names, make_stats: MakeStats, scope: nn.Module, sha
     handles = [scope.register_forward_pre_hook(lambda module, args: seen.clear())]
     try:
         for name in names:
-            handles.append(modules[name].register_forward_hook(
-                lambda module, args, output, name=name: hook(module, args, output, name)))
+            handles.append(
+                modules[name].register_forward_hook(
+                    lambda module, args, output, name=name: hook(module, args, output, name)
+                )
+            )
         run()
     finally:
         for handle in handles:

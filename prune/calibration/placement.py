@@ -5,9 +5,10 @@ statistics, pruning and outputs, then returns to the CPU, as in SparseGPT's and 
 `FromShards`: the model is a meta-device skeleton (runtime.offload: disk); a block's tensors are read from the
 checkpoint's shards when its turn comes, and written to the output checkpoint and dropped when it is done.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
@@ -16,11 +17,13 @@ from torch import Tensor, nn
 from prune.core.memory import release_freed_memory
 from prune.models.shards import ShardedWriter, ShardReader
 
+CPU = torch.device("cpu")
+
 
 class OnDevice:
     """Blocks live on `home` (the CPU) and visit `device` one at a time."""
 
-    def __init__(self, device: torch.device, home: torch.device = torch.device("cpu")):
+    def __init__(self, device: torch.device, home: torch.device = CPU):
         self.device, self.home = device, home
 
     def onload(self, index: int, block: nn.Module) -> None:
@@ -42,8 +45,16 @@ class FromShards:
     as `rewrite(name, tensor)` (a structural method slices them to its kept units) in the writer's planned dtype,
     then put back on the meta device and the freed heap returned to the OS."""
 
-    def __init__(self, model: nn.Module, blocks_name: str, reader: ShardReader, writer: ShardedWriter | None,
-                 device: torch.device, dtype: torch.dtype, rewrite: Rewrite = unchanged):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks_name: str,
+        reader: ShardReader,
+        writer: ShardedWriter | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        rewrite: Rewrite = unchanged,
+    ):
         self.model, self.prefix = model, blocks_name + "." if blocks_name else ""
         self.reader, self.writer, self.device, self.dtype = reader, writer, device, dtype
         self.rewrite = rewrite
@@ -61,7 +72,9 @@ class FromShards:
         state = block.state_dict()
         for key, name in zip(state, self._names(index, block)):
             if self.writer is not None:
-                self.writer.write(name, self.rewrite(name, state[key]).to("cpu", self.writer.where[name].entries[name][0]))
+                self.writer.write(
+                    name, self.rewrite(name, state[key]).to("cpu", self.writer.where[name].entries[name][0])
+                )
             set_module_tensor_to_device(self.model, name, "meta")
         del state
         release_freed_memory()

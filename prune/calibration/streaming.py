@@ -9,11 +9,12 @@ streamed result is bit-identical to pruning the loaded model. `stream_rewrite` i
 method: the dense statistics (`collect_stats`), a decision per block, and the block's tensors written in the
 smaller shapes of the output model's config.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
@@ -23,8 +24,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from eval.perplexity import PerplexityResult, perplexity_of, window_nll
 from prune.calibration.layerwise import (
-    Accumulator, LayerPruner, MakeStats, _block_index, _capture_block_inputs, _forward_kwargs, _run_block,
-    collect_stats, prune_layerwise, visit_placed_blocks,
+    Accumulator,
+    LayerPruner,
+    MakeStats,
+    _block_index,
+    _capture_block_inputs,
+    _forward_kwargs,
+    _run_block,
+    collect_stats,
+    prune_layerwise,
+    visit_placed_blocks,
 )
 from prune.calibration.placement import FromShards, Rewrite, unchanged
 from prune.core.memory import release_freed_memory
@@ -58,20 +67,24 @@ def _load_outside_blocks(model: nn.Module, reader: ShardReader, dtype: torch.dty
     for name, _, _ in reader.specs().values():
         if name not in in_blocks:
             tensor = reader.get_tensor(name)
-            set_module_tensor_to_device(model, name, "cpu", value=tensor,
-                                        dtype=dtype if tensor.is_floating_point() else None)
+            set_module_tensor_to_device(
+                model, name, "cpu", value=tensor, dtype=dtype if tensor.is_floating_point() else None
+            )
     model.tie_weights()
 
 
-def output_specs(model: nn.Module, reader: ShardReader, dtype: torch.dtype,
-                 shapes: dict[str, tuple[int, ...]] | None = None) -> list[TensorSpec]:
+def output_specs(
+    model: nn.Module, reader: ShardReader, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]] | None = None
+) -> list[TensorSpec]:
     """The output checkpoint: the input's tensors in model order, floating ones in `dtype`, in their `shapes`
     (default: the input's)."""
     source, shapes = reader.specs(), shapes or {}
     order = [name for name in model.state_dict() if name in source]
     order += [name for name in source if name not in set(order)]
-    return [(name, dtype if source[name][1].is_floating_point else source[name][1], shapes.get(name, source[name][2]))
-            for name in order]
+    return [
+        (name, dtype if source[name][1].is_floating_point else source[name][1], shapes.get(name, source[name][2]))
+        for name in order
+    ]
 
 
 def _shapes_of(config) -> dict[str, tuple[int, ...]]:
@@ -82,8 +95,16 @@ def _shapes_of(config) -> dict[str, tuple[int, ...]]:
 
 
 @contextmanager
-def _streamed_output(model_dir: Path, out_dir: Path, *, device: torch.device, dtype: torch.dtype,
-                     max_shard_bytes: int, config=None, rewrite: Rewrite = unchanged):
+def _streamed_output(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    config=None,
+    rewrite: Rewrite = unchanged,
+):
     """The skeleton of `model_dir` (the tensors outside the blocks read) and a `FromShards` placement writing the
     blocks into `out_dir` as `rewrite` says, in the shapes of a model of `config` (default: the input's). The
     caller walks the blocks; then the tensors it never wrote are copied through `rewrite`, and the index,
@@ -101,29 +122,63 @@ def _streamed_output(model_dir: Path, out_dir: Path, *, device: torch.device, dt
     _copy_generation_config(model_dir, out_dir)
 
 
-def stream_prune(model_dir: Path, out_dir: Path, target_names, prune_module: LayerPruner,
-                 make_stats: MakeStats | None, calib_blocks: Tensor | None, *, device: torch.device,
-                 dtype: torch.dtype, batch_size: int = 1, max_shard_bytes: int = 2 * 1024**3) -> None:
+def stream_prune(
+    model_dir: Path,
+    out_dir: Path,
+    target_names,
+    prune_module: LayerPruner,
+    make_stats: MakeStats | None,
+    calib_blocks: Tensor | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> None:
     """Prune the checkpoint in `model_dir` block by block into a sharded checkpoint in `out_dir` (config.json,
     shards, index; `target_names(model)` picks the targets of the skeleton). The pruned weights carry the masks."""
-    with _streamed_output(model_dir, out_dir, device=device, dtype=dtype,
-                          max_shard_bytes=max_shard_bytes) as (model, placement):
-        prune_layerwise(model, target_names(model), prune_module, make_stats, calib_blocks, batch_size=batch_size,
-                        restore=False, progress=False, placement=placement, keep_results=False)
+    with _streamed_output(model_dir, out_dir, device=device, dtype=dtype, max_shard_bytes=max_shard_bytes) as (
+        model,
+        placement,
+    ):
+        prune_layerwise(
+            model,
+            target_names(model),
+            prune_module,
+            make_stats,
+            calib_blocks,
+            batch_size=batch_size,
+            restore=False,
+            progress=False,
+            placement=placement,
+            keep_results=False,
+        )
 
 
-def stream_rewrite(model_dir: Path, out_dir: Path, config, rewrite: Rewrite,
-                   decide: Callable[[nn.Module, int, dict[str, Accumulator]], None], stat_targets,
-                   make_stats: MakeStats | None, calib_blocks: Tensor | None, *, device: torch.device,
-                   dtype: torch.dtype, batch_size: int = 1, max_shard_bytes: int = 2 * 1024**3) -> None:
+def stream_rewrite(
+    model_dir: Path,
+    out_dir: Path,
+    config,
+    rewrite: Rewrite,
+    decide: Callable[[nn.Module, int, dict[str, Accumulator]], None],
+    stat_targets,
+    make_stats: MakeStats | None,
+    calib_blocks: Tensor | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> None:
     """Rewrite the checkpoint in `model_dir` block by block into a checkpoint of `config` (its shapes) in
     `out_dir`: each block read from the shards, its *dense* calibration statistics gathered on the targets
     `stat_targets(model)` names (`collect_stats`: block k+1 sees the dense block k, as a whole-model forward does;
     none when `make_stats` is None), `decide(model, index, stats)` called while the block is on the device, then
     its tensors written as `rewrite(name, tensor)` (a structural method slices them to the units it keeps).
     Every block must have targets (`decide` is what `rewrite` reads)."""
-    with _streamed_output(model_dir, out_dir, device=device, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                          config=config, rewrite=rewrite) as (model, placement):
+    with _streamed_output(
+        model_dir, out_dir, device=device, dtype=dtype, max_shard_bytes=max_shard_bytes, config=config, rewrite=rewrite
+    ) as (model, placement):
         blocks_name, blocks = find_blocks(model)
         if make_stats is None:
             visit_placed_blocks(model, placement, lambda index, block: decide(model, index, {}))
@@ -132,8 +187,17 @@ def stream_rewrite(model_dir: Path, out_dir: Path, config, rewrite: Rewrite,
         def sink(stats: dict[str, Accumulator]) -> None:
             decide(model, _block_index(next(iter(stats)), blocks_name, len(blocks)), stats)
 
-        collect_stats(model, stat_targets(model), make_stats, calib_blocks, batch_size=batch_size,
-                      share_inputs=False, sink=sink, progress=False, placement=placement)
+        collect_stats(
+            model,
+            stat_targets(model),
+            make_stats,
+            calib_blocks,
+            batch_size=batch_size,
+            share_inputs=False,
+            sink=sink,
+            progress=False,
+            placement=placement,
+        )
 
 
 def _copy_generation_config(model_dir: Path, out_dir: Path) -> None:
@@ -143,8 +207,15 @@ def _copy_generation_config(model_dir: Path, out_dir: Path) -> None:
 
 
 @torch.no_grad()
-def stream_perplexity(model_dir: Path, blocks: Tensor, *, device: torch.device, dtype: torch.dtype,
-                      batch_size: int = 1, desc: str = "perplexity") -> PerplexityResult:
+def stream_perplexity(
+    model_dir: Path,
+    blocks: Tensor,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 1,
+    desc: str = "perplexity",
+) -> PerplexityResult:
     """Perplexity of the checkpoint in `model_dir` on token windows `blocks` [n, seq], one decoder block in
     memory at a time (as SparseGPT's reference evaluation): every window goes through block k before block k+1
     is read. The head then runs on the last hidden states through the model's own forward, the blocks replaced
@@ -189,4 +260,3 @@ def _head_logits(model: nn.Module, layers: nn.ModuleList, batch: Tensor, hidden:
         for index, layer in enumerate(real):
             layers[index] = layer
     return output.logits if hasattr(output, "logits") else output[0]
-

@@ -6,6 +6,7 @@ and Windows). Directories: filled under a temp name beside the target, then rena
 (mkstemp: 0600) and safetensors (0600) would otherwise keep owner-only permissions; what we publish gets what
 a plain open() would give under the current umask.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +14,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
@@ -69,8 +71,9 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor]
     return Path(path)
 
 
-def write_tensors_with_json(directory: Path, tensors_file: str, tensors: dict[str, Tensor], json_file: str,
-                            info: dict) -> None:
+def write_tensors_with_json(
+    directory: Path, tensors_file: str, tensors: dict[str, Tensor], json_file: str, info: dict
+) -> None:
     """The safetensors + JSON pair a run directory holds (masks, predictors): the tensors first, then the JSON
     that describes them, each replaced atomically, so a reader checking the JSON against the tensors never sees
     either file half-written."""
@@ -79,8 +82,7 @@ def write_tensors_with_json(directory: Path, tensors_file: str, tensors: dict[st
 
 
 @contextmanager
-def staged_directory(target: str | os.PathLike, *, complete: Callable[[Path], bool] | None = None
-                     ) -> Iterator[Path]:
+def staged_directory(target: str | os.PathLike, *, complete: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield an empty directory beside `target` to fill; when the block succeeds it takes `target`'s place
     (replacing what was there), so `target` is whole or absent, never half-written.
 

@@ -1,4 +1,5 @@
 """Where MaskPrune keeps what it fetches once (the embedded model, the general-prose text): one root to delete."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ A config class's fields are its documentation: each carries its default and a `d
 `sample_yaml` renders them as the YAML a recipe would hold, descriptions as comments. Every config class's
 docstring ends with that sample, generated when the class is defined, so it cannot drift from the fields.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -75,7 +76,9 @@ class StrictConfig(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         own = inspect.cleandoc(cls.__dict__.get("__doc__") or "")
         sample = textwrap.indent(sample_yaml(cls), "    ")
-        cls.__doc__ = f"{own}\n\nSample YAML, every key at its default (generated from the fields):\n\n{sample}".lstrip()
+        cls.__doc__ = (
+            f"{own}\n\nSample YAML, every key at its default (generated from the fields):\n\n{sample}".lstrip()
+        )
 
 
 class MethodConfig(StrictConfig):
@@ -83,10 +86,15 @@ class MethodConfig(StrictConfig):
 
     name: str = Field(description="the method, by its name in prune.methods.registry (e.g. wanda)")
     sparsity: str | float = Field("2:4", description="'N:M' or a fraction of the targeted weights removed")
-    targets: list[str] | None = Field(None, description="glob patterns over module names (null: every linear "
-                                      "inside the decoder blocks); every pattern must match")
-    skip_incompatible: bool = Field(False, description="N:M layers whose input size is not divisible by M: "
-                                    "skip them (true) or refuse the recipe (false)")
+    targets: list[str] | None = Field(
+        None,
+        description="glob patterns over module names (null: every linear "
+        "inside the decoder blocks); every pattern must match",
+    )
+    skip_incompatible: bool = Field(
+        False,
+        description="N:M layers whose input size is not divisible by M: skip them (true) or refuse the recipe (false)",
+    )
 
     @field_validator("sparsity", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ regularizer computed after the forward, a budget read before it, a gate that oth
 is this process's shard. Code that needs the whole value asks for it here, and the same code then runs
 unchanged with one process (plain tensors pass through).
 """
+
 from __future__ import annotations
 
 from torch import Tensor

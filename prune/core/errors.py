@@ -1,4 +1,5 @@
 """The one error type for bad input: the CLI turns it into a one-paragraph message and exit code 2."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """What every plot shares: matplotlib without a display (Agg), a finite-number test, and saving a figure."""
+
 from __future__ import annotations
 
 import math

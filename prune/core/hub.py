@@ -1,4 +1,5 @@
 """Hub ids versus local paths, and one clear error, raised at once, when the Hub is needed but unreachable."""
+
 from __future__ import annotations
 
 import re

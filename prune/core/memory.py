@@ -3,6 +3,7 @@
 glibc keeps freed buffers in its arenas for reuse, so a process that frees one block-sized buffer after another
 (a layer-by-layer pass over a large model) holds on to them and its RSS creeps up block after block.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -6,6 +6,7 @@ of the Gumbel noise, VIB's gate samples, gradient dropout), from its CUDA device
 it is neither seeded nor saved. Data order does not depend on any of these: each epoch's permutation comes from
 its own generator seeded with `seed + epoch` (prune.training.trainer.batch_indices).
 """
+
 from __future__ import annotations
 
 import random

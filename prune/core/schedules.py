@@ -1,4 +1,5 @@
 """Values that move from a start to an end over training: temperatures, scales, targets."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """A sparsity target: either N:M (N kept in every group of M along the input dimension) or a fraction removed."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

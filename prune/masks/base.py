@@ -5,10 +5,11 @@ now (`forward`: soft while training, hard in eval mode), its hard value, and its
 `MaskWrapper` replaces a target module in the model; the original module lives on, frozen and unmodified, as
 `wrapper.base`, so `unwrap` gives back the exact original and `merge` bakes the hard mask into a copy.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

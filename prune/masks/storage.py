@@ -5,6 +5,7 @@ candidates for 2:4, so 3 bits' worth per 4 weights instead of 4 floats); any oth
 `masks.json` records the method, its config, and each target's shape and encoding, so a mask file is checked
 against the model before a single weight is touched.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from prune.models.blocks import weight_matrix
 from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError, summarize_names
 from prune.core.sparsity import parse_sparsity
 from prune.masks.base import attach_hard_masks, hard_masks
+from prune.models.blocks import weight_matrix
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "masks.safetensors"
@@ -112,8 +113,9 @@ def _decode(tensor: Tensor, info: dict, name: str) -> Tensor:
     return torch.from_numpy(np.unpackbits(tensor.numpy())[:count].astype(bool)).reshape(info["shape"])
 
 
-_RECREATE = (f"Copy both files ({TENSORS_FILE} + {CONFIG_FILE}) of one run together, or rerun `prune run` to "
-             "recreate them.")
+_RECREATE = (
+    f"Copy both files ({TENSORS_FILE} + {CONFIG_FILE}) of one run together, or rerun `prune run` to recreate them."
+)
 
 
 def save_masks(model: nn.Module, directory: str | Path, meta: dict, nm: tuple[int, int] | None = None) -> None:
@@ -158,20 +160,29 @@ def read_masks(directory: str | Path) -> tuple[dict[str, Tensor], dict]:
     try:
         tensors = load_file(tensors_path)
     except (SafetensorError, OSError) as error:
-        raise UserInputError(f"mask files in {directory} are corrupt ({error}); rerun `prune run` to recreate them.") from None
+        raise UserInputError(
+            f"mask files in {directory} are corrupt ({error}); rerun `prune run` to recreate them."
+        ) from None
     targets = config.get("targets")
     described = isinstance(targets, dict) and all(isinstance(info, dict) for info in targets.values())
     if not described or config.get("format_version") != FORMAT_VERSION:
-        raise UserInputError(f"{config_path} is not a MaskPrune mask description (format {FORMAT_VERSION}). "
-                             f"{_RECREATE}")
+        raise UserInputError(
+            f"{config_path} is not a MaskPrune mask description (format {FORMAT_VERSION}). {_RECREATE}"
+        )
     if set(tensors) != set(targets):
         missing, extra = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
         raise UserInputError(
             f"{config_path} lists {len(targets)} targets and {tensors_path} holds {len(tensors)}: "
-            + "; ".join(filter(None, [
-                f"no tensor for {summarize_names(missing)}" if missing else "",
-                f"tensors not described for {summarize_names(extra)}" if extra else "",
-            ])) + f". {_RECREATE}"
+            + "; ".join(
+                filter(
+                    None,
+                    [
+                        f"no tensor for {summarize_names(missing)}" if missing else "",
+                        f"tensors not described for {summarize_names(extra)}" if extra else "",
+                    ],
+                )
+            )
+            + f". {_RECREATE}"
         )
     _check_pattern(config, targets)
     return {name: _decode(tensors[name], info, name) for name, info in targets.items()}, config
@@ -187,8 +198,9 @@ def _check_pattern(config: dict, targets: dict[str, dict]) -> None:
         pattern = None
     if pattern is None:
         return
-    indexed = {name: f"{info.get('n')}:{info.get('m')}" for name, info in targets.items()
-               if info.get("encoding") == "nm_index"}
+    indexed = {
+        name: f"{info.get('n')}:{info.get('m')}" for name, info in targets.items() if info.get("encoding") == "nm_index"
+    }
     wrong = [name for name, label in indexed.items() if label != str(pattern)]
     if wrong:
         raise UserInputError(
@@ -210,10 +222,16 @@ def load_masks(model: nn.Module, directory: str | Path) -> dict:
     if missing or wrong:
         raise UserInputError(
             f"masks in {directory} do not match this model ({config.get('model', '?')} was pruned): "
-            + "; ".join(filter(None, [
-                f"no module for {summarize_names(missing)}" if missing else "",
-                f"{len(wrong)} shape(s) differ, e.g. {', '.join(wrong[:3])}" if wrong else "",
-            ])) + ". Load them into the model they were made for."
+            + "; ".join(
+                filter(
+                    None,
+                    [
+                        f"no module for {summarize_names(missing)}" if missing else "",
+                        f"{len(wrong)} shape(s) differ, e.g. {', '.join(wrong[:3])}" if wrong else "",
+                    ],
+                )
+            )
+            + ". Load them into the model they were made for."
         )
     attach_hard_masks(model, masks)
     return config

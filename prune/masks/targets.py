@@ -3,17 +3,18 @@
 `select_by_glob` is the one glob selector every method uses (weight masks, binary masks, gating), so a pattern
 means the same thing and fails the same way everywhere.
 """
+
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
-from typing import Callable, Sequence
 
 from torch import nn
 
-from prune.models.blocks import LINEAR_TYPES, find_blocks, in_out_features
 from prune.core.errors import UserInputError, summarize_names
 from prune.core.sparsity import Sparsity
+from prune.models.blocks import LINEAR_TYPES, find_blocks, in_out_features
 
 
 def select_targets(model: nn.Module, patterns: list[str] | None, module_types=LINEAR_TYPES) -> list[str]:
@@ -31,8 +32,14 @@ def select_targets(model: nn.Module, patterns: list[str] | None, module_types=LI
     return selected
 
 
-def select_by_glob(candidates: Sequence[str], patterns: Sequence[str], what: str, *, example: str = "*.mlp.*",
-                   explain: Callable[[str], str] = lambda pattern: "") -> list[str]:
+def select_by_glob(
+    candidates: Sequence[str],
+    patterns: Sequence[str],
+    what: str,
+    *,
+    example: str = "*.mlp.*",
+    explain: Callable[[str], str] = lambda pattern: "",
+) -> list[str]:
     """The candidate names the glob patterns match (`fnmatchcase` over the full name), pattern by pattern, each
     name once. Every pattern must match a candidate: a typo would otherwise silently prune less. The error names
     the pattern and the nearest candidates; `explain(pattern)` may add why a module it matched is no candidate."""
@@ -84,7 +91,9 @@ def nm_compatible(model: nn.Module, names: list[str], m: int, skip_incompatible:
     return [name for name in names if name not in bad]
 
 
-def method_targets(model: nn.Module, patterns: list[str] | None, sparsity: Sparsity, skip_incompatible: bool) -> list[str]:
+def method_targets(
+    model: nn.Module, patterns: list[str] | None, sparsity: Sparsity, skip_incompatible: bool
+) -> list[str]:
     """The targets a method prunes: selected by pattern, then (for N:M) those whose inputs tile into groups."""
     names = select_targets(model, patterns)
     return nm_compatible(model, names, sparsity.m, skip_incompatible) if sparsity.is_nm else names

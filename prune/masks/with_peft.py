@@ -19,16 +19,17 @@ adapter_model.safetensors) beside masks.safetensors + masks.json.
     save_with_adapter(model, "out/")
     restored = load_with_adapter(CLIPModel.from_pretrained(...), "out/")   # identical logits
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from torch import nn
 
-from prune.models.blocks import weight_matrix
 from prune.core.errors import UserInputError
 from prune.masks.base import HardMask, hard_masks, mask_parameters, weight_masked, wrap
 from prune.masks.storage import read_masks, write_masks
+from prune.models.blocks import weight_matrix
 
 PEFT_PREFIX = "base_model.model."
 BASE_LAYER = ".base_layer"
@@ -60,7 +61,9 @@ def load_masks_into(model: nn.Module, directory: str | Path) -> dict:
         if name is None:
             problems.append(f"{canonical} (no such module)")
         elif tuple(weight_matrix(modules[name]).shape) != tuple(keep.shape):
-            problems.append(f"{canonical} (mask {tuple(keep.shape)}, weight {tuple(weight_matrix(modules[name]).shape)})")
+            problems.append(
+                f"{canonical} (mask {tuple(keep.shape)}, weight {tuple(weight_matrix(modules[name]).shape)})"
+            )
         else:
             located[name] = keep
     if problems:
@@ -74,8 +77,9 @@ def load_masks_into(model: nn.Module, directory: str | Path) -> dict:
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The LoRA adapter's own weights (peft names them lora_A / lora_B / lora_embedding_*)."""
-    return [param for name, param in model.named_parameters()
-            if any(part.startswith("lora_") for part in name.split("."))]
+    return [
+        param for name, param in model.named_parameters() if any(part.startswith("lora_") for part in name.split("."))
+    ]
 
 
 def set_trainable(model: nn.Module, *, masks: bool, adapter: bool) -> list[nn.Parameter]:

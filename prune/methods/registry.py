@@ -1,4 +1,5 @@
 """The one list of pruning methods. A new method is one package under prune/methods/ and one line here."""
+
 from __future__ import annotations
 
 from prune.core.errors import UserInputError

@@ -4,11 +4,13 @@
 trainable ones for learnable methods (which then train with the one trainer). The hooks default to weight
 masks (saved as masks.safetensors, loaded back as hard masks, merged into the weights on export).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

@@ -3,6 +3,7 @@
 Found by structure, not by model class, so that new architectures work without a table: the blocks are the
 longest `nn.ModuleList` of the model (Llama's `model.layers`, GPT-2's `transformer.h`, CLIP's `encoder.layers`).
 """
+
 from __future__ import annotations
 
 from torch import nn

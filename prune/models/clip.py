@@ -6,6 +6,7 @@ any saved checkpoint. It needs nothing but the installed packages, so tests and 
 Hub access; it is a random model, so its zero-shot accuracy sits at chance and only mask tuning can lift it.
 Hub ids (`openai/clip-vit-base-patch16`) load from the Hugging Face cache first and the Hub only if it answers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,10 @@ def load_clip(spec: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel,
         if not (directory / "config.json").is_file():
             make_tiny_clip(directory)
         return _from_pretrained(str(directory), dtype)
-    kinds = (f"a CLIP directory saved with save_pretrained, a Hub id such as openai/clip-vit-base-patch16, or the "
-             f"alias `{TINY_CLIP}`")
+    kinds = (
+        f"a CLIP directory saved with save_pretrained, a Hub id such as openai/clip-vit-base-patch16, or the "
+        f"alias `{TINY_CLIP}`"
+    )
     return from_dir_or_hub(spec, dtype, _from_pretrained, kinds, _OFFLINE_HINT)
 
 
@@ -68,11 +71,25 @@ def make_tiny_clip(directory: Path, seed: int = 0) -> None:
     image_processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     image_processor = image_processor_class(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "max_position_embeddings": 77,
-                     "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos},
-        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 128, "intermediate_size": 256,
-                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
         projection_dim=64,
     )
     torch.manual_seed(seed)

@@ -7,6 +7,7 @@ brings them back to an 8x8 grid). It is trained once, on first use, on the image
 train part of the digits split, prune.tasks.image_classification), saved under the MaskPrune cache and then
 loaded like any checkpoint: an offline, trained CNN to prune, in seconds of CPU time.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 from transformers import (
-    AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel, ResNetConfig,
-    ResNetForImageClassification, ViTImageProcessorPil,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedModel,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTImageProcessorPil,
 )
 
 from prune.core.atomic import staged_directory
@@ -34,8 +40,10 @@ _OFFLINE_HINT = f"pass a local image-classifier directory saved with save_pretra
 
 def load_image_classifier(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
     """(image classifier in eval mode, its image processor) for a model directory or a Hub id."""
-    kinds = (f"an image classifier saved with save_pretrained, a Hub id such as microsoft/resnet-50, or the alias "
-             f"`{RESNET_DIGITS}`")
+    kinds = (
+        f"an image classifier saved with save_pretrained, a Hub id such as microsoft/resnet-50, or the alias "
+        f"`{RESNET_DIGITS}`"
+    )
     return from_dir_or_hub(spec, dtype, _from_pretrained, kinds, _OFFLINE_HINT)
 
 
@@ -58,16 +66,25 @@ def resnet_digits_dir() -> Path:
 
 def digits_processor() -> ViTImageProcessorPil:
     """Resize to 32x32 (bilinear) and map [0, 255] to [-1, 1]; the PIL processor needs no torchvision."""
-    return ViTImageProcessorPil(size={"height": DIGITS_SIZE, "width": DIGITS_SIZE}, image_mean=[0.5] * 3,
-                                image_std=[0.5] * 3)
+    return ViTImageProcessorPil(
+        size={"height": DIGITS_SIZE, "width": DIGITS_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
 
 
 def make_resnet_digits(directory: Path, images: Tensor, labels: Tensor, processor, *, seed: int = 0) -> None:
     """Train the digits ResNet on `images` ([N, 3, 32, 32], preprocessed by `processor`) and save it with the
     processor at `directory`, whole or not at all (a concurrent first use that finishes first wins)."""
     names = {index: str(index) for index in range(10)}
-    config = ResNetConfig(num_channels=3, embedding_size=STEM, hidden_sizes=list(WIDTHS), depths=list(DEPTHS),
-                          layer_type="basic", num_labels=10, id2label=names, label2id={v: k for k, v in names.items()})
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=STEM,
+        hidden_sizes=list(WIDTHS),
+        depths=list(DEPTHS),
+        layer_type="basic",
+        num_labels=10,
+        id2label=names,
+        label2id={v: k for k, v in names.items()},
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same weights whatever thread count the first caller runs with
     try:
@@ -80,8 +97,16 @@ def make_resnet_digits(directory: Path, images: Tensor, labels: Tensor, processo
         processor.save_pretrained(staging)
 
 
-def train_classifier(model: PreTrainedModel, images: Tensor, labels: Tensor, *, epochs: int, lr: float = 3e-3,
-                     batch_size: int = 64, seed: int = 0) -> PreTrainedModel:
+def train_classifier(
+    model: PreTrainedModel,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> PreTrainedModel:
     """Plain supervised training (AdamW, cosine decay) with random shifts of up to one digit pixel (4 input
     pixels) as augmentation; returns the model in eval mode."""
     generator = torch.Generator().manual_seed(seed)
@@ -93,7 +118,7 @@ def train_classifier(model: PreTrainedModel, images: Tensor, labels: Tensor, *, 
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(labels), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             offset = (torch.randint(-1, 2, (2,), generator=generator) * shift).tolist()
             loss = F.cross_entropy(model(torch.roll(images[rows], shifts=offset, dims=(2, 3))).logits, labels[rows])
             optimizer.zero_grad(set_to_none=True)

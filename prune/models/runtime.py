@@ -10,6 +10,7 @@
 is loaded or written, what this machine cannot do: a device that is not there, float16 on a CPU (PyTorch's CPU
 float16 matmuls are slow and some ops are missing; bfloat16 is the CPU's half precision).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,11 +34,14 @@ class RuntimeConfig(StrictConfig):
 
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: the checkpoint's dtype (config.json), float32 when it names none")
+        "auto", description="auto: the checkpoint's dtype (config.json), float32 when it names none"
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default)")
     offload: Literal["none", "cpu", "disk"] = Field(
-        "none", description="none: model on the device; cpu: model in RAM, one block at a time on the device; "
-                            "disk: one-shot methods stream blocks from safetensors shards and write shard by shard")
+        "none",
+        description="none: model on the device; cpu: model in RAM, one block at a time on the device; "
+        "disk: one-shot methods stream blocks from safetensors shards and write shard by shard",
+    )
 
     @field_validator("device")
     @classmethod
@@ -76,7 +80,9 @@ def resolve_device(name: str) -> torch.device:
             )
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserInputError("runtime.device 'mps' is not available on this machine; use runtime.device: cpu (or auto).")
+        raise UserInputError(
+            "runtime.device 'mps' is not available on this machine; use runtime.device: cpu (or auto)."
+        )
     return device
 
 

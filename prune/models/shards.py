@@ -9,6 +9,7 @@ in any order. A shard is `<file>.partial` until its last tensor arrives, and the
 unfinished. `ShardReader` reads one tensor with `pread` into a fresh tensor, no memory map, so nothing stays
 resident after the caller drops it (a mapped shard's touched pages count in RSS until unmapped).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,16 @@ from prune.core.errors import UserInputError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _ST_DTYPES = {
-    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64", torch.int8: "I8",
-    torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {value: key for key, value in _ST_DTYPES.items()}
 
@@ -60,8 +69,13 @@ class ShardReader:
             header.pop("__metadata__", None)
             for name, entry in header.items():
                 begin, end = entry["data_offsets"]
-                self.entries[name] = (path, _TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + length + begin,
-                                      end - begin)
+                self.entries[name] = (
+                    path,
+                    _TORCH_DTYPES[entry["dtype"]],
+                    tuple(entry["shape"]),
+                    8 + length + begin,
+                    end - begin,
+                )
 
     def specs(self) -> dict[str, TensorSpec]:
         return {name: (name, dtype, shape) for name, (_, dtype, shape, _, _) in self.entries.items()}
@@ -170,7 +184,7 @@ class ShardedWriter:
         }
         write_text_atomic(self.directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -4,17 +4,18 @@ hooks (weight masks: merged into the weights; structural methods: the smaller mo
 Nothing is written until the run's files agree: masks.json with masks.safetensors (prune.masks.storage, in the
 method's load), both with recipe.yaml (model, method settings), and the masks with the modules the recipe
 targets on the base model."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from prune.core.atomic import save_pretrained_atomic
-from prune.runs import run_dir
 from prune.core.errors import UserInputError, summarize_names
 from prune.masks.storage import CONFIG_FILE, read_mask_config
+from prune.methods.registry import get_method
+from prune.runs import run_dir
 from prune.runs.loading import load_model
 from prune.runs.recipe import Recipe, parse_recipe
-from prune.methods.registry import get_method
 
 
 def export_run(directory: str | Path) -> Path:
@@ -63,8 +64,9 @@ def _check_same_run(directory: Path, meta: dict, recipe: Recipe) -> None:
     wanted = {"model": recipe.model, **recipe.to_dict()["method"]}
     differ = [key for key in wanted if key in saved and saved[key] != wanted[key]]
     if differ:
-        shown = "; ".join(f"{key}: {saved[key]!r} in {CONFIG_FILE}, {wanted[key]!r} in {run_dir.RECIPE_FILE}"
-                          for key in differ[:3])
+        shown = "; ".join(
+            f"{key}: {saved[key]!r} in {CONFIG_FILE}, {wanted[key]!r} in {run_dir.RECIPE_FILE}" for key in differ[:3]
+        )
         raise UserInputError(
             f"the masks in {directory} were not made by the run its {run_dir.RECIPE_FILE} describes ({shown}). "
             f"Keep the mask files and {run_dir.RECIPE_FILE} of one run together, or rerun `prune run`."
@@ -79,10 +81,15 @@ def _check_targets(directory: Path, model, recipe: Recipe, saved: set[str]) -> N
     wanted = set(spec.targets(model, recipe.method))
     missing, extra = sorted(wanted - saved), sorted(saved - wanted)
     if missing or extra:
-        details = "; ".join(filter(None, [
-            f"no mask for {summarize_names(missing)}" if missing else "",
-            f"masks for modules it does not target: {summarize_names(extra)}" if extra else "",
-        ]))
+        details = "; ".join(
+            filter(
+                None,
+                [
+                    f"no mask for {summarize_names(missing)}" if missing else "",
+                    f"masks for modules it does not target: {summarize_names(extra)}" if extra else "",
+                ],
+            )
+        )
         raise UserInputError(
             f"the masks in {directory} ({len(saved)}) do not cover the {len(wanted)} modules its "
             f"{run_dir.RECIPE_FILE} targets: {details}. Keep the mask files and {run_dir.RECIPE_FILE} of one run "

@@ -1,6 +1,7 @@
 """Load whatever a recipe or `prune eval` names: an alias, a model directory, a Hub id, a run directory (its
 model/, or the method's own restore for per-input gating), or, through the task that loads that kind of model
 (prune.tasks), a structural export with per-layer sizes, a CLIP model or an image classifier."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,9 @@ from prune.runs import run_dir
 from prune.tasks.registry import DEFAULT_TASK, get_task
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK
-               ) -> tuple[PreTrainedModel, object]:
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK
+) -> tuple[PreTrainedModel, object]:
     """(model in eval mode, tokenizer or processor) for any model spec MaskPrune accepts; a run directory
     loads as the task it was run with."""
     with loading.checkpoint_errors(spec):
@@ -55,9 +57,12 @@ def _from_run(directory: Path, dtype: torch.dtype):
 def _why_no_model(directory: Path, recipe: dict) -> str:
     """Why a run directory holds no model/, and what writes it: the run never finished, or it did not save one."""
     if not (directory / run_dir.REPORT_FILE).is_file():
-        return ("the run is unfinished (no report.json). Finish it (`prune run RECIPE --output "
-                f"{directory} --resume` for a learnable method that checkpointed), or rerun it.")
+        return (
+            "the run is unfinished (no report.json). Finish it (`prune run RECIPE --output "
+            f"{directory} --resume` for a learnable method that checkpointed), or rerun it."
+        )
     if (recipe.get("export") or {}).get("save_model") is False:
-        return (f"the run had export.save_model: false. Write it with `prune export {directory}`, then load the "
-                "run again.")
+        return (
+            f"the run had export.save_model: false. Write it with `prune export {directory}`, then load the run again."
+        )
     return f"it was removed. Rebuild it with `prune export {directory}`, then load the run again."

@@ -8,6 +8,7 @@ their MethodSpec's hooks. Each stage takes the previous stage's output and nothi
 long each took. Under `accelerate launch` every process prunes and trains, and only the main process evaluates
 and writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from accelerate import PartialState
 import torch
+from accelerate import PartialState
 
 from prune.core.atomic import write_json_atomic
+from prune.core.rng import seed_all
 from prune.methods.registry import get_method
 from prune.methods.spec import MethodSpec
 from prune.runs import run_dir
@@ -28,7 +30,6 @@ from prune.runs.preflight import check_recipe
 from prune.runs.recipe import Recipe
 from prune.runs.report import with_dense, write_report
 from prune.tasks.base import Task
-from prune.core.rng import seed_all
 from prune.training.checkpoint import load_params
 from prune.training.curve import training_curve
 from prune.training.trainer import TrainResult, train, trainable_parameters
@@ -113,8 +114,17 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
     return report
 
 
-def _report(recipe: Recipe, spec: MethodSpec, task: Task, achieved: float, fields: dict, pruned: dict,
-            timings: dict, training: TrainResult | None, dense: dict | None) -> dict:
+def _report(
+    recipe: Recipe,
+    spec: MethodSpec,
+    task: Task,
+    achieved: float,
+    fields: dict,
+    pruned: dict,
+    timings: dict,
+    training: TrainResult | None,
+    dense: dict | None,
+) -> dict:
     """report.json's content: the run, the pruned model's figures, the task's fields, the dense baseline and
     the figures only the method can measure (e.g. FLOPs of per-input masks)."""
     report = {
@@ -129,8 +139,10 @@ def _report(recipe: Recipe, spec: MethodSpec, task: Task, achieved: float, field
     }
     if training is not None:
         report["train"] = {
-            "steps": training.steps, "best_step": training.best_step,
-            f"best_eval_{task.metric}": training.best_score, "seconds": round(training.seconds, 2),
+            "steps": training.steps,
+            "best_step": training.best_step,
+            f"best_eval_{task.metric}": training.best_score,
+            "seconds": round(training.seconds, 2),
         }
     if dense is not None:
         with_dense(report, dense)
@@ -150,12 +162,21 @@ def _cached_dense(directory: Path, resume: bool, compute) -> dict:
     return figures
 
 
-def _train(task: Task, objective, recipe: Recipe, directory: Path, resume: bool, device: torch.device
-           ) -> TrainResult:
+def _train(task: Task, objective, recipe: Recipe, directory: Path, resume: bool, device: torch.device) -> TrainResult:
     """Train the masks on the task's training data (on `device`, runtime.device); the periodic held-out score
     picks the best masks, which are kept."""
-    result = train(task.module, objective, task.train_data(), recipe.train, directory, task_loss=task.loss,
-                   evaluate=task.heldout_score, eval_metric=task.metric, resume=resume, device=device)
+    result = train(
+        task.module,
+        objective,
+        task.train_data(),
+        recipe.train,
+        directory,
+        task_loss=task.loss,
+        evaluate=task.heldout_score,
+        eval_metric=task.metric,
+        resume=resume,
+        device=device,
+    )
     _keep_best(task.module, objective, directory, result)
     return result
 

@@ -8,6 +8,7 @@ a .bin-only checkpoint to stream) and runs the preflight memory check, all befor
 streamed variant of the task (prune.tasks.streamed), which prunes and measures the checkpoint block by block.
 The pipeline runs the same stages on either.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Checks that need no computation, run before the output directory is claimed and before the first forward:
 a recipe that cannot work fails in seconds and leaves the output untouched, not after the dense evaluation."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -7,6 +7,7 @@ recipes/default.yaml is a complete recipe. An unquoted `2:4` stays the string '2
 
 `--set a.b=value` overrides any key; the value is read as YAML (`--set 'eval.tasks=[]'`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,16 +17,16 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from prune.core.errors import UserInputError
 from prune.core.config import MethodConfig, PathText, StrictConfig
-from prune.methods.registry import METHODS, get_method
-from prune.models.runtime import RuntimeConfig
+from prune.core.errors import UserInputError
+from prune.core.yaml_io import load_yaml, read_mapping
 from prune.data.images import ImageDataConfig
 from prune.data.text import DataConfig
+from prune.methods.registry import METHODS, get_method
+from prune.models.runtime import RuntimeConfig
 from prune.tasks.eval_config import EvalConfig
 from prune.tasks.registry import DEFAULT_TASK, TASKS
 from prune.training.config import TrainConfig
-from prune.core.yaml_io import load_yaml, read_mapping
 
 # (section, key, neutral value) of settings added after run directories existed: see Recipe.fingerprint
 LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None))
@@ -35,24 +36,32 @@ class ExportConfig(StrictConfig):
     """The `export` section: what the run writes as model/."""
 
     save_model: bool = Field(True, description="write model/ with the hard masks merged into the weights")
-    round_to: int | None = Field(None, ge=1, description="structural methods: kept FFN / hidden sizes rounded "
-                                 "to a multiple (e.g. 8 or 64)")
-    uniform: bool = Field(False, description="structural methods: the same sizes in every layer, so plain "
-                          "transformers loads the exported model")
+    round_to: int | None = Field(
+        None, ge=1, description="structural methods: kept FFN / hidden sizes rounded to a multiple (e.g. 8 or 64)"
+    )
+    uniform: bool = Field(
+        False,
+        description="structural methods: the same sizes in every layer, so plain transformers loads the exported model",
+    )
 
 
 class Recipe(StrictConfig):
     """A whole recipe: what to prune, how, and how to evaluate it."""
 
-    model: PathText = Field("smollm2-135m",
-                            description="an embedded alias, a local save_pretrained directory, or a Hub id")
+    model: PathText = Field(
+        "smollm2-135m", description="an embedded alias, a local save_pretrained directory, or a Hub id"
+    )
     task: Literal["causal-lm", "zero-shot-classification", "image-classification"] = Field(
-        DEFAULT_TASK, description="causal-lm: text data, perplexity; zero-shot-classification: CLIP on images; "
-        "image-classification: an image classifier's own head on images (prune.tasks)")
+        DEFAULT_TASK,
+        description="causal-lm: text data, perplexity; zero-shot-classification: CLIP on images; "
+        "image-classification: an image classifier's own head on images (prune.tasks)",
+    )
     data: DataConfig | ImageDataConfig | None = Field(
-        None, validate_default=True, description="the task's data: text (DataConfig) or images (ImageDataConfig)")
-    method: MethodConfig = Field(description="`name` picks the method (prune.methods.registry); its config class "
-                                 "validates the other keys")
+        None, validate_default=True, description="the task's data: text (DataConfig) or images (ImageDataConfig)"
+    )
+    method: MethodConfig = Field(
+        description="`name` picks the method (prune.methods.registry); its config class validates the other keys"
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="the trainer (learnable methods)")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="which figures to measure")
     export: ExportConfig = Field(default_factory=ExportConfig, description="what model/ holds")
@@ -107,8 +116,10 @@ class Recipe(StrictConfig):
             raise ValueError(f"train.distill applies to task {DEFAULT_TASK}, not {self.task}; remove it.")
         if get_method(self.method.name).kind != "learnable":
             learnable = sorted(name for name, spec in METHODS.items() if spec.kind == "learnable")
-            raise ValueError(f"train.distill needs a method that trains masks ({', '.join(learnable)}); "
-                             f"{self.method.name!r} trains nothing. Remove train.distill.")
+            raise ValueError(
+                f"train.distill needs a method that trains masks ({', '.join(learnable)}); "
+                f"{self.method.name!r} trains nothing. Remove train.distill."
+            )
         return self
 
     @model_validator(mode="after")
@@ -119,7 +130,9 @@ class Recipe(StrictConfig):
             if key not in self.export.model_fields_set or value in (None, False):
                 continue
             if key not in type(self.method).model_fields:
-                raise ValueError(f"export.{key} applies to structural methods (vib, structured), not {self.method.name}.")
+                raise ValueError(
+                    f"export.{key} applies to structural methods (vib, structured), not {self.method.name}."
+                )
             if key in self.method.model_fields_set and getattr(self.method, key) != value:
                 raise ValueError(f"export.{key} and method.{key} differ; set only export.{key}.")
             setattr(self.method, key, value)
@@ -174,8 +187,10 @@ def _describe(error: ValidationError, raw: dict[str, Any]) -> str:
         else:
             lines.append(_worded(item, where, error))
     for section, keys in unknown.items():
-        lines.append(f"unknown key{'s' if len(keys) > 1 else ''} {', '.join(keys)}; allowed keys"
-                     f"{' in ' + section if section else ''}: {_allowed_keys(section, raw)}")
+        lines.append(
+            f"unknown key{'s' if len(keys) > 1 else ''} {', '.join(keys)}; allowed keys"
+            f"{' in ' + section if section else ''}: {_allowed_keys(section, raw)}"
+        )
     return "invalid recipe: " + "; ".join(filter(None, lines))
 
 
@@ -188,8 +203,10 @@ MINIMAL_RECIPE = (
 def _worded(item: dict, where: str, error: ValidationError) -> str | None:
     """One field's error as `where: what is wrong` (None when another error of the same field says it)."""
     if item["type"] == "finite_number":
-        return (f"{where.removesuffix('.float')}: {item['input']!r} is not a finite number; give a number "
-                "(inf and nan are not allowed)")
+        return (
+            f"{where.removesuffix('.float')}: {item['input']!r} is not a finite number; give a number "
+            "(inf and nan are not allowed)"
+        )
     if item["type"] == "string_type" and any(
         other["type"] == "finite_number" and other["loc"][:-1] == item["loc"][:-1] for other in error.errors()
     ):
@@ -238,14 +255,18 @@ def parse_options(config_class: type[StrictConfig], options: dict[str, Any]) -> 
     try:
         return config_class.model_validate(options)
     except ValidationError as error:
-        problems = [f"--{str(item['loc'][0]).replace('_', '-')} {item['input']!r}: {item['msg']}" for item in error.errors()]
+        problems = [
+            f"--{str(item['loc'][0]).replace('_', '-')} {item['input']!r}: {item['msg']}" for item in error.errors()
+        ]
         raise UserInputError("; ".join(problems) + ".") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe file, apply `--set` overrides, validate; default output dir is runs/<file stem>."""
     path = Path(path)
-    raw = read_mapping(path, "recipe", f"recipe {str(path)!r} not found; pass a YAML file such as recipes/default.yaml.")
+    raw = read_mapping(
+        path, "recipe", f"recipe {str(path)!r} not found; pass a YAML file such as recipes/default.yaml."
+    )
     raw = apply_overrides(raw, list(overrides))
     raw.setdefault("output", f"runs/{path.stem}")
     return parse_recipe(raw)

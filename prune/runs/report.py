@@ -1,5 +1,6 @@
 """report.json, report.md and the terminal table: dense vs pruned side by side (report.md's note on what was
 measured comes from the run's task, prune.tasks)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,16 @@ from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.tasks.registry import DEFAULT_TASK, get_task
 
-COLUMNS = ["model", "perplexity [95% CI]", "accuracy (± stderr)", "FLOPs", "params (nonzero)", "sparsity", "latency",
-           "time (s)"]
+COLUMNS = [
+    "model",
+    "perplexity [95% CI]",
+    "accuracy (± stderr)",
+    "FLOPs",
+    "params (nonzero)",
+    "sparsity",
+    "latency",
+    "time (s)",
+]
 
 
 def columns(figures: dict) -> list[str]:
@@ -29,8 +38,13 @@ def perplexity_cell(perplexity: dict) -> str:
 
 def _accuracy_cell(figures: dict) -> str:
     stderr = figures.get("accuracy_stderr", {})
-    return ", ".join(f"{task} {value:.3f}" + (f" ± {stderr[task]:.3f}" if stderr.get(task) is not None else "")
-                     for task, value in figures.get("accuracy", {}).items()) or "-"
+    return (
+        ", ".join(
+            f"{task} {value:.3f}" + (f" ± {stderr[task]:.3f}" if stderr.get(task) is not None else "")
+            for task, value in figures.get("accuracy", {}).items()
+        )
+        or "-"
+    )
 
 
 def summary_row(
@@ -75,9 +89,11 @@ def _kernel_note(report: dict) -> str:
         return ""
     if not kernel["available"]:
         return f" 2:4 sparse kernel: unavailable ({kernel['reason']})."
-    return (f" 2:4 sparse kernel ({kernel['layers']} linears, {kernel['dtype']}, batch {kernel['batch']} x "
-            f"{kernel['seq_len']}): prefill {kernel['dense_ms']:.1f} ms dense vs {kernel['sparse_ms']:.1f} ms sparse, "
-            f"{kernel['speedup']:.2f}x.")
+    return (
+        f" 2:4 sparse kernel ({kernel['layers']} linears, {kernel['dtype']}, batch {kernel['batch']} x "
+        f"{kernel['seq_len']}): prefill {kernel['dense_ms']:.1f} ms dense vs {kernel['sparse_ms']:.1f} ms sparse, "
+        f"{kernel['speedup']:.2f}x."
+    )
 
 
 def write_report(directory: Path, report: dict) -> None:
@@ -87,7 +103,9 @@ def write_report(directory: Path, report: dict) -> None:
         "",
         render_markdown_table(summary_rows(report), columns(report)),
         "",
-        get_task(report.get("task", DEFAULT_TASK)).note(report) + _kernel_note(report) + " Timings (s): "
+        get_task(report.get("task", DEFAULT_TASK)).note(report)
+        + _kernel_note(report)
+        + " Timings (s): "
         + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in report["timings"].items()),
         "",
     ]

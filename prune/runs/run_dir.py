@@ -10,6 +10,7 @@ writes, it holds an exclusive `flock` on `.maskprune-lock` (which records its pi
 on the same directory is refused, and a lock left by a killed run is no lock at all (the kernel drops it).
 Every file goes through a temp name and `os.replace`.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -38,10 +39,23 @@ CURVE_FILE = "train_curve.png"
 CHECKPOINTS = Path(TRAIN_DIR) / "checkpoints"
 # Everything a run writes at the top of its directory: the one list `--overwrite` removes (besides the
 # marker and the lock, which stay with the directory).
-RUN_FILES = frozenset({
-    MARKER_FILE, LOCK_FILE, RECIPE_FILE, REPORT_FILE, REPORT_MD, DENSE_FILE, TENSORS_FILE, CONFIG_FILE,
-    PREDICTORS_FILE, GATING_FILE, MODEL_DIR, TRAIN_DIR, CURVE_FILE,
-})
+RUN_FILES = frozenset(
+    {
+        MARKER_FILE,
+        LOCK_FILE,
+        RECIPE_FILE,
+        REPORT_FILE,
+        REPORT_MD,
+        DENSE_FILE,
+        TENSORS_FILE,
+        CONFIG_FILE,
+        PREDICTORS_FILE,
+        GATING_FILE,
+        MODEL_DIR,
+        TRAIN_DIR,
+        CURVE_FILE,
+    }
+)
 _MARKER_TEXT = "A MaskPrune run directory. --overwrite removes only MaskPrune's own files here.\n"
 _held: dict[str, int] = {}  # run directory -> descriptor of its locked LOCK_FILE, for the runs of this process
 

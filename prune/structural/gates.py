@@ -16,6 +16,7 @@ wrappers that apply it hold it as a `Borrowed` reference, which has no parameter
 `UnitGate.hard()` is the bool keep per unit; `hard_value()` is the multiplier used in evaluation and folded
 into the weights by the export (keep ⊙ scale: VIB keeps its gate mean mu, one-shot gates scale 1).
 """
+
 from __future__ import annotations
 
 import math
@@ -155,7 +156,9 @@ class _GateWrapper(MaskWrapper):
         self.__dict__["gates"] = gates
 
     def merged(self) -> nn.Module:
-        raise RuntimeError("structural gates are exported by slicing (prune.structural.shrink), not merged into weights")
+        raise RuntimeError(
+            "structural gates are exported by slicing (prune.structural.shrink), not merged into weights"
+        )
 
 
 class GatedEmbedding(_GateWrapper):
@@ -307,8 +310,9 @@ def attach_unit_gates(model: nn.Module, structure: Structure, make_gate) -> Gate
                 continue
             name = s.layer_name(index, relative)
             owner = unit if unit is not None else Borrowed(layer or gates.hidden)
-            placed[name] = GatedProjection(model.get_submodule(name), owner, channels,
-                                           unit=unit, hidden=gates.hidden, layer=layer)
+            placed[name] = GatedProjection(
+                model.get_submodule(name), owner, channels, unit=unit, hidden=gates.hidden, layer=layer
+            )
     for name, wrapper in placed.items():  # inner modules first: block names stay valid until blocks wrap
         model.set_submodule(name, wrapper)
     for index, layer in enumerate(gates.layers):

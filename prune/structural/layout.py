@@ -21,6 +21,7 @@ scores and their weighted sum cost 4*S*S per query channel.
 Supported families: Llama-style decoders (llama, mistral, qwen2) and GPT-2. A new family needs a table of its
 parameters (`_LLAMA_RULES` is the model), its gate sites, and its attention attributes (prune.structural.shrink).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -149,13 +150,20 @@ SUPPORTED = "Llama-style decoders (model_type llama, mistral, qwen2) and GPT-2 (
 def _llama_rules(r: int, hd: int) -> dict[str, tuple[tuple[Axis, ...], Cost, Fold]]:
     d, q, kv, f = Axis(HIDDEN), Axis(HEADS, r * hd), Axis(HEADS, hd), Axis(FFN)
     return {
-        "self_attn.q_proj.weight": ((q, d), "matmul", "none"), "self_attn.q_proj.bias": ((q,), "none", "none"),
-        "self_attn.k_proj.weight": ((kv, d), "matmul", "none"), "self_attn.k_proj.bias": ((kv,), "none", "none"),
-        "self_attn.v_proj.weight": ((kv, d), "matmul", "none"), "self_attn.v_proj.bias": ((kv,), "none", "none"),
-        "self_attn.o_proj.weight": ((d, q), "matmul", "writer"), "self_attn.o_proj.bias": ((d,), "none", "writer"),
-        "mlp.gate_proj.weight": ((f, d), "matmul", "none"), "mlp.gate_proj.bias": ((f,), "none", "none"),
-        "mlp.up_proj.weight": ((f, d), "matmul", "none"), "mlp.up_proj.bias": ((f,), "none", "none"),
-        "mlp.down_proj.weight": ((d, f), "matmul", "writer"), "mlp.down_proj.bias": ((d,), "none", "writer"),
+        "self_attn.q_proj.weight": ((q, d), "matmul", "none"),
+        "self_attn.q_proj.bias": ((q,), "none", "none"),
+        "self_attn.k_proj.weight": ((kv, d), "matmul", "none"),
+        "self_attn.k_proj.bias": ((kv,), "none", "none"),
+        "self_attn.v_proj.weight": ((kv, d), "matmul", "none"),
+        "self_attn.v_proj.bias": ((kv,), "none", "none"),
+        "self_attn.o_proj.weight": ((d, q), "matmul", "writer"),
+        "self_attn.o_proj.bias": ((d,), "none", "writer"),
+        "mlp.gate_proj.weight": ((f, d), "matmul", "none"),
+        "mlp.gate_proj.bias": ((f,), "none", "none"),
+        "mlp.up_proj.weight": ((f, d), "matmul", "none"),
+        "mlp.up_proj.bias": ((f,), "none", "none"),
+        "mlp.down_proj.weight": ((d, f), "matmul", "writer"),
+        "mlp.down_proj.bias": ((d,), "none", "writer"),
         "input_layernorm.weight": ((d,), "none", "none"),
         "post_attention_layernorm.weight": ((d,), "none", "none"),
     }
@@ -165,18 +173,28 @@ def _gpt2_rules(hd: int) -> dict[str, tuple[tuple[Axis, ...], Cost, Fold]]:
     # Conv1D stores weights as [in, out]
     d, h, qkv, f = Axis(HIDDEN), Axis(HEADS, hd), Axis(HEADS, hd, 3), Axis(FFN)
     return {
-        "attn.c_attn.weight": ((d, qkv), "matmul", "none"), "attn.c_attn.bias": ((qkv,), "none", "none"),
-        "attn.c_proj.weight": ((h, d), "matmul", "writer"), "attn.c_proj.bias": ((d,), "none", "writer"),
-        "mlp.c_fc.weight": ((d, f), "matmul", "none"), "mlp.c_fc.bias": ((f,), "none", "none"),
-        "mlp.c_proj.weight": ((f, d), "matmul", "writer"), "mlp.c_proj.bias": ((d,), "none", "writer"),
-        "ln_1.weight": ((d,), "none", "none"), "ln_1.bias": ((d,), "none", "none"),
-        "ln_2.weight": ((d,), "none", "none"), "ln_2.bias": ((d,), "none", "none"),
+        "attn.c_attn.weight": ((d, qkv), "matmul", "none"),
+        "attn.c_attn.bias": ((qkv,), "none", "none"),
+        "attn.c_proj.weight": ((h, d), "matmul", "writer"),
+        "attn.c_proj.bias": ((d,), "none", "writer"),
+        "mlp.c_fc.weight": ((d, f), "matmul", "none"),
+        "mlp.c_fc.bias": ((f,), "none", "none"),
+        "mlp.c_proj.weight": ((f, d), "matmul", "writer"),
+        "mlp.c_proj.bias": ((d,), "none", "writer"),
+        "ln_1.weight": ((d,), "none", "none"),
+        "ln_1.bias": ((d,), "none", "none"),
+        "ln_2.weight": ((d,), "none", "none"),
+        "ln_2.bias": ((d,), "none", "none"),
     }
 
 
 # The axis of a writer's weight that holds the units it reads (gated on its input) is folded per unit.
-_UNIT_INPUT = {"self_attn.o_proj.weight": HEADS, "mlp.down_proj.weight": FFN,
-               "attn.c_proj.weight": HEADS, "mlp.c_proj.weight": FFN}
+_UNIT_INPUT = {
+    "self_attn.o_proj.weight": HEADS,
+    "mlp.down_proj.weight": FFN,
+    "attn.c_proj.weight": HEADS,
+    "mlp.c_proj.weight": FFN,
+}
 
 
 def unsupported(model: nn.Module, detail: str = "") -> UserInputError:
@@ -226,9 +244,19 @@ def _llama_structure(model: nn.Module) -> Structure:
     tied = _base_module(model.lm_head).weight is _base_module(model.model.embed_tokens).weight
     rules = _llama_rules(r, hd)
     structure = Structure(
-        family="llama", blocks="model.layers", embeddings=("model.embed_tokens",), final_norm="model.norm",
-        block_norms=("input_layernorm", "post_attention_layernorm"), attn_out="self_attn.o_proj",
-        ffn_out="mlp.down_proj", hidden=hidden, head_dim=hd, q_per_group=r, heads=heads, ffn=ffn, tied=tied,
+        family="llama",
+        blocks="model.layers",
+        embeddings=("model.embed_tokens",),
+        final_norm="model.norm",
+        block_norms=("input_layernorm", "post_attention_layernorm"),
+        attn_out="self_attn.o_proj",
+        ffn_out="mlp.down_proj",
+        hidden=hidden,
+        head_dim=hd,
+        q_per_group=r,
+        heads=heads,
+        ffn=ffn,
+        tied=tied,
     )
     structure.global_entries = {
         "model.embed_tokens.weight": Entry("model.embed_tokens.weight", (Axis(None, vocab), d), fold="writer"),
@@ -254,9 +282,19 @@ def _gpt2_structure(model: nn.Module) -> Structure:
     d = Axis(HIDDEN)
     tied = _base_module(model.lm_head).weight is wte.weight
     structure = Structure(
-        family="gpt2", blocks="transformer.h", embeddings=("transformer.wte", "transformer.wpe"),
-        final_norm="transformer.ln_f", block_norms=("ln_1", "ln_2"), attn_out="attn.c_proj", ffn_out="mlp.c_proj",
-        hidden=wte.embedding_dim, head_dim=hd, q_per_group=1, heads=heads, ffn=ffn, tied=tied,
+        family="gpt2",
+        blocks="transformer.h",
+        embeddings=("transformer.wte", "transformer.wpe"),
+        final_norm="transformer.ln_f",
+        block_norms=("ln_1", "ln_2"),
+        attn_out="attn.c_proj",
+        ffn_out="mlp.c_proj",
+        hidden=wte.embedding_dim,
+        head_dim=hd,
+        q_per_group=1,
+        heads=heads,
+        ffn=ffn,
+        tied=tied,
     )
     structure.global_entries = {
         "transformer.wte.weight": Entry("transformer.wte.weight", (Axis(None, wte.num_embeddings), d), fold="writer"),
@@ -276,7 +314,9 @@ def _layer_entries(model, structure: Structure, rules) -> dict[str, Entry]:
     entries = {}
     for name in names:
         if name not in rules:
-            raise unsupported(model, f"its blocks hold a parameter {name!r} that the {structure.family} map does not know")
+            raise unsupported(
+                model, f"its blocks hold a parameter {name!r} that the {structure.family} map does not know"
+            )
         axes, cost, fold = rules[name]
         entries[name] = Entry(name, axes, cost=cost, fold=fold)
     q_axis = Axis(HEADS, structure.q_per_group * structure.head_dim)
@@ -303,7 +343,7 @@ def _check_covered(model: nn.Module, structure: Structure) -> None:
         if ".mask." in f".{name}":
             continue  # gate parameters of a wrapped model
         if name.startswith(prefix):
-            relative = name[len(prefix):].split(".", 1)[1]
+            relative = name[len(prefix) :].split(".", 1)[1]
             if relative not in structure.layer_entries:
                 raise unsupported(model, f"parameter {name!r} is not in the {structure.family} map")
         elif name not in known:

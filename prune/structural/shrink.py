@@ -17,6 +17,7 @@ head_dim, so heads x head_dim must equal the width. Otherwise the config also ho
 placeholders (1 head, which passes the validations) and `prune.load_model(path)` (`load_resized`) rebuilds
 each layer at its own size before loading the weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,6 +53,7 @@ HEAD_DIM_KEY = "maskprune_head_dim"
 
 # --------------------------------------------------------------------------------------------- slicing
 
+
 def _slice(tensor: Tensor, entry: Entry, keeps: dict[str, Tensor]) -> Tensor:
     for dim, axis in enumerate(entry.axes):
         if axis.kind is not None:
@@ -69,8 +71,15 @@ def _axis_of(entry: Entry, kind: str) -> int:
     return next(dim for dim, axis in enumerate(entry.axes) if axis.kind == kind)
 
 
-def _new_tensor(tensor: Tensor, entry: Entry, relative: str, structure: Structure, keeps: dict,
-                values: dict, layer_value: Tensor | None) -> Tensor:
+def _new_tensor(
+    tensor: Tensor,
+    entry: Entry,
+    relative: str,
+    structure: Structure,
+    keeps: dict,
+    values: dict,
+    layer_value: Tensor | None,
+) -> Tensor:
     """One parameter sliced to the kept units, with the gate values folded in (see the module doc)."""
     out = _slice(tensor, entry, keeps)
     hidden_values = values[HIDDEN][keeps[HIDDEN]]
@@ -92,8 +101,11 @@ def _new_tensor(tensor: Tensor, entry: Entry, relative: str, structure: Structur
 def shrunk_state(state: dict[str, Tensor], structure: Structure, decisions: dict) -> dict[str, Tensor]:
     """The sliced, folded state dict with kept layers renumbered 0..L'-1."""
     hidden_keep, hidden_value = decisions[HIDDEN]
-    kept_layers = [i for i, (keep, _) in enumerate(decisions[LAYERS] or []) if bool(keep[0])] \
-        if decisions[LAYERS] else list(range(structure.num_layers))
+    kept_layers = (
+        [i for i, (keep, _) in enumerate(decisions[LAYERS] or []) if bool(keep[0])]
+        if decisions[LAYERS]
+        else list(range(structure.num_layers))
+    )
     renumber = {old: new for new, old in enumerate(kept_layers)}
     pattern = re.compile(rf"^{re.escape(structure.blocks)}\.(\d+)\.(.+)$")
     new: dict[str, Tensor] = {}
@@ -115,14 +127,18 @@ def shrunk_state(state: dict[str, Tensor], structure: Structure, decisions: dict
             layer_value = decisions[LAYERS][index][1][0] if decisions[LAYERS] else None
             new_name = f"{structure.blocks}.{renumber[index]}.{relative}"
         with torch.no_grad():
-            new[new_name] = tensor.clone() if entry is None else \
-                _new_tensor(tensor, entry, relative, structure, keeps, values, layer_value).contiguous()
+            new[new_name] = (
+                tensor.clone()
+                if entry is None
+                else _new_tensor(tensor, entry, relative, structure, keeps, values, layer_value).contiguous()
+            )
     if structure.tied and "lm_head.weight" in new:
         new["lm_head.weight"] = new[structure.embeddings[0] + ".weight"]
     return new
 
 
 # ---------------------------------------------------------------------------------------------- config
+
 
 def layer_sizes(structure: Structure, decisions: dict) -> list[dict[str, int]]:
     """Per kept layer: query heads, key/value heads, intermediate neurons."""
@@ -131,8 +147,13 @@ def layer_sizes(structure: Structure, decisions: dict) -> list[dict[str, int]]:
         if decisions[LAYERS] and not bool(decisions[LAYERS][index][0][0]):
             continue
         units = int(decisions[HEADS][index][0].sum())
-        sizes.append({"heads": units * structure.q_per_group, "kv_heads": units,
-                      "intermediate": int(decisions[FFN][index][0].sum())})
+        sizes.append(
+            {
+                "heads": units * structure.q_per_group,
+                "kv_heads": units,
+                "intermediate": int(decisions[FFN][index][0].sum()),
+            }
+        )
     return sizes
 
 
@@ -145,8 +166,7 @@ def shrunk_config(config, structure: Structure, decisions: dict):
     first = sizes[0] if sizes else {"heads": structure.q_per_group, "kv_heads": 1, "intermediate": 0}
     largest = {key: max([size[key] for size in sizes], default=first[key]) for key in first}
     chosen = first if uniform else largest
-    kept = [i for i in range(structure.num_layers)
-            if not decisions[LAYERS] or bool(decisions[LAYERS][i][0][0])]
+    kept = [i for i in range(structure.num_layers) if not decisions[LAYERS] or bool(decisions[LAYERS][i][0][0])]
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in kept]
     # Placeholders where the standard fields cannot say it: one head passes every config validation
@@ -171,6 +191,7 @@ def shrunk_config(config, structure: Structure, decisions: dict):
 
 
 # ------------------------------------------------------------------------------------------- build/load
+
 
 def _resized_linear(old: nn.Module, in_features: int, out_features: int) -> nn.Module:
     dtype, has_bias = old.weight.dtype, old.bias is not None
@@ -200,7 +221,13 @@ def _resize_layers(model: PreTrainedModel, config) -> None:
         return
     d = config.hidden_size
     for layer, size in zip(model.model.layers, sizes):
-        q, kv, f, attn, mlp = size["heads"] * hd, size["kv_heads"] * hd, size["intermediate"], layer.self_attn, layer.mlp
+        q, kv, f, attn, mlp = (
+            size["heads"] * hd,
+            size["kv_heads"] * hd,
+            size["intermediate"],
+            layer.self_attn,
+            layer.mlp,
+        )
         attn.q_proj = _resized_linear(attn.q_proj, d, q)
         attn.k_proj = _resized_linear(attn.k_proj, d, kv)
         attn.v_proj = _resized_linear(attn.v_proj, d, kv)

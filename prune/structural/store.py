@@ -7,6 +7,7 @@ Shared by every structural method (VIB, the one-shot structured baselines): thei
 (float32: the multiplier of each kept unit, folded into the weights by the export); `masks.json` holds the
 method's metadata and a `structural` section (family, unit counts, kinds, and the count rules).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prune.core.atomic import write_tensors_with_json
+from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.core.tensor_fit import check_fit
 from prune.masks.base import unwrap, wrappers
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.structural.gates import FixedGate, GateSet, UnitGate, attach_unit_gates
-from prune.core.config import MethodConfig
-from prune.structural.shrink import layer_sizes, shrink
 from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure, structure_of
+from prune.structural.shrink import layer_sizes, shrink
 
 FORMAT = "structural-v1"
 QUANTITIES = ("params", "flops")
@@ -45,14 +46,20 @@ def parse_budget(value) -> dict[str, float]:
 class StructuralBudgetConfig(MethodConfig):
     """Keys every structural method shares: a size/FLOPs target instead of an N:M/fraction sparsity."""
 
-    sparsity: str | float | None = Field(None, description="unused: the budget is `target` (a fraction here means params)")
-    targets: list[str] | None = Field(None, description="unused: structural methods prune units (see `units`), not "
-                                      "chosen linears")
+    sparsity: str | float | None = Field(
+        None, description="unused: the budget is `target` (a fraction here means params)"
+    )
+    targets: list[str] | None = Field(
+        None, description="unused: structural methods prune units (see `units`), not chosen linears"
+    )
     skip_incompatible: bool = Field(False, description="unused: no N:M groups here")
-    target: dict[str, float] = Field(default_factory=lambda: {"params": 0.5},
-                                     description="{params: t} or {flops: t}: the share removed")
+    target: dict[str, float] = Field(
+        default_factory=lambda: {"params": 0.5}, description="{params: t} or {flops: t}: the share removed"
+    )
     flops_seq_len: int = Field(512, ge=1, description="sequence length at which FLOPs are counted")
-    round_to: int | None = Field(None, ge=1, description="round kept FFN / hidden sizes to a multiple (export.round_to)")
+    round_to: int | None = Field(
+        None, ge=1, description="round kept FFN / hidden sizes to a multiple (export.round_to)"
+    )
     uniform: bool = Field(False, description="the same sizes in every layer, so plain transformers loads the export")
 
     @field_validator("sparsity", mode="before")
@@ -97,8 +104,12 @@ class StructuralBudgetConfig(MethodConfig):
 def gate_set(model: nn.Module) -> GateSet:
     """The GateSet of a gated model, rebuilt from the gates its wrappers own."""
     structure = structure_of(model)
-    gates = GateSet(structure, heads=[None] * structure.num_layers, ffn=[None] * structure.num_layers,
-                    layers=[None] * structure.num_layers)
+    gates = GateSet(
+        structure,
+        heads=[None] * structure.num_layers,
+        ffn=[None] * structure.num_layers,
+        layers=[None] * structure.num_layers,
+    )
     for wrapper in wrappers(model).values():
         gate = wrapper.mask
         if not isinstance(gate, UnitGate):
@@ -108,7 +119,9 @@ def gate_set(model: nn.Module) -> GateSet:
         else:
             getattr(gates, gate.kind)[gate.layer] = gate
     if not gates.all():
-        raise UserInputError("the model carries no structural gates; attach a structural method (vib, structured) first.")
+        raise UserInputError(
+            "the model carries no structural gates; attach a structural method (vib, structured) first."
+        )
     return gates
 
 
@@ -140,8 +153,12 @@ def save_gates(model: nn.Module, directory: Path, config, meta: dict) -> None:
         tensors[f"{_key(gate)}.keep"] = keep.to(torch.uint8)
         tensors[f"{_key(gate)}.value"] = gate.hard_value().detach().float().cpu().contiguous()
     info = {
-        "format": FORMAT, "family": structure.family, "hidden": structure.hidden, "heads": structure.heads,
-        "ffn": structure.ffn, "kinds": sorted({gate.kind for gate in gates.all()}),
+        "format": FORMAT,
+        "family": structure.family,
+        "hidden": structure.hidden,
+        "heads": structure.heads,
+        "ffn": structure.ffn,
+        "kinds": sorted({gate.kind for gate in gates.all()}),
         "summary": summary(gates, getattr(config, "flops_seq_len", 512)),
     }
     content = {"format_version": 1, **meta, "structural": info, "targets": {}}
@@ -172,10 +189,12 @@ def load_gates(model: nn.Module, directory: Path) -> GateSet:
             return None
         key = kind if layer is None else f"{kind}.{layer}"
         names = {f"{key}.keep": torch.uint8, f"{key}.value": torch.float32}  # as save_gates writes them
-        check_fit({name: tensors[name] for name in names if name in tensors},
-                  {name: torch.empty(size, dtype=dtype) for name, dtype in names.items()},
-                  f"the structural masks in {directory} (model {meta.get('model', '?')})",
-                  "Load them into the model they were made for.")
+        check_fit(
+            {name: tensors[name] for name in names if name in tensors},
+            {name: torch.empty(size, dtype=dtype) for name, dtype in names.items()},
+            f"the structural masks in {directory} (model {meta.get('model', '?')})",
+            "Load them into the model they were made for.",
+        )
         return FixedGate(kind, tensors[f"{key}.keep"].bool(), layer, scale=tensors[f"{key}.value"])
 
     return attach_unit_gates(model, structure, make)

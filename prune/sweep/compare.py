@@ -12,24 +12,36 @@ Whether "best" means anything: for each text (the in-domain test part as `verdic
 over the same test windows (`eval.bootstrap`, per-window NLLs from report.json, fixed seed): "best", "not
 distinguishable from best" (the interval of ppl / ppl_best holds 1) or "worse".
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from eval.bootstrap import BEST, verdicts_against_best
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
-from prune.sweep import plots
 from prune.core.errors import UserInputError
 from prune.core.sparsity import parse_sparsity
+from prune.sweep import plots
 
 REPORT = "report.json"
-FRONT = ["model", "method", "sparsity", "fraction", "achieved", "status", "best", "verdict", "perplexity",
-         "perplexity.ci95", "perplexity.dense"]
+FRONT = [
+    "model",
+    "method",
+    "sparsity",
+    "fraction",
+    "achieved",
+    "status",
+    "best",
+    "verdict",
+    "perplexity",
+    "perplexity.ci95",
+    "perplexity.dense",
+]
 NOT_PAIRED = "not paired: other test windows"
 _WINDOW_NLL = ".window_nll"  # per-window NLLs: in the rows (to pair them) and sweep.json, not in the CSV
 _SKIP = ("dense", "layer_sparsity", "sweep", "config")
@@ -53,9 +65,15 @@ def report_row(report: dict, directory: Path | str | None = None) -> dict:
     for key in ("model", "method", "sparsity.target", "sparsity.achieved", "recipe_fingerprint"):
         flat.pop(key, None)
     row = {
-        "model": report["model"], "method": sweep.get("method_label", report["method"]), "sparsity": target,
-        "fraction": parse_sparsity(target).removed_fraction, "achieved": report["sparsity"]["achieved"],
-        "status": "done", "best": False, "reason": "", "path": sweep.get("path", "run"),
+        "model": report["model"],
+        "method": sweep.get("method_label", report["method"]),
+        "sparsity": target,
+        "fraction": parse_sparsity(target).removed_fraction,
+        "achieved": report["sparsity"]["achieved"],
+        "status": "done",
+        "best": False,
+        "reason": "",
+        "path": sweep.get("path", "run"),
         "dir": str(directory) if directory is not None else "",
         "time_s": round(sum(v for k, v in report.get("timings", {}).items() if k != "dense_eval"), 2),
     }
@@ -69,8 +87,19 @@ def dense_row(model: str, figures: dict) -> dict:
     flat = _flatten({key: value for key, value in figures.items() if key != "seconds"})
     if "perplexity.value" in flat:
         flat["perplexity"] = flat.pop("perplexity.value")
-    row = {"model": model, "method": "dense", "sparsity": "0", "fraction": 0.0, "achieved": 0.0, "status": "dense",
-           "best": False, "reason": "", "path": "", "dir": "", "time_s": round(figures.get("seconds", 0.0), 2)}
+    row = {
+        "model": model,
+        "method": "dense",
+        "sparsity": "0",
+        "fraction": 0.0,
+        "achieved": 0.0,
+        "status": "dense",
+        "best": False,
+        "reason": "",
+        "path": "",
+        "dir": "",
+        "time_s": round(figures.get("seconds", 0.0), 2),
+    }
     if "flops.dense" in flat:
         flat["flops.pruned"] = flat["flops.dense"]
     row.update(flat)
@@ -78,8 +107,18 @@ def dense_row(model: str, figures: dict) -> dict:
 
 
 def skipped_row(model: str, method: str, sparsity: str, reason: str, status: str = "skipped", directory="") -> dict:
-    return {"model": model, "method": method, "sparsity": sparsity, "fraction": parse_sparsity(sparsity).removed_fraction,
-            "achieved": None, "status": status, "best": False, "reason": reason, "path": "", "dir": str(directory)}
+    return {
+        "model": model,
+        "method": method,
+        "sparsity": sparsity,
+        "fraction": parse_sparsity(sparsity).removed_fraction,
+        "achieved": None,
+        "status": status,
+        "best": False,
+        "reason": reason,
+        "path": "",
+        "dir": str(directory),
+    }
 
 
 def _mean_accuracy(row: dict) -> float | None:
@@ -108,18 +147,34 @@ def mark_best(rows: list[dict]) -> list[dict]:
 def extra_texts_of(rows: list[dict]) -> list[str]:
     """The out-of-domain texts any row measured, in first-seen order (names may hold dots: they are file paths)."""
     head, tail = "extra_texts.", ".perplexity.value"
-    return list(dict.fromkeys(key[len(head):-len(tail)] for row in rows for key in row
-                              if key.startswith(head) and key.endswith(tail)))
+    return list(
+        dict.fromkeys(
+            key[len(head) : -len(tail)] for row in rows for key in row if key.startswith(head) and key.endswith(tail)
+        )
+    )
 
 
 def text_keys(name: str | None) -> dict[str, str]:
     """A row's keys for one text's perplexity: the in-domain test part (None) or the extra text `name`."""
     if name is None:
-        return {"value": "perplexity", "ci95": "perplexity.ci95", "nll": "perplexity.window_nll",
-                "tokens": "perplexity.tokens", "verdict": "verdict", "range": "data.splits.test", "source": "data.source"}
+        return {
+            "value": "perplexity",
+            "ci95": "perplexity.ci95",
+            "nll": "perplexity.window_nll",
+            "tokens": "perplexity.tokens",
+            "verdict": "verdict",
+            "range": "data.splits.test",
+            "source": "data.source",
+        }
     prefix = f"extra_texts.{name}."
-    return {"value": f"{prefix}perplexity.value", "ci95": f"{prefix}perplexity.ci95", "nll": f"{prefix}perplexity.window_nll",
-            "tokens": f"{prefix}perplexity.tokens", "verdict": f"{prefix}verdict", "range": f"data.{prefix}splits.test"}
+    return {
+        "value": f"{prefix}perplexity.value",
+        "ci95": f"{prefix}perplexity.ci95",
+        "nll": f"{prefix}perplexity.window_nll",
+        "tokens": f"{prefix}perplexity.tokens",
+        "verdict": f"{prefix}verdict",
+        "range": f"data.{prefix}splits.test",
+    }
 
 
 def _windows(row: dict, keys: dict[str, str]) -> tuple:
@@ -136,15 +191,19 @@ def mark_verdicts(rows: list[dict]) -> list[dict]:
         groups: dict[tuple, list[dict]] = {}
         for row in rows:
             row.pop(keys["verdict"], None)
-            if row["status"] == "done" and isinstance(row.get(keys["value"]), (int, float)) \
-                    and isinstance(row.get(keys["nll"]), list):
+            if (
+                row["status"] == "done"
+                and isinstance(row.get(keys["value"]), (int, float))
+                and isinstance(row.get(keys["nll"]), list)
+            ):
                 groups.setdefault((row["model"], row["sparsity"]), []).append(row)
         for members in groups.values():
             windows = _windows(min(members, key=lambda row: row[keys["value"]]), keys)
             paired = [row for row in members if _windows(row, keys) == windows]
             per_window = windows[2] / windows[3]
-            words = verdicts_against_best({index: row[keys["nll"]] for index, row in enumerate(paired)},
-                                          [per_window] * windows[3])
+            words = verdicts_against_best(
+                {index: row[keys["nll"]] for index, row in enumerate(paired)}, [per_window] * windows[3]
+            )
             for index, row in enumerate(paired):
                 row[keys["verdict"]] = words[index]
             for row in members:
@@ -155,8 +214,17 @@ def mark_verdicts(rows: list[dict]) -> list[dict]:
 def sort_rows(rows: list[dict], method_order: list[str] | None = None) -> list[dict]:
     models = list(dict.fromkeys(row["model"] for row in rows))
     methods = list(dict.fromkeys((method_order or []) + [row["method"] for row in rows]))
-    return sorted(rows, key=lambda row: (models.index(row["model"]), row["status"] != "dense", row["fraction"],
-                                         ":" in row["sparsity"], row["sparsity"], methods.index(row["method"])))
+    return sorted(
+        rows,
+        key=lambda row: (
+            models.index(row["model"]),
+            row["status"] != "dense",
+            row["fraction"],
+            ":" in row["sparsity"],
+            row["sparsity"],
+            methods.index(row["method"]),
+        ),
+    )
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -166,6 +234,7 @@ def best_row(rows: list[dict]) -> dict | None:
 
 
 # ---- display -------------------------------------------------------------------------------------------------
+
 
 def display_columns(tasks: list[str], multi_model: bool, best: bool = True, texts: list[str] = ()) -> list[str]:
     """The table's columns; `best` adds the paired verdicts (known once a level is complete), `texts` are the
@@ -208,13 +277,17 @@ def display_row(row: dict, dense_ppl: float | None = None) -> dict[str, str]:
     dense_ppl = row.get("perplexity.dense", dense_ppl)
     latency = row.get("latency.decode_ms_per_token")
     cells = {
-        "model": row["model"], "method": row["method"], "sparsity": row["sparsity"],
+        "model": row["model"],
+        "method": row["method"],
+        "sparsity": row["sparsity"],
         "achieved": "-" if row.get("achieved") is None else f"{row['achieved']:.1%}",
         "perplexity [95% CI]": _perplexity_cell(row, text_keys(None)),
         "x dense": f"{ppl / dense_ppl:.2f}" if ppl is not None and dense_ppl and row["status"] == "done" else "-",
         "vs best": row.get("verdict") or (BEST if row.get("best") else ""),
         "FLOPs": format_number(row["flops.pruned"], kind="flops") if row.get("flops.pruned") is not None else "-",
-        "nonzero": format_number(row["params.nonzero"], kind="params") if row.get("params.nonzero") is not None else "-",
+        "nonzero": format_number(row["params.nonzero"], kind="params")
+        if row.get("params.nonzero") is not None
+        else "-",
         "latency": f"{latency:.1f} ms/tok" if latency is not None else "-",
         "time (s)": f"{row['time_s']:.0f}" if row.get("time_s") is not None else "-",
         "peak MB": f"{row['memory.peak_rss_mb']:.0f}" if row.get("memory.peak_rss_mb") is not None else "-",
@@ -268,6 +341,7 @@ def render(rows: list[dict], markdown: bool = False) -> str:
 
 # ---- files ---------------------------------------------------------------------------------------------------
 
+
 def csv_text(rows: list[dict], front: list[str] = FRONT, tail: list[str] = ("reason", "path", "dir")) -> str:
     """CSV with `front` columns first, then every other key sorted, then `tail`."""
     found = {key for row in rows for key in row if not key.endswith(_WINDOW_NLL)}
@@ -285,8 +359,9 @@ def _report_of(row: dict) -> dict | None:
     return json.loads(path.read_text()) if path and path.is_file() else None
 
 
-def write_outputs(directory: Path, rows: list[dict], *, title: str, notes: list[str], meta: dict,
-                  name: str = "sweep") -> dict[str, Path]:
+def write_outputs(
+    directory: Path, rows: list[dict], *, title: str, notes: list[str], meta: dict, name: str = "sweep"
+) -> dict[str, Path]:
     """<name>.csv/.json/.md and the plots; returns what was written (plots with nothing to show are left out)."""
     from prune.sweep.shared import layers_from_masks
 
@@ -296,8 +371,10 @@ def write_outputs(directory: Path, rows: list[dict], *, title: str, notes: list[
         "json": write_json_atomic(directory / f"{name}.json", {**meta, "rows": rows}),
     }
     texts = [("in-domain test part", "perplexity", "perplexity.ci95")]
-    texts += [(f"{name}: test part (out of domain)", text_keys(name)["value"], text_keys(name)["ci95"])
-              for name in extra_texts_of(rows)]
+    texts += [
+        (f"{name}: test part (out of domain)", text_keys(name)["value"], text_keys(name)["ci95"])
+        for name in extra_texts_of(rows)
+    ]
     figures = {
         "perplexity": plots.perplexity_vs_sparsity(rows, directory / "perplexity_vs_sparsity.png", texts),
         "accuracy": plots.accuracy_vs_flops(rows, directory / "accuracy_vs_flops.png"),
@@ -309,16 +386,25 @@ def write_outputs(directory: Path, rows: list[dict], *, title: str, notes: list[
         sensitivity_file = directory / "sensitivity" / "sensitivity.json"
         sensitivity = json.loads(sensitivity_file.read_text())["entries"] if sensitivity_file.is_file() else None
         figures["layers"] = plots.layer_profile(
-            layers or {}, directory / "layers.png",
-            f"per-layer sparsity of the best {best['sparsity']} point: {best['method']} ({best['model']})", sensitivity)
+            layers or {},
+            directory / "layers.png",
+            f"per-layer sparsity of the best {best['sparsity']} point: {best['method']} ({best['model']})",
+            sensitivity,
+        )
     written.update({key: path for key, path in figures.items() if path is not None})
-    lines = [f"# {title}", "", render(rows, markdown=True), "",
-             "Perplexity: the test part of each text, [95% CI] from a bootstrap over its windows; bold: the lowest "
-             "of its level. `vs best`: a paired bootstrap over the same windows against the level's best (2000 "
-             "resamples, fixed seed): `worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not "
-             "distinguishable from best`. `x dense`: perplexity over the dense model's. Accuracy ± lm-eval's "
-             "standard error. FLOPs: one forward of one window, sparse-kernel ideal. Time: pruning + evaluating the "
-             "point.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        render(rows, markdown=True),
+        "",
+        "Perplexity: the test part of each text, [95% CI] from a bootstrap over its windows; bold: the lowest "
+        "of its level. `vs best`: a paired bootstrap over the same windows against the level's best (2000 "
+        "resamples, fixed seed): `worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not "
+        "distinguishable from best`. `x dense`: perplexity over the dense model's. Accuracy ± lm-eval's "
+        "standard error. FLOPs: one forward of one window, sparse-kernel ideal. Time: pruning + evaluating the "
+        "point.",
+        "",
+    ]
     lines += [f"- {note}" for note in notes]
     plots_md = [f"![{key}]({path.name})" for key, path in written.items() if path.suffix == ".png"]
     lines += [""] + plots_md + [""]
@@ -358,6 +444,12 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
 
 def compare(run_dirs: list[str | Path], output: str | Path) -> tuple[list[dict], dict[str, Path]]:
     rows = rows_from_runs(run_dirs)
-    written = write_outputs(Path(output), rows, title="Comparison of runs", name="compare",
-                            notes=[f"runs: {', '.join(map(str, run_dirs))}"], meta={"runs": [str(d) for d in run_dirs]})
+    written = write_outputs(
+        Path(output),
+        rows,
+        title="Comparison of runs",
+        name="compare",
+        notes=[f"runs: {', '.join(map(str, run_dirs))}"],
+        meta={"runs": [str(d) for d in run_dirs]},
+    )
     return rows, written

@@ -9,6 +9,7 @@
 - the sensitivity ranking as horizontal bars.
 Each function returns the path written, or None when the rows hold nothing to plot.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,11 @@ def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 def perplexity_vs_sparsity(rows: list[dict], path: Path, texts: list[tuple[str, str, str]]) -> Path | None:
     """One panel per text, `texts` = [(title, value key, ci95 key)]: the in-domain test part, then each
     out-of-domain text. Every point carries its 95% bootstrap interval as an error bar."""
-    panels = [text for text in texts if any(row.get("status") == "done" and is_finite_number(row.get(text[1])) for row in rows)]
+    panels = [
+        text
+        for text in texts
+        if any(row.get("status") == "done" and is_finite_number(row.get(text[1])) for row in rows)
+    ]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
@@ -57,25 +62,44 @@ def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -
     done = [row for row in rows if row.get("status") == "done" and is_finite_number(row.get(value))]
     values = [row[value] for row in done]
     series = _series(done)
-    for i, ((model, label), members) in enumerate(series.items()):
+    for i, ((_model, label), members) in enumerate(series.items()):
         color, nudge = f"C{i % 10}", 0.4 * (i - (len(series) - 1) / 2)
         fractions = sorted((row for row in members if ":" not in row["sparsity"]), key=lambda row: row["fraction"])
         if fractions:
-            ax.plot([100 * row["fraction"] + nudge for row in fractions], [row[value] for row in fractions],
-                    marker="o", color=color, label=label)
+            ax.plot(
+                [100 * row["fraction"] + nudge for row in fractions],
+                [row[value] for row in fractions],
+                marker="o",
+                color=color,
+                label=label,
+            )
         for j, row in enumerate(row for row in members if ":" in row["sparsity"]):
-            ax.scatter([100 * row["fraction"] + nudge], [row[value]], marker=MARKERS[(j + 2) % len(MARKERS)], s=60,
-                       color=color, edgecolors="black", zorder=3, label=f"{label} {row['sparsity']}")
+            ax.scatter(
+                [100 * row["fraction"] + nudge],
+                [row[value]],
+                marker=MARKERS[(j + 2) % len(MARKERS)],
+                s=60,
+                color=color,
+                edgecolors="black",
+                zorder=3,
+                label=f"{label} {row['sparsity']}",
+            )
         for row in members:
             bar = _error_bar(row, value, ci95)
             if bar is not None:
-                ax.errorbar([100 * row["fraction"] + nudge], [row[value]], yerr=bar, color=color, capsize=3,
-                            linewidth=1)
+                ax.errorbar(
+                    [100 * row["fraction"] + nudge], [row[value]], yerr=bar, color=color, capsize=3, linewidth=1
+                )
     for row in rows:
         if row.get("status") == "dense" and is_finite_number(row.get(value)):
             values.append(row[value])
-            ax.axhline(row[value], color="gray", linestyle="--", linewidth=1,
-                       label="dense" if len({r["model"] for r in rows}) == 1 else f"dense ({row['model']})")
+            ax.axhline(
+                row[value],
+                color="gray",
+                linestyle="--",
+                linewidth=1,
+                label="dense" if len({r["model"] for r in rows}) == 1 else f"dense ({row['model']})",
+            )
             if isinstance(row.get(ci95), list):
                 ax.axhspan(*row[ci95], color="gray", alpha=0.12)
     if max(values) / max(min(values), 1e-12) >= 10:
@@ -88,21 +112,39 @@ def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -
 
 
 def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
-    tasks = sorted({key.split(".", 1)[1] for row in rows for key in row if key.startswith("accuracy.")
-                    and is_finite_number(row[key])})
-    points = [row for row in rows if row.get("status") in ("done", "dense") and is_finite_number(row.get("flops.pruned"))]
+    tasks = sorted(
+        {
+            key.split(".", 1)[1]
+            for row in rows
+            for key in row
+            if key.startswith("accuracy.") and is_finite_number(row[key])
+        }
+    )
+    points = [
+        row for row in rows if row.get("status") in ("done", "dense") and is_finite_number(row.get("flops.pruned"))
+    ]
     if not tasks or not points:
         return None
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         key = f"accuracy.{task}"
-        for i, ((model, label), members) in enumerate(_series(points).items()):
+        for i, ((_model, label), members) in enumerate(_series(points).items()):
             members = [row for row in members if is_finite_number(row.get(key))]
-            ax.scatter([row["flops.pruned"] / 1e9 for row in members], [row[key] for row in members],
-                       color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], label=label)
+            ax.scatter(
+                [row["flops.pruned"] / 1e9 for row in members],
+                [row[key] for row in members],
+                color=f"C{i % 10}",
+                marker=MARKERS[i % len(MARKERS)],
+                label=label,
+            )
             for row in members:
-                ax.annotate(row["sparsity"], (row["flops.pruned"] / 1e9, row[key]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    row["sparsity"],
+                    (row["flops.pruned"] / 1e9, row[key]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         for row in points:
             if row.get("status") == "dense" and is_finite_number(row.get(key)):
                 ax.scatter([row["flops.pruned"] / 1e9], [row[key]], marker="*", s=150, color="black", label="dense")
@@ -119,11 +161,13 @@ def _block_of(name: str) -> tuple[str, str]:
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
-            return part, ".".join(parts[i + 1:]) or name
+            return part, ".".join(parts[i + 1 :]) or name
     return "-", name
 
 
-def layer_profile(layers: dict[str, dict], path: Path, title: str, sensitivity: list[dict] | None = None) -> Path | None:
+def layer_profile(
+    layers: dict[str, dict], path: Path, title: str, sensitivity: list[dict] | None = None
+) -> Path | None:
     if not layers:
         return None
     blocks: dict[str, list[float]] = {}
@@ -135,14 +179,21 @@ def layer_profile(layers: dict[str, dict], path: Path, title: str, sensitivity: 
         types.setdefault(kind, {})[block] = info["sparsity"]
     order = sorted(blocks, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0, b))
     by_block = [entry for entry in (sensitivity or []) if entry.get("kind") == "block"]
-    fig, axes = plt.subplots(2 if by_block else 1, 1, figsize=(max(7, 0.3 * len(order) + 3), 7 if by_block else 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2 if by_block else 1, 1, figsize=(max(7, 0.3 * len(order) + 3), 7 if by_block else 4), squeeze=False
+    )
     ax = axes[0][0]
     x = range(len(order))
     ax.bar(x, [100 * blocks[b][0] / blocks[b][1] for b in order], color="C0", alpha=0.5, label="block (weighted)")
     for i, (kind, per_block) in enumerate(sorted(types.items())):
-        ax.scatter([j for j, b in enumerate(order) if b in per_block], [100 * per_block[b] for b in order if b in per_block],
-                   s=12, marker=MARKERS[i % len(MARKERS)], label=kind, zorder=3)
+        ax.scatter(
+            [j for j, b in enumerate(order) if b in per_block],
+            [100 * per_block[b] for b in order if b in per_block],
+            s=12,
+            marker=MARKERS[i % len(MARKERS)],
+            label=kind,
+            zorder=3,
+        )
     ax.set_xticks(list(x), order, fontsize=7)
     ax.set_xlabel("block")
     ax.set_ylabel("sparsity (%)")
@@ -164,8 +215,13 @@ def sensitivity_bars(entries: list[dict], path: Path, title: str) -> Path | None
         return None
     kinds = sorted({entry["kind"] for entry in entries})
     heights = [sum(1 for entry in entries if entry["kind"] == kind) for kind in kinds]
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(8, 1.5 + 0.28 * sum(heights) + 0.5 * len(kinds)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(kinds),
+        1,
+        figsize=(8, 1.5 + 0.28 * sum(heights) + 0.5 * len(kinds)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     for ax, kind in zip(axes[:, 0], kinds):
         ranked = [entry for entry in entries if entry["kind"] == kind]
         values = [entry["increase"] if is_finite_number(entry.get("increase")) else math.nan for entry in ranked]

@@ -21,6 +21,7 @@ shares (`targets`, `skip_incompatible`) do. One-shot points drop the `train` sec
 make them recompute); every point gets
 `eval.dense_baseline: false` (the sweep measures the dense model once) and `export.save_model: <save_models>`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,12 +34,12 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from prune.core.errors import UserInputError
-from prune.runs.recipe import Recipe, apply_overrides, parse_recipe, set_dotted
 from prune.core.config import MethodConfig, StrictConfig
-from prune.methods.registry import get_method
+from prune.core.errors import UserInputError
 from prune.core.sparsity import parse_sparsity
 from prune.core.yaml_io import read_mapping
+from prune.methods.registry import get_method
+from prune.runs.recipe import Recipe, apply_overrides, parse_recipe, set_dotted
 
 POINTS_DIR = "points"
 
@@ -77,8 +78,9 @@ class SensitivityConfig(StrictConfig):
 
     method: str | None = Field(None, description="a one-shot method (default: wanda if in the grid, else the first)")
     sparsity: str | float = Field("0.5", description="level applied to one group at a time")
-    by: list[Literal["block", "type"]] = Field(default_factory=lambda: ["block", "type"],
-                                               description="group layers per decoder block and/or per layer type")
+    by: list[Literal["block", "type"]] = Field(
+        default_factory=lambda: ["block", "type"], description="group layers per decoder block and/or per layer type"
+    )
     heldout_blocks: int | None = Field(8, ge=1, description="validation windows per perplexity (None: all)")
 
 
@@ -136,7 +138,9 @@ def _describe(error: ValidationError) -> str:
             for part in section:
                 model = model.model_fields[part].annotation
             allowed = ", ".join(model.model_fields)
-            lines.append(f"unknown key {where!r}; allowed keys{' in ' + '.'.join(section) if section else ''}: {allowed}")
+            lines.append(
+                f"unknown key {where!r}; allowed keys{' in ' + '.'.join(section) if section else ''}: {allowed}"
+            )
         else:
             lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}" if where else item["msg"])
     return "invalid sweep recipe: " + "; ".join(lines)
@@ -146,8 +150,11 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepRecipe
     """Read a sweep file and its base recipe; `--set` keys naming a sweep key (grid, output, set, ...) change
     the sweep, any other key is added to `set` (applied to every point). Returns (sweep, raw base recipe)."""
     path = Path(path)
-    raw = read_mapping(path, "sweep recipe", f"sweep recipe {str(path)!r} not found; pass a YAML file such as "
-                       "recipes/sweeps/smollm2-135m.yaml.")
+    raw = read_mapping(
+        path,
+        "sweep recipe",
+        f"sweep recipe {str(path)!r} not found; pass a YAML file such as recipes/sweeps/smollm2-135m.yaml.",
+    )
     point_overrides = []
     sweep_overrides = []
     for override in overrides:
@@ -165,8 +172,12 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepRecipe
     base_path = Path(sweep.base)
     if not base_path.is_absolute():
         base_path = path.parent / base_path
-    base = read_mapping(base_path, "base recipe", f"the sweep's base recipe {str(base_path)!r} (base: {sweep.base!r}) "
-                        "not found; `base` is relative to the sweep file.")
+    base = read_mapping(
+        base_path,
+        "base recipe",
+        f"the sweep's base recipe {str(base_path)!r} (base: {sweep.base!r}) "
+        "not found; `base` is relative to the sweep file.",
+    )
     for entry in sweep.grid.methods:  # unknown methods are bad input, not skipped points
         _method_entry(entry)
     return sweep, base
@@ -183,7 +194,11 @@ def _method_entry(entry: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]
     get_method(name)
     label = entry.pop("label", None)
     if label is None:
-        label = name if not entry else f"{name}-" + hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:6]
+        label = (
+            name
+            if not entry
+            else f"{name}-" + hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:6]
+        )
     if "sparsity" in entry:
         raise UserInputError(f"grid.methods entry {name!r} sets `sparsity`; levels come from grid.sparsities.")
     return name, str(label), entry
@@ -243,11 +258,17 @@ def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
                 if len(models) > 1:
                     label = f"{slug(model)}--{label}"
                 if label in labels:
-                    raise UserInputError(f"two grid points share the directory {label!r}; give methods distinct `label`s.")
+                    raise UserInputError(
+                        f"two grid points share the directory {label!r}; give methods distinct `label`s."
+                    )
                 labels[label] = True
                 directory = output / POINTS_DIR / label
                 spec = get_method(name)
-                path = "shared" if sweep.shared_calibration and spec.kind == "oneshot" and name in SHARED_STATS else "pipeline"
+                path = (
+                    "shared"
+                    if sweep.shared_calibration and spec.kind == "oneshot" and name in SHARED_STATS
+                    else "pipeline"
+                )
                 recipe, error = None, None
                 try:
                     recipe = parse_recipe(point_raw(sweep, base, model, entry, sparsity, directory))

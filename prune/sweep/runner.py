@@ -27,6 +27,7 @@ recomputes everything. A point whose method does not support its level (the meth
 N:M groups that do not tile a layer) is a skipped row with the reason, not a crash; NaN/inf results are a
 failed row.
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,22 +35,31 @@ import json
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
 from eval.metric_errors import NonFiniteError
 from eval.tables import render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
-from prune.sweep import compare
 from prune.core.errors import UserInputError
+from prune.core.sparsity import parse_sparsity
 from prune.runs.recipe import Recipe, parse_recipe
 from prune.runs.report import write_report
-from prune.core.sparsity import parse_sparsity
-from prune.sweep.recipe import Point, SweepRecipe, _flatten, _method_entry, expand_points, fingerprint, models_of, \
-    point_raw, slug
+from prune.sweep import compare
+from prune.sweep.recipe import (
+    Point,
+    SweepRecipe,
+    _flatten,
+    _method_entry,
+    expand_points,
+    fingerprint,
+    models_of,
+    point_raw,
+    slug,
+)
 from prune.sweep.shared import CALIBRATION_DIR, NOTE, SharedModel, dense_key, finish_report, layers_from_masks
 
 SKIPPED_FILE = "skipped.json"
@@ -97,8 +107,9 @@ class _Sweep:
         self.models = models_of(sweep, base)
         tasks = next((list(p.recipe.eval.tasks) for p in self.points if p.recipe), [])
         texts = next((list(p.recipe.eval.extra_texts) for p in self.points if p.recipe), [])
-        self.table = compare.LiveTable(compare.display_columns(tasks, len(self.models) > 1, best=False, texts=texts),
-                                       write)
+        self.table = compare.LiveTable(
+            compare.display_columns(tasks, len(self.models) > 1, best=False, texts=texts), write
+        )
         self.write = write
         self.rows: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
@@ -113,10 +124,13 @@ class _Sweep:
     def skip(self, point: Point, reason: str, status: str = "skipped", persist: bool = True) -> None:
         self.counts["failed" if status == "failed" else "skipped"] += 1
         if persist:
-            write_json_atomic(point.directory / SKIPPED_FILE,
-                              {"fingerprint": point.fingerprint, "status": status, "reason": reason})
-        self.emit(point.label, compare.skipped_row(point.model, point.method_label, point.sparsity, reason, status,
-                                                   point.directory))
+            write_json_atomic(
+                point.directory / SKIPPED_FILE, {"fingerprint": point.fingerprint, "status": status, "reason": reason}
+            )
+        self.emit(
+            point.label,
+            compare.skipped_row(point.model, point.method_label, point.sparsity, reason, status, point.directory),
+        )
 
     def run(self) -> dict:
         start = time.perf_counter()
@@ -134,13 +148,15 @@ class _Sweep:
                 pending.append(point)
         for model in self.models:
             self._run_model(model, [p for p in pending if p.model == model])
-        rows = compare.mark_verdicts(compare.mark_best(compare.sort_rows(list(self.rows.values()),
-                                                                         [p.method_label for p in self.points])))
+        rows = compare.mark_verdicts(
+            compare.mark_best(compare.sort_rows(list(self.rows.values()), [p.method_label for p in self.points]))
+        )
         total = round(time.perf_counter() - start, 2)
         meta = self._meta(total)
         notes = self._notes(total)
-        written = compare.write_outputs(self.output, rows, title=f"Sweep {Path(self.sweep.output).name}",
-                                        notes=notes, meta={**meta, "notes": notes})
+        written = compare.write_outputs(
+            self.output, rows, title=f"Sweep {Path(self.sweep.output).name}", notes=notes, meta={**meta, "notes": notes}
+        )
         return {"rows": rows, "written": written, **meta}
 
     def _run_model(self, model: str, pending: list[Point]) -> None:
@@ -177,8 +193,13 @@ class _Sweep:
 
         shutil.rmtree(point.directory, ignore_errors=True)
         report = pipeline.run(point.recipe, overwrite=True)
-        finish_report(report, point, dense, layers_from_masks(point.directory),
-                      {"calibration": "the method's own (prune.runs.pipeline.run, one point at a time)"})
+        finish_report(
+            report,
+            point,
+            dense,
+            layers_from_masks(point.directory),
+            {"calibration": "the method's own (prune.runs.pipeline.run, one point at a time)"},
+        )
         write_report(point.directory, report)
         return report
 
@@ -198,9 +219,14 @@ class _Sweep:
 
     def _meta(self, total: float) -> dict:
         return {
-            "output": str(self.output), "base": self.sweep.base, "grid": self.sweep.grid.model_dump(mode="json"),
-            "set": self.sweep.set, "shared_calibration": self.sweep.shared_calibration,
-            "calibration_note": NOTE, "calibration_passes": self.calibration_passes, "counts": self.counts,
+            "output": str(self.output),
+            "base": self.sweep.base,
+            "grid": self.sweep.grid.model_dump(mode="json"),
+            "set": self.sweep.set,
+            "shared_calibration": self.sweep.shared_calibration,
+            "calibration_note": NOTE,
+            "calibration_passes": self.calibration_passes,
+            "counts": self.counts,
             "timings": {"total": total, "shared": self.timings},
         }
 
@@ -208,37 +234,55 @@ class _Sweep:
         notes = []
         if any(p.path == "shared" for p in self.points):
             notes.append(NOTE)
-        notes.append(f"This invocation took {total:.0f} s: {self.counts['computed']} points computed, "
-                     f"{self.counts['resumed']} resumed, {self.counts['skipped']} skipped, {self.counts['failed']} failed.")
+        notes.append(
+            f"This invocation took {total:.0f} s: {self.counts['computed']} points computed, "
+            f"{self.counts['resumed']} resumed, {self.counts['skipped']} skipped, {self.counts['failed']} failed."
+        )
         for model, timings in self.timings.items():
             shared = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
             notes.append(f"Shared work for {model} (once, not in the rows' time): {shared}.")
         return notes
 
 
-def run_sweep(sweep: SweepRecipe, base: dict, *, force: bool = False, progress: bool = True,
-              write: Callable[[str], None] | None = None) -> dict:
+def run_sweep(
+    sweep: SweepRecipe,
+    base: dict,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    write: Callable[[str], None] | None = None,
+) -> dict:
     """Run (or resume) the sweep; returns {'rows', 'written', 'counts', 'timings', 'calibration_passes', ...}."""
     return _Sweep(sweep, base, force, progress, write or tqdm.write).run()
 
 
 # ---- sensitivity ---------------------------------------------------------------------------------------------
 
-def run_sensitivity(sweep: SweepRecipe, base: dict, *, force: bool = False, progress: bool = True,
-                    write: Callable[[str], None] | None = None) -> dict:
+
+def run_sensitivity(
+    sweep: SweepRecipe,
+    base: dict,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    write: Callable[[str], None] | None = None,
+) -> dict:
     """Prune one block (and one layer type) at a time with the sweep's sensitivity method and level; rank the
     groups by perplexity increase; write sensitivity/ and refresh the sweep's layers.png when a sweep ran."""
-    from prune.sweep import plots
-    from prune.sweep import sensitivity
     from prune.methods.oneshot.method import SHARED_STATS
+    from prune.sweep import plots, sensitivity
 
     write = write or tqdm.write
     settings = sweep.sensitivity
     names = [_method_entry(entry)[0] for entry in sweep.grid.methods]
-    method = settings.method or ("wanda" if "wanda" in names else next((n for n in names if n in SHARED_STATS), "wanda"))
+    method = settings.method or (
+        "wanda" if "wanda" in names else next((n for n in names if n in SHARED_STATS), "wanda")
+    )
     if method not in SHARED_STATS:
-        raise UserInputError(f"the sensitivity scan needs a one-shot method ({', '.join(SHARED_STATS)}), got {method!r}; "
-                             "set sensitivity.method.")
+        raise UserInputError(
+            f"the sensitivity scan needs a one-shot method ({', '.join(SHARED_STATS)}), got {method!r}; "
+            "set sensitivity.method."
+        )
     entry = next((e for e in sweep.grid.methods if _method_entry(e)[0] == method), method)
     output = Path(sweep.output)
     directory = output / SENSITIVITY_DIR
@@ -253,23 +297,37 @@ def run_sensitivity(sweep: SweepRecipe, base: dict, *, force: bool = False, prog
             return saved
     shared = SharedModel(recipe)
     shared.ensure_stats(output / CALIBRATION_DIR, [recipe.method], force=force, progress=progress)
-    result = {"fingerprint": key, **sensitivity.scan(shared, recipe.method, settings.by, settings.heldout_blocks,
-                                                     progress=progress)}
+    result = {
+        "fingerprint": key,
+        **sensitivity.scan(shared, recipe.method, settings.by, settings.heldout_blocks, progress=progress),
+    }
     result["calibration_passes"] = shared.calibration_passes
     del shared
     rows = sensitivity.render_rows(result)
     title = f"Sensitivity of {result['model']}: {method} {level} on one group at a time"
     write_json_atomic(result_file, result)
-    write_text_atomic(directory / "sensitivity.csv", compare.csv_text(result["entries"], front=["rank", "kind", "group"], tail=[]))
+    write_text_atomic(
+        directory / "sensitivity.csv", compare.csv_text(result["entries"], front=["rank", "kind", "group"], tail=[])
+    )
     plot = plots.sensitivity_bars(result["entries"], directory / "sensitivity.png", title)
-    text = [f"# {title}", "", f"Dense perplexity {result['dense_perplexity']:.3f} over {result['validation_tokens']} "
-            f"tokens of the validation part; increase = pruned group's perplexity - dense. Took {result['seconds']:.0f} s.", "",
-            render_markdown_table(rows, sensitivity.COLUMNS), "", f"![sensitivity]({plot.name})" if plot else "", ""]
+    text = [
+        f"# {title}",
+        "",
+        f"Dense perplexity {result['dense_perplexity']:.3f} over {result['validation_tokens']} "
+        f"tokens of the validation part; increase = pruned group's perplexity - dense. Took {result['seconds']:.0f} s.",
+        "",
+        render_markdown_table(rows, sensitivity.COLUMNS),
+        "",
+        f"![sensitivity]({plot.name})" if plot else "",
+        "",
+    ]
     write_text_atomic(directory / "sensitivity.md", "\n".join(text))
     write(render_table(rows, sensitivity.COLUMNS))
     summary = output / "sweep.json"
     if summary.is_file():  # redraw layers.png with the sensitivity panel
         saved = json.loads(summary.read_text())
         meta = {key: value for key, value in saved.items() if key != "rows"}
-        compare.write_outputs(output, saved["rows"], title=f"Sweep {output.name}", notes=saved.get("notes", []), meta=meta)
+        compare.write_outputs(
+            output, saved["rows"], title=f"Sweep {output.name}", notes=saved.get("notes", []), meta=meta
+        )
     return result

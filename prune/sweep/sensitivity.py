@@ -6,6 +6,7 @@ A ranking is what a user tunes per-layer sparsity with, so it reads the VALIDATI
 dense statistics (`SharedModel.pruned`), so the scan costs one calibration pass (reused from the sweep when it has
 run) plus one perplexity per group.
 """
+
 from __future__ import annotations
 
 import time
@@ -14,8 +15,8 @@ from tqdm.auto import tqdm
 
 from eval.metric_errors import NonFiniteError
 from eval.perplexity import perplexity
-from prune.models.blocks import find_blocks
 from prune.core.config import MethodConfig
+from prune.models.blocks import find_blocks
 
 
 def groups(model, names: list[str], by: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -25,7 +26,7 @@ def groups(model, names: list[str], by: list[str]) -> list[tuple[str, str, list[
     by_block: dict[str, list[str]] = {}
     by_type: dict[str, list[str]] = {}
     for name in names:
-        head, _, rest = name[len(prefix):].partition(".") if name.startswith(prefix) else ("", "", "")
+        head, _, rest = name[len(prefix) :].partition(".") if name.startswith(prefix) else ("", "", "")
         if head.isdigit():
             by_block.setdefault(f"block {head}", []).append(name)
             by_type.setdefault(rest, []).append(name)
@@ -49,34 +50,55 @@ def scan(shared, config: MethodConfig, by: list[str], heldout_blocks: int | None
     dense = perplexity(model, blocks, desc="perplexity (dense)").value
     modules = dict(model.named_modules())
     entries = []
-    for kind, group, members in tqdm(groups(model, shared.targets(config), by), desc="sensitivity", disable=not progress):
+    for kind, group, members in tqdm(
+        groups(model, shared.targets(config), by), desc="sensitivity", disable=not progress
+    ):
         weights = sum(modules[name].weight.numel() for name in members)
         with shared.pruned(config, members):
             try:
                 value = perplexity(model, blocks, desc=f"perplexity ({group})").value
             except NonFiniteError:
                 value = None
-        entries.append({
-            "kind": kind, "group": group, "targets": len(members), "weights": weights, "perplexity": value,
-            "increase": None if value is None else value - dense, "ratio": None if value is None else value / dense,
-            "status": "ok" if value is not None else "non-finite",
-        })
+        entries.append(
+            {
+                "kind": kind,
+                "group": group,
+                "targets": len(members),
+                "weights": weights,
+                "perplexity": value,
+                "increase": None if value is None else value - dense,
+                "ratio": None if value is None else value / dense,
+                "status": "ok" if value is not None else "non-finite",
+            }
+        )
     entries.sort(key=lambda e: (e["kind"], e["increase"] is not None, -(e["increase"] or 0.0)))
     for kind in {e["kind"] for e in entries}:
         for rank, entry in enumerate((e for e in entries if e["kind"] == kind), 1):
             entry["rank"] = rank
     return {
-        "model": shared.recipe.model, "method": config.name, "sparsity": str(config.pattern),
-        "dense_perplexity": dense, "validation_tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)),
-        "seconds": round(time.perf_counter() - start, 2), "entries": entries,
+        "model": shared.recipe.model,
+        "method": config.name,
+        "sparsity": str(config.pattern),
+        "dense_perplexity": dense,
+        "validation_tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)),
+        "seconds": round(time.perf_counter() - start, 2),
+        "entries": entries,
     }
 
 
 def render_rows(result: dict) -> list[dict]:
-    return [{"rank": e["rank"], "kind": e["kind"], "group": e["group"], "targets": e["targets"],
-             "perplexity": "nan/inf" if e["perplexity"] is None else f"{e['perplexity']:.3f}",
-             "increase": "nan/inf" if e["increase"] is None else f"{e['increase']:+.3f}",
-             "ratio": "-" if e["ratio"] is None else f"{e['ratio']:.3f}"} for e in result["entries"]]
+    return [
+        {
+            "rank": e["rank"],
+            "kind": e["kind"],
+            "group": e["group"],
+            "targets": e["targets"],
+            "perplexity": "nan/inf" if e["perplexity"] is None else f"{e['perplexity']:.3f}",
+            "increase": "nan/inf" if e["increase"] is None else f"{e['increase']:+.3f}",
+            "ratio": "-" if e["ratio"] is None else f"{e['ratio']:.3f}",
+        }
+        for e in result["entries"]
+    ]
 
 
 COLUMNS = ["rank", "kind", "group", "targets", "perplexity", "increase", "ratio"]

@@ -1,15 +1,16 @@
 """The sweep's shared path: one model loaded once, its dense figures and its calibration statistics computed once,
 and any number of one-shot points pruned from those statistics, the model's weights restored after each.
 
-Statistics come from ONE layer-by-layer pass over the DENSE model (`prune.calibration.layerwise.collect_stats`): block k+1
-sees the dense block k's outputs. `prune run` calibrates sequentially instead (block k+1 sees the pruned block k,
-SparseGPT/Wanda's scheme), which cannot be shared across levels since the pruned blocks differ per level; so a
-sweep's Wanda/SparseGPT numbers can differ slightly from `prune run`'s at the same level
+Statistics come from ONE layer-by-layer pass over the DENSE model (`prune.calibration.layerwise.collect_stats`):
+block k+1 sees the dense block k's outputs. `prune run` calibrates sequentially instead (block k+1 sees the pruned
+block k, SparseGPT/Wanda's scheme), which cannot be shared across levels since the pruned blocks differ per level;
+so a sweep's Wanda/SparseGPT numbers can differ slightly from `prune run`'s at the same level
 (`shared_calibration: false` runs every point through the pipeline instead). Targets reading the same input
 (q/k/v, gate/up) share one statistic. Statistics go to disk as they are completed, one safetensors file per
 block, and are read back one target at a time, so memory holds the model plus one block's activations (while
 gathering) or one target's Hessian (while pruning); the files also let a resumed sweep skip the pass.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,24 +27,22 @@ from torch import nn
 
 from prune.calibration import layerwise as calibration
 from prune.core.atomic import staged_directory, write_json_atomic
-
-from prune.runs import run_dir
-from prune.models.blocks import in_out_features, weight_matrix
-from prune.data.text import interleave, prepare_extra, prepare_mix, prepare_source
+from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
+from prune.data.text import interleave, prepare_extra, prepare_mix, prepare_source
 from prune.masks.base import achieved_sparsity, attach_hard_masks, merge, wrappers
 from prune.masks.storage import save_masks
 from prune.masks.targets import method_targets
-from prune.runs.report import with_dense
-from prune.tasks.causal_lm import data_report, measure
-from prune.runs.loading import load_model
-from prune.runs.placed import place, prepare_runtime
 from prune.methods.oneshot.method import SHARED_STATS, prune_from_stats
 from prune.methods.oneshot.stats import InputStats
+from prune.models.blocks import in_out_features, weight_matrix
+from prune.runs import run_dir
+from prune.runs.loading import load_model
+from prune.runs.placed import place, prepare_runtime
 from prune.runs.recipe import Recipe
-from prune.core.config import MethodConfig
-from prune.runs.report import write_report
+from prune.runs.report import with_dense, write_report
 from prune.sweep.recipe import Point, fingerprint, slug
+from prune.tasks.causal_lm import data_report, measure
 
 CALIBRATION_DIR = "calibration"
 INDEX_FILE = "index.json"
@@ -64,15 +63,21 @@ class StatsStore:
         self._last: tuple[str, InputStats] | None = None
 
     def covers(self, source: str, targets: set[str], hessian: bool) -> bool:
-        return (self.index["source"] == source and targets <= set(self.index["targets"])
-                and (self.index["hessian"] or not hessian))
+        return (
+            self.index["source"] == source
+            and targets <= set(self.index["targets"])
+            and (self.index["hessian"] or not hessian)
+        )
 
     def get(self, name: str) -> InputStats:
         file, key = self.index["targets"][name]
         if self._last is None or self._last[0] != f"{file}/{key}":
             with safe_open(str(self.directory / file), framework="pt") as handle:
-                tensors = {part: handle.get_tensor(f"{key}/{part}") for part in ("sq_norm", "tokens", "hessian")
-                           if f"{key}/{part}" in handle.keys()}
+                tensors = {
+                    part: handle.get_tensor(f"{key}/{part}")
+                    for part in ("sq_norm", "tokens", "hessian")
+                    if f"{key}/{part}" in handle.keys()
+                }
             self._last = (f"{file}/{key}", InputStats.from_tensors(tensors))
         return self._last[1]
 
@@ -114,8 +119,13 @@ class SharedModel:
         self.model = place(model, self.runtime)
         data = recipe.data
         self.source_splits = prepare_source(self.tokenizer, data)
-        self.extra = prepare_extra(self.tokenizer, recipe.eval.extra_texts, data.seq_len,
-                                   heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
+        self.extra = prepare_extra(
+            self.tokenizer,
+            recipe.eval.extra_texts,
+            data.seq_len,
+            heldout_fraction=data.heldout_fraction,
+            validation_fraction=data.validation_fraction,
+        )
         self.mix = prepare_mix(self.tokenizer, data, self.extra)
         # calibration and selection read these
         self.splits = interleave(self.source_splits, self.mix, data.seq_len, data.source_share)
@@ -139,13 +149,23 @@ class SharedModel:
             if saved.get("fingerprint") == key:
                 return saved["figures"]
         recipe = self.recipe
-        figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, "dense",
-                          self.runtime.device, extra=self.extra)
+        figures = measure(
+            self.model,
+            self.tokenizer,
+            self.splits,
+            recipe.eval,
+            recipe.data.seq_len,
+            "dense",
+            self.runtime.device,
+            extra=self.extra,
+        )
         self.timings["dense_eval"] = round(figures["seconds"], 2)
         write_json_atomic(cache, {"fingerprint": key, "model": recipe.model, "figures": figures})
         return figures
 
-    def ensure_stats(self, root: Path, configs: list[MethodConfig], *, force: bool = False, progress: bool = True) -> None:
+    def ensure_stats(
+        self, root: Path, configs: list[MethodConfig], *, force: bool = False, progress: bool = True
+    ) -> None:
         """Make `self.store` cover every target `configs` read statistics for: reuse a stored set that does, else
         run ONE layer-by-layer pass over the dense model for all of them. Configs whose targets cannot be selected
         are left out (their points fail with that reason later)."""
@@ -181,12 +201,23 @@ class SharedModel:
             data = self.recipe.data
             blocks = self.splits.calibration_blocks(data.calibration_samples, data.seq_len, self.recipe.seed)
             calibration.collect_stats(
-                self.model, sorted(needed), lambda module: InputStats(in_out_features(module)[0], hessian), blocks,
-                sink=lambda stats: _write_stats(staging, index, stats), progress=progress,
+                self.model,
+                sorted(needed),
+                lambda module: InputStats(in_out_features(module)[0], hessian),
+                blocks,
+                sink=lambda stats: _write_stats(staging, index, stats),
+                progress=progress,
             )
             seconds = round(time.perf_counter() - start, 2)
-            meta = {"source": source, "hessian": hessian, "model": self.recipe.model, "seconds": seconds,
-                    "samples": data.calibration_samples, "seq_len": data.seq_len, "targets": index}
+            meta = {
+                "source": source,
+                "hessian": hessian,
+                "model": self.recipe.model,
+                "seconds": seconds,
+                "samples": data.calibration_samples,
+                "seq_len": data.seq_len,
+                "targets": index,
+            }
             (staging / INDEX_FILE).write_text(json.dumps(meta, indent=1))
         self.calibration_passes += 1
         self.timings["calibration"] = self.timings.get("calibration", 0.0) + seconds
@@ -234,31 +265,55 @@ class SharedModel:
         with self.pruned(config, names) as masks:
             timings["prune"] = round(time.perf_counter() - start, 2)
             achieved = achieved_sparsity(self.model)
-            layers = {name: {"sparsity": 1.0 - keep.float().mean().item(), "weights": keep.numel()}
-                      for name, keep in masks.items()}
+            layers = {
+                name: {"sparsity": 1.0 - keep.float().mean().item(), "weights": keep.numel()}
+                for name, keep in masks.items()
+            }
             shutil.rmtree(point.directory, ignore_errors=True)
             directory = run_dir.claim(point.directory, recipe.to_dict(), overwrite=True)
             pattern = config.pattern
             if save:
                 start = time.perf_counter()
-                meta = {"model": recipe.model, "method": config.name, "config": recipe.to_dict()["method"],
-                        "weights_changed": config.changes_weights}
+                meta = {
+                    "model": recipe.model,
+                    "method": config.name,
+                    "config": recipe.to_dict()["method"],
+                    "weights_changed": config.changes_weights,
+                }
                 save_masks(self.model, directory, meta, nm=(pattern.n, pattern.m) if pattern.is_nm else None)
                 timings["save_masks"] = round(time.perf_counter() - start, 2)
             merge(self.model)
-            figures = measure(self.model, self.tokenizer, self.splits, recipe.eval, recipe.data.seq_len, point.label,
-                              self.runtime.device, extra=self.extra)
+            figures = measure(
+                self.model,
+                self.tokenizer,
+                self.splits,
+                recipe.eval,
+                recipe.data.seq_len,
+                point.label,
+                self.runtime.device,
+                extra=self.extra,
+            )
             timings["pruned_eval"] = round(figures.pop("seconds"), 2)
-        used = {} if SHARED_STATS[config.name] == "none" else {
-            "calibration": {"part": "train", "windows": recipe.data.calibration_samples}}
+        used = (
+            {}
+            if SHARED_STATS[config.name] == "none"
+            else {"calibration": {"part": "train", "windows": recipe.data.calibration_samples}}
+        )
         report = {
             "model": recipe.model,
             "method": config.name,
             "recipe_fingerprint": recipe.fingerprint(),
             "sparsity": {"target": str(pattern), "achieved": achieved},
             **figures,
-            "data": data_report(recipe.data.source, recipe.data.seq_len, self.source_splits, self.extra, used,
-                                mix=self.mix, source_share=recipe.data.source_share),
+            "data": data_report(
+                recipe.data.source,
+                recipe.data.seq_len,
+                self.source_splits,
+                self.extra,
+                used,
+                mix=self.mix,
+                source_share=recipe.data.source_share,
+            ),
             "timings": timings,
             "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
@@ -274,8 +329,13 @@ def finish_report(report: dict, point: Point, dense: dict | None, layers: dict |
         with_dense(report, dense)
     if layers:
         report["layer_sparsity"] = layers
-    report["sweep"] = {"path": point.path, "fingerprint": point.fingerprint, "label": point.label,
-                       "method_label": point.method_label, **shared}
+    report["sweep"] = {
+        "path": point.path,
+        "fingerprint": point.fingerprint,
+        "label": point.label,
+        "method_label": point.method_label,
+        **shared,
+    }
     return report
 
 
@@ -287,4 +347,6 @@ def layers_from_masks(directory: Path) -> dict | None:
         masks, _ = read_masks(directory)
     except Exception:  # noqa: BLE001 - no masks, no per-layer figures
         return None
-    return {name: {"sparsity": 1.0 - keep.float().mean().item(), "weights": keep.numel()} for name, keep in masks.items()}
+    return {
+        name: {"sparsity": 1.0 - keep.float().mean().item(), "weights": keep.numel()} for name, keep in masks.items()
+    }

@@ -10,11 +10,13 @@ of the dense and the pruned model, and the report's task fields and report.md no
 A task is a class: its class attributes and class methods are what the recipe and the loaders need before
 a model exists; an instance is one run's model and data (made by the pipeline after loading the model).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +58,7 @@ class Task(ABC):
     def load_model(cls, spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
         """(model in eval mode, tokenizer or processor) for an alias, a model directory or a Hub id."""
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook: nothing to check by default)
     def check_model(cls, model: nn.Module, settings: RunSettings) -> None:
         """Raise UserInputError for what the loaded model rules out before any data is read (nothing by default):
         run before the output directory is claimed and before the first forward."""
@@ -76,8 +78,13 @@ class Task(ABC):
         """Measure `model` from now on (the exported model replaces the masked one)."""
         self.model = model
 
-    def prune(self, spec: MethodSpec, config: MethodConfig, calibration: Tensor | None,
-              placement: BlockPlacement | None = None) -> object:
+    def prune(
+        self,
+        spec: MethodSpec,
+        config: MethodConfig,
+        calibration: Tensor | None,
+        placement: BlockPlacement | None = None,
+    ) -> object:
         """Attach the method's masks to the model in memory; returns what `spec.attach` returns (a learnable
         method's objective, which the trainer then trains). `placement`: where blocks wait under runtime.offload:
         cpu (None: the model is on the device)."""
@@ -130,7 +137,7 @@ class Task(ABC):
     def heldout(self) -> HeldOut:
         """The held-out samples a method's own report hook measures on."""
 
-    def check_data(self, spec) -> None:
+    def check_data(self, spec) -> None:  # noqa: B027 (an optional hook: nothing to check by default)
         """Raise UserInputError when the data cannot serve what the method `spec` needs (nothing by default)."""
 
     def fields(self) -> dict:

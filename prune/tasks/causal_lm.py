@@ -7,6 +7,7 @@ Only test parts are measured (the in-domain source's and each `eval.extra_texts`
 chosen on the validation part. Every perplexity carries a 95% bootstrap interval over its windows
 (`eval.bootstrap`, fixed seed) and the per-window NLL sums, so that `prune compare` can pair two runs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,15 @@ from eval.metric_errors import TaskUnavailableError
 from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
-from prune.data.text import (DataConfig, TokenSplits, interleave, prepare_extra, prepare_mix, prepare_source,
-                             shared_train_windows)
+from prune.data.text import (
+    DataConfig,
+    TokenSplits,
+    interleave,
+    prepare_extra,
+    prepare_mix,
+    prepare_source,
+    shared_train_windows,
+)
 from prune.methods.spec import HeldOut
 from prune.models import loading
 from prune.structural.shrink import has_layer_sizes, load_resized
@@ -37,23 +45,40 @@ from prune.tasks.eval_config import EvalConfig
 METHOD_REPORT_WINDOWS = 32  # held-out windows a method's own report hook measures on (e.g. per-token FLOPs)
 
 
-def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig, seq_len: int, label: str,
-            device: torch.device | None = None, *, extra: Mapping[str, TokenSplits]) -> dict:
+def measure(
+    model: nn.Module,
+    tokenizer,
+    splits: TokenSplits,
+    config: EvalConfig,
+    seq_len: int,
+    label: str,
+    device: torch.device | None = None,
+    *,
+    extra: Mapping[str, TokenSplits],
+) -> dict:
     """Figures for one model, keyed like report.json; `extra` holds the prepared `config.extra_texts`; `seconds`
     says how long measuring took. Latency is timed on `device` (runtime.device; None: where the model is), which
     under runtime.offload: cpu is not where the model waits."""
-    assert not config.perplexity or list(extra) == list(dict.fromkeys(config.extra_texts)), \
+    assert not config.perplexity or list(extra) == list(dict.fromkeys(config.extra_texts)), (
         "extra must hold the prepared eval.extra_texts"
+    )
     start = time.perf_counter()
     model.eval()
     figures: dict = {}
     batched = {} if config.batch_size is None else {"batch_size": config.batch_size}
     if config.perplexity:
-        figures.update(text_perplexities(lambda blocks, desc: perplexity(model, blocks, desc=desc, **batched), splits,
-                                         extra, seq_len, label))
+        figures.update(
+            text_perplexities(
+                lambda blocks, desc: perplexity(model, blocks, desc=desc, **batched), splits, extra, seq_len, label
+            )
+        )
     if config.tasks:
         scores = accuracy_scores(
-            model, tokenizer, config.tasks, heldout_text=splits.test_text(tokenizer), limit=config.limit,
+            model,
+            tokenizer,
+            config.tasks,
+            heldout_text=splits.test_text(tokenizer),
+            limit=config.limit,
             **batched,
         )
         figures["accuracy"] = {task: score.value for task, score in scores.items()}
@@ -73,8 +98,13 @@ def measure(model: nn.Module, tokenizer, splits: TokenSplits, config: EvalConfig
     return figures
 
 
-def text_perplexities(score: Callable[[Tensor, str], PerplexityResult], splits: TokenSplits,
-                      extra: Mapping[str, TokenSplits], seq_len: int, label: str) -> dict:
+def text_perplexities(
+    score: Callable[[Tensor, str], PerplexityResult],
+    splits: TokenSplits,
+    extra: Mapping[str, TokenSplits],
+    seq_len: int,
+    label: str,
+) -> dict:
     """report.json's `perplexity` and `extra_texts`: the test part of the source and of each out-of-domain text,
     each window scored by `score(blocks, desc)`. One builder however the model is held (in memory, or streamed
     from disk), so every run's figures have the same shape and pair in `prune compare`."""
@@ -89,34 +119,67 @@ def text_perplexities(score: Callable[[Tensor, str], PerplexityResult], splits: 
 
 def _figures(result: PerplexityResult, seq_len: int) -> dict:
     return {
-        "value": result.value, "tokens": result.tokens, "seq_len": seq_len, "windows": result.windows,
+        "value": result.value,
+        "tokens": result.tokens,
+        "seq_len": seq_len,
+        "windows": result.windows,
         "ci95": list(perplexity_ci(result.window_nll, result.window_tokens)),
         "window_nll": list(result.window_nll),
     }
 
 
-def data_report(source: str, seq_len: int, splits: TokenSplits, extra: Mapping[str, TokenSplits],
-                used: dict[str, dict], *, mix: Mapping[str, TokenSplits] | None = None,
-                source_share: float | None = None) -> dict:
+def data_report(
+    source: str,
+    seq_len: int,
+    splits: TokenSplits,
+    extra: Mapping[str, TokenSplits],
+    used: dict[str, dict],
+    *,
+    mix: Mapping[str, TokenSplits] | None = None,
+    source_share: float | None = None,
+) -> dict:
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
     how many windows) each use read: `used` maps a use (calibration, training, selection) to its part; under
     `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts and how
     many train windows calibration and training drew from, after `data.source_share`)."""
     mix = mix or {}
     train_windows = shared_train_windows(splits, mix, seq_len, source_share)[1:]
-    measured = {"perplexity": {"part": "test", "windows": splits.windows(seq_len)["test"]},
-                "accuracy": {"part": "test", "note": "docs_lastword is built from the test text; other tasks "
-                             "bring their own data"}}
+    measured = {
+        "perplexity": {"part": "test", "windows": splits.windows(seq_len)["test"]},
+        "accuracy": {
+            "part": "test",
+            "note": "docs_lastword is built from the test text; other tasks bring their own data",
+        },
+    }
     return {
-        "source": source, "seq_len": seq_len, **splits.describe(seq_len), "used": {**used, **measured},
-        "extra_texts": {name: {**text.describe(seq_len),
-                               "used": {"perplexity": {"part": "test", "windows": text.windows(seq_len)["test"]}}}
-                        for name, text in extra.items()},
-        **({"source_share": source_share,
-            "mix": {name: {**text.describe(seq_len),
-                           "used": {"calibration, training": {"part": "train", "windows": windows},
-                                    "selection": {"part": "validation"}}}
-                    for (name, text), windows in zip(mix.items(), train_windows)}} if mix else {}),
+        "source": source,
+        "seq_len": seq_len,
+        **splits.describe(seq_len),
+        "used": {**used, **measured},
+        "extra_texts": {
+            name: {
+                **text.describe(seq_len),
+                "used": {"perplexity": {"part": "test", "windows": text.windows(seq_len)["test"]}},
+            }
+            for name, text in extra.items()
+        },
+        **(
+            {
+                "source_share": source_share,
+                "mix": {
+                    name: {
+                        **text.describe(seq_len),
+                        "used": {
+                            "calibration, training": {"part": "train", "windows": windows},
+                            "selection": {"part": "validation"},
+                        },
+                    }
+                    for (name, text), windows in zip(mix.items(), train_windows)
+                },
+            }
+            if mix
+            else {}
+        ),
     }
 
 
@@ -160,8 +223,13 @@ class CausalLM(Task):
         self.seq_len = data.seq_len
         self.source_splits = prepare_source(tokenizer, data)
         measured = settings.eval.extra_texts if settings.eval.perplexity else []  # only perplexity reads them
-        self.extra = prepare_extra(tokenizer, measured, self.seq_len,
-                                   heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction)
+        self.extra = prepare_extra(
+            tokenizer,
+            measured,
+            self.seq_len,
+            heldout_fraction=data.heldout_fraction,
+            validation_fraction=data.validation_fraction,
+        )
         self.mix = prepare_mix(tokenizer, data, self.extra)
         # what calibration, training and selection read
         self.splits = interleave(self.source_splits, self.mix, self.seq_len, data.source_share)
@@ -190,9 +258,11 @@ class CausalLM(Task):
         data, perplexity_figures = report.get("data", {}), report.get("perplexity")
         if perplexity_figures is None:
             return "FLOPs per forward of one window (pruned: what a sparse kernel would run)."
-        note = (f"Perplexity over the {perplexity_figures['tokens']:,} predicted tokens of the test part of "
-                f"{data.get('source', 'the text')} ({perplexity_figures['windows']} windows of "
-                f"{perplexity_figures['seq_len']})")
+        note = (
+            f"Perplexity over the {perplexity_figures['tokens']:,} predicted tokens of the test part of "
+            f"{data.get('source', 'the text')} ({perplexity_figures['windows']} windows of "
+            f"{perplexity_figures['seq_len']})"
+        )
         for name, text in report.get("extra_texts", {}).items():
             note += f"; {name}: the test part of that text ({text['perplexity']['windows']} windows), out of domain"
         selection = data.get("used", {}).get("selection")
@@ -219,8 +289,17 @@ class CausalLM(Task):
 
     def fields(self) -> dict:
         data = self.settings.data
-        return {"data": data_report(data.source, self.seq_len, self.source_splits, self.extra, self.used, mix=self.mix,
-                                    source_share=data.source_share)}
+        return {
+            "data": data_report(
+                data.source,
+                self.seq_len,
+                self.source_splits,
+                self.extra,
+                self.used,
+                mix=self.mix,
+                source_share=data.source_share,
+            )
+        }
 
     @property
     def sample_size(self) -> int:
@@ -253,14 +332,26 @@ class CausalLM(Task):
         return perplexity(model, windows, desc="eval hard masks (validation)").value
 
     def measure(self, label: str) -> dict:
-        return measure(self.model, self.processor, self.splits, self.settings.eval, self.seq_len, label, self.device,
-                       extra=self.extra)
+        return measure(
+            self.model,
+            self.processor,
+            self.splits,
+            self.settings.eval,
+            self.seq_len,
+            label,
+            self.device,
+            extra=self.extra,
+        )
 
     def heldout(self) -> HeldOut:
         windows = self.splits.test_blocks(self.seq_len)[:METHOD_REPORT_WINDOWS]
-        return HeldOut(windows.to(next(self.model.parameters()).device), name="windows",
-                       unit="tokens", per_sample=self.seq_len,
-                       flops=lambda model: count_flops(model, self.seq_len).dense)
+        return HeldOut(
+            windows.to(next(self.model.parameters()).device),
+            name="windows",
+            unit="tokens",
+            per_sample=self.seq_len,
+            flops=lambda model: count_flops(model, self.seq_len).dense,
+        )
 
 
 def check_eval_tasks(config: EvalConfig, setting: str = "eval.tasks") -> None:

@@ -4,6 +4,7 @@ training on {"pixel_values", "labels"} rows, and per-image conv FLOPs.
 
 The held-out score the trainer minimizes is the error (1 - accuracy) on the images `eval.limit` counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ METHOD_REPORT_IMAGES = 512  # held-out images a method's own report hook measure
 
 
 @torch.no_grad()
-def classifier_accuracy(classifier: nn.Module, rows: ImageRows, batch_size: int = 64, limit: int | None = None) -> float:
+def classifier_accuracy(
+    classifier: nn.Module, rows: ImageRows, batch_size: int = 64, limit: int | None = None
+) -> float:
     """Top-1 accuracy on the first `limit` (all when None) rows, in order; `classifier(pixel_values).logits`."""
     count = len(rows) if limit is None else min(limit, len(rows))
     if count == 0:
@@ -98,14 +101,19 @@ class ImageTask(Task):
 
     def heldout_accuracy(self) -> dict[str, float]:
         """{dataset name: held-out accuracy} of the current model."""
-        return {self.data.name: classifier_accuracy(self.module, self.data.heldout, self.settings.data.batch_size, self.limit)}
+        return {
+            self.data.name: classifier_accuracy(
+                self.module, self.data.heldout, self.settings.data.batch_size, self.limit
+            )
+        }
 
     def heldout(self) -> HeldOut:
         count = min(self.data.notes["heldout_images"], METHOD_REPORT_IMAGES)
         weight = next(self.module.parameters())
         samples = self.data.heldout.pixel_values(list(range(count))).to(weight.device, weight.dtype)
-        return HeldOut(samples, name="images", unit="images", per_sample=1,
-                       flops=lambda model: conv_flops(model, samples).dense)
+        return HeldOut(
+            samples, name="images", unit="images", per_sample=1, flops=lambda model: conv_flops(model, samples).dense
+        )
 
     def fields(self) -> dict:
         return {"task": self.name, "eval_data": self.data.notes}

@@ -7,6 +7,7 @@ on a dataset scores on it whatever order either lists its classes in. The offlin
 (prune.models.image_classifier) is trained on first use on the train part of the default digits split, the
 split this task then holds out from, so its held-out images are never ones it trained on.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,7 +22,11 @@ from eval.flops import count_params
 from prune.core.errors import UserInputError
 from prune.data.images import DIGITS, ImageDataConfig, load_image_data
 from prune.models.image_classifier import (
-    RESNET_DIGITS, digits_processor, load_image_classifier, make_resnet_digits, resnet_digits_dir,
+    RESNET_DIGITS,
+    digits_processor,
+    load_image_classifier,
+    make_resnet_digits,
+    resnet_digits_dir,
 )
 from prune.models.loading import is_model_dir
 from prune.tasks.base import RunSettings
@@ -78,8 +83,11 @@ def _check_alias_split(settings: RunSettings) -> None:
     """resnet-digits evaluated on digits must hold out what it was trained without: the default split."""
     data = settings.data
     default = ImageDataConfig()
-    if settings.model == RESNET_DIGITS and data.source == DIGITS and \
-            (settings.seed, data.heldout_fraction) != (ALIAS_SEED, default.heldout_fraction):
+    if (
+        settings.model == RESNET_DIGITS
+        and data.source == DIGITS
+        and (settings.seed, data.heldout_fraction) != (ALIAS_SEED, default.heldout_fraction)
+    ):
         raise UserInputError(
             f"{RESNET_DIGITS} was trained on the digits outside the default held-out split (seed {ALIAS_SEED}, "
             f"data.heldout_fraction {default.heldout_fraction}); with seed {settings.seed} and heldout_fraction "

@@ -1,5 +1,6 @@
 """The one list of tasks, by the recipe's `task:` value. A new kind of model is one Task subclass and one entry here;
 a task whose model can stream from disk (runtime.offload: disk) has its streamed variant in STREAMED."""
+
 from __future__ import annotations
 
 from prune.core.errors import UserInputError

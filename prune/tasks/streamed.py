@@ -9,6 +9,7 @@ shards through the method's `block_pruning` hook, the pruned weights written sha
 measured (perplexity block by block, parameters counted tensor by tensor). What needs the whole model (lm-eval
 tasks, latency, FLOPs, the 2:4 kernel) and the masks file are listed under `skipped` with the reason.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,8 +36,16 @@ MASKS_SKIPPED = "masks.safetensors is not written under offload: disk; model/ ho
 class StreamedCausalLM(CausalLM):
     """A causal LM pruned and measured from its safetensors shards, one decoder block in memory at a time."""
 
-    def __init__(self, model: nn.Module, tokenizer, settings: RunSettings, device: torch.device | None = None, *,
-                 checkpoint: Path, output: Path):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        settings: RunSettings,
+        device: torch.device | None = None,
+        *,
+        checkpoint: Path,
+        output: Path,
+    ):
         super().__init__(model, tokenizer, settings, device)
         self.checkpoint = checkpoint  # what `measure` reads: the dense checkpoint, then the pruned one
         self.output = output  # where `prune` writes the pruned checkpoint (the run's model/)
@@ -52,20 +61,34 @@ class StreamedCausalLM(CausalLM):
         """A window longer than the model's positions; not the accuracy tasks, which a streamed run skips."""
         loading.check_seq_len(model, settings.data.seq_len, settings.model)
 
-    def prune(self, spec: MethodSpec, config: MethodConfig, calibration: Tensor | None,
-              placement: BlockPlacement | None = None) -> None:
+    def prune(
+        self,
+        spec: MethodSpec,
+        config: MethodConfig,
+        calibration: Tensor | None,
+        placement: BlockPlacement | None = None,
+    ) -> None:
         """Prune the checkpoint block by block through the method's `block_pruning` hook (or a structural method's
         `streamed_export`, which writes the smaller model) into `output`, written shard by shard (whole or absent),
         which `measure` reads from now on. `placement` is None here: the shards are where the blocks wait."""
         with staged_directory(self.output) as staging:
             if spec.streamed_export is not None:
                 self.model.maskprune_summary = spec.streamed_export.write(  # what the method's `report` reads
-                    self.checkpoint, staging, config, calibration, self.device, self.model.dtype)
+                    self.checkpoint, staging, config, calibration, self.device, self.model.dtype
+                )
             else:
                 pruning = spec.block_pruning(config)
                 self.targets = spec.targets(self.model, config)
-                stream_prune(self.checkpoint, staging, lambda model: spec.targets(model, config), pruning.prune,
-                             pruning.make_stats, calibration, device=self.device, dtype=self.model.dtype)
+                stream_prune(
+                    self.checkpoint,
+                    staging,
+                    lambda model: spec.targets(model, config),
+                    pruning.prune,
+                    pruning.make_stats,
+                    calibration,
+                    device=self.device,
+                    dtype=self.model.dtype,
+                )
             self.processor.save_pretrained(staging)
         self.checkpoint = self.output
 
@@ -99,16 +122,28 @@ class StreamedCausalLM(CausalLM):
         return {**super().fields(), "skipped": self._skipped()}
 
     def _stream_perplexity(self, blocks: Tensor, desc: str) -> PerplexityResult:
-        return stream_perplexity(self.checkpoint, blocks, device=self.device, dtype=self.model.dtype,
-                                 batch_size=self.settings.eval.batch_size or 1, desc=desc)
+        return stream_perplexity(
+            self.checkpoint,
+            blocks,
+            device=self.device,
+            dtype=self.model.dtype,
+            batch_size=self.settings.eval.batch_size or 1,
+            desc=desc,
+        )
 
     def _skipped(self) -> dict[str, str]:
         """What the eval section asked for that a streamed run cannot measure, and why (never silently)."""
         config = self.settings.eval
-        wanted = {"accuracy": bool(config.tasks), "latency": config.latency, "flops": config.flops,
-                  "semi_structured_kernel": config.semi_structured_kernel}
-        return {**{what: STREAM_SKIPPED.format(what=what) for what, asked in wanted.items() if asked},
-                "masks": MASKS_SKIPPED}
+        wanted = {
+            "accuracy": bool(config.tasks),
+            "latency": config.latency,
+            "flops": config.flops,
+            "semi_structured_kernel": config.semi_structured_kernel,
+        }
+        return {
+            **{what: STREAM_SKIPPED.format(what=what) for what, asked in wanted.items() if asked},
+            "masks": MASKS_SKIPPED,
+        }
 
 
 def _counts(checkpoint: Path, names: set[str]) -> tuple[int, int]:

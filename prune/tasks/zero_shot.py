@@ -5,6 +5,7 @@ prompts ("a photo of a {}."), and an image's logits are logit_scale · cosine(im
 embeddings are cached while nothing in the text tower trains (and recomputed when its modules change, e.g.
 masks merged), and computed at every forward while text-side masks or adapters train.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,15 +29,19 @@ class ZeroShotDataConfig(ImageDataConfig):
     prompts that turn class names into CLIP's classifier."""
 
     shots: int | None = Field(16, ge=1, description="training images per class (seeded); null: all")
-    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."],
-                                 description="prompt templates, each with one {} for the class name")
+    templates: list[str] = Field(
+        default_factory=lambda: ["a photo of a {}."],
+        description="prompt templates, each with one {} for the class name",
+    )
 
     @field_validator("templates")
     @classmethod
     def _one_slot(cls, templates: list[str]) -> list[str]:
         bad = [template for template in templates if template.count("{}") != 1]
         if not templates or bad:
-            raise ValueError(f"every prompt template needs exactly one '{{}}' for the class name; got {bad or templates}.")
+            raise ValueError(
+                f"every prompt template needs exactly one '{{}}' for the class name; got {bad or templates}."
+            )
         return templates
 
 
@@ -53,8 +58,9 @@ class ZeroShotClassifier(nn.Module):
         super().__init__()
         self.clip = clip
         self.shape = (len(class_names), len(templates))
-        tokens = tokenizer([template.format(name) for name in class_names for template in templates],
-                           padding=True, return_tensors="pt")
+        tokens = tokenizer(
+            [template.format(name) for name in class_names for template in templates], padding=True, return_tensors="pt"
+        )
         device = next(clip.parameters()).device
         self.register_buffer("input_ids", tokens["input_ids"].to(device), persistent=False)
         self.register_buffer("attention_mask", tokens["attention_mask"].to(device), persistent=False)
@@ -69,8 +75,9 @@ class ZeroShotClassifier(nn.Module):
         """Identifies the text tower's current modules, or None when it may change between forwards (masks that
         train, or anything in it that requires grad): then the class embeddings are recomputed every time."""
         modules = [*self.clip.text_model.modules(), self.clip.text_projection]
-        trains = any(isinstance(module, MaskWrapper) and module.mask.training for module in modules) or \
-            any(param.requires_grad for module in modules for param in module.parameters(recurse=False))
+        trains = any(isinstance(module, MaskWrapper) and module.mask.training for module in modules) or any(
+            param.requires_grad for module in modules for param in module.parameters(recurse=False)
+        )
         return None if trains else (self.input_ids.device, *map(id, modules))
 
     def class_embeddings(self) -> Tensor:

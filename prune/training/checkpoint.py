@@ -7,6 +7,7 @@ depends on: parameters, optimizer and scheduler state, the step (which fixes the
 every random generator (prune.core.rng). Loading checks every tensor against what it is loaded into
 (prune.core.tensor_fit) and the trainer state's types before anything is restored.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,9 @@ def save_checkpoint(
     return checkpoint
 
 
-def _write_checkpoint(staging: Path, step: int, masks: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
-                      extra: dict) -> None:
+def _write_checkpoint(
+    staging: Path, step: int, masks: dict[str, torch.Tensor], optimizer_state: dict, scheduler, extra: dict
+) -> None:
     save_file(masks, staging / "masks.safetensors")
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
     rng_tensors, python_rng = rng.to_checkpoint(rng.capture())
@@ -97,8 +99,9 @@ def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimiz
         raise UserInputError(f"checkpoint {source} is unreadable ({error}). {START_OVER}") from None
     step = state.get("step") if isinstance(state, dict) else None
     if type(step) is not int or step < 0:  # bool is an int subclass, and no step count
-        raise UserInputError(f"{source / 'trainer_state.json'}: step must be a whole number >= 0, found {step!r}. "
-                             f"{START_OVER}")
+        raise UserInputError(
+            f"{source / 'trainer_state.json'}: step must be a whole number >= 0, found {step!r}. {START_OVER}"
+        )
     check_fit(params, trainable, f"checkpoint {source / 'masks.safetensors'}", START_OVER)
     layout = {**_optimizer_layout(optimizer, optimizer_tensors), **rng.checkpoint_layout(optimizer_tensors)}
     check_fit(optimizer_tensors, layout, f"checkpoint {source / 'optimizer.safetensors'}", START_OVER)
@@ -110,7 +113,8 @@ def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimiz
         rng.restore(random_state)
     except (KeyError, TypeError, ValueError) as error:
         raise UserInputError(
-            f"checkpoint {source} is malformed ({type(error).__name__}: {error}). {START_OVER}") from None
+            f"checkpoint {source} is malformed ({type(error).__name__}: {error}). {START_OVER}"
+        ) from None
     copy_into(trainable, params)
     return state
 

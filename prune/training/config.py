@@ -1,4 +1,5 @@
 """The `train` section of a recipe: the one trainer's settings."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -24,11 +25,17 @@ class TrainConfig(StrictConfig):
     eval_windows: int = Field(8, ge=1, description="held-out windows used by the periodic evaluation")
     checkpoint_every: int = Field(50, ge=1, description="a resumable checkpoint every N steps")
     seed: int = Field(0, description="seed of the data order and of the masks' random draws")
-    distill: float = Field(0.0, ge=0, le=1, description="causal-lm: weight of the KL divergence from the dense "
-                           "model's next-token distribution (a frozen copy of the unpruned model), the rest on the "
-                           "next-token cross-entropy; 0: cross-entropy only")
+    distill: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="causal-lm: weight of the KL divergence from the dense "
+        "model's next-token distribution (a frozen copy of the unpruned model), the rest on the "
+        "next-token cross-entropy; 0: cross-entropy only",
+    )
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast when training on a CUDA device that has it (runtime.device)")
+        "auto", description="auto: bf16 autocast when training on a CUDA device that has it (runtime.device)"
+    )
 
     def resolved_precision(self, device: torch.device) -> str:
         """`auto` follows the device the run trains on: bf16 on a CUDA GPU with bfloat16, none elsewhere (CPU

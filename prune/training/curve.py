@@ -1,4 +1,5 @@
 """train_curve.png: the held-out score of the hard masks against training tokens or images."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ def training_curve(log_path: Path, per_step: int, unit: str, path: Path) -> Path
     """Held-out score of the hard masks vs training `unit`s (tokens, images: `per_step` per optimizer step),
     from the trainer's train_log.jsonl eval records; step 0 is the starting masks (e.g. the prior)."""
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    points = [(r["step"], key, r[key]) for r in records for key in r if key.startswith("eval_") and is_finite_number(r[key])]
+    points = [
+        (r["step"], key, r[key]) for r in records for key in r if key.startswith("eval_") and is_finite_number(r[key])
+    ]
     if not points:
         return None
     metric = points[0][1]

@@ -9,11 +9,12 @@ stay as they were: they all hold finite values. With several processes they agre
 rank, a NaN in one rank's FSDP shard), so that all of them stop at the same point instead of some waiting in a
 collective for the others.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -34,8 +35,11 @@ class FiniteGuard:
         self.checkpoints, self.lr, self.saved_step, self.any_process = checkpoints, lr, saved_step, any_process
 
     def error(self, step: int, what: str) -> TrainingDiverged:
-        kept = (f"the checkpoint of step {self.saved_step} in {self.checkpoints} is kept"
-                if self.saved_step is not None else "no checkpoint had been written")
+        kept = (
+            f"the checkpoint of step {self.saved_step} in {self.checkpoints} is kept"
+            if self.saved_step is not None
+            else "no checkpoint had been written"
+        )
         return TrainingDiverged(
             f"training stopped at step {step}: {what}. Nothing of step {step} was saved; {kept}. Lower "
             f"train.lr (now {self.lr:g}) or keep gradient clipping on (train.max_grad_norm), then start the run "

@@ -8,12 +8,13 @@ KeyboardInterrupt at once for a user who will not wait; the trainer then rewinds
 SIGTERM is how schedulers preempt and how background jobs, which often ignore SIGINT, are stopped. A signal
 the process ignores stays ignored; off the main thread, where Python cannot handle signals, nothing changes.
 """
+
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

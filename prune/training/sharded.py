@@ -13,6 +13,7 @@ multipliers) are not the model's and stay whole on every process.
 `fsdp_requested` reads what `accelerate launch --config_file recipes/accelerate/fsdp.yaml` sets, so a run can be
 refused before anything is written when its method or device cannot be sharded.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,8 +87,10 @@ def prepare_sharded(accelerator: Accelerator, model: nn.Module, optimizer):
     except NotImplementedError:
         model.get_input_embeddings = lambda: None
     inside = {id(param) for param in model.parameters()}
-    outside = [[(index, param) for index, param in enumerate(group["params"]) if id(param) not in inside]
-               for group in optimizer.param_groups]
+    outside = [
+        [(index, param) for index, param in enumerate(group["params"]) if id(param) not in inside]
+        for group in optimizer.param_groups
+    ]
     for group in optimizer.param_groups:
         group["params"] = [param for param in group["params"] if id(param) in inside]
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -157,18 +160,28 @@ def gather(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
 def full_optimizer_state(optimizer) -> dict:
     """optimizer.state_dict() with every sharded state tensor gathered (same layout as a one-process run)."""
     state = optimizer.state_dict()
-    return {**state, "state": {index: {key: full(value) if isinstance(value, DTensor) else value
-                                       for key, value in values.items()}
-                               for index, values in state["state"].items()}}
+    return {
+        **state,
+        "state": {
+            index: {key: full(value) if isinstance(value, DTensor) else value for key, value in values.items()}
+            for index, values in state["state"].items()
+        },
+    }
 
 
 def shard_optimizer_state(state: dict, optimizer) -> dict:
     """A full optimizer state dict laid out like `optimizer`'s parameters (the inverse of full_optimizer_state)."""
     params = [param for group in optimizer.param_groups for param in group["params"]]
-    return {**state, "state": {index: {key: local_part(value, params[int(index)])
-                                       if torch.is_tensor(value) and value.dim() > 0 else value
-                                       for key, value in values.items()}
-                               for index, values in state["state"].items()}}
+    return {
+        **state,
+        "state": {
+            index: {
+                key: local_part(value, params[int(index)]) if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in values.items()
+            }
+            for index, values in state["state"].items()
+        },
+    }
 
 
 def copy_into(params: dict[str, nn.Parameter], tensors: dict[str, Tensor]) -> None:

@@ -10,14 +10,16 @@ stops training before anything of its step is saved (prune.training.finite).
 The same code runs on CPU, one GPU or many: `accelerate launch -m prune.cli run RECIPE`, with DDP or with
 FSDP (sharded masks, see prune.training.sharded; accelerate config files in recipes/accelerate/).
 """
+
 from __future__ import annotations
 
 import json
 import time
-from functools import partial
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -29,16 +31,25 @@ from transformers import get_cosine_schedule_with_warmup
 
 from eval.metric_errors import NonFiniteError
 from prune.core import rng
-from prune.core.distributed import whole
 from prune.core.atomic import write_safetensors_atomic
+from prune.core.distributed import whole
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.checkpoint import load_checkpoint, save_checkpoint
 from prune.training.config import TrainConfig
 from prune.training.finite import FiniteGuard
 from prune.training.interrupt import stop_at_step_boundary
 from prune.training.sharded import (
-    copy_into, finish_backward, full, full_optimizer_state, gather, in_model_order, is_sharded, model_names,
-    prepare_sharded, rebind, sharded_copy,
+    copy_into,
+    finish_backward,
+    full,
+    full_optimizer_state,
+    gather,
+    in_model_order,
+    is_sharded,
+    model_names,
+    prepare_sharded,
+    rebind,
+    sharded_copy,
 )
 
 TaskLoss = Callable[[nn.Module, Any], Tensor]
@@ -104,8 +115,10 @@ def batch_indices(step: int, micro: int, config: TrainConfig, rank: int, world: 
     """The sample indices of one micro-batch: a seeded permutation per epoch, sharded over processes."""
     start = (step * config.grad_accum + micro) * config.batch_size * world + rank * config.batch_size
     positions = [divmod(start + i, count) for i in range(config.batch_size)]
-    orders = {epoch: torch.randperm(count, generator=torch.Generator().manual_seed(config.seed + epoch))
-              for epoch in {epoch for epoch, _ in positions}}
+    orders = {
+        epoch: torch.randperm(count, generator=torch.Generator().manual_seed(config.seed + epoch))
+        for epoch in {epoch for epoch, _ in positions}
+    }
     return torch.stack([orders[epoch][offset] for epoch, offset in positions])
 
 
@@ -207,8 +220,9 @@ def train(
     rate_key = "tokens_per_s" if isinstance(data, Tensor) else "samples_per_s"
     progress = tqdm(total=config.steps, initial=step, desc="train masks", disable=not accelerator.is_main_process)
     if evaluate is not None and config.eval_every and step == 0:  # the starting masks (e.g. the prior) compete too
-        best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log, guard,
-                         eval_metric)
+        best = _evaluate(
+            model, objective, accelerator, evaluate, step, best, train_dir, params, log, guard, eval_metric
+        )
     set_mask_training(model, True)
     with stop_at_step_boundary() as stop:
         rewind_to, updating = rng.capture(), False
@@ -219,8 +233,9 @@ def train(
                 schedule = objective.begin_step(step, config.steps)
                 parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
                 tokens += seen
-                clipped = (accelerator.clip_grad_norm_(clipped_params, config.max_grad_norm)
-                           if config.max_grad_norm else None)
+                clipped = (
+                    accelerator.clip_grad_norm_(clipped_params, config.max_grad_norm) if config.max_grad_norm else None
+                )
                 guard.before_update(step + 1, parts["loss"], params, clipped)
                 updating = True
                 optimizer.step()
@@ -232,8 +247,13 @@ def train(
 
                 if step % config.log_every == 0 or step == config.steps:
                     elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
-                    record = {"step": step, **parts, **schedule, "lr": scheduler.get_last_lr()[0],
-                              rate_key: tokens / elapsed}
+                    record = {
+                        "step": step,
+                        **parts,
+                        **schedule,
+                        "lr": scheduler.get_last_lr()[0],
+                        rate_key: tokens / elapsed,
+                    }
                     tokens = 0
                     if sharded:  # the plain model's masks (the log reads whole masks) follow the shards
                         copy_into(plain_params, gather(params))
@@ -241,12 +261,21 @@ def train(
                         record["changed"] = log.changed_fraction(plain if sharded else accelerator.unwrap_model(model))
                         guard.record(step, record)
                         log.write(record)
-                        progress.set_postfix({key: f"{value:.4g}" for key, value in record.items()
-                                              if isinstance(value, float) and key != "lr"})
-                if evaluate is not None and config.eval_every and (step % config.eval_every == 0
-                                                                   or step == config.steps):
-                    best = _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log,
-                                     guard, eval_metric)
+                        progress.set_postfix(
+                            {
+                                key: f"{value:.4g}"
+                                for key, value in record.items()
+                                if isinstance(value, float) and key != "lr"
+                            }
+                        )
+                if (
+                    evaluate is not None
+                    and config.eval_every
+                    and (step % config.eval_every == 0 or step == config.steps)
+                ):
+                    best = _evaluate(
+                        model, objective, accelerator, evaluate, step, best, train_dir, params, log, guard, eval_metric
+                    )
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     checkpoint()
         except KeyboardInterrupt:  # raised mid-step: a second signal, or code that raises it itself
@@ -262,8 +291,10 @@ def train(
         if _any_process(accelerator, stop.signal is not None):
             if guard.saved_step != step:
                 checkpoint()
-            raise KeyboardInterrupt(f"{stop.signal or 'a stop signal to another process'}: stopped after step "
-                                    f"{step}, checkpoint in {checkpoints}; continue with --resume")
+            raise KeyboardInterrupt(
+                f"{stop.signal or 'a stop signal to another process'}: stopped after step "
+                f"{step}, checkpoint in {checkpoints}; continue with --resume"
+            )
     set_mask_training(model, False)
     last = gather(params)
     if sharded:
@@ -309,8 +340,19 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(count.item() > 0)
 
 
-def _evaluate(model, objective, accelerator, evaluate, step, best, train_dir, params, log, guard: FiniteGuard,
-              eval_metric="perplexity") -> dict:
+def _evaluate(
+    model,
+    objective,
+    accelerator,
+    evaluate,
+    step,
+    best,
+    train_dir,
+    params,
+    log,
+    guard: FiniteGuard,
+    eval_metric="perplexity",
+) -> dict:
     """Score the hard masks on held-out data (main process; every process under FSDP, whose forward is
     collective); keep the best masks' parameters among those the objective calls selectable (e.g. meeting a
     size budget)."""

@@ -16,6 +16,7 @@ used is ((1 − λ) + λ · keep) · a. Where a and b agree, P ≈ 1 and all of 
 kept whole with probability |a| / (|a| + |b|) and shrunk to (1 − λ) a otherwise. The KL only steers which
 gradients are damped; it is never added to the loss.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -27,14 +28,14 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from prune.core.config import MethodConfig
 from prune.core.distributed import local_part, whole
-from prune.models.blocks import LINEAR_TYPES, weight_matrix
 from prune.masks.base import Mask, Objective, hard_masks, weight_masked, wrap, wrappers
 from prune.masks.storage import write_masks
 from prune.masks.targets import select_by_glob
 from prune.masks.with_peft import canonical_name
-from prune.core.config import MethodConfig
 from prune.methods.spec import MethodSpec
+from prune.models.blocks import LINEAR_TYPES, weight_matrix
 
 TARGET_TYPES = (*LINEAR_TYPES, nn.Conv2d)
 DEFAULT_TARGETS = [
@@ -45,6 +46,7 @@ EPSILON = 1e-8
 
 
 # ----------------------------------------------------------------------------------------------- tensor math
+
 
 def keep_probability(a: Tensor, b: Tensor) -> Tensor:
     """P = ½ (1 + sign(a)(a + b)/(|a| + |b| + ε)): ≈1 where a and b agree, |a|/(|a|+|b|) where they conflict."""
@@ -60,6 +62,7 @@ def gradient_dropout(a: Tensor, b: Tensor, strength: float, generator: torch.Gen
 
 
 # ---------------------------------------------------------------------------------------------------- masks
+
 
 class BinaryScoreMask(Mask):
     """A 0/1 mask over one weight (any shape), learned through one real score per weight."""
@@ -100,6 +103,7 @@ def masks_off(masks: list[BinaryScoreMask]):
 
 # ------------------------------------------------------------------------------------------ config + attach
 
+
 class BinaryConfig(MethodConfig):
     """R-AMT's binary mask tuning on a frozen CLIP.
 
@@ -110,14 +114,17 @@ class BinaryConfig(MethodConfig):
 
     name: str = Field("binary", description="the method")
     sparsity: str | float = Field("2:4", description="unused: how much is masked is learned, and reported")
-    targets: list[str] | None = Field(default_factory=lambda: list(DEFAULT_TARGETS),
-                                      description="glob patterns over module names (Linear, Conv2d)")
-    init_score: float = Field(1e-2, description="initial score of every weight, above the threshold: step 0 is "
-                              "the zero-shot model")
+    targets: list[str] | None = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS), description="glob patterns over module names (Linear, Conv2d)"
+    )
+    init_score: float = Field(
+        1e-2, description="initial score of every weight, above the threshold: step 0 is the zero-shot model"
+    )
     threshold: float = Field(5e-3, description="a weight is kept where its score exceeds this")
     score_reg: float = Field(1e-4, ge=0, description="weight of the L2 norm (not squared) of the scores")
-    gradient_dropout: float = Field(0.3, ge=0, le=1, description="lambda of gradient dropout (0: off, plain "
-                                    "straight-through scores)")
+    gradient_dropout: float = Field(
+        0.3, ge=0, le=1, description="lambda of gradient dropout (0: off, plain straight-through scores)"
+    )
     kl_temperature: float = Field(1.0, gt=0, description="temperature of the KL to the zero-shot model")
 
     @model_validator(mode="after")
@@ -130,7 +137,9 @@ class BinaryConfig(MethodConfig):
         if "sparsity" in self.model_fields_set and self.sparsity != type(self).model_fields["sparsity"].default:
             raise ValueError("binary mask tuning learns how much to mask; remove method.sparsity.")
         if not self.targets:
-            raise ValueError("method.targets must name at least one pattern, e.g. '*vision_model.encoder.layers.*.self_attn.*_proj'.")
+            raise ValueError(
+                "method.targets must name at least one pattern, e.g. '*vision_model.encoder.layers.*.self_attn.*_proj'."
+            )
         return self
 
     def target_label(self) -> str:
@@ -195,8 +204,9 @@ class BinaryObjective(Objective):
             param.grad = a if param.grad is None else param.grad.add_(a)
         return task.detach(), regularizer.detach()
 
-    def _sharded_dropout_backward(self, model: nn.Module, batch, task_loss, accelerator, scale: float
-                                  ) -> tuple[Tensor, Tensor]:
+    def _sharded_dropout_backward(
+        self, model: nn.Module, batch, task_loss, accelerator, scale: float
+    ) -> tuple[Tensor, Tensor]:
         """`dropout_backward` under FSDP, where a gradient exists only as each process's shard of the average over
         the processes, after a backward: two backward passes through the one forward give b (the KL's) and then a
         (the task's and the regularizer's), each averaged by FSDP, and the dropout acts on the shards. So a and b
@@ -228,7 +238,8 @@ class BinaryObjective(Objective):
         """The task loss and logits of the masked model, and the zero-shot model's logits (masks off, no gradient)."""
         outputs: list = []
         handle = accelerator.unwrap_model(model).register_forward_hook(
-            lambda module, args, output: outputs.append(output))
+            lambda module, args, output: outputs.append(output)
+        )
         try:
             task = task_loss(model, batch)
             logits = _logits(outputs[-1]) if outputs else _logits(_forward(model, batch))
@@ -246,8 +257,12 @@ class BinaryObjective(Objective):
 def kl_to_reference(logits: Tensor, reference: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(softmax(reference/T) ‖ softmax(logits/T)), averaged over rows (tokens for an LM, images for CLIP)."""
     flat, target = logits.reshape(-1, logits.shape[-1]).float(), reference.reshape(-1, reference.shape[-1]).float()
-    return F.kl_div(F.log_softmax(flat / temperature, -1), F.log_softmax(target / temperature, -1),
-                    reduction="batchmean", log_target=True)
+    return F.kl_div(
+        F.log_softmax(flat / temperature, -1),
+        F.log_softmax(target / temperature, -1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
 
 def _forward(model: nn.Module, batch):
@@ -280,7 +295,13 @@ def attach_binary(model: nn.Module, config: BinaryConfig, calibration=None) -> B
 
 
 BINARY = MethodSpec(
-    "binary", BinaryConfig, attach_binary, kind="learnable", needs_calibration=False, save=save_binary_masks, fsdp=True,
+    "binary",
+    BinaryConfig,
+    attach_binary,
+    kind="learnable",
+    needs_calibration=False,
+    save=save_binary_masks,
+    fsdp=True,
     tasks=frozenset({"zero-shot-classification", "image-classification"}),
     targets=lambda model, config: binary_targets(model, config.targets),
 )

@@ -13,32 +13,44 @@ neurons (FFN, per token), and the rest are zero. While the gate trains, the wrap
 logits and the labels from the unmasked y (prune.methods.gating.predictor), and by default passes on the
 *masked* output, as FTWT's code does (`out = out * mask_binary` in ConvWithMask.forward, training included):
 each predictor then learns on the inputs it will see at inference. `train_masked=False` passes the unmasked
-output instead. In eval mode an FFN runs the sparse path (prune.methods.gating.sparse_ffn); a conv computes every channel and
-zeroes the unselected ones (the FLOPs figures count what a channel-skipping kernel would run).
+output instead. In eval mode an FFN runs the sparse path (prune.methods.gating.sparse_ffn); a conv computes every
+channel and zeroes the unselected ones (the FLOPs figures count what a channel-skipping kernel would run).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from prune.models.blocks import LINEAR_TYPES, weight_matrix
 from prune.core.errors import UserInputError
-from prune.methods.gating.sparse_ffn import PackedFFN, ffn_flops, intermediate, output, pack_gated, pack_plain, sparse_ffn
 from prune.masks.base import MaskWrapper, wrappers
 from prune.masks.targets import select_by_glob
 from prune.methods.gating.predictor import GatingMask, uniform_labels
+from prune.methods.gating.sparse_ffn import (
+    PackedFFN,
+    ffn_flops,
+    intermediate,
+    output,
+    pack_gated,
+    pack_plain,
+    sparse_ffn,
+)
+from prune.models.blocks import LINEAR_TYPES, weight_matrix
 
 FFN_KINDS = ("ffn_gated", "ffn_plain")
-EXPECTED = ("a Conv2d followed by its BatchNorm2d, or a transformer FFN with gate_proj/up_proj/down_proj + act_fn "
-            "(Llama) or c_fc/c_proj + act (GPT-2)")
+EXPECTED = (
+    "a Conv2d followed by its BatchNorm2d, or a transformer FFN with gate_proj/up_proj/down_proj + act_fn "
+    "(Llama) or c_fc/c_proj + act (GPT-2)"
+)
 
 
 # ------------------------------------------------------------------------------------------------- discovery
+
 
 @dataclass(frozen=True)
 class GateSite:
@@ -47,11 +59,13 @@ class GateSite:
 
 
 def ffn_kind(module: nn.Module) -> str | None:
-    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
-            and callable(getattr(module, "act_fn", None)):
+    if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) and callable(
+        getattr(module, "act_fn", None)
+    ):
         return "ffn_gated"
-    if all(isinstance(getattr(module, n, None), LINEAR_TYPES) for n in ("c_fc", "c_proj")) \
-            and callable(getattr(module, "act", None)):
+    if all(isinstance(getattr(module, n, None), LINEAR_TYPES) for n in ("c_fc", "c_proj")) and callable(
+        getattr(module, "act", None)
+    ):
         return "ffn_plain"
     return None
 
@@ -62,8 +76,11 @@ def _bn_follows(conv: nn.Module, bn: nn.Module) -> bool:
 
 def is_conv_block(module: nn.Module) -> bool:
     children = list(module.children())
-    return (len(children) in (2, 3) and _bn_follows(children[0], children[1])
-            and (len(children) == 2 or not any(True for _ in children[2].parameters())))
+    return (
+        len(children) in (2, 3)
+        and _bn_follows(children[0], children[1])
+        and (len(children) == 2 or not any(True for _ in children[2].parameters()))
+    )
 
 
 def find_gate_sites(model: nn.Module) -> dict[str, GateSite]:
@@ -113,6 +130,7 @@ def select_gate_sites(model: nn.Module, patterns: list[str] | None) -> dict[str,
 
 # -------------------------------------------------------------------------------------------------- wrappers
 
+
 @dataclass
 class GateStats:
     """Sums over the inputs (images or tokens) seen while accounting; per-input figures divide by `inputs`."""
@@ -127,8 +145,9 @@ class GateStats:
     hits_label: float = 0.0  # selected and labelled keep
     hits_oracle: float = 0.0  # selected and among the top-k(selected) channels by score (the oracle's choice)
 
-    def add(self, keep: Tensor, scores: Tensor, labels: Tensor, dense: float, computed: Tensor,
-            predictor: float) -> None:
+    def add(
+        self, keep: Tensor, scores: Tensor, labels: Tensor, dense: float, computed: Tensor, predictor: float
+    ) -> None:
         """One batch: keep/scores/labels [inputs, channels]; `dense` and `predictor` FLOPs per input;
         `computed` [inputs] the FLOPs the chosen channels need."""
         counts = keep.sum(dim=-1)
@@ -160,8 +179,10 @@ class GatedLayer(MaskWrapper):
         self.stats: GateStats | None = None
 
     def merged(self) -> nn.Module:
-        raise UserInputError("a gated layer chooses its channels per input, so no fixed mask can be merged into "
-                             "its weights; restore the gated model with prune.load_model(run_dir).")
+        raise UserInputError(
+            "a gated layer chooses its channels per input, so no fixed mask can be merged into "
+            "its weights; restore the gated model with prune.load_model(run_dir)."
+        )
 
 
 class GatedConv(GatedLayer):
@@ -186,8 +207,9 @@ class GatedConv(GatedLayer):
     @torch.no_grad()
     def _account(self, x: Tensor, y: Tensor, keep: Tensor) -> None:
         conv = self._conv()
-        per_channel = 2 * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1] \
-            * y.shape[2] * y.shape[3]
+        per_channel = (
+            2 * (conv.in_channels // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1] * y.shape[2] * y.shape[3]
+        )
         if conv.groups == 1:  # input channels that are zero everywhere (a gated producer) need no work
             active_in = (x.abs().amax(dim=(2, 3)) > 0).sum(dim=1)
             computed = keep.sum(dim=1) * active_in * (per_channel // conv.in_channels)
@@ -237,8 +259,14 @@ class GatedFFN(GatedLayer):
         """Neuron-major copies of the FFN weights for the sparse path (made once, remade if weights change)."""
         base = self.base
         if self.gated:
-            current = (base.gate_proj.weight, base.up_proj.weight, base.down_proj.weight,
-                       base.gate_proj.bias, base.up_proj.bias, base.down_proj.bias)
+            current = (
+                base.gate_proj.weight,
+                base.up_proj.weight,
+                base.down_proj.weight,
+                base.gate_proj.bias,
+                base.up_proj.bias,
+                base.down_proj.bias,
+            )
         else:
             current = (base.c_fc.weight, base.c_proj.weight, base.c_fc.bias, base.c_proj.bias)
         versions = tuple(t._version for t in current if t is not None)
@@ -246,8 +274,13 @@ class GatedFFN(GatedLayer):
             if self.gated:
                 self._packed = pack_gated(base.gate_proj, base.up_proj, base.down_proj, base.act_fn)
             else:
-                self._packed = pack_plain(weight_matrix(base.c_fc).detach(), base.c_fc.bias,
-                                          weight_matrix(base.c_proj).detach().t(), base.c_proj.bias, base.act)
+                self._packed = pack_plain(
+                    weight_matrix(base.c_fc).detach(),
+                    base.c_fc.bias,
+                    weight_matrix(base.c_proj).detach().t(),
+                    base.c_proj.bias,
+                    base.act,
+                )
         return self._packed
 
     def forward(self, x: Tensor) -> Tensor:
@@ -280,16 +313,20 @@ class GatedFFN(GatedLayer):
         self.stats.add(keep, scores, self.mask.rule(scores), dense, computed, self.mask.predictor.flops())
 
 
-def gate_sites(model: nn.Module, sites: dict[str, GateSite], make_mask, *, train_masked: bool = True,
-               max_union: float = 0.9) -> dict[str, GatedLayer]:
+def gate_sites(
+    model: nn.Module, sites: dict[str, GateSite], make_mask, *, train_masked: bool = True, max_union: float = 0.9
+) -> dict[str, GatedLayer]:
     """Replace each site by its gated wrapper; `make_mask(in_features, out_features)` builds each gate."""
     modules = dict(model.named_modules())
     gated: dict[str, GatedLayer] = {}
     for name, site in sites.items():
         module = modules[name]
         if site.kind in FFN_KINDS:
-            hidden, inter = (module.gate_proj.in_features, module.gate_proj.out_features) if site.kind == "ffn_gated" \
+            hidden, inter = (
+                (module.gate_proj.in_features, module.gate_proj.out_features)
+                if site.kind == "ffn_gated"
                 else tuple(reversed(weight_matrix(module.c_fc).shape))
+            )
             wrapper = GatedFFN(module, make_mask(hidden, inter), train_masked, max_union)
         else:
             base = module if site.kind == "conv_block" else ConvBN(module, modules[site.bn_name])
@@ -367,7 +404,11 @@ def summarize(stats: dict[str, GateStats]) -> dict:
         "target_recall": sum(s.hits_label for s in stats.values()) / labels if labels else 1.0,
         "target_precision": sum(s.hits_label for s in stats.values()) / kept if kept else 1.0,
         "oracle_recall": sum(s.hits_oracle for s in stats.values()) / kept if kept else 1.0,
-        "layers": {name: {"keep_fraction": s.kept / max(s.channels * s.inputs, 1),
-                          "reduction": 1.0 - s.gated_flops / s.dense_flops if s.dense_flops else 0.0}
-                   for name, s in stats.items()},
+        "layers": {
+            name: {
+                "keep_fraction": s.kept / max(s.channels * s.inputs, 1),
+                "reduction": 1.0 - s.gated_flops / s.dense_flops if s.dense_flops else 0.0,
+            }
+            for name, s in stats.items()
+        },
     }

@@ -20,6 +20,7 @@ A gated model has no plain-checkpoint form (its masks depend on the input): the 
 predictors in `predictors.safetensors` (+ `gating.json`); `prune.load_model(run_dir)` rebuilds the gated
 model from the base model and them, and `prune export` refuses.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from prune.core.atomic import write_tensors_with_json
+from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
-from prune.methods.gating.predictor import GatingMask, LabelRule, check_threshold
 from prune.methods.gating.layers import accounting, bypassed, gate_sites, gated_layers, select_gate_sites, summarize
-from prune.core.config import MethodConfig
+from prune.methods.gating.predictor import GatingMask, LabelRule, check_threshold
 from prune.methods.spec import HeldOut, MethodSpec
 
 FORMAT_VERSION = 1
@@ -50,25 +51,36 @@ class GatingConfig(MethodConfig):
     """Dynamic gating (FTWT): a predictor per gated layer picks, per input, the channels to compute."""
 
     sparsity: str | float = Field(0.5, description="target: uniform only -- the fraction of channels each input skips")
-    targets: list[str] | None = Field(None, description="glob patterns over module names, e.g. ['*.mlp'] (null: "
-                                      "every transformer FFN, else every Conv2d+BN block); every pattern must match")
-    target: Literal["mass", "uniform"] = Field("mass", description="how the BCE labels are chosen: mass keeps the k(x) "
-                                               "channels holding <= r of the activation mass, uniform a fixed share")
+    targets: list[str] | None = Field(
+        None,
+        description="glob patterns over module names, e.g. ['*.mlp'] (null: "
+        "every transformer FFN, else every Conv2d+BN block); every pattern must match",
+    )
+    target: Literal["mass", "uniform"] = Field(
+        "mass",
+        description="how the BCE labels are chosen: mass keeps the k(x) "
+        "channels holding <= r of the activation mass, uniform a fixed share",
+    )
     threshold: float = Field(0.9, description="r in (0, 1]: the activation mass the kept channels may hold")
-    mode: Literal["decoupled", "joint"] = Field("decoupled", description="decoupled: predictor input detached, "
-                                                "backbone frozen; joint: the backbone trains too")
+    mode: Literal["decoupled", "joint"] = Field(
+        "decoupled", description="decoupled: predictor input detached, backbone frozen; joint: the backbone trains too"
+    )
     loss_weight: float = Field(1.0, ge=0, description="w, the weight of the BCE loss")
-    cooldown: float = Field(1.0, gt=0, le=1, description="fraction of the steps after which w drops to 0 (FTWT: 0.5 "
-                            "in joint mode)")
+    cooldown: float = Field(
+        1.0, gt=0, le=1, description="fraction of the steps after which w drops to 0 (FTWT: 0.5 in joint mode)"
+    )
     softmax: bool = Field(True, description="softmax over the pooled input channels before the linear map (FTWT)")
-    predictor_rank: int | None = Field(None, ge=1, description="null: one linear map (FTWT); an int: a low-rank pair, "
-                                       "cheaper for wide FFNs")
+    predictor_rank: int | None = Field(
+        None, ge=1, description="null: one linear map (FTWT); an int: a low-rank pair, cheaper for wide FFNs"
+    )
     init_bias: float = Field(3.0, description="initial logit of every channel (positive: start dense)")
     train_masked: bool = Field(True, description="training forward passes the masked output on (FTWT's code does)")
-    max_union: float = Field(0.9, ge=0, le=1, description="FFN sparse path: above this union of selected neurons, "
-                             "run masked dense")
-    backbone_lr_scale: float = Field(0.1, gt=0, description="joint mode: the backbone's learning rate is train.lr "
-                                     "times this")
+    max_union: float = Field(
+        0.9, ge=0, le=1, description="FFN sparse path: above this union of selected neurons, run masked dense"
+    )
+    backbone_lr_scale: float = Field(
+        0.1, gt=0, description="joint mode: the backbone's learning rate is train.lr times this"
+    )
 
     @field_validator("threshold")
     @classmethod
@@ -114,8 +126,7 @@ class GatingObjective(Objective):
         records = [record for record in (mask.take_record() for mask in self.masks) if record is not None]
         if not records:
             return torch.zeros(())
-        losses = torch.stack([F.binary_cross_entropy_with_logits(r.logits.float(), r.labels.float())
-                              for r in records])
+        losses = torch.stack([F.binary_cross_entropy_with_logits(r.logits.float(), r.labels.float()) for r in records])
         with torch.no_grad():  # logged on the next step's line
             self.last = {
                 "bce": float(losses.mean()),
@@ -132,16 +143,24 @@ def _device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
-def attach_gating(model: nn.Module, config: GatingConfig | None = None, calibration: Tensor | None = None
-                  ) -> GatingObjective:
+def attach_gating(
+    model: nn.Module, config: GatingConfig | None = None, calibration: Tensor | None = None
+) -> GatingObjective:
     """Wrap every selected site with a gate (predictor initialized to keep everything); return the objective."""
     config = config or GatingConfig(name="gating")
     sites = select_gate_sites(model, config.targets)
     rule = config.rule()
 
     def make_mask(in_features: int, out_features: int) -> GatingMask:
-        return GatingMask(in_features, out_features, rule, softmax=config.softmax, rank=config.predictor_rank,
-                          detach_input=config.mode == "decoupled", init_bias=config.init_bias)
+        return GatingMask(
+            in_features,
+            out_features,
+            rule,
+            softmax=config.softmax,
+            rank=config.predictor_rank,
+            detach_input=config.mode == "decoupled",
+            init_bias=config.init_bias,
+        )
 
     layers = gate_sites(model, sites, make_mask, train_masked=config.train_masked, max_union=config.max_union)
     for layer in layers.values():
@@ -157,11 +176,13 @@ def attach_gating(model: nn.Module, config: GatingConfig | None = None, calibrat
 
 # --------------------------------------------------------------------------------------------- save / restore
 
+
 def _saved_parameters(model: nn.Module, config: GatingConfig) -> dict[str, nn.Parameter]:
     """The predictors (and, in joint mode, every backbone weight), by their names in the gated model."""
     predictor_ids = {id(p) for layer in gated_layers(model).values() for p in layer.mask.parameters()}
-    return {name: param for name, param in model.named_parameters()
-            if id(param) in predictor_ids or config.mode == "joint"}
+    return {
+        name: param for name, param in model.named_parameters() if id(param) in predictor_ids or config.mode == "joint"
+    }
 
 
 def save_gating(model: nn.Module, directory: Path, config: GatingConfig, meta: dict) -> None:
@@ -170,10 +191,18 @@ def save_gating(model: nn.Module, directory: Path, config: GatingConfig, meta: d
     directory.mkdir(parents=True, exist_ok=True)
     layers = gated_layers(model)
     info = {
-        "format_version": FORMAT_VERSION, **meta, "method": "gating", "joint": config.mode == "joint",
-        "layers": {name: {"kind": "ffn" if type(layer).__name__ == "GatedFFN" else "conv",
-                          "in": layer.mask.predictor.in_features, "out": layer.mask.channels}
-                   for name, layer in layers.items()},
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "method": "gating",
+        "joint": config.mode == "joint",
+        "layers": {
+            name: {
+                "kind": "ffn" if type(layer).__name__ == "GatedFFN" else "conv",
+                "in": layer.mask.predictor.in_features,
+                "out": layer.mask.channels,
+            }
+            for name, layer in layers.items()
+        },
     }
     tensors = {name: p.detach().cpu().contiguous() for name, p in _saved_parameters(model, config).items()}
     write_tensors_with_json(directory, PREDICTORS_FILE, tensors, GATING_FILE, info)
@@ -186,8 +215,10 @@ def restore_gating(model: nn.Module, directory: Path, config: GatingConfig) -> n
         info = json.loads((directory / GATING_FILE).read_text())
         tensors = load_file(directory / PREDICTORS_FILE)
     except FileNotFoundError:
-        raise UserInputError(f"{directory} has no {PREDICTORS_FILE} + {GATING_FILE}; pass the run directory of a "
-                             "`prune run` with method gating.") from None
+        raise UserInputError(
+            f"{directory} has no {PREDICTORS_FILE} + {GATING_FILE}; pass the run directory of a "
+            "`prune run` with method gating."
+        ) from None
     except (json.JSONDecodeError, SafetensorError, OSError) as error:
         raise UserInputError(f"the gating files in {directory} are corrupt ({error}); rerun `prune run`.") from None
     if info.get("format_version") != FORMAT_VERSION or info.get("method") != "gating":
@@ -195,16 +226,26 @@ def restore_gating(model: nn.Module, directory: Path, config: GatingConfig) -> n
     attach_gating(model, config)
     params = dict(model.named_parameters())
     expected = _saved_parameters(model, config)
-    wrong = [f"{name} (saved {tuple(t.shape)}, model {tuple(params[name].shape)})"
-             for name, t in tensors.items() if name in params and params[name].shape != t.shape]
+    wrong = [
+        f"{name} (saved {tuple(t.shape)}, model {tuple(params[name].shape)})"
+        for name, t in tensors.items()
+        if name in params and params[name].shape != t.shape
+    ]
     unknown = [name for name in tensors if name not in params]
     missing = [name for name in expected if name not in tensors]
     if wrong or unknown or missing:
         raise UserInputError(
             f"the predictors in {directory} (model {info.get('model', '?')}) do not fit this model: "
-            + "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
-                                      f"unknown: {', '.join(unknown[:3])}" if unknown else "",
-                                      f"missing: {', '.join(missing[:3])}" if missing else ""]))
+            + "; ".join(
+                filter(
+                    None,
+                    [
+                        f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+                        f"unknown: {', '.join(unknown[:3])}" if unknown else "",
+                        f"missing: {', '.join(missing[:3])}" if missing else "",
+                    ],
+                )
+            )
             + ". Load them into the base model the run gated, with the run's method settings."
         )
     with torch.no_grad():
@@ -222,6 +263,7 @@ def refuse_export(model: nn.Module, config: GatingConfig) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------- report
+
 
 @torch.no_grad()
 def measure_gating(model: nn.Module, inputs: Tensor | list, forward=None) -> dict:
@@ -254,6 +296,17 @@ def report_gating(model: nn.Module, config: GatingConfig, heldout: HeldOut, repo
     return entries
 
 
-GATING = MethodSpec("gating", GatingConfig, attach_gating, kind="learnable", needs_calibration=False, save=save_gating,
-                   load=restore_gating, export=refuse_export, restore=restore_gating, report=report_gating,
-                   fsdp=True, tasks=frozenset({"causal-lm", "image-classification"}))
+GATING = MethodSpec(
+    "gating",
+    GatingConfig,
+    attach_gating,
+    kind="learnable",
+    needs_calibration=False,
+    save=save_gating,
+    load=restore_gating,
+    export=refuse_export,
+    restore=restore_gating,
+    report=report_gating,
+    fsdp=True,
+    tasks=frozenset({"causal-lm", "image-classification"}),
+)

@@ -13,6 +13,7 @@ k(x) = the largest k whose top-k mass stays within the threshold r (channels sco
 labelled keep, as in FTWT at r = 1). `uniform`: keep a fixed fraction of the highest-scoring channels. The loss is
 binary cross-entropy of the logits against these labels (see prune.methods.gating.method).
 """
+
 from __future__ import annotations
 
 import math
@@ -114,8 +115,17 @@ class GatingMask(Mask):
     trains exactly the predictors. `hard()` is the mask the last training forward chose, [inputs, channels]
     (a per-input mask has no single static value); `record` holds what the BCE loss needs."""
 
-    def __init__(self, in_features: int, out_features: int, rule: LabelRule, *, softmax: bool = True,
-                 rank: int | None = None, detach_input: bool = True, init_bias: float = 3.0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rule: LabelRule,
+        *,
+        softmax: bool = True,
+        rank: int | None = None,
+        detach_input: bool = True,
+        init_bias: float = 3.0,
+    ):
         super().__init__()
         self.predictor = Predictor(in_features, out_features, softmax=softmax, rank=rank, init_bias=init_bias)
         self.rule = rule

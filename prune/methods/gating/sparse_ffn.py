@@ -17,10 +17,11 @@ Whether the gather pays off at a given sparsity is measured, not assumed (benchm
 FLOPs follow eval/flops.py: 2 per multiply-accumulate, elementwise work (activation, bias, masking) not
 counted.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +60,9 @@ def pack_gated(gate: nn.Linear, up: nn.Linear, down: nn.Linear, act: Callable) -
     bias = None
     if gate.bias is not None or up.bias is not None:
         zeros = gate.weight.new_zeros(gate.out_features)
-        bias = torch.stack([gate.bias if gate.bias is not None else zeros,
-                            up.bias if up.bias is not None else zeros], dim=1).contiguous()
+        bias = torch.stack(
+            [gate.bias if gate.bias is not None else zeros, up.bias if up.bias is not None else zeros], dim=1
+        ).contiguous()
     in_rows = torch.cat([gate.weight, up.weight], dim=1).contiguous()
     down_rows = down.weight.t().contiguous()
     versions = _versions(gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
@@ -68,8 +70,9 @@ def pack_gated(gate: nn.Linear, up: nn.Linear, down: nn.Linear, act: Callable) -
 
 
 @torch.no_grad()
-def pack_plain(weight_in: Tensor, bias_in: Tensor | None, weight_out_rows: Tensor, bias_out: Tensor | None,
-               act: Callable) -> PackedFFN:
+def pack_plain(
+    weight_in: Tensor, bias_in: Tensor | None, weight_out_rows: Tensor, bias_out: Tensor | None, act: Callable
+) -> PackedFFN:
     """GPT-2-style `c_proj(act(c_fc(x)))`; `weight_in` is [I, H] (out, in), `weight_out_rows` is [I, H]."""
     versions = _versions(weight_in, weight_out_rows, bias_in, bias_out)
     return PackedFFN(False, weight_in.contiguous(), bias_in, weight_out_rows.contiguous(), bias_out, act, versions)
@@ -105,8 +108,9 @@ def output(h: Tensor, packed: PackedFFN, idx: Tensor | None = None) -> Tensor:
     """down(h) for intermediate activations h of the neurons `idx` (all when None). One token: a fused
     gather-and-weighted-sum of the selected down rows (embedding_bag), so no gathered copy is made."""
     if idx is not None and h.shape[0] == 1:
-        y = F.embedding_bag(idx.unsqueeze(0), packed.down_rows, per_sample_weights=h.to(packed.down_rows.dtype),
-                            mode="sum")
+        y = F.embedding_bag(
+            idx.unsqueeze(0), packed.down_rows, per_sample_weights=h.to(packed.down_rows.dtype), mode="sum"
+        )
     else:
         y = h @ (packed.down_rows if idx is None else gather_rows(packed.down_rows, idx))
     return y if packed.down_bias is None else y + packed.down_bias

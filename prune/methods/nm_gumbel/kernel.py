@@ -13,6 +13,7 @@ soft masks are sums of probability planes rather than a matmul with K = C; `grou
 function: one reduction in the forward, one fused term in the backward, no second pass over the weights.
 benchmarks/nm_step.py measures a step against dense fine-tuning (benchmarks/RESULTS.md).
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -197,8 +198,18 @@ class _MaskedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_logits, None, None, None, None, None, None
 
 
-def masked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, logits: Tensor, noise: int | Tensor,
-                  tau: float, kappa: float, n: int, m: int, want_sq: bool = False) -> tuple[Tensor, Tensor]:
+def masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    logits: Tensor,
+    noise: int | Tensor,
+    tau: float,
+    kappa: float,
+    n: int,
+    m: int,
+    want_sq: bool = False,
+) -> tuple[Tensor, Tensor]:
     """(x @ (W ⊙ soft)^T + b, ||W ⊙ soft||^2) with soft = gumbel_softmax(kappa*logits, tau) @ candidates(N:M).
 
     `logits` is [C, out, in/M] (candidate-major); `noise` an int seed (the noise is drawn from it, and drawn

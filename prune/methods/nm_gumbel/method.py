@@ -21,6 +21,7 @@ N(0, init_std^2) as in MaskLLM.
 
 The fused forward/backward of the masked linear lives in `prune.methods.nm_gumbel.kernel`.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,17 +32,17 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from prune.models.blocks import weight_matrix
-from prune.core.errors import UserInputError
-from prune.masks.base import Mask, Objective, WeightMasked, wrap, wrappers
-from prune.methods.nm_gumbel.kernel import gumbel_noise, gumbel_probs, masked_linear, soft_from_probs
-from prune.masks.storage import encode_nm, nm_candidates, read_masks
-from prune.masks.targets import method_targets
-from prune.methods.oneshot import method as oneshot
 from prune.core.config import MethodConfig
-from prune.methods.spec import MethodSpec
+from prune.core.errors import UserInputError
 from prune.core.schedules import scheduled
 from prune.core.sparsity import Sparsity, parse_sparsity
+from prune.masks.base import Mask, Objective, WeightMasked, wrap, wrappers
+from prune.masks.storage import encode_nm, nm_candidates, read_masks
+from prune.masks.targets import method_targets
+from prune.methods.nm_gumbel.kernel import gumbel_noise, gumbel_probs, masked_linear, soft_from_probs
+from prune.methods.oneshot import method as oneshot
+from prune.methods.spec import MethodSpec
+from prune.models.blocks import weight_matrix
 
 ONESHOT_PRIORS = ("sparsegpt", "wanda", "magnitude")
 MAX_CANDIDATES = 256
@@ -63,12 +64,24 @@ def prior_logits(prior: Tensor, n: int, m: int, strength: float, sigma: float) -
 
 # ---------------------------------------------------------------------------------------------------- masks
 
+
 class NMGumbelMask(Mask):
     """The learnable N:M mask of one [out, in] weight: logits over the C(M,N) candidates of every group."""
 
-    def __init__(self, out_features: int, in_features: int, n: int, m: int, *, tau: float = 4.0,
-                 kappa: float = 100.0, sparse_weight_reg: float = 0.0, init_std: float = 0.01,
-                 store_noise: bool | None = None, device=None):
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        n: int,
+        m: int,
+        *,
+        tau: float = 4.0,
+        kappa: float = 100.0,
+        sparse_weight_reg: float = 0.0,
+        init_std: float = 0.01,
+        store_noise: bool | None = None,
+        device=None,
+    ):
         super().__init__()
         if in_features % m:
             raise UserInputError(f"in_features {in_features} is not a multiple of M={m}.")
@@ -167,26 +180,31 @@ class NMGumbelLinear(WeightMasked):
 
 # ------------------------------------------------------------------------------------------ config + attach
 
+
 class NMGumbelConfig(MethodConfig):
     """MaskLLM's learnable N:M masks (Gumbel-softmax over the C(M,N) candidates of each group); the logits are
     what trains, with MaskPrune's one trainer (`train.steps`). The defaults are MaskLLM's scripts': tau 4 -> 0.05,
     kappa 1e2 -> 5e2, prior strength 3, weight regularization 1e-5."""
 
     sparsity: str | float = Field("2:4", description="N:M only (any N < M)")
-    prior: str = Field("sparsegpt", description="initial mask: sparsegpt | wanda | magnitude | none | a run directory "
-                       "(mask transfer)")
-    prior_strength: float = Field(3.0, ge=0, description="the prior candidate's lead, in units of init_std "
-                                  "(noise-free logits)")
+    prior: str = Field(
+        "sparsegpt", description="initial mask: sparsegpt | wanda | magnitude | none | a run directory (mask transfer)"
+    )
+    prior_strength: float = Field(
+        3.0, ge=0, description="the prior candidate's lead, in units of init_std (noise-free logits)"
+    )
     init_std: float = Field(0.01, gt=0, description="logit scale: the prior shift's unit; init std with prior none")
     tau_start: float = Field(4.0, description="Gumbel-softmax temperature at step 0")
     tau_end: float = Field(0.05, description="Gumbel-softmax temperature at the last step")
     kappa_start: float = Field(100.0, description="logit scale factor at step 0")
     kappa_end: float = Field(500.0, description="logit scale factor at the last step")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="how tau and kappa move")
-    sparse_weight_reg: float = Field(1e-5, ge=0, description="lambda: loss -= lambda * (1 - t/T) * sum ||W ⊙ soft||^2 "
-                                     "(0: off)")
-    prior_update_weights: bool = Field(False, description="apply SparseGPT's weight update (prior: sparsegpt) to the "
-                                       "frozen weights before learning")
+    sparse_weight_reg: float = Field(
+        1e-5, ge=0, description="lambda: loss -= lambda * (1 - t/T) * sum ||W ⊙ soft||^2 (0: off)"
+    )
+    prior_update_weights: bool = Field(
+        False, description="apply SparseGPT's weight update (prior: sparsegpt) to the frozen weights before learning"
+    )
 
     @field_validator("tau_start", "tau_end", "kappa_start", "kappa_end")
     @classmethod
@@ -251,19 +269,26 @@ class NMGumbelObjective(Objective):
         values = self.schedule(step, total_steps)
         for mask in self.masks:
             mask.set_schedule(values["tau"], values["kappa"], values["progress"])
-        return {"tau": values["tau"], "kappa": values["kappa"],
-                "reg_scale": self.config.sparse_weight_reg * (1.0 - values["progress"])}
+        return {
+            "tau": values["tau"],
+            "kappa": values["kappa"],
+            "reg_scale": self.config.sparse_weight_reg * (1.0 - values["progress"]),
+        }
 
     def regularizer(self, model: nn.Module) -> Tensor:
-        terms = [wrapper.mask.regularizer(weight_matrix(wrapper.base)) for wrapper in wrappers(model).values()
-                 if isinstance(wrapper.mask, NMGumbelMask)]
+        terms = [
+            wrapper.mask.regularizer(weight_matrix(wrapper.base))
+            for wrapper in wrappers(model).values()
+            if isinstance(wrapper.mask, NMGumbelMask)
+        ]
         if not terms:
             return torch.zeros(())
         return torch.stack([term.to(terms[0].device) for term in terms]).sum()
 
 
-def compute_prior(model: nn.Module, names: list[str], config: NMGumbelConfig, pattern: Sparsity,
-                  calibration: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def compute_prior(
+    model: nn.Module, names: list[str], config: NMGumbelConfig, pattern: Sparsity, calibration: Tensor | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """({name: bool prior}, {name: SparseGPT-updated weight}) for the configured prior; ({}, {}) for none."""
     prior = config.prior
     if prior == "none":
@@ -304,14 +329,20 @@ def transferred_prior(model: nn.Module, names: list[str], pattern: Sparsity, run
     extra = [name for name in masks if name not in names]
     wrong = [
         f"{name} (saved {tuple(masks[name].shape)}, weight {tuple(weight_matrix(modules[name]).shape)})"
-        for name in names if name in masks and tuple(masks[name].shape) != tuple(weight_matrix(modules[name]).shape)
+        for name in names
+        if name in masks and tuple(masks[name].shape) != tuple(weight_matrix(modules[name]).shape)
     ]
     if missing or extra or wrong:
-        details = "; ".join(filter(None, [
-            f"no saved mask for {', '.join(missing[:4])}" if missing else "",
-            f"saved masks for modules not targeted here: {', '.join(extra[:4])}" if extra else "",
-            f"shapes differ: {', '.join(wrong[:4])}" if wrong else "",
-        ]))
+        details = "; ".join(
+            filter(
+                None,
+                [
+                    f"no saved mask for {', '.join(missing[:4])}" if missing else "",
+                    f"saved masks for modules not targeted here: {', '.join(extra[:4])}" if extra else "",
+                    f"shapes differ: {', '.join(wrong[:4])}" if wrong else "",
+                ],
+            )
+        )
         raise UserInputError(
             f"the masks in {run} (model {meta.get('model', '?')}) do not fit this model's targets: {details}. "
             "Transfer masks between runs of the same model with the same method.targets."
@@ -336,9 +367,16 @@ def attach_nm_gumbel(model: nn.Module, config: NMGumbelConfig, calibration: Tens
     wrapped, masks = {}, []
     for name in names:
         weight = weight_matrix(modules[name])
-        mask = NMGumbelMask(*weight.shape, pattern.n, pattern.m, tau=config.tau_start, kappa=config.kappa_start,
-                            sparse_weight_reg=config.sparse_weight_reg, init_std=config.init_std,
-                            device=weight.device)
+        mask = NMGumbelMask(
+            *weight.shape,
+            pattern.n,
+            pattern.m,
+            tau=config.tau_start,
+            kappa=config.kappa_start,
+            sparse_weight_reg=config.sparse_weight_reg,
+            init_std=config.init_std,
+            device=weight.device,
+        )
         if name in priors:
             mask.init_from_prior(priors[name], config.prior_strength, config.init_std)
         wrapped[name] = NMGumbelLinear(modules[name], mask)
@@ -348,6 +386,11 @@ def attach_nm_gumbel(model: nn.Module, config: NMGumbelConfig, calibration: Tens
 
 
 NM_GUMBEL = MethodSpec(
-    "nm_gumbel", NMGumbelConfig, attach_nm_gumbel, kind="learnable", needs_calibration=True, fsdp=True,
+    "nm_gumbel",
+    NMGumbelConfig,
+    attach_nm_gumbel,
+    kind="learnable",
+    needs_calibration=True,
+    fsdp=True,
     targets=nm_gumbel_targets,
 )

@@ -1,4 +1,5 @@
 """Magnitude pruning: a weight's importance is its absolute value."""
+
 from __future__ import annotations
 
 from torch import Tensor

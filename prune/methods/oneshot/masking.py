@@ -5,6 +5,7 @@ of each output row. A fraction removes exactly `removed_count(fraction, count)` 
 whole layer (`granularity="layer"`) or in every output row (`granularity="row"`). Ties are broken by
 `torch.topk`, which is deterministic for a given input on a given device.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ Each function binds the tensor math of its method (`magnitude`, `wanda`, `sparse
 layer-by-layer driver `prune.calibration.layerwise.prune_layerwise`, which prunes sequentially (block k+1 is
 calibrated on the pruned block k) and restores the original weights at the end.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,18 +15,18 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from prune.models.blocks import in_out_features, weight_matrix
+from prune.calibration.input_norms import WandaStats
 from prune.calibration.layerwise import BlockPlacement, MakeStats, prune_layerwise
+from prune.core.config import MethodConfig
+from prune.core.sparsity import Sparsity
 from prune.masks.base import attach_hard_masks
 from prune.masks.targets import method_targets
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores
 from prune.methods.oneshot.sparsegpt import HessianStats, sparsegpt_prune
-from prune.calibration.input_norms import WandaStats
 from prune.methods.oneshot.wanda import wanda_scores
-from prune.core.config import MethodConfig
 from prune.methods.spec import BlockPruning, MethodSpec
-from prune.core.sparsity import Sparsity
+from prune.models.blocks import in_out_features, weight_matrix
 
 
 @dataclass
@@ -34,9 +35,17 @@ class OneShotResult:
     weights: dict[str, Tensor] = field(default_factory=dict)  # name -> updated [out, in] (SparseGPT only)
 
 
-def magnitude(model: nn.Module, target_names: list[str], sparsity: Sparsity, granularity: str = "layer",
-              *, progress: bool = True, placement: BlockPlacement | None = None) -> OneShotResult:
+def magnitude(
+    model: nn.Module,
+    target_names: list[str],
+    sparsity: Sparsity,
+    granularity: str = "layer",
+    *,
+    progress: bool = True,
+    placement: BlockPlacement | None = None,
+) -> OneShotResult:
     """Keep the largest |W|; no calibration data, no forward pass, no weight written."""
+
     def prune(name, module, stats):
         return mask_from_scores(magnitude_scores(weight_matrix(module)), sparsity, granularity), None
 
@@ -44,10 +53,19 @@ def magnitude(model: nn.Module, target_names: list[str], sparsity: Sparsity, gra
     return OneShotResult(result.masks)
 
 
-def wanda(model: nn.Module, target_names: list[str], sparsity: Sparsity, granularity: str = "row",
-          calib_blocks: Tensor | None = None, *, batch_size: int = 1, progress: bool = True,
-          placement: BlockPlacement | None = None) -> OneShotResult:
+def wanda(
+    model: nn.Module,
+    target_names: list[str],
+    sparsity: Sparsity,
+    granularity: str = "row",
+    calib_blocks: Tensor | None = None,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+    placement: BlockPlacement | None = None,
+) -> OneShotResult:
     """Wanda: keep the largest |W_ij| * ||X_j||; per output row by default, as in the paper."""
+
     def prune(name, module, stats: WandaStats):
         scores = wanda_scores(weight_matrix(module), stats.input_sq_norm())
         return mask_from_scores(scores, sparsity, granularity), None
@@ -55,27 +73,55 @@ def wanda(model: nn.Module, target_names: list[str], sparsity: Sparsity, granula
     def make_stats(module):
         return WandaStats(in_out_features(module)[0])
 
-    result = prune_layerwise(model, target_names, prune, make_stats, calib_blocks,
-                             batch_size=batch_size, progress=progress, placement=placement)
+    result = prune_layerwise(
+        model,
+        target_names,
+        prune,
+        make_stats,
+        calib_blocks,
+        batch_size=batch_size,
+        progress=progress,
+        placement=placement,
+    )
     return OneShotResult(result.masks)
 
 
-def sparsegpt(model: nn.Module, target_names: list[str], sparsity: Sparsity, calib_blocks: Tensor, *,
-              blocksize: int = 128, dampening: float = 0.01, update_weights: bool = True,
-              batch_size: int = 1, progress: bool = True, placement: BlockPlacement | None = None) -> OneShotResult:
+def sparsegpt(
+    model: nn.Module,
+    target_names: list[str],
+    sparsity: Sparsity,
+    calib_blocks: Tensor,
+    *,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    update_weights: bool = True,
+    batch_size: int = 1,
+    progress: bool = True,
+    placement: BlockPlacement | None = None,
+) -> OneShotResult:
     """SparseGPT: OBS mask selection; with `update_weights` the surviving weights are re-fit and returned
     in `weights` (the model itself is restored; apply them with the masks)."""
+
     def prune(name, module, stats: HessianStats):
         weight = weight_matrix(module)
-        new_weight, mask = sparsegpt_prune(weight, stats.matrix(), sparsity, blocksize=blocksize,
-                                           dampening=dampening, update_weights=update_weights)
+        new_weight, mask = sparsegpt_prune(
+            weight, stats.matrix(), sparsity, blocksize=blocksize, dampening=dampening, update_weights=update_weights
+        )
         return mask, (new_weight if update_weights else None)
 
     def make_stats(module):
         return HessianStats(in_out_features(module)[0])
 
-    result = prune_layerwise(model, target_names, prune, make_stats, calib_blocks,
-                             batch_size=batch_size, progress=progress, placement=placement)
+    result = prune_layerwise(
+        model,
+        target_names,
+        prune,
+        make_stats,
+        calib_blocks,
+        batch_size=batch_size,
+        progress=progress,
+        placement=placement,
+    )
     return OneShotResult(result.masks, result.weights)
 
 
@@ -116,22 +162,32 @@ def _targets(model: nn.Module, config: MethodConfig) -> list[str]:
     return method_targets(model, config.targets, config.pattern, config.skip_incompatible)
 
 
-def attach_magnitude(model: nn.Module, config: MagnitudeConfig, calibration: Tensor | None,
-                     placement: BlockPlacement | None = None) -> None:
+def attach_magnitude(
+    model: nn.Module, config: MagnitudeConfig, calibration: Tensor | None, placement: BlockPlacement | None = None
+) -> None:
     _attach(model, magnitude(model, _targets(model, config), config.pattern, config.granularity, placement=placement))
 
 
-def attach_wanda(model: nn.Module, config: WandaConfig, calibration: Tensor,
-                 placement: BlockPlacement | None = None) -> None:
-    _attach(model, wanda(model, _targets(model, config), config.pattern, config.granularity, calibration,
-                         placement=placement))
+def attach_wanda(
+    model: nn.Module, config: WandaConfig, calibration: Tensor, placement: BlockPlacement | None = None
+) -> None:
+    _attach(
+        model,
+        wanda(model, _targets(model, config), config.pattern, config.granularity, calibration, placement=placement),
+    )
 
 
-def attach_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: Tensor,
-                     placement: BlockPlacement | None = None) -> None:
+def attach_sparsegpt(
+    model: nn.Module, config: SparseGPTConfig, calibration: Tensor, placement: BlockPlacement | None = None
+) -> None:
     result = sparsegpt(
-        model, _targets(model, config), config.pattern, calibration,
-        blocksize=config.blocksize, dampening=config.dampening, update_weights=config.update_weights,
+        model,
+        _targets(model, config),
+        config.pattern,
+        calibration,
+        blocksize=config.blocksize,
+        dampening=config.dampening,
+        update_weights=config.update_weights,
         placement=placement,
     )
     _attach(model, result)
@@ -166,8 +222,14 @@ def prune_from_stats(config: MethodConfig, module: nn.Module, stats) -> tuple[Te
     if config.name == "wanda":
         return mask_from_scores(wanda_scores(weight, stats.input_sq_norm()), sparsity, config.granularity), None
     if config.name == "sparsegpt":
-        new_weight, mask = sparsegpt_prune(weight, stats.matrix(), sparsity, blocksize=config.blocksize,
-                                           dampening=config.dampening, update_weights=config.update_weights)
+        new_weight, mask = sparsegpt_prune(
+            weight,
+            stats.matrix(),
+            sparsity,
+            blocksize=config.blocksize,
+            dampening=config.dampening,
+            update_weights=config.update_weights,
+        )
         return mask, (new_weight if config.update_weights else None)
     raise KeyError(f"method {config.name!r} cannot prune from shared statistics; see SHARED_STATS")
 
@@ -179,14 +241,30 @@ def block_pruning(config: MethodConfig) -> BlockPruning:
 
 
 MAGNITUDE = MethodSpec(
-    "magnitude", MagnitudeConfig, attach_magnitude, kind="oneshot", needs_calibration=False,
-    block_pruning=block_pruning, tasks=frozenset({"causal-lm", "zero-shot-classification"}), targets=_targets,
+    "magnitude",
+    MagnitudeConfig,
+    attach_magnitude,
+    kind="oneshot",
+    needs_calibration=False,
+    block_pruning=block_pruning,
+    tasks=frozenset({"causal-lm", "zero-shot-classification"}),
+    targets=_targets,
 )
 WANDA = MethodSpec(
-    "wanda", WandaConfig, attach_wanda, kind="oneshot", needs_calibration=True, block_pruning=block_pruning,
-    targets=_targets
+    "wanda",
+    WandaConfig,
+    attach_wanda,
+    kind="oneshot",
+    needs_calibration=True,
+    block_pruning=block_pruning,
+    targets=_targets,
 )
 SPARSEGPT = MethodSpec(
-    "sparsegpt", SparseGPTConfig, attach_sparsegpt, kind="oneshot", needs_calibration=True,
-    block_pruning=block_pruning, targets=_targets
+    "sparsegpt",
+    SparseGPTConfig,
+    attach_sparsegpt,
+    kind="oneshot",
+    needs_calibration=True,
+    block_pruning=block_pruning,
+    targets=_targets,
 )

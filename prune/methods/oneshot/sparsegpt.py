@@ -4,14 +4,15 @@ with the optimal-brain-surgeon (OBS) step, using the inverse Hessian of the laye
 Our own implementation of the published algorithm. Conventions: weights are [out, in]; the keep-mask is
 True = keep; all math runs in float32 and the new weight comes back in the input dtype.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from prune.core.errors import UserInputError
-from prune.methods.oneshot.masking import check_nm_shape, lowest_k_mask, removed_count
 from prune.core.sparsity import Sparsity
+from prune.methods.oneshot.masking import check_nm_shape, lowest_k_mask, removed_count
 
 
 class HessianStats:

@@ -5,13 +5,14 @@ the same rows in one pass; it answers `input_sq_norm()` like `WandaStats` and `m
 so `prune.methods.oneshot.method.prune_from_stats` takes it for either method. `tensors()` / `from_tensors()` turn it
 into plain tensors for a safetensors file and back.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from prune.methods.oneshot.sparsegpt import HessianStats
 from prune.calibration.input_norms import WandaStats
+from prune.methods.oneshot.sparsegpt import HessianStats
 
 
 class InputStats:
@@ -44,7 +45,7 @@ class InputStats:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> "InputStats":
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> InputStats:
         sq_norm = tensors["sq_norm"]
         stats = cls(sq_norm.numel(), hessian="hessian" in tensors)
         stats.norms.sq_norm = sq_norm

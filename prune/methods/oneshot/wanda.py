@@ -1,4 +1,5 @@
 """Wanda (Sun et al., 2023): importance |W_ij| * ||X_j||_2, the weight times the norm of its input feature."""
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ layer-by-layer driver's `collect_stats`, which the in-memory run uses too); unde
 (`write_streamed`) each block is scored and sliced as the export slices it, and the smaller checkpoint is written
 shard by shard.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,22 +28,22 @@ from torch import Tensor, nn
 from prune.calibration.input_norms import WandaStats
 from prune.calibration.layerwise import BlockPlacement, collect_stats
 from prune.calibration.streaming import skeleton, stream_rewrite
+from prune.core.config import StrictConfig
 from prune.core.errors import UserInputError
+from prune.methods.spec import MethodSpec, StreamedExport
 from prune.models.blocks import in_out_features
 from prune.structural.gates import FixedGate, GateSet, attach_unit_gates, rounded_count
+from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure, structure_of
 from prune.structural.shrink import LAYER_SIZES_KEY, shrunk_config, shrunk_state
 from prune.structural.store import (
     StructuralBudgetConfig,
+    budget_reachable,
     export_gated,
     load_gated,
     report_gated,
     save_gates,
-    budget_reachable,
     summary,
 )
-from prune.core.config import StrictConfig
-from prune.methods.spec import MethodSpec, StreamedExport
-from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure, structure_of
 
 
 class BaselineUnits(StrictConfig):
@@ -55,7 +56,9 @@ class BaselineUnits(StrictConfig):
 class StructuredConfig(StructuralBudgetConfig):
     """One-shot structured baseline: units ranked by a score, the same share removed in every layer."""
 
-    score: Literal["magnitude", "activation"] = Field("magnitude", description="weight L2 norm, or Wanda-style |W|*||X||")
+    score: Literal["magnitude", "activation"] = Field(
+        "magnitude", description="weight L2 norm, or Wanda-style |W|*||X||"
+    )
     units: BaselineUnits = Field(default_factory=BaselineUnits, description="which structural units are removed")
 
     def kinds(self) -> set[str]:
@@ -78,20 +81,32 @@ def unit_weight_norms(model: nn.Module, structure: Structure, kind: str, layer: 
 
 def _output_projections(structure: Structure) -> list[str]:
     """The attention-output and FFN-output projection of every layer: whose inputs `activation` reads."""
-    return [structure.layer_name(i, rel) for i in range(structure.num_layers) for rel in (structure.attn_out, structure.ffn_out)]
+    return [
+        structure.layer_name(i, rel)
+        for i in range(structure.num_layers)
+        for rel in (structure.attn_out, structure.ffn_out)
+    ]
 
 
 def _sum_of_squares(module: nn.Module) -> WandaStats:
     return WandaStats(in_out_features(module)[0])
 
 
-def output_input_norms(model: nn.Module, structure: Structure, calibration: Tensor,
-                       placement: BlockPlacement | None = None) -> dict[str, Tensor]:
+def output_input_norms(
+    model: nn.Module, structure: Structure, calibration: Tensor, placement: BlockPlacement | None = None
+) -> dict[str, Tensor]:
     """Sum of squares per input channel of every output projection (heads' and neurons'), over calibration, on
     the dense model, block by block (prune.calibration.layerwise.collect_stats: each block visits the work device
     under a `placement`, so offload: cpu reads the same statistics as the model on the device)."""
-    stats = collect_stats(model, _output_projections(structure), _sum_of_squares, calibration,
-                          share_inputs=False, progress=False, placement=placement)
+    stats = collect_stats(
+        model,
+        _output_projections(structure),
+        _sum_of_squares,
+        calibration,
+        share_inputs=False,
+        progress=False,
+        placement=placement,
+    )
     return _norms(stats)
 
 
@@ -99,7 +114,9 @@ def _norms(stats: dict) -> dict[str, Tensor]:
     return {name: acc.input_sq_norm().cpu() for name, acc in stats.items()}
 
 
-def activation_scores(model: nn.Module, structure: Structure, kind: str, layer: int, norms: dict[str, Tensor]) -> Tensor:
+def activation_scores(
+    model: nn.Module, structure: Structure, kind: str, layer: int, norms: dict[str, Tensor]
+) -> Tensor:
     """Per unit: sum over its channels c of ||X_c|| * ||W_out[:, c]|| (the output projection's column)."""
     relative = structure.attn_out if kind == HEADS else structure.ffn_out
     entry = structure.layer_entries[f"{relative}.weight"]
@@ -112,6 +129,7 @@ def activation_scores(model: nn.Module, structure: Structure, kind: str, layer: 
 
 def uniform_counts(structure: Structure, kinds: set[str], share: float, round_to: int | None) -> Counts:
     """Kept counts when the same `share` of head units and neurons goes in every layer."""
+
     def ffn(n: int) -> int:
         kept = max(1, round(n * (1 - share)))
         return max(1, rounded_count(kept, round_to, n)) if round_to else kept
@@ -154,8 +172,14 @@ def _counts(structure: Structure, config: StructuredConfig) -> Counts:
     return allocate(structure, config)
 
 
-def layer_keeps(model: nn.Module, structure: Structure, config: StructuredConfig, counts: Counts, layer: int,
-                norms: dict[str, Tensor]) -> dict[str, Tensor]:
+def layer_keeps(
+    model: nn.Module,
+    structure: Structure,
+    config: StructuredConfig,
+    counts: Counts,
+    layer: int,
+    norms: dict[str, Tensor],
+) -> dict[str, Tensor]:
     """Per unit kind removed: the bool keep of `layer`'s units, its best-scored `counts` (from that layer's own
     weights, and for `activation` its output projections' input norms)."""
     keeps = {}
@@ -174,8 +198,9 @@ def _calibration(config: StructuredConfig, calibration: Tensor | None) -> Tensor
     return calibration if config.score == "activation" else None
 
 
-def attach_structured(model: nn.Module, config: StructuredConfig, calibration: Tensor | None,
-                      placement: BlockPlacement | None = None) -> None:
+def attach_structured(
+    model: nn.Module, config: StructuredConfig, calibration: Tensor | None, placement: BlockPlacement | None = None
+) -> None:
     """Score the units, allocate the budget, and gate the model with the fixed decisions. Under offload: cpu
     (`placement`) the activation statistics are read with each block on the work device; the scores and gates
     are computed where the model waits."""
@@ -184,8 +209,9 @@ def attach_structured(model: nn.Module, config: StructuredConfig, calibration: T
     calibration = _calibration(config, calibration)
     norms = output_input_norms(model, structure, calibration, placement) if calibration is not None else {}
     keeps = [layer_keeps(model, structure, config, counts, layer, norms) for layer in range(structure.num_layers)]
-    attach_unit_gates(model, structure,
-                      lambda kind, size, layer: _fixed_gate(keeps, kind, layer) if layer is not None else None)
+    attach_unit_gates(
+        model, structure, lambda kind, size, layer: _fixed_gate(keeps, kind, layer) if layer is not None else None
+    )
 
 
 def _fixed_gate(keeps: list[dict[str, Tensor]], kind: str, layer: int) -> FixedGate | None:
@@ -195,8 +221,10 @@ def _fixed_gate(keeps: list[dict[str, Tensor]], kind: str, layer: int) -> FixedG
 
 # ----------------------------------------------------------------------------- streamed (runtime.offload: disk)
 
+
 def _decisions(structure: Structure, keeps: list[dict[str, Tensor]]) -> dict:
     """What prune.structural.shrink slices by: the one-shot gates' decisions (kept units at value 1)."""
+
     def one(keep: Tensor) -> tuple[Tensor, Tensor]:
         return keep, keep.float()
 
@@ -211,11 +239,14 @@ def _decisions(structure: Structure, keeps: list[dict[str, Tensor]]) -> dict:
 
 def _first_units(structure: Structure, counts: Counts) -> list[dict[str, Tensor]]:
     """Stand-in keeps with the allocated counts: every shape of the smaller model, before any weight is read."""
+
     def first(count: int, size: int) -> Tensor:
         return torch.arange(size) < count
 
-    return [{HEADS: first(counts.heads[i], structure.heads[i]), FFN: first(counts.ffn[i], structure.ffn[i])}
-            for i in range(structure.num_layers)]
+    return [
+        {HEADS: first(counts.heads[i], structure.heads[i]), FFN: first(counts.ffn[i], structure.ffn[i])}
+        for i in range(structure.num_layers)
+    ]
 
 
 def _streamed_config(model: nn.Module, config: StructuredConfig):
@@ -240,8 +271,14 @@ def check_streamed(model: nn.Module, config: StructuredConfig) -> None:
     _streamed_config(model, config)
 
 
-def write_streamed(checkpoint: Path, output: Path, config: StructuredConfig, calibration: Tensor | None,
-                   device: torch.device, dtype: torch.dtype) -> dict:
+def write_streamed(
+    checkpoint: Path,
+    output: Path,
+    config: StructuredConfig,
+    calibration: Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict:
     """Structured pruning of the checkpoint streamed block by block into the smaller checkpoint the in-memory
     export writes: each block's units scored as in memory (its own weights, its dense input norms), its
     tensors sliced by prune.structural.shrink's own slicing. Returns the structural figures of the report."""
@@ -257,17 +294,37 @@ def write_streamed(checkpoint: Path, output: Path, config: StructuredConfig, cal
         return shrunk_state({name: tensor}, structure, _decisions(structure, keeps))[name]
 
     calibration = _calibration(config, calibration)
-    stream_rewrite(checkpoint, output, _streamed_config(model, config), rewrite, decide,
-                   lambda placed: _output_projections(structure), _sum_of_squares if calibration is not None else None,
-                   calibration, device=device, dtype=dtype)
+    stream_rewrite(
+        checkpoint,
+        output,
+        _streamed_config(model, config),
+        rewrite,
+        decide,
+        lambda placed: _output_projections(structure),
+        _sum_of_squares if calibration is not None else None,
+        calibration,
+        device=device,
+        dtype=dtype,
+    )
     layers = range(structure.num_layers)
-    gates = GateSet(structure, heads=[_fixed_gate(keeps, HEADS, i) for i in layers],
-                    ffn=[_fixed_gate(keeps, FFN, i) for i in layers], layers=[None] * structure.num_layers)
+    gates = GateSet(
+        structure,
+        heads=[_fixed_gate(keeps, HEADS, i) for i in layers],
+        ffn=[_fixed_gate(keeps, FFN, i) for i in layers],
+        layers=[None] * structure.num_layers,
+    )
     return summary(gates, config.flops_seq_len)
 
 
 STRUCTURED = MethodSpec(
-    "structured", StructuredConfig, attach_structured, kind="oneshot", needs_calibration=True,
-    save=save_gates, load=load_gated, export=export_gated, report=report_gated,
+    "structured",
+    StructuredConfig,
+    attach_structured,
+    kind="oneshot",
+    needs_calibration=True,
+    save=save_gates,
+    load=load_gated,
+    export=export_gated,
+    report=report_gated,
     streamed_export=StreamedExport(check_streamed, write_streamed),
 )

@@ -24,6 +24,7 @@ stop only when the model that will be exported meets the target. `budget_value: 
 Variants (VTrans): all three train the masks only, as the one trainer does: full = the whole train split,
 Fast = a share of it (`data.fraction`, e.g. 0.05), Faster = mask-only training, which is what every run here is.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -32,21 +33,21 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from prune.core.config import StrictConfig
 from prune.core.distributed import whole
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
+from prune.methods.spec import MethodSpec
 from prune.structural.gates import GateSet, UnitGate, attach_unit_gates
+from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, structure_of
 from prune.structural.store import (
     StructuralBudgetConfig,
+    budget_reachable,
     export_gated,
     load_gated,
     report_gated,
     save_gates,
-    budget_reachable,
 )
-from prune.core.config import StrictConfig
-from prune.methods.spec import MethodSpec
-from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, structure_of
 
 # periodic evaluations keep the best masks only among those removing at least the target share minus this
 BUDGET_TOLERANCE = 0.01
@@ -57,9 +58,18 @@ class VIBGate(UnitGate):
     FSDP the budget, the KL and the hidden-dimension gate (applied in every block, owned by the embeddings) read
     them outside the forward of the shard group that holds them."""
 
-    def __init__(self, kind: str, size: int, layer: int | None = None, *, mu_init: float = 1.0,
-                 log_sigma2_init: float = -9.0, keep_temperature: float = 1.0, log_sigma2_lr_scale: float = 1.0,
-                 device=None):
+    def __init__(
+        self,
+        kind: str,
+        size: int,
+        layer: int | None = None,
+        *,
+        mu_init: float = 1.0,
+        log_sigma2_init: float = -9.0,
+        keep_temperature: float = 1.0,
+        log_sigma2_lr_scale: float = 1.0,
+        device=None,
+    ):
         super().__init__(kind, size, layer)
         self.mu = nn.Parameter(torch.full((size,), float(mu_init), device=device))
         self.log_sigma2 = nn.Parameter(torch.full((size,), float(log_sigma2_init), device=device))
@@ -99,8 +109,11 @@ class Units(StrictConfig):
     layers: bool = Field(False, description="whole decoder layers")
 
     def kinds(self) -> set[str]:
-        return {kind for kind, on in ((HEADS, self.heads), (FFN, self.ffn), (HIDDEN, self.hidden),
-                                      (LAYERS, self.layers)) if on}
+        return {
+            kind
+            for kind, on in ((HEADS, self.heads), (FFN, self.ffn), (HIDDEN, self.hidden), (LAYERS, self.layers))
+            if on
+        }
 
 
 class VIBConfig(StructuralBudgetConfig):
@@ -111,15 +124,20 @@ class VIBConfig(StructuralBudgetConfig):
     kl_weight: float = Field(1.0, ge=0, description="weight of the mean KL per unit")
     mu_init: float = Field(1.0, description="initial gate mean")
     log_sigma2_init: float = Field(-9.0, description="initial gate log variance")
-    keep_temperature: float = Field(1.0, gt=0, description="T in P(keep) = sigmoid(-log alpha / T), used in the "
-                                    "expected size")
-    log_sigma2_lr_scale: float = Field(4.0, gt=0, description="log sigma^2 learning rate relative to train.lr (it "
-                                       "lives in log space)")
-    target_warmup: float = Field(0.5, ge=0, le=1, description="share of the steps over which the target rises "
-                                 "linearly from 0")
+    keep_temperature: float = Field(
+        1.0, gt=0, description="T in P(keep) = sigmoid(-log alpha / T), used in the expected size"
+    )
+    log_sigma2_lr_scale: float = Field(
+        4.0, gt=0, description="log sigma^2 learning rate relative to train.lr (it lives in log space)"
+    )
+    target_warmup: float = Field(
+        0.5, ge=0, le=1, description="share of the steps over which the target rises linearly from 0"
+    )
     lagrangian_lr_scale: float = Field(10.0, gt=0, description="lambda1, lambda2 learning rate relative to train.lr")
     budget_value: Literal["hard", "expected"] = Field(
-        "hard", description="the Lagrangian's s: the hard share with the expected share's gradient, or the expected share")
+        "hard",
+        description="the Lagrangian's s: the hard share with the expected share's gradient, or the expected share",
+    )
 
     @model_validator(mode="after")
     def _some_units(self):
@@ -162,8 +180,10 @@ def check_structural_config(model: nn.Module, config: StructuralBudgetConfig, ki
     """The structure, after the checks that need the model (reachable target, supported layer dropping)."""
     structure = structure_of(model)
     if LAYERS in kinds and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
-        raise UserInputError("units.layers cannot drop layers of a GPT-2 that scales attention by layer index "
-                             "(scale_attn_by_inverse_layer_idx); switch units.layers off.")
+        raise UserInputError(
+            "units.layers cannot drop layers of a GPT-2 that scales attention by layer index "
+            "(scale_attn_by_inverse_layer_idx); switch units.layers off."
+        )
     budget_reachable(structure, kinds, config.quantity, config.share, config.flops_seq_len)
     return structure
 
@@ -199,8 +219,13 @@ class VIBObjective(Objective):
 
     def begin_step(self, step: int, total_steps: int) -> dict[str, float]:
         self.budget = self.budget_at(step, total_steps)
-        return {"target": self.budget, "hard_removed": self.hard_removed(),
-                "lambda1": self.lambdas[0].item(), "lambda2": self.lambdas[1].item(), **self.last}
+        return {
+            "target": self.budget,
+            "hard_removed": self.hard_removed(),
+            "lambda1": self.lambdas[0].item(),
+            "lambda2": self.lambdas[1].item(),
+            **self.last,
+        }
 
     def regularizer(self, model: nn.Module) -> Tensor:
         kl = torch.stack([gate.kl() for gate in self.gates.all()]).sum() / self.units
@@ -229,9 +254,16 @@ def attach_vib(model: nn.Module, config: VIBConfig, calibration: Tensor | None) 
     def make(kind: str, size: int, layer: int | None):
         if kind not in kinds:
             return None
-        return VIBGate(kind, size, layer, mu_init=config.mu_init, log_sigma2_init=config.log_sigma2_init,
-                       keep_temperature=config.keep_temperature, log_sigma2_lr_scale=config.log_sigma2_lr_scale,
-                       device=device)
+        return VIBGate(
+            kind,
+            size,
+            layer,
+            mu_init=config.mu_init,
+            log_sigma2_init=config.log_sigma2_init,
+            keep_temperature=config.keep_temperature,
+            log_sigma2_lr_scale=config.log_sigma2_lr_scale,
+            device=device,
+        )
 
     gates = attach_unit_gates(model, structure, make)
     configure_counts(gates, config)
@@ -239,6 +271,14 @@ def attach_vib(model: nn.Module, config: VIBConfig, calibration: Tensor | None) 
 
 
 VIB = MethodSpec(
-    "vib", VIBConfig, attach_vib, kind="learnable", needs_calibration=False, fsdp=True,
-    save=save_gates, load=load_gated, export=export_gated, report=report_gated,
+    "vib",
+    VIBConfig,
+    attach_vib,
+    kind="learnable",
+    needs_calibration=False,
+    fsdp=True,
+    save=save_gates,
+    load=load_gated,
+    export=export_gated,
+    report=report_gated,
 )
