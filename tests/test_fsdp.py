@@ -71,6 +71,7 @@ def initial_masks(setup: Setup) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in params.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_process_fsdp_equals_one_process_and_resumes_identically(sharded, case, tmp_path):
     """Same global batch (2 processes x 2 rows vs 1 x 4): each process holds about half of the masks and of their

@@ -139,6 +139,7 @@ def _row(rows, method, sparsity):
     return next(row for row in rows if row["method"] == method and row["sparsity"] == sparsity)
 
 
+@pytest.mark.slow
 def test_sweep_rows_skips_and_shared_calibration(swept):
     rows, calls = swept["result"]["rows"], swept["calls"]
     assert len(rows) == 1 + 4 * 3
@@ -172,6 +173,7 @@ def test_sweep_rows_skips_and_shared_calibration(swept):
     assert sum(1 for line in swept["lines"] if line.startswith(("magnitude", "wanda", "sparsegpt", "fixed_nm"))) == 12
 
 
+@pytest.mark.slow
 def test_sweep_outputs_and_point_reports(swept):
     out = swept["out"]
     csv_lines = (out / "sweep.csv").read_text().splitlines()
@@ -193,6 +195,7 @@ def test_sweep_outputs_and_point_reports(swept):
     assert json.loads((out / "points" / "wanda-3of7" / "skipped.json").read_text())["status"] == "skipped"
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_points_and_recomputes_changed_ones(swept, tmp_path, fixed_nm):
     out = tmp_path / "out"
     shutil.copytree(swept["out"], out)
@@ -330,6 +333,7 @@ def fragile_dir(tmp_path_factory, corpus):
     return directory
 
 
+@pytest.mark.slow
 def test_sensitivity_ranks_the_fragile_block_first(fragile_dir, corpus, tmp_path, capsys):
     path = write_sweep(
         tmp_path,
@@ -354,6 +358,7 @@ def test_sensitivity_ranks_the_fragile_block_first(fragile_dir, corpus, tmp_path
     assert "block 1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compare_from_run_dirs_and_missing_report(swept, tmp_path, capsys):
     points = swept["out"] / "points"
     output = tmp_path / "cmp"

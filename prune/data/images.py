@@ -21,6 +21,7 @@ from torch import Tensor
 from prune.core import hub
 from prune.core.config import StrictConfig
 from prune.core.errors import UserInputError
+from prune.core.extras import require
 
 DIGITS = "digits"
 DIGIT_NAMES = [str(digit) for digit in range(10)]
@@ -107,6 +108,7 @@ def _pick_splits(splits, config: ImageDataConfig, source: str):
 
 def digits_table():
     """scikit-learn's handwritten digits as an image dataset (8x8 grayscale, labels 0-9)."""
+    require("sklearn", "the digits images (data.source: digits, and the resnet-digits alias trained on them)")
     import datasets
     import numpy as np
     from PIL import Image
