@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from eval.metric_errors import NonFiniteError
-from prune.data.prose import MOBY_DICK
+from prune.data.config import MOBY_DICK
 
 # what a full, read-only or forbidden output looks like: bad input (exit 2), not a crash
 DISK_ERRORS = {

@@ -29,16 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
 
 from prune.core import hub
-from prune.core.config import PathText, StrictConfig
 from prune.core.errors import UserInputError
-from prune.data.prose import MOBY_DICK, moby_dick
+from prune.data.config import EMBEDDED_DOCS, HELDOUT_FRACTION, MOBY_DICK, VALIDATION_FRACTION, DataConfig
+from prune.data.prose import moby_dick
 
-EMBEDDED_DOCS = "embedded-docs"
-HELDOUT_FRACTION = 0.1  # the test part: the tail of the stream
-VALIDATION_FRACTION = 0.05  # the validation part: just before the test part
 PARTS = ("train", "validation", "test")
 _FILE_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `{MOBY_DICK}`"
@@ -46,79 +42,6 @@ _OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `
 _WIKITEXT = {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "train"}
 # C4 is 300+ GB; the usual calibration practice reads a single shard of the English config.
 _C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
-
-
-class DataConfig(StrictConfig):
-    """The `data` section for a causal LM: where the text comes from and how it is cut."""
-
-    source: PathText = Field(EMBEDDED_DOCS, description="embedded-docs, a hub dataset name, or a local file")
-    config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
-    split: str | None = Field(None, description="hub dataset split for calibration/training")
-    heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
-    text_column: str = Field("text", description="the column holding the text in a dataset or .jsonl/.parquet file")
-    heldout_fraction: float = Field(
-        HELDOUT_FRACTION,
-        gt=0.0,
-        lt=1.0,
-        description="the test part: the tail of the token stream, read only by the reported figures",
-    )
-    validation_fraction: float = Field(
-        VALIDATION_FRACTION,
-        gt=0.0,
-        lt=1.0,
-        description="the validation part, just before the test part: what picks the best masks (train.eval_every)",
-    )
-    calibration_samples: int = Field(128, ge=1, description="blocks of seq_len tokens drawn (seeded) for calibration")
-    seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
-    fraction: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="share of the training blocks a learnable method "
-        "trains on (seeded; VTrans' Fast variant uses a small share)",
-    )
-    mix: list[PathText] = Field(
-        [],
-        description="other texts (e.g. moby-dick) whose train parts join calibration and "
-        "training and whose validation parts join the choice of the best masks, window by "
-        "window; their test parts are never read (measure them with eval.extra_texts)",
-    )
-
-    source_share: float | None = Field(
-        None,
-        gt=0.0,
-        lt=1.0,
-        description="under data.mix: data.source's share of "
-        "the train windows calibration and training read (every mix text gets an "
-        "equal part of the rest; the longer side's last windows are dropped). Unset: "
-        "every train window of every text",
-    )
-
-    @model_validator(mode="after")
-    def _share_needs_a_mix(self):
-        if self.source_share is not None and not self.mix:
-            raise ValueError(
-                f"data.source_share ({self.source_share}) shares the train windows with data.mix, which "
-                "is empty; add the other texts to data.mix or drop source_share."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _mix_is_other_texts(self):
-        if self.source in self.mix or len(set(self.mix)) != len(self.mix):
-            raise ValueError(
-                f"data.mix {self.mix} repeats a text or names data.source ({self.source!r}); list each other text once."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _parts_fit(self):
-        if self.heldout_fraction + self.validation_fraction >= 1.0:
-            raise ValueError(
-                f"heldout_fraction ({self.heldout_fraction}) + validation_fraction ({self.validation_fraction}) must "
-                "be below 1: the rest of the text is the train part; lower one of them."
-            )
-        return self
 
 
 def load_documents(
