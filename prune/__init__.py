@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from prune.core.errors import UserInputError
-from prune.methods.registry import get_method
+from prune.methods.registry import get_declaration, get_method
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -79,11 +79,11 @@ def __dir__() -> list[str]:
 def method_config(name: str, **fields) -> MethodConfig:
     """The validated config of a registered method, e.g. `method_config("wanda", sparsity="2:4")`: the same
     keys as a recipe's `method` section. A bad or unknown key is a UserInputError naming it."""
-    spec = get_method(name)
+    config_class = get_declaration(name).config_class
     try:
-        return spec.config_class.model_validate({"name": name, **fields})
+        return config_class.model_validate({"name": name, **fields})
     except ValidationError as error:
-        allowed = ", ".join(spec.config_class.model_fields)
+        allowed = ", ".join(config_class.model_fields)
         problems = "; ".join(_problem(item, allowed) for item in error.errors())
         raise UserInputError(f"invalid {name} config: {problems}") from None
 

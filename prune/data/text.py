@@ -34,9 +34,9 @@ from prune.core import hub
 from prune.core.errors import UserInputError
 from prune.data.config import EMBEDDED_DOCS, HELDOUT_FRACTION, MOBY_DICK, VALIDATION_FRACTION, DataConfig
 from prune.data.prose import moby_dick
+from prune.data.sources import file_format, source_kind
 
 PARTS = ("train", "validation", "test")
-_FILE_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `{MOBY_DICK}`"
 # Pinned configs so that "wikitext" means the same text everywhere.
 _WIKITEXT = {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "train"}
@@ -52,7 +52,7 @@ def load_documents(
     A `.txt` file is ONE document, kept verbatim: the stream is then exactly the file, so the held-out text is
     exactly its tail (splitting on blank lines and re-joining with "\\n\\n" would only normalise whitespace).
     """
-    kind = _source_kind(source)
+    kind = source_kind(source)
     if source == EMBEDDED_DOCS:
         from pydoc_data.topics import topics
 
@@ -64,31 +64,8 @@ def load_documents(
     return _hub_documents(source, config, split, text_column)
 
 
-def _source_kind(source: str) -> str:
-    if source in (EMBEDDED_DOCS, MOBY_DICK):
-        return "embedded"
-    path = Path(source).expanduser()
-    if path.exists() or path.suffix.lower() in _FILE_SUFFIXES or not hub.looks_like_hub_id(source):
-        return "file"
-    return "hub"
-
-
 def _file_documents(path: Path, text_column: str) -> list[str]:
-    if path.is_dir():
-        examples = sorted(str(child) for child in path.iterdir() if child.suffix.lower() in _FILE_SUFFIXES)[:3]
-        raise UserInputError(
-            f"data source {str(path)!r} is a directory; pass one file in it"
-            + (f" (e.g. {', '.join(examples)})" if examples else "")
-            + f": a .txt/.jsonl/.json/.parquet file, a Hub dataset name or `{EMBEDDED_DOCS}`."
-        )
-    if not path.is_file():
-        raise UserInputError(
-            f"no such file {str(path)!r}; pass an existing .txt/.jsonl/.json/.parquet file, a Hub dataset name "
-            f"(wikitext, c4, org/name), `{EMBEDDED_DOCS}` or `{MOBY_DICK}`."
-        )
-    builder = _FILE_SUFFIXES.get(path.suffix.lower())
-    if builder is None:
-        raise UserInputError(f"{str(path)!r}: unsupported file type; use one of {', '.join(_FILE_SUFFIXES)}.")
+    builder = file_format(path)
     if builder == "text":
         data = path.read_bytes()
         try:
@@ -313,7 +290,7 @@ def prepare(
 ) -> TokenSplits:
     """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is the test part."""
     if heldout_split is not None:
-        if _source_kind(source) != "hub":
+        if source_kind(source) != "hub":
             raise UserInputError(
                 f"heldout_split applies to Hub datasets only; for {source!r} leave it unset and the last "
                 "heldout_fraction of the text is held out."
