@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import prune
+from prune.methods.registry import METHODS, get_method
+from prune.methods.spec import MethodSpec
 from tests.test_bad_input import CASES, Lab, write_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +102,17 @@ def test_every_public_name_resolves():
         assert getattr(prune, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         prune.nothing  # noqa: B018
+
+
+def test_every_declaration_names_the_spec_built_from_it():
+    """The registry lists torch-free declarations; each names the MethodSpec that `get_method` imports on use."""
+    for name, declared in METHODS.items():
+        spec = get_method(name)
+        assert isinstance(spec, MethodSpec) and spec.declared is declared, name
+        assert (spec.name, spec.config_class, spec.kind, spec.tasks) == (
+            name,
+            declared.config_class,
+            declared.kind,
+            declared.tasks,
+        )
+        assert declared.config_class.__module__ == f"{declared.spec.partition(':')[0].rpartition('.')[0]}.config"
