@@ -47,3 +47,8 @@ def check_local_source(source: str) -> None:
     """A source that names a local file must be one a builder reads (see `file_format`); others pass."""
     if source_kind(source) == "file":
         file_format(Path(source).expanduser())
+
+
+def entry_error(setting: str, source: str, error: UserInputError) -> UserInputError:
+    """`error` of one text of a list setting (data.mix, eval.extra_texts), naming the entry."""
+    return UserInputError(f"{setting} entry {source!r}: {error}")

@@ -34,7 +34,7 @@ from prune.core import hub
 from prune.core.errors import UserInputError
 from prune.data.config import EMBEDDED_DOCS, HELDOUT_FRACTION, MOBY_DICK, VALIDATION_FRACTION, DataConfig
 from prune.data.prose import moby_dick
-from prune.data.sources import file_format, source_kind
+from prune.data.sources import entry_error, file_format, source_kind
 
 PARTS = ("train", "validation", "test")
 _OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `{MOBY_DICK}`"
@@ -338,7 +338,7 @@ def _prepare_texts(
             )
             texts[source].require(source, seq_len, needs)
         except UserInputError as error:
-            raise UserInputError(f"{setting} entry {source!r}: {error}") from None
+            raise entry_error(setting, source, error) from None
     return texts
 
 

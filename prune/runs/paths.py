@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prune.core.errors import UserInputError
-from prune.data.sources import check_local_source
+from prune.data.sources import check_local_source, entry_error
 from prune.models.local import check_model_path
 from prune.runs.recipe import Recipe
 from prune.tasks.data_config import DEFAULT_TASK
@@ -30,6 +30,11 @@ def check_paths(recipe: Recipe) -> None:
     if recipe.task != DEFAULT_TASK:
         return  # image tasks' models and folders are checked by their loaders
     check_model_path(recipe.model)
+    check_local_source(recipe.data.source)
     measured = recipe.eval.extra_texts if recipe.eval.perplexity else []  # only perplexity reads them
-    for source in (recipe.data.source, *recipe.data.mix, *measured):
-        check_local_source(source)
+    for setting, sources in (("data.mix", recipe.data.mix), ("eval.extra_texts", measured)):
+        for source in sources:
+            try:
+                check_local_source(source)
+            except UserInputError as error:
+                raise entry_error(setting, source, error) from None
