@@ -116,3 +116,12 @@ def test_every_declaration_names_the_spec_built_from_it():
             declared.tasks,
         )
         assert declared.config_class.__module__ == f"{declared.spec.partition(':')[0].rpartition('.')[0]}.config"
+
+
+def test_a_bad_sweep_is_refused_before_any_heavy_import(tmp_path):
+    (tmp_path / "base.yaml").write_text("method: {name: wanda, sparsity: 2:4}\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: base.yaml\ngrid: {methods: [wanda, nosuch], sparsities: [0.5]}\n")
+    done = run_blocked(f"from prune.cli import main\nsys.exit(main(['sweep', {str(sweep)!r}]))", tmp_path)
+    assert done.returncode == 2 and "unknown method 'nosuch'" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
