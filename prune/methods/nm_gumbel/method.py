@@ -174,7 +174,7 @@ class NMGumbelLinear(WeightMasked):
         return super().forward(x)
 
 
-# ------------------------------------------------------------------------------------------ config + attach
+# --------------------------------------------------------------------------------------------------- attach
 
 
 class NMGumbelObjective(Objective):
