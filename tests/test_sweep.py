@@ -16,6 +16,7 @@ from prune.core.errors import UserInputError
 from prune.masks.base import attach_hard_masks
 from prune.masks.targets import method_targets
 from prune.methods import registry
+from prune.methods.declaration import MethodDeclaration
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores
 from prune.methods.spec import MethodSpec
@@ -45,6 +46,14 @@ def attach_fixed_nm(model, config, calibration_blocks):
         model,
         {name: mask_from_scores(magnitude_scores(weight_matrix(modules[name])), config.pattern) for name in names},
     )
+
+
+# registered like a real method: its declaration names where its MethodSpec lives (this module, as pytest named it)
+FIXED_NM = MethodSpec(
+    MethodDeclaration("fixed_nm", FixedNMConfig, "learnable", f"{__name__}:FIXED_NM"),
+    attach_fixed_nm,
+    needs_calibration=False,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,9 +118,7 @@ class Counters:
 @pytest.fixture(scope="module")
 def fixed_nm():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(
-            registry.METHODS, "fixed_nm", MethodSpec("fixed_nm", FixedNMConfig, attach_fixed_nm, "learnable", False)
-        )
+        patch.setitem(registry.METHODS, "fixed_nm", FIXED_NM.declared)
         yield
 
 

@@ -18,7 +18,7 @@ from prune.runs.export import export_run
 from prune.runs.loading import load_model
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
-from prune.structural.layout import FFN
+from prune.structural.config import FFN
 from prune.structural.store import export_gated, gate_set, load_gates, save_gates
 from prune.training.config import TrainConfig
 from prune.training.trainer import train

