@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from eval.metric_errors import NonFiniteError
 
+NLL_CHUNK = 128  # positions per cross-entropy call in window_nll
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -87,12 +89,21 @@ def perplexity(
 def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """The summed NLL (float64, nats) of each window of `batch` [b, seq] from its logits [b, seq, vocab], every
     token after the first predicted: one function for every way a model is run (whole, or streamed block by
-    block), so the same logits give the same figures bit for bit."""
-    shift_logits = logits.float()[:, :-1, :]
-    targets = batch[:, 1:]
-    per_token = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), targets.reshape(-1), reduction="none"
-    ).view(targets.shape)
+    block), so the same logits give the same figures bit for bit. The cross-entropy runs on NLL_CHUNK positions at
+    a time: its log-softmax over the whole window would be a second tensor as large as the logits (100 MB for one
+    512-token window of a 49k vocabulary), the evaluation's peak memory; each position's value is the same."""
+    shift_logits, targets = logits[:, :-1], batch[:, 1:]  # views: nothing copied
+    per_token = torch.cat(
+        [
+            F.cross_entropy(
+                shift_logits[:, start : start + NLL_CHUNK].float().reshape(-1, logits.size(-1)),
+                targets[:, start : start + NLL_CHUNK].reshape(-1),
+                reduction="none",
+            ).view(len(batch), -1)
+            for start in range(0, targets.shape[1], NLL_CHUNK)
+        ],
+        dim=1,
+    )
     return per_token.sum(dim=1, dtype=torch.float64)
 
 

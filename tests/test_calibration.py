@@ -127,6 +127,22 @@ def test_masks_exact_and_model_restored(model_name, run):
         assert result.weights == {}
 
 
+def test_sparsegpt_in_place_leaves_what_the_restoring_run_returns():
+    """A run's attach prunes SparseGPT in place (no copy of the originals, none of the re-fit weights): the same
+    masks, and the model then holds exactly the weights the restoring call returns."""
+    names = _targets(_llama())
+    restoring = methods.sparsegpt(_llama(), names, parse_sparsity("2:4"), _calib(), batch_size=2, progress=False)
+    model = _llama()
+    in_place = methods.sparsegpt(
+        model, names, parse_sparsity("2:4"), _calib(), batch_size=2, progress=False, in_place=True
+    )
+    assert in_place.weights == {} and in_place.masks.keys() == restoring.masks.keys()
+    modules = dict(model.named_modules())
+    for name, keep in restoring.masks.items():
+        assert torch.equal(in_place.masks[name], keep)
+        assert torch.equal(weight_matrix(modules[name]), restoring.weights[name])
+
+
 class Recorder:
     """Stats that keep every input, to compare with a manual forward."""
 
@@ -270,6 +286,37 @@ def test_holds_one_activation_tensor():
     assert counts == [1, 1]
 
 
+def test_a_pruned_block_frees_its_statistics_and_its_original_weights():
+    """What a block needed is gone before the next block is pruned: its statistics (no accumulator of block 0 is
+    alive when block 1's targets are pruned) and the copies that restore its weights (block 0 already holds its
+    original weights again): the driver holds one block's statistics and copies, not the model's."""
+    import weakref
+
+    model = _llama()
+    names = _targets(model)
+    modules = dict(model.named_modules())
+    snapshot = _snapshot(model)
+    stats_of_block0, checked = [], []
+
+    def make_stats(module):
+        stats = WandaStats(weight_matrix(module).shape[1])
+        if any(modules[name] is module for name in names if ".0." in name):
+            stats_of_block0.append(weakref.ref(stats))
+        return stats
+
+    def prune(name, module, stats):
+        if ".1." in name and not checked:
+            gc.collect()
+            checked.append(name)
+            assert stats_of_block0 and all(ref() is None for ref in stats_of_block0)
+            _assert_identical(model, snapshot)  # block 0 restored; block 1 not touched yet
+        return _magnitude_half(name, module, stats)
+
+    prune_layerwise(model, names, prune, make_stats, _calib(), batch_size=2, progress=False)
+    assert checked
+    _assert_identical(model, snapshot)
+
+
 def test_restore_false_leaves_pruned_and_updated_weights():
     model = _gpt2()
     names = _targets(model)
@@ -279,12 +326,14 @@ def test_restore_false_leaves_pruned_and_updated_weights():
         keep, _ = _magnitude_half(name, module, stats)
         return keep, weight_matrix(module) * 2  # a method that also updates weights
 
+    original = {name: weight_matrix(modules[name]).clone() for name in names}
     result = prune_layerwise(
         model, names, prune, lambda m: WandaStats(weight_matrix(m).shape[1]), _calib(), restore=False, progress=False
     )
+    assert result.weights == {}  # the model holds them: no second copy
     for name in names:
-        weight = weight_matrix(modules[name])
-        assert torch.equal(weight, result.weights[name]) and (weight[~result.masks[name]] == 0).all()
+        weight, keep = weight_matrix(modules[name]), result.masks[name]
+        assert torch.equal(weight[keep], 2 * original[name][keep]) and (weight[~keep] == 0).all()
 
 
 def test_magnitude_runs_no_forward_and_writes_nothing():

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from eval.metric_errors import NonFiniteError
-from eval.perplexity import PerplexityResult, perplexity
+from eval.perplexity import NLL_CHUNK, PerplexityResult, perplexity, window_nll
 
 V = 97
 
@@ -69,9 +69,23 @@ def test_per_window_sums_are_each_windows_own_nll_in_row_order():
     data = blocks(n=4, seq_len=12)
     res = perplexity(model, data, batch_size=3)
     assert len(res.window_nll) == 4 and res.window_tokens == (11, 11, 11, 11)
-    for row, window_nll in zip(data, res.window_nll):  # each window alone gives back its own sum
-        assert perplexity(model, row[None]).nll * 11 == pytest.approx(window_nll, rel=1e-6)
+    for row, row_nll in zip(data, res.window_nll):  # each window alone gives back its own sum
+        assert perplexity(model, row[None]).nll * 11 == pytest.approx(row_nll, rel=1e-6)
     assert sum(res.window_nll) / sum(res.window_tokens) == pytest.approx(res.nll, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_nll_in_chunks_equals_one_cross_entropy_bit_for_bit(dtype):
+    """window_nll scores NLL_CHUNK positions at a time (memory); the sums are those of one call over the window."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, seq_len in ((1, 2 * NLL_CHUNK + 7), (3, NLL_CHUNK + 1), (2, NLL_CHUNK), (2, 5)):
+        logits = (torch.randn(rows, seq_len, V, generator=generator) * 3).to(dtype)
+        batch = torch.randint(0, V, (rows, seq_len), generator=generator)
+        whole = torch.nn.functional.cross_entropy(
+            logits.float()[:, :-1].reshape(-1, V), batch[:, 1:].reshape(-1), reduction="none"
+        )
+        expected = whole.view(rows, seq_len - 1).sum(dim=1, dtype=torch.float64)
+        assert torch.equal(window_nll(logits, batch), expected)
 
 
 def test_nan_weights_raise_and_name_the_windows():

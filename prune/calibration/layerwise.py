@@ -16,9 +16,13 @@ The sequential scheme of SparseGPT/Wanda, with memory bounded by one block's act
 3. Targets outside the blocks (e.g. `lm_head`): after the blocks, one full-model forward per batch with
    hooks collects their statistics (the blocks are already pruned), then they are pruned.
 4. With `restore=True` (the default) each target's original weight is copied to CPU before it is touched
-   and written back at the end (also on error): the model leaves bit-identical, and the result carries the
-   masks plus the updated weights of modules the method changed beyond zeroing. `restore=False` leaves
-   the pruned (and updated) weights in the model.
+   and written back (also on error): the model leaves bit-identical, and the result carries the
+   masks plus the updated weights of modules the method changed beyond zeroing. A block's originals go back as
+   soon as its outputs are written (the next blocks read those outputs, never its weights), so one block's
+   copies are held at a time; with targets outside the blocks, whose statistics come from a forward through the
+   pruned blocks, they are kept to the end. `restore=False` leaves the pruned (and updated) weights in the
+   model and the result carries only the masks: the updated weights as well would be a second copy of every
+   target.
 
 `make_stats=None` (magnitude) runs no forward at all and, with `restore=True`, never writes a weight.
 Hooks are removed and the train/eval mode is restored in `finally` blocks.
@@ -128,6 +132,8 @@ def prune_layerwise(
                         release_freed_memory()
                     if index < last:
                         _run_block(block, acts, calls, write=True)
+                    if originals and not outside:  # no later forward reads this block's pruned weights
+                        _restore(modules, originals)
                     if placement is not None:
                         placement.offload(index, block)
                 del acts, calls
@@ -137,11 +143,17 @@ def prune_layerwise(
                     _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
     finally:
         if originals:
-            with torch.no_grad():
-                for name, original in originals.items():
-                    modules[name].weight.copy_(original)
+            _restore(modules, originals)
         model.train(was_training)
     return result
+
+
+def _restore(modules: dict[str, nn.Module], originals: dict[str, Tensor]) -> None:
+    """Write the saved original weights back and drop the copies."""
+    with torch.no_grad():
+        while originals:
+            name, original = originals.popitem()
+            modules[name].weight.copy_(original)
 
 
 def _check_placed(placement: BlockPlacement | None, outside: list[str]) -> None:
@@ -235,7 +247,8 @@ def _prune_one(name, module, stats, prune_module, result, apply: bool, originals
         raise ValueError(f"{name}: mask shape {tuple(mask.shape)} != weight [out, in] {tuple(weight.shape)}")
     if new_weight is not None:
         new_weight = new_weight.to(device=weight.device, dtype=weight.dtype).masked_fill(~mask, 0)
-        result.weights[name] = new_weight.cpu()
+        if not apply or originals is not None:  # written in place for good: the model holds it
+            result.weights[name] = new_weight.cpu()
     result.masks[name] = mask.cpu()
     if apply:
         if originals is not None and name not in originals:

@@ -98,9 +98,11 @@ def sparsegpt(
     batch_size: int = 1,
     progress: bool = True,
     placement: BlockPlacement | None = None,
+    in_place: bool = False,
 ) -> OneShotResult:
     """SparseGPT: OBS mask selection; with `update_weights` the surviving weights are re-fit and returned
-    in `weights` (the model itself is restored; apply them with the masks)."""
+    in `weights` (the model itself is restored; apply them with the masks). With `in_place` the pruned and
+    re-fit weights stay in the model instead and only the masks come back (no copy of the model's targets)."""
 
     def prune(name, module, stats: HessianStats):
         weight = weight_matrix(module)
@@ -121,12 +123,14 @@ def sparsegpt(
         batch_size=batch_size,
         progress=progress,
         placement=placement,
+        restore=not in_place,
     )
     return OneShotResult(result.masks, result.weights)
 
 
 def _attach(model: nn.Module, result: OneShotResult) -> None:
-    """Write any updated weights into the model, then wrap each target with its fixed mask."""
+    """Write any updated weights into the model (none when pruned in place), then wrap each target with its
+    fixed mask."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, weight in result.weights.items():
@@ -165,6 +169,7 @@ def attach_sparsegpt(
         dampening=config.dampening,
         update_weights=config.update_weights,
         placement=placement,
+        in_place=config.update_weights,  # the re-fit weights are the model's from now on; a mask alone leaves them
     )
     _attach(model, result)
 
