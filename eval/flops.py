@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from eval.perplexity import without_cache
+
 try:  # GPT-2 style layers store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover - transformers is a hard dependency, but keep flops usable
@@ -140,7 +142,7 @@ def count_flops(model: nn.Module, seq_len: int, batch_size: int = 1, *, seed: in
     try:
         counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
         with counter:
-            model(input_ids=input_ids)
+            model(input_ids=input_ids, **without_cache(model))
     finally:
         model.train(was_training)
 

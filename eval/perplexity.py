@@ -10,6 +10,7 @@ comparison of two models resamples (`eval.bootstrap`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def without_cache(model: torch.nn.Module) -> dict:
+    """`use_cache=False` where the model's forward takes it: a whole-window forward that is never continued would
+    otherwise build a key and a value tensor per layer for every position, only to drop them."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 def _logits(output) -> torch.Tensor:
@@ -76,11 +83,12 @@ def perplexity(
     was_training = model.training
     model.eval()
     device = model_device(model)
+    no_cache = without_cache(model)
     sums: list[float] = []
     try:
         for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
             batch = blocks[start : start + batch_size].to(device=device, dtype=torch.long)
-            sums += window_nll(_logits(model(input_ids=batch)), batch).tolist()
+            sums += window_nll(_logits(model(input_ids=batch, **no_cache)), batch).tolist()
     finally:
         model.train(was_training)
     return perplexity_of(sums, seq_len, desc)

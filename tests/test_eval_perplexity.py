@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from eval.flops import count_flops
 from eval.metric_errors import NonFiniteError
 from eval.perplexity import NLL_CHUNK, PerplexityResult, perplexity, window_nll
 
@@ -86,6 +87,43 @@ def test_window_nll_in_chunks_equals_one_cross_entropy_bit_for_bit(dtype):
         )
         expected = whole.view(rows, seq_len - 1).sum(dim=1, dtype=torch.float64)
         assert torch.equal(window_nll(logits, batch), expected)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_whole_window_forwards_build_no_kv_cache(make):
+    """Perplexity and FLOPs run each window once and never continue it: the forward is asked for no KV cache (it
+    would hold a key and a value per layer and position), and the figures are those of a forward that built one."""
+    model = make().eval()
+    data = blocks(n=2, seq_len=12)
+    seen = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, output: seen.append(output), with_kwargs=True)
+    try:
+        result = perplexity(model, data)
+        flops = count_flops(model, 12)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and all(getattr(output, "past_key_values", None) is None for output in seen)
+    with torch.no_grad():
+        cached = [model(input_ids=row[None], use_cache=True) for row in data]
+    assert all(output.past_key_values is not None for output in cached)  # what the forward builds unasked
+    expected = [window_nll(output.logits, row[None]).item() for output, row in zip(cached, data)]
+    assert list(result.window_nll) == pytest.approx(expected, rel=1e-6)
+    assert flops.dense > 0
+
+
+class _NoCacheArgument(torch.nn.Module):
+    """A model whose forward takes no `use_cache`: perplexity must not pass one."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, V)
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+def test_forward_without_a_cache_argument_is_called_without_one():
+    assert perplexity(_NoCacheArgument(), blocks(n=2, seq_len=9)).windows == 2
 
 
 def test_nan_weights_raise_and_name_the_windows():
