@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from prune.core.errors import UserInputError
 from prune.core.sparsity import parse_sparsity
-from prune.masks.base import attach_hard_masks, wrappers
+from prune.masks.base import attach_hard_masks, merge, wrappers
 from prune.masks.storage import decode_nm, encode_nm, load_masks, nm_candidates, read_masks, save_masks
 from prune.masks.targets import method_targets, select_targets
 from prune.models.blocks import weight_matrix
@@ -69,6 +69,31 @@ def test_wrapped_forward_equals_manually_masked_weights(tiny_model, token_batch)
     attach_hard_masks(tiny_model, masks)
     assert len(wrappers(tiny_model)) == len(names)
     torch.testing.assert_close(tiny_model(token_batch).logits, reference(token_batch).logits)
+
+
+def test_merge_copies_and_in_place_merge_masks_the_modules_own_weights(tiny_model, token_batch):
+    """merge: the wrapped modules stay untouched (a sweep puts them back); in_place (a run's export): the same
+    plain model, with each target's own weight tensor masked, no copy made."""
+    names = select_targets(tiny_model, None)
+    masks = random_masks(tiny_model, names)
+    attach_hard_masks(tiny_model, masks)
+    expected = tiny_model(token_batch).logits
+    bases = {name: wrapper.base for name, wrapper in wrappers(tiny_model).items()}
+    originals = {name: weight_matrix(base).clone() for name, base in bases.items()}
+    copied = merge(tiny_model)
+    torch.testing.assert_close(copied(token_batch).logits, expected)
+    assert all(torch.equal(weight_matrix(base), originals[name]) for name, base in bases.items())
+
+    attach_hard_masks(tiny_model, masks)  # wrap the merged copies again
+    bases = {name: wrapper.base for name, wrapper in wrappers(tiny_model).items()}
+    storage = {name: weight_matrix(base).data_ptr() for name, base in bases.items()}
+    baked = merge(tiny_model, in_place=True)
+    assert not wrappers(baked)
+    torch.testing.assert_close(baked(token_batch).logits, expected)
+    modules = dict(baked.named_modules())
+    for name, base in bases.items():
+        assert modules[name] is base and weight_matrix(base).data_ptr() == storage[name]
+        assert torch.equal(weight_matrix(base), originals[name] * masks[name])
 
 
 def test_nm_index_storage_is_compact(tmp_path):

@@ -93,6 +93,11 @@ class MaskWrapper(nn.Module):
         """A plain copy of `base` with the hard mask applied, for export."""
         raise NotImplementedError
 
+    def baked(self) -> nn.Module:
+        """`base` itself with the hard mask applied to its own weights, for an export after which this wrapper is
+        never used again; wrappers that cannot do it in place give `merged()`."""
+        return self.merged()
+
 
 class WeightMasked(MaskWrapper):
     """W_eff = W ⊙ M for nn.Linear and GPT-2's Conv1D (mask always in [out, in] orientation)."""
@@ -110,11 +115,10 @@ class WeightMasked(MaskWrapper):
         return F.linear(x, self.effective_weight(), self.base.bias)
 
     def merged(self) -> nn.Module:
-        module = copy.deepcopy(self.base)
-        keep = self.mask.hard()
-        with torch.no_grad():
-            module.weight.mul_(keep.t() if isinstance(module, Conv1D) else keep)
-        return module
+        return _mask_weight(copy.deepcopy(self.base), self.mask.hard())
+
+    def baked(self) -> nn.Module:
+        return _mask_weight(self.base, self.mask.hard())
 
 
 class ConvWeightMasked(MaskWrapper):
@@ -137,10 +141,17 @@ class ConvWeightMasked(MaskWrapper):
         return self.base._conv_forward(x, self.effective_weight(), self.base.bias)
 
     def merged(self) -> nn.Module:
-        module = copy.deepcopy(self.base)
-        with torch.no_grad():
-            module.weight.mul_(self.mask.hard())
-        return module
+        return _mask_weight(copy.deepcopy(self.base), self.mask.hard())
+
+    def baked(self) -> nn.Module:
+        return _mask_weight(self.base, self.mask.hard())
+
+
+def _mask_weight(module: nn.Module, keep: Tensor) -> nn.Module:
+    """Multiply `module`'s weight by the bool mask `keep` in place (a Conv1D's [in, out] weight by its transpose)."""
+    with torch.no_grad():
+        module.weight.mul_(keep.t() if isinstance(module, Conv1D) else keep)
+    return module
 
 
 def weight_masked(base: nn.Module, mask: Mask) -> MaskWrapper:
@@ -167,10 +178,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Replace every wrapper by its base with the hard mask baked in: a plain transformers model."""
+def merge(model: nn.Module, *, in_place: bool = False) -> nn.Module:
+    """Replace every wrapper by its base with the hard mask baked in: a plain transformers model. The bases stay
+    untouched (a sweep puts them back after measuring the merged copies); `in_place` masks each base's own weights
+    instead (`MaskWrapper.baked`), for an export after which the masked model is never used: a copy of every target
+    would add their size to the process's memory for good, since weights memory-mapped from a checkpoint stay
+    mapped when their module is dropped."""
     for name, wrapper in wrappers(model).items():
-        model.set_submodule(name, wrapper.merged())
+        model.set_submodule(name, wrapper.baked() if in_place else wrapper.merged())
     return model
 
 

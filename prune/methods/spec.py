@@ -85,8 +85,9 @@ def load_weight_masks(model: nn.Module, directory: Path, config: MethodConfig) -
 
 
 def merge_weight_masks(model: nn.Module, config: MethodConfig) -> nn.Module:
-    """The default export: hard masks baked into the weights, a plain transformers model."""
-    return merge(model)
+    """The default export: hard masks baked into the weights (in place: the masked model is not used again), a
+    plain transformers model."""
+    return merge(model, in_place=True)
 
 
 @dataclass(frozen=True)
