@@ -304,13 +304,16 @@ def accuracy_scores(
     *,
     heldout_text: str | None = None,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = 2,
 ) -> dict[str, TaskScore]:
     """Accuracy in [0, 1] of `model` on each task and its standard error, through lm-eval.
 
     `heldout_text` feeds the local `docs_lastword` task (ValueError when that task is asked for
     without it). `limit` caps the examples per task. Unknown tasks, and hub tasks whose dataset
     cannot be fetched, raise `TaskUnavailableError` (a ValueError) before any model work.
+    `batch_size` examples per forward: lm-eval holds a batch's logits and their log-softmax, each
+    [batch, length, vocab], at once, so a larger batch raises a run's peak memory by a multiple of that size
+    for no gain on a CPU (benchmarks/RESULTS.md, section `oneshot-peer`).
     """
     if isinstance(tasks, str):
         tasks = [tasks]

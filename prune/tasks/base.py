@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from prune.calibration.layerwise import BlockPlacement
 from prune.core.atomic import save_pretrained_atomic
 from prune.core.config import MethodConfig
+from prune.core.memory import release_freed_memory
 from prune.masks.base import achieved_sparsity
 from prune.methods.spec import HeldOut, MethodSpec
 from prune.tasks.eval_config import EvalConfig
@@ -100,8 +101,10 @@ class Task(ABC):
         spec.save(self.model, directory, config, meta)
 
     def export(self, spec: MethodSpec, config: MethodConfig) -> None:
-        """Measure the method's exported model from now on (masks merged, a structural export shrunk)."""
+        """Measure the method's exported model from now on (masks merged, a structural export shrunk); the freed
+        masks go back to the OS before the evaluation allocates its own buffers."""
         self.use_model(spec.export(self.model, config))
+        release_freed_memory()
 
     def save_model(self, directory: Path) -> None:
         """Write the (exported) model and its tokenizer or processor as a plain checkpoint, whole or absent."""

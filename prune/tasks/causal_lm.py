@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from eval.metric_errors import TaskUnavailableError
 from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
+from prune.core.memory import release_freed_memory
 from prune.data.text import (
     TokenSplits,
     interleave,
@@ -40,6 +42,8 @@ from prune.models import loading
 from prune.structural.shrink import has_layer_sizes, load_resized
 from prune.tasks.base import RunSettings, Task
 from prune.tasks.eval_config import EvalConfig
+
+T = TypeVar("T")
 
 METHOD_REPORT_WINDOWS = 32  # held-out windows a method's own report hook measures on (e.g. per-token FLOPs)
 
@@ -68,33 +72,47 @@ def measure(
     if config.perplexity:
         figures.update(
             text_perplexities(
-                lambda blocks, desc: perplexity(model, blocks, desc=desc, **batched), splits, extra, seq_len, label
+                lambda blocks, desc: released(perplexity(model, blocks, desc=desc, **batched)),
+                splits,
+                extra,
+                seq_len,
+                label,
             )
         )
     if config.tasks:
-        scores = accuracy_scores(
-            model,
-            tokenizer,
-            config.tasks,
-            heldout_text=splits.test_text(tokenizer),
-            limit=config.limit,
-            **batched,
+        scores = released(
+            accuracy_scores(
+                model,
+                tokenizer,
+                config.tasks,
+                heldout_text=splits.test_text(tokenizer),
+                limit=config.limit,
+                **batched,
+            )
         )
         figures["accuracy"] = {task: score.value for task, score in scores.items()}
         figures["accuracy_stderr"] = {task: score.stderr for task, score in scores.items()}
     params = count_params(model)
     figures["params"] = {"total": params.total, "nonzero": params.nonzero}
     if config.flops:
-        flops = count_flops(model, seq_len)
+        flops = released(count_flops(model, seq_len))
         figures["flops"] = {"dense": flops.dense, "pruned": flops.sparse, "semi_structured": flops.semi_structured}
     if config.latency:
-        figures["latency"] = asdict(measure_latency(model, device=device))
+        figures["latency"] = asdict(released(measure_latency(model, device=device)))
     if config.semi_structured_kernel:
         kernel = semi_structured_speedup(model, seq_len=seq_len)
         if kernel is not None:
             figures["semi_structured_kernel"] = kernel
     figures["seconds"] = time.perf_counter() - start
     return figures
+
+
+def released(figure: T) -> T:
+    """`figure`, once the buffers freed while computing it are handed back to the OS (`release_freed_memory`): glibc
+    keeps a forward's freed activations in its arenas, and the next figure's forward (or the pruning after the dense
+    baseline) would stack its own peak on top of them."""
+    release_freed_memory()
+    return figure
 
 
 def text_perplexities(

@@ -25,8 +25,8 @@ class EvalConfig(StrictConfig):
         None,
         ge=1,
         description="windows per perplexity forward and lm-eval's batch "
-        "size; null: one window at a time and lm-eval's batches of 8 (the figures of "
-        "runs made before this key)",
+        "size; null: one window at a time and lm-eval's batches of 2 (8 until December 2026: as fast "
+        "on a CPU, more memory)",
     )
     flops: bool = Field(True, description="FLOPs per forward (dense, pruned, and with 2:4 sparse kernels)")
     latency: bool = Field(True, description="prefill tokens/s and decode ms/token on this machine")
