@@ -1,19 +1,30 @@
-"""One-shot baselines on SmolLM2-135M: dense, magnitude, Wanda, SparseGPT at 50% and 2:4.
+"""One-shot baselines on SmolLM2-135M: dense, magnitude, Wanda, SparseGPT at 50% and 2:4; 2:4 against llm-compressor.
 
 For each point: perplexity (512-token windows) on the test part of the embedded CPython docs and of an
 out-of-domain text (moby-dick), each with its 95% bootstrap interval over windows; last-word accuracy with
-lm-eval's standard error; FLOPs; and the wall time and peak memory of the pruning step alone. Calibration reads
-the train part only. Each point runs in its own process so peak memory is its own; all points run in
-one invocation, side by side (finished points are kept under --cache, so an interrupted run resumes). Writes the
-`oneshot` section of benchmarks/RESULTS.md.
+lm-eval's standard error; FLOPs; the wall time of the pruning step; the process's peak memory after pruning and
+after the two perplexities. Calibration reads the train part only. Each point runs in its own process so peak
+memory is its own; all points run in one invocation, side by side (finished points are kept under --cache, so an
+interrupted run resumes). Writes the `oneshot` section of benchmarks/RESULTS.md.
 
-    python benchmarks/oneshot.py [--calibration-samples 128] [--limit 200]
+    python benchmarks/oneshot.py [--calibration-samples 128] [--limit 200] [--threads 1]
+
+With `--peer-python ENV/bin/python` it measures instead, for Wanda and SparseGPT at 2:4 (`--peer-methods`), three
+processes back to back: MaskPrune's point; llm-compressor's (PyPI `llmcompressor`, which pins its own transformers,
+so it lives in its own virtualenv: benchmarks/peer_llmcompressor.py runs there) on the very calibration blocks and
+test windows the point read, scored by the same `eval.perplexity`; and `prune run` of
+recipes/smollm2-135m/<method>-2of4.yaml at the same calibration settings, whose peak covers a whole run (dense
+baseline, last-word accuracy, FLOPs and latency too). Writes the `oneshot-peer` section. When that python cannot
+import llmcompressor, llm-compressor's rows are skipped and the section says why.
+
+    python benchmarks/oneshot.py --calibration-samples 64 --threads 1 --peer-python /work/peer-venv/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from peer_llmcompressor import nm_violations  # noqa: E402
 from results import interval, write_section  # noqa: E402
 
 # (label, method, sparsity, extra method config)
@@ -37,6 +49,16 @@ POINTS = [
 ]
 
 
+PEER_METHODS = ("wanda", "sparsegpt")  # compared at 2:4 with llm-compressor's WandaPruningModifier / SparseGPTModifier
+PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m"
+SEQ_LEN = 512
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("VmRSS"))
@@ -46,7 +68,7 @@ def rss_mb() -> float:
 def measure_point(
     label: str, method: str, sparsity: str | None, extra: dict, calibration_samples: int, limit: int, threads: int
 ) -> dict:
-    """Load, prune (timed, peak memory), merge, evaluate: one point, in this process."""
+    """Load, prune (timed, peak memory), export as a run does, evaluate: one point, in this process."""
     import torch
 
     torch.set_num_threads(threads)
@@ -56,7 +78,6 @@ def measure_point(
     from eval.lastword import build_examples
     from eval.perplexity import perplexity
     from prune.data.text import MOBY_DICK, prepare, prepare_extra
-    from prune.masks.base import merge
     from prune.methods.registry import get_method
     from prune.runs.loading import load_model
     from prune.runs.recipe import parse_recipe
@@ -64,32 +85,120 @@ def measure_point(
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
-    ood = prepare_extra(tokenizer, [MOBY_DICK], 512)[MOBY_DICK]
+    ood = prepare_extra(tokenizer, [MOBY_DICK], SEQ_LEN)[MOBY_DICK]
     result = {"method": label, "sparsity": sparsity or "-"}
     if method != "dense":
         recipe = parse_recipe({"method": {"name": method, "sparsity": sparsity, **extra}})
         spec = get_method(method)
-        calibration = splits.calibration_blocks(calibration_samples, 512, 0) if spec.needs_calibration else None
+        calibration = splits.calibration_blocks(calibration_samples, SEQ_LEN, 0) if spec.needs_calibration else None
         before = rss_mb()
         start = time.perf_counter()
         spec.attach(model, recipe.method, calibration)
         result["prune_seconds"] = time.perf_counter() - start
-        result["prune_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["prune_peak_rss_mb"] = peak_rss_mb()
         result["prune_added_rss_mb"] = result["prune_peak_rss_mb"] - before
-        merge(model)
+        model = spec.export(model, recipe.method)
+        if recipe.method.pattern.is_nm:  # the check llm-compressor's rows get
+            result["nm_violations"] = nm_violations(model, recipe.method.pattern.n, recipe.method.pattern.m)
     for key, text in (("perplexity", splits), ("ood_perplexity", ood)):
-        measured = perplexity(model, text.test_blocks(512))
+        measured = perplexity(model, text.test_blocks(SEQ_LEN))
         result[key], result[f"{key}_ci95"] = measured.value, perplexity_ci(measured.window_nll, measured.window_tokens)
         result[f"{key}_windows"] = measured.windows
+    result["perplexity_peak_rss_mb"] = peak_rss_mb()  # what llm-compressor's rows measure: pruning + perplexities
     test_text = splits.test_text(tokenizer)
     lastword = accuracy_scores(model, tokenizer, ["docs_lastword"], heldout_text=test_text, limit=limit)[
         "docs_lastword"
     ]
     result["lastword"], result["lastword_stderr"] = lastword.value, lastword.stderr
     result["lastword_examples"] = min(limit, len(build_examples(test_text)))
-    flops = count_flops(model, 512)
+    flops = count_flops(model, SEQ_LEN)
     result.update(flops_dense=flops.dense, flops_pruned=flops.sparse, params_nonzero=count_params(model).nonzero)
     return result
+
+
+def cached_point(done: Path, index: int, args: argparse.Namespace) -> dict:
+    """POINTS[index] measured in its own process (its peak memory is its own), or as saved by an earlier run."""
+    saved = done / f"point-{index}.json"
+    if not saved.is_file():
+        command = [sys.executable, __file__, "--point", str(index), "--threads", str(args.threads)]
+        command += ["--calibration-samples", str(args.calibration_samples), "--limit", str(args.limit)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        saved.write_text(output.strip().splitlines()[-1])
+    return json.loads(saved.read_text())
+
+
+def cached(path: Path, measure, *arguments) -> dict:
+    """The row saved at `path`, or `measure(*arguments)` saved there first: an interrupted benchmark resumes."""
+    if not path.is_file():
+        path.write_text(json.dumps(measure(*arguments)))
+    return json.loads(path.read_text())
+
+
+def write_peer_tokens(path: Path, calibration_samples: int) -> None:
+    """The calibration blocks and the test windows MaskPrune's points read, for llm-compressor's process."""
+    from safetensors.torch import save_file
+
+    from prune.data.text import MOBY_DICK, prepare, prepare_extra
+    from prune.models.loading import load_tokenizer
+    from prune.runs.placed import local_model_dir
+
+    tokenizer = load_tokenizer(str(local_model_dir("smollm2-135m")))  # the cached alias the points loaded
+    splits = prepare(tokenizer, "embedded-docs")
+    ood = prepare_extra(tokenizer, [MOBY_DICK], SEQ_LEN)[MOBY_DICK]
+    tokens = {
+        "calibration": splits.calibration_blocks(calibration_samples, SEQ_LEN, 0),
+        "perplexity": splits.test_blocks(SEQ_LEN),
+        "ood_perplexity": ood.test_blocks(SEQ_LEN),
+    }
+    save_file({key: value.contiguous() for key, value in tokens.items()}, str(path))
+
+
+def peer_missing(peer_python: str) -> str | None:
+    """Why llm-compressor's rows cannot run (None: they can)."""
+    try:
+        subprocess.run([peer_python, "-c", "import llmcompressor"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return f"{peer_python} cannot import llmcompressor"
+    return None
+
+
+def measure_peer(peer_python: str, method: str, tokens: Path, threads: int) -> dict:
+    """llm-compressor's 2:4 row: its own process (benchmarks/peer_llmcompressor.py), scored here like ours."""
+    from eval.bootstrap import perplexity_ci
+    from eval.perplexity import perplexity_of
+    from prune.runs.placed import local_model_dir
+
+    command = [peer_python, str(PEER_SCRIPT), "--model", str(local_model_dir("smollm2-135m"))]
+    command += ["--tokens", str(tokens), "--method", method, "--pattern", "2:4", "--threads", str(threads)]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
+    peer = json.loads(output.strip().splitlines()[-1])
+    row = {key: peer[key] for key in ("nm_violations", "prune_seconds", "prune_peak_rss_mb")}
+    row["perplexity_peak_rss_mb"] = peer["peak_rss_mb"]
+    for key in ("perplexity", "ood_perplexity"):
+        measured = perplexity_of(peer[key]["window_nll"], SEQ_LEN, key)
+        row[key], row[f"{key}_ci95"] = measured.value, perplexity_ci(measured.window_nll, measured.window_tokens)
+    return row
+
+
+def measure_run(method: str, calibration_samples: int, threads: int, directory: Path) -> dict:
+    """`prune run` of the method's 2:4 recipe at these calibration settings (its default evaluation, dense baseline
+    included): its process's peak RSS (getrusage, what `/usr/bin/time -v` reports), prune time and perplexities."""
+    recipe = RECIPES / f"{method}-2of4.yaml"
+    command = [sys.executable, "-m", "prune.cli", "run", str(recipe), "--output", str(directory), "--overwrite"]
+    command += ["--set", f"data.calibration_samples={calibration_samples}", "--set", f"runtime.threads={threads}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(command, check=True, capture_output=True, env=environment)
+    report = json.loads((directory / "report.json").read_text())
+    ood = report["extra_texts"]["moby-dick"]["perplexity"]
+    return {
+        "peak_rss_mb": report["memory"]["peak_rss_mb"],
+        "prune_seconds": report["timings"]["prune"],
+        "perplexity": report["perplexity"]["value"],
+        "perplexity_ci95": report["perplexity"]["ci95"],
+        "ood_perplexity": ood["value"],
+        "ood_perplexity_ci95": ood["ci95"],
+    }
 
 
 def with_ci(row: dict, key: str) -> str:
@@ -99,8 +208,9 @@ def with_ci(row: dict, key: str) -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| method | sparsity | test perplexity [95% CI] | moby-dick [95% CI] | last-word acc ± stderr | "
-        "FLOPs (pruned / dense) | nonzero params | prune time (s) | peak RSS while pruning (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "FLOPs (pruned / dense) | nonzero params | prune time (s) | peak RSS after pruning (MB) | "
+        "peak RSS after the perplexities (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
@@ -110,12 +220,99 @@ def table(rows: list[dict]) -> str:
             f"{row['flops_pruned'] / 1e9:.1f} G / {row['flops_dense'] / 1e9:.1f} G | "
             f"{row['params_nonzero'] / 1e6:.1f} M | "
             + (
-                f"{row['prune_seconds']:.0f} | {row['prune_peak_rss_mb']:.0f} |"
+                f"{row['prune_seconds']:.0f} | {row['prune_peak_rss_mb']:.0f} | "
                 if "prune_seconds" in row
-                else "- | - |"
+                else "- | - | "
             )
+            + f"{row['perplexity_peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def peer_table(compared: list[tuple[str, dict, dict | None, dict]]) -> str:
+    """Each 2:4 method: MaskPrune's point, llm-compressor's and MaskPrune's whole `prune run`, one row each."""
+    lines = [
+        "| method (2:4) | process | test perplexity [95% CI] | moby-dick [95% CI] | exactly 2:4 | prune time (s) | "
+        "peak RSS after pruning (MB) | peak RSS at the end (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, ours, peer, run in compared:
+        sides = [("MaskPrune: prune, two perplexities", ours)]
+        sides += [("llm-compressor 0.14: prune, two perplexities", peer)] if peer is not None else []
+        for side, row in sides:
+            exact = "yes" if row["nm_violations"] == 0 else f"no ({row['nm_violations']} groups)"
+            lines.append(
+                f"| {method} | {side} | {with_ci(row, 'perplexity')} | {with_ci(row, 'ood_perplexity')} | {exact} | "
+                f"{row['prune_seconds']:.0f} | {row['prune_peak_rss_mb']:.0f} | {row['perplexity_peak_rss_mb']:.0f} |"
+            )
+        lines.append(
+            f"| {method} | MaskPrune `prune run` (dense baseline, accuracy, FLOPs, latency too) | "
+            f"{with_ci(run, 'perplexity')} | {with_ci(run, 'ood_perplexity')} | - | {run['prune_seconds']:.0f} | - | "
+            f"{run['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(compared: list[tuple[str, dict, dict | None, dict]]) -> str:
+    """One sentence per method: each MaskPrune peak against llm-compressor's, said plainly when it is higher."""
+    sentences = []
+    for method, ours, peer, run in compared:
+        if peer is None:
+            continue
+        target = peer["perplexity_peak_rss_mb"]
+        parts = [
+            f"{label} {value:.0f} MB ({value - target:+.0f} MB, {'not above' if value <= target else 'ABOVE'} it)"
+            for label, value in (("the point's", ours["perplexity_peak_rss_mb"]), ("a whole run's", run["peak_rss_mb"]))
+        ]
+        sentences.append(
+            f"{method}: against llm-compressor's {target:.0f} MB, MaskPrune's peak is {parts[0]}, {parts[1]}; "
+            f"prune time {ours['prune_seconds']:.0f} s vs {peer['prune_seconds']:.0f} s "
+            f"({ours['prune_seconds'] / peer['prune_seconds']:.2f}x); test perplexity {ours['perplexity']:.2f} vs "
+            f"{peer['perplexity']:.2f}, moby-dick {ours['ood_perplexity']:.2f} vs {peer['ood_perplexity']:.2f}."
+        )
+    return "\n\n".join(sentences)
+
+
+def compare_with_peer(args: argparse.Namespace, done: Path) -> None:
+    """The `oneshot-peer` section: per method, MaskPrune's point, llm-compressor's, MaskPrune's whole run."""
+    missing = peer_missing(args.peer_python)
+    tokens = done / "peer-tokens.safetensors"
+    if missing is None and not tokens.is_file():
+        write_peer_tokens(tokens, args.calibration_samples)
+    compared = []
+    for method in args.peer_methods:
+        ours = cached_point(done, POINTS.index((method, method, "2:4", {})), args)
+        peer = (
+            None
+            if missing
+            else cached(done / f"peer-{method}.json", measure_peer, args.peer_python, method, tokens, args.threads)
+        )
+        run = (method, args.calibration_samples, args.threads, done / f"run-{method}")
+        compared.append((method, ours, peer, cached(done / f"run-{method}.json", measure_run, *run)))
+        print(f"{method} 2:4 measured", flush=True)
+    command = (
+        f"python benchmarks/oneshot.py --calibration-samples {args.calibration_samples} --threads {args.threads} "
+        f"--peer-python {args.peer_python} --peer-methods {' '.join(args.peer_methods)}"
+    )
+    body = (
+        f"## One-shot 2:4 against llm-compressor (SmolLM2-135M)\n\nCommand: `{command}` ({args.calibration_samples} x "
+        f"512 calibration tokens from the train part of the embedded CPython docs, {args.threads} torch thread(s), "
+        "float32, a 2-core CPU shared with other jobs). For each method three processes ran back to back: MaskPrune's "
+        "one-shot point (load, prune, export, the two perplexities), llm-compressor 0.14's (its "
+        "WandaPruningModifier / SparseGPTModifier through `oneshot`, sequential pipeline, every linear of the decoder "
+        "layers, SparseGPT's block size 128 and dampening 0.01 as ours; benchmarks/peer_llmcompressor.py in its own "
+        "virtualenv) on the same calibration blocks and test windows, scored by the same `eval.perplexity`; and "
+        "MaskPrune's `prune run` of recipes/smollm2-135m/<method>-2of4.yaml at the same calibration settings. "
+        "Perplexity over the test part of the docs and of moby-dick (out of domain), [95% CI] from a bootstrap over "
+        "windows; exactly 2:4: no group of 4 inputs of any decoder linear holds more than 2 nonzeros; peak RSS is the "
+        "process's (getrusage, what `/usr/bin/time -v` reports), read after pruning and at the end.\n\n"
+        + peer_table(compared)
+        + "\n\n"
+        + (verdicts(compared) if missing is None else f"llm-compressor's rows were skipped ({missing}).")
+        + "".join(f"\n\n{note}" for note in args.note)
+    )
+    print(peer_table(compared))
+    print(f"written to {write_section('oneshot-peer', body)}")
 
 
 def main() -> None:
@@ -134,34 +331,27 @@ def main() -> None:
         default=[],
         help="a paragraph added under the table (the conditions of this run, what moved since the last one)",
     )
+    parser.add_argument(
+        "--peer-python",
+        help="python of a virtualenv with llm-compressor (e.g. /work/peer-venv/bin/python): measure the 2:4 "
+        "comparison with it instead of the points (section oneshot-peer)",
+    )
+    parser.add_argument("--peer-methods", nargs="+", choices=PEER_METHODS, default=list(PEER_METHODS))
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.point is not None:
         print(json.dumps(measure_point(*POINTS[args.point], args.calibration_samples, args.limit, args.threads)))
         return
     # finished points are kept per setting, so an interrupted benchmark resumes where it stopped
-    # (v2: the test / validation / train parts and the out-of-domain text; v1 points measured another protocol)
-    done = Path(args.cache) / f"v2-calib{args.calibration_samples}-limit{args.limit}-threads{args.threads}"
+    # (v3: peak RSS after the perplexities and the N:M check too; v2 points lack them, v1 measured another protocol)
+    done = Path(args.cache) / f"v3-calib{args.calibration_samples}-limit{args.limit}-threads{args.threads}"
     done.mkdir(parents=True, exist_ok=True)
+    if args.peer_python is not None:
+        compare_with_peer(args, done)
+        return
     rows = []
     for index, (label, _, sparsity, _) in enumerate(POINTS):
-        saved = done / f"point-{index}.json"
-        if not saved.is_file():
-            command = [
-                sys.executable,
-                __file__,
-                "--point",
-                str(index),
-                "--threads",
-                str(args.threads),
-                "--calibration-samples",
-                str(args.calibration_samples),
-                "--limit",
-                str(args.limit),
-            ]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            saved.write_text(output.strip().splitlines()[-1])
-        rows.append(json.loads(saved.read_text()))
+        rows.append(cached_point(done, index, args))
         print(f"{label} {sparsity or ''}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
     command = (
         f"python benchmarks/oneshot.py --calibration-samples {args.calibration_samples} --limit {args.limit} "
@@ -176,7 +366,8 @@ def main() -> None:
         "draws from the train part only; last-word accuracy ± lm-eval's standard error on the "
         f"{rows[0]['lastword_examples']} `docs_lastword` examples the test text yields (limit {args.limit}); "
         "FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
-        "prune time and peak RSS are the pruning step alone (the process had loaded the model and data before).\n\n"
+        "prune time is the pruning step alone; peak RSS is the process's (getrusage), read after pruning (model and "
+        "data loaded before) and after the two perplexities. Against llm-compressor: section `oneshot-peer`.\n\n"
         + table(rows)
         + "".join(f"\n\n{note}" for note in args.note)
     )
