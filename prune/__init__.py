@@ -1,8 +1,14 @@
 """MaskPrune: learnable masks that prune Hugging Face models while their weights stay frozen.
 
-The Python API, peft-style: what `prune run` does with a recipe, one call at a time, on any HF model.
+The Python API (docs/api.md): what `prune run` does with a recipe, on any HF model. The common job is one call:
 
-    import prune, torch
+    import prune
+
+    model = prune.oneshot("smollm2-135m", prune.method_config("sparsegpt", sparsity="2:4"),
+                          dataset=["some text", ...], num_calibration_samples=64, seq_len=512,
+                          output_dir="smollm2-2of4")   # merged; config.json records the pruning
+
+Learnable methods, peft-style, one step at a time:
 
     model, tokenizer = prune.load_model("smollm2-135m")              # or any causal LM you loaded yourself
     config = prune.method_config("nm_gumbel", sparsity="2:4", prior="magnitude")
@@ -14,36 +20,37 @@ The Python API, peft-style: what `prune run` does with a recipe, one call at a t
         loss = model(input_ids=batch, labels=batch).loss + objective.regularizer(model)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
     model.eval()                                                     # hard masks
-    prune.save_masks(model, "masks/", config)                        # the masks only, a few KB
-    prune.load_masks(fresh_model, "masks/", config)                  # identical logits
-    plain = prune.export(model, config)                              # a plain transformers model
+    prune.save_masks(model, "masks/")                                # the masks only, a few KB
+    prune.load_masks(fresh_model, "masks/")                          # identical logits
+    plain = prune.export(model)                                      # in place: a plain transformers model
 
-`prune.train(model, objective, blocks, prune.TrainConfig(steps=...), run_dir)` is the one trainer instead of
-your own loop (checkpoints, resume, logging, accelerate).
+`prune.train(model, objective, blocks, prune.TrainConfig(steps=...), "run_dir")` is the one trainer instead of
+your own loop (checkpoints, resume, logging, accelerate). `prune.calibration_blocks(tokenizer, texts, samples,
+seq_len)` turns text into the token blocks `attach` reads.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pydantic import ValidationError
-from torch import Tensor, nn
-
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
-from prune.masks.base import Objective, mask_parameters
+from prune.data.blocks import calibration_blocks
+from prune.masks.base import Objective
 from prune.methods.binary.method import BinaryConfig
 from prune.methods.gating.method import GatingConfig
 from prune.methods.nm_gumbel.method import NMGumbelConfig
 from prune.methods.oneshot.method import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from prune.methods.registry import METHODS, get_method
+from prune.methods.registry import METHODS
 from prune.methods.structured.method import StructuredConfig
 from prune.methods.vib.method import VIBConfig
-from prune.runs.loading import load_model
+from prune.models.semi_structured import to_semi_structured
+from prune.runs.api import attach, export, load_masks, load_model, mask_parameters, method_config, save_masks, train
+from prune.runs.oneshot import oneshot
 from prune.training.config import TrainConfig
-from prune.training.trainer import train, trainable_parameters
 
 __all__ = [
+    "oneshot",
+    "calibration_blocks",
+    "to_semi_structured",
     "load_model",
     "method_config",
     "attach",
@@ -66,63 +73,3 @@ __all__ = [
     "BinaryConfig",
     "GatingConfig",
 ]
-
-
-def method_config(name: str, **fields) -> MethodConfig:
-    """The validated config of a registered method, e.g. `method_config("wanda", sparsity="2:4")`: the same
-    keys as a recipe's `method` section. A bad or unknown key is a UserInputError naming it."""
-    spec = get_method(name)
-    try:
-        return spec.config_class.model_validate({"name": name, **fields})
-    except ValidationError as error:
-        allowed = ", ".join(spec.config_class.model_fields)
-        problems = "; ".join(_problem(item, allowed) for item in error.errors())
-        raise UserInputError(f"invalid {name} config: {problems}") from None
-
-
-def _problem(item: dict, allowed: str) -> str:
-    """One validation error, worded like a recipe's: the key, then what is wrong with it."""
-    where, message = ".".join(map(str, item["loc"])), item["msg"].removeprefix("Value error, ")
-    if item["type"] == "extra_forbidden":
-        return f"unknown key {where!r}; allowed keys: {allowed}"
-    return f"{where}: {message}" if where else message
-
-
-def attach(model: nn.Module, config: MethodConfig, calibration: Tensor | None = None) -> Objective | None:
-    """Wrap `model`'s targets with the method's masks, in place; the weights stay untouched.
-
-    One-shot methods decide their masks here and return None; wanda, sparsegpt (and structured's activation
-    score, nm_gumbel's wanda/sparsegpt priors) read `calibration`, token blocks [samples, seq_len]. Learnable
-    methods return the Objective to train with, and leave only the mask parameters (and the objective's
-    `extra_parameters()`) requiring grad, so a hand-written loop cannot move a weight by accident."""
-    objective = get_method(config.name).attach(model, config, calibration)
-    if objective is not None:
-        trainable_parameters(model, objective)
-    return objective
-
-
-def save_masks(model: nn.Module, directory: str | Path, config: MethodConfig) -> Path:
-    """Write the masks of a model `attach`ed with `config` (not the model) into `directory`, in the files a
-    `prune run` directory holds: masks.safetensors + masks.json (gating: predictors.safetensors + gating.json)."""
-    directory = Path(directory)
-    meta = {
-        "model": getattr(getattr(model, "config", None), "name_or_path", None) or "?",
-        "method": config.name,
-        "config": config.model_dump(mode="json"),
-        "weights_changed": config.changes_weights,
-    }
-    get_method(config.name).save(model, directory, config, meta)
-    return directory
-
-
-def load_masks(model: nn.Module, directory: str | Path, config: MethodConfig) -> nn.Module:
-    """Put masks saved by `save_masks` (or a `prune run` directory's) back on the base model they were made
-    for, as fixed masks: the pruned model again, with identical logits. Names and shapes are checked first."""
-    return get_method(config.name).load(model, Path(directory), config)
-
-
-def export(model: nn.Module, config: MethodConfig) -> nn.Module:
-    """The pruned model as a plain transformers model (hard masks merged into the weights; structural
-    methods: the physically smaller model), ready for `save_pretrained`. Gating has no such form (its masks
-    depend on each input) and raises UserInputError; keep its masks with `save_masks` instead."""
-    return get_method(config.name).export(model, config)
