@@ -230,6 +230,18 @@ def test_load_masks_reads_their_config_and_refuses_another(tiny_dir, tmp_path):
     assert prune.export(restored, config).config.pruning["sparsity"] == "0.5"
 
 
+def test_gating_predictors_round_trip_with_their_config_read_from_gating_json(tmp_path):
+    model = make_tiny_llama()
+    prune.attach(model, prune.method_config("gating", sparsity=0.5))
+    prune.save_masks(model, tmp_path)
+    restored = prune.load_masks(make_tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(restored, IDS), logits(model, IDS))
+    with pytest.raises(prune.UserInputError, match="cannot be exported as a plain checkpoint"):
+        prune.export(restored)
+    with pytest.raises(prune.UserInputError, match=r"prune\.export"):
+        restored.save_pretrained(tmp_path / "gated")
+
+
 def test_export_of_a_model_without_masks_is_an_error_not_the_dense_model(tiny_dir):
     with pytest.raises(prune.UserInputError, match="carries no MaskPrune masks"):
         prune.export(fresh(tiny_dir), prune.method_config(**MAGNITUDE))
