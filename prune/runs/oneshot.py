@@ -171,7 +171,7 @@ def _calibration(
         data = plan.data.model_copy(update={"seq_len": seq_len, "calibration_samples": samples})
         splits = interleave(prepare_source(tokenizer, data), prepare_mix(tokenizer, data), seq_len, data.source_share)
         blocks = splits.calibration_blocks(samples, seq_len, seed)
-    return check_blocks(blocks, model, "dataset")
+    return check_blocks(blocks, model, "dataset" if texts is not None else f"the calibration text ({data.source})")
 
 
 def _count(name: str, value, minimum: int = 1) -> int:
