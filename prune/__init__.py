@@ -1,6 +1,7 @@
 """MaskPrune: learnable masks that prune Hugging Face models while their weights stay frozen.
 
-The Python API (docs/api.md): what `prune run` does with a recipe, on any HF model. The common job is one call:
+The Python API (docs/python-api.md): what `prune run` does with a recipe, on any HF model. The common job is one
+call:
 
     import prune
 
@@ -31,45 +32,49 @@ seq_len)` turns text into the token blocks `attach` reads.
 
 from __future__ import annotations
 
-from prune.core.config import MethodConfig
-from prune.core.errors import UserInputError
-from prune.data.blocks import calibration_blocks
-from prune.masks.base import Objective
-from prune.methods.binary.method import BinaryConfig
-from prune.methods.gating.method import GatingConfig
-from prune.methods.nm_gumbel.method import NMGumbelConfig
-from prune.methods.oneshot.method import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from prune.methods.registry import METHODS
-from prune.methods.structured.method import StructuredConfig
-from prune.methods.vib.method import VIBConfig
-from prune.models.semi_structured import to_semi_structured
-from prune.runs.api import attach, export, load_masks, load_model, mask_parameters, method_config, save_masks, train
-from prune.runs.oneshot import oneshot
-from prune.training.config import TrainConfig
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "oneshot",
-    "calibration_blocks",
-    "to_semi_structured",
-    "load_model",
-    "method_config",
-    "attach",
-    "mask_parameters",
-    "train",
-    "TrainConfig",
-    "save_masks",
-    "load_masks",
-    "export",
-    "METHODS",
-    "MethodConfig",
-    "Objective",
-    "UserInputError",
-    "MagnitudeConfig",
-    "WandaConfig",
-    "SparseGPTConfig",
-    "StructuredConfig",
-    "NMGumbelConfig",
-    "VIBConfig",
-    "BinaryConfig",
-    "GatingConfig",
-]
+# The public names, each with the module it is imported from on first use (PEP 562, as transformers does):
+# `import prune` and the CLI's start stay free of torch and transformers, so a bad recipe is refused at once.
+# A new public name is one line here.
+_EXPORTS: dict[str, str] = {
+    "oneshot": "prune.runs.oneshot",
+    "calibration_blocks": "prune.data.blocks",
+    "to_semi_structured": "prune.models.semi_structured",
+    "load_model": "prune.runs.api",
+    "method_config": "prune.methods.registry",
+    "attach": "prune.runs.api",
+    "mask_parameters": "prune.runs.api",
+    "train": "prune.runs.api",
+    "TrainConfig": "prune.training.config",
+    "save_masks": "prune.runs.api",
+    "load_masks": "prune.runs.api",
+    "export": "prune.runs.api",
+    "METHODS": "prune.methods.registry",
+    "MethodConfig": "prune.core.config",
+    "Objective": "prune.masks.base",
+    "UserInputError": "prune.core.errors",
+    "MagnitudeConfig": "prune.methods.oneshot.config",
+    "WandaConfig": "prune.methods.oneshot.config",
+    "SparseGPTConfig": "prune.methods.oneshot.config",
+    "StructuredConfig": "prune.methods.structured.config",
+    "NMGumbelConfig": "prune.methods.nm_gumbel.config",
+    "VIBConfig": "prune.methods.vib.config",
+    "BinaryConfig": "prune.methods.binary.config",
+    "GatingConfig": "prune.methods.gating.config",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """A public name of `_EXPORTS`, imported from its module the first time it is read (then kept here)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prune' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 
 from prune.core.config import MethodConfig
@@ -22,11 +21,11 @@ from prune.masks import base
 from prune.masks.base import Objective, guard_save, release_save, wrappers
 from prune.masks.storage import CONFIG_FILE, read_mask_config
 from prune.methods.gating.method import GATING_FILE
-from prune.methods.registry import get_method
+from prune.methods.registry import get_method, method_config
 from prune.runs import loading
 from prune.runs.arguments import check_blocks, check_config, check_masked, check_model, check_unmasked
 from prune.runs.provenance import mark_pruned
-from prune.tasks.registry import DEFAULT_TASK
+from prune.tasks.data_config import DEFAULT_TASK
 from prune.training import trainer
 from prune.training.config import TrainConfig
 from prune.training.trainer import TrainResult, trainable_parameters
@@ -48,29 +47,6 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, *, task: st
     if wrappers(model):  # a gated run: the model carries its predictors
         guard_save(model)
     return model, processor
-
-
-def method_config(name: str, **fields) -> MethodConfig:
-    """The validated config of a registered method, e.g. `method_config("wanda", sparsity="2:4")`: the same
-    keys as a recipe's `method` section (llm-compressor's `mask_structure`, `block_size` and `dampening_frac`
-    are read as ours). A bad or unknown key is a UserInputError naming it."""
-    if not isinstance(name, str):
-        raise UserInputError(f"name must be a method's name such as 'wanda', got {described(name)}.")
-    spec = get_method(name)
-    try:
-        return spec.config_class.model_validate({"name": name, **fields})
-    except ValidationError as error:
-        allowed = ", ".join(spec.config_class.model_fields)
-        problems = "; ".join(_problem(item, allowed) for item in error.errors())
-        raise UserInputError(f"invalid {name} config: {problems}") from None
-
-
-def _problem(item: dict, allowed: str) -> str:
-    """One validation error, worded like a recipe's: the key, then what is wrong with it."""
-    where, message = ".".join(map(str, item["loc"])), item["msg"].removeprefix("Value error, ")
-    if item["type"] == "extra_forbidden":
-        return f"unknown key {where!r}; allowed keys: {allowed}"
-    return f"{where}: {message}" if where else message
 
 
 def attach(model: nn.Module, config: MethodConfig, calibration: Tensor | None = None) -> Objective | None:

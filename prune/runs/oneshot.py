@@ -18,13 +18,14 @@ from prune.core.atomic import save_pretrained_atomic
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError, described
 from prune.data.blocks import texts_of
-from prune.data.text import DataConfig, draw_blocks, interleave, prepare_mix, prepare_source, tokenize
-from prune.methods.registry import METHODS, get_method
+from prune.data.config import DataConfig
+from prune.data.text import draw_blocks, interleave, prepare_mix, prepare_source, tokenize
+from prune.methods.registry import METHODS, get_method, method_config
 from prune.models.loading import check_seq_len
 from prune.runs import api
 from prune.runs.arguments import check_blocks, check_model, check_unmasked
 from prune.runs.recipe import Recipe, load_recipe, parse_recipe
-from prune.tasks.registry import DEFAULT_TASK
+from prune.tasks.data_config import DEFAULT_TASK
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _plan(recipe) -> Plan:
                 "{'name': 'sparsegpt', 'sparsity': '2:4'}."
             )
         fields = {key: value for key, value in recipe.items() if key != "name"}
-        return Plan(api.method_config(recipe["name"], **fields), DataConfig(), 0, DEFAULT_TASK)
+        return Plan(method_config(recipe["name"], **fields), DataConfig(), 0, DEFAULT_TASK)
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     elif isinstance(recipe, (str, Path)):
