@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import shlex
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -39,6 +40,10 @@ def _run(args: argparse.Namespace) -> None:
         report = run(recipe, overwrite=args.overwrite, resume=args.resume)
     except KeyboardInterrupt:
         raise Interrupted(_resume_hint(args, recipe.output)) from None
+    except OSError as error:
+        if error.errno in DISK_ERRORS:  # what to run once the disk has room again
+            error.add_note(_resume_hint(args, recipe.output))
+        raise
     if report is not None:  # None on the non-main processes of `accelerate launch`
         print(render(report))
         print(f"\nrun directory: {recipe.output}")
@@ -132,6 +137,19 @@ def _models(args: argparse.Namespace) -> None:
         print(f"{entry['name']:<16} {entry['description']}\n{'':<16} {cached}")
 
 
+def _disk_message(error: OSError) -> str:
+    """One paragraph for a write the disk refused: the file, why, the free space there and what to do next."""
+    where = Path(error.filename) if error.filename else None
+    existing = next((path for path in (where, *where.parents) if path.exists()), None) if where else None
+    free = f"; {shutil.disk_usage(existing).free / 1024**2:,.0f} MB free on that disk" if existing else ""
+    then = " ".join(getattr(error, "__notes__", [])) or "then run the command again."
+    return (
+        f"error: cannot write {where or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}{free}). Free "
+        "space or fix the permissions there (or choose another --output on a writable disk). Every file written so "
+        f"far is whole (written atomically) and nothing was deleted; {then}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prune", description="Prune Hugging Face models with learnable masks.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -212,15 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno not in DISK_ERRORS:
             raise
-        print(
-            textwrap.fill(
-                f"error: cannot use {error.filename or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}). "
-                "Free space or fix the permissions there, or choose another --output on a writable disk, then run the "
-                "command again; every file written so far is whole (written atomically) and nothing was deleted.",
-                width=100,
-            ),
-            file=sys.stderr,
-        )
+        print(textwrap.fill(_disk_message(error), width=100), file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"interrupted; {interrupt}" if isinstance(interrupt, Interrupted) else "interrupted", file=sys.stderr)

@@ -64,11 +64,22 @@ def normalize_path(value: str) -> str:
 PathText = Annotated[str, AfterValidator(normalize_path)]
 
 
+INT64 = 2**63  # torch (tensors, generators) and the C code under it hold integers in 64 bits
+
+
 class StrictConfig(BaseModel):
-    """A config section whose unknown keys are errors, not silently ignored, and whose numbers are finite:
-    `inf`/`nan` (YAML `.inf`, `.nan`) in any numeric field is an error, never a learning rate or a fraction."""
+    """A config section whose unknown keys are errors, not silently ignored, and whose numbers are usable: `inf`/
+    `nan` (YAML `.inf`, `.nan`) in any numeric field is an error, never a learning rate or a fraction, and an
+    integer must fit the 64 bits torch holds it in (a seed of 2^70 would overflow inside torch)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+            raise ValueError(f"{value} does not fit in 64 bits (|value| < 2^63); give a smaller number")
+        return value
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from prune.core.atomic import replacing  # noqa: E402
+
 
 def is_finite_number(value) -> bool:
     """A real, finite number (not a bool, not NaN/inf): what a plot can draw."""
@@ -19,8 +21,10 @@ def is_finite_number(value) -> bool:
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write (creating the folder) and close `fig`; returns the path written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:  # whole or absent, like every file MaskPrune writes
+            fig.savefig(tmp, dpi=110, format=path.suffix.removeprefix(".") or "png")
+    finally:
+        plt.close(fig)
     return path

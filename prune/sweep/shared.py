@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from prune.calibration import layerwise as calibration
-from prune.core.atomic import staged_directory, write_json_atomic
+from prune.core.atomic import save_safetensors, staged_directory, write_json_atomic
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.data.text import interleave, prepare_extra, prepare_mix, prepare_source
@@ -91,7 +90,7 @@ def _write_stats(directory: Path, index: dict, stats: dict[str, InputStats]) -> 
         index[name] = [file, leader]
         if leader == name:
             tensors.update({f"{name}/{part}": tensor for part, tensor in accumulator.tensors().items()})
-    save_file(tensors, str(directory / file))
+    save_safetensors(tensors, directory / file)
 
 
 def dense_key(recipe: Recipe) -> str:

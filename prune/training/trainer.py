@@ -31,7 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from eval.metric_errors import NonFiniteError
 from prune.core import rng
-from prune.core.atomic import write_safetensors_atomic
+from prune.core.atomic import write_safetensors_atomic, write_text_atomic
 from prune.core.distributed import whole
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.checkpoint import load_checkpoint, save_checkpoint
@@ -149,7 +149,7 @@ class _Log:
         self.path = path
         steps = [(line, _logged_step(line)) for line in self._lines()]
         kept = [line for line, step in steps if step is not None and step <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.previous: dict[str, Tensor] | None = None
 
     def _lines(self) -> list[str]:
@@ -164,8 +164,12 @@ class _Log:
         return changed / max(1, sum(mask.numel() for mask in current.values()))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Append one line (a line a full disk cuts short is dropped on resume, see __init__)."""
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a write or flush error names no file
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
 
 
 def train(

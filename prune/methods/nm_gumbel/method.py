@@ -354,6 +354,12 @@ def nm_gumbel_targets(model: nn.Module, config: NMGumbelConfig) -> list[str]:
     return method_targets(model, config.targets, config.pattern, config.skip_incompatible)
 
 
+def check_prior_run(model: nn.Module, config: NMGumbelConfig) -> None:
+    """A prior taken from another run (a path): its masks exist, have this pattern and fit this model's targets."""
+    if config.prior not in (*ONESHOT_PRIORS, "none"):
+        transferred_prior(model, nm_gumbel_targets(model, config), config.pattern, config.prior)
+
+
 def attach_nm_gumbel(model: nn.Module, config: NMGumbelConfig, calibration: Tensor | None) -> NMGumbelObjective:
     """Wrap every target with a learnable N:M mask initialized from the prior; return the training objective."""
     pattern = config.pattern
@@ -393,4 +399,6 @@ NM_GUMBEL = MethodSpec(
     needs_calibration=True,
     fsdp=True,
     targets=nm_gumbel_targets,
+    check=check_prior_run,
+    trained_per_weight=lambda config: math.comb(config.pattern.m, config.pattern.n) / config.pattern.m,
 )
