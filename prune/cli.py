@@ -72,7 +72,8 @@ def _eval(args: argparse.Namespace) -> None:
     from prune.tasks.causal_lm import check_eval_tasks, measure
     from prune.tasks.eval_config import EvalConfig
 
-    data = parse_options(DataConfig, {"source": args.data, "seq_len": args.seq_len})
+    seq_len = args.seq_len if args.seq_len is not None else _run_seq_len(Path(args.model))
+    data = parse_options(DataConfig, {"source": args.data, "seq_len": seq_len})
     config = parse_options(
         EvalConfig,
         {"tasks": args.tasks, "extra_texts": args.extra_texts, "limit": args.limit, "latency": not args.no_latency},
@@ -96,6 +97,20 @@ def _eval(args: argparse.Namespace) -> None:
     )
     figures = measure(model, tokenizer, splits, config, data.seq_len, args.model, extra=extra)
     print(render_table([summary_row(args.model, figures)], columns(figures)))
+
+
+def _run_seq_len(given: Path) -> int:
+    """`prune eval`'s default window: a run directory's own data.seq_len (what it was pruned and measured with,
+    within its model's positions), else DataConfig's default."""
+    from prune.data.text import DataConfig
+    from prune.runs import run_dir
+
+    default = DataConfig.model_fields["seq_len"].default
+    if not (given / run_dir.RECIPE_FILE).is_file():
+        return default
+    data = run_dir.read_recipe(given).get("data")
+    seq_len = data.get("seq_len") if isinstance(data, dict) else None
+    return seq_len if type(seq_len) is int else default
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -169,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model or a run directory's model/")
     evaluate.add_argument("model", help="run directory, local model directory, alias, or hub id")
     evaluate.add_argument("--data", default="embedded-docs", help="text source for perplexity and tasks")
-    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per window (default: a run's own data.seq_len, else 512)"
+    )
     evaluate.add_argument("--tasks", nargs="*", default=["docs_lastword"], help="lm-eval task names")
     evaluate.add_argument(
         "--extra-texts",

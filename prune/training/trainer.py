@@ -185,11 +185,13 @@ def train(
     resume: bool = False,
     accelerator: Accelerator | None = None,
     device: torch.device | None = None,
+    shaping: Sequence[str] = (),
 ) -> TrainResult:
     """Train the masks of `model` on rows of `data` (a Tensor of token blocks, or any indexable dataset whose
     rows collate into the batch `task_loss` takes); checkpoints and logs go to `run_dir/train/`. `evaluate`
     returns a held-out score where lower is better, logged as `eval_<eval_metric>`. Without an `accelerator`,
-    training runs on `device` (runtime.device; None: accelerate's choice, the first accelerator)."""
+    training runs on `device` (runtime.device; None: accelerate's choice, the first accelerator). `shaping`: the
+    run's settings besides train.* that shape the loss, named when it turns non-finite (prune.training.finite)."""
     accelerator = accelerator or make_accelerator(config, device)
     plain, sharded = model, is_sharded(accelerator)
     if sharded:  # FSDP shards a copy; `plain` (the caller's model) receives the gathered masks
@@ -209,7 +211,7 @@ def train(
     state = load_checkpoint(checkpoints, params, optimizer, scheduler) if resume else {"step": 0}
     step, best = state["step"], state.get("best", {"score": None, "step": None})
     log = _Log(train_dir / "train_log.jsonl", step) if accelerator.is_main_process else None
-    guard = FiniteGuard(checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator))
+    guard = FiniteGuard(checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator), shaping)
     if not resume:
         rng.seed_all(config.seed)  # on resume the checkpoint restored every generator
 
@@ -235,7 +237,12 @@ def train(
                 # until the update nothing but the random state moves: an interrupt before it rewinds to here
                 rewind_to, updating = rng.capture(), False
                 schedule = objective.begin_step(step, config.steps)
-                parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
+                try:
+                    parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
+                except RuntimeError as error:  # torch refusing a scale beyond float32 (e.g. 1 / a tiny temperature)
+                    if "overflow" not in str(error):
+                        raise
+                    raise guard.error(step + 1, f"a value overflowed float32 ({error})") from None
                 tokens += seen
                 clipped = (
                     accelerator.clip_grad_norm_(clipped_params, config.max_grad_norm) if config.max_grad_norm else None
