@@ -139,7 +139,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from prune.sweep.compare import compare, render
 
-    rows, written = compare(args.run_dirs, args.output)
+    rows, written = compare(args.run_dirs, args.output, overwrite=args.overwrite)
     print(render(rows))
     print(f"written to {args.output}: {', '.join(path.name for path in written.values())}")
 
@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="the sweep table and plots from existing run directories")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or sweep directories)")
     compare.add_argument("--output", default="runs/compare", help="where to write compare.{csv,json,md} and plots")
+    compare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous comparison in the output directory (only its own files are removed)",
+    )
     compare.set_defaults(handler=_compare)
 
     models = commands.add_parser("models", help="list the embedded model aliases and what is cached")

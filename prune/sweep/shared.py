@@ -268,8 +268,8 @@ class SharedModel:
                 name: {"sparsity": 1.0 - keep.float().mean().item(), "weights": keep.numel()}
                 for name, keep in masks.items()
             }
-            shutil.rmtree(point.directory, ignore_errors=True)
-            directory = run_dir.claim(point.directory, recipe.to_dict(), overwrite=True)
+            (point.directory / "skipped.json").unlink(missing_ok=True)  # an earlier attempt's (runner.SKIPPED_FILE)
+            directory = run_dir.claim(point.directory, recipe.to_dict(), overwrite=True)  # only a run's own files
             pattern = config.pattern
             if save:
                 start = time.perf_counter()
