@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shlex
 import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from eval.metric_errors import NonFiniteError
@@ -23,6 +25,10 @@ DISK_ERRORS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
 }
+
+
+# how long processes other than 0 of a launch wait before repeating its refusal (exiting takes seconds when loaded)
+LAUNCH_GRACE_S = 30
 
 
 class Interrupted(KeyboardInterrupt):
@@ -152,6 +158,15 @@ def _models(args: argparse.Namespace) -> None:
         print(f"{entry['name']:<16} {entry['description']}\n{'':<16} {cached}")
 
 
+def _refuse_once(message: str) -> None:
+    """Print a refusal once per launch: every process of an `accelerate launch` refuses alike, so process 0 says it
+    and the launcher ends the others when it exits; another process speaks only after a grace period, when the
+    refusal was its own and process 0 is still running."""
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(LAUNCH_GRACE_S)
+    print(textwrap.fill(message, width=100), file=sys.stderr)
+
+
 def _disk_message(error: OSError) -> str:
     """One paragraph for a write the disk refused: the file, why, the free space there and what to do next."""
     where = Path(error.filename) if error.filename else None
@@ -244,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except UserInputError as error:
-        print(textwrap.fill(f"error: {error}", width=100), file=sys.stderr)
+        _refuse_once(f"error: {error}")
         return 2
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)

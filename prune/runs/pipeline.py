@@ -143,6 +143,7 @@ def _report(
             "best_step": training.best_step,
             f"best_eval_{task.metric}": training.best_score,
             "seconds": round(training.seconds, 2),
+            "processes": training.processes,
         }
     if dense is not None:
         with_dense(report, dense)

@@ -32,7 +32,7 @@ from prune.runs.preflight import check_memory, check_model
 from prune.runs.recipe import Recipe
 from prune.tasks.base import Task
 from prune.tasks.registry import get_task
-from prune.training.sharded import check_fsdp, fsdp_requested
+from prune.training.sharded import check_cpu_flag, check_fsdp, fsdp_requested
 
 
 def local_model_dir(spec: str) -> Path | None:
@@ -54,6 +54,7 @@ def local_model_dir(spec: str) -> Path | None:
 
 def prepare_runtime(recipe: Recipe) -> Runtime:
     """Apply and check `recipe.runtime` (nothing is loaded or written here)."""
+    check_cpu_flag()
     apply_threads(recipe.runtime)
     model_dir = local_model_dir(recipe.model)
     runtime = resolve_runtime(recipe.runtime, model_dir / "config.json" if model_dir else None)

@@ -67,6 +67,7 @@ class TrainResult:
     best_score: float | None  # lowest held-out score of the hard masks (perplexity), when evaluated
     best_step: int | None
     seconds: float
+    processes: int = 1  # how many processes trained (an `accelerate launch`: each took its share of every batch)
 
 
 def trainable_parameters(model: nn.Module, objective: Objective) -> dict[str, nn.Parameter]:
@@ -312,7 +313,7 @@ def train(
         copy_into(plain_params, last)
     if accelerator.is_main_process:
         _save_tensors(train_dir / "last.safetensors", last)
-    return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
+    return TrainResult(step, best["score"], best["step"], time.perf_counter() - start, accelerator.num_processes)
 
 
 def _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss) -> tuple[dict, int]:
