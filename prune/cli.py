@@ -164,7 +164,7 @@ def _refuse_once(message: str) -> None:
     refusal was its own and process 0 is still running."""
     if os.environ.get("RANK", "0") != "0":
         time.sleep(LAUNCH_GRACE_S)
-    print(textwrap.fill(message, width=100), file=sys.stderr)
+    print(textwrap.fill(message, width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
 
 
 def _disk_message(error: OSError) -> str:
@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno not in DISK_ERRORS:
             raise
-        print(textwrap.fill(_disk_message(error), width=100), file=sys.stderr)
+        print(
+            textwrap.fill(_disk_message(error), width=100, break_on_hyphens=False, break_long_words=False),
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"interrupted; {interrupt}" if isinstance(interrupt, Interrupted) else "interrupted", file=sys.stderr)

@@ -119,7 +119,14 @@ def staged_directory(target: str | os.PathLike, *, complete: Callable[[Path], bo
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     try:
-        yield staging
+        try:
+            yield staging
+        except OSError as error:  # a full disk: name the file as it would have been published, not its temp name
+            inside = error.filename is not None and Path(error.filename).is_relative_to(staging)
+            if not inside:
+                raise
+            published = target / Path(error.filename).relative_to(staging)
+            raise OSError(error.errno, error.strerror, str(published)) from error
         _publish(staging)
         if complete is not None and complete(target):
             return

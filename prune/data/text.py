@@ -178,17 +178,19 @@ def _file_documents(path: Path, text_column: str) -> list[str]:
             ) from None
     import datasets
 
+    broken = _bad_json_line(path) if path.suffix.lower() == ".jsonl" else None  # before datasets logs a traceback
+    if broken is not None:
+        raise UserInputError(f"could not read {str(path)!r} as JSON Lines: {broken}; fix that line.")
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        cause = (_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None) or str(err)
-        raise UserInputError(f"could not read {str(path)!r} as {builder}: {cause}; check the file's format.") from None
+        raise UserInputError(f"could not read {str(path)!r} as {builder}: {err}; check the file's format.") from None
     return _column(table, text_column, str(path))
 
 
 def _bad_json_line(path: Path) -> str | None:
-    """Where a JSON Lines file breaks (datasets' own error names no line): the first line that is not one JSON
-    object, with its number and the parser's reason."""
+    """Where a JSON Lines file breaks (datasets' own error names no line, after logging a traceback): the first
+    line that is not one JSON object, with its number and the parser's reason; None for a sound file."""
     with open(path, encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():

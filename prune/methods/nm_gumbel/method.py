@@ -357,7 +357,10 @@ def nm_gumbel_targets(model: nn.Module, config: NMGumbelConfig) -> list[str]:
 def check_prior_run(model: nn.Module, config: NMGumbelConfig) -> None:
     """A prior taken from another run (a path): its masks exist, have this pattern and fit this model's targets."""
     if config.prior not in (*ONESHOT_PRIORS, "none"):
-        transferred_prior(model, nm_gumbel_targets(model, config), config.pattern, config.prior)
+        try:
+            transferred_prior(model, nm_gumbel_targets(model, config), config.pattern, config.prior)
+        except UserInputError as error:
+            raise UserInputError(f"method.prior {config.prior!r}: {error}") from None
 
 
 def attach_nm_gumbel(model: nn.Module, config: NMGumbelConfig, calibration: Tensor | None) -> NMGumbelObjective:
