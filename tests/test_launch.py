@@ -40,7 +40,9 @@ def documented_lines() -> dict[str, bool]:
 
 
 def test_the_tested_lines_are_the_documented_ones():
-    assert documented_lines() == {line: refusal is not None for line, refusal in EXPECTED.items()}
+    """Every documented line is tested; those marked `# refused` are refused on any machine (the FSDP line runs on
+    GPUs and is refused only on a CPU, as its config says)."""
+    assert documented_lines() == {line: refusal == ONE_PROCESS for line, refusal in EXPECTED.items()}
 
 
 @pytest.fixture(scope="module")
