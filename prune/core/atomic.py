@@ -48,13 +48,19 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as error:  # a full disk: the error of a write or a flush names no file; name the target
         tmp.unlink(missing_ok=True)
-        if error.filename is None:
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
+        raise naming(error, path) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def naming(error: OSError, path: str | os.PathLike) -> OSError:
+    """`error` naming `path` when it names no file (a failed write or flush of an open file, `os.pwrite`), so that
+    the CLI can say which file a full disk refused; any other error as it is."""
+    if error.errno is None or error.filename is not None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -30,7 +30,7 @@ from prune.models.shards import INDEX_FILE, SINGLE_FILE, check_checkpoint
 
 GB = 1024**3
 # Activation estimate, per token of a batch (measured on CPU float32 Llamas with 4 and 8 blocks, seq 256-512,
-# benchmarks/RESULTS.md `memory_estimate`; the estimate lies ~10% above the measured growth of peak RSS):
+# benchmarks/RESULTS.md `memory_estimate`; the estimate lies 7-8% above the measured growth of peak RSS):
 BLOCK_FACTOR = 1.5  # values a block keeps for the backward, per (in + out) feature of its linear layers
 LOGIT_COPIES = 3  # float32 vocabulary-sized values per token: the logits, their log-softmax and its gradient
 
@@ -72,7 +72,9 @@ def model_skeleton(model_dir: Path) -> nn.Module:
     with checkpoint_errors(str(model_dir)):
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         with init_empty_weights():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    model.tie_weights()  # a tied head is the embedding's tensor, as in the loaded model (not a tensor of its own)
+    return model
 
 
 def model_size(model_dir: Path) -> ModelSize:

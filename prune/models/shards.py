@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from prune.core.atomic import write_text_atomic
+from prune.core.atomic import naming, write_text_atomic
 from prune.core.errors import UserInputError, summarize_names
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -225,7 +225,7 @@ class ShardedWriter:
                 written = os.pwrite(shard.fd, view, offset)
                 view, offset = view[written:], offset + written
         except OSError as error:  # a full disk: name the shard (pwrite's error names no file)
-            raise OSError(error.errno, error.strerror, str(self.directory / shard.filename)) from error
+            raise naming(error, self.directory / shard.filename) from error
         shard.pending.discard(name)
         if not shard.pending:
             self._finish(shard)

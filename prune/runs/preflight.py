@@ -5,7 +5,7 @@ a recipe that cannot work fails in seconds and leaves the output untouched, not 
 device, no weight read) and the recipe's sizes, and refuses a run that cannot fit, naming the estimate, the
 limit and the setting to change, instead of letting the kernel's OOM killer end it (and perhaps other processes
 with it). Each stage needs the weights the runtime keeps where it runs (prune.models.preflight.resident_bytes)
-plus, an estimate lying ~10% above measured peaks (benchmarks/RESULTS.md `memory_estimate`):
+plus, an estimate lying 7-8% above measured peaks (benchmarks/RESULTS.md `memory_estimate`):
 - calibration: the [calibration_samples, seq_len, hidden] activations of the block-by-block pass, in RAM, plus
   one window's forward;
 - training: per micro-batch (train.batch_size x seq_len tokens; train.grad_accum runs micro-batches one after
@@ -64,19 +64,26 @@ def check_model(model: nn.Module, recipe: Recipe, spec: MethodSpec, task: type[T
     task.check_model(model, recipe)
 
 
+WEIGHTS_FIX = "use a smaller runtime.dtype (bfloat16 halves float32), runtime.offload, or a device with more memory"
+STATE_FIX = "target fewer layers (method.targets), or use a device with more memory"
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One stage's estimated peak: the weights resident where it runs plus what the stage adds."""
+    """One stage's estimated peak, part by part: the weights resident where it runs and what the stage adds, each
+    with the setting that shrinks it."""
 
     name: str
     on_device: bool  # where it runs: the accelerator, or the RAM (also the device of a CPU run)
-    weights: int
-    work: dict[str, int]  # what the stage adds, by what it is
-    fix: str  # the settings that shrink it
+    parts: dict[str, tuple[int, str]]  # what takes memory -> (bytes, the setting that shrinks it)
 
     @property
     def total(self) -> int:
-        return self.weights + sum(self.work.values())
+        return sum(size for size, _ in self.parts.values())
+
+    def fix(self) -> str:
+        """The setting that shrinks the largest part."""
+        return max(self.parts.values())[1]
 
 
 def memory_stages(recipe: Recipe, spec: MethodSpec, runtime: Runtime, skeleton: nn.Module) -> list[Stage]:
@@ -84,49 +91,55 @@ def memory_stages(recipe: Recipe, spec: MethodSpec, runtime: Runtime, skeleton: 
     size, shape = size_of(skeleton), shape_of(skeleton)
     dtype, seq_len = runtime.dtype, recipe.data.seq_len
     on_device = runtime.device.type != "cpu"
-    weights = resident_bytes(size, runtime, on_device)
-    one_window = seq_len * shape.inference_bytes_per_token(dtype)
+    weights = (resident_bytes(size, runtime, on_device), WEIGHTS_FIX)
     stages = []
     if spec.needs_calibration:
         samples = recipe.data.calibration_samples
+        window_fix = "lower data.seq_len"
         stages.append(
             Stage(
                 f"calibration ({samples} windows of {seq_len} tokens)",
                 False,
-                resident_bytes(size, runtime, False),
-                {"activations": samples * seq_len * shape.hidden * dtype.itemsize, "one window": one_window},
-                "lower data.calibration_samples or data.seq_len",
+                {
+                    "weights": (resident_bytes(size, runtime, False), WEIGHTS_FIX),
+                    "activations": (
+                        samples * seq_len * shape.hidden * dtype.itemsize,
+                        "lower data.calibration_samples or data.seq_len",
+                    ),
+                    "one window": (seq_len * shape.inference_bytes_per_token(dtype), window_fix),
+                },
             )
         )
     train = recipe.train
     if spec.kind == "learnable" and train.steps:
         targeted = _targeted_weights(skeleton, recipe, spec)
         per_weight = spec.trained_per_weight(recipe.method) if spec.trained_per_weight is not None else 0.0
-        work = {
-            "activations": train.batch_size * seq_len * shape.training_bytes_per_token(dtype),
-            "mask training state": round(targeted * per_weight * ADAM_COPIES * 4),
+        parts = {
+            "weights": weights,
+            "activations": (
+                train.batch_size * seq_len * shape.training_bytes_per_token(dtype),
+                "lower train.batch_size (raise train.grad_accum to keep the step's batch) or data.seq_len",
+            ),
+            "mask training state": (round(targeted * per_weight * ADAM_COPIES * 4), STATE_FIX),
         }
         if train.distill:
-            work["distillation teacher"] = size.bytes(dtype)
+            parts["distillation teacher"] = (size.bytes(dtype), "drop train.distill, or " + WEIGHTS_FIX)
         stages.append(
             Stage(
                 f"training (train.batch_size {train.batch_size} x data.seq_len {seq_len} tokens per micro-batch)",
                 on_device,
-                weights,
-                work,
-                "lower train.batch_size (raise train.grad_accum to keep the step's batch) or data.seq_len",
+                parts,
             )
         )
     evaluation = recipe.eval
     if evaluation.perplexity or evaluation.tasks:
         batch = evaluation.batch_size or (LM_EVAL_BATCH if evaluation.tasks else 1)
+        activations = batch * seq_len * shape.inference_bytes_per_token(dtype)
         stages.append(
             Stage(
                 f"evaluation ({batch} windows of {seq_len} tokens per forward)",
                 on_device,
-                weights,
-                {"activations": batch * seq_len * shape.inference_bytes_per_token(dtype)},
-                "lower eval.batch_size or data.seq_len",
+                {"weights": weights, "activations": (activations, "lower eval.batch_size or data.seq_len")},
             )
         )
     return stages
@@ -141,14 +154,12 @@ def check_memory(recipe: Recipe, spec: MethodSpec, runtime: Runtime, skeleton: n
         where, free = (str(runtime.device), free_device) if on_device else ("RAM", free_ram)
         copies = 1 if on_device else processes
         if stage.total * copies > free:
-            parts = ", ".join(
-                f"{name} {value / GB:.2f} GB" for name, value in {"weights": stage.weights, **stage.work}.items()
-            )
+            parts = ", ".join(f"{name} {size / GB:.2f} GB" for name, (size, _) in stage.parts.items())
             each = f"{copies} processes x {stage.total / GB:.2f} GB: " if copies > 1 else ""
             raise UserInputError(
                 f"the run does not fit: {stage.name} needs about {stage.total * copies / GB:.2f} GB of {where} "
                 f"({each}{parts}; an estimate, see prune/runs/preflight.py), and {free / GB:.2f} GB is free. To fit, "
-                f"{stage.fix}."
+                f"{stage.fix()}."
             )
 
 

@@ -31,7 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from eval.metric_errors import NonFiniteError
 from prune.core import rng
-from prune.core.atomic import write_safetensors_atomic, write_text_atomic
+from prune.core.atomic import naming, write_safetensors_atomic, write_text_atomic
 from prune.core.distributed import whole
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.checkpoint import load_checkpoint, save_checkpoint
@@ -170,7 +170,7 @@ class _Log:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         except OSError as error:  # a write or flush error names no file
-            raise OSError(error.errno, error.strerror, str(self.path)) from error
+            raise naming(error, self.path) from error
 
 
 def train(
