@@ -1344,6 +1344,30 @@ def test_every_numeric_field_of_every_config_rejects_inf_and_nan():
     assert checked >= 30  # train, data, method and sweep sections alike
 
 
+def _takes_int(annotation) -> bool:
+    from typing import get_args
+
+    return annotation is int or any(arg is int for arg in get_args(annotation))
+
+
+def test_every_number_of_every_config_is_bounded_to_what_torch_holds():
+    """An integer beyond 64 bits and a float beyond float32 are refused by the recipe, before anything runs (a
+    seed of 2^70 overflowed inside torch, a temperature of 1e-300 overflowed the float32 logits it divides)."""
+    from pydantic import ValidationError
+
+    checked = 0
+    for cls in _config_classes():
+        for name, info in cls.model_fields.items():
+            values = [2**64, -(2**64)] if _takes_int(info.annotation) else []
+            values += [1e300, -1e300, 1e-300] if _takes_float(info.annotation) else []
+            for value in values:
+                with pytest.raises(ValidationError) as error:
+                    cls.model_validate({"name": "x", name: value})
+                assert any(item["loc"][0] == name for item in error.value.errors()), (cls.__name__, name, value)
+            checked += bool(values)
+    assert checked >= 45  # every int and float field of the train, data, eval, runtime, method and sweep sections
+
+
 def test_every_model_load_passes_trust_remote_code_false(monkeypatch, tmp_path, clip_dir):
     """A config with an auto_map would make transformers ask on the terminal and, answered 'y', run its code."""
     import transformers
