@@ -119,8 +119,8 @@ class MethodConfig(StrictConfig):
     def _some_targets(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError(
-                "is an empty list, which would prune nothing; leave method.targets out (null: every linear layer "
-                "in the decoder blocks) or list glob patterns over module names, e.g. ['*.mlp.*']"
+                "is an empty list, which would prune nothing; name at least one pattern (a glob over module names, "
+                "e.g. ['*.mlp.*']), or leave method.targets out for the method's default targets"
             )
         return value
 
