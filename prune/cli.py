@@ -162,7 +162,7 @@ def _refuse_once(message: str) -> None:
     """Print a refusal once per launch: every process of an `accelerate launch` refuses alike, so process 0 says it
     and the launcher ends the others when it exits; another process speaks only after a grace period, when the
     refusal was its own and process 0 is still running."""
-    if os.environ.get("RANK", "0") != "0":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         time.sleep(LAUNCH_GRACE_S)
     print(textwrap.fill(message, width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
 
