@@ -1,7 +1,7 @@
-"""Every `accelerate launch` line the accelerate configs document (the comments of recipes/accelerate/*.yaml), run
-as written on a tiny model: the DDP line starts 2 CPU processes on gloo on a machine without GPUs, and the lines
-documented as refused (`--cpu`, which accelerate runs as one process whatever num_processes says; FSDP on a CPU)
-exit non-zero with one paragraph, no traceback, and nothing written."""
+"""Every `accelerate launch` line the docs and the accelerate configs document (docs/training.md, the comments of
+recipes/accelerate/*.yaml), run as written on a tiny model: the DDP line starts 2 CPU processes on gloo on a
+machine without GPUs, and the lines documented as refused (`--cpu`, which accelerate runs as one process whatever
+num_processes says; FSDP on a CPU) exit non-zero with one paragraph, no traceback, and nothing written."""
 
 from __future__ import annotations
 
@@ -29,13 +29,17 @@ EXPECTED = {DDP: None, DDP_CPU: ONE_PROCESS, FSDP: "an FSDP launch needs an acce
 
 
 def documented_lines() -> dict[str, bool]:
-    """Each `#   accelerate launch ...` line of the configs' comments, and whether it is marked `# refused`."""
+    """Each `accelerate launch ...` line of the configs' comments and of docs/training.md, and whether it is marked
+    `# refused`."""
     lines = {}
-    for config in sorted((REPO / "recipes" / "accelerate").glob("*.yaml")):
+    for config in [*sorted((REPO / "recipes" / "accelerate").glob("*.yaml")), REPO / "docs" / "training.md"]:
         for line in config.read_text().splitlines():
-            if line.startswith("#   accelerate launch"):
-                command, _, note = line.removeprefix("#").strip().partition("#")
-                lines[command.strip()] = "refused" in note
+            text = line.removeprefix("#").strip()
+            if line.startswith(("#   accelerate launch", "    accelerate launch")):
+                command, _, note = text.partition("#")
+                refused = "refused" in note
+                assert lines.get(command.strip(), refused) == refused, f"{command} is refused in one place only"
+                lines[command.strip()] = refused
     return lines
 
 

@@ -23,6 +23,7 @@ from prune.core.errors import UserInputError
 from prune.methods.registry import METHODS, get_method
 from prune.methods.spec import MethodSpec
 from prune.models import loading
+from prune.models.local import not_a_model_dir
 from prune.models.preflight import preflight
 from prune.models.runtime import Runtime, apply_threads, resolve_runtime
 from prune.models.shards import shard_files
@@ -60,7 +61,7 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
     runtime = resolve_runtime(recipe.runtime, model_dir / "config.json" if model_dir else None)
     spec = get_method(recipe.method.name)
     if runtime.offload != "none" and not spec.block_by_block:
-        placed = ", ".join(name for name, method in METHODS.items() if method.block_by_block)
+        placed = ", ".join(name for name in METHODS if get_method(name).block_by_block)
         raise UserInputError(
             f"runtime.offload: {runtime.offload} prunes block by block, which methods {placed} do; "
             f"{recipe.method.name!r} needs the whole model on the device; use runtime.offload: none."
@@ -68,7 +69,7 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
     if runtime.streams:
         get_task(recipe.task, streamed=True)  # refuses a task whose model cannot stream
         if model_dir is None and Path(recipe.model).expanduser().exists():
-            raise UserInputError(loading.not_a_model_dir(recipe.model))
+            raise UserInputError(not_a_model_dir(recipe.model))
         if model_dir is None:
             raise UserInputError(
                 f"runtime.offload: disk streams a checkpoint on this machine, and {recipe.model!r} is not one; "

@@ -26,6 +26,7 @@ from eval.bootstrap import BEST, verdicts_against_best
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.core.errors import UserInputError
+from prune.core.extras import require
 from prune.core.sparsity import parse_sparsity
 from prune.sweep import output_dir, plots
 from prune.sweep.output_dir import OutputKind
@@ -459,6 +460,7 @@ def compare(
 ) -> tuple[list[dict], dict[str, Path]]:
     """The comparison table and plots of finished runs, written to `output` under the rules of a run directory
     (prune.sweep.output_dir): the runs are read first, so bad input leaves the output untouched."""
+    require("matplotlib", "prune compare's plots (perplexity_vs_sparsity.png, accuracy_vs_flops.png)")
     rows = rows_from_runs(run_dirs)
     output_dir.claim(Path(output), COMPARISON, overwrite=overwrite)
     written = write_outputs(
