@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from prune.core.config import INT64
 from prune.core.errors import UserInputError, described
 from prune.data.text import draw_blocks, tokenize
 
@@ -58,6 +59,6 @@ def calibration_blocks(
     for name, value in (("samples", samples), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserInputError(f"{name} must be a positive integer, got {value!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise UserInputError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < INT64:
+        raise UserInputError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}.")
     return draw_blocks(tokenize(tokenizer, texts_of(texts, text_column, "texts")), samples, seq_len, seed, "the text")

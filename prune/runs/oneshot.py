@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from prune.core.atomic import save_pretrained_atomic
-from prune.core.config import MethodConfig
+from prune.core.config import INT64, MethodConfig
 from prune.core.errors import UserInputError, described
 from prune.data.blocks import texts_of
 from prune.data.config import DataConfig
@@ -176,6 +176,6 @@ def _calibration(
 
 
 def _count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value >= 2**64:
-        raise UserInputError(f"{name} must be an integer >= {minimum}, got {described(value)}.")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < INT64:
+        raise UserInputError(f"{name} must be an integer from {minimum} to 2**63 - 1, got {described(value)}.")
     return value

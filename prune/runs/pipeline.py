@@ -146,6 +146,7 @@ def _report(
             "best_step": training.best_step,
             f"best_eval_{task.metric}": training.best_score,
             "seconds": round(training.seconds, 2),
+            "processes": training.processes,
         }
     if dense is not None:
         with_dense(report, dense)
@@ -179,9 +180,25 @@ def _train(task: Task, objective, recipe: Recipe, directory: Path, resume: bool,
         eval_metric=task.metric,
         resume=resume,
         device=device,
+        shaping=_loss_settings(recipe),
     )
     _keep_best(task.module, objective, directory, result)
     return result
+
+
+def _loss_settings(recipe: Recipe) -> list[str]:
+    """The method's numeric settings this recipe changed from their defaults (and train.distill): what a
+    non-finite loss message names besides train.lr."""
+    method = recipe.method
+    changed = [
+        f"method.{key}={value:g}"
+        for key, field in type(method).model_fields.items()
+        if key != "sparsity"
+        and isinstance(value := getattr(method, key), (int, float))
+        and not isinstance(value, bool)
+        and value != field.get_default(call_default_factory=True)
+    ]
+    return changed + ([f"train.distill={recipe.train.distill:g}"] if recipe.train.distill else [])
 
 
 def _plot_training(directory: Path, recipe: Recipe, units_per_sample: int, unit: str) -> None:

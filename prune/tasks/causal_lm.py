@@ -11,6 +11,7 @@ chosen on the validation part. Every perplexity carries a 95% bootstrap interval
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -279,7 +280,9 @@ class CausalLM(Task):
             self.used["calibration"] = {"part": "train", "windows": data.calibration_samples}
             needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
         if spec.kind == "learnable" and train_config.steps:
-            self.used["training"] = {"part": "train", "windows": len(self.train_data())}
+            windows = len(self.train_data())
+            self.used["training"] = {"part": "train", "windows": windows}
+            check_batch(train_config.batch_size, windows)
             if train_config.eval_every:
                 self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
                 needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
@@ -349,6 +352,19 @@ class CausalLM(Task):
             unit="tokens",
             per_sample=self.seq_len,
             flops=lambda model: count_flops(model, self.seq_len).dense,
+        )
+
+
+def check_batch(batch_size: int, windows: int) -> None:
+    """A micro-batch (on every process of a launch) holds distinct training windows: more than the data holds would
+    repeat windows inside one batch, and a batch far beyond it is how a typo takes the machine's memory."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size * processes > windows:
+        launch = f" x {processes} processes" if processes > 1 else ""
+        raise UserInputError(
+            f"train.batch_size {batch_size}{launch} asks for more windows per micro-batch than the training data "
+            f"holds ({windows} windows of the train part); use train.batch_size <= {max(windows // processes, 1)} "
+            "(raise train.grad_accum for a larger step), or more text (data.source, data.mix)."
         )
 
 
