@@ -29,7 +29,7 @@ from prune.tasks.registry import DEFAULT_TASK, TASKS
 from prune.training.config import TrainConfig
 
 # (section, key, neutral value) of settings added after run directories existed: see Recipe.fingerprint
-LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None))
+LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None), ("data", "stream_tokens", None))
 
 
 class ExportConfig(StrictConfig):
