@@ -102,3 +102,22 @@ def test_table_cells_mark_each_text_per_run():
     dense = {key: value for key, value in row.items() if not key.startswith("data.")} | {"status": "dense"}
     assert display_row(dense)["sotu [95% CI]"] == "30.0"  # the dense model read nothing: no label
     assert seen_of(row, None) is True and seen_of(dense, "sotu") is None
+
+
+def test_no_shipped_recipe_or_sweep_reads_the_never_seen_text():
+    """sotu stays unread: no recipe or sweep names it as data.source or in data.mix (directly, through a sweep's
+    `set`, or through `general`)."""
+    from pathlib import Path
+
+    import yaml
+
+    from prune.data.prose import NEVER_SEEN
+    from prune.data.text import GENERAL_MIX
+
+    root = Path(__file__).resolve().parent.parent
+    assert NEVER_SEEN not in GENERAL_MIX
+    for path in sorted((root / "recipes").rglob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        data = {**(raw.get("data") or {}), **{k[5:]: v for k, v in (raw.get("set") or {}).items() if k[:5] == "data."}}
+        mix = data.get("mix") or []
+        assert data.get("source") != NEVER_SEEN and NEVER_SEEN not in (mix if isinstance(mix, list) else []), path
