@@ -57,7 +57,7 @@ def measure_point(
     from eval.flops import count_flops, count_params
     from eval.lastword import build_examples
     from eval.perplexity import perplexity
-    from prune.data.prose import EXTRA_TEXTS
+    from prune.data.config import EXTRA_TEXTS
     from prune.data.seen import seen_texts
     from prune.data.text import prepare, prepare_extra
     from prune.masks.base import merge

@@ -39,7 +39,7 @@ from eval.bootstrap import perplexity_ci
 from eval.flops import count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
-from prune.data.prose import EXTRA_TEXTS
+from prune.data.config import EXTRA_TEXTS
 from prune.data.seen import seen_texts
 from prune.data.text import EMBEDDED_DOCS, DataConfig, interleave, prepare_extra, prepare_mix, prepare_source
 from prune.methods.registry import get_method
@@ -224,8 +224,8 @@ def plot(results: dict) -> Path | None:
 
 def goal_lines(rows: list[dict], dense: dict, unseen: list[str]) -> list[str]:
     """Per target: VIB against the best one-shot baseline cut to the same size, its perplexity on each text its
-    training never read (`unseen`) over the dense model's (issue 14's goal at 30%: at most 1.5x), and the
-    export's speedup."""
+    training never read (`unseen`) over the dense model's (the goal at 30%: at most 1.5x), and the export's
+    speedup."""
     lines = []
     for vib in (r for r in rows if r["method"] == "vib"):
         peers = [

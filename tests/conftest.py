@@ -103,6 +103,7 @@ def prose_stand_in():
     stand_ins = {prose.MOBY_DICK: docs[60_000:150_000], prose.SOTU: docs[150_000:180_000], prose.BROWN: docs[180_000:]}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(text, "registry_text", stand_ins.__getitem__)
+        patch.setattr(prose, "check_fetchable", lambda name: None)  # nothing is fetched, so npm is not needed
         yield
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from prune.core import hub
 from prune.core.errors import UserInputError
+from prune.data import config
 from prune.data import text as data
 
 
@@ -250,7 +251,7 @@ def test_general_mix_names_every_shipped_genre_but_the_never_seen_text_and_the_s
     assert data.DataConfig(mix="general").mix == ["moby-dick", "brown"]
     assert data.DataConfig(source="moby-dick", mix="general").mix == ["embedded-docs", "brown"]
     assert data.DataConfig(source="notes.txt", mix="general").mix == ["embedded-docs", "moby-dick", "brown"]
-    assert "sotu" not in data.GENERAL_MIX and data.NEVER_SEEN == "sotu"
+    assert "sotu" not in config.GENERAL_MIX and config.NEVER_SEEN == "sotu"
     assert data.DataConfig(mix="general", source_share=0.25).source_share == 0.25  # the share stays settable
 
 

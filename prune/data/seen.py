@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from prune.core.hub import looks_like_hub_id
-from prune.data.prose import NEVER_SEEN, TEXTS, cached_path
-from prune.data.text import EMBEDDED_DOCS
+from prune.data.config import EMBEDDED_DOCS, NEVER_SEEN
+from prune.data.prose import TEXTS, cached_path
 
 SEEN = "seen in training/calibration"
 NOT_SEEN = "not seen"

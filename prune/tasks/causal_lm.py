@@ -29,7 +29,6 @@ from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
 from prune.data.seen import all_seen_warning, label, seen_texts
 from prune.data.text import (
-    DataConfig,
     TokenSplits,
     interleave,
     prepare_extra,
@@ -220,7 +219,6 @@ class CausalLM(Task):
     """`task: causal-lm`: text in, perplexity (and lm-eval accuracy, FLOPs, latency) out."""
 
     name = "causal-lm"
-    data_config = DataConfig
     metric = "perplexity"
     unit = "tokens"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from prune.core.config import StrictConfig
-from prune.data.prose import EXTRA_TEXTS, NEVER_SEEN
+from prune.data.config import EXTRA_TEXTS, NEVER_SEEN
 
 
 class EvalConfig(StrictConfig):
