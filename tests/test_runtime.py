@@ -256,10 +256,11 @@ def test_streamed_run_reports_the_in_memory_runs_figures(paired_runs):
     _, streamed, memory = paired_runs
     for figures, expected in ((streamed, memory), (streamed["dense"], memory["dense"])):
         _assert_same_perplexity(figures["perplexity"], expected["perplexity"])
-        assert figures["extra_texts"].keys() == expected["extra_texts"].keys() == {"moby-dick"}
-        _assert_same_perplexity(
-            figures["extra_texts"]["moby-dick"]["perplexity"], expected["extra_texts"]["moby-dick"]["perplexity"]
-        )
+        assert figures["extra_texts"].keys() == expected["extra_texts"].keys() == {"moby-dick", "sotu"}
+        for name in ("moby-dick", "sotu"):
+            _assert_same_perplexity(
+                figures["extra_texts"][name]["perplexity"], expected["extra_texts"][name]["perplexity"]
+            )
         assert figures["params"] == expected["params"]
     assert streamed["data"] == memory["data"] and streamed["data"]["used"]["calibration"]["windows"] == 4
 

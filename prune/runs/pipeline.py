@@ -89,7 +89,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
     if not state.is_main_process:
         return None
     if training is not None:
-        _plot_training(directory, recipe, task.sample_size * state.num_processes, task.unit)
+        _plot_training(directory, recipe, _per_step(recipe, task, state.num_processes), task.unit)
 
     achieved = task.sparsity()
     fields = task.fields()  # taken while the masks are attached
@@ -112,7 +112,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
     if plain and (directory / run_dir.MODEL_DIR / CONFIG_FILE).is_file():  # saved here, or streamed by the task
         write_record(directory / run_dir.MODEL_DIR, recipe.method)
 
-    report = _report(recipe, spec, task, achieved, fields, pruned, timings, training, dense)
+    report = _report(recipe, spec, task, achieved, fields, pruned, timings, training, dense, state.num_processes)
     write_report(directory, report)
     return report
 
@@ -127,9 +127,11 @@ def _report(
     timings: dict,
     training: TrainResult | None,
     dense: dict | None,
+    processes: int,
 ) -> dict:
     """report.json's content: the run, the pruned model's figures, the task's fields, the dense baseline and
-    the figures only the method can measure (e.g. FLOPs of per-input masks)."""
+    the figures only the method can measure (e.g. FLOPs of per-input masks). `train.<unit>_seen`: the tokens
+    (images) training read, all processes together."""
     report = {
         "model": recipe.model,
         "method": spec.name,
@@ -143,6 +145,7 @@ def _report(
     if training is not None:
         report["train"] = {
             "steps": training.steps,
+            f"{task.unit}_seen": training.steps * _per_step(recipe, task, processes),
             "best_step": training.best_step,
             f"best_eval_{task.metric}": training.best_score,
             "seconds": round(training.seconds, 2),
@@ -201,9 +204,13 @@ def _loss_settings(recipe: Recipe) -> list[str]:
     return changed + ([f"train.distill={recipe.train.distill:g}"] if recipe.train.distill else [])
 
 
-def _plot_training(directory: Path, recipe: Recipe, units_per_sample: int, unit: str) -> None:
+def _per_step(recipe: Recipe, task: Task, processes: int) -> int:
+    """Tokens (images) one optimizer step reads, all processes together."""
+    return recipe.train.batch_size * recipe.train.grad_accum * task.sample_size * processes
+
+
+def _plot_training(directory: Path, recipe: Recipe, per_step: int, unit: str) -> None:
     """train_curve.png: held-out score of the hard masks vs training tokens/images seen (all processes)."""
-    per_step = recipe.train.batch_size * recipe.train.grad_accum * units_per_sample
     training_curve(directory / run_dir.TRAIN_DIR / "train_log.jsonl", per_step, unit, directory / run_dir.CURVE_FILE)
 
 

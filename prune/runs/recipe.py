@@ -28,7 +28,7 @@ from prune.tasks.eval_config import EvalConfig
 from prune.training.config import TrainConfig
 
 # (section, key, neutral value) of settings added after run directories existed: see Recipe.fingerprint
-LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None))
+LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None), ("data", "stream_tokens", None))
 
 
 class ExportConfig(StrictConfig):
