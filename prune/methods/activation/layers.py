@@ -1,0 +1,199 @@
+"""The wrappers of activation sparsity, which modules they fit, and the counting of what they zero.
+
+- `ThresholdedLinear` (teal) wraps one projection (nn.Linear, or GPT-2's Conv1D): y = W (x * (|x| > t)) + b.
+- `ThresholdedFFN` (cats) wraps one gated FFN `down(act(gate(x)) * up(x))`: a = act(gate(x)) is computed
+  whole, then y = down((a * (|a| > t)) * up(x)), so up and down only matter for the neurons kept.
+
+A call of at most `max_tokens` tokens (decode) on the CPU runs the sparse kernel (prune.methods.activation
+.kernel), which reads only the weight columns of the entries kept; every other call (prefill, a GPU, autograd)
+runs the masked dense computation, which gives the same numbers up to float summation order. The kernel reads
+W's columns as rows of W^T: a Conv1D stores W^T already; for an nn.Linear (and the FFN's down) a transposed
+copy is made on the first sparse call (one extra copy of the targeted weights: the price of contiguous columns).
+
+The threshold is compared in the activations' dtype (it is rounded to it once, so the masked dense path and the
+kernel, which compares in float32, keep exactly the same entries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from prune.core.errors import UserInputError
+from prune.masks.base import Mask, MaskWrapper, wrappers
+from prune.methods.activation import kernel
+from prune.models.blocks import weight_matrix
+
+
+class Threshold(Mask):
+    """The magnitude threshold of one wrapped module (entries at or below it are zero) and the sparsity it was
+    calibrated to reach. No parameters: nothing trains. A per-input mask has no static value, so `hard()` is
+    empty (the report measures what was zeroed instead)."""
+
+    def __init__(self, value: float, target: float):
+        super().__init__()
+        self.value = float(value)
+        self.target = float(target)
+        self._rounded: dict[torch.dtype, float] = {}
+
+    def cut(self, dtype: torch.dtype) -> float:
+        """The threshold as a value of `dtype`, so every path compares against the same number."""
+        if dtype not in self._rounded:
+            self._rounded[dtype] = float(torch.tensor(self.value, dtype=torch.float32).to(dtype))
+        return self._rounded[dtype]
+
+    def hard(self) -> Tensor:
+        return torch.zeros(0, dtype=torch.bool)
+
+    def extra_repr(self) -> str:
+        return f"value={self.value:.4g}, target={self.target:g}"
+
+
+@dataclass
+class Zeroed:
+    """Entries seen and entries zeroed by one wrapper while counting (inputs of a projection; FFN neurons)."""
+
+    entries: int = 0
+    zeroed: int = 0
+
+    def add(self, kept: Tensor) -> None:
+        self.entries += kept.numel()
+        self.zeroed += kept.numel() - int(kept.count_nonzero())
+
+    @property
+    def fraction(self) -> float:
+        return self.zeroed / self.entries if self.entries else 0.0
+
+
+class Thresholded(MaskWrapper):
+    """What both wrappers share: `bypass` runs the base module untouched (the dense model), `counts` collects
+    what the threshold zeroes, `max_tokens` bounds the calls that run the sparse kernel."""
+
+    mask: Threshold
+
+    def __init__(self, base: nn.Module, mask: Threshold, max_tokens: int):
+        super().__init__(base, mask)
+        self.max_tokens = max_tokens
+        self.bypass = False
+        self.counts: Zeroed | None = None
+        self._columns: tuple[tuple[int, ...], Tensor] | None = None  # (source weight version, W^T)
+
+    def sparse_call(self, x: Tensor) -> bool:
+        """Whether this call runs the sparse kernel: few tokens, on the CPU, without autograd."""
+        return (
+            x.shape[0] <= self.max_tokens
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and kernel.backend() == "cpp"
+        )
+
+    def columns_of(self, module: nn.Module) -> Tensor:
+        """W^T [in, out], contiguous: a Conv1D's own weight; a transposed copy of an nn.Linear's, remade when the
+        weight changes."""
+        if isinstance(module, Conv1D) and module.weight.is_contiguous():
+            return module.weight.detach()
+        version = (module.weight._version, module.weight.data_ptr())
+        if self._columns is None or self._columns[0] != version:
+            self._columns = (version, weight_matrix(module).detach().t().contiguous())
+        return self._columns[1]
+
+    def merged(self) -> nn.Module:
+        raise UserInputError(
+            "activation sparsity zeroes inputs per token, so no fixed mask can be merged into the weights; "
+            "load the sparse model with prune.load_model(run_dir) (the base model plus its thresholds)."
+        )
+
+
+class ThresholdedLinear(Thresholded):
+    """teal: a projection whose input entries of magnitude at or below the threshold are zero."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bypass:
+            return self.base(x)
+        cut = self.mask.cut(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.counts is not None:
+            self.counts.add(flat.abs() > cut)
+        if self.sparse_call(flat):
+            y = kernel.threshold_linear(flat, self.columns_of(self.base), cut, self.base.bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return self.base(kernel.masked(x, cut))
+
+
+class ThresholdedFFN(Thresholded):
+    """cats: a gated FFN whose neurons with |act(gate(x))| at or below the threshold are zero."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bypass:
+            return self.base(x)
+        base = self.base
+        cut = self.mask.cut(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        act = base.act_fn(base.gate_proj(flat))
+        if self.counts is not None:
+            self.counts.add(act.abs() > cut)
+        if self.sparse_call(flat):
+            up, down = base.up_proj, base.down_proj
+            y = kernel.threshold_ffn(flat, act, cut, up.weight, up.bias, self.columns_of(down), down.bias)
+        else:
+            y = base.down_proj(kernel.masked(act, cut) * base.up_proj(flat))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------- sites
+
+
+def is_gated_ffn(module: nn.Module) -> bool:
+    """A SwiGLU-style FFN: nn.Linear gate_proj, up_proj, down_proj and an act_fn (Llama, Mistral, Qwen)."""
+    return all(
+        isinstance(getattr(module, name, None), nn.Linear) for name in ("gate_proj", "up_proj", "down_proj")
+    ) and (callable(getattr(module, "act_fn", None)))
+
+
+def thresholded(model: nn.Module) -> dict[str, Thresholded]:
+    """Every activation-sparsity wrapper of the model, by the name of the module it replaced."""
+    return {name: wrapper for name, wrapper in wrappers(model).items() if isinstance(wrapper, Thresholded)}
+
+
+def wrap(model: nn.Module, thresholds: dict[str, Threshold], max_tokens: int) -> dict[str, Thresholded]:
+    """Replace each named module by its wrapper: a gated FFN by ThresholdedFFN, a projection by ThresholdedLinear."""
+    modules = dict(model.named_modules())
+    wrapped: dict[str, Thresholded] = {}
+    for name, threshold in thresholds.items():
+        module = modules[name]
+        kind = ThresholdedFFN if is_gated_ffn(module) else ThresholdedLinear
+        wrapped[name] = kind(module, threshold, max_tokens)
+        model.set_submodule(name, wrapped[name])
+    return wrapped
+
+
+@contextmanager
+def bypassed(model: nn.Module) -> Iterator[None]:
+    """Run the model as if no threshold existed: the dense model, e.g. to time it beside the sparse one."""
+    layers = thresholded(model).values()
+    for layer in layers:
+        layer.bypass = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.bypass = False
+
+
+@contextmanager
+def counting(model: nn.Module) -> Iterator[dict[str, Zeroed]]:
+    """Count, per wrapper, the entries its threshold zeroes in the forwards inside the block."""
+    layers = thresholded(model)
+    counts = {name: Zeroed() for name in layers}
+    for name, layer in layers.items():
+        layer.counts = counts[name]
+    try:
+        yield counts
+    finally:
+        for layer in layers.values():
+            layer.counts = None
