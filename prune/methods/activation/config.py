@@ -28,6 +28,11 @@ class ActivationConfig(MethodConfig):
         "FFN's neurons (a fraction in (0, 1))",
     )
     mode: Literal["teal", "cats"] = Field("teal", description="teal: every projection's input; cats: FFN gates")
+    score: Literal["magnitude", "weighted"] = Field(
+        "weighted",
+        description="which entries go first: magnitude, |entry| alone (TEAL's and CATS's rule); weighted, |entry| "
+        "times what it moves (teal: its weight column's norm; cats: its up value's rms times its down column's norm)",
+    )
     targets: list[str] | None = Field(
         None,
         description="glob patterns over module names (null: teal, every linear inside the decoder blocks; cats, "

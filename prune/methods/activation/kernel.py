@@ -76,27 +76,27 @@ def use_backend(name: Backend) -> Iterator[None]:
         _state["forced"] = previous
 
 
-def masked(x: Tensor, threshold: float) -> Tensor:
-    """x with every entry of magnitude at or below the threshold set to zero."""
-    return x * (x.abs() > threshold)
+def masked(x: Tensor, cut: Tensor) -> Tensor:
+    """x with every entry whose magnitude is at or below its cut (float32 [width], compared in float32) zeroed."""
+    return x * (x.abs() > cut)
 
 
-def threshold_linear(x: Tensor, columns: Tensor, threshold: float, bias: Tensor | None) -> Tensor:
-    """(x masked at `threshold`) @ columns (+ bias) for x [rows, in] and columns = W^T [in, out] contiguous,
-    reading only the rows of `columns` some row of x keeps."""
-    return torch.ops.maskprune_sparse_decode.threshold_linear(x, columns, threshold, bias)
+def threshold_linear(x: Tensor, columns: Tensor, cut: Tensor, bias: Tensor | None) -> Tensor:
+    """masked(x, cut) @ columns (+ bias) for x [rows, in] and columns = W^T [in, out] contiguous, reading only
+    the rows of `columns` some row of x keeps."""
+    return torch.ops.maskprune_sparse_decode.threshold_linear(x, columns, cut, bias)
 
 
 def threshold_ffn(
     x: Tensor,
     act: Tensor,
-    threshold: float,
+    cut: Tensor,
     up: Tensor,
     up_bias: Tensor | None,
     down_columns: Tensor,
     down_bias: Tensor | None,
 ) -> Tensor:
-    """A gated FFN's down((act masked at `threshold`) * up(x)), with act = act_fn(gate(x)) [rows, inter] given,
+    """A gated FFN's down(masked(act, cut) * up(x)), with act = act_fn(gate(x)) [rows, inter] given,
     up [inter, hidden] as stored and down_columns = W_down^T [inter, hidden]: up and down run only for the
     neurons some row keeps (CATS)."""
-    return torch.ops.maskprune_sparse_decode.threshold_ffn(x, act, threshold, up, up_bias, down_columns, down_bias)
+    return torch.ops.maskprune_sparse_decode.threshold_ffn(x, act, cut, up, up_bias, down_columns, down_bias)

@@ -1,8 +1,10 @@
 """The wrappers of activation sparsity, which modules they fit, and the counting of what they zero.
 
-- `ThresholdedLinear` (teal) wraps one projection (nn.Linear, or GPT-2's Conv1D): y = W (x * (|x| > t)) + b.
+- `ThresholdedLinear` (teal) wraps one projection (nn.Linear, or GPT-2's Conv1D): y = W (x * (|x| > c)) + b.
 - `ThresholdedFFN` (cats) wraps one gated FFN `down(act(gate(x)) * up(x))`: a = act(gate(x)) is computed
-  whole, then y = down((a * (|a| > t)) * up(x)), so up and down only matter for the neurons kept.
+  whole, then y = down((a * (|a| > c)) * up(x)), so up and down only matter for the neurons kept.
+The cut c is a float32 vector, one value per entry (input feature or FFN neuron): a single threshold t spread
+over the entries as they are scored (c_j = t / s_j for a score |x_j| s_j; prune.methods.activation.calibrate).
 
 A call of at most `max_tokens` tokens (decode) on the CPU runs the sparse kernel (prune.methods.activation
 .kernel), which reads only the weight columns of the entries kept; every other call (prefill, a GPU, autograd)
@@ -10,8 +12,7 @@ runs the masked dense computation, which gives the same numbers up to float summ
 W's columns as rows of W^T: a Conv1D stores W^T already; for an nn.Linear (and the FFN's down) a transposed
 copy is made on the first sparse call (one extra copy of the targeted weights: the price of contiguous columns).
 
-The threshold is compared in the activations' dtype (it is rounded to it once, so the masked dense path and the
-kernel, which compares in float32, keep exactly the same entries).
+Both paths compare |x| with the cut in float32, so they keep exactly the same entries in any dtype.
 """
 
 from __future__ import annotations
@@ -31,27 +32,22 @@ from prune.models.blocks import weight_matrix
 
 
 class Threshold(Mask):
-    """The magnitude threshold of one wrapped module (entries at or below it are zero) and the sparsity it was
-    calibrated to reach. No parameters: nothing trains. A per-input mask has no static value, so `hard()` is
-    empty (the report measures what was zeroed instead)."""
+    """The cut of one wrapped module, float32 [entries] (an entry of magnitude at or below its cut is zero), and
+    the share of entries it was calibrated to zero. A buffer, not a parameter: nothing trains. A per-input mask
+    has no static value, so `hard()` is empty (the report measures what was zeroed instead)."""
 
-    def __init__(self, value: float, target: float):
+    cut: Tensor
+
+    def __init__(self, cut: Tensor, target: float):
         super().__init__()
-        self.value = float(value)
+        self.register_buffer("cut", cut.detach().to(torch.float32).contiguous(), persistent=False)
         self.target = float(target)
-        self._rounded: dict[torch.dtype, float] = {}
-
-    def cut(self, dtype: torch.dtype) -> float:
-        """The threshold as a value of `dtype`, so every path compares against the same number."""
-        if dtype not in self._rounded:
-            self._rounded[dtype] = float(torch.tensor(self.value, dtype=torch.float32).to(dtype))
-        return self._rounded[dtype]
 
     def hard(self) -> Tensor:
         return torch.zeros(0, dtype=torch.bool)
 
     def extra_repr(self) -> str:
-        return f"value={self.value:.4g}, target={self.target:g}"
+        return f"entries={self.cut.numel()}, target={self.target:g}"
 
 
 @dataclass
@@ -115,7 +111,7 @@ class ThresholdedLinear(Thresholded):
     def forward(self, x: Tensor) -> Tensor:
         if self.bypass:
             return self.base(x)
-        cut = self.mask.cut(x.dtype)
+        cut = self.mask.cut
         flat = x.reshape(-1, x.shape[-1])
         if self.counts is not None:
             self.counts.add(flat.abs() > cut)
@@ -132,7 +128,7 @@ class ThresholdedFFN(Thresholded):
         if self.bypass:
             return self.base(x)
         base = self.base
-        cut = self.mask.cut(x.dtype)
+        cut = self.mask.cut
         flat = x.reshape(-1, x.shape[-1])
         act = base.act_fn(base.gate_proj(flat))
         if self.counts is not None:
@@ -155,6 +151,11 @@ def is_gated_ffn(module: nn.Module) -> bool:
     ) and (callable(getattr(module, "act_fn", None)))
 
 
+def entries(module: nn.Module) -> int:
+    """How many entries a threshold of `module` cuts: a gated FFN's neurons, a projection's input features."""
+    return module.up_proj.out_features if is_gated_ffn(module) else weight_matrix(module).shape[1]
+
+
 def thresholded(model: nn.Module) -> dict[str, Thresholded]:
     """Every activation-sparsity wrapper of the model, by the name of the module it replaced."""
     return {name: wrapper for name, wrapper in wrappers(model).items() if isinstance(wrapper, Thresholded)}
@@ -167,7 +168,8 @@ def wrap(model: nn.Module, thresholds: dict[str, Threshold], max_tokens: int) ->
     for name, threshold in thresholds.items():
         module = modules[name]
         kind = ThresholdedFFN if is_gated_ffn(module) else ThresholdedLinear
-        wrapped[name] = kind(module, threshold, max_tokens)
+        device = next(module.parameters()).device
+        wrapped[name] = kind(module, threshold.to(device), max_tokens)
         model.set_submodule(name, wrapped[name])
     return wrapped
 

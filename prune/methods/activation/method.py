@@ -32,6 +32,7 @@ from prune.methods.activation.layers import (
     ThresholdedFFN,
     bypassed,
     counting,
+    entries,
     is_gated_ffn,
     thresholded,
     wrap,
@@ -73,8 +74,8 @@ def attach_activation(
     if calibration is None:
         raise UserInputError("activation sparsity calibrates its thresholds on text: pass calibration windows.")
     fraction = config.pattern.fraction
-    values = calibrate(model, names, fraction, calibration)
-    wrap(model, {name: Threshold(value, fraction) for name, value in values.items()}, config.max_tokens)
+    cuts = calibrate(model, names, fraction, calibration, config.score)
+    wrap(model, {name: Threshold(cut, fraction) for name, cut in cuts.items()}, config.max_tokens)
     model.eval()
     return None
 
@@ -83,19 +84,21 @@ def attach_activation(
 
 
 def save_thresholds(model: nn.Module, directory: Path, config: ActivationConfig, meta: dict) -> None:
-    """thresholds.safetensors (one float32 value per wrapped module) + thresholds.json, written atomically."""
+    """thresholds.safetensors (each wrapped module's cut, float32 [entries]) + thresholds.json, written
+    atomically."""
     layers = thresholded(model)
     info = {
         "format_version": FORMAT_VERSION,
         **meta,
         "method": "activation",
         "mode": config.mode,
+        "score": config.score,
         "layers": {
             name: {"kind": "ffn" if isinstance(layer, ThresholdedFFN) else "linear", "target": layer.mask.target}
             for name, layer in layers.items()
         },
     }
-    tensors = {name: torch.tensor([layer.mask.value], dtype=torch.float32) for name, layer in layers.items()}
+    tensors = {name: layer.mask.cut.cpu() for name, layer in layers.items()}
     write_tensors_with_json(Path(directory), THRESHOLDS_FILE, tensors, INFO_FILE, info)
 
 
@@ -114,10 +117,16 @@ def restore_activation(model: nn.Module, directory: Path, config: ActivationConf
         raise UserInputError(f"the threshold files in {directory} are corrupt ({error}); rerun `prune run`.") from None
     if info.get("format_version") != FORMAT_VERSION or info.get("method") != "activation":
         raise UserInputError(f"{directory / INFO_FILE} is not an activation-sparsity file of format {FORMAT_VERSION}.")
-    if info.get("mode") != config.mode:
+    made = {"mode": info.get("mode"), "score": info.get("score")}
+    differ = [
+        f"{key} {value!r} (the config says {getattr(config, key)!r})"
+        for key, value in made.items()
+        if value != getattr(config, key)
+    ]
+    if differ:
         raise UserInputError(
-            f"the thresholds in {directory} are for mode {info.get('mode')!r}, the config says {config.mode!r}; "
-            "load them with the run's method settings."
+            f"the thresholds in {directory} were made with {', '.join(differ)}; load them with the run's method "
+            "settings."
         )
     expected = set(target_names(model, config))
     missing, unknown = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
@@ -129,9 +138,17 @@ def restore_activation(model: nn.Module, directory: Path, config: ActivationConf
             + "). Load them into the base model the run pruned, with the run's method settings."
         )
     layers = info.get("layers", {})
+    modules = dict(model.named_modules())
+    wrong = [name for name in expected if tensors[name].shape != (entries(modules[name]),)]
+    if wrong:
+        raise UserInputError(
+            f"the thresholds in {directory} (model {info.get('model', '?')}) do not fit this model's sizes: "
+            f"{summarize_names(sorted(wrong))}. Load them into the base model the run pruned."
+        )
+    order = list(modules)
     thresholds = {
-        name: Threshold(float(tensors[name][0]), float(layers.get(name, {}).get("target", config.pattern.fraction)))
-        for name in sorted(expected, key=list(dict(model.named_modules())).index)
+        name: Threshold(tensors[name], float(layers.get(name, {}).get("target", config.pattern.fraction)))
+        for name in sorted(expected, key=order.index)
     }
     wrap(model, thresholds, config.max_tokens)
     return model.eval()

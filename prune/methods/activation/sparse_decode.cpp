@@ -1,6 +1,6 @@
 // Decode kernels of activation sparsity (prune/methods/activation/kernel.py builds and loads this file).
 //
-// y = W x reads only the weight columns W[:, j] whose input x_j survives the threshold (|x_j| > t). The columns
+// y = W x reads only the weight columns W[:, j] whose input x_j survives its threshold (|x_j| > cut_j). The columns
 // are passed as the rows of W^T, contiguous [in, out], so each kept column is one contiguous read. Memory, not
 // arithmetic, bounds decode at batch 1: skipping half of the columns skips half of the bytes.
 //
@@ -44,25 +44,25 @@ inline void prefetch(const T* begin, int64_t count) {
 }
 
 // The kept input indices (union over the rows, padded to a multiple of kUnroll with zero values) and, per kept
-// index, each row's value with the entries at or below the threshold zeroed: values[q * rows + b].
+// index, each row's value with the entries at or below their cut zeroed: values[q * rows + b].
 struct Kept {
   std::vector<int64_t> index;
   std::vector<float> values;
   int64_t count = 0;  // before padding
 };
 
-Kept keep_above(const std::vector<float>& x, int64_t rows, int64_t width, float threshold) {
+Kept keep_above(const std::vector<float>& x, int64_t rows, int64_t width, const float* cut) {
   Kept kept;
   kept.index.reserve(width + kUnroll);
   kept.values.reserve((width + kUnroll) * rows);
   for (int64_t j = 0; j < width; ++j) {
     bool any = false;
-    for (int64_t b = 0; b < rows; ++b) any |= std::fabs(x[b * width + j]) > threshold;
+    for (int64_t b = 0; b < rows; ++b) any |= std::fabs(x[b * width + j]) > cut[j];
     if (!any) continue;
     kept.index.push_back(j);
     for (int64_t b = 0; b < rows; ++b) {
       const float v = x[b * width + j];
-      kept.values.push_back(std::fabs(v) > threshold ? v : 0.f);
+      kept.values.push_back(std::fabs(v) > cut[j] ? v : 0.f);
     }
   }
   kept.count = static_cast<int64_t>(kept.index.size());
@@ -140,6 +140,11 @@ void check_pair(const at::Tensor& x, const at::Tensor& matrix, int64_t x_width, 
   TORCH_CHECK(matrix.size(0) == x_width, what, ": weight rows ", matrix.size(0), " != input width ", x_width);
 }
 
+void check_cut(const at::Tensor& cut, int64_t width, const char* what) {
+  TORCH_CHECK(cut.dim() == 1 && cut.size(0) == width && cut.is_contiguous(), what, ": cut must be [", width, "] contiguous");
+  TORCH_CHECK(cut.scalar_type() == at::kFloat && cut.device().is_cpu(), what, ": cut must be a float32 CPU tensor");
+}
+
 template <typename T>
 const T* bias_data(const std::optional<at::Tensor>& bias, int64_t size, at::Tensor& holder) {
   if (!bias.has_value()) return nullptr;
@@ -148,10 +153,11 @@ const T* bias_data(const std::optional<at::Tensor>& bias, int64_t size, at::Tens
   return holder.data_ptr<T>();
 }
 
-// y [rows, out] = (x masked at |x| > threshold) @ columns, columns = W^T [in, out] contiguous.
-at::Tensor threshold_linear(const at::Tensor& x, const at::Tensor& columns, double threshold,
+// y [rows, out] = (x where |x| > cut, else 0) @ columns, with columns = W^T [in, out] contiguous, cut [in] float32.
+at::Tensor threshold_linear(const at::Tensor& x, const at::Tensor& columns, const at::Tensor& cut,
                             const std::optional<at::Tensor>& bias) {
   check_pair(x, columns, x.size(1), "threshold_linear");
+  check_cut(cut, x.size(1), "threshold_linear");
   const int64_t rows = x.size(0), width = columns.size(1);
   auto y = at::empty({rows, width}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "threshold_linear", [&] {
@@ -159,7 +165,7 @@ at::Tensor threshold_linear(const at::Tensor& x, const at::Tensor& columns, doub
       TORCH_CHECK(false, "threshold_linear: float64 is not supported");
     } else {
       const auto xs = to_float<scalar_t>(x.contiguous());
-      const Kept kept = keep_above(xs, rows, x.size(1), static_cast<float>(threshold));
+      const Kept kept = keep_above(xs, rows, x.size(1), cut.data_ptr<float>());
       at::Tensor holder;
       accumulate<scalar_t>(kept, kept.values, columns.data_ptr<scalar_t>(), width,
                            bias_data<scalar_t>(bias, width, holder), y.data_ptr<scalar_t>(), rows);
@@ -169,12 +175,14 @@ at::Tensor threshold_linear(const at::Tensor& x, const at::Tensor& columns, doub
 }
 
 // A gated FFN down((act * up(x)) with act = act_fn(gate(x)) given, computing up and down only for the neurons
-// whose |act| > threshold (CATS): up is [inter, hidden] (W_up as stored), down_columns [inter, hidden] (W_down^T).
-at::Tensor threshold_ffn(const at::Tensor& x, const at::Tensor& act, double threshold, const at::Tensor& up,
+// whose |act| > cut (CATS): up is [inter, hidden] (W_up as stored), down_columns [inter, hidden] (W_down^T), cut
+// [inter] float32.
+at::Tensor threshold_ffn(const at::Tensor& x, const at::Tensor& act, const at::Tensor& cut, const at::Tensor& up,
                          const std::optional<at::Tensor>& up_bias, const at::Tensor& down_columns,
                          const std::optional<at::Tensor>& down_bias) {
   check_pair(act, down_columns, act.size(1), "threshold_ffn (down)");
   check_pair(act, up, act.size(1), "threshold_ffn (up)");
+  check_cut(cut, act.size(1), "threshold_ffn");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == act.size(0) && x.size(1) == up.size(1), "threshold_ffn: x shape");
   TORCH_CHECK(x.scalar_type() == up.scalar_type(), "threshold_ffn: x and weights must share a dtype");
   const int64_t rows = x.size(0), hidden = x.size(1);
@@ -185,7 +193,7 @@ at::Tensor threshold_ffn(const at::Tensor& x, const at::Tensor& act, double thre
     } else {
       const auto xs = to_float<scalar_t>(x.contiguous());
       const auto as = to_float<scalar_t>(act.contiguous());
-      const Kept kept = keep_above(as, rows, act.size(1), static_cast<float>(threshold));
+      const Kept kept = keep_above(as, rows, act.size(1), cut.data_ptr<float>());
       at::Tensor up_holder, down_holder;
       const scalar_t* ub = bias_data<scalar_t>(up_bias, up.size(0), up_holder);
       const scalar_t* w = up.data_ptr<scalar_t>();
@@ -213,9 +221,9 @@ at::Tensor threshold_ffn(const at::Tensor& x, const at::Tensor& act, double thre
 }  // namespace
 
 TORCH_LIBRARY(maskprune_sparse_decode, m) {
-  m.def("threshold_linear(Tensor x, Tensor columns, float threshold, Tensor? bias) -> Tensor");
+  m.def("threshold_linear(Tensor x, Tensor columns, Tensor cut, Tensor? bias) -> Tensor");
   m.def(
-      "threshold_ffn(Tensor x, Tensor act, float threshold, Tensor up, Tensor? up_bias, Tensor down_columns, "
+      "threshold_ffn(Tensor x, Tensor act, Tensor cut, Tensor up, Tensor? up_bias, Tensor down_columns, "
       "Tensor? down_bias) -> Tensor");
 }
 
