@@ -72,6 +72,24 @@ def test_cuts_reach_their_target_on_heldout_tokens(family, mode, score):
         assert layer["target"] == 0.4 and layer["zeroed"] == pytest.approx(0.4, abs=0.1), name
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_allocation_spreads_each_blocks_target_over_its_inputs(family):
+    """TEAL's greedy: every block skips exactly the target share of its wrapped weights, unevenly over its groups
+    (q/k/v share one share, gate/up another), and held-out tokens skip about that share."""
+    model = sparse_model(family, "teal", sparsity=0.4, allocation="greedy")
+    layers = thresholded(model)
+    for index in range(2):
+        block = {name: layer for name, layer in layers.items() if f".{index}." in name}
+        weights = {name: layer.base.weight.numel() for name, layer in block.items()}
+        skipped = sum(layer.mask.target * weights[name] for name, layer in block.items())
+        assert skipped == pytest.approx(0.4 * sum(weights.values()), rel=1e-6)
+        assert len({round(layer.mask.target, 6) for layer in block.values()}) > 1
+    if family == "llama":
+        attention = [layers[f"model.layers.0.self_attn.{p}_proj"].mask.target for p in "qkv"]
+        assert len(set(attention)) == 1
+    assert measure_zeroed(model, tokens(8, 32, seed=2))["weights_skipped"] == pytest.approx(0.4, abs=0.06)
+
+
 def test_teal_wraps_every_projection_and_cats_every_gated_ffn():
     teal = thresholded(sparse_model("llama", "teal"))
     cats = thresholded(sparse_model("llama", "cats"))
@@ -220,6 +238,7 @@ def test_thresholds_that_do_not_fit_are_refused(tmp_path):
         ({"sparsity": "2:4"}, "not an N:M pattern"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"mode": "deja"}, "mode"),
+        ({"mode": "cats", "allocation": "greedy"}, "use allocation uniform"),
     ],
 )
 def test_bad_settings_are_clear_errors(settings, words):

@@ -1,21 +1,28 @@
 """Cuts from calibration text: per wrapped module, the magnitudes below which a target share of entries lies.
 
-One layer-by-layer pass over the dense model (prune.calibration.layerwise.collect_stats; memory: one block's
-activations) samples the entries each cut will be compared with: the input x of every targeted projection
-(teal) or a = act(gate(x)) of every gated FFN (cats), each sampled entry with its index j.
+The dense model runs block by block over the calibration windows (prune.calibration.layerwise.walk_blocks;
+memory: one block's activations). In each block, forward hooks sample the entries each cut will be compared
+with -- the input x of every targeted projection (teal) or a = act(gate(x)) of every gated FFN (cats) -- each
+sampled entry with its index j.
 
-An entry is scored |v_j| s_j and the threshold t is the `sparsity`-quantile of the sampled scores; the cut the
-wrapper compares |v_j| with is c_j = t / s_j. So on text like the calibration text that share of entries is
-zero, and which entries go first is decided by the score:
+An entry is scored |v_j| s_j, and a module's cut for a share p of zeros is c_j = t / s_j with t the p-quantile of
+its sampled scores: on text like the calibration text that share of its entries is zero, and the score decides
+which go first:
 - `magnitude` (s_j = 1): TEAL's and CATS's published rule, |v_j| alone.
 - `weighted`: what zeroing entry j costs the module's output. teal: s_j = ||W[:, j]||, the norm of the column
   the entry multiplies (WINA, Chen et al. 2025); cats: s_i = rms(up_i(x)) ||W_down[:, i]||, the typical size of
   neuron i's up value times its down column, so |a_i| s_i estimates |h_i| ||W_down[:, i]|| without computing up.
-Which one the benchmark keeps is chosen on validation perplexity (benchmarks/RESULTS.md, `activation`).
+
+Allocation (the share p of each module):
+- `uniform`: every module the target share, so the share of wrapped weights a token skips is the target too.
+- `greedy` (TEAL's greedy, teal only): per block, the modules that read one input form a group (q/k/v, o,
+  gate/up, down); starting from no sparsity, each step raises by STEP the group whose block output (on the
+  calibration windows, against the dense block's) grows least in squared error per weight skipped, until the
+  block skips the target share of its wrapped weights (the last step shortened to land on it). Every block thus
+  skips the target share, spread over its groups by what each costs.
 
 Cuts come from the dense model's activations (TEAL's way): upstream sparsity shifts downstream activations a
-little, so the share reached on held-out text is measured and reported, not assumed. Allocation across layers
-is uniform: every module targets the same share of its entries.
+little, so the share reached on held-out text is measured and reported, not assumed.
 """
 
 from __future__ import annotations
@@ -27,12 +34,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prune.calibration.layerwise import collect_stats
-from prune.models.blocks import weight_matrix
+from prune.calibration.layerwise import walk_blocks
+from prune.masks.base import unwrap
+from prune.methods.activation.layers import Threshold, entries, is_gated_ffn, wrap
+from prune.models.blocks import find_blocks, in_out_features, weight_matrix
 
 SAMPLE_SIZE = 1 << 21  # entries sampled per module: the quantile's standard error is ~0.0004 at 50%
 CALIBRATION_BATCH = 4  # windows per calibration forward
+STEP = 0.05  # greedy allocation: how far one step raises a group's share of zeros
 Score = Literal["magnitude", "weighted"]
+Allocation = Literal["uniform", "greedy"]
 
 
 class EntrySample:
@@ -50,14 +61,13 @@ class EntrySample:
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
-        entries, companion = self.read(x.reshape(-1, x.shape[-1]))
-        entries = entries.detach().float().cpu()
-        width = entries.shape[-1]
-        flat = entries.abs().flatten()
+        values, companion = self.read(x.reshape(-1, x.shape[-1]))
+        values = values.detach().float().cpu()
+        flat = values.abs().flatten()
         picked = torch.randint(flat.numel(), (min(self.per_call, flat.numel()),), generator=self.generator)
         self.values.append(flat[picked])
-        self.columns.append(picked % width)
-        self.tokens += entries.shape[0]
+        self.columns.append(picked % values.shape[-1])
+        self.tokens += values.shape[0]
         if companion is not None:
             squares = companion.detach().float().cpu().pow(2).sum(dim=0)
             self.companion_squares = squares if self.companion_squares is None else self.companion_squares + squares
@@ -65,63 +75,149 @@ class EntrySample:
     def companion_rms(self) -> Tensor:
         return (self.companion_squares / max(self.tokens, 1)).sqrt()
 
-    def cut(self, share: float, scale: Tensor) -> Tensor:
-        """c_j = t / s_j, t the `share`-quantile of the sampled scores |v_j| s_j (s = `scale`, [width])."""
-        scores = torch.cat(self.values) * scale[torch.cat(self.columns)]
-        rank = min(max(round(share * scores.numel()), 1), scores.numel())
-        threshold = float(scores.kthvalue(rank).values)
-        return threshold / scale  # a zero score scale (a dead column) gives an infinite cut: never kept
+    def scored(self, scale: Tensor) -> Tensor:
+        """The sampled scores |v_j| s_j, sorted (s = `scale`, [width])."""
+        return (torch.cat(self.values) * scale[torch.cat(self.columns)]).sort().values
+
+
+def cut_at(scores: Tensor, scale: Tensor, share: float) -> Tensor:
+    """c_j = t / s_j, t the `share`-quantile of the sorted `scores`; share 0 keeps every nonzero entry."""
+    if share <= 0:
+        return torch.zeros_like(scale)
+    threshold = float(scores[min(max(round(share * len(scores)), 1), len(scores)) - 1])
+    return threshold / scale  # a zero scale (a dead column) gives an infinite cut: never kept
 
 
 def calibrate(
-    model: nn.Module, names: list[str], sparsity: float, calibration: Tensor, score: Score, seed: int = 0
-) -> dict[str, Tensor]:
-    """The cut (float32 [entries]) of each named module for `sparsity`: of a projection's input (teal) or of a
-    gated FFN's act(gate(x)) (cats), from the dense model's forwards over `calibration` [windows, seq_len]."""
+    model: nn.Module,
+    names: list[str],
+    sparsity: float,
+    calibration: Tensor,
+    score: Score,
+    allocation: Allocation,
+    seed: int = 0,
+) -> dict[str, Threshold]:
+    """The threshold (cut float32 [entries] + its share of zeros) of each named module for `sparsity`: of a
+    projection's input (teal) or of a gated FFN's act(gate(x)) (cats), from the dense model's forwards over
+    `calibration` [windows, seq_len]."""
     modules = dict(model.named_modules())
-    sites = {name: _site(name, modules[name]) for name in names}  # the linear whose input is read
-    readers = {id(modules[site]): read for site, read in sites.values()}
-    batches = -(-len(calibration) // CALIBRATION_BATCH)
-    per_call = -(-SAMPLE_SIZE // batches)
-    by_site = {site: name for name, (site, _) in sites.items()}
-    cuts: dict[str, Tensor] = {}
+    blocks_name, blocks = find_blocks(model)
+    per_call = -(-SAMPLE_SIZE // -(-len(calibration) // CALIBRATION_BATCH))
+    thresholds: dict[str, Threshold] = {}
 
-    def sink(samples: dict[str, EntrySample]) -> None:  # one block's samples, dropped once read
-        for site, sample in samples.items():
-            name = by_site[site]
-            cuts[name] = sample.cut(sparsity, _scale(modules[name], sample, score))
-
-    collect_stats(
-        model,
-        list(by_site),
-        lambda module: EntrySample(per_call, readers[id(module)], seed),
-        calibration,
-        batch_size=CALIBRATION_BATCH,
-        share_inputs=False,  # q/k/v read one input, but their columns (hence weighted scores) differ
-        sink=sink,
-        progress=False,
-    )
-    return {name: cuts[name] for name in names}
-
-
-def _site(name: str, module: nn.Module) -> tuple[str, Callable[[Tensor], tuple[Tensor, Tensor | None]]]:
-    """(the linear whose input is read, what turns that input into (entries, companion)): a projection's own
-    input; a gated FFN's gate_proj input, into act(gate(x)) with up(x) beside it."""
-    if hasattr(module, "gate_proj"):  # F.linear, not the modules: calling gate_proj would rerun the hook reading it
-        gate, up = module.gate_proj, module.up_proj
-        return f"{name}.gate_proj", lambda x: (
-            module.act_fn(F.linear(x, gate.weight, gate.bias)),
-            F.linear(x, up.weight, up.bias),
+    def visit(index: int, block: nn.Module, outputs: Callable[[], Tensor]) -> None:
+        prefix = f"{blocks_name}.{index}."
+        here = [name for name in names if name.startswith(prefix)]
+        if not here:
+            return
+        samples, groups, dense = _sample(modules, here, outputs, per_call, seed)
+        scales = {name: _scale(modules[name], samples[name], score) for name in here}
+        scored = {name: samples[name].scored(scales[name]) for name in here}
+        if allocation == "greedy":
+            shares = _greedy(block, prefix, modules, groups, scored, scales, sparsity, dense, outputs)
+        else:
+            shares = dict.fromkeys(here, sparsity)
+        thresholds.update(
+            {name: Threshold(cut_at(scored[name], scales[name], shares[name]), shares[name]) for name in here}
         )
-    return name, lambda x: (x, None)
+
+    walk_blocks(model, calibration, visit, batch_size=CALIBRATION_BATCH, progress=False)
+    missing = [name for name in names if name not in thresholds]
+    if missing:
+        raise ValueError(f"targets outside the decoder blocks cannot be calibrated: {missing[:3]}")
+    return {name: thresholds[name] for name in names}
+
+
+def _sample(modules, names, outputs, per_call, seed) -> tuple[dict[str, EntrySample], list[list[str]], Tensor]:
+    """One dense run of the block with hooks: each module's EntrySample, the groups of modules that read one
+    input (in the order they run), and the block's outputs."""
+    samples = {name: EntrySample(per_call, _reader(modules[name]), seed) for name in names}
+    first_input: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+        site = modules[name].gate_proj if is_gated_ffn(modules[name]) else modules[name]
+
+        def hook(module, args, name=name):
+            first_input.setdefault(name, args[0])
+            samples[name].add(args[0].detach())
+
+        handles.append(site.register_forward_pre_hook(hook))
+    try:
+        dense = outputs()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    for name in names:
+        leader = next((group for group in groups if first_input[group[0]] is first_input[name]), None)
+        (leader.append(name) if leader is not None else groups.append([name]))
+    return samples, groups, dense
+
+
+def _reader(module: nn.Module) -> Callable[[Tensor], tuple[Tensor, Tensor | None]]:
+    """What turns the input a module's sample reads into (entries, companion): a projection's input as it is; a
+    gated FFN's (read at gate_proj) into act(gate(x)) with up(x) beside it (F.linear: calling the projections
+    would rerun the hook)."""
+    if is_gated_ffn(module):
+        gate, up = module.gate_proj, module.up_proj
+        return lambda x: (module.act_fn(F.linear(x, gate.weight, gate.bias)), F.linear(x, up.weight, up.bias))
+    return lambda x: (x, None)
 
 
 def _scale(module: nn.Module, sample: EntrySample, score: Score) -> Tensor:
     """s_j of each entry of `module` under `score` (see the module docstring), float32 on the CPU."""
-    if hasattr(module, "gate_proj"):
-        width = module.up_proj.out_features
-        if score == "magnitude":
-            return torch.ones(width)
+    if score == "magnitude":
+        return torch.ones(entries(module))
+    if is_gated_ffn(module):
         return sample.companion_rms() * module.down_proj.weight.detach().float().cpu().norm(dim=0)
-    weight = weight_matrix(module).detach().float().cpu()
-    return torch.ones(weight.shape[1]) if score == "magnitude" else weight.norm(dim=0)
+    return weight_matrix(module).detach().float().cpu().norm(dim=0)
+
+
+def _weights(module: nn.Module) -> int:
+    """The weights a token reads through the wrapped entries of `module` (a gated FFN: up and down)."""
+    if is_gated_ffn(module):
+        return 2 * module.up_proj.in_features * module.up_proj.out_features
+    in_features, out_features = in_out_features(module)
+    return in_features * out_features
+
+
+def _greedy(block, prefix, modules, groups, scored, scales, sparsity, dense, outputs) -> dict[str, float]:
+    """Each group's share of zeros (TEAL's greedy, see the module docstring), as a share per module."""
+    weights = [sum(_weights(modules[name]) for name in group) for group in groups]
+    total = sum(weights)
+    shares = [0.0] * len(groups)
+    names = [name for group in groups for name in group]
+    layers = wrap(
+        block, {name[len(prefix) :]: Threshold(cut_at(scored[name], scales[name], 0.0), 0.0) for name in names}, 1
+    )
+
+    def set_share(index: int, share: float) -> None:
+        for name in groups[index]:
+            mask = layers[name[len(prefix) :]].mask
+            mask.cut = cut_at(scored[name], scales[name], share).to(mask.cut.device)
+
+    def error() -> float:
+        return float((outputs() - dense).pow(2).sum())
+
+    try:
+        current = error()
+        while sum(s * w for s, w in zip(shares, weights)) < sparsity * total:
+            best = None
+            for index, share in enumerate(shares):
+                if share + STEP >= 1.0:
+                    continue
+                set_share(index, share + STEP)
+                cost = (error() - current) / (STEP * weights[index])
+                set_share(index, share)
+                if best is None or cost < best[0]:
+                    best = (cost, index)
+            if best is None:  # every group near 1: the target cannot be spread further
+                break
+            index = best[1]
+            short = sparsity * total - sum(s * w for s, w in zip(shares, weights))
+            shares[index] = min(shares[index] + STEP, shares[index] + short / weights[index])
+            set_share(index, shares[index])
+            current = error()
+    finally:
+        unwrap(block)
+    return {name: shares[index] for index, group in enumerate(groups) for name in group}

@@ -33,6 +33,11 @@ class ActivationConfig(MethodConfig):
         description="which entries go first: magnitude, |entry| alone (TEAL's and CATS's rule); weighted, |entry| "
         "times what it moves (teal: its weight column's norm; cats: its up value's rms times its down column's norm)",
     )
+    allocation: Literal["uniform", "greedy"] = Field(
+        "uniform",
+        description="how the target is spread over a block's inputs: uniform, every module the target share; "
+        "greedy (teal only), TEAL's greedy by block output error on the calibration windows",
+    )
     targets: list[str] | None = Field(
         None,
         description="glob patterns over module names (null: teal, every linear inside the decoder blocks; cats, "
@@ -51,6 +56,11 @@ class ActivationConfig(MethodConfig):
             raise ValueError(
                 f"activation sparsity zeroes a fraction of each input, not an N:M pattern: set method.sparsity to "
                 f"a fraction such as 0.5, not {self.sparsity!r}."
+            )
+        if self.allocation == "greedy" and self.mode == "cats":
+            raise ValueError(
+                "allocation greedy spreads the target over the several inputs of a block (teal); cats has one "
+                "threshold per block: use allocation uniform."
             )
         return self
 

@@ -73,9 +73,8 @@ def attach_activation(
     names = target_names(model, config)
     if calibration is None:
         raise UserInputError("activation sparsity calibrates its thresholds on text: pass calibration windows.")
-    fraction = config.pattern.fraction
-    cuts = calibrate(model, names, fraction, calibration, config.score)
-    wrap(model, {name: Threshold(cut, fraction) for name, cut in cuts.items()}, config.max_tokens)
+    thresholds = calibrate(model, names, config.pattern.fraction, calibration, config.score, config.allocation)
+    wrap(model, thresholds, config.max_tokens)
     model.eval()
     return None
 
@@ -93,6 +92,7 @@ def save_thresholds(model: nn.Module, directory: Path, config: ActivationConfig,
         "method": "activation",
         "mode": config.mode,
         "score": config.score,
+        "allocation": config.allocation,
         "layers": {
             name: {"kind": "ffn" if isinstance(layer, ThresholdedFFN) else "linear", "target": layer.mask.target}
             for name, layer in layers.items()
@@ -117,7 +117,7 @@ def restore_activation(model: nn.Module, directory: Path, config: ActivationConf
         raise UserInputError(f"the threshold files in {directory} are corrupt ({error}); rerun `prune run`.") from None
     if info.get("format_version") != FORMAT_VERSION or info.get("method") != "activation":
         raise UserInputError(f"{directory / INFO_FILE} is not an activation-sparsity file of format {FORMAT_VERSION}.")
-    made = {"mode": info.get("mode"), "score": info.get("score")}
+    made = {key: info.get(key) for key in ("mode", "score", "allocation")}
     differ = [
         f"{key} {value!r} (the config says {getattr(config, key)!r})"
         for key, value in made.items()
