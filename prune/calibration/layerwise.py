@@ -354,10 +354,10 @@ def walk_blocks(
     progress: bool = True,
 ) -> None:
     """The model block by block over `calib_blocks` [n, seq_len]: for each decoder block in turn,
-    `visit(index, block, outputs)`, where `outputs()` runs the block as it is at that moment (the visitor may
-    wrap its modules, e.g. to compare candidate thresholds) over every batch and returns its outputs
-    [n, seq, hidden] on the CPU; then the block, as the visitor left it, runs once more and its outputs become the
-    next block's inputs. Memory: one block's inputs plus the outputs a visitor holds."""
+    `visit(index, block, outputs)`, where `outputs(batches=None)` runs the block as it is at that moment (the
+    visitor may wrap its modules, e.g. to compare candidate thresholds) over every batch (or the first `batches`)
+    and returns its outputs [rows, seq, hidden] on the CPU; then the block, as the visitor left it, runs once more
+    and its outputs become the next block's inputs. Memory: one block's inputs plus the outputs a visitor holds."""
     blocks, _, _, _, batches = _plan(model, {}, calib_blocks, batch_size)
     was_training = model.training
     model.eval()
@@ -365,11 +365,13 @@ def walk_blocks(
         with torch.no_grad():
             acts, calls = _capture_block_inputs(model, blocks[0], batches)
 
-            def outputs(block: nn.Module) -> Tensor:
-                return torch.cat([_call_block(block, acts, call).to(device="cpu", dtype=acts.dtype) for call in calls])
+            def outputs(block: nn.Module, batches: int | None) -> Tensor:
+                return torch.cat(
+                    [_call_block(block, acts, call).to(device="cpu", dtype=acts.dtype) for call in calls[:batches]]
+                )
 
             for index in tqdm(range(len(blocks)), desc="calibrating blocks", disable=not progress):
-                visit(index, blocks[index], lambda block=blocks[index]: outputs(block))
+                visit(index, blocks[index], lambda batches=None, block=blocks[index]: outputs(block, batches))
                 if index + 1 < len(blocks):
                     _run_block(blocks[index], acts, calls, write=True)
     finally:
