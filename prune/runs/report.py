@@ -7,7 +7,8 @@ from pathlib import Path
 
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
-from prune.tasks.registry import DEFAULT_TASK, get_task
+from prune.tasks.data_config import DEFAULT_TASK
+from prune.tasks.registry import get_task
 
 COLUMNS = [
     "model",

@@ -1,4 +1,4 @@
-"""`method.name: activation` -- its config (torch-free: recipes validate without loading torch)."""
+"""Activation sparsity's config and declaration (torch-free: a recipe is validated before torch is imported)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from prune.core.config import MethodConfig
+from prune.methods.declaration import MethodDeclaration
 
 # Calls of at most this many tokens run the sparse decode kernel. Measured on this project's 2-core CPU at
 # TEAL 40-50% (benchmarks/RESULTS.md, `activation`): the union of the kept columns of 4 tokens still skips work,
@@ -66,3 +67,6 @@ class ActivationConfig(MethodConfig):
 
     def target_label(self) -> str:
         return f"{self.mode} {self.pattern}"
+
+
+ACTIVATION = MethodDeclaration("activation", ActivationConfig, "oneshot", "prune.methods.activation.method:ACTIVATION")

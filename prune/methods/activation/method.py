@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from prune.core.atomic import write_tensors_with_json
 from prune.core.errors import UserInputError, summarize_names
 from prune.masks.targets import select_by_glob, select_targets
+from prune.methods.activation import config as declared
 from prune.methods.activation import kernel
 from prune.methods.activation.calibrate import calibrate
 from prune.methods.activation.config import ActivationConfig
@@ -229,10 +230,8 @@ def report_activation(model: nn.Module, config: ActivationConfig, heldout: HeldO
 
 
 ACTIVATION = MethodSpec(
-    "activation",
-    ActivationConfig,
+    declared.ACTIVATION,
     attach_activation,
-    kind="oneshot",
     needs_calibration=True,
     save=save_thresholds,
     load=restore_activation,
