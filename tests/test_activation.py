@@ -251,6 +251,11 @@ def test_cats_refuses_a_model_without_a_gated_ffn():
         sparse_model("gpt2", "cats")
 
 
+def test_targets_outside_the_decoder_blocks_are_refused():
+    with pytest.raises(UserInputError, match="lm_head lie outside them"):
+        sparse_model("llama", "teal", targets=["lm_head"])
+
+
 def test_attach_without_calibration_is_refused():
     with pytest.raises(UserInputError, match="calibrat"):
         ACTIVATION.attach(make_tiny_llama(), method_config("activation"), None)

@@ -52,7 +52,15 @@ def target_names(model: nn.Module, config: ActivationConfig) -> list[str]:
     """The modules thresholds wrap, from the model's structure alone: teal, the linears of the decoder blocks
     (or those `targets` names); cats, the gated FFNs (or those `targets` names). Refuses a model without them."""
     if config.mode == "teal":
-        return select_targets(model, config.targets)
+        names = select_targets(model, config.targets)
+        blocks_name, _ = find_blocks(model)
+        outside = [name for name in names if not name.startswith(f"{blocks_name}.")]
+        if outside:
+            raise UserInputError(
+                f"activation sparsity calibrates the decoder blocks ({blocks_name}) one by one, and "
+                f"{summarize_names(outside)} lie outside them; leave them out of method.targets."
+            )
+        return names
     ffns = [name for name, module in model.named_modules() if is_gated_ffn(module)]
     if not ffns:
         _, blocks = find_blocks(model)
