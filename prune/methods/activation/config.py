@@ -30,7 +30,7 @@ class ActivationConfig(MethodConfig):
     )
     mode: Literal["teal", "cats"] = Field("teal", description="teal: every projection's input; cats: FFN gates")
     score: Literal["magnitude", "weighted"] = Field(
-        "weighted",
+        "magnitude",
         description="which entries go first: magnitude, |entry| alone (TEAL's and CATS's rule); weighted, |entry| "
         "times what it moves (teal: its weight column's norm; cats: its up value's rms times its down column's norm)",
     )
