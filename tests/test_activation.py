@@ -185,6 +185,13 @@ def test_calls_beyond_max_tokens_run_masked_dense(cpp, monkeypatch):
         torch.testing.assert_close(narrow, decode_logits(model, batch=2), rtol=1e-4, atol=1e-5)
 
 
+def test_float64_decode_runs_masked_dense(cpp, monkeypatch):
+    """A dtype the kernel does not serve takes the documented dense path instead of failing in the kernel."""
+    model = sparse_model("llama", "teal", dtype=torch.float64)
+    monkeypatch.setattr(kernel, "threshold_linear", lambda *args: pytest.fail("the kernel ran on float64"))
+    assert decode_logits(model, batch=1).dtype == torch.float64
+
+
 def test_without_a_compiler_decode_runs_masked_dense(monkeypatch):
     monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
     monkeypatch.setitem(kernel._state, "loaded", None)

@@ -29,6 +29,7 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("sparse_decode.cpp")
 BUILD_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 Backend = Literal["cpp", "dense"]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel serves (others run masked dense)
 
 log = logging.getLogger(__name__)
 _state: dict[str, object] = {"loaded": None, "forced": None}  # loaded: the built backend (None: not tried yet)

@@ -80,10 +80,11 @@ class Thresholded(MaskWrapper):
         self._columns: tuple[tuple[int, ...], Tensor] | None = None  # (source weight version, W^T)
 
     def sparse_call(self, x: Tensor) -> bool:
-        """Whether this call runs the sparse kernel: few tokens, on the CPU, without autograd."""
+        """Whether this call runs the sparse kernel: few tokens, on the CPU, in a dtype it serves, no autograd."""
         return (
             x.shape[0] <= self.max_tokens
             and x.device.type == "cpu"
+            and x.dtype in kernel.DTYPES
             and not (torch.is_grad_enabled() and x.requires_grad)
             and kernel.backend() == "cpp"
         )
@@ -135,7 +136,8 @@ class ThresholdedFFN(Thresholded):
             self.counts.add(act.abs() > cut)
         if self.sparse_call(flat):
             up, down = base.up_proj, base.down_proj
-            y = kernel.threshold_ffn(flat, act, cut, up.weight, up.bias, self.columns_of(down), down.bias)
+            rows = up.weight.contiguous()  # neuron i's up weights: row i, as stored
+            y = kernel.threshold_ffn(flat, act, cut, rows, up.bias, self.columns_of(down), down.bias)
         else:
             y = base.down_proj(kernel.masked(act, cut) * base.up_proj(flat))
         return y.reshape(*x.shape[:-1], y.shape[-1])
