@@ -4,18 +4,22 @@ bfloat16), saved thresholds rebuild the same model, and bad input is refused or 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from eval.flops import count_flops
 from prune import method_config
+from prune.cli import main
 from prune.core.errors import UserInputError
 from prune.methods.activation import kernel
 from prune.methods.activation.layers import ThresholdedFFN, ThresholdedLinear, thresholded
 from prune.methods.activation.method import ACTIVATION, measure_zeroed, report_activation
 from prune.methods.spec import HeldOut
-from tests.conftest import make_tiny_gpt2, make_tiny_llama
+from prune.runs.loading import load_model
+from tests.conftest import docs_text, make_tiny_gpt2, make_tiny_llama, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -287,3 +291,29 @@ def test_report_has_zeroed_shares_flops_and_side_by_side_speed():
     assert speed["decode_speedup"] == pytest.approx(
         speed["sparse"]["decode_tokens_per_s"] / speed["dense"]["decode_tokens_per_s"]
     )
+
+
+def test_a_run_reports_speed_side_by_side_and_prune_eval_loads_the_sparse_model(tmp_path, capsys):
+    """`prune run` writes the thresholds (no model/) and a report with per-layer zeroed shares and dense vs sparse
+    speed; `prune eval RUN_DIR` rebuilds the sparse model from the base model and the thresholds."""
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text(docs_text(20_000))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {save_tiny_model(tmp_path / 'tiny')}\n"
+        f"data: {{source: {corpus}, calibration_samples: 4, seq_len: 32}}\n"
+        "method: {name: activation, mode: cats, sparsity: 0.5}\n"
+        "eval: {tasks: [], extra_texts: [], semi_structured_kernel: false}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--output", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert not (run / "model").exists() and (run / "thresholds.safetensors").is_file()
+    assert set(report["activation"]["layers"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert report["sparsity"]["target"] == "cats 0.5" and 0 < report["sparsity"]["achieved"] < 1
+    assert report["speed"]["sparse"]["decode_tokens_per_s"] > 0 and report["speed"]["dense"]["decode_tokens_per_s"] > 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(corpus), "--seq-len", "32", "--tasks", "--no-latency"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    model, _ = load_model(str(run))
+    assert all(isinstance(layer, ThresholdedFFN) for layer in thresholded(model).values())
