@@ -33,6 +33,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel serve
 
 log = logging.getLogger(__name__)
 _state: dict[str, object] = {"loaded": None, "forced": None}  # loaded: the built backend (None: not tried yet)
+_ops: dict[str, object] = {}  # the loaded operators, looked up once (torch.ops attribute lookups cost per call)
 
 
 def _build() -> Backend:
@@ -51,6 +52,8 @@ def _build() -> Backend:
         return "dense"
     if not hasattr(torch.ops.maskprune_sparse_decode, "threshold_linear"):
         torch.ops.load_library(library)
+    _ops["linear"] = torch.ops.maskprune_sparse_decode.threshold_linear.default
+    _ops["ffn"] = torch.ops.maskprune_sparse_decode.threshold_ffn.default
     return "cpp"
 
 
@@ -85,7 +88,7 @@ def masked(x: Tensor, cut: Tensor) -> Tensor:
 def threshold_linear(x: Tensor, columns: Tensor, cut: Tensor, bias: Tensor | None) -> Tensor:
     """masked(x, cut) @ columns (+ bias) for x [rows, in] and columns = W^T [in, out] contiguous, reading only
     the rows of `columns` some row of x keeps."""
-    return torch.ops.maskprune_sparse_decode.threshold_linear(x, columns, cut, bias)
+    return _ops["linear"](x, columns, cut, bias)
 
 
 def threshold_ffn(
@@ -100,4 +103,4 @@ def threshold_ffn(
     """A gated FFN's down(masked(act, cut) * up(x)), with act = act_fn(gate(x)) [rows, inter] given,
     up [inter, hidden] as stored and down_columns = W_down^T [inter, hidden]: up and down run only for the
     neurons some row keeps (CATS)."""
-    return torch.ops.maskprune_sparse_decode.threshold_ffn(x, act, cut, up, up_bias, down_columns, down_bias)
+    return _ops["ffn"](x, act, cut, up, up_bias, down_columns, down_bias)

@@ -68,7 +68,11 @@ class Zeroed:
 
 class Thresholded(MaskWrapper):
     """What both wrappers share: `bypass` runs the base module untouched (the dense model), `counts` collects
-    what the threshold zeroes, `max_tokens` bounds the calls that run the sparse kernel."""
+    what the threshold zeroes, `max_tokens` bounds the calls that run the sparse kernel.
+
+    The kernel's operands (the cut, W^T, biases) are gathered once and kept with the weight versions and dtype
+    they were made for, so a decode call pays one comparison, not the lookups and copies (decode runs a wrapper
+    ~200 times per token of a small model, where microseconds add up)."""
 
     mask: Threshold
 
@@ -77,27 +81,35 @@ class Thresholded(MaskWrapper):
         self.max_tokens = max_tokens
         self.bypass = False
         self.counts: Zeroed | None = None
-        self._columns: tuple[tuple[int, ...], Tensor] | None = None  # (source weight version, W^T)
+        self._operands: tuple | None = None  # (dtype, source weights, their versions, the kernel's operands)
 
     def sparse_call(self, x: Tensor) -> bool:
-        """Whether this call runs the sparse kernel: few tokens, on the CPU, in a dtype it serves, no autograd."""
+        """Whether this call runs the sparse kernel: few tokens, on the CPU, in a dtype it serves, no autograd,
+        nothing being counted."""
         return (
             x.shape[0] <= self.max_tokens
+            and self.counts is None
             and x.device.type == "cpu"
             and x.dtype in kernel.DTYPES
-            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not (x.requires_grad and torch.is_grad_enabled())
             and kernel.backend() == "cpp"
         )
 
-    def columns_of(self, module: nn.Module) -> Tensor:
-        """W^T [in, out], contiguous: a Conv1D's own weight; a transposed copy of an nn.Linear's, remade when the
-        weight changes."""
-        if isinstance(module, Conv1D) and module.weight.is_contiguous():
-            return module.weight.detach()
-        version = (module.weight._version, module.weight.data_ptr())
-        if self._columns is None or self._columns[0] != version:
-            self._columns = (version, weight_matrix(module).detach().t().contiguous())
-        return self._columns[1]
+    def operands(self, dtype: torch.dtype) -> tuple:
+        """The kernel's operands after the activations, remade when the dtype changes or a source weight is
+        changed in place (its version counter moves)."""
+        cached = self._operands
+        if cached is None or cached[0] != dtype or tuple(weight._version for weight in cached[1]) != cached[2]:
+            sources = self.source_weights()
+            cached = self._operands = (dtype, sources, tuple(w._version for w in sources), self.make_operands())
+        return cached[3]
+
+    def source_weights(self) -> tuple[Tensor, ...]:
+        """The weights the operands copy or read."""
+        raise NotImplementedError
+
+    def make_operands(self) -> tuple:
+        raise NotImplementedError
 
     def merged(self) -> nn.Module:
         raise UserInputError(
@@ -106,39 +118,58 @@ class Thresholded(MaskWrapper):
         )
 
 
+def columns(module: nn.Module) -> Tensor:
+    """W^T [in, out], contiguous: a Conv1D's own weight (stored so), else a transposed copy."""
+    if isinstance(module, Conv1D) and module.weight.is_contiguous():
+        return module.weight.detach()
+    return weight_matrix(module).detach().t().contiguous()
+
+
 class ThresholdedLinear(Thresholded):
     """teal: a projection whose input entries of magnitude at or below the threshold are zero."""
+
+    def source_weights(self) -> tuple[Tensor, ...]:
+        return (self.base.weight,)
+
+    def make_operands(self) -> tuple:
+        return columns(self.base), self.mask.cut, self.base.bias
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bypass:
             return self.base(x)
-        cut = self.mask.cut
         flat = x.reshape(-1, x.shape[-1])
+        if self.sparse_call(flat):
+            y = kernel.threshold_linear(flat, *self.operands(x.dtype))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        cut = self.mask.cut
         if self.counts is not None:
             self.counts.add(flat.abs() > cut)
-        if self.sparse_call(flat):
-            y = kernel.threshold_linear(flat, self.columns_of(self.base), cut, self.base.bias)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
         return self.base(kernel.masked(x, cut))
 
 
 class ThresholdedFFN(Thresholded):
     """cats: a gated FFN whose neurons with |act(gate(x))| at or below the threshold are zero."""
 
+    def source_weights(self) -> tuple[Tensor, ...]:
+        return self.base.up_proj.weight, self.base.down_proj.weight
+
+    def make_operands(self) -> tuple:
+        up, down = self.base.up_proj, self.base.down_proj
+        # neuron i's up weights are row i of W_up as stored; its down weights column i of W_down, a row of W^T
+        return self.mask.cut, up.weight.detach().contiguous(), up.bias, columns(down), down.bias
+
     def forward(self, x: Tensor) -> Tensor:
         if self.bypass:
             return self.base(x)
         base = self.base
-        cut = self.mask.cut
         flat = x.reshape(-1, x.shape[-1])
         act = base.act_fn(base.gate_proj(flat))
-        if self.counts is not None:
-            self.counts.add(act.abs() > cut)
         if self.sparse_call(flat):
-            up, down = base.up_proj, base.down_proj
-            rows = up.weight.contiguous()  # neuron i's up weights: row i, as stored
-            y = kernel.threshold_ffn(flat, act, cut, rows, up.bias, self.columns_of(down), down.bias)
+            y = kernel.threshold_ffn(flat, act, *self.operands(x.dtype))
         else:
+            cut = self.mask.cut
+            if self.counts is not None:
+                self.counts.add(act.abs() > cut)
             y = base.down_proj(kernel.masked(act, cut) * base.up_proj(flat))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
