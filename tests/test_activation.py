@@ -223,6 +223,20 @@ def test_saved_thresholds_rebuild_the_same_sparse_decode(cpp, family, mode, tmp_
     assert (tmp_path / "thresholds.safetensors").is_file() and (tmp_path / "thresholds.json").is_file()
 
 
+def test_the_public_api_saves_and_loads_thresholds_with_their_config(tmp_path):
+    import prune
+
+    model = make_tiny_llama()
+    config = prune.method_config("activation", mode="cats", sparsity=0.5, score="weighted")
+    assert prune.attach(model, config, calibration=tokens(4, 32, seed=1)) is None
+    prune.save_masks(model, tmp_path)
+    restored = prune.load_masks(make_tiny_llama(), tmp_path)  # the config read from thresholds.json
+    with torch.no_grad():
+        assert torch.equal(restored(tokens(2, 16, seed=2)).logits, model(tokens(2, 16, seed=2)).logits)
+    with pytest.raises(UserInputError, match="plain checkpoint"):
+        prune.export(restored)
+
+
 def test_thresholds_that_do_not_fit_are_refused(tmp_path):
     model = sparse_model("llama", "teal")
     config = method_config("activation", mode="teal", sparsity=0.5)
