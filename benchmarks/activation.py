@@ -7,7 +7,7 @@ section of benchmarks/RESULTS.md and benchmarks/activation.json.
 For each level (mode and share of zeros) every variant of the method's settings (score magnitude or weighted;
 for teal, allocation uniform or greedy) is calibrated on `--calibration` windows of the docs' train part and
 scored on the docs' validation part; the variant with the lowest validation perplexity is kept (never a test
-figure), and only it is measured on the test parts of the docs and of moby-dick (out of domain, never read
+figure), and only it is measured on the test parts of the docs and of moby-dick and sotu (out of domain, never read
 before), with 95% bootstrap intervals. Speed: decode tokens/s (prompt 128, 32 greedy tokens) and prefill
 tokens/s of the same model with its thresholds bypassed (dense) and applied (sparse), alternated `--rounds`
 times (prune.methods.activation.speed); ratios of medians.
@@ -38,7 +38,8 @@ from benchmarks.results import interval, write_section  # noqa: E402
 from eval.bootstrap import perplexity_ci  # noqa: E402
 from eval.perplexity import perplexity  # noqa: E402
 from prune import method_config  # noqa: E402
-from prune.data.text import MOBY_DICK, prepare, prepare_extra  # noqa: E402
+from prune.data.config import MOBY_DICK, SOTU  # noqa: E402
+from prune.data.text import prepare, prepare_extra  # noqa: E402
 from prune.masks.base import unwrap  # noqa: E402
 from prune.methods.activation import kernel  # noqa: E402
 from prune.methods.activation.layers import (  # noqa: E402
@@ -55,6 +56,7 @@ from prune.runs.loading import load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "activation.json"
+EXTRA_TEXTS = (MOBY_DICK, SOTU)  # never read by the method (it calibrates on the docs' train part)
 GOALS = {("cats", 0.5): (0.05, 1.2), ("teal", 0.4): (0.10, 1.3)}  # (max perplexity increase, min decode speedup)
 SHAPES = [(576, 576, "q, o"), (576, 192, "k, v"), (576, 1536, "gate, up"), (1536, 576, "down")]
 
@@ -110,13 +112,13 @@ def run_level(model, mode: str, sparsity: float, data: dict, args) -> dict:
         "chosen": chosen,
         "variants": tried,
         "docs": figures(model, data["test"], args.batch),
-        "moby": figures(model, data["moby"], args.batch),
+        **{text: figures(model, data[text], args.batch) for text in EXTRA_TEXTS},
         "weights_skipped": zeroed["weights_skipped"],
         "ffn_weights_skipped": ffn_weights_skipped(model, zeroed),
         "layers": zeroed["layers"],
         "speed": side_by_side(model, rounds=args.rounds),
     }
-    print(mode, sparsity, {key: row[key] for key in ("docs", "moby", "weights_skipped", "speed")}, flush=True)
+    print(mode, sparsity, {key: row[key] for key in ("docs", *EXTRA_TEXTS, "weights_skipped", "speed")}, flush=True)
     if args.batch_sweep and (mode, sparsity) == ("teal", 0.4):
         row["batch_sweep"] = batch_sweep(model, args)
     unwrap(model)
@@ -250,6 +252,11 @@ def kernel_table(args) -> list[dict]:
 # --------------------------------------------------------------------------------------------------- render
 
 
+def changes(row: dict, dense: dict) -> dict[str, float]:
+    """Relative perplexity change against dense on the docs and on each extra text."""
+    return {text: row[text]["value"] / dense[text]["value"] - 1 for text in ("docs", *EXTRA_TEXTS)}
+
+
 def pct(value: float) -> str:
     return f"{100 * value:+.1f}%"
 
@@ -265,31 +272,35 @@ def render(result: dict) -> str:
             f"float32, {a['threads']} thread. Thresholds calibrated on {a['calibration']} windows of "
             f"{a['seq_len']} tokens of the docs' train part; per level the variant (score, allocation) with the lowest "
             f"perplexity on the docs' validation part ({result['validation_windows']} windows) is kept; perplexity "
-            f"on the test parts of the docs (the first {result['test_windows']} windows) and of moby-dick "
-            f"(the first {result['moby_windows']} windows, never read before), [95% bootstrap interval]. Decode: "
+            f"on the test parts of the docs (the first {result['test_windows']} windows) and of "
+            + ", ".join(f"{text} (the first {result['extra_windows'][text]} windows)" for text in EXTRA_TEXTS)
+            + " (not seen: the method reads only the docs' train part), [95% bootstrap interval]. Decode: "
             f"prompt 128, 32 tokens at batch 1; dense = the same model with its thresholds bypassed, alternated with "
             f"the sparse model {a['rounds']} times in this process (medians; ratio = sparse / dense tokens/s). "
             "Skipped: the share of the wrapped weights (FFN: of the FFN's weights) a test token does not read. Kernel: "
             f"{result['kernel']}."
         ),
         "",
-        "| model | docs test | change | moby-dick test | change | weights skipped | FFN weights skipped "
-        "| decode tok/s sparse / dense | decode speedup | prefill speedup | kept variant |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | docs test | change | "
+        + "".join(f"{text} test (not seen) | change | " for text in EXTRA_TEXTS)
+        + "weights skipped | FFN weights skipped | decode tok/s sparse / dense | decode speedup | prefill speedup "
+        "| kept variant |",
+        "|---|---|---|" + "---|---|" * len(EXTRA_TEXTS) + "---|---|---|---|---|---|",
         f"| dense | {interval(dense['docs']['value'], dense['docs']['ci95'])} | | "
-        f"{interval(dense['moby']['value'], dense['moby']['ci95'])} | | | | | | | |",
+        + "".join(f"{interval(dense[text]['value'], dense[text]['ci95'])} | | " for text in EXTRA_TEXTS)
+        + "| | | | | |",
     ]
     for row in result["levels"]:
         speed = row["speed"]
-        docs, moby = (
-            row["docs"]["value"] / dense["docs"]["value"] - 1,
-            row["moby"]["value"] / dense["moby"]["value"] - 1,
-        )
+        change = changes(row, dense)
         chosen = ", ".join(f"{value}" for value in row["chosen"].values())
         lines.append(
             f"| {row['mode']} {row['sparsity']:g} | {interval(row['docs']['value'], row['docs']['ci95'])} | "
-            f"{pct(docs)} | {interval(row['moby']['value'], row['moby']['ci95'])} | {pct(moby)} | "
-            f"{100 * row['weights_skipped']:.1f}% | {100 * row['ffn_weights_skipped']:.1f}% | "
+            f"{pct(change['docs'])} | "
+            + "".join(
+                f"{interval(row[text]['value'], row[text]['ci95'])} | {pct(change[text])} | " for text in EXTRA_TEXTS
+            )
+            + f"{100 * row['weights_skipped']:.1f}% | {100 * row['ffn_weights_skipped']:.1f}% | "
             f"{speed['sparse']['decode_tokens_per_s']:.2f} / {speed['dense']['decode_tokens_per_s']:.2f} | "
             f"{speed['decode_speedup']:.2f}x{' (slower)' if speed['decode_speedup'] < 1 else ''} | "
             f"{speed['prefill_speedup']:.2f}x{' (slower)' if speed['prefill_speedup'] < 1 else ''} | {chosen} |"
@@ -308,15 +319,14 @@ def render(result: dict) -> str:
         row = next((r for r in result["levels"] if (r["mode"], r["sparsity"]) == (mode, sparsity)), None)
         if row is None:
             continue
-        docs, moby = (
-            row["docs"]["value"] / dense["docs"]["value"] - 1,
-            row["moby"]["value"] / dense["moby"]["value"] - 1,
-        )
-        met_quality = docs <= quality and moby <= quality
+        change = changes(row, dense)
+        met_quality = all(value <= quality for value in change.values())
         met_speed = row["speed"]["decode_speedup"] >= speedup
         lines.append(
-            f"- {mode} {sparsity:g}: perplexity <= +{100 * quality:.0f}% on both texts: "
-            f"{'met' if met_quality else 'not met'} (docs {pct(docs)}, moby-dick {pct(moby)}); decode >= "
+            f"- {mode} {sparsity:g}: perplexity <= +{100 * quality:.0f}% on every text: "
+            f"{'met' if met_quality else 'not met'} ("
+            + ", ".join(f"{text} {pct(value)}" for text, value in change.items())
+            + "); decode >= "
             f"{speedup}x: {'met' if met_speed else 'not met'} ({row['speed']['decode_speedup']:.2f}x)."
         )
     lines += [
@@ -393,12 +403,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
-    moby = prepare_extra(tokenizer, [MOBY_DICK], args.seq_len)[MOBY_DICK]
+    extras = prepare_extra(tokenizer, list(EXTRA_TEXTS), args.seq_len)
     data = {
         "calibration": splits.calibration_blocks(args.calibration, args.seq_len, args.seed),
         "validation": splits.validation_blocks(args.seq_len)[: args.max_windows or None],
         "test": splits.test_blocks(args.seq_len)[: args.max_windows or None],
-        "moby": moby.test_blocks(args.seq_len)[: args.max_windows or None],
+        **{text: extras[text].test_blocks(args.seq_len)[: args.max_windows or None] for text in EXTRA_TEXTS},
     }
     result = {
         "command": "python benchmarks/activation.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
@@ -406,10 +416,10 @@ def main(argv: list[str] | None = None) -> None:
         "kernel": kernel.backend(),
         "validation_windows": len(data["validation"]),
         "test_windows": len(data["test"]),
-        "moby_windows": len(data["moby"]),
+        "extra_windows": {text: len(data[text]) for text in EXTRA_TEXTS},
         "dense": {
             "docs": figures(model, data["test"], args.batch),
-            "moby": figures(model, data["moby"], args.batch),
+            **{text: figures(model, data[text], args.batch) for text in EXTRA_TEXTS},
             "validation": perplexity(model, data["validation"], batch_size=args.batch).value,
         },
         "levels": [],
