@@ -33,6 +33,7 @@ from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective, mask_parameters
 from prune.methods.binary.method import BinaryConfig
+from prune.methods.depth.config import DepthConfig
 from prune.methods.gating.method import GatingConfig
 from prune.methods.nm_gumbel.method import NMGumbelConfig
 from prune.methods.oneshot.method import MagnitudeConfig, SparseGPTConfig, WandaConfig
@@ -61,6 +62,7 @@ __all__ = [
     "WandaConfig",
     "SparseGPTConfig",
     "StructuredConfig",
+    "DepthConfig",
     "NMGumbelConfig",
     "VIBConfig",
     "BinaryConfig",
@@ -88,14 +90,19 @@ def _problem(item: dict, allowed: str) -> str:
     return f"{where}: {message}" if where else message
 
 
-def attach(model: nn.Module, config: MethodConfig, calibration: Tensor | None = None) -> Objective | None:
+def attach(
+    model: nn.Module, config: MethodConfig, calibration: Tensor | None = None, selection: Tensor | None = None
+) -> Objective | None:
     """Wrap `model`'s targets with the method's masks, in place; the weights stay untouched.
 
     One-shot methods decide their masks here and return None; wanda, sparsegpt (and structured's activation
-    score, nm_gumbel's wanda/sparsegpt priors) read `calibration`, token blocks [samples, seq_len]. Learnable
+    score, nm_gumbel's wanda/sparsegpt priors, depth's block importance) read `calibration`, token blocks
+    [samples, seq_len] of training text; depth chooses its blocks on `selection`, validation blocks. Learnable
     methods return the Objective to train with, and leave only the mask parameters (and the objective's
     `extra_parameters()`) requiring grad, so a hand-written loop cannot move a weight by accident."""
-    objective = get_method(config.name).attach(model, config, calibration)
+    spec = get_method(config.name)
+    options = {"selection": selection} if spec.needs_selection else {}
+    objective = spec.attach(model, config, calibration, **options)
     if objective is not None:
         trainable_parameters(model, objective)
     return objective

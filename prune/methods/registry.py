@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prune.core.errors import UserInputError
 from prune.methods.binary.method import BINARY
+from prune.methods.depth.method import DEPTH
 from prune.methods.gating.method import GATING
 from prune.methods.nm_gumbel.method import NM_GUMBEL
 from prune.methods.oneshot.method import MAGNITUDE, SPARSEGPT, WANDA
@@ -12,7 +13,7 @@ from prune.methods.structured.method import STRUCTURED
 from prune.methods.vib.method import VIB
 
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, NM_GUMBEL, VIB, BINARY, GATING)
+    spec.name: spec for spec in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, DEPTH, NM_GUMBEL, VIB, BINARY, GATING)
 }
 
 

@@ -111,6 +111,11 @@ class MethodSpec:
     `tasks` names the kinds of run the method supports (prune.tasks: causal-lm, zero-shot-classification,
     image-classification); a recipe pairing the method with another task is refused when it is validated.
 
+    `needs_selection`: `attach` also takes `selection=`, validation windows it chooses on (depth's removal set), so
+    no choice reads the test part. `check(model, config)` refuses, from the model's structure alone, what the
+    method cannot do with it (e.g. more blocks removed than the model has): the pipeline calls it before the output
+    is claimed.
+
     `targets(model, config)` names the modules the method masks from the model's structure alone (no
     forward): the pipeline calls it before the first forward, so a pattern that cannot fit the layers (N:M
     groups that do not tile them, a glob that matches nothing) fails at once, and `prune export` compares it
@@ -121,6 +126,7 @@ class MethodSpec:
     attach: AttachFn
     kind: Literal["oneshot", "learnable"]
     needs_calibration: bool
+    needs_selection: bool = False
     save: SaveFn = save_weight_masks
     load: LoadFn = load_weight_masks
     export: ExportFn = merge_weight_masks
@@ -131,6 +137,7 @@ class MethodSpec:
     streamed_export: StreamedExport | None = None
     tasks: frozenset[str] = frozenset({"causal-lm"})
     targets: TargetsFn | None = None
+    check: Callable[[nn.Module, MethodConfig], object] | None = None
 
     @property
     def block_by_block(self) -> bool:

@@ -21,8 +21,11 @@ def check_recipe(recipe: Recipe, spec: MethodSpec, resume: bool) -> None:
 
 def check_model(model: nn.Module, recipe: Recipe, spec: MethodSpec, task: type[Task]) -> None:
     """What the loaded model (or the skeleton of a streamed one) rules out, from its config and module names
-    alone: the method's targets (an N:M pattern must tile every targeted layer, globs must match) and what the
+    alone: the method's targets (an N:M pattern must tile every targeted layer, globs must match), its own `check`
+    and what the
     task checks (for a causal LM: a window longer than its positions, accuracy tasks that cannot run)."""
     if spec.targets is not None:
         spec.targets(model, recipe.method)
+    if spec.check is not None:
+        spec.check(model, recipe.method)
     task.check_model(model, recipe)
