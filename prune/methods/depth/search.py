@@ -34,7 +34,7 @@ def greedy_removal(
     score_only = ranked[:count]
     record = {"steps": steps, "greedy": list(removed), "score_only": score_only}
     if tried:
-        record["loss"] = tried[chosen]
+        record["greedy_loss"] = record["loss"] = tried[chosen]
     if candidates > 1 and set(score_only) != set(removed):
         record["score_only_loss"] = loss(score_only)
         if record["score_only_loss"] < record["loss"]:
