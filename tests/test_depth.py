@@ -29,6 +29,7 @@ from eval.perplexity import perplexity
 from prune import attach, export, method_config
 from prune.core.errors import UserInputError
 from prune.methods.depth.importance import block_importance
+from prune.methods.depth.method import report_depth
 from prune.methods.depth.search import greedy_removal
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
@@ -195,6 +196,18 @@ def test_depth_with_width_removes_blocks_and_units_to_the_whole_models_target(fa
     assert has_layer_sizes(tmp_path) == (family == "gpt2")
     loaded = load_resized(tmp_path) if family == "gpt2" else AutoModelForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(logits(loaded), gated, rtol=1e-4, atol=1e-4)
+
+
+def test_the_report_measures_depth_with_width_in_the_width_targets_unit():
+    model = make("llama")
+    config = method_config("depth", remove=1, width={"target": {"flops": 0.4}})
+    attach(model, config, CALIBRATION, SELECTION)
+    entries = report_depth(export(model, config), config, None, {})
+    assert entries["sparsity"]["measure"] == "flops" and entries["sparsity"]["achieved"] >= 0.4
+    assert entries["sparsity"]["target"] == "1 block + width flops 0.4"
+    assert (
+        entries["depth"]["kept_layers"] == entries["structure"]["kept_layers"] and len(entries["depth"]["removed"]) == 1
+    )
 
 
 # ------------------------------------------------------------------------------------------ refused input

@@ -77,7 +77,8 @@ class DepthConfig(MethodConfig):
         raise UserInputError(f"method depth removes {self.target_label()}, not an N:M pattern.")
 
     def target_label(self) -> str:
-        label = f"{self.remove} blocks" if isinstance(self.remove, int) else f"{self.remove:g} of the blocks"
+        count = f"{self.remove} block" + ("s" if self.remove != 1 else "")
+        label = count if isinstance(self.remove, int) else f"{self.remove:g} of the blocks"
         return label if self.width is None else f"{label} + width {self.width.target_label()}"
 
     def blocks_removed(self, blocks: int) -> int:

@@ -52,8 +52,9 @@ def check_depth(model: nn.Module, config: DepthConfig) -> Structure:
         )
     count = config.blocks_removed(structure.num_layers)
     if config.width is not None:
-        kept = _kept(structure, range(count))  # which blocks go does not change the size: every block is alike
-        allocated_counts(structure, config.width, kept)
+        # exact when the blocks are alike (every model not already pruned): which ones go does not change the
+        # size; attach checks the chosen set again
+        allocated_counts(structure, config.width, _kept(structure, range(count)))
     return structure
 
 
@@ -154,7 +155,9 @@ def export_depth(model: nn.Module, config: DepthConfig) -> nn.Module:
 def report_depth(model: nn.Module, config: DepthConfig, heldout: HeldOut, report: dict) -> dict:
     """The structural entries (params removed, sizes, measured speedup), and `depth`: the kept and removed blocks,
     their importance and every validation evaluation of the choice."""
-    entries = report_gated(model, config, heldout, report)
+    entries = report_gated(model, config.width or config, heldout, report)  # achieved in width's target unit
+    if entries:
+        entries["sparsity"]["target"] = config.target_label()
     figures = getattr(model, "maskprune_summary", None) or {}
     if figures.get("depth") is not None:
         entries["depth"] = figures["depth"]
