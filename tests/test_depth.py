@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from prune.core.errors import UserInputError
 from prune.methods.depth.importance import block_importance
 from prune.methods.depth.method import report_depth
 from prune.methods.depth.search import greedy_removal
+from prune.runs.export import export_run
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
 from prune.structural.layout import structure_of
@@ -284,5 +286,9 @@ def test_a_run_reports_the_kept_blocks_and_chooses_on_validation_windows(tmp_pat
     assert depth["validation_windows"] == 3 and len(depth["importance"]) == 2 and len(depth["removed"]) == 1
     assert report["structure"]["kept_layers"] == depth["kept_layers"] == [1 - depth["removed"][0]]
     assert set(report["speedup"]) == {"prefill", "decode"}
-    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
-    assert saved["num_hidden_layers"] == 1
+    model_dir = tmp_path / "run" / "model"
+    assert json.loads((model_dir / "config.json").read_text())["num_hidden_layers"] == 1
+    written = logits(AutoModelForCausalLM.from_pretrained(model_dir))
+    shutil.rmtree(model_dir)
+    export_run(tmp_path / "run")  # `prune export`: the base model and the saved gates give the same model again
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(model_dir)), written)
