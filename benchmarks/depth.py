@@ -24,12 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,6 +44,7 @@ from eval.perplexity import perplexity
 from prune import attach, export, method_config
 from prune.data.text import MOBY_DICK, DataConfig, prepare_extra, prepare_source
 from prune.runs.loading import load_model
+from prune.structural.shrink import has_layer_sizes, load_resized
 
 HERE = Path(__file__).parent
 JSON = HERE / "depth.json"
@@ -87,18 +91,37 @@ def vib_row(directory: str, texts: dict, dense_params: int) -> tuple[dict, torch
     return row, model
 
 
+def cached(directory: Path, make) -> tuple[dict, torch.nn.Module]:
+    """A row and its exported model: from `directory` when an earlier run with the same settings left them there
+    (so a rerun only times them again), else made by `make()` and saved (row.json last: it means complete)."""
+    if (directory / "row.json").is_file():
+        model_dir = directory / "model"
+        model = (
+            load_resized(model_dir) if has_layer_sizes(model_dir) else AutoModelForCausalLM.from_pretrained(model_dir)
+        )
+        return json.loads((directory / "row.json").read_text()), model.eval()
+    row, model = make()
+    model.save_pretrained(directory / "model")
+    (directory / "row.json").write_text(json.dumps(row, indent=2))
+    return row, model
+
+
 def latencies(models: dict[str, torch.nn.Module], args) -> dict[str, dict]:
-    """Every model timed in turn, `latency_rounds` rounds of 3 runs each; per model the best round (a shared CPU
-    only ever slows a run down, so the fastest round is the least disturbed one)."""
+    """Every model timed in turn, round after round (`latency_rounds`, each the median of 3 runs). A neighbour's load
+    on a shared CPU slows whatever runs at that moment, so a model's speedup is the median over rounds of its ratio
+    to the dense model timed in the same round, and its figures are medians over rounds."""
     runs: dict[str, list] = {label: [] for label in models}
     for _ in range(args.latency_rounds):
         for label, model in models.items():
             result = measure_latency(model, prompt_len=args.prompt_len, decode_tokens=args.decode_tokens, repeats=3)
             runs[label].append((result.prefill_tokens_per_s, result.decode_ms_per_token))
+    dense = runs["dense"]
     return {
         label: {
-            "prefill_tokens_per_s": max(value[0] for value in values),
-            "decode_ms_per_token": min(value[1] for value in values),
+            "prefill_tokens_per_s": statistics.median(value[0] for value in values),
+            "decode_ms_per_token": statistics.median(value[1] for value in values),
+            "speedup_prefill": statistics.median(value[0] / base[0] for value, base in zip(values, dense)),
+            "speedup_decode": statistics.median(base[1] / value[1] for value, base in zip(values, dense)),
             "rounds": values,
         }
         for label, values in runs.items()
@@ -144,19 +167,20 @@ def render(results: dict) -> str:
             f"| {row['method']} | {row['layers_kept']} | {row['params_kept']:,} | {row['params_removed']:.3f} | "
             f"{with_ci(row, 'perplexity')} | {row['perplexity'] / d['perplexity']:.2f} | "
             f"{with_ci(row, 'ood_perplexity')} | {row['ood_perplexity'] / d['ood_perplexity']:.2f} | "
-            f"{latency['prefill_tokens_per_s']:.0f} | "
-            f"{latency['prefill_tokens_per_s'] / dense_latency['prefill_tokens_per_s']:.2f}x | "
-            f"{latency['decode_ms_per_token']:.1f} | "
-            f"{dense_latency['decode_ms_per_token'] / latency['decode_ms_per_token']:.2f}x |"
+            f"{latency['prefill_tokens_per_s']:.0f} | {latency['speedup_prefill']:.2f}x | "
+            f"{latency['decode_ms_per_token']:.1f} | {latency['speedup_decode']:.2f}x |"
         )
     lines += ["", *record_lines(results["rows"])]
     lines += [
         "",
         (
             f"Latency: prompt {a['prompt_len']} tokens, {a['decode_tokens']} decoded, batch 1, {a['threads']} "
-            f"thread(s); every model timed in turn in this process, best of {a['latency_rounds']} interleaved rounds "
-            f"of 3 runs. Every export reproduces its gated model's perplexity (checked on {CHECK_WINDOWS} test "
-            "windows)."
+            f"thread(s); every model timed in turn in this process, {a['latency_rounds']} interleaved rounds of 3 "
+            "runs; speedup: the median over rounds of the ratio to the dense model of the same round, the figures: "
+            "medians over rounds (load average of this shared 2-core machine: "
+            f"{results['load_average']['before_latency'][0]:.1f} before timing, "
+            f"{results['load_average']['after_latency'][0]:.1f} after). Every export reproduces its gated model's "
+            f"perplexity (checked on {CHECK_WINDOWS} test windows)."
         ),
         "",
         *verdict_lines(results),
@@ -199,9 +223,7 @@ def verdict_lines(results: dict) -> list[str]:
     apart = [row["method"] for row in others if row["perplexity_ci95"][0] > best["perplexity_ci95"][1]]
     overlapping = [row["method"] for row in others if row["method"] not in apart]
     latency = results["latency"]
-    fastest = max(
-        rows, key=lambda row: latency["dense"]["decode_ms_per_token"] / latency[row["method"]]["decode_ms_per_token"]
-    )
+    fastest = max(rows, key=lambda row: latency[row["method"]]["speedup_decode"])
     line = (
         f"Lowest test perplexity at this size: {best['method']} ({best['perplexity']:.2f})"
         + (f"; intervals apart from {', '.join(apart)}" if apart else "")
@@ -222,7 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vib-run", action="append", default=[], help="a VIB `prune run` directory to compare")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--latency-rounds", type=int, default=3)
+    parser.add_argument("--latency-rounds", type=int, default=5)
+    parser.add_argument(
+        "--cache",
+        default=str(HERE.parent / "runs" / "bench-depth"),
+        help="where pruned rows and their exported models are kept (a rerun with the same settings only times them)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--note", action="append", default=[], help="a line added under the table")
     args = parser.parse_args(argv)
@@ -246,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {"command": command, "args": vars(args), "rows": [], "notes": args.note}
     results["dense"] = {**measured(dense, texts), "params": dense_params, "layers": dense.config.num_hidden_layers}
     models = {"dense": dense}
+    settings = ("remove", "candidates", "seq_len", "calibration", "selection", "windows")
+    cache = Path(args.cache) / "-".join(f"{key}{getattr(args, key)}" for key in settings)
 
     def add(row: dict, model: torch.nn.Module) -> None:
         results["rows"].append(row)
@@ -255,18 +284,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row['method']}: {row['params_removed']:.3f} removed, test perplexity {test}")
 
     depth = method_config("depth", remove=args.remove, candidates=args.candidates)
-    add(*prune_row("depth", depth, data, texts, dense_params))
+    add(*cached(cache / "depth", lambda: prune_row("depth", depth, data, texts, dense_params)))
     share = results["rows"][0]["params_removed"]
     structured = method_config("structured", score="activation", target={"params": share})
-    add(*prune_row("structured", structured, data, texts, dense_params))
+    add(*cached(cache / "structured", lambda: prune_row("structured", structured, data, texts, dense_params)))
     blocks = len(results["rows"][0]["depth"]["removed"]) // 2
     combined = method_config(
         "depth", remove=blocks, candidates=args.candidates, width={"score": "activation", "target": {"params": share}}
     )
-    add(*prune_row(f"depth {blocks} blocks + structured", combined, data, texts, dense_params))
+    label = f"depth {blocks} blocks + structured"
+    add(*cached(cache / "depth-structured", lambda: prune_row(label, combined, data, texts, dense_params)))
     for directory in args.vib_run:
         add(*vib_row(directory, texts, dense_params))
+    results["load_average"] = {"before_latency": os.getloadavg()}
     results["latency"] = latencies(models, args)
+    results["load_average"]["after_latency"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - start
     JSON.write_text(json.dumps(results, indent=2))
     print(f"wrote {write_section('depth', render(results))}")
