@@ -128,9 +128,46 @@ def latencies(models: dict[str, torch.nn.Module], args) -> dict[str, dict]:
     }
 
 
+@torch.no_grad()
+def cpu_seconds(model: torch.nn.Module, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    """CPU time of this process for one prefill of `prompt` and for `decode_tokens` greedy steps with the KV cache:
+    on a shared machine, what the model costs without the time it waited for a core."""
+    start = time.process_time()
+    output = model(input_ids=prompt, use_cache=True)
+    prefill = time.process_time() - start
+    start = time.process_time()
+    for _ in range(decode_tokens):
+        token = output.logits[:, -1:].argmax(dim=-1)
+        output = model(input_ids=token, past_key_values=output.past_key_values, use_cache=True)
+    return prefill, time.process_time() - start
+
+
+def cpu_latencies(models: dict[str, torch.nn.Module], args) -> dict[str, dict]:
+    """Per model the median CPU time of `latency_rounds` interleaved runs (after one warm-up each): prefill tokens
+    per CPU second, decode CPU ms/token, and their ratios to the dense model's."""
+    prompt = torch.randint(0, 1000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    runs: dict[str, list] = {label: [] for label in models}
+    for model in models.values():  # warm-up
+        cpu_seconds(model, prompt, args.decode_tokens)
+    for _ in range(args.latency_rounds):
+        for label, model in models.items():
+            runs[label].append(cpu_seconds(model, prompt, args.decode_tokens))
+    figures = {
+        label: {
+            "prefill_tokens_per_cpu_s": args.prompt_len / statistics.median(value[0] for value in values),
+            "decode_cpu_ms_per_token": 1000 * statistics.median(value[1] for value in values) / args.decode_tokens,
+            "rounds": values,
+        }
+        for label, values in runs.items()
+    }
+    for entry in figures.values():
+        entry["speedup_prefill"] = entry["prefill_tokens_per_cpu_s"] / figures["dense"]["prefill_tokens_per_cpu_s"]
+        entry["speedup_decode"] = figures["dense"]["decode_cpu_ms_per_token"] / entry["decode_cpu_ms_per_token"]
+    return figures
+
+
 def render(results: dict) -> str:
     d, a = results["dense"], results["args"]
-    dense_latency = results["latency"]["dense"]
     lines = [
         "## Depth pruning of SmolLM2-135M beside width pruning at the same parameter count",
         "",
@@ -151,42 +188,55 @@ def render(results: dict) -> str:
         ),
         "",
         (
-            f"| model | blocks | params kept | removed | test perplexity [95% CI] | x dense | {MOBY_DICK} [95% CI] | "
-            "x dense | prefill tok/s | speedup | decode ms/token | speedup |"
+            f"| model | blocks | params kept | removed | test perplexity [95% CI] | x dense | {MOBY_DICK} [95% CI] "
+            "| x dense |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
         (
             f"| dense | {d['layers']} | {d['params']:,} | 0 | {with_ci(d, 'perplexity')} | 1.00 | "
-            f"{with_ci(d, 'ood_perplexity')} | 1.00 | {dense_latency['prefill_tokens_per_s']:.0f} | 1.00x | "
-            f"{dense_latency['decode_ms_per_token']:.1f} | 1.00x |"
+            f"{with_ci(d, 'ood_perplexity')} | 1.00 |"
         ),
     ]
     for row in results["rows"]:
-        latency = results["latency"][row["method"]]
         lines.append(
             f"| {row['method']} | {row['layers_kept']} | {row['params_kept']:,} | {row['params_removed']:.3f} | "
             f"{with_ci(row, 'perplexity')} | {row['perplexity'] / d['perplexity']:.2f} | "
-            f"{with_ci(row, 'ood_perplexity')} | {row['ood_perplexity'] / d['ood_perplexity']:.2f} | "
-            f"{latency['prefill_tokens_per_s']:.0f} | {latency['speedup_prefill']:.2f}x | "
-            f"{latency['decode_ms_per_token']:.1f} | {latency['speedup_decode']:.2f}x |"
+            f"{with_ci(row, 'ood_perplexity')} | {row['ood_perplexity'] / d['ood_perplexity']:.2f} |"
         )
-    lines += ["", *record_lines(results["rows"])]
-    lines += [
-        "",
+    lines += ["", *record_lines(results["rows"]), *speed_lines(results), "", *verdict_lines(results)]
+    for note in results.get("notes", []):
+        lines += [note, ""]
+    return "\n".join(lines)
+
+
+def speed_lines(results: dict) -> list[str]:
+    """Wall-clock and CPU-time speed of every export beside the dense model's, measured in this process."""
+    a, load = results["args"], results["load_average"]
+    wall, cpu = results["latency"], results["cpu_time"]
+    lines = [
         (
-            f"Latency: prompt {a['prompt_len']} tokens, {a['decode_tokens']} decoded, batch 1, {a['threads']} "
-            f"thread(s); every model timed in turn in this process, {a['latency_rounds']} interleaved rounds of 3 "
-            "runs; speedup: the median over rounds of the ratio to the dense model of the same round, the figures: "
-            "medians over rounds (load average of this shared 2-core machine: "
-            f"{results['load_average']['before_latency'][0]:.1f} before timing, "
-            f"{results['load_average']['after_latency'][0]:.1f} after). Every export reproduces its gated model's "
-            f"perplexity (checked on {CHECK_WINDOWS} test windows)."
+            f"Speed at batch 1, prompt {a['prompt_len']} tokens, {a['decode_tokens']} decoded, {a['threads']} "
+            f"thread(s), every model in turn in this process, {a['latency_rounds']} interleaved rounds. Wall clock "
+            "(eval.latency, the median of 3 runs per round): the figures are medians over rounds, a speedup the "
+            "median of the per-round ratios to the dense model. CPU time (this process's, one run per round, "
+            "medians): what each model costs without the time it waited for a core, the steadier figure on this "
+            f"shared 2-core machine (load average {load['before_latency'][0]:.1f} before timing, "
+            f"{load['after_latency'][0]:.1f} after)."
         ),
         "",
-        *verdict_lines(results),
-        *results.get("notes", []),
+        "| model | prefill tok/s | speedup | decode ms/token | speedup | prefill tok/CPU-s | speedup | decode CPU "
+        "ms/token | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    return "\n".join(lines)
+    for label in ["dense", *(row["method"] for row in results["rows"])]:
+        w, c = wall[label], cpu[label]
+        lines.append(
+            f"| {label} | {w['prefill_tokens_per_s']:.0f} | {w['speedup_prefill']:.2f}x | "
+            f"{w['decode_ms_per_token']:.1f} | {w['speedup_decode']:.2f}x | {c['prefill_tokens_per_cpu_s']:.0f} | "
+            f"{c['speedup_prefill']:.2f}x | {c['decode_cpu_ms_per_token']:.1f} | {c['speedup_decode']:.2f}x |"
+        )
+    lines += ["", f"Every export reproduces its gated model's perplexity (checked on {CHECK_WINDOWS} test windows)."]
+    return lines
 
 
 def record_lines(rows: list[dict]) -> list[str]:
@@ -222,13 +272,18 @@ def verdict_lines(results: dict) -> list[str]:
     others = [row for row in rows if row is not best]
     apart = [row["method"] for row in others if row["perplexity_ci95"][0] > best["perplexity_ci95"][1]]
     overlapping = [row["method"] for row in others if row["method"] not in apart]
-    latency = results["latency"]
-    fastest = max(rows, key=lambda row: latency[row["method"]]["speedup_decode"])
+    cpu = results["cpu_time"]
+    fastest = max(rows, key=lambda row: cpu[row["method"]]["speedup_decode"])
     line = (
         f"Lowest test perplexity at this size: {best['method']} ({best['perplexity']:.2f})"
         + (f"; intervals apart from {', '.join(apart)}" if apart else "")
         + (f"; intervals overlap with {', '.join(overlapping)}" if overlapping else "")
-        + f". Fastest decode: {fastest['method']}."
+        + f". Fastest decode (CPU time): {fastest['method']}; CPU-time speedups (prefill, decode): "
+        + "; ".join(
+            f"{row['method']} {cpu[row['method']]['speedup_prefill']:.2f}x, {cpu[row['method']]['speedup_decode']:.2f}x"
+            for row in rows
+        )
+        + "."
     )
     return [line, ""]
 
@@ -298,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         add(*vib_row(directory, texts, dense_params))
     results["load_average"] = {"before_latency": os.getloadavg()}
     results["latency"] = latencies(models, args)
+    results["cpu_time"] = cpu_latencies(models, args)
     results["load_average"]["after_latency"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - start
     JSON.write_text(json.dumps(results, indent=2))
