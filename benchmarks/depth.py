@@ -42,7 +42,8 @@ from eval.flops import count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
 from prune import attach, export, method_config
-from prune.data.text import MOBY_DICK, DataConfig, prepare_extra, prepare_source
+from prune.data.config import MOBY_DICK
+from prune.data.text import DataConfig, prepare_extra, prepare_source
 from prune.runs.loading import load_model
 from prune.structural.shrink import has_layer_sizes, load_resized
 

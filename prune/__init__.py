@@ -24,60 +24,67 @@ your own loop (checkpoints, resume, logging, accelerate).
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from torch import Tensor, nn
 
-from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
-from prune.masks.base import Objective, mask_parameters
-from prune.methods.binary.method import BinaryConfig
-from prune.methods.depth.config import DepthConfig
-from prune.methods.gating.method import GatingConfig
-from prune.methods.nm_gumbel.method import NMGumbelConfig
-from prune.methods.oneshot.method import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from prune.methods.registry import METHODS, get_method
-from prune.methods.structured.method import StructuredConfig
-from prune.methods.vib.method import VIBConfig
-from prune.runs.loading import load_model
-from prune.training.config import TrainConfig
-from prune.training.trainer import train, trainable_parameters
+from prune.methods.registry import get_declaration, get_method
 
-__all__ = [
-    "load_model",
-    "method_config",
-    "attach",
-    "mask_parameters",
-    "train",
-    "TrainConfig",
-    "save_masks",
-    "load_masks",
-    "export",
-    "METHODS",
-    "MethodConfig",
-    "Objective",
-    "UserInputError",
-    "MagnitudeConfig",
-    "WandaConfig",
-    "SparseGPTConfig",
-    "StructuredConfig",
-    "DepthConfig",
-    "NMGumbelConfig",
-    "VIBConfig",
-    "BinaryConfig",
-    "GatingConfig",
-]
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from prune.core.config import MethodConfig
+    from prune.masks.base import Objective
+
+# The public names defined elsewhere, each with the module it is imported from on first use (PEP 562, as
+# transformers does): `import prune` and the CLI's start stay free of torch and transformers, so a bad recipe is
+# refused at once. A new public name is one line here.
+_EXPORTS: dict[str, str] = {
+    "load_model": "prune.runs.loading",
+    "mask_parameters": "prune.masks.base",
+    "train": "prune.training.trainer",
+    "TrainConfig": "prune.training.config",
+    "METHODS": "prune.methods.registry",
+    "MethodConfig": "prune.core.config",
+    "Objective": "prune.masks.base",
+    "UserInputError": "prune.core.errors",
+    "MagnitudeConfig": "prune.methods.oneshot.config",
+    "WandaConfig": "prune.methods.oneshot.config",
+    "SparseGPTConfig": "prune.methods.oneshot.config",
+    "StructuredConfig": "prune.methods.structured.config",
+    "DepthConfig": "prune.methods.depth.config",
+    "NMGumbelConfig": "prune.methods.nm_gumbel.config",
+    "VIBConfig": "prune.methods.vib.config",
+    "BinaryConfig": "prune.methods.binary.config",
+    "GatingConfig": "prune.methods.gating.config",
+}
+__all__ = ["method_config", "attach", "save_masks", "load_masks", "export", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name of `_EXPORTS`, imported from its module the first time it is read (then kept here)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prune' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def method_config(name: str, **fields) -> MethodConfig:
     """The validated config of a registered method, e.g. `method_config("wanda", sparsity="2:4")`: the same
     keys as a recipe's `method` section. A bad or unknown key is a UserInputError naming it."""
-    spec = get_method(name)
+    config_class = get_declaration(name).config_class
     try:
-        return spec.config_class.model_validate({"name": name, **fields})
+        return config_class.model_validate({"name": name, **fields})
     except ValidationError as error:
-        allowed = ", ".join(spec.config_class.model_fields)
+        allowed = ", ".join(config_class.model_fields)
         problems = "; ".join(_problem(item, allowed) for item in error.errors())
         raise UserInputError(f"invalid {name} config: {problems}") from None
 
@@ -100,6 +107,8 @@ def attach(
     [samples, seq_len] of training text; depth chooses its blocks on `selection`, validation blocks. Learnable
     methods return the Objective to train with, and leave only the mask parameters (and the objective's
     `extra_parameters()`) requiring grad, so a hand-written loop cannot move a weight by accident."""
+    from prune.training.trainer import trainable_parameters  # imports torch: on first use, like _EXPORTS
+
     spec = get_method(config.name)
     options = {"selection": selection} if spec.needs_selection else {}
     objective = spec.attach(model, config, calibration, **options)

@@ -1,18 +1,23 @@
 """`prune run | eval | export | sweep | compare | models`: thin argument parsing over the pipeline.
 
-Bad input exits 2."""
+Bad input exits 2. What can be checked without torch (the recipe, its `--set` keys, the paths it names, a sweep
+file, `prune eval`'s options) is checked before the modules that import torch, transformers or lm-eval are: a
+refusal comes at once, not after the seconds those imports take."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shlex
+import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from eval.metric_errors import NonFiniteError
-from prune.data.prose import MOBY_DICK
+from prune.data.config import EXTRA_TEXTS
 
 # what a full, read-only or forbidden output looks like: bad input (exit 2), not a crash
 DISK_ERRORS = {
@@ -24,21 +29,32 @@ DISK_ERRORS = {
 }
 
 
+# how long processes other than 0 of a launch wait before repeating its refusal (exiting takes seconds when loaded)
+LAUNCH_GRACE_S = 30
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, with what to do next (e.g. the exact command that resumes the run)."""
 
 
 def _run(args: argparse.Namespace) -> None:
-    from prune.runs.pipeline import run
+    from prune.runs.paths import check_paths
     from prune.runs.recipe import load_recipe
-    from prune.runs.report import render
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     recipe = load_recipe(args.recipe, overrides)
+    check_paths(recipe)
+    from prune.runs.pipeline import run  # torch, transformers: imported once the recipe and its paths are good
+    from prune.runs.report import render
+
     try:
         report = run(recipe, overwrite=args.overwrite, resume=args.resume)
     except KeyboardInterrupt:
         raise Interrupted(_resume_hint(args, recipe.output)) from None
+    except OSError as error:
+        if error.errno in DISK_ERRORS:  # what to run once the disk has room again
+            error.add_note(_resume_hint(args, recipe.output))
+        raise
     if report is not None:  # None on the non-main processes of `accelerate launch`
         print(render(report))
         print(f"\nrun directory: {recipe.output}")
@@ -57,21 +73,24 @@ def _resume_hint(args: argparse.Namespace, output: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from eval.tables import render_table
-    from prune.data.text import DataConfig, prepare, prepare_extra
-    from prune.models.loading import check_seq_len
-    from prune.runs import run_dir
-    from prune.runs.loading import load_model
+    from prune.data.config import DataConfig
     from prune.runs.recipe import parse_options
-    from prune.runs.report import columns, summary_row
-    from prune.tasks.causal_lm import check_eval_tasks, measure
     from prune.tasks.eval_config import EvalConfig
 
-    data = parse_options(DataConfig, {"source": args.data, "seq_len": args.seq_len})
+    seq_len = args.seq_len if args.seq_len is not None else _run_seq_len(Path(args.model))
+    data = parse_options(DataConfig, {"source": args.data, "seq_len": seq_len})
     config = parse_options(
         EvalConfig,
         {"tasks": args.tasks, "extra_texts": args.extra_texts, "limit": args.limit, "latency": not args.no_latency},
     )
+    from eval.tables import render_table  # torch, transformers, lm-eval: imported once the options are good
+    from prune.data.text import prepare, prepare_extra
+    from prune.models.loading import check_seq_len
+    from prune.runs import run_dir
+    from prune.runs.loading import load_model
+    from prune.runs.report import columns, summary_row
+    from prune.tasks.causal_lm import check_eval_tasks, measure
+
     given = Path(args.model)
     is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
     spec = str(given / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
@@ -93,6 +112,20 @@ def _eval(args: argparse.Namespace) -> None:
     print(render_table([summary_row(args.model, figures)], columns(figures)))
 
 
+def _run_seq_len(given: Path) -> int:
+    """`prune eval`'s default window: a run directory's own data.seq_len (what it was pruned and measured with,
+    within its model's positions), else DataConfig's default."""
+    from prune.data.text import DataConfig
+    from prune.runs import run_dir
+
+    default = DataConfig.model_fields["seq_len"].default
+    if not (given / run_dir.RECIPE_FILE).is_file():
+        return default
+    data = run_dir.read_recipe(given).get("data")
+    seq_len = data.get("seq_len") if isinstance(data, dict) else None
+    return seq_len if type(seq_len) is int else default
+
+
 def _export(args: argparse.Namespace) -> None:
     from prune.runs.export import export_run
 
@@ -101,10 +134,11 @@ def _export(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     from prune.sweep.recipe import load_sweep
-    from prune.sweep.runner import run_sensitivity, run_sweep
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     sweep, base = load_sweep(args.recipe, overrides)
+    from prune.sweep.runner import run_sensitivity, run_sweep  # torch: imported once the sweep file is good
+
     if args.sensitivity:
         run_sensitivity(sweep, base, force=args.force)
         print(f"\nsensitivity: {sweep.output}/sensitivity/")
@@ -119,7 +153,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from prune.sweep.compare import compare, render
 
-    rows, written = compare(args.run_dirs, args.output)
+    rows, written = compare(args.run_dirs, args.output, overwrite=args.overwrite)
     print(render(rows))
     print(f"written to {args.output}: {', '.join(path.name for path in written.values())}")
 
@@ -130,6 +164,28 @@ def _models(args: argparse.Namespace) -> None:
     for entry in list_models():
         cached = entry["path"] or "not cached (fetched on first use)"
         print(f"{entry['name']:<16} {entry['description']}\n{'':<16} {cached}")
+
+
+def _refuse_once(message: str) -> None:
+    """Print a refusal once per launch: every process of an `accelerate launch` refuses alike, so process 0 says it
+    and the launcher ends the others when it exits; another process speaks only after a grace period, when the
+    refusal was its own and process 0 is still running."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        time.sleep(LAUNCH_GRACE_S)
+    print(textwrap.fill(message, width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
+
+
+def _disk_message(error: OSError) -> str:
+    """One paragraph for a write the disk refused: the file, why, the free space there and what to do next."""
+    where = Path(error.filename) if error.filename else None
+    existing = next((path for path in (where, *where.parents) if path.exists()), None) if where else None
+    free = f"; {shutil.disk_usage(existing).free / 1024**2:,.0f} MB free on that disk" if existing else ""
+    then = " ".join(getattr(error, "__notes__", [])) or "then run the command again."
+    return (
+        f"error: cannot write {where or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}{free}). Free "
+        "space or fix the permissions there (or choose another --output on a writable disk). Every file written so "
+        f"far is whole (written atomically) and nothing was deleted; {then}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model or a run directory's model/")
     evaluate.add_argument("model", help="run directory, local model directory, alias, or hub id")
     evaluate.add_argument("--data", default="embedded-docs", help="text source for perplexity and tasks")
-    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per window (default: a run's own data.seq_len, else 512)"
+    )
     evaluate.add_argument("--tasks", nargs="*", default=["docs_lastword"], help="lm-eval task names")
     evaluate.add_argument(
         "--extra-texts",
         nargs="*",
-        default=[MOBY_DICK],
+        default=list(EXTRA_TEXTS),
         help="out-of-domain texts whose test-part perplexity is reported too (none: --extra-texts)",
     )
     evaluate.add_argument("--limit", type=int, default=200, help="examples per task")
@@ -190,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="the sweep table and plots from existing run directories")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or sweep directories)")
     compare.add_argument("--output", default="runs/compare", help="where to write compare.{csv,json,md} and plots")
+    compare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous comparison in the output directory (only its own files are removed)",
+    )
     compare.set_defaults(handler=_compare)
 
     models = commands.add_parser("models", help="list the embedded model aliases and what is cached")
@@ -204,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except UserInputError as error:
-        print(textwrap.fill(f"error: {error}", width=100), file=sys.stderr)
+        _refuse_once(f"error: {error}")
         return 2
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -213,12 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if error.errno not in DISK_ERRORS:
             raise
         print(
-            textwrap.fill(
-                f"error: cannot use {error.filename or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}). "
-                "Free space or fix the permissions there, or choose another --output on a writable disk, then run the "
-                "command again; every file written so far is whole (written atomically) and nothing was deleted.",
-                width=100,
-            ),
+            textwrap.fill(_disk_message(error), width=100, break_on_hyphens=False, break_long_words=False),
             file=sys.stderr,
         )
         return 2

@@ -251,17 +251,17 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, mo
 
     data = patterned_tokens()
     train(masked_tiny_llama(), CountingObjective(), data, config(steps=4), tmp_path)
-    real_save = checkpoint_module.save_file
+    real_save = checkpoint_module.save_safetensors
 
     def failing_save(tensors, path):
         if "optimizer" in str(path):
             raise OSError("disk full")
         real_save(tensors, path)
 
-    monkeypatch.setattr(checkpoint_module, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint_module, "save_safetensors", failing_save)
     with pytest.raises(OSError):
         train(masked_tiny_llama(), CountingObjective(), data, config(steps=8), tmp_path, resume=True)
-    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_safetensors", real_save)
     assert (tmp_path / "train" / "checkpoints" / "latest").read_text() == "step-4"
     objective = CountingObjective()
     train(masked_tiny_llama(), objective, data, config(steps=8), tmp_path, resume=True)
@@ -275,6 +275,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(), tmp_path, resume=True)
 
 
+@pytest.mark.slow
 def test_two_process_training_averages_gradients_and_ends_with_identical_masks(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): every rank ends with the same masks and the
     hard-masked loss falls as in a single-process run."""

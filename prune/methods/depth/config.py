@@ -1,4 +1,5 @@
-"""The depth method's config: how many decoder blocks go, how they are chosen, and optional width pruning.
+"""The depth method's config and declaration (torch-free: a recipe is validated before torch is imported): how
+many decoder blocks go, how they are chosen, and optional width pruning.
 
 `remove` is a count of blocks (an integer, e.g. 6) or a share of them (a fraction below 1, e.g. 0.2, rounded to
 the nearest count); at least one block must go and one must stay. `width` adds structured's one-shot width
@@ -14,7 +15,8 @@ from pydantic import Field, field_validator
 
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
-from prune.methods.structured.method import StructuredConfig
+from prune.methods.declaration import MethodDeclaration
+from prune.methods.structured.config import StructuredConfig
 
 
 class DepthConfig(MethodConfig):
@@ -90,3 +92,6 @@ class DepthConfig(MethodConfig):
                 f"one must stay: use a count from 1 to {blocks - 1} or a share that rounds into that range."
             )
         return count
+
+
+DEPTH = MethodDeclaration("depth", DepthConfig, "oneshot", "prune.methods.depth.method:DEPTH")

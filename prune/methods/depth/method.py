@@ -29,21 +29,23 @@ from torch import Tensor, nn
 from eval.perplexity import perplexity
 from prune.core.errors import UserInputError
 from prune.masks.base import unwrap
+from prune.methods.depth import config as declared
 from prune.methods.depth.config import DepthConfig
 from prune.methods.depth.importance import block_importance
 from prune.methods.depth.search import greedy_removal
 from prune.methods.spec import HeldOut, MethodSpec
 from prune.methods.structured.method import allocated_counts, layer_keeps, output_input_norms
+from prune.structural.config import LAYERS
 from prune.structural.gates import FixedGate, attach_unit_gates
-from prune.structural.layout import LAYERS, Structure, structure_of
+from prune.structural.layout import Structure, structure_of
 from prune.structural.store import export_gated, load_gated, report_gated, save_gates
 
 RECORD = "maskprune_depth"  # the model attribute holding the choice's record until export (never saved with it)
 
 
-def check_depth(model: nn.Module, config: DepthConfig) -> Structure:
-    """The model's structural map, after everything the model's structure alone rules out: an unsupported family,
-    a GPT-2 scaling attention by layer index, a count of blocks out of range, a width target not beyond depth."""
+def check_depth(model: nn.Module, config: DepthConfig) -> None:
+    """Everything the model's structure alone rules out: an unsupported family, a GPT-2 scaling attention by layer
+    index, a count of blocks out of range, a width target not beyond what the removed blocks remove."""
     structure = structure_of(model)
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise UserInputError(
@@ -55,7 +57,6 @@ def check_depth(model: nn.Module, config: DepthConfig) -> Structure:
         # exact when the blocks are alike (every model not already pruned): which ones go does not change the
         # size; attach checks the chosen set again
         allocated_counts(structure, config.width, _kept(structure, range(count)))
-    return structure
 
 
 def _kept(structure: Structure, removed) -> list[int]:
@@ -119,7 +120,8 @@ def attach_depth(
     decisions; the choice's record waits on the model for the save, export and report hooks."""
     if calibration is None:
         raise UserInputError("depth scores blocks on calibration data (data.calibration_samples windows).")
-    structure = check_depth(model, config)
+    check_depth(model, config)
+    structure = structure_of(model)
     removed, record = choose_blocks(model, structure, config, calibration, selection)
     kept = _kept(structure, removed)
     width: list[dict[str, Tensor]] = [{} for _ in kept]
@@ -165,10 +167,8 @@ def report_depth(model: nn.Module, config: DepthConfig, heldout: HeldOut, report
 
 
 DEPTH = MethodSpec(
-    "depth",
-    DepthConfig,
+    declared.DEPTH,
     attach_depth,
-    kind="oneshot",
     needs_calibration=True,
     needs_selection=True,
     save=save_depth,
