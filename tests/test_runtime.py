@@ -237,6 +237,9 @@ def test_streamed_run_writes_a_loadable_model_and_says_what_it_skipped(paired_ru
     streamed = AutoModelForCausalLM.from_pretrained(root / "disk" / "model").state_dict()
     in_memory = AutoModelForCausalLM.from_pretrained(root / "memory" / "model").state_dict()
     assert all(torch.equal(streamed[name], in_memory[name]) for name in in_memory)
+    for name in ("disk", "memory"):  # either way config.json says how the model was pruned
+        record = json.loads((root / name / "model" / "config.json").read_text())["pruning"]
+        assert (record["tool"], record["method"], record["sparsity"]) == ("maskprune", "wanda", "2:4")
 
 
 def _assert_same_perplexity(streamed: dict, memory: dict) -> None:

@@ -205,6 +205,21 @@ def token_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
+def draw_blocks(ids: torch.Tensor, n: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
+    """`n` distinct `seq_len` windows of the 1-D `ids` (`where`: how errors name them), chosen by a generator seeded
+    with `seed`: the same every run. How calibration blocks are drawn, from a source's train part or a caller's text."""
+    blocks = token_blocks(ids, seq_len)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserInputError(f"the number of calibration blocks must be a positive integer, got {n!r}.")
+    if n > blocks.shape[0]:
+        raise UserInputError(
+            f"{n} calibration blocks of {seq_len} tokens were asked for, but {where} ({ids.numel()} tokens) "
+            f"holds only {blocks.shape[0]}; ask for at most {blocks.shape[0]}, shorten seq_len, or use more text."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return blocks[torch.randperm(blocks.shape[0], generator=generator)[:n]]
+
+
 @dataclass(frozen=True)
 class TokenSplits:
     """The three disjoint parts of one text as 1-D LongTensors, and where each lies in the source's stream.
@@ -234,17 +249,7 @@ class TokenSplits:
 
     def calibration_blocks(self, n: int, seq_len: int, seed: int) -> torch.Tensor:
         """`n` distinct blocks of the train part, chosen by a generator seeded with `seed`: the same every run."""
-        blocks = token_blocks(self.train_ids, seq_len)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise UserInputError(f"the number of calibration blocks must be a positive integer, got {n!r}.")
-        if n > blocks.shape[0]:
-            raise UserInputError(
-                f"{n} calibration blocks of {seq_len} tokens were asked for, but the train part "
-                f"({self.train_ids.numel()} tokens) holds only {blocks.shape[0]}; ask for at most "
-                f"{blocks.shape[0]}, shorten seq_len, or use a larger corpus."
-            )
-        generator = torch.Generator().manual_seed(seed)
-        return blocks[torch.randperm(blocks.shape[0], generator=generator)[:n]]
+        return draw_blocks(self.train_ids, n, seq_len, seed, "the train part")
 
     def test_text(self, tokenizer) -> str:
         """The test part as text, e.g. to build accuracy tasks from text the masks never saw."""

@@ -27,6 +27,7 @@ from prune.methods.spec import MethodSpec
 from prune.runs import run_dir
 from prune.runs.placed import block_placement, open_task, prepare_runtime
 from prune.runs.preflight import check_recipe
+from prune.runs.provenance import CONFIG_FILE, write_record
 from prune.runs.recipe import Recipe
 from prune.runs.report import with_dense, write_report
 from prune.tasks.base import Task
@@ -108,6 +109,8 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
     if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
             task.save_model(directory / run_dir.MODEL_DIR)
+    if plain and (directory / run_dir.MODEL_DIR / CONFIG_FILE).is_file():  # saved here, or streamed by the task
+        write_record(directory / run_dir.MODEL_DIR, recipe.method)
 
     report = _report(recipe, spec, task, achieved, fields, pruned, timings, training, dense, state.num_processes)
     write_report(directory, report)
