@@ -57,7 +57,7 @@ def nm_violations(model: torch.nn.Module, n: int, m: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a save_pretrained directory (MaskPrune's cached alias)")
-    parser.add_argument("--tokens", required=True, help="safetensors: `calibration` and one entry per test text")
+    parser.add_argument("--tokens", required=True, help="safetensors: `calibration` and each text's test windows")
     parser.add_argument("--method", choices=("sparsegpt", "wanda"), required=True)
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--threads", type=int, default=1)
@@ -95,9 +95,9 @@ def main() -> None:
         "nm_violations": nm_violations(model, n, m),
     }
     if not args.no_eval:
-        for key, blocks in tokens.items():
-            measured = perplexity(model, blocks, desc=key)
-            result[key] = {"window_nll": list(measured.window_nll), "window_tokens": list(measured.window_tokens)}
+        result["window_nll"] = {
+            name: list(perplexity(model, blocks, desc=name).window_nll) for name, blocks in tokens.items()
+        }
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
