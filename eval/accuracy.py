@@ -45,6 +45,10 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HELDOUT_TASKS = frozenset({"docs_lastword"})  # local tasks whose data is built from heldout_text
 # lm-eval's resamples for the metrics it bootstraps (not `acc`, whose standard error is closed-form).
 STDERR_RESAMPLES = 1000
+# examples per forward unless asked otherwise: lm-eval holds a batch's logits and their log-softmax, each
+# [batch, length, vocab], at once, so a larger batch raises a run's peak memory by a multiple of that size for no
+# gain on a CPU (benchmarks/RESULTS.md, section `oneshot-peer`)
+BATCH_SIZE = 2
 
 log = logging.getLogger(__name__)
 
@@ -304,16 +308,14 @@ def accuracy_scores(
     *,
     heldout_text: str | None = None,
     limit: int | None = None,
-    batch_size: int = 2,
+    batch_size: int = BATCH_SIZE,
 ) -> dict[str, TaskScore]:
     """Accuracy in [0, 1] of `model` on each task and its standard error, through lm-eval.
 
     `heldout_text` feeds the local `docs_lastword` task (ValueError when that task is asked for
     without it). `limit` caps the examples per task. Unknown tasks, and hub tasks whose dataset
     cannot be fetched, raise `TaskUnavailableError` (a ValueError) before any model work.
-    `batch_size` examples per forward: lm-eval holds a batch's logits and their log-softmax, each
-    [batch, length, vocab], at once, so a larger batch raises a run's peak memory by a multiple of that size
-    for no gain on a CPU (benchmarks/RESULTS.md, section `oneshot-peer`).
+    `batch_size` examples per forward (see BATCH_SIZE).
     """
     if isinstance(tasks, str):
         tasks = [tasks]

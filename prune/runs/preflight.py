@@ -13,7 +13,7 @@ plus, an estimate lying 7-8% above measured peaks (benchmarks/RESULTS.md `memory
   the trained mask values (MethodSpec.trained_per_weight per targeted weight) with their gradients and two
   AdamW moments (4 float32 each); and, with train.distill, the dense teacher's weights;
 - evaluation: a perplexity batch (eval.batch_size windows, 1 when unset) or an lm-eval batch (eval.batch_size,
-  8 when unset) of seq_len tokens, without gradients (ModelShape.inference_bytes_per_token).
+  eval.accuracy.BATCH_SIZE when unset) of seq_len tokens, without gradients (ModelShape.inference_bytes_per_token).
 The limit is the free memory where the stage runs (RAM, or the accelerator's), shared by the processes of a CPU
 launch (LOCAL_WORLD_SIZE).
 """
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from eval.accuracy import BATCH_SIZE as LM_EVAL_BATCH  # lm-eval's batch when eval.batch_size is unset
 from prune.core.errors import UserInputError
 from prune.core.extras import require
 from prune.data import prose
@@ -45,7 +46,6 @@ from prune.runs.recipe import Recipe
 from prune.tasks.base import Task
 
 ADAM_COPIES = 4  # a trained value, its gradient and AdamW's two moments, float32 each
-LM_EVAL_BATCH = 8  # lm-eval's batch size when eval.batch_size is unset (prune.tasks.causal_lm.measure)
 
 
 def check_recipe(recipe: Recipe, spec: MethodSpec, resume: bool) -> None:
