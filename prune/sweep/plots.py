@@ -6,7 +6,9 @@
 - accuracy vs FLOPs, one panel per task, dense included;
 - per-layer sparsity of one point (per block, weighted by weights), with the sensitivity scan's per-block
   perplexity increase beneath when there is one;
-- the sensitivity ranking as horizontal bars.
+- the sensitivity ranking as horizontal bars;
+- perplexity vs decode ms/token (the speed axis), one panel per text: every point with its interval and its name,
+  the Pareto front on that text drawn as a line through its points, the dense model as a black star.
 Each function returns the path written, or None when the rows hold nothing to plot.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from prune.core.figures import is_finite_number, save_figure, subplots
 
 MARKERS = "osD^v<>ph*"
+DECODE = "decode_ms_per_token"  # a row's speed axis: the x of the Pareto front (prune.sweep.compare)
 
 
 def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -100,9 +103,14 @@ def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -
             )
             if isinstance(row.get(ci95), list):
                 ax.axhspan(*row[ci95], color="gray", alpha=0.12)
+    _perplexity_axes(ax, values, "sparsity of the pruned layers (%)", title)
+
+
+def _perplexity_axes(ax, values: list[float], xlabel: str, title: str) -> None:
+    """Labels, grid and legend of a perplexity panel; a log scale when `values` span a decade or more."""
     if max(values) / max(min(values), 1e-12) >= 10:
         ax.set_yscale("log")
-    ax.set_xlabel("sparsity of the pruned layers (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test perplexity, 95% CI" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -231,4 +239,42 @@ def sensitivity_bars(entries: list[dict], path: Path, title: str) -> Path | None
         ax.invert_yaxis()
         ax.set_xlabel("perplexity increase over dense (black: NaN/inf)")
         ax.set_title(f"{title} — one {kind} at a time")
+    return save_figure(fig, path)
+
+
+def _point_name(row: dict) -> str:
+    """A point's name on a plot: its directory's (e.g. teal-40, wanda-0.5); 'dense' for the dense model."""
+    return "dense" if row.get("status") == "dense" else Path(row["dir"]).name if row.get("dir") else row["method"]
+
+
+def perplexity_vs_speed(rows: list[dict], path: Path, texts: list[tuple[str, str, str, str]]) -> Path | None:
+    """One panel per text, `texts` = [(title, value key, ci95 key, pareto key)]: test perplexity against decode
+    ms/token (log scale when the values span a decade or more); the Pareto front's points joined in order of speed."""
+    timed = [row for row in rows if row.get("status") in ("done", "dense") and is_finite_number(row.get(DECODE))]
+    panels = [text for text in texts if any(is_finite_number(row.get(text[1])) for row in timed)]
+    if not panels:
+        return None
+    fig, axes = subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (title, value, ci95, pareto) in zip(axes[0], panels):
+        points = [row for row in timed if is_finite_number(row.get(value))]
+        front = sorted((row for row in points if row.get(pareto)), key=lambda row: row[DECODE])
+        ax.plot([row[DECODE] for row in front], [row[value] for row in front], color="C3", label="Pareto front (red)")
+        for row in points:
+            dense = row["status"] == "dense"
+            ax.errorbar(
+                [row[DECODE]],
+                [row[value]],
+                yerr=_error_bar(row, value, ci95),
+                marker="*" if dense else "o",
+                markersize=14 if dense else 6,
+                color="black" if dense else "C3" if row.get(pareto) else "C0",
+                capsize=3,
+                linewidth=1,
+                zorder=3,
+                label="dense" if dense else None,
+            )
+            ax.annotate(
+                _point_name(row), (row[DECODE], row[value]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
+        _perplexity_axes(ax, [row[value] for row in points], "decode ms/token, batch 1 (lower is faster)", title)
     return save_figure(fig, path)
