@@ -71,6 +71,19 @@ def test_bad_points_and_speed_settings_are_refused(tmp_path, body, phrase):
     assert not (tmp_path / "out").exists()
 
 
+def test_listed_points_are_checked_without_heavy_libraries(tmp_path):
+    """A bad point is refused (exit 2) and a good points file validated in an interpreter that cannot import
+    torch: the points form is checked before torch loads, like a recipe."""
+    from tests.test_startup import run_blocked
+
+    bad = write_sweep(tmp_path, "tiny", "docs.txt", "points:\n  - {name: d, method: {name: depth, sparsity: 0.5}}\n")
+    done = run_blocked(f"from prune.cli import main\nsys.exit(main(['sweep', {str(bad)!r}]))", tmp_path)
+    assert done.returncode == 2 and "points[0] (d)" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    good = write_sweep(tmp_path, "tiny", "docs.txt", POINTS + SPEED)
+    done = run_blocked(f"from prune.sweep.recipe import load_sweep\nload_sweep({str(good)!r})", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_listed_points_keep_the_files_order_and_their_method_sections(tmp_path):
     from prune.sweep.recipe import expand_points
 

@@ -519,7 +519,7 @@ def write_outputs(
     if speed:
         lines[-1:] = [
             "Speed: decode ms/token (its speedup over the dense model) and prefill tokens/s at batch 1, every "
-            "model timed in turn in one process (medians over rounds); disk MB: the saved model's safetensors "
+            "model timed in turn in one process (medians over rounds); on disk: the saved model's safetensors "
             "(a model rebuilt from the base model, such as activation sparsity's, counts the base model and its "
             "own files). Pareto front: the texts on which no other row, dense included, decodes faster with a "
             "lower test perplexity.",
