@@ -84,6 +84,18 @@ def test_listed_points_are_checked_without_heavy_libraries(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_the_shipped_speed_sweep_is_valid():
+    """recipes/sweeps/smollm2-135m-speed.yaml: dense (the reference), 2:4, width and depth at two sizes each, TEAL
+    and CATS at two levels each, every point timed."""
+    from pathlib import Path
+
+    sweep, _ = load_sweep(Path(__file__).parents[1] / "recipes" / "sweeps" / "smollm2-135m-speed.yaml")
+    methods = [(point.method["name"], point.method.get("mode")) for point in sweep.points]
+    assert methods.count(("structured", None)) == methods.count(("depth", None)) == 2
+    assert methods.count(("activation", "teal")) == methods.count(("activation", "cats")) == 2
+    assert ("sparsegpt", None) in methods and sweep.speed.threads == 1
+
+
 def test_listed_points_keep_the_files_order_and_their_method_sections(tmp_path):
     from prune.sweep.recipe import expand_points
 

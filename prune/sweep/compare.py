@@ -68,6 +68,11 @@ LEGEND = (
     f"of that text (data.source, data.mix; never its test part); `({NOT_SEEN})`: no part of it. An "
     f"out-of-domain figure means something only on a text {NOT_SEEN}."
 )
+RANKED = (  # what sweep.md says of its bold figures and verdicts (when a level has rivals)
+    "Bold: the lowest of its level. `vs best`: a paired bootstrap over the same windows against the level's best "
+    "(2000 resamples, fixed seed): `worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not "
+    "distinguishable from best`. "
+)
 _WINDOW_NLL = ".window_nll"  # per-window NLLs: in the rows (to pair them) and sweep.json, not in the CSV
 _SKIP = ("dense", "layer_sparsity", "sweep", "config")
 _PER_LAYER = "activation.layers."  # per-layer figures stay in report.json, like layer_sparsity
@@ -508,12 +513,10 @@ def write_outputs(
         "",
         render(rows, markdown=True),
         "",
-        "Perplexity: the test part of each text, [95% CI] from a bootstrap over its windows; bold: the lowest "
-        "of its level. `vs best`: a paired bootstrap over the same windows against the level's best (2000 "
-        "resamples, fixed seed): `worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not "
-        "distinguishable from best`. `x dense`: perplexity over the dense model's. Accuracy ± lm-eval's "
-        "standard error. FLOPs: one forward of one window, sparse-kernel ideal. Time: pruning + evaluating the "
-        "point. " + LEGEND,
+        "Perplexity: the test part of each text, [95% CI] from a bootstrap over its windows. "
+        + (RANKED if compared(rows) else "")
+        + "`x dense`: perplexity over the dense model's. Accuracy ± lm-eval's standard error. FLOPs: one forward "
+        "of one window, sparse-kernel ideal. Time: pruning + evaluating the point. " + LEGEND,
         "",
     ]
     if speed:
