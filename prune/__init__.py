@@ -19,7 +19,8 @@ The Python API, peft-style: what `prune run` does with a recipe, one call at a t
     plain = prune.export(model, config)                              # a plain transformers model
 
 `prune.train(model, objective, blocks, prune.TrainConfig(steps=...), run_dir)` is the one trainer instead of
-your own loop (checkpoints, resume, logging, accelerate).
+your own loop (checkpoints, resume, logging, accelerate). `prune.recover(model, {"steps": 200}, blocks, run_dir)`
+then trains the pruned model's kept weights with its masks fixed (the recipe's `recover` section).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from prune.methods.oneshot.method import MagnitudeConfig, SparseGPTConfig, Wanda
 from prune.methods.registry import METHODS, get_method
 from prune.methods.structured.method import StructuredConfig
 from prune.methods.vib.method import VIBConfig
+from prune.recovery.config import RecoverConfig
+from prune.recovery.stage import recover as _recover
 from prune.runs.loading import load_model
 from prune.training.config import TrainConfig
-from prune.training.trainer import train, trainable_parameters
+from prune.training.trainer import TrainResult, train, trainable_parameters
 
 __all__ = [
     "load_model",
@@ -49,6 +52,7 @@ __all__ = [
     "attach",
     "mask_parameters",
     "train",
+    "recover",
     "TrainConfig",
     "save_masks",
     "load_masks",
@@ -126,3 +130,23 @@ def export(model: nn.Module, config: MethodConfig) -> nn.Module:
     methods: the physically smaller model), ready for `save_pretrained`. Gating has no such form (its masks
     depend on each input) and raises UserInputError; keep its masks with `save_masks` instead."""
     return get_method(config.name).export(model, config)
+
+
+def recover(
+    model: nn.Module, config: RecoverConfig | dict, data, run_dir: str | Path, **trainer_options
+) -> TrainResult:
+    """Recovery training of a pruned model, in place: the kept weights train with the masks fixed (masked LoRA,
+    merged at the end, or a masked full fine-tune), by the one trainer; `model` ends a plain model, zero exactly
+    where its masks are. `model` is pruned with weight masks attached (after `attach`, or `load_masks`), or a
+    structural method's `export`; `config` holds the keys of a recipe's `recover` section (a dict, or a
+    prune.recovery.config.RecoverConfig), `data` the training rows (token blocks [samples, seq_len]); logs and
+    checkpoints go to `run_dir/recover/`. `trainer_options` are prune.recovery.stage.recover's (masks of a merged
+    model, task_loss, evaluate for keeping the best step, resume, device)."""
+    if not isinstance(config, RecoverConfig):
+        try:
+            config = RecoverConfig.model_validate(config)
+        except ValidationError as error:
+            allowed = ", ".join(RecoverConfig.model_fields)
+            problems = "; ".join(_problem(item, allowed) for item in error.errors())
+            raise UserInputError(f"invalid recover config: {problems}") from None
+    return _recover(model, config, data, run_dir, **trainer_options)
