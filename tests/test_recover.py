@@ -324,8 +324,8 @@ def test_two_processes_recover_like_one_with_the_same_global_batch(tmp_path, lla
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("two", "one"))
     assert two.keys() == one.keys()
-    for name in two:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+    for name in two:  # summed in another order, a gradient differs in its last bits, and Adam scales it to ~lr
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-4)  # not averaging: off by ~lr (1e-2)
     masks, _ = read_masks(tmp_path / "two")
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model", dtype=torch.float32)
     assert_pattern(saved, masks, "2:4")
