@@ -482,7 +482,7 @@ def render(results: dict) -> str:
 
 def train_part_line(result: dict) -> str:
     """Which windows trained the predictors: runs made before the docs were cut into train / validation / test
-    (issue 14) trained on the first 90% of the stream, in an order drawn over that many windows."""
+    trained on the first 90% of the stream, in an order drawn over that many windows."""
     if "train_part" in result:
         start, end = result["train_part"]
         return (

@@ -108,7 +108,7 @@ def comparison(runs: list[tuple[str, Path]], ood: str) -> tuple[list[str], dict[
 
 
 def goal_lines(by_label: dict[str, dict], learned_labels: list[str], ood: str) -> list[str]:
-    """Issue 14's goal, for each learned run: on test, below SparseGPT-with-update with non-overlapping intervals;
+    """The MaskLLM goal, for each learned run: on test, below SparseGPT-with-update with non-overlapping intervals;
     out of domain, below it."""
     from prune.sweep.compare import text_keys
 

@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 12): cost of one-shot 2:4 pruning of real architectures, in memory and streamed from
+"""Scale benchmark: cost of one-shot 2:4 pruning of real architectures, in memory and streamed from
 disk, and the float32 vs bfloat16 perplexity of the real SmolLM2-135M after one-shot 2:4.
 
     python benchmarks/scale.py --presets smollm2-135m llama-2-7b --methods wanda --modes stream --work /tmp/scale
@@ -78,7 +78,7 @@ PRESETS = {  # the models' own config.json numbers
 CALIBRATION = (8, 128)  # random-weight cases: samples x tokens
 QUALITY_CALIBRATION = (32, 512)  # real SmolLM2-135M: samples x tokens, test windows of 512
 GAP_MODELS = ("float32", "bf16-weights", "bfloat16")
-BF16_TOLERANCE = 0.03  # issue 12: bfloat16 2:4 perplexity within 3% of float32
+BF16_TOLERANCE = 0.03  # the goal: bfloat16 2:4 perplexity within 3% of float32
 STREAM_LIMIT_MB = 3 * 1024  # the 7B goal: streamed from disk in <= 3 GB
 HEADER = """## Scale: one-shot 2:4 of real architectures, in memory and streamed from disk
 
@@ -494,7 +494,7 @@ def render_gap(rows: list[dict]) -> str:
 
 
 def within_tolerance(ratio: float) -> bool:
-    """Whether a bfloat16 / float32 perplexity ratio meets issue 12's goal."""
+    """Whether a bfloat16 / float32 perplexity ratio meets the goal (within BF16_TOLERANCE of 1)."""
     return abs(ratio - 1) <= BF16_TOLERANCE
 
 

@@ -212,7 +212,7 @@ def plot(results: dict) -> Path | None:
 
 def goal_lines(rows: list[dict], dense: dict) -> list[str]:
     """Per target: VIB against the best one-shot baseline cut to the same size, its out-of-domain perplexity over
-    the dense model's (issue 14's goal at 30%: at most 1.5x), and the export's speedup."""
+    the dense model's (the goal at 30%: at most 1.5x), and the export's speedup."""
     lines = []
     for vib in (r for r in rows if r["method"] == "vib"):
         peers = [

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import importlib.util
 import io
 import logging
 import os
@@ -230,9 +231,14 @@ def _load_named(name: str, *, local: bool, offline: bool) -> list:
 
 
 def check_tasks(tasks: list[str]) -> None:
-    """Raise TaskUnavailableError at once, before any model work, for a task that cannot run: a name that is
-    neither local nor in lm-eval's registry (close names suggested), or, with the Hub unreachable, a Hub
-    task whose dataset is not in the local cache."""
+    """Raise TaskUnavailableError at once, before any model work, for a task that cannot run: lm-eval (an
+    optional extra) not installed, a name that is neither local nor in lm-eval's registry (close names
+    suggested), or, with the Hub unreachable, a Hub task whose dataset is not in the local cache."""
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        raise TaskUnavailableError(
+            f"accuracy tasks ({', '.join(tasks)}) run through lm-eval, which is not installed here: "
+            "`pip install 'maskprune[lm-eval]'` (or every extra: `pip install 'maskprune[all]'`)"
+        )
     local = set(local_tasks())
     remote = [name for name in dict.fromkeys(tasks) if name not in local]
     if not remote:

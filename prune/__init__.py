@@ -25,61 +25,68 @@ then trains the pruned model's kept weights with its masks fixed (the recipe's `
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from torch import Tensor, nn
 
-from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
-from prune.masks.base import Objective, mask_parameters
-from prune.methods.binary.method import BinaryConfig
-from prune.methods.gating.method import GatingConfig
-from prune.methods.nm_gumbel.method import NMGumbelConfig
-from prune.methods.oneshot.method import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from prune.methods.registry import METHODS, get_method
-from prune.methods.structured.method import StructuredConfig
-from prune.methods.vib.method import VIBConfig
-from prune.recovery.config import RecoverConfig
-from prune.recovery.stage import recover as _recover
-from prune.runs.loading import load_model
-from prune.training.config import TrainConfig
-from prune.training.trainer import TrainResult, train, trainable_parameters
+from prune.methods.registry import get_declaration, get_method
 
-__all__ = [
-    "load_model",
-    "method_config",
-    "attach",
-    "mask_parameters",
-    "train",
-    "recover",
-    "TrainConfig",
-    "save_masks",
-    "load_masks",
-    "export",
-    "METHODS",
-    "MethodConfig",
-    "Objective",
-    "UserInputError",
-    "MagnitudeConfig",
-    "WandaConfig",
-    "SparseGPTConfig",
-    "StructuredConfig",
-    "NMGumbelConfig",
-    "VIBConfig",
-    "BinaryConfig",
-    "GatingConfig",
-]
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from prune.core.config import MethodConfig
+    from prune.masks.base import Objective
+    from prune.recovery.config import RecoverConfig
+    from prune.training.trainer import TrainResult
+
+# The public names defined elsewhere, each with the module it is imported from on first use (PEP 562, as
+# transformers does): `import prune` and the CLI's start stay free of torch and transformers, so a bad recipe is
+# refused at once. A new public name is one line here.
+_EXPORTS: dict[str, str] = {
+    "load_model": "prune.runs.loading",
+    "mask_parameters": "prune.masks.base",
+    "train": "prune.training.trainer",
+    "TrainConfig": "prune.training.config",
+    "METHODS": "prune.methods.registry",
+    "MethodConfig": "prune.core.config",
+    "Objective": "prune.masks.base",
+    "UserInputError": "prune.core.errors",
+    "MagnitudeConfig": "prune.methods.oneshot.config",
+    "WandaConfig": "prune.methods.oneshot.config",
+    "SparseGPTConfig": "prune.methods.oneshot.config",
+    "StructuredConfig": "prune.methods.structured.config",
+    "NMGumbelConfig": "prune.methods.nm_gumbel.config",
+    "VIBConfig": "prune.methods.vib.config",
+    "BinaryConfig": "prune.methods.binary.config",
+    "GatingConfig": "prune.methods.gating.config",
+}
+__all__ = ["method_config", "attach", "save_masks", "load_masks", "export", "recover", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """A public name of `_EXPORTS`, imported from its module the first time it is read (then kept here)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prune' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def method_config(name: str, **fields) -> MethodConfig:
     """The validated config of a registered method, e.g. `method_config("wanda", sparsity="2:4")`: the same
     keys as a recipe's `method` section. A bad or unknown key is a UserInputError naming it."""
-    spec = get_method(name)
+    config_class = get_declaration(name).config_class
     try:
-        return spec.config_class.model_validate({"name": name, **fields})
+        return config_class.model_validate({"name": name, **fields})
     except ValidationError as error:
-        allowed = ", ".join(spec.config_class.model_fields)
+        allowed = ", ".join(config_class.model_fields)
         problems = "; ".join(_problem(item, allowed) for item in error.errors())
         raise UserInputError(f"invalid {name} config: {problems}") from None
 
@@ -99,6 +106,8 @@ def attach(model: nn.Module, config: MethodConfig, calibration: Tensor | None = 
     score, nm_gumbel's wanda/sparsegpt priors) read `calibration`, token blocks [samples, seq_len]. Learnable
     methods return the Objective to train with, and leave only the mask parameters (and the objective's
     `extra_parameters()`) requiring grad, so a hand-written loop cannot move a weight by accident."""
+    from prune.training.trainer import trainable_parameters  # imports torch: on first use, like _EXPORTS
+
     objective = get_method(config.name).attach(model, config, calibration)
     if objective is not None:
         trainable_parameters(model, objective)
@@ -142,6 +151,9 @@ def recover(
     prune.recovery.config.RecoverConfig), `data` the training rows (token blocks [samples, seq_len]); logs and
     checkpoints go to `run_dir/recover/`. `trainer_options` are prune.recovery.stage.recover's (masks of a merged
     model, task_loss, evaluate for keeping the best step, resume, device)."""
+    from prune.recovery.config import RecoverConfig
+    from prune.recovery.stage import recover as recover_stage  # imports torch: on first use, like _EXPORTS
+
     if not isinstance(config, RecoverConfig):
         try:
             config = RecoverConfig.model_validate(config)
@@ -149,4 +161,4 @@ def recover(
             allowed = ", ".join(RecoverConfig.model_fields)
             problems = "; ".join(_problem(item, allowed) for item in error.errors())
             raise UserInputError(f"invalid recover config: {problems}") from None
-    return _recover(model, config, data, run_dir, **trainer_options)
+    return recover_stage(model, config, data, run_dir, **trainer_options)

@@ -1,6 +1,8 @@
 """`prune run | eval | export | sweep | compare | models`: thin argument parsing over the pipeline.
 
-Bad input exits 2."""
+Bad input exits 2. What can be checked without torch (the recipe, its `--set` keys, the paths it names, a sweep
+file, `prune eval`'s options) is checked before the modules that import torch, transformers or lm-eval are: a
+refusal comes at once, not after the seconds those imports take."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 from eval.metric_errors import NonFiniteError
-from prune.data.prose import MOBY_DICK
+from prune.data.config import MOBY_DICK
 
 # what a full, read-only or forbidden output looks like: bad input (exit 2), not a crash
 DISK_ERRORS = {
@@ -29,12 +31,15 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _run(args: argparse.Namespace) -> None:
-    from prune.runs.pipeline import run
+    from prune.runs.paths import check_paths
     from prune.runs.recipe import load_recipe
-    from prune.runs.report import render
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     recipe = load_recipe(args.recipe, overrides)
+    check_paths(recipe)
+    from prune.runs.pipeline import run  # torch, transformers: imported once the recipe and its paths are good
+    from prune.runs.report import render
+
     try:
         report = run(recipe, overwrite=args.overwrite, resume=args.resume)
     except KeyboardInterrupt:
@@ -57,14 +62,8 @@ def _resume_hint(args: argparse.Namespace, output: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from eval.tables import render_table
-    from prune.data.text import DataConfig, prepare, prepare_extra
-    from prune.models.loading import check_seq_len
-    from prune.runs import run_dir
-    from prune.runs.loading import load_model
+    from prune.data.config import DataConfig
     from prune.runs.recipe import parse_options
-    from prune.runs.report import columns, summary_row
-    from prune.tasks.causal_lm import check_eval_tasks, measure
     from prune.tasks.eval_config import EvalConfig
 
     data = parse_options(DataConfig, {"source": args.data, "seq_len": args.seq_len})
@@ -72,6 +71,14 @@ def _eval(args: argparse.Namespace) -> None:
         EvalConfig,
         {"tasks": args.tasks, "extra_texts": args.extra_texts, "limit": args.limit, "latency": not args.no_latency},
     )
+    from eval.tables import render_table  # torch, transformers, lm-eval: imported once the options are good
+    from prune.data.text import prepare, prepare_extra
+    from prune.models.loading import check_seq_len
+    from prune.runs import run_dir
+    from prune.runs.loading import load_model
+    from prune.runs.report import columns, summary_row
+    from prune.tasks.causal_lm import check_eval_tasks, measure
+
     given = Path(args.model)
     is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
     spec = str(given / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
@@ -101,10 +108,11 @@ def _export(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     from prune.sweep.recipe import load_sweep
-    from prune.sweep.runner import run_sensitivity, run_sweep
 
     overrides = list(args.set) + ([f"output={args.output}"] if args.output else [])
     sweep, base = load_sweep(args.recipe, overrides)
+    from prune.sweep.runner import run_sensitivity, run_sweep  # torch: imported once the sweep file is good
+
     if args.sensitivity:
         run_sensitivity(sweep, base, force=args.force)
         print(f"\nsensitivity: {sweep.output}/sensitivity/")

@@ -13,7 +13,7 @@ from transformers import (
     ResNetForImageClassification,
 )
 
-from prune.data import text
+from prune.data import prose, text
 
 
 def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -99,6 +99,7 @@ def prose_stand_in():
     and every run still measures a second text. tests/test_prose.py tests the real fetch on a local tarball."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(text, "moby_dick", lambda: docs_text(150_000)[60_000:])
+        patch.setattr(prose, "check_fetchable", lambda: None)  # nothing is fetched, so npm is not needed
         yield
 
 

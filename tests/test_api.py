@@ -1,4 +1,4 @@
-"""The public Python API (`import prune`): the README's example, run on a tiny Llama with nothing but its names."""
+"""The public Python API (`import prune`): the example of docs/python-api.md, on a tiny Llama, by public names only."""
 
 from __future__ import annotations
 

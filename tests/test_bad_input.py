@@ -728,9 +728,8 @@ CASES = [
 # ------------------------------------------------------------------------------------------ shared inputs
 
 
-@pytest.fixture(scope="module")
-def lab_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lab")
+def write_inputs(root: Path) -> Path:
+    """The lab's inputs: a corpus, tiny Llama and GPT-2 directories, and the wanda and nm_gumbel recipes."""
     write(root / "docs.txt", docs_text())
     save_tiny_model(root / "llama")
     save_tiny_model(root / "gpt2", "gpt2")
@@ -753,6 +752,14 @@ def lab_root(tmp_path_factory) -> Path:
             "eval: {tasks: [], latency: false, dense_baseline: false}\n"
         ),
     )
+    return root
+
+
+@pytest.fixture(scope="module")
+def lab_root(tmp_path_factory) -> Path:
+    """The inputs, and the runs rows start from: a finished 2:4 and 50% run, an nm_gumbel run killed after training,
+    a finished 2:4 run with recovery."""
+    root = write_inputs(tmp_path_factory.mktemp("lab"))
     torch.set_num_threads(1)
     assert main(["run", str(root / "wanda.yaml"), "--output", str(root / "wanda24")]) == 0
     assert (

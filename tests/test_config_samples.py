@@ -13,8 +13,8 @@ from prune.models.runtime import RuntimeConfig
 from prune.recovery.config import RecoverConfig
 from prune.runs.recipe import DataConfig, ExportConfig, Recipe, parse_recipe
 from prune.sweep.recipe import SweepRecipe
+from prune.tasks.data_config import ZeroShotDataConfig
 from prune.tasks.eval_config import EvalConfig
-from prune.tasks.zero_shot import ZeroShotDataConfig
 from prune.training.config import TrainConfig
 
 SECTIONS = {

@@ -225,6 +225,7 @@ def paired_runs(request, tmp_path_factory, corpus):
     return root, streamed, memory
 
 
+@pytest.mark.slow
 def test_streamed_run_writes_a_loadable_model_and_says_what_it_skipped(paired_runs):
     root, report, memory = paired_runs
     assert report["sparsity"]["achieved"] == pytest.approx(0.5)
@@ -247,6 +248,7 @@ def _assert_same_perplexity(streamed: dict, memory: dict) -> None:
         assert streamed[key] == pytest.approx(memory[key], rel=1e-6, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_streamed_run_reports_the_in_memory_runs_figures(paired_runs):
     _, streamed, memory = paired_runs
     for figures, expected in ((streamed, memory), (streamed["dense"], memory["dense"])):
@@ -259,6 +261,7 @@ def test_streamed_run_reports_the_in_memory_runs_figures(paired_runs):
     assert streamed["data"] == memory["data"] and streamed["data"]["used"]["calibration"]["windows"] == 4
 
 
+@pytest.mark.slow
 def test_compare_pairs_a_streamed_run_with_an_in_memory_one(paired_runs, tmp_path):
     root, _, _ = paired_runs
     rows, _ = compare([root / "disk", root / "memory"], tmp_path / "cmp")

@@ -97,11 +97,11 @@ def test_trainer_on_runtime_cpu_uses_accelerates_cpu_mode(tmp_path, monkeypatch,
 def test_auto_mixed_precision_is_bf16_only_on_a_cuda_device_that_has_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     auto = TrainConfig()
-    assert auto.resolved_precision(torch.device("cuda", 0)) == "bf16"
-    assert auto.resolved_precision(CPU) == "no"
-    assert TrainConfig(mixed_precision="bf16").resolved_precision(CPU) == "bf16"
+    assert trainer.resolved_precision(auto, torch.device("cuda", 0)) == "bf16"
+    assert trainer.resolved_precision(auto, CPU) == "no"
+    assert trainer.resolved_precision(TrainConfig(mixed_precision="bf16"), CPU) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert auto.resolved_precision(torch.device("cuda", 0)) == "no"
+    assert trainer.resolved_precision(auto, torch.device("cuda", 0)) == "no"
 
 
 @pytest.fixture(scope="module")

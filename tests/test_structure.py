@@ -20,8 +20,9 @@ from eval.flops import count_flops, count_params
 from prune.core.errors import UserInputError
 from prune.masks.base import unwrap
 from prune.runs.loading import load_model
+from prune.structural.config import FFN, HEADS, HIDDEN, LAYERS
 from prune.structural.gates import FixedGate, attach_unit_gates, rounded_count
-from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, structure_of
+from prune.structural.layout import structure_of
 from prune.structural.shrink import HEAD_DIM_KEY, LAYER_SIZES_KEY, shrink
 from tests.conftest import make_tiny_gpt2, make_tiny_llama, save_tiny_model
 

@@ -16,6 +16,7 @@ from prune.core.errors import UserInputError
 from prune.masks.base import attach_hard_masks
 from prune.masks.targets import method_targets
 from prune.methods import registry
+from prune.methods.declaration import MethodDeclaration
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores
 from prune.methods.spec import MethodSpec
@@ -45,6 +46,14 @@ def attach_fixed_nm(model, config, calibration_blocks):
         model,
         {name: mask_from_scores(magnitude_scores(weight_matrix(modules[name])), config.pattern) for name in names},
     )
+
+
+# registered like a real method: its declaration names where its MethodSpec lives (this module, as pytest named it)
+FIXED_NM = MethodSpec(
+    MethodDeclaration("fixed_nm", FixedNMConfig, "learnable", f"{__name__}:FIXED_NM"),
+    attach_fixed_nm,
+    needs_calibration=False,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,9 +118,7 @@ class Counters:
 @pytest.fixture(scope="module")
 def fixed_nm():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(
-            registry.METHODS, "fixed_nm", MethodSpec("fixed_nm", FixedNMConfig, attach_fixed_nm, "learnable", False)
-        )
+        patch.setitem(registry.METHODS, "fixed_nm", FIXED_NM.declared)
         yield
 
 
@@ -139,6 +146,7 @@ def _row(rows, method, sparsity):
     return next(row for row in rows if row["method"] == method and row["sparsity"] == sparsity)
 
 
+@pytest.mark.slow
 def test_sweep_rows_skips_and_shared_calibration(swept):
     rows, calls = swept["result"]["rows"], swept["calls"]
     assert len(rows) == 1 + 4 * 3
@@ -172,6 +180,7 @@ def test_sweep_rows_skips_and_shared_calibration(swept):
     assert sum(1 for line in swept["lines"] if line.startswith(("magnitude", "wanda", "sparsegpt", "fixed_nm"))) == 12
 
 
+@pytest.mark.slow
 def test_sweep_outputs_and_point_reports(swept):
     out = swept["out"]
     csv_lines = (out / "sweep.csv").read_text().splitlines()
@@ -193,6 +202,7 @@ def test_sweep_outputs_and_point_reports(swept):
     assert json.loads((out / "points" / "wanda-3of7" / "skipped.json").read_text())["status"] == "skipped"
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_points_and_recomputes_changed_ones(swept, tmp_path, fixed_nm):
     out = tmp_path / "out"
     shutil.copytree(swept["out"], out)
@@ -330,6 +340,7 @@ def fragile_dir(tmp_path_factory, corpus):
     return directory
 
 
+@pytest.mark.slow
 def test_sensitivity_ranks_the_fragile_block_first(fragile_dir, corpus, tmp_path, capsys):
     path = write_sweep(
         tmp_path,
@@ -354,6 +365,7 @@ def test_sensitivity_ranks_the_fragile_block_first(fragile_dir, corpus, tmp_path
     assert "block 1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compare_from_run_dirs_and_missing_report(swept, tmp_path, capsys):
     points = swept["out"] / "points"
     output = tmp_path / "cmp"

@@ -23,9 +23,9 @@ from prune.runs.loading import load_model
 from prune.runs.pipeline import run
 from prune.runs.recipe import Recipe, parse_recipe
 from prune.tasks.classification import classifier_accuracy
+from prune.tasks.data_config import DATA_CONFIGS, ZeroShotDataConfig
 from prune.tasks.image_classification import ImageClassification, head_indices
 from prune.tasks.registry import TASKS, get_task
-from prune.tasks.zero_shot import ZeroShotDataConfig
 from tests.conftest import docs_text, save_tiny_model, save_tiny_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_the_registry_names_every_task_the_recipe_accepts_and_their_data_sections():
     assert list(TASKS) == list(typing.get_args(Recipe.model_fields["task"].annotation))
     assert all(task.name == name for name, task in TASKS.items())
-    assert {name: task.data_config for name, task in TASKS.items()} == {
+    assert DATA_CONFIGS == {
         "causal-lm": DataConfig,
         "zero-shot-classification": ZeroShotDataConfig,
         "image-classification": ImageDataConfig,

@@ -275,6 +275,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         train(masked_tiny_llama(), CountingObjective(), patterned_tokens(), config(), tmp_path, resume=True)
 
 
+@pytest.mark.slow
 def test_two_process_training_averages_gradients_and_ends_with_identical_masks(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): every rank ends with the same masks and the
     hard-masked loss falls as in a single-process run."""

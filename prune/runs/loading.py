@@ -13,7 +13,8 @@ from prune.core.errors import UserInputError
 from prune.methods.registry import get_method
 from prune.models import loading
 from prune.runs import run_dir
-from prune.tasks.registry import DEFAULT_TASK, get_task
+from prune.tasks.data_config import DEFAULT_TASK
+from prune.tasks.registry import get_task
 
 
 def load_model(

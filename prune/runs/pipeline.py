@@ -12,7 +12,6 @@ and writes.
 from __future__ import annotations
 
 import json
-import resource
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -22,6 +21,7 @@ import torch
 from accelerate import PartialState
 
 from prune.core.atomic import write_json_atomic
+from prune.core.memory import peak_rss_mb
 from prune.core.rng import seed_all
 from prune.masks.base import weight_masks
 from prune.methods.registry import get_method
@@ -153,7 +153,7 @@ def _report(
         "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
         **{key: value for key, value in pruned.items() if key != "seconds"},
         "timings": timings,
-        "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+        "memory": {"peak_rss_mb": peak_rss_mb()},
     }
     if training is not None:
         report["train"] = {

@@ -54,7 +54,7 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
     runtime = resolve_runtime(recipe.runtime, model_dir / "config.json" if model_dir else None)
     spec = get_method(recipe.method.name)
     if runtime.offload != "none" and not spec.block_by_block:
-        placed = ", ".join(name for name, method in METHODS.items() if method.block_by_block)
+        placed = ", ".join(name for name in METHODS if get_method(name).block_by_block)
         raise UserInputError(
             f"runtime.offload: {runtime.offload} prunes block by block, which methods {placed} do; "
             f"{recipe.method.name!r} needs the whole model on the device; use runtime.offload: none."

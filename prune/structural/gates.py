@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from prune.masks.base import Mask, MaskWrapper
-from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure
+from prune.structural.config import FFN, HEADS, HIDDEN, LAYERS
+from prune.structural.layout import Counts, Structure
 
 
 class UnitGate(Mask):

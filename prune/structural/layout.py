@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from prune.core.errors import UserInputError
+from prune.structural.config import FFN, HEADS, HIDDEN
 
-HIDDEN, HEADS, FFN, LAYERS = "hidden", "heads", "ffn", "layers"
 Cost = Literal["none", "matmul", "attention"]
 Fold = Literal["none", "writer", "final_norm"]  # writer: scaled by hidden/layer values (and its units' values)
 

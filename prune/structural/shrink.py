@@ -37,15 +37,8 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from prune.core.errors import UserInputError
-from prune.structural.layout import (
-    FFN,
-    HEADS,
-    HIDDEN,
-    LAYERS,
-    Entry,
-    Structure,
-    unit_input_kind,
-)
+from prune.structural.config import FFN, HEADS, HIDDEN, LAYERS
+from prune.structural.layout import Entry, Structure, unit_input_kind
 
 LAYER_SIZES_KEY = "maskprune_layer_sizes"
 HEAD_DIM_KEY = "maskprune_head_dim"

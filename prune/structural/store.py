@@ -1,8 +1,8 @@
 """A gated model's structural decisions: found in the model, saved, reloaded, exported and reported.
 
-Shared by every structural method (VIB, the one-shot structured baselines): their common config keys
-(`StructuralBudgetConfig`: a params/FLOPs target instead of a sparsity) and the same `save`, `export` and
-`report` hooks. Saved format, in the run directory's usual two files:
+Shared by every structural method (VIB, the one-shot structured baselines): the same `save`, `export` and `report`
+hooks (their common config keys, a params/FLOPs target instead of a sparsity, are prune.structural.config's
+`StructuralBudgetConfig`). Saved format, in the run directory's usual two files:
 `masks.safetensors` holds per gate `<kind>[.<layer>].keep` (uint8 per unit) and `<kind>[.<layer>].value`
 (float32: the multiplier of each kept unit, folded into the weights by the export); `masks.json` holds the
 method's metadata and a `structural` section (family, unit counts, kinds, and the count rules).
@@ -14,91 +14,21 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import Field, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from prune.core.atomic import write_tensors_with_json
-from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.core.tensor_fit import check_fit
 from prune.masks.base import unwrap, wrappers
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
+from prune.structural.config import FFN, HEADS, HIDDEN, LAYERS
 from prune.structural.gates import FixedGate, GateSet, UnitGate, attach_unit_gates
-from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure, structure_of
+from prune.structural.layout import Counts, Structure, structure_of
 from prune.structural.shrink import layer_sizes, shrink
 
 FORMAT = "structural-v1"
-QUANTITIES = ("params", "flops")
-
-
-def parse_budget(value) -> dict[str, float]:
-    """{params: t} or {flops: t}, t the share removed in (0, 1)."""
-    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in QUANTITIES:
-        raise ValueError(f"target must be one of {{params: t}} or {{flops: t}} (t = the share removed), got {value!r}")
-    quantity, share = next(iter(value.items()))
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share < 1.0:
-        raise ValueError(f"target {quantity} must be a share removed strictly between 0 and 1, got {share!r}")
-    return {quantity: float(share)}
-
-
-class StructuralBudgetConfig(MethodConfig):
-    """Keys every structural method shares: a size/FLOPs target instead of an N:M/fraction sparsity."""
-
-    sparsity: str | float | None = Field(
-        None, description="unused: the budget is `target` (a fraction here means params)"
-    )
-    targets: list[str] | None = Field(
-        None, description="unused: structural methods prune units (see `units`), not chosen linears"
-    )
-    skip_incompatible: bool = Field(False, description="unused: no N:M groups here")
-    target: dict[str, float] = Field(
-        default_factory=lambda: {"params": 0.5}, description="{params: t} or {flops: t}: the share removed"
-    )
-    flops_seq_len: int = Field(512, ge=1, description="sequence length at which FLOPs are counted")
-    round_to: int | None = Field(
-        None, ge=1, description="round kept FFN / hidden sizes to a multiple (export.round_to)"
-    )
-    uniform: bool = Field(False, description="the same sizes in every layer, so plain transformers loads the export")
-
-    @field_validator("sparsity", mode="before")
-    @classmethod
-    def _valid_sparsity(cls, value):
-        if value is None or isinstance(value, float) and 0.0 < value < 1.0:
-            return value
-        raise ValueError(
-            f"structural methods take a size budget, `target: {{params: 0.5}}` or `{{flops: 0.5}}`, not sparsity "
-            f"{value!r}; drop `sparsity` (a plain fraction such as 0.5 is read as a params target)."
-        )
-
-    @field_validator("target", mode="before")
-    @classmethod
-    def _valid_budget(cls, value):
-        return parse_budget(value)
-
-    @model_validator(mode="after")
-    def _sparsity_as_budget(self):
-        if self.targets is not None:
-            raise ValueError("structural methods prune units, not chosen linears: drop `targets` and use `units`.")
-        if isinstance(self.sparsity, float) and "target" not in self.model_fields_set:
-            object.__setattr__(self, "target", {"params": self.sparsity})
-        return self
-
-    @property
-    def pattern(self):
-        raise UserInputError(f"method {self.name} has a size target ({self.target_label()}), not an N:M pattern.")
-
-    @property
-    def quantity(self) -> str:
-        return next(iter(self.target))
-
-    @property
-    def share(self) -> float:
-        return self.target[self.quantity]
-
-    def target_label(self) -> str:
-        return f"{self.quantity} {self.share:g}"
 
 
 def gate_set(model: nn.Module) -> GateSet:

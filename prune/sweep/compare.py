@@ -25,6 +25,7 @@ from eval.bootstrap import BEST, verdicts_against_best
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.core.errors import UserInputError
+from prune.core.extras import require
 from prune.core.sparsity import parse_sparsity
 from prune.sweep import plots
 
@@ -443,6 +444,7 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
 
 
 def compare(run_dirs: list[str | Path], output: str | Path) -> tuple[list[dict], dict[str, Path]]:
+    require("matplotlib", "prune compare's plots (perplexity_vs_sparsity.png, accuracy_vs_flops.png)")
     rows = rows_from_runs(run_dirs)
     written = write_outputs(
         Path(output),

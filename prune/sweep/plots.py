@@ -15,9 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
-from prune.core.figures import is_finite_number, save_figure
+from prune.core.figures import is_finite_number, save_figure, subplots
 
 MARKERS = "osD^v<>ph*"
 
@@ -42,7 +40,7 @@ def perplexity_vs_sparsity(rows: list[dict], path: Path, texts: list[tuple[str, 
     ]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (title, value, ci95) in zip(axes[0], panels):
         _perplexity_panel(ax, rows, value, ci95, title)
     return save_figure(fig, path)
@@ -125,7 +123,7 @@ def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
     ]
     if not tasks or not points:
         return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    fig, axes = subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         key = f"accuracy.{task}"
         for i, ((_model, label), members) in enumerate(_series(points).items()):
@@ -179,7 +177,7 @@ def layer_profile(
         types.setdefault(kind, {})[block] = info["sparsity"]
     order = sorted(blocks, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0, b))
     by_block = [entry for entry in (sensitivity or []) if entry.get("kind") == "block"]
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         2 if by_block else 1, 1, figsize=(max(7, 0.3 * len(order) + 3), 7 if by_block else 4), squeeze=False
     )
     ax = axes[0][0]
@@ -215,7 +213,7 @@ def sensitivity_bars(entries: list[dict], path: Path, title: str) -> Path | None
         return None
     kinds = sorted({entry["kind"] for entry in entries})
     heights = [sum(1 for entry in entries if entry["kind"] == kind) for kind in kinds]
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(kinds),
         1,
         figsize=(8, 1.5 + 0.28 * sum(heights) + 0.5 * len(kinds)),

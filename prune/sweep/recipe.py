@@ -38,7 +38,7 @@ from prune.core.config import MethodConfig, StrictConfig
 from prune.core.errors import UserInputError
 from prune.core.sparsity import parse_sparsity
 from prune.core.yaml_io import read_mapping
-from prune.methods.registry import get_method
+from prune.methods.registry import get_declaration
 from prune.runs.recipe import Recipe, apply_overrides, parse_recipe, set_dotted
 
 POINTS_DIR = "points"
@@ -191,7 +191,7 @@ def _method_entry(entry: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]
     if "name" not in entry:
         raise UserInputError(f"grid.methods entry {entry} needs a `name`, e.g. {{name: wanda}}.")
     name = entry.pop("name")
-    get_method(name)
+    get_declaration(name)
     label = entry.pop("label", None)
     if label is None:
         label = (
@@ -229,7 +229,7 @@ def point_raw(sweep: SweepRecipe, base: dict[str, Any], model: str, entry, spars
     raw["method"] = {**method, **extra, "name": name, "sparsity": sparsity}
     raw["model"] = model
     raw["output"] = str(output)
-    if get_method(name).kind == "oneshot":  # training settings do not apply: they must not change its fingerprint
+    if get_declaration(name).kind == "oneshot":  # training settings do not apply: they must not change its fingerprint
         raw.pop("train", None)
     set_dotted(raw, "eval.dense_baseline", False, "sweep")
     set_dotted(raw, "export.save_model", sweep.save_models, "sweep")
@@ -263,10 +263,9 @@ def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
                     )
                 labels[label] = True
                 directory = output / POINTS_DIR / label
-                spec = get_method(name)
                 path = (
                     "shared"
-                    if sweep.shared_calibration and spec.kind == "oneshot" and name in SHARED_STATS
+                    if sweep.shared_calibration and get_declaration(name).kind == "oneshot" and name in SHARED_STATS
                     else "pipeline"
                 )
                 recipe, error = None, None

@@ -45,7 +45,10 @@ from eval.metric_errors import NonFiniteError
 from eval.tables import render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.core.errors import UserInputError
+from prune.core.extras import require
 from prune.core.sparsity import parse_sparsity
+from prune.methods.registry import get_method
+from prune.runs.preflight import check_needs
 from prune.runs.recipe import Recipe, parse_recipe
 from prune.runs.report import write_report
 from prune.sweep import compare
@@ -133,6 +136,10 @@ class _Sweep:
         )
 
     def run(self) -> dict:
+        require("matplotlib", "the sweep's plots (perplexity_vs_sparsity.png, accuracy_vs_flops.png, layers.png)")
+        for point in self.points:
+            if point.recipe is not None:
+                check_needs(point.recipe, get_method(point.recipe.method.name))
         start = time.perf_counter()
         self.output.mkdir(parents=True, exist_ok=True)
         pending = []
@@ -272,6 +279,7 @@ def run_sensitivity(
     from prune.methods.oneshot.method import SHARED_STATS
     from prune.sweep import plots, sensitivity
 
+    require("matplotlib", "the sensitivity plot (sensitivity.png)")
     write = write or tqdm.write
     settings = sweep.sensitivity
     names = [_method_entry(entry)[0] for entry in sweep.grid.methods]

@@ -14,7 +14,6 @@ gathering) or one target's Hessian (while pruning); the files also let a resumed
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import time
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from prune.calibration import layerwise as calibration
 from prune.core.atomic import staged_directory, write_json_atomic
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
+from prune.core.memory import peak_rss_mb
 from prune.data.text import interleave, prepare_extra, prepare_mix, prepare_source
 from prune.masks.base import achieved_sparsity, attach_hard_masks, merge, wrappers
 from prune.masks.storage import save_masks
@@ -315,7 +315,7 @@ class SharedModel:
                 source_share=recipe.data.source_share,
             ),
             "timings": timings,
-            "memory": {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+            "memory": {"peak_rss_mb": peak_rss_mb()},
         }
         finish_report(report, point, dense, layers, {"calibration": NOTE, **self.timings})
         write_report(directory, report)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from prune.calibration.layerwise import BlockPlacement
 from prune.core.atomic import save_pretrained_atomic
-from prune.core.config import MethodConfig, StrictConfig
+from prune.core.config import MethodConfig
 from prune.masks.base import achieved_sparsity
 from prune.methods.spec import HeldOut, MethodSpec
 from prune.tasks.eval_config import EvalConfig
@@ -52,7 +52,6 @@ class Task(ABC):
     """One kind of model and data. Subclasses set the class attributes and implement the methods below."""
 
     name: ClassVar[str]  # the recipe's `task:` value
-    data_config: ClassVar[type[StrictConfig]]  # the schema of the recipe's `data` section
     metric: ClassVar[str]  # the held-out score the trainer minimizes: perplexity | error
     unit: ClassVar[str]  # what a training sample is counted in on train_curve.png: tokens | images
 

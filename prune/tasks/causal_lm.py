@@ -28,7 +28,6 @@ from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
 from prune.data.text import (
-    DataConfig,
     TokenSplits,
     interleave,
     prepare_extra,
@@ -213,7 +212,6 @@ class CausalLM(Task):
     """`task: causal-lm`: text in, perplexity (and lm-eval accuracy, FLOPs, latency) out."""
 
     name = "causal-lm"
-    data_config = DataConfig
     metric = "perplexity"
     unit = "tokens"
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from prune.core.errors import UserInputError
-from prune.data.images import ImageDataConfig, ImageRows, load_image_data
+from prune.data.images import ImageRows, load_image_data
 from prune.methods.spec import HeldOut
 from prune.tasks.base import RunSettings, StageSettings, Task
 
@@ -75,7 +75,6 @@ def conv_flops(model: nn.Module, pixel_values: Tensor) -> ConvFlops:
 class ImageTask(Task):
     """The image tasks' common part: load the data, train on its rows, score by held-out error."""
 
-    data_config = ImageDataConfig
     metric = "error"
     unit = "images"
 

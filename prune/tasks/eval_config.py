@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from prune.core.config import StrictConfig
-from prune.data.text import MOBY_DICK
+from prune.data.config import MOBY_DICK
 
 
 class EvalConfig(StrictConfig):

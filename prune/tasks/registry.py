@@ -1,5 +1,6 @@
-"""The one list of tasks, by the recipe's `task:` value. A new kind of model is one Task subclass and one entry here;
-a task whose model can stream from disk (runtime.offload: disk) has its streamed variant in STREAMED."""
+"""The one list of tasks, by the recipe's `task:` value. A new kind of model is one Task subclass, one entry here and
+its `data` section in prune.tasks.data_config.DATA_CONFIGS (torch-free: the recipe validates it before torch is
+imported); a task whose model can stream from disk (runtime.offload: disk) has its streamed variant in STREAMED."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from prune.tasks.zero_shot import ZeroShotClassification
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (CausalLM, ZeroShotClassification, ImageClassification)}
 STREAMED: dict[str, type[Task]] = {StreamedCausalLM.name: StreamedCausalLM}
-DEFAULT_TASK = CausalLM.name
 
 
 def get_task(name: str, *, streamed: bool = False) -> type[Task]:

@@ -12,37 +12,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from eval.flops import count_params
-from prune.data.images import ImageDataConfig
 from prune.masks.base import MaskWrapper, masked_fractions
 from prune.models.clip import load_clip
 from prune.tasks.base import RunSettings
 from prune.tasks.classification import ImageTask
-
-
-class ZeroShotDataConfig(ImageDataConfig):
-    """The `data` section when `task: zero-shot-classification`: an image source (ImageDataConfig) and the
-    prompts that turn class names into CLIP's classifier."""
-
-    shots: int | None = Field(16, ge=1, description="training images per class (seeded); null: all")
-    templates: list[str] = Field(
-        default_factory=lambda: ["a photo of a {}."],
-        description="prompt templates, each with one {} for the class name",
-    )
-
-    @field_validator("templates")
-    @classmethod
-    def _one_slot(cls, templates: list[str]) -> list[str]:
-        bad = [template for template in templates if template.count("{}") != 1]
-        if not templates or bad:
-            raise ValueError(
-                f"every prompt template needs exactly one '{{}}' for the class name; got {bad or templates}."
-            )
-        return templates
 
 
 @dataclass
@@ -105,7 +82,6 @@ class ZeroShotClassification(ImageTask):
     """`task: zero-shot-classification`: CLIP's zero-shot head (class prompts) on images, scored by accuracy."""
 
     name = "zero-shot-classification"
-    data_config = ZeroShotDataConfig
 
     def __init__(self, model: nn.Module, processor, settings: RunSettings, device: torch.device | None = None):
         super().__init__(model, processor, settings, device)

@@ -1,10 +1,10 @@
-"""The `train` section of a recipe: the one trainer's settings."""
+"""The `train` section of a recipe: the one trainer's settings (torch-free: a recipe is validated before torch is
+imported)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from prune.core.config import StrictConfig
@@ -36,10 +36,3 @@ class TrainConfig(StrictConfig):
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="auto: bf16 autocast when training on a CUDA device that has it (runtime.device)"
     )
-
-    def resolved_precision(self, device: torch.device) -> str:
-        """`auto` follows the device the run trains on: bf16 on a CUDA GPU with bfloat16, none elsewhere (CPU
-        autocast to bf16 is slower than float32 on most CPUs)."""
-        if self.mixed_precision != "auto":
-            return self.mixed_precision
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"

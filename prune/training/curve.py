@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
-from prune.core.figures import is_finite_number, save_figure
+from prune.core.figures import is_finite_number, save_figure, subplots
 
 
 def training_curve(log_path: Path, per_step: int, unit: str, path: Path) -> Path | None:
@@ -20,7 +18,7 @@ def training_curve(log_path: Path, per_step: int, unit: str, path: Path) -> Path
     if not points:
         return None
     metric = points[0][1]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     ax.plot([step * per_step for step, _, _ in points], [value for _, _, value in points], marker="o")
     ax.set_xlabel(f"training {unit}")
     ax.set_ylabel(f"held-out {metric.removeprefix('eval_')}")

@@ -118,13 +118,21 @@ def batch_indices(step: int, micro: int, config: TrainConfig, rank: int, world: 
     return torch.stack([orders[epoch][offset] for epoch, offset in positions])
 
 
+def resolved_precision(config: TrainConfig, device: torch.device) -> str:
+    """`train.mixed_precision: auto` follows the device the run trains on: bf16 on a CUDA GPU with bfloat16, none
+    elsewhere (CPU autocast to bf16 is slower than float32 on most CPUs)."""
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
 def make_accelerator(config: TrainConfig, device: torch.device | None = None) -> Accelerator:
     """The accelerator of a run on `device` (runtime.device): accelerate's CPU mode for `cpu`, so a machine with a
     GPU still trains where the recipe says; otherwise accelerate's device (None: the first accelerator, else the
     CPU; under `accelerate launch` each process's own). `train.mixed_precision: auto` resolves to that device."""
     if device is not None and device.type == "cpu":
-        return Accelerator(cpu=True, mixed_precision=config.resolved_precision(device))
-    return Accelerator(mixed_precision=config.resolved_precision(device or PartialState().device))
+        return Accelerator(cpu=True, mixed_precision=resolved_precision(config, device))
+    return Accelerator(mixed_precision=resolved_precision(config, device or PartialState().device))
 
 
 def _logged_step(line: str) -> int | None:

@@ -25,87 +25,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from prune.core.atomic import write_tensors_with_json
-from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
+from prune.methods.gating import config as declared
+from prune.methods.gating.config import GatingConfig
 from prune.methods.gating.layers import accounting, bypassed, gate_sites, gated_layers, select_gate_sites, summarize
-from prune.methods.gating.predictor import GatingMask, LabelRule, check_threshold
+from prune.methods.gating.predictor import GatingMask, LabelRule
 from prune.methods.spec import HeldOut, MethodSpec
 
 FORMAT_VERSION = 1
 PREDICTORS_FILE = "predictors.safetensors"
 GATING_FILE = "gating.json"
-
-
-class GatingConfig(MethodConfig):
-    """Dynamic gating (FTWT): a predictor per gated layer picks, per input, the channels to compute."""
-
-    sparsity: str | float = Field(0.5, description="target: uniform only -- the fraction of channels each input skips")
-    targets: list[str] | None = Field(
-        None,
-        description="glob patterns over module names, e.g. ['*.mlp'] (null: "
-        "every transformer FFN, else every Conv2d+BN block); every pattern must match",
-    )
-    target: Literal["mass", "uniform"] = Field(
-        "mass",
-        description="how the BCE labels are chosen: mass keeps the k(x) "
-        "channels holding <= r of the activation mass, uniform a fixed share",
-    )
-    threshold: float = Field(0.9, description="r in (0, 1]: the activation mass the kept channels may hold")
-    mode: Literal["decoupled", "joint"] = Field(
-        "decoupled", description="decoupled: predictor input detached, backbone frozen; joint: the backbone trains too"
-    )
-    loss_weight: float = Field(1.0, ge=0, description="w, the weight of the BCE loss")
-    cooldown: float = Field(
-        1.0, gt=0, le=1, description="fraction of the steps after which w drops to 0 (FTWT: 0.5 in joint mode)"
-    )
-    softmax: bool = Field(True, description="softmax over the pooled input channels before the linear map (FTWT)")
-    predictor_rank: int | None = Field(
-        None, ge=1, description="null: one linear map (FTWT); an int: a low-rank pair, cheaper for wide FFNs"
-    )
-    init_bias: float = Field(3.0, description="initial logit of every channel (positive: start dense)")
-    train_masked: bool = Field(True, description="training forward passes the masked output on (FTWT's code does)")
-    max_union: float = Field(
-        0.9, ge=0, le=1, description="FFN sparse path: above this union of selected neurons, run masked dense"
-    )
-    backbone_lr_scale: float = Field(
-        0.1, gt=0, description="joint mode: the backbone's learning rate is train.lr times this"
-    )
-
-    @field_validator("threshold")
-    @classmethod
-    def _threshold_in_range(cls, value: float) -> float:
-        try:
-            return check_threshold(value)
-        except UserInputError as error:
-            raise ValueError(str(error)) from None
-
-    @model_validator(mode="after")
-    def _uniform_needs_fraction(self):
-        if self.target == "uniform" and self.pattern.is_nm:
-            raise ValueError(f"target: uniform needs method.sparsity as a fraction such as 0.5, not {self.sparsity!r}.")
-        return self
-
-    def rule(self) -> LabelRule:
-        fraction = self.pattern.fraction if self.target == "uniform" else 0.0
-        return LabelRule(self.target, self.threshold, fraction)
-
-    def target_label(self) -> str:
-        return f"r={self.threshold:g}" if self.target == "mass" else f"uniform {self.pattern}"
-
-    @property
-    def changes_weights(self) -> bool:
-        return self.mode == "joint"
 
 
 class GatingObjective(Objective):
@@ -139,6 +77,12 @@ class GatingObjective(Objective):
         return self.backbone if self.config.mode == "joint" else []
 
 
+def label_rule(config: GatingConfig) -> LabelRule:
+    """The labels the predictors learn from, as the config's `target` and `threshold` (or sparsity) say."""
+    fraction = config.pattern.fraction if config.target == "uniform" else 0.0
+    return LabelRule(config.target, config.threshold, fraction)
+
+
 def _device(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
@@ -149,7 +93,7 @@ def attach_gating(
     """Wrap every selected site with a gate (predictor initialized to keep everything); return the objective."""
     config = config or GatingConfig(name="gating")
     sites = select_gate_sites(model, config.targets)
-    rule = config.rule()
+    rule = label_rule(config)
 
     def make_mask(in_features: int, out_features: int) -> GatingMask:
         return GatingMask(
@@ -297,10 +241,8 @@ def report_gating(model: nn.Module, config: GatingConfig, heldout: HeldOut, repo
 
 
 GATING = MethodSpec(
-    "gating",
-    GatingConfig,
+    declared.GATING,
     attach_gating,
-    kind="learnable",
     needs_calibration=False,
     save=save_gating,
     load=restore_gating,
@@ -308,5 +250,4 @@ GATING = MethodSpec(
     restore=restore_gating,
     report=report_gating,
     fsdp=True,
-    tasks=frozenset({"causal-lm", "image-classification"}),
 )

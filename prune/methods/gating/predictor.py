@@ -23,19 +23,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from prune.core.errors import UserInputError
 from prune.masks.base import Mask
+from prune.methods.gating.config import check_threshold
 
 MASS_TOLERANCE = 1e-6  # float cumsums of a distribution; FTWT uses 1e-5
-
-
-def check_threshold(threshold: float) -> float:
-    if not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0 and math.isfinite(threshold)):
-        raise UserInputError(
-            f"gating threshold r={threshold!r} is outside (0, 1]; r is the share of activation mass the kept "
-            "channels may hold (0.9 keeps the channels holding the top 90%). Pass a value such as 0.9."
-        )
-    return float(threshold)
 
 
 def mass_labels(scores: Tensor, threshold: float) -> Tensor:

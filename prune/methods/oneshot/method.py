@@ -9,10 +9,8 @@ calibrated on the pruned block k) and restores the original weights at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from prune.calibration.input_norms import WandaStats
@@ -21,6 +19,8 @@ from prune.core.config import MethodConfig
 from prune.core.sparsity import Sparsity
 from prune.masks.base import attach_hard_masks
 from prune.masks.targets import method_targets
+from prune.methods.oneshot import config as declared
+from prune.methods.oneshot.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from prune.methods.oneshot.magnitude import magnitude_scores
 from prune.methods.oneshot.masking import mask_from_scores
 from prune.methods.oneshot.sparsegpt import HessianStats, sparsegpt_prune
@@ -125,30 +125,6 @@ def sparsegpt(
     return OneShotResult(result.masks, result.weights)
 
 
-class MagnitudeConfig(MethodConfig):
-    """Keep the largest |W|: no calibration data."""
-
-    granularity: Literal["layer", "row"] = Field("layer", description="rank weights over the layer or per row")
-
-
-class WandaConfig(MethodConfig):
-    """Keep the largest |W| * ||X|| (calibration activations), ranked per output row as in the paper."""
-
-    granularity: Literal["layer", "row"] = Field("row", description="rank weights over the layer or per row")
-
-
-class SparseGPTConfig(MethodConfig):
-    """SparseGPT: OBS mask selection from the calibration Hessian, re-fitting the surviving weights."""
-
-    update_weights: bool = Field(True, description="re-fit surviving weights (False: SparseGPT's mask only)")
-    blocksize: int = Field(128, ge=1, description="columns per OBS block")
-    dampening: float = Field(0.01, gt=0, description="fraction of mean(diag H) added to the diagonal")
-
-    @property
-    def changes_weights(self) -> bool:
-        return self.update_weights
-
-
 def _attach(model: nn.Module, result: OneShotResult) -> None:
     """Write any updated weights into the model, then wrap each target with its fixed mask."""
     modules = dict(model.named_modules())
@@ -241,29 +217,22 @@ def block_pruning(config: MethodConfig) -> BlockPruning:
 
 
 MAGNITUDE = MethodSpec(
-    "magnitude",
-    MagnitudeConfig,
+    declared.MAGNITUDE,
     attach_magnitude,
-    kind="oneshot",
     needs_calibration=False,
     block_pruning=block_pruning,
-    tasks=frozenset({"causal-lm", "zero-shot-classification"}),
     targets=_targets,
 )
 WANDA = MethodSpec(
-    "wanda",
-    WandaConfig,
+    declared.WANDA,
     attach_wanda,
-    kind="oneshot",
     needs_calibration=True,
     block_pruning=block_pruning,
     targets=_targets,
 )
 SPARSEGPT = MethodSpec(
-    "sparsegpt",
-    SparseGPTConfig,
+    declared.SPARSEGPT,
     attach_sparsegpt,
-    kind="oneshot",
     needs_calibration=True,
     block_pruning=block_pruning,
     targets=_targets,

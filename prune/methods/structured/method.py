@@ -19,24 +19,23 @@ shard by shard.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from prune.calibration.input_norms import WandaStats
 from prune.calibration.layerwise import BlockPlacement, collect_stats
 from prune.calibration.streaming import skeleton, stream_rewrite
-from prune.core.config import StrictConfig
 from prune.core.errors import UserInputError
 from prune.methods.spec import MethodSpec, StreamedExport
+from prune.methods.structured import config as declared
+from prune.methods.structured.config import StructuredConfig
 from prune.models.blocks import in_out_features
+from prune.structural.config import FFN, HEADS, HIDDEN, LAYERS
 from prune.structural.gates import FixedGate, GateSet, attach_unit_gates, rounded_count
-from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, Counts, Structure, structure_of
+from prune.structural.layout import Counts, Structure, structure_of
 from prune.structural.shrink import LAYER_SIZES_KEY, shrunk_config, shrunk_state
 from prune.structural.store import (
-    StructuralBudgetConfig,
     budget_reachable,
     export_gated,
     load_gated,
@@ -44,25 +43,6 @@ from prune.structural.store import (
     save_gates,
     summary,
 )
-
-
-class BaselineUnits(StrictConfig):
-    """Which structural units the baseline removes."""
-
-    heads: bool = Field(True, description="remove attention head units")
-    ffn: bool = Field(True, description="remove FFN neurons")
-
-
-class StructuredConfig(StructuralBudgetConfig):
-    """One-shot structured baseline: units ranked by a score, the same share removed in every layer."""
-
-    score: Literal["magnitude", "activation"] = Field(
-        "magnitude", description="weight L2 norm, or Wanda-style |W|*||X||"
-    )
-    units: BaselineUnits = Field(default_factory=BaselineUnits, description="which structural units are removed")
-
-    def kinds(self) -> set[str]:
-        return {kind for kind, on in ((HEADS, self.units.heads), (FFN, self.units.ffn)) if on}
 
 
 def unit_weight_norms(model: nn.Module, structure: Structure, kind: str, layer: int) -> Tensor:
@@ -317,10 +297,8 @@ def write_streamed(
 
 
 STRUCTURED = MethodSpec(
-    "structured",
-    StructuredConfig,
+    declared.STRUCTURED,
     attach_structured,
-    kind="oneshot",
     needs_calibration=True,
     save=save_gates,
     load=load_gated,

@@ -27,21 +27,19 @@ Fast = a share of it (`data.fraction`, e.g. 0.05), Faster = mask-only training, 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from prune.core.config import StrictConfig
 from prune.core.distributed import whole
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.methods.spec import MethodSpec
+from prune.methods.vib import config as declared
+from prune.methods.vib.config import VIBConfig
+from prune.structural.config import FFN, HEADS, HIDDEN, LAYERS, StructuralBudgetConfig
 from prune.structural.gates import GateSet, UnitGate, attach_unit_gates
-from prune.structural.layout import FFN, HEADS, HIDDEN, LAYERS, structure_of
+from prune.structural.layout import structure_of
 from prune.structural.store import (
-    StructuralBudgetConfig,
     budget_reachable,
     export_gated,
     load_gated,
@@ -98,52 +96,6 @@ class VIBGate(UnitGate):
     def kl(self) -> Tensor:
         """1/2 * sum log(1 + mu^2 / sigma^2), written stably as 1/2 * sum softplus(-log alpha)."""
         return 0.5 * nn.functional.softplus(-self.log_alpha()).sum()
-
-
-class Units(StrictConfig):
-    """Which structural units are gated."""
-
-    heads: bool = Field(True, description="attention heads (a GQA key/value group with its query heads)")
-    ffn: bool = Field(True, description="FFN intermediate neurons")
-    hidden: bool = Field(True, description="the hidden (embedding) dimension of the residual stream")
-    layers: bool = Field(False, description="whole decoder layers")
-
-    def kinds(self) -> set[str]:
-        return {
-            kind
-            for kind, on in ((HEADS, self.heads), (FFN, self.ffn), (HIDDEN, self.hidden), (LAYERS, self.layers))
-            if on
-        }
-
-
-class VIBConfig(StructuralBudgetConfig):
-    """VIB structured pruning, trained to a size budget. A recipe usually also sets `export.round_to` (kept
-    FFN / hidden sizes rounded to a multiple) and `train` (steps, lr): see recipes/smollm2-135m/vib-50.yaml."""
-
-    units: Units = Field(default_factory=Units, description="which structural units are gated")
-    kl_weight: float = Field(1.0, ge=0, description="weight of the mean KL per unit")
-    mu_init: float = Field(1.0, description="initial gate mean")
-    log_sigma2_init: float = Field(-9.0, description="initial gate log variance")
-    keep_temperature: float = Field(
-        1.0, gt=0, description="T in P(keep) = sigmoid(-log alpha / T), used in the expected size"
-    )
-    log_sigma2_lr_scale: float = Field(
-        4.0, gt=0, description="log sigma^2 learning rate relative to train.lr (it lives in log space)"
-    )
-    target_warmup: float = Field(
-        0.5, ge=0, le=1, description="share of the steps over which the target rises linearly from 0"
-    )
-    lagrangian_lr_scale: float = Field(10.0, gt=0, description="lambda1, lambda2 learning rate relative to train.lr")
-    budget_value: Literal["hard", "expected"] = Field(
-        "hard",
-        description="the Lagrangian's s: the hard share with the expected share's gradient, or the expected share",
-    )
-
-    @model_validator(mode="after")
-    def _some_units(self):
-        if not self.units.kinds():
-            raise ValueError("vib needs at least one unit kind on (units: heads, ffn, hidden, layers).")
-        return self
 
 
 def configure_counts(gates: GateSet, config: StructuralBudgetConfig) -> None:
@@ -271,10 +223,8 @@ def attach_vib(model: nn.Module, config: VIBConfig, calibration: Tensor | None) 
 
 
 VIB = MethodSpec(
-    "vib",
-    VIBConfig,
+    declared.VIB,
     attach_vib,
-    kind="learnable",
     needs_calibration=False,
     fsdp=True,
     save=save_gates,

