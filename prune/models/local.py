@@ -19,7 +19,23 @@ def check_model_path(spec: str) -> None:
     a/b/c) must be a directory; UserInputError otherwise."""
     path = Path(spec).expanduser()
     if spec not in ALIASES and (path.exists() or not hub.looks_like_hub_id(spec)) and not path.is_dir():
-        raise UserInputError(
-            f"no such directory {spec!r}; pass a directory saved with save_pretrained, a Hub id "
-            f"(org/name), or one of the embedded aliases: {', '.join(ALIASES)}."
+        raise UserInputError(not_a_model_dir(spec))
+
+
+def not_a_model_dir(spec: str) -> str:
+    """Why the local path `spec` is no model: a file, a directory without config.json, or nothing at all."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        beside = (path.parent / "config.json").is_file()
+        return (
+            f"{spec!r} is a file, not a model directory; pass the directory that save_pretrained wrote (the one "
+            f"holding config.json{', e.g. ' + repr(str(path.parent)) if beside else ''})."
         )
+    if path.is_dir():
+        return (
+            f"{spec!r} has no config.json, so it is not a saved model; pass the directory that save_pretrained wrote."
+        )
+    return (
+        f"no such directory {spec!r}; pass a directory saved with save_pretrained, a Hub id (org/name), or one of "
+        f"the embedded aliases: {', '.join(ALIASES)}."
+    )

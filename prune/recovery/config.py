@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from prune.core.config import INT64
 from prune.training.config import TrainConfig
 
 
@@ -26,7 +27,7 @@ class RecoverConfig(TrainConfig):
     eval_every: int = Field(
         0, ge=0, description="validation perplexity (error) every N steps, the best step is kept (0: off, the last)"
     )
-    seed: int = Field(0, description="seed of the data order and of the LoRA factors' initial values")
+    seed: int = Field(0, ge=0, lt=INT64, description="seed of the data order and of the LoRA factors' initial values")
     distill: float = Field(
         0.0,
         ge=0,

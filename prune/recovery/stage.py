@@ -36,7 +36,7 @@ from prune.models.blocks import LINEAR_TYPES
 from prune.recovery.config import RecoverConfig
 from prune.training.trainer import Evaluate, TaskLoss, TrainResult, keep_best, lm_loss, train
 
-STAGE_DIR = "recover"  # the run directory's sub-directory of recovery's log, checkpoints and best/last parameters
+STAGE = "recover"  # the recipe section, and the run directory's sub-directory of its log and checkpoints
 
 
 class Recovery(Objective):
@@ -68,13 +68,15 @@ def recover(
     resume: bool = False,
     accelerator: Accelerator | None = None,
     device: torch.device | None = None,
+    shaping: Sequence[str] = (),
 ) -> TrainResult:
     """Train the kept weights of the pruned `model` with its masks fixed (see the module doc), in place; `model`
     ends plain (adapters and masks merged), zero exactly where the masks are. `masks` ({module name: [out, in]
     bool}, e.g. read back with prune.masks.storage.read_masks) belong to a plain model whose masks were merged; a
     model with weight masks attached brings its own. `module` is what runs a batch when that is not `model`
     itself (CLIP's zero-shot classifier holding it): `task_loss` and `evaluate` receive it, and target names are
-    `model`'s. Logs and checkpoints go to `run_dir/recover/`; the other arguments are the trainer's."""
+    `model`'s. Logs and checkpoints go to `run_dir/recover/`; the other arguments are the trainer's (`shaping`:
+    the settings a divergence message names besides recover.lr)."""
     fixed = _fix_masks(model, masks or {})
     targets = recover_targets(model, config, fixed)
     rng.seed_all(config.seed)  # the LoRA factors' initial values
@@ -98,9 +100,10 @@ def recover(
         resume=resume,
         accelerator=accelerator,
         device=device,
-        stage_dir=STAGE_DIR,
+        shaping=shaping,
+        stage=STAGE,
     )
-    keep_best(runner, objective, Path(run_dir), result, STAGE_DIR)
+    keep_best(runner, objective, Path(run_dir), result, STAGE)
     if config.mode == "lora":
         merge_lora(model)
     else:

@@ -26,7 +26,7 @@ from prune.core.rng import seed_all
 from prune.masks.base import weight_masks
 from prune.methods.registry import get_method
 from prune.methods.spec import MethodSpec
-from prune.recovery.stage import STAGE_DIR, recover
+from prune.recovery.stage import STAGE, recover
 from prune.runs import run_dir
 from prune.runs.placed import block_placement, open_task, prepare_runtime
 from prune.runs.preflight import check_recipe
@@ -161,6 +161,7 @@ def _report(
             "best_step": training.best_step,
             f"best_eval_{task.metric}": training.best_score,
             "seconds": round(training.seconds, 2),
+            "processes": training.processes,
         }
     if dense is not None:
         with_dense(report, dense)
@@ -194,6 +195,7 @@ def _train(task: Task, objective, recipe: Recipe, directory: Path, resume: bool,
         eval_metric=task.metric,
         resume=resume,
         device=device,
+        shaping=_loss_settings(recipe),
     )
     keep_best(task.module, objective, directory, result)
     return result
@@ -215,7 +217,24 @@ def _recover(task: Task, masks: dict, recipe: Recipe, directory: Path, resume: b
         eval_metric=task.metric,
         resume=resume and resumable,
         device=device,
+        shaping=[f"recover.mode={recipe.recover.mode}"]
+        + ([f"recover.distill={recipe.recover.distill:g}"] if recipe.recover.distill else []),
     )
+
+
+def _loss_settings(recipe: Recipe) -> list[str]:
+    """The method's numeric settings this recipe changed from their defaults (and train.distill): what a
+    non-finite loss message names besides train.lr."""
+    method = recipe.method
+    changed = [
+        f"method.{key}={value:g}"
+        for key, field in type(method).model_fields.items()
+        if key != "sparsity"
+        and isinstance(value := getattr(method, key), (int, float))
+        and not isinstance(value, bool)
+        and value != field.get_default(call_default_factory=True)
+    ]
+    return changed + ([f"train.distill={recipe.train.distill:g}"] if recipe.train.distill else [])
 
 
 def _plot_training(
@@ -224,5 +243,5 @@ def _plot_training(
     """train_curve.png (recover_curve.png): the held-out score vs training tokens/images seen (all processes)."""
     stage = recipe.recover if recovery else recipe.train
     per_step = stage.batch_size * stage.grad_accum * units_per_sample
-    stage_dir, curve = (STAGE_DIR, run_dir.RECOVER_CURVE) if recovery else (run_dir.TRAIN_DIR, run_dir.CURVE_FILE)
-    training_curve(directory / stage_dir / "train_log.jsonl", per_step, unit, directory / curve)
+    logs, curve = (STAGE, run_dir.RECOVER_CURVE) if recovery else (run_dir.TRAIN_DIR, run_dir.CURVE_FILE)
+    training_curve(directory / logs / "train_log.jsonl", per_step, unit, directory / curve)

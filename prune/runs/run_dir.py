@@ -26,9 +26,9 @@ from prune.core.errors import UserInputError
 from prune.core.yaml_io import read_mapping
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.methods.gating.method import GATING_FILE, PREDICTORS_FILE
-from prune.recovery.stage import STAGE_DIR as RECOVER_DIR
+from prune.recovery.stage import STAGE as RECOVER_DIR
 from prune.runs.paths import check_output
-from prune.training.checkpoint import POINTER
+from prune.training.checkpoint import POINTER, check_resumable
 
 MARKER_FILE = ".maskprune-run"
 LOCK_FILE = ".maskprune-lock"
@@ -202,6 +202,9 @@ def _check_resumable(directory: Path, recipe_dict: dict) -> None:
             f"nothing to resume in {directory}: the run wrote no checkpoint ({CHECKPOINTS / POINTER}); run the "
             "same command without --resume to start it again."
         )
+    for section, checkpoints in (("train", CHECKPOINTS), ("recover", RECOVER_CHECKPOINTS)):  # each stage that got there
+        if (directory / checkpoints / POINTER).is_file():
+            check_resumable(directory / checkpoints, (recipe_dict.get(section) or {}).get("steps", 0), section)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:

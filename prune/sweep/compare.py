@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,9 +28,17 @@ from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.extras import require
 from prune.core.sparsity import parse_sparsity
-from prune.sweep import plots
+from prune.sweep import output_dir, plots
+from prune.sweep.output_dir import OutputKind
 
 REPORT = "report.json"
+PLOTS = ("perplexity_vs_sparsity.png", "accuracy_vs_flops.png", "layers.png")  # what write_outputs may draw
+COMPARISON = OutputKind(
+    ".maskprune-compare",
+    "comparison",
+    "prune compare",
+    frozenset({"compare.csv", "compare.json", "compare.md", *PLOTS}),
+)
 FRONT = [
     "model",
     "method",
@@ -377,8 +386,8 @@ def write_outputs(
         for name in extra_texts_of(rows)
     ]
     figures = {
-        "perplexity": plots.perplexity_vs_sparsity(rows, directory / "perplexity_vs_sparsity.png", texts),
-        "accuracy": plots.accuracy_vs_flops(rows, directory / "accuracy_vs_flops.png"),
+        "perplexity": plots.perplexity_vs_sparsity(rows, directory / PLOTS[0], texts),
+        "accuracy": plots.accuracy_vs_flops(rows, directory / PLOTS[1]),
     }
     best = best_row(rows)
     if best is not None:
@@ -388,7 +397,7 @@ def write_outputs(
         sensitivity = json.loads(sensitivity_file.read_text())["entries"] if sensitivity_file.is_file() else None
         figures["layers"] = plots.layer_profile(
             layers or {},
-            directory / "layers.png",
+            directory / PLOTS[2],
             f"per-layer sparsity of the best {best['sparsity']} point: {best['method']} ({best['model']})",
             sensitivity,
         )
@@ -416,7 +425,7 @@ def write_outputs(
 def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
     """Rows of existing run directories (a sweep directory stands for all its finished points); a dense row per
     model from the first report that measured the dense baseline."""
-    rows, dense_seen = [], set()
+    rows, dense_seen, seen = [], set(), set()
     for given in run_dirs:
         directory = Path(given)
         if (directory / REPORT).is_file():
@@ -429,6 +438,9 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
                 "`prune run` or `prune sweep` (an unfinished run has no report.json yet)."
             )
         for run, path in reports:
+            if os.path.realpath(run) in seen:  # one run, however it is spelled (RUN and RUN/) or reached
+                continue
+            seen.add(os.path.realpath(run))
             try:
                 report = json.loads(path.read_text())
                 row = report_row(report, run)
@@ -443,9 +455,14 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
     return mark_verdicts(mark_best(sort_rows(rows)))
 
 
-def compare(run_dirs: list[str | Path], output: str | Path) -> tuple[list[dict], dict[str, Path]]:
+def compare(
+    run_dirs: list[str | Path], output: str | Path, *, overwrite: bool = False
+) -> tuple[list[dict], dict[str, Path]]:
+    """The comparison table and plots of finished runs, written to `output` under the rules of a run directory
+    (prune.sweep.output_dir): the runs are read first, so bad input leaves the output untouched."""
     require("matplotlib", "prune compare's plots (perplexity_vs_sparsity.png, accuracy_vs_flops.png)")
     rows = rows_from_runs(run_dirs)
+    output_dir.claim(Path(output), COMPARISON, overwrite=overwrite)
     written = write_outputs(
         Path(output),
         rows,

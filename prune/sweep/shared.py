@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from prune.calibration import layerwise as calibration
-from prune.core.atomic import staged_directory, write_json_atomic
+from prune.core.atomic import save_safetensors, staged_directory, write_json_atomic
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.core.memory import peak_rss_mb
@@ -91,7 +90,7 @@ def _write_stats(directory: Path, index: dict, stats: dict[str, InputStats]) -> 
         index[name] = [file, leader]
         if leader == name:
             tensors.update({f"{name}/{part}": tensor for part, tensor in accumulator.tensors().items()})
-    save_file(tensors, str(directory / file))
+    save_safetensors(tensors, directory / file)
 
 
 def dense_key(recipe: Recipe) -> str:
@@ -269,8 +268,8 @@ class SharedModel:
                 name: {"sparsity": 1.0 - keep.float().mean().item(), "weights": keep.numel()}
                 for name, keep in masks.items()
             }
-            shutil.rmtree(point.directory, ignore_errors=True)
-            directory = run_dir.claim(point.directory, recipe.to_dict(), overwrite=True)
+            (point.directory / "skipped.json").unlink(missing_ok=True)  # an earlier attempt's (runner.SKIPPED_FILE)
+            directory = run_dir.claim(point.directory, recipe.to_dict(), overwrite=True)  # only a run's own files
             pattern = config.pattern
             if save:
                 start = time.perf_counter()

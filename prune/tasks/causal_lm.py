@@ -11,6 +11,7 @@ chosen on the validation part. Every perplexity carries a 95% bootstrap interval
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -287,7 +288,9 @@ class CausalLM(Task):
         for use, choice, section, stage in stages:
             if not stage.steps:
                 continue
-            self.used[use] = {"part": "train", "windows": len(self.train_data())}
+            windows = len(self.train_data())
+            self.used[use] = {"part": "train", "windows": windows}
+            check_batch(stage.batch_size, windows, section)
             if stage.eval_every:
                 self.used[choice] = {"part": "validation", "windows": stage.eval_windows}
                 if stage.eval_windows > needs["validation"][0]:
@@ -358,6 +361,21 @@ class CausalLM(Task):
             unit="tokens",
             per_sample=self.seq_len,
             flops=lambda model: count_flops(model, self.seq_len).dense,
+        )
+
+
+def check_batch(batch_size: int, windows: int, section: str = "train") -> None:
+    """A micro-batch (on every process of a launch) holds distinct training windows: more than the data holds would
+    repeat windows inside one batch, and a batch far beyond it is how a typo takes the machine's memory. `section`:
+    the training stage's recipe section (train, recover)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size * processes > windows:
+        launch = f" x {processes} processes" if processes > 1 else ""
+        raise UserInputError(
+            f"{section}.batch_size {batch_size}{launch} asks for more windows per micro-batch than the training data "
+            f"holds ({windows} windows of the train part); use {section}.batch_size <= "
+            f"{max(windows // processes, 1)} (raise {section}.grad_accum for a larger step), or more text "
+            "(data.source, data.mix)."
         )
 
 

@@ -34,7 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from eval.metric_errors import NonFiniteError
 from prune.core import rng
-from prune.core.atomic import write_safetensors_atomic
+from prune.core.atomic import naming, write_safetensors_atomic, write_text_atomic
 from prune.core.distributed import whole
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.checkpoint import load_checkpoint, load_params, save_checkpoint
@@ -70,6 +70,7 @@ class TrainResult:
     best_score: float | None  # lowest held-out score (perplexity, error) of the periodic evaluations, when evaluated
     best_step: int | None
     seconds: float
+    processes: int = 1  # how many processes trained (an `accelerate launch`: each took its share of every batch)
 
 
 def trainable_parameters(model: nn.Module, objective: Objective) -> dict[str, nn.Parameter]:
@@ -153,7 +154,7 @@ class _Log:
         self.path = path
         steps = [(line, _logged_step(line)) for line in self._lines()]
         kept = [line for line, step in steps if step is not None and step <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.previous: dict[str, Tensor] | None = None
 
     def _lines(self) -> list[str]:
@@ -168,8 +169,12 @@ class _Log:
         return changed / max(1, sum(mask.numel() for mask in current.values()))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Append one line (a line a full disk cuts short is dropped on resume, see __init__)."""
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a write or flush error names no file
+            raise naming(error, self.path) from error
 
 
 def train(
@@ -185,13 +190,16 @@ def train(
     resume: bool = False,
     accelerator: Accelerator | None = None,
     device: torch.device | None = None,
-    stage_dir: str = "train",
+    shaping: Sequence[str] = (),
+    stage: str = "train",
 ) -> TrainResult:
     """Train what `objective.trainable` names on rows of `data` (a Tensor of token blocks, or any indexable
-    dataset whose rows collate into the batch `task_loss` takes); checkpoints, logs and the best and last trained
-    parameters go to `run_dir/<stage_dir>/`. `evaluate` returns a held-out score where lower is better, logged as
-    `eval_<eval_metric>`. Without an `accelerator`, training runs on `device` (runtime.device; None: accelerate's
-    choice, the first accelerator)."""
+    dataset whose rows collate into the batch `task_loss` takes). `stage` is the recipe section whose settings
+    `config` holds (train for masks, recover for recovery): checkpoints, logs and the best and last trained
+    parameters go to `run_dir/<stage>/`, and a divergence message names its settings. `evaluate` returns a
+    held-out score where lower is better, logged as `eval_<eval_metric>`. Without an `accelerator`, training runs
+    on `device` (runtime.device; None: accelerate's choice, the first accelerator). `shaping`: the run's other
+    settings that shape the loss, named when it turns non-finite (prune.training.finite)."""
     accelerator = accelerator or make_accelerator(config, device)
     plain, sharded = model, is_sharded(accelerator)
     if sharded:  # FSDP shards a copy; `plain` (the caller's model) receives the gathered masks
@@ -205,13 +213,15 @@ def train(
     params = rebind(params, accelerator.unwrap_model(model), names)
     plain_params = rebind(params, plain, names)  # the same parameters unless sharded
     clipped_params = in_model_order(params, accelerator.unwrap_model(model))
-    train_dir = run_dir / stage_dir
+    train_dir = run_dir / stage
     train_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = train_dir / "checkpoints"
     state = load_checkpoint(checkpoints, params, optimizer, scheduler) if resume else {"step": 0}
     step, best = state["step"], state.get("best", {"score": None, "step": None})
     log = _Log(train_dir / "train_log.jsonl", step) if accelerator.is_main_process else None
-    guard = FiniteGuard(checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator))
+    guard = FiniteGuard(
+        checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator), shaping, stage
+    )
     if not resume:
         rng.seed_all(config.seed)  # on resume the checkpoint restored every generator
 
@@ -237,7 +247,12 @@ def train(
                 # until the update nothing but the random state moves: an interrupt before it rewinds to here
                 rewind_to, updating = rng.capture(), False
                 schedule = objective.begin_step(step, config.steps)
-                parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
+                try:
+                    parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
+                except RuntimeError as error:  # torch refusing a scale beyond float32 (e.g. 1 / a tiny temperature)
+                    if "overflow" not in str(error):
+                        raise
+                    raise guard.error(step + 1, f"a value overflowed float32 ({error})") from None
                 tokens += seen
                 clipped = (
                     accelerator.clip_grad_norm_(clipped_params, config.max_grad_norm) if config.max_grad_norm else None
@@ -307,12 +322,12 @@ def train(
         copy_into(plain_params, last)
     if accelerator.is_main_process:
         _save_tensors(train_dir / "last.safetensors", last)
-    return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
+    return TrainResult(step, best["score"], best["step"], time.perf_counter() - start, accelerator.num_processes)
 
 
-def keep_best(model: nn.Module, objective: Objective, run_dir: Path, result: TrainResult, stage_dir: str = "train"):
+def keep_best(model: nn.Module, objective: Objective, run_dir: Path, result: TrainResult, stage: str = "train"):
     """Load the parameters of the best periodic evaluation (when there was one) back into the model."""
-    best = run_dir / stage_dir / "best.safetensors"
+    best = run_dir / stage / "best.safetensors"
     if result.best_step is not None and best.is_file():
         load_params(best, trainable_parameters(model, objective), "Start the run over with --overwrite.")
 
