@@ -82,9 +82,11 @@ def ran(recipe) -> dict:
     return report if report is not None else run(recipe, resume=last_checkpoint(recipe.output) is not None)
 
 
-def seen_texts(recipe) -> set[str]:
-    """The texts the run reads for calibration, training or selection: its data source and data.mix."""
-    return {recipe.data.source, *recipe.data.mix}
+def seen_labels(report: dict, texts: list[str]) -> dict[str, str]:
+    """Each measured text's label, "seen" or "not seen", from the run's report.json (`data.seen`, derived by
+    prune.data.seen from the recipe's data section: data.source and every data.mix text are seen)."""
+    data = report["data"]
+    return {text: "seen" if data["seen"][data["source"] if text == "docs" else text] else "not seen" for text in texts}
 
 
 def tokens_per_second(directory: Path) -> float:
@@ -106,11 +108,10 @@ def part_section(part: str, runs: dict[str, tuple[object, dict]]) -> list[str]:
     """One part's table (dense, the pruned model before recovery, each variant after it) and goal lines."""
     _, label, docs_goal, unseen_goal = PARTS[part]
     chosen = min(runs, key=lambda name: runs[name][1]["recover"]["best_eval_perplexity"])
-    recipe, report = runs[chosen]
+    report = runs[chosen][1]
     dense, before = report["dense"], report["recover"]["before"]
-    seen = seen_texts(recipe)
     texts = ["docs", *report.get("extra_texts", {})]
-    labels = {text: "seen" if text == "docs" or text in seen else "not seen" for text in texts}
+    labels = seen_labels(report, texts)
     header = " | ".join(f"{text} ({labels[text]}) [95% CI] | x dense" for text in texts)
     lines = [
         f"**{label} + recovery** (chosen on validation: `{chosen}`)",

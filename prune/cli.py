@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from eval.metric_errors import NonFiniteError
-from prune.data.config import MOBY_DICK
+from prune.data.config import EXTRA_TEXTS
 
 # what a full, read-only or forbidden output looks like: bad input (exit 2), not a crash
 DISK_ERRORS = {
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--extra-texts",
         nargs="*",
-        default=[MOBY_DICK],
+        default=list(EXTRA_TEXTS),
         help="out-of-domain texts whose test-part perplexity is reported too (none: --extra-texts)",
     )
     evaluate.add_argument("--limit", type=int, default=200, help="examples per task")

@@ -74,6 +74,7 @@ ROWS = [
         family_config={"resnet": {"targets": ["*convolution"]}},
     ),  # the default targets are CLIP's
     Row("gating", ("llama", "gpt2", "resnet"), {"threshold": 0.8}, ({"threshold": 1.5}, "threshold")),
+    Row("activation", ("llama", "gpt2"), {"sparsity": 0.5}, ({"sparsity": 1.0}, "strictly between 0 and 1")),
 ]
 
 
@@ -243,6 +244,12 @@ def test_every_registered_method_has_a_row():
 def test_the_rows_cover_exactly_the_tasks_each_method_declares():
     for row in ROWS:
         assert {FAMILIES[name].task for name in row.families} == METHODS[row.method].tasks, row.method
+
+
+def test_a_method_declares_a_plain_model_exactly_when_its_spec_needs_no_restore():
+    """The recipe refuses recovery (which trains a plain model) by the torch-free declaration; the spec decides."""
+    for name, declared in METHODS.items():
+        assert declared.plain_model == (get_method(name).restore is None), name
 
 
 @pytest.mark.parametrize("case", CASES, indirect=True)

@@ -159,7 +159,7 @@ def test_the_report_shows_every_figure_before_and_after_recovery_and_masks_descr
     before = section["before"]
     assert before["perplexity"]["value"] != report["perplexity"]["value"]
     assert before["perplexity"]["window_nll"] != report["perplexity"]["window_nll"]
-    assert set(section["paired"]) == {"perplexity", "moby-dick"}
+    assert set(section["paired"]) == {"perplexity", "moby-dick", "sotu"}
     for text, entry in section["paired"].items():
         now = report["perplexity"] if text == "perplexity" else report["extra_texts"][text]["perplexity"]
         was = before["perplexity"] if text == "perplexity" else before["extra_texts"][text]["perplexity"]
@@ -171,6 +171,9 @@ def test_the_report_shows_every_figure_before_and_after_recovery_and_masks_descr
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert "| sparsegpt 2:4 |" in markdown and "| sparsegpt 2:4 + recovery (lora) |" in markdown
     assert "Perplexity after / before recovery, paired over the same windows: test part" in markdown
+    assert section["tokens_seen"] == 6 * 2 * 32  # steps x batch_size x seq_len
+    record = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["pruning"]
+    assert (record["method"], record["recovered"]) == ("sparsegpt", "lora")
 
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float32)
     masks, meta = read_masks(tmp_path / "run")
@@ -247,6 +250,7 @@ def test_clip_recovers_on_its_classification_loss(tmp_path, clip_dir, one_thread
     "settings, message",
     [
         ({"method": {"name": "gating"}}, "leaves no plain model to recover"),
+        ({"method": {"name": "activation", "sparsity": 0.4}}, "activation chooses what to compute per input"),
         ({"runtime": {"offload": "cpu"}}, "trains the whole pruned model on the device"),
         ({"recover": {"steps": 2, "mode": "half"}}, "recover.mode"),
         ({"recover": {"steps": 2, "rank": 0}}, "recover.rank"),
@@ -284,6 +288,21 @@ def test_the_python_api_recovers_a_pruned_model_in_one_call(tmp_path, one_thread
     result = prune.recover(model, {"steps": 2, "lr": 1e-2}, blocks(), tmp_path)
     assert result.steps == 2 and (tmp_path / "recover" / "last.safetensors").is_file()
     assert_pattern(model, masks, "2:4")
+    model.save_pretrained(tmp_path / "saved")  # plain now: the guard against saving attached masks is gone
+    record = json.loads((tmp_path / "saved" / "config.json").read_text())["pruning"]
+    assert (record["method"], record["sparsity"], record["recovered"]) == ("wanda", "2:4", "lora")
+
+
+def test_the_python_api_recovers_an_exported_model_keeping_its_zeros(tmp_path, one_thread):
+    """prune.oneshot's model is merged, with no masks left: its config.pruning says it was pruned, and the zeros of
+    the targets it names are what recovery keeps."""
+    model = prune.oneshot(make_tiny_llama(), prune.method_config("magnitude", sparsity="2:4"))
+    masks = {name: model.get_submodule(name).weight != 0 for name in select_targets(model, None)}
+    before = {name: model.get_submodule(name).weight.detach().clone() for name in masks}
+    prune.recover(model, {"steps": 2, "lr": 1e-2, "mode": "full"}, blocks(), tmp_path)
+    assert_pattern(model, masks, "2:4")
+    assert all(not torch.equal(model.get_submodule(name).weight, weight) for name, weight in before.items())
+    assert model.config.pruning["recovered"] == "full" and model.config.pruning["method"] == "magnitude"
 
 
 def test_the_python_api_names_a_bad_recover_key():

@@ -330,20 +330,52 @@ def _capture_block_inputs(model: nn.Module, block0: nn.Module, batches: list[Ten
 
 def _run_block(block: nn.Module, acts: Tensor, calls: list[_BlockCall], write: bool) -> None:
     """Run `block` on every batch; with `write`, its outputs replace its inputs in `acts` (in place)."""
-    device = next(block.parameters()).device
     for call in calls:
-        hidden = acts[call.rows].to(device)
-        args, kwargs = _to_device(call.args, device), _to_device(call.kwargs, device)
-        if call.by_keyword:
-            out = block(*args, hidden_states=hidden, **kwargs)
-        else:
-            out = block(hidden, *args, **kwargs)
+        out = _call_block(block, acts, call)
         if write:
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            elif not isinstance(out, Tensor):  # a ModelOutput
-                out = out[0]
             acts[call.rows] = out.to(device="cpu", dtype=acts.dtype)
+
+
+def _call_block(block: nn.Module, acts: Tensor, call: _BlockCall) -> Tensor:
+    """The block's hidden-states output for one batch of `acts`."""
+    device = next(block.parameters()).device
+    hidden = acts[call.rows].to(device)
+    args, kwargs = _to_device(call.args, device), _to_device(call.kwargs, device)
+    out = block(*args, hidden_states=hidden, **kwargs) if call.by_keyword else block(hidden, *args, **kwargs)
+    return out if isinstance(out, Tensor) else out[0]  # a tuple, a list or a ModelOutput
+
+
+def walk_blocks(
+    model: nn.Module,
+    calib_blocks: Tensor,
+    visit: Callable[[int, nn.Module, Callable[[], Tensor]], None],
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> None:
+    """The model block by block over `calib_blocks` [n, seq_len]: for each decoder block in turn,
+    `visit(index, block, outputs)`, where `outputs(batches=None)` runs the block as it is at that moment (the
+    visitor may wrap its modules, e.g. to compare candidate thresholds) over every batch (or the first `batches`)
+    and returns its outputs [rows, seq, hidden] on the CPU; then the block, as the visitor left it, runs once more
+    and its outputs become the next block's inputs. Memory: one block's inputs plus the outputs a visitor holds."""
+    blocks, _, _, _, batches = _plan(model, {}, calib_blocks, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            acts, calls = _capture_block_inputs(model, blocks[0], batches)
+
+            def outputs(block: nn.Module, batches: int | None) -> Tensor:
+                return torch.cat(
+                    [_call_block(block, acts, call).to(device="cpu", dtype=acts.dtype) for call in calls[:batches]]
+                )
+
+            for index in tqdm(range(len(blocks)), desc="calibrating blocks", disable=not progress):
+                visit(index, blocks[index], lambda batches=None, block=blocks[index]: outputs(block, batches))
+                if index + 1 < len(blocks):
+                    _run_block(blocks[index], acts, calls, write=True)
+    finally:
+        model.train(was_training)
 
 
 def _is_cache(value: Any) -> bool:

@@ -148,11 +148,12 @@ def staged_directory(target: str | os.PathLike, *, complete: Callable[[Path], bo
 
 
 def save_pretrained_atomic(directory: str | os.PathLike, model, processor) -> None:
-    """`save_pretrained` of a model and its tokenizer or processor into a staging dir, then swapped in: the
-    checkpoint is whole or absent."""
+    """`save_pretrained` of a model and its tokenizer or processor (None: the model alone) into a staging dir,
+    then swapped in: the checkpoint is whole or absent."""
     with staged_directory(directory) as staging, os_errors_of_safetensors(directory):
         model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
 
 
 def _publish(directory: Path) -> None:

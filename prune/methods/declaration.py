@@ -20,8 +20,8 @@ class MethodDeclaration:
     trained with the one trainer). `tasks`: the kinds of run the method supports (prune.tasks: causal-lm,
     zero-shot-classification, image-classification); a recipe pairing it with another task is refused when it is
     validated. `spec`: "module:NAME" of its MethodSpec (e.g. "prune.methods.oneshot.method:WANDA").
-    `plain_model`: the pruned model has a plain checkpoint form (False for per-input gating, whose MethodSpec
-    restores it from the run directory instead), which recovery training needs."""
+    `plain_model`: the pruned model has a plain checkpoint form (False for per-input gating and activation
+    sparsity, whose MethodSpec restores it from the run directory instead), which recovery training needs."""
 
     name: str
     config_class: type[MethodConfig]

@@ -12,7 +12,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from prune.core.errors import UserInputError
+from prune.core.config import MethodConfig, validated
+from prune.core.errors import UserInputError, described
+from prune.methods.activation.config import ACTIVATION
 from prune.methods.binary.config import BINARY
 from prune.methods.declaration import MethodDeclaration
 from prune.methods.gating.config import GATING
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
     from prune.methods.spec import MethodSpec  # imports torch
 
 METHODS: dict[str, MethodDeclaration] = {
-    declared.name: declared for declared in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, NM_GUMBEL, VIB, BINARY, GATING)
+    declared.name: declared
+    for declared in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, NM_GUMBEL, VIB, BINARY, GATING, ACTIVATION)
 }
 
 
@@ -40,3 +43,12 @@ def get_method(name: str) -> MethodSpec:
     """The MethodSpec of method `name`, imported from where its declaration says."""
     module, _, attribute = get_declaration(name).spec.partition(":")
     return getattr(import_module(module), attribute)
+
+
+def method_config(name: str, **fields) -> MethodConfig:
+    """The validated config of a registered method, e.g. `method_config("wanda", sparsity="2:4")`: the same
+    keys as a recipe's `method` section (llm-compressor's `mask_structure`, `block_size` and `dampening_frac`
+    are read as ours). A bad or unknown key is a UserInputError naming it. No torch import."""
+    if not isinstance(name, str):
+        raise UserInputError(f"name must be a method's name such as 'wanda', got {described(name)}.")
+    return validated(get_declaration(name).config_class, {"name": name, **fields}, name)

@@ -120,8 +120,9 @@ def _fix_masks(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, Tensor]:
     if others:
         raise UserInputError(
             f"recovery trains a model whose masks act on weights, but {others[0]} (and {len(others) - 1} more) masks "
-            "its outputs (a structural gate or a per-input predictor). Export a structural method's model first "
-            "(prune.export) and recover the smaller model; per-input gating has no plain model to recover."
+            "what it computes instead (a structural gate, a per-input predictor or activation threshold). Export a "
+            "structural method's model first (prune.export) and recover the smaller model; per-input gating and "
+            "activation sparsity have no plain model to recover."
         )
     fixed = {name: keep.detach().cpu() for name, keep in weight_masks(model).items()}
     merge(model)

@@ -15,6 +15,7 @@ from prune.masks.storage import CONFIG_FILE, TENSORS_FILE, read_mask_config
 from prune.methods.registry import get_method
 from prune.runs import run_dir
 from prune.runs.loading import load_model
+from prune.runs.provenance import mark_pruned
 from prune.runs.recipe import Recipe, parse_recipe
 
 
@@ -61,7 +62,9 @@ def _export(directory: Path) -> Path:
     _check_targets(directory, model, recipe, set(saved.get("targets") or {}))
     spec.load(model, directory, recipe.method)
     model_dir = directory / run_dir.MODEL_DIR
-    save_pretrained_atomic(model_dir, spec.export(model, recipe.method), tokenizer)
+    exported = spec.export(model, recipe.method)
+    mark_pruned(exported, recipe.method)
+    save_pretrained_atomic(model_dir, exported, tokenizer)
     return model_dir
 
 

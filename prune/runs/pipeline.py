@@ -30,10 +30,12 @@ from prune.recovery.stage import STAGE, recover
 from prune.runs import run_dir
 from prune.runs.placed import block_placement, open_task, prepare_runtime
 from prune.runs.preflight import check_recipe
+from prune.runs.provenance import CONFIG_FILE, write_record
 from prune.runs.recipe import Recipe
 from prune.runs.report import recovery_section, with_dense, write_report
 from prune.tasks.base import Task
 from prune.training.checkpoint import POINTER
+from prune.training.config import TrainConfig
 from prune.training.curve import training_curve
 from prune.training.trainer import TrainResult, keep_best, train
 
@@ -93,7 +95,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
         return None
     if main:
         if training is not None:
-            _plot_training(directory, recipe, task.sample_size * state.num_processes, task.unit)
+            _plot_training(directory, _per_step(recipe.train, task, state.num_processes), task.unit)
         achieved = task.sparsity()
         fields = task.fields()  # taken while the masks are attached
         meta = {
@@ -118,16 +120,21 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
             recovery = _recover(task, masks, recipe, directory, resume, runtime.device)
         if not main:
             return None
-        _plot_training(directory, recipe, task.sample_size * state.num_processes, task.unit, recovery=True)
+        _plot_training(directory, _per_step(recipe.recover, task, state.num_processes), task.unit, recovery=True)
         with timed(timings, "recovered_eval"):
             before_recovery, figures = figures, task.measure("recovered")
     if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
             task.save_model(directory / run_dir.MODEL_DIR)
+    if plain and (directory / run_dir.MODEL_DIR / CONFIG_FILE).is_file():  # saved here, or streamed by the task
+        write_record(directory / run_dir.MODEL_DIR, recipe.method, recipe.recover.mode if recovery else None)
 
-    report = _report(recipe, spec, task, achieved, fields, figures, timings, training, dense)
+    report = _report(recipe, spec, task, achieved, fields, figures, timings, training, dense, state.num_processes)
     if recovery is not None:
-        report["recover"] = recovery_section(recipe.recover, recovery, task.metric, before_recovery, figures)
+        report["recover"] = {
+            **recovery_section(recipe.recover, recovery, task.metric, before_recovery, figures),
+            f"{task.unit}_seen": recovery.steps * _per_step(recipe.recover, task, state.num_processes),
+        }
     write_report(directory, report)
     return report
 
@@ -142,9 +149,11 @@ def _report(
     timings: dict,
     training: TrainResult | None,
     dense: dict | None,
+    processes: int,
 ) -> dict:
     """report.json's content: the run, the pruned model's figures, the task's fields, the dense baseline and
-    the figures only the method can measure (e.g. FLOPs of per-input masks)."""
+    the figures only the method can measure (e.g. FLOPs of per-input masks). `train.<unit>_seen`: the tokens
+    (images) training read, all processes together."""
     report = {
         "model": recipe.model,
         "method": spec.name,
@@ -158,6 +167,7 @@ def _report(
     if training is not None:
         report["train"] = {
             "steps": training.steps,
+            f"{task.unit}_seen": training.steps * _per_step(recipe.train, task, processes),
             "best_step": training.best_step,
             f"best_eval_{task.metric}": training.best_score,
             "seconds": round(training.seconds, 2),
@@ -237,11 +247,13 @@ def _loss_settings(recipe: Recipe) -> list[str]:
     return changed + ([f"train.distill={recipe.train.distill:g}"] if recipe.train.distill else [])
 
 
-def _plot_training(
-    directory: Path, recipe: Recipe, units_per_sample: int, unit: str, *, recovery: bool = False
-) -> None:
+def _per_step(stage: TrainConfig, task: Task, processes: int) -> int:
+    """Tokens (images) one optimizer step of `stage` (recipe.train or recipe.recover) reads, all processes
+    together."""
+    return stage.batch_size * stage.grad_accum * task.sample_size * processes
+
+
+def _plot_training(directory: Path, per_step: int, unit: str, *, recovery: bool = False) -> None:
     """train_curve.png (recover_curve.png): the held-out score vs training tokens/images seen (all processes)."""
-    stage = recipe.recover if recovery else recipe.train
-    per_step = stage.batch_size * stage.grad_accum * units_per_sample
     logs, curve = (STAGE, run_dir.RECOVER_CURVE) if recovery else (run_dir.TRAIN_DIR, run_dir.CURVE_FILE)
     training_curve(directory / logs / "train_log.jsonl", per_step, unit, directory / curve)

@@ -31,7 +31,6 @@ from prune.core.errors import UserInputError
 from prune.core.extras import require
 from prune.data import prose
 from prune.data.images import DIGITS, ImageDataConfig
-from prune.data.prose import MOBY_DICK
 from prune.data.text import DataConfig
 from prune.methods.spec import MethodSpec
 from prune.models.blocks import weight_matrix
@@ -70,8 +69,9 @@ def check_needs(recipe: Recipe, spec: MethodSpec) -> None:
     stages will use (lm-eval is checked with the accuracy tasks, the GGUF reader with the embedded model)."""
     if isinstance(recipe.data, DataConfig):
         measured = recipe.eval.extra_texts if recipe.eval.perplexity else []
-        if MOBY_DICK in (recipe.data.source, *recipe.data.mix, *measured):
-            prose.check_fetchable()
+        for name in dict.fromkeys((recipe.data.source, *recipe.data.mix, *measured)):
+            if name in prose.TEXTS:
+                prose.check_fetchable(name)
     if isinstance(recipe.data, ImageDataConfig) and recipe.data.source == DIGITS:
         require("sklearn", "the digits images (data.source: digits)")
     if spec.kind == "learnable" and recipe.train.steps and recipe.train.eval_every:

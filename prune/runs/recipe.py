@@ -29,7 +29,7 @@ from prune.tasks.eval_config import EvalConfig
 from prune.training.config import TrainConfig
 
 # (section, key, neutral value) of settings added after run directories existed: see Recipe.fingerprint
-LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None))
+LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None), ("data", "stream_tokens", None))
 
 
 class ExportConfig(StrictConfig):
@@ -134,8 +134,7 @@ class Recipe(StrictConfig):
         if not get_declaration(self.method.name).plain_model:
             raise ValueError(
                 f"recover.steps: {self.method.name} chooses what to compute per input and leaves no plain model "
-                "to recover (its joint mode fine-tunes the weights with the predictors instead); remove the recover "
-                "section."
+                "to recover; remove the recover section."
             )
         if self.runtime.offload != "none":
             raise ValueError(

@@ -124,6 +124,7 @@ class SharedModel:
             data.seq_len,
             heldout_fraction=data.heldout_fraction,
             validation_fraction=data.validation_fraction,
+            stream_tokens=data.stream_tokens,
         )
         self.mix = prepare_mix(self.tokenizer, data, self.extra)
         # calibration and selection read these

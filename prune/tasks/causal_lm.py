@@ -28,6 +28,7 @@ from eval.metric_errors import TaskUnavailableError
 from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
+from prune.data.seen import all_seen_warning, label, seen_texts
 from prune.data.text import (
     TokenSplits,
     interleave,
@@ -141,9 +142,13 @@ def data_report(
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
     how many windows) each use read: `used` maps a use (calibration, training, selection) to its part; under
     `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts and how
-    many train windows calibration and training drew from, after `data.source_share`)."""
+    many train windows calibration and training drew from, after `data.source_share`). `seen`: for the source,
+    each mix text and each extra text, whether the run read any part of it (prune.data.seen); `warning` when
+    every extra text was read."""
     mix = mix or {}
     train_windows = shared_train_windows(splits, mix, seq_len, source_share)[1:]
+    seen = seen_texts(source, mix, [source, *mix, *extra], reads=bool(used))
+    warning = all_seen_warning(seen, extra)
     measured = {
         "perplexity": {"part": "test", "windows": splits.windows(seq_len)["test"]},
         "accuracy": {
@@ -180,6 +185,8 @@ def data_report(
             if mix
             else {}
         ),
+        "seen": seen,
+        **({"warning": warning} if warning else {}),
     }
 
 
@@ -228,6 +235,7 @@ class CausalLM(Task):
             self.seq_len,
             heldout_fraction=data.heldout_fraction,
             validation_fraction=data.validation_fraction,
+            stream_tokens=data.stream_tokens,
         )
         self.mix = prepare_mix(tokenizer, data, self.extra)
         # what calibration, training and selection read
@@ -258,13 +266,16 @@ class CausalLM(Task):
         data, perplexity_figures = report.get("data", {}), report.get("perplexity")
         if perplexity_figures is None:
             return "FLOPs per forward of one window (pruned: what a sparse kernel would run)."
+        seen = data.get("seen", {})
+        source = data.get("source", "the text")
         note = (
             f"Perplexity over the {perplexity_figures['tokens']:,} predicted tokens of the test part of "
-            f"{data.get('source', 'the text')} ({perplexity_figures['windows']} windows of "
-            f"{perplexity_figures['seq_len']})"
+            f"{source} ({perplexity_figures['windows']} windows of {perplexity_figures['seq_len']})"
+            + (f", {_seen_words(seen[source])}" if source in seen else "")
         )
         for name, text in report.get("extra_texts", {}).items():
-            note += f"; {name}: the test part of that text ({text['perplexity']['windows']} windows), out of domain"
+            note += f"; {name}: the test part of that text ({text['perplexity']['windows']} windows)"
+            note += f", {_seen_words(seen[name])}" if name in seen else ""
         selection = data.get("used", {}).get("selection")
         if selection is not None:
             note += f". The kept masks were chosen on {selection['windows']} validation windows, never on test"
@@ -377,6 +388,12 @@ def check_batch(batch_size: int, windows: int, section: str = "train") -> None:
             f"{max(windows // processes, 1)} (raise {section}.grad_accum for a larger step), or more text "
             "(data.source, data.mix)."
         )
+
+
+def _seen_words(seen: bool) -> str:
+    """The note's words for a text's label: seen texts were read by calibration or training (never their test
+    part); a text that was not seen is what an out-of-domain figure must be measured on."""
+    return f"**{label(seen)}**" + (" (its other parts)" if seen else "")
 
 
 def check_eval_tasks(config: EvalConfig, setting: str = "eval.tasks") -> None:
