@@ -390,6 +390,8 @@ def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
                 error = str(problem)
             if recipe is not None and getattr(recipe, "task", "causal-lm") != "causal-lm":
                 path = "pipeline"  # the shared path measures language models; other tasks run whole
+            if recipe is not None and recipe.recover.steps:
+                path = "pipeline"  # recovery trains after the method: only the pipeline runs it
             if sparsity is None:  # a listed point (its recipe was checked by load_sweep)
                 sparsity = recipe.method.target_label() if recipe else "-"
             key = fingerprint(recipe.fingerprint() if recipe else error, path, sweep.save_masks)
