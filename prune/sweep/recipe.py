@@ -245,8 +245,6 @@ def models_of(sweep: SweepRecipe, base: dict[str, Any]) -> list[str]:
 
 def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
     """Every (model, method, level) of the grid, in grid order; invalid combinations carry their reason."""
-    from prune.methods.oneshot.method import SHARED_STATS
-
     output = Path(sweep.output)
     models = models_of(sweep, base)
     points, labels = [], {}
@@ -265,7 +263,7 @@ def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
                 directory = output / POINTS_DIR / label
                 path = (
                     "shared"
-                    if sweep.shared_calibration and get_declaration(name).kind == "oneshot" and name in SHARED_STATS
+                    if sweep.shared_calibration and get_declaration(name).statistics is not None
                     else "pipeline"
                 )
                 recipe, error = None, None

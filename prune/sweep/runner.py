@@ -47,7 +47,7 @@ from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.extras import require
 from prune.core.sparsity import parse_sparsity
-from prune.methods.registry import get_method
+from prune.methods.registry import METHODS, get_method
 from prune.runs.preflight import check_needs
 from prune.runs.recipe import Recipe, parse_recipe
 from prune.runs.report import write_report
@@ -276,19 +276,17 @@ def run_sensitivity(
 ) -> dict:
     """Prune one block (and one layer type) at a time with the sweep's sensitivity method and level; rank the
     groups by perplexity increase; write sensitivity/ and refresh the sweep's layers.png when a sweep ran."""
-    from prune.methods.oneshot.method import SHARED_STATS
     from prune.sweep import plots, sensitivity
 
     require("matplotlib", "the sensitivity plot (sensitivity.png)")
     write = write or tqdm.write
     settings = sweep.sensitivity
     names = [_method_entry(entry)[0] for entry in sweep.grid.methods]
-    method = settings.method or (
-        "wanda" if "wanda" in names else next((n for n in names if n in SHARED_STATS), "wanda")
-    )
-    if method not in SHARED_STATS:
+    scanners = [name for name, declared in METHODS.items() if declared.statistics is not None]
+    method = settings.method or ("wanda" if "wanda" in names else next((n for n in names if n in scanners), "wanda"))
+    if method not in scanners:
         raise UserInputError(
-            f"the sensitivity scan needs a one-shot method ({', '.join(SHARED_STATS)}), got {method!r}; "
+            f"the sensitivity scan needs a one-shot method ({', '.join(scanners)}), got {method!r}; "
             "set sensitivity.method."
         )
     entry = next((e for e in sweep.grid.methods if _method_entry(e)[0] == method), method)

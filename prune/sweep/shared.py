@@ -33,8 +33,9 @@ from prune.data.text import interleave, prepare_extra, prepare_mix, prepare_sour
 from prune.masks.base import achieved_sparsity, attach_hard_masks, merge, wrappers
 from prune.masks.storage import save_masks
 from prune.masks.targets import method_targets
-from prune.methods.oneshot.method import SHARED_STATS, prune_from_stats
+from prune.methods.oneshot.method import prune_from_stats
 from prune.methods.oneshot.stats import InputStats
+from prune.methods.registry import get_declaration
 from prune.models.blocks import in_out_features, weight_matrix
 from prune.runs import run_dir
 from prune.runs.loading import load_model
@@ -172,7 +173,7 @@ class SharedModel:
         needed: set[str] = set()
         hessian = False
         for config in configs:
-            kind = SHARED_STATS[config.name]
+            kind = get_declaration(config.name).statistics
             if kind == "none":
                 continue
             try:
@@ -229,7 +230,7 @@ class SharedModel:
         statistics, writing SparseGPT's re-fit weights in place; yields {name: keep mask}. On exit the original
         modules and weights are back, bit for bit, whether or not the caller merged the masks meanwhile."""
         names = self.targets(config) if names is None else names
-        kind = SHARED_STATS[config.name]
+        kind = get_declaration(config.name).statistics
         modules = dict(self.model.named_modules())
         originals: dict[str, torch.Tensor] = {}
         wrapped: dict[str, nn.Module] = {}
@@ -296,7 +297,7 @@ class SharedModel:
             timings["pruned_eval"] = round(figures.pop("seconds"), 2)
         used = (
             {}
-            if SHARED_STATS[config.name] == "none"
+            if get_declaration(config.name).statistics == "none"
             else {"calibration": {"part": "train", "windows": recipe.data.calibration_samples}}
         )
         report = {
