@@ -114,14 +114,11 @@ def attach(model: nn.Module, config: MethodConfig, calibration: Tensor | None = 
 def save_masks(model: nn.Module, directory: str | Path, config: MethodConfig) -> Path:
     """Write the masks of a model `attach`ed with `config` (not the model) into `directory`, in the files a
     `prune run` directory holds: masks.safetensors + masks.json (gating: predictors.safetensors + gating.json)."""
+    from prune.methods.spec import masks_meta  # imports torch: on first use, like _EXPORTS
+
     directory = Path(directory)
-    meta = {
-        "model": getattr(getattr(model, "config", None), "name_or_path", None) or "?",
-        "method": config.name,
-        "config": config.model_dump(mode="json"),
-        "weights_changed": config.changes_weights,
-    }
-    get_method(config.name).save(model, directory, config, meta)
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or "?"
+    get_method(config.name).save(model, directory, config, masks_meta(name, config))
     return directory
 
 

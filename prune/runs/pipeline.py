@@ -12,34 +12,24 @@ and writes.
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
 from prune.core.atomic import write_json_atomic
-from prune.core.memory import peak_rss_mb
 from prune.core.rng import seed_all
 from prune.methods.registry import get_method
-from prune.methods.spec import MethodSpec
+from prune.methods.spec import MethodSpec, masks_meta
 from prune.runs import run_dir
 from prune.runs.placed import block_placement, open_task, prepare_runtime
 from prune.runs.preflight import check_recipe
 from prune.runs.recipe import Recipe
-from prune.runs.report import with_dense, write_report
+from prune.runs.report import run_report, timed, with_dense, write_report
 from prune.tasks.base import Task
 from prune.training.checkpoint import load_params
 from prune.training.curve import training_curve
 from prune.training.trainer import TrainResult, train, trainable_parameters
-
-
-@contextmanager
-def timed(timings: dict[str, float], stage: str):
-    start = time.perf_counter()
-    yield
-    timings[stage] = round(time.perf_counter() - start, 2)
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dict | None:
@@ -92,13 +82,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
 
     achieved = task.sparsity()
     fields = task.fields()  # taken while the masks are attached
-    meta = {
-        "model": recipe.model,
-        "method": spec.name,
-        "config": recipe.to_dict()["method"],
-        "weights_changed": recipe.method.changes_weights,
-    }
-    task.save_masks(spec, directory, recipe.method, meta)
+    task.save_masks(spec, directory, recipe.method, masks_meta(recipe.model, recipe.method))
 
     plain = spec.restore is None  # else no plain checkpoint exists: the run dir restores via prune.runs.loading
     if plain:
@@ -127,16 +111,7 @@ def _report(
 ) -> dict:
     """report.json's content: the run, the pruned model's figures, the task's fields, the dense baseline and
     the figures only the method can measure (e.g. FLOPs of per-input masks)."""
-    report = {
-        "model": recipe.model,
-        "method": spec.name,
-        **fields,
-        "recipe_fingerprint": recipe.fingerprint(),
-        "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
-        **{key: value for key, value in pruned.items() if key != "seconds"},
-        "timings": timings,
-        "memory": {"peak_rss_mb": peak_rss_mb()},
-    }
+    report = run_report(recipe, fields, achieved, pruned, timings)
     if training is not None:
         report["train"] = {
             "steps": training.steps,

@@ -3,12 +3,20 @@ measured comes from the run's task, prune.tasks)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
+from prune.core.memory import peak_rss_mb
 from prune.tasks.data_config import DEFAULT_TASK
 from prune.tasks.registry import get_task
+
+if TYPE_CHECKING:
+    from prune.runs.recipe import Recipe
 
 COLUMNS = [
     "model",
@@ -20,6 +28,30 @@ COLUMNS = [
     "latency",
     "time (s)",
 ]
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """report.json's `timings`: how long `stage` took, in seconds."""
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - start, 2)
+
+
+def run_report(recipe: Recipe, fields: dict, achieved: float, figures: dict, timings: dict[str, float]) -> dict:
+    """report.json's content for one pruned model: the run, the task's fields (a causal LM's data report), the
+    target and achieved sparsity, the pruned model's figures (as a task's `measure` returns them), the timings
+    and the peak memory. One builder for `prune run` and a sweep's shared points, so their reports match."""
+    return {
+        "model": recipe.model,
+        "method": recipe.method.name,
+        **fields,
+        "recipe_fingerprint": recipe.fingerprint(),
+        "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
+        **{key: value for key, value in figures.items() if key != "seconds"},
+        "timings": timings,
+        "memory": {"peak_rss_mb": peak_rss_mb()},
+    }
 
 
 def columns(figures: dict) -> list[str]:

@@ -27,6 +27,7 @@ from eval.metric_errors import TaskUnavailableError
 from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
+from prune.data.config import DataConfig
 from prune.data.text import (
     TokenSplits,
     interleave,
@@ -127,21 +128,25 @@ def _figures(result: PerplexityResult, seq_len: int) -> dict:
     }
 
 
+def calibration_use(data: DataConfig) -> dict[str, dict]:
+    """`used`'s entry for a method that reads calibration data: the part it is drawn from and how many windows."""
+    return {"calibration": {"part": "train", "windows": data.calibration_samples}}
+
+
 def data_report(
-    source: str,
-    seq_len: int,
+    data: DataConfig,
     splits: TokenSplits,
     extra: Mapping[str, TokenSplits],
     used: dict[str, dict],
     *,
     mix: Mapping[str, TokenSplits] | None = None,
-    source_share: float | None = None,
 ) -> dict:
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
     how many windows) each use read: `used` maps a use (calibration, training, selection) to its part; under
     `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts and how
-    many train windows calibration and training drew from, after `data.source_share`)."""
-    mix = mix or {}
+    many train windows calibration and training drew from, after `data.source_share`). One builder for `prune
+    run` and a sweep's shared points."""
+    source, seq_len, source_share, mix = data.source, data.seq_len, data.source_share, mix or {}
     train_windows = shared_train_windows(splits, mix, seq_len, source_share)[1:]
     measured = {
         "perplexity": {"part": "test", "windows": splits.windows(seq_len)["test"]},
@@ -276,7 +281,7 @@ class CausalLM(Task):
         data, train_config = self.settings.data, self.settings.train
         needs = {"train": (1, "a run"), "validation": (1, "a run"), "test": (1, "the test perplexity")}
         if spec.needs_calibration:
-            self.used["calibration"] = {"part": "train", "windows": data.calibration_samples}
+            self.used.update(calibration_use(data))
             needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
         if spec.kind == "learnable" and train_config.steps:
             self.used["training"] = {"part": "train", "windows": len(self.train_data())}
@@ -286,18 +291,7 @@ class CausalLM(Task):
         self.splits.require(data.source, self.seq_len, needs)
 
     def fields(self) -> dict:
-        data = self.settings.data
-        return {
-            "data": data_report(
-                data.source,
-                self.seq_len,
-                self.source_splits,
-                self.extra,
-                self.used,
-                mix=self.mix,
-                source_share=data.source_share,
-            )
-        }
+        return {"data": data_report(self.settings.data, self.source_splits, self.extra, self.used, mix=self.mix)}
 
     @property
     def sample_size(self) -> int:
