@@ -20,6 +20,9 @@ The sequential scheme of SparseGPT/Wanda, with memory bounded by one block's act
    masks plus the updated weights of modules the method changed beyond zeroing. `restore=False` leaves
    the pruned (and updated) weights in the model.
 
+`collect_stats` walks the same way over the dense model (statistics only, each block run once): both drivers are
+visitors of `walk_blocks`, which captures, onloads, runs and offloads the blocks.
+
 `make_stats=None` (magnitude) runs no forward at all and, with `restore=True`, never writes a weight.
 Hooks are removed and the train/eval mode is restored in `finally` blocks.
 
@@ -102,46 +105,75 @@ def prune_layerwise(
         return result
     if make_stats is None:
         return _prune_placed_without_data(model, modules, prune_module, result, placement, restore, keep_results)
-    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
-    _check_placed(placement, outside)
 
     originals: dict[str, Tensor] | None = {} if restore else None
+
+    def visit(scope: nn.Module, names: list[str], run: BlockRunner, writes: bool) -> None:
+        """Statistics of `names` from the (pruned) blocks before, then prune them; then the block's outputs."""
+        stats = _collect(modules, names, make_stats, lambda: run(False))
+        for name in names:
+            _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
+            if not keep_results:
+                _forget(result, name)
+        del stats
+        release_freed_memory()
+        if writes:
+            run(True)
+
+    try:
+        walk_blocks(model, modules, calib_blocks, visit, batch_size, placement, "pruning blocks", progress)
+    finally:
+        if originals:
+            with torch.no_grad():
+                for name, original in originals.items():
+                    modules[name].weight.copy_(original)
+    return result
+
+
+# run(write): the block on every calibration batch; with `write`, its outputs replace its inputs (the whole model,
+# for targets outside the blocks, ignores `write`: nothing runs after it)
+BlockRunner = Callable[[bool], None]
+
+
+def walk_blocks(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    calib_blocks: Tensor | None,
+    visit: Callable[[nn.Module, list[str], BlockRunner, bool], None],
+    batch_size: int,
+    placement: BlockPlacement | None,
+    desc: str,
+    progress: bool,
+) -> None:
+    """The one walk of the layer-by-layer drivers (prune_layerwise, collect_stats): capture block 0's inputs for
+    the calibration batches, then for each block up to the last holding targets (onloaded by `placement`), call
+    `visit(block, its target names, run, writes)`; the visitor leaves the block's outputs written into the
+    activations when `writes` (a later block reads them). A block without targets just runs. Targets outside the
+    blocks are visited last with the whole model as scope. No gradients; evaluation mode, restored at the end."""
+    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
+    _check_placed(placement, outside)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if last >= 0:
                 acts, calls = _capture_block_inputs(model, blocks[0], batches)
-                for index in tqdm(range(last + 1), desc="pruning blocks", disable=not progress):
-                    block, names = blocks[index], per_block[index]
+                for index in tqdm(range(last + 1), desc=desc, disable=not progress):
+                    block, names, writes = blocks[index], per_block[index], index < last
                     if placement is not None:
                         placement.onload(index, block)
                     if names:
-                        stats = _collect(
-                            modules, names, make_stats, lambda block=block: _run_block(block, acts, calls, False)
-                        )
-                        for name in names:
-                            _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
-                            if not keep_results:
-                                _forget(result, name)
-                        del stats
-                        release_freed_memory()
-                    if index < last:
+                        visit(block, names, lambda write, block=block: _run_block(block, acts, calls, write), writes)
+                    elif writes:
                         _run_block(block, acts, calls, write=True)
                     if placement is not None:
                         placement.offload(index, block)
                 del acts, calls
             if outside:
-                stats = _collect(modules, outside, make_stats, _whole_model_runner(model, batches))
-                for name in outside:
-                    _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
+                run_model = _whole_model_runner(model, batches)
+                visit(model, outside, lambda write: run_model(), False)
     finally:
-        if originals:
-            with torch.no_grad():
-                for name, original in originals.items():
-                    modules[name].weight.copy_(original)
         model.train(was_training)
-    return result
 
 
 def _check_placed(placement: BlockPlacement | None, outside: list[str]) -> None:
@@ -413,44 +445,14 @@ def collect_stats(
     the block's weights beside its statistics).
     """
     modules = _resolve_targets(model, target_names)
-    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
-    _check_placed(placement, outside)
     result: dict[str, Accumulator] = {}
     emit = sink or result.update
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if last >= 0:
-                acts, calls = _capture_block_inputs(model, blocks[0], batches)
-                for index in tqdm(range(last + 1), desc="calibration statistics", disable=not progress):
-                    block, names, write = blocks[index], per_block[index], index < last
-                    if placement is not None:
-                        placement.onload(index, block)
-                    if names:
-                        emit(
-                            _collect_shared(
-                                modules,
-                                names,
-                                make_stats,
-                                block,
-                                share_inputs,
-                                lambda block=block, write=write: _run_block(block, acts, calls, write),
-                            )
-                        )
-                    elif write:
-                        _run_block(block, acts, calls, write=True)
-                    if placement is not None:
-                        placement.offload(index, block)
-                del acts, calls
-            if outside:
-                emit(
-                    _collect_shared(
-                        modules, outside, make_stats, model, share_inputs, _whole_model_runner(model, batches)
-                    )
-                )
-    finally:
-        model.train(was_training)
+
+    def visit(scope: nn.Module, names: list[str], run: BlockRunner, writes: bool) -> None:
+        """The statistics of `names`, gathered while the block runs once and (when `writes`) writes its outputs."""
+        emit(_collect_shared(modules, names, make_stats, scope, share_inputs, lambda: run(writes)))
+
+    walk_blocks(model, modules, calib_blocks, visit, batch_size, placement, "calibration statistics", progress)
     return result
 
 
