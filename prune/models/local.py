@@ -1,4 +1,4 @@
-"""The embedded causal-LM aliases, and the check that a model spec naming a local path names a directory: torch-free,
+"""The embedded causal-LM aliases, and the check that a model given as a local path names a directory: torch-free,
 so `prune run` refuses a wrong model path at once, before torch and transformers are imported."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ ALIASES: dict[str, str] = {
 }
 
 
-def check_model_path(spec: str) -> None:
-    """A causal LM's spec that is not an alias and is a path (it exists, or cannot be a Hub id: ./x, /x, ~/x,
+def check_model_path(name_or_path: str) -> None:
+    """A causal LM's name or path that is not an alias and is a path (it exists, or cannot be a Hub id: ./x, /x, ~/x,
     a/b/c) must be a directory; UserInputError otherwise."""
-    path = Path(spec).expanduser()
-    if spec not in ALIASES and (path.exists() or not hub.looks_like_hub_id(spec)) and not path.is_dir():
+    path = Path(name_or_path).expanduser()
+    if name_or_path not in ALIASES and (path.exists() or not hub.looks_like_hub_id(name_or_path)) and not path.is_dir():
         raise UserInputError(
-            f"no such directory {spec!r}; pass a directory saved with save_pretrained, a Hub id "
+            f"no such directory {name_or_path!r}; pass a directory saved with save_pretrained, a Hub id "
             f"(org/name), or one of the embedded aliases: {', '.join(ALIASES)}."
         )

@@ -70,7 +70,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
 
     with timed(timings, "prune"):
         seed_all(recipe.seed)  # random initial values (e.g. `prior: none` logits) follow the recipe's seed
-        objective = task.prune(spec, recipe.method, calibration, block_placement(runtime))
+        objective = task.apply_method(spec, recipe.method, calibration, block_placement(runtime))
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
         with timed(timings, "train"):

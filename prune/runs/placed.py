@@ -33,16 +33,16 @@ from prune.tasks.registry import get_task
 from prune.training.sharded import check_fsdp, fsdp_requested
 
 
-def local_model_dir(spec: str) -> Path | None:
+def local_model_dir(name_or_path: str) -> Path | None:
     """The directory holding the model's config.json, when it is on this machine (alias, directory, run, cache)."""
-    candidates = [loading.cache_root() / "models" / spec] if spec in loading.ALIASES else []
-    path = Path(spec).expanduser()
+    candidates = [loading.cache_root() / "models" / name_or_path] if name_or_path in loading.ALIASES else []
+    path = Path(name_or_path).expanduser()
     candidates += [path, path / run_dir.MODEL_DIR]
     for candidate in candidates:
         if loading.is_model_dir(candidate):
             return candidate
     try:
-        return Path(cached_file(spec, "config.json", local_files_only=True)).parent
+        return Path(cached_file(name_or_path, "config.json", local_files_only=True)).parent
     except (OSError, ValueError):
         return None
 

@@ -73,8 +73,8 @@ def _accuracy_cell(figures: dict) -> str:
     stderr = figures.get("accuracy_stderr", {})
     return (
         ", ".join(
-            f"{task} {value:.3f}" + (f" ± {stderr[task]:.3f}" if stderr.get(task) is not None else "")
-            for task, value in figures.get("accuracy", {}).items()
+            f"{benchmark} {value:.3f}" + (f" ± {stderr[benchmark]:.3f}" if stderr.get(benchmark) is not None else "")
+            for benchmark, value in figures.get("accuracy", {}).items()
         )
         or "-"
     )

@@ -205,7 +205,7 @@ def _method_entry(entry: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of a model spec or level: '2:4' -> '2of4', 'org/name' -> 'org_name'."""
+    """A file-name-safe form of a model name or level: '2:4' -> '2of4', 'org/name' -> 'org_name'."""
     text = text.replace(":", "of")
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", Path(text).name if Path(text).is_absolute() else text).strip("_") or "x"
 

@@ -81,8 +81,8 @@ def measure(
             limit=config.limit,
             **batched,
         )
-        figures["accuracy"] = {task: score.value for task, score in scores.items()}
-        figures["accuracy_stderr"] = {task: score.stderr for task, score in scores.items()}
+        figures["accuracy"] = {benchmark: score.value for benchmark, score in scores.items()}  # lm-eval task names
+        figures["accuracy_stderr"] = {benchmark: score.stderr for benchmark, score in scores.items()}
     params = count_params(model)
     figures["params"] = {"total": params.total, "nonzero": params.nonzero}
     if config.flops:
@@ -240,12 +240,12 @@ class CausalLM(Task):
         self.teacher = frozen_copy(model) if settings.train.distill else None  # before any method attaches
 
     @classmethod
-    def load_model(cls, spec: str, dtype: torch.dtype):
+    def load_model(cls, name_or_path: str, dtype: torch.dtype):
         """An alias, a model directory, a Hub id, or a structural export whose layers differ in size."""
-        path = Path(spec).expanduser()
+        path = Path(name_or_path).expanduser()
         if path.is_dir() and has_layer_sizes(str(path)):
             return load_resized(str(path), dtype).eval(), loading.load_tokenizer(str(path))
-        return loading.load(spec, dtype)
+        return loading.load(name_or_path, dtype)
 
     @classmethod
     def check_model(cls, model: nn.Module, settings: RunSettings) -> None:
