@@ -42,9 +42,10 @@ def local_model_dir(name_or_path: str) -> Path | None:
         if loading.is_model_dir(candidate):
             return candidate
     try:
-        return Path(cached_file(name_or_path, "config.json", local_files_only=True)).parent
+        found = cached_file(name_or_path, "config.json", local_files_only=True)
     except (OSError, ValueError):
         return None
+    return Path(found).parent if found else None  # None: a local directory without config.json
 
 
 def prepare_runtime(recipe: Recipe) -> Runtime:

@@ -26,7 +26,7 @@ from prune.core.errors import UserInputError
 from prune.core.yaml_io import read_mapping
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.methods.gating.method import GATING_FILE, PREDICTORS_FILE
-from prune.runs.paths import check_output
+from prune.runs.paths import EVAL_JSON, EVAL_MD, check_output
 from prune.training.checkpoint import POINTER
 
 MARKER_FILE = ".maskprune-run"
@@ -56,6 +56,8 @@ RUN_FILES = frozenset(
         MODEL_DIR,
         TRAIN_DIR,
         CURVE_FILE,
+        EVAL_JSON,
+        EVAL_MD,
     }
 )
 _MARKER_TEXT = "A MaskPrune run directory. --overwrite removes only MaskPrune's own files here.\n"
