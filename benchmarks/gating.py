@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import seen_label, write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "gating.json"
@@ -484,10 +484,14 @@ def train_part_line(result: dict) -> str:
     """Which windows trained the predictors: runs made before the docs were cut into train / validation / test
     trained on the first 90% of the stream, in an order drawn over that many windows."""
     if "train_part" in result:
+        from prune.data.seen import seen_texts
+
         start, end = result["train_part"]
+        docs = "embedded-docs"  # what run_llm trains the predictors on and measures
+        label = seen_label(seen_texts(docs, [], [docs], reads=True)[docs])
         return (
             f"Training windows from the train part (tokens [{start}, {end}) of the docs); "
-            "held-out ones from the test part."
+            f"held-out ones from the test part of that text{label}."
         )
     return (
         "Measured before the docs were cut into train / validation / test: the held-out windows are the same test "

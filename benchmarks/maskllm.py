@@ -4,7 +4,8 @@ Runs the recipe (or resumes it, or reuses it when its run directory already hold
 recipe) and, on the same data and evaluation settings, SparseGPT 2:4 with and without its weight update; then
 writes the `maskllm` section of benchmarks/RESULTS.md. The protocol: the kept masks are the best of the periodic
 evaluations on the VALIDATION part (step 0 = the SparseGPT prior; benchmarks/maskllm-curve.png); every model is
-then measured on the TEST part of the embedded CPython docs and of an out-of-domain text (moby-dick), each
+then measured on the TEST part of the embedded CPython docs and of each eval.extra_texts text (moby-dick and the
+never-seen sotu by default; each cell labelled seen / not seen by that run, from its report.json), each
 perplexity with its 95% bootstrap interval over windows, and each run is paired window by window with the best
 of the runs (`prune compare`'s verdicts: best / not distinguishable from best / worse); `--variant` adds finished
 runs of the recipe with other training settings to the same table.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from results import interval, write_section  # noqa: E402
+from results import labelled, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "smollm2-135m" / "2of4-maskllm.yaml"
@@ -83,25 +84,26 @@ def baselines(overrides: list[str], prefix: str) -> list[tuple[str, Path]]:
     return runs
 
 
-def comparison(runs: list[tuple[str, Path]], ood: str) -> tuple[list[str], dict[str, dict]]:
-    """The table of every run (paired verdicts from `prune compare`) and each run's row by label."""
+def comparison(runs: list[tuple[str, Path]], texts: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """The table of every run (paired verdicts from `prune compare`) and each run's row by label; each text's
+    cell says whether that run read the text (its report's `data.seen`)."""
     from prune.sweep.compare import rows_from_runs, text_keys
 
     rows = rows_from_runs([directory for _, directory in runs])
     labels = {str(directory): label for label, directory in runs}
     by_label = {("dense" if row["status"] == "dense" else labels[row["dir"]]): row for row in rows}
-    keys = text_keys(ood)
     lines = [
-        f"| model | test perplexity [95% CI] | vs best | {ood} perplexity [95% CI] (out of domain) | vs best | "
-        "last-word acc ± stderr | FLOPs (2:4 kernel) |",
-        "|---|---:|---|---:|---|---:|---:|",
+        "| model | test perplexity [95% CI] | vs best | "
+        + "".join(f"{name} perplexity [95% CI] | vs best | " for name in texts)
+        + "last-word acc ± stderr | FLOPs (2:4 kernel) |",
+        "|---|---:|---|" + "---:|---|" * len(texts) + "---:|---:|",
     ]
     for label, row in by_label.items():
         flops = row.get("flops.semi_structured") if row["status"] == "done" else row.get("flops.dense")
         lines.append(
-            f"| {label} | {interval(row['perplexity'], row['perplexity.ci95'])} | {row.get('verdict', '-')} | "
-            f"{interval(row[keys['value']], row[keys['ci95']])} | {row.get(keys['verdict'], '-')} | "
-            f"{row['accuracy.docs_lastword']:.3f} ± {row['accuracy_stderr.docs_lastword']:.3f} | "
+            f"| {label} | {labelled(row, None)} | {row.get('verdict', '-')} | "
+            + "".join(f"{labelled(row, name)} | {row.get(text_keys(name)['verdict'], '-')} | " for name in texts)
+            + f"{row['accuracy.docs_lastword']:.3f} ± {row['accuracy_stderr.docs_lastword']:.3f} | "
             f"{flops / 1e9:.1f} G |"
         )
     return lines, by_label
@@ -147,17 +149,20 @@ def mixed_windows(recipe, data: dict) -> str:
 def section(
     recipe, report: dict, directory: Path, runs: list[tuple[str, Path]], learned: list[str], command: str, note: str
 ) -> str:
+    from prune.sweep.compare import LEGEND
+
     train = recipe.train
     tokens_per_step = train.batch_size * train.grad_accum * recipe.data.seq_len
     curve = evaluations(directory)
-    seq_len, ood = recipe.data.seq_len, recipe.eval.extra_texts[0]
-    data = report["data"]
+    seq_len, extra, data = recipe.data.seq_len, recipe.eval.extra_texts, report["data"]
+    # the goal is judged on a text the MaskLLM run never read (prune.data.seen); the first extra text otherwise
+    ood = next((name for name in extra if not data.get("seen", {}).get(name, True)), extra[0])
     weights = (
         "SparseGPT's weight update baked into the frozen weights"
         if recipe.method.prior_update_weights
         else "mask only: the weights are never changed"
     )
-    table, by_label = comparison(runs, ood)
+    table, by_label = comparison(runs, extra)
     mix = recipe.data.mix
     texts = (
         f"s of the embedded CPython docs and of {', '.join(mix)} ({mixed_windows(recipe, data)})"
@@ -183,8 +188,9 @@ def section(
         f"(step {report['train']['best_step']}) are the best of the evaluations on the first {train.eval_windows} "
         f"validation windows{' (the texts alternating)' if mix else ''}; every figure below reads only test parts "
         f"({data['windows']['test']} windows of the docs, "
-        f"{data['extra_texts'][ood]['windows']['test']} of {ood}). [95% CI]: bootstrap over windows; `vs best`: "
-        "paired bootstrap against the lowest of the runs on the same windows.",
+        + ", ".join(f"{data['extra_texts'][name]['windows']['test']} of {name}" for name in extra)
+        + "). [95% CI]: bootstrap over windows; `vs best`: paired bootstrap against the lowest of the runs on the "
+        f"same windows. {LEGEND}",
         "",
         *table,
         "",

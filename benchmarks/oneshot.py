@@ -1,7 +1,9 @@
 """One-shot baselines on SmolLM2-135M: dense, magnitude, Wanda, SparseGPT at 50% and 2:4.
 
-For each point: perplexity (512-token windows) on the test part of the embedded CPython docs and of an
-out-of-domain text (moby-dick), each with its 95% bootstrap interval over windows; last-word accuracy with
+For each point: perplexity (512-token windows) on the test part of the embedded CPython docs and of the other
+texts every run measures (eval.extra_texts' default: moby-dick and the never-seen sotu), each with its 95%
+bootstrap interval over windows and labelled seen / not seen by that point's calibration (prune.data.seen: the
+docs, for the methods that calibrate); last-word accuracy with
 lm-eval's standard error; FLOPs; and the wall time and peak memory of the pruning step alone. Calibration reads
 the train part only. Each point runs in its own process so peak memory is its own; all points run in
 one invocation, side by side (finished points are kept under --cache, so an interrupted run resumes). Writes the
@@ -22,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from results import interval, write_section  # noqa: E402
+from results import interval, seen_label, write_section  # noqa: E402
 
 # (label, method, sparsity, extra method config)
 POINTS = [
@@ -55,7 +57,9 @@ def measure_point(
     from eval.flops import count_flops, count_params
     from eval.lastword import build_examples
     from eval.perplexity import perplexity
-    from prune.data.text import MOBY_DICK, prepare, prepare_extra
+    from prune.data.config import EXTRA_TEXTS
+    from prune.data.seen import seen_texts
+    from prune.data.text import prepare, prepare_extra
     from prune.masks.base import merge
     from prune.methods.registry import get_method
     from prune.runs.loading import load_model
@@ -64,8 +68,10 @@ def measure_point(
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m")
     splits = prepare(tokenizer, "embedded-docs")
-    ood = prepare_extra(tokenizer, [MOBY_DICK], 512)[MOBY_DICK]
-    result = {"method": label, "sparsity": sparsity or "-"}
+    extra_texts = prepare_extra(tokenizer, list(EXTRA_TEXTS), 512)
+    result = {"method": label, "sparsity": sparsity or "-", "extra_texts": {}}
+    calibrates = method != "dense" and get_method(method).needs_calibration
+    result["seen"] = seen_texts("embedded-docs", [], ["embedded-docs", *EXTRA_TEXTS], reads=calibrates)
     if method != "dense":
         recipe = parse_recipe({"method": {"name": method, "sparsity": sparsity, **extra}})
         spec = get_method(method)
@@ -77,10 +83,18 @@ def measure_point(
         result["prune_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["prune_added_rss_mb"] = result["prune_peak_rss_mb"] - before
         merge(model)
-    for key, text in (("perplexity", splits), ("ood_perplexity", ood)):
+    for name, text in (("embedded-docs", splits), *extra_texts.items()):
         measured = perplexity(model, text.test_blocks(512))
-        result[key], result[f"{key}_ci95"] = measured.value, perplexity_ci(measured.window_nll, measured.window_tokens)
-        result[f"{key}_windows"] = measured.windows
+        figures = {
+            "value": measured.value,
+            "ci95": perplexity_ci(measured.window_nll, measured.window_tokens),
+            "windows": measured.windows,
+        }
+        if name == "embedded-docs":
+            result["perplexity"], result["perplexity_ci95"] = figures["value"], figures["ci95"]
+            result["perplexity_windows"] = figures["windows"]
+        else:
+            result["extra_texts"][name] = figures
     test_text = splits.test_text(tokenizer)
     lastword = accuracy_scores(model, tokenizer, ["docs_lastword"], heldout_text=test_text, limit=limit)[
         "docs_lastword"
@@ -92,21 +106,31 @@ def measure_point(
     return result
 
 
-def with_ci(row: dict, key: str) -> str:
-    return interval(row[key], row[f"{key}_ci95"])
+def with_ci(row: dict, name: str) -> str:
+    """A text's perplexity, interval and label for that point (none for dense, which read nothing)."""
+    figures = (
+        {"value": row["perplexity"], "ci95": row["perplexity_ci95"]}
+        if name == "embedded-docs"
+        else row["extra_texts"][name]
+    )
+    seen = None if row["method"] == "dense" else row["seen"][name]
+    return interval(figures["value"], figures["ci95"]) + seen_label(seen)
 
 
 def table(rows: list[dict]) -> str:
+    texts = list(rows[0]["extra_texts"])
     lines = [
-        "| method | sparsity | test perplexity [95% CI] | moby-dick [95% CI] | last-word acc ± stderr | "
-        "FLOPs (pruned / dense) | nonzero params | prune time (s) | peak RSS while pruning (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | sparsity | test perplexity [95% CI] | "
+        + "".join(f"{name} [95% CI] | " for name in texts)
+        + "last-word acc ± stderr | FLOPs (pruned / dense) | nonzero params | prune time (s) | "
+        "peak RSS while pruning (MB) |",
+        "|---|---|---|" + "---|" * len(texts) + "---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['method']} | {row['sparsity']} | {with_ci(row, 'perplexity')} | "
-            f"{with_ci(row, 'ood_perplexity')} | "
-            f"{row['lastword']:.3f} ± {row['lastword_stderr']:.3f} | "
+            f"| {row['method']} | {row['sparsity']} | {with_ci(row, 'embedded-docs')} | "
+            + "".join(f"{with_ci(row, name)} | " for name in texts)
+            + f"{row['lastword']:.3f} ± {row['lastword_stderr']:.3f} | "
             f"{row['flops_pruned'] / 1e9:.1f} G / {row['flops_dense'] / 1e9:.1f} G | "
             f"{row['params_nonzero'] / 1e6:.1f} M | "
             + (
@@ -140,8 +164,8 @@ def main() -> None:
         print(json.dumps(measure_point(*POINTS[args.point], args.calibration_samples, args.limit, args.threads)))
         return
     # finished points are kept per setting, so an interrupted benchmark resumes where it stopped
-    # (v2: the test / validation / train parts and the out-of-domain text; v1 points measured another protocol)
-    done = Path(args.cache) / f"v2-calib{args.calibration_samples}-limit{args.limit}-threads{args.threads}"
+    # (v3: every default extra text, labelled seen / not seen; v2 points measured moby-dick alone)
+    done = Path(args.cache) / f"v3-calib{args.calibration_samples}-limit{args.limit}-threads{args.threads}"
     done.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, (label, _, sparsity, _) in enumerate(POINTS):
@@ -163,6 +187,8 @@ def main() -> None:
             saved.write_text(output.strip().splitlines()[-1])
         rows.append(json.loads(saved.read_text()))
         print(f"{label} {sparsity or ''}: perplexity {rows[-1]['perplexity']:.2f}", flush=True)
+    from prune.sweep.compare import LEGEND
+
     command = (
         f"python benchmarks/oneshot.py --calibration-samples {args.calibration_samples} --limit {args.limit} "
         f"--threads {args.threads}"
@@ -171,9 +197,10 @@ def main() -> None:
         f"## One-shot pruning of SmolLM2-135M\n\nCommand: `{command}` "
         f"({args.calibration_samples} x 512 calibration tokens, 2-core CPU, {args.threads} torch thread(s), "
         f"float32). Perplexity over the test part (the last 10%) of the embedded CPython documentation "
-        f"({rows[0]['perplexity_windows']} windows of 512 tokens) and of moby-dick, out of domain "
-        f"({rows[0]['ood_perplexity_windows']} windows), [95% CI] from a bootstrap over windows; calibration "
-        "draws from the train part only; last-word accuracy ± lm-eval's standard error on the "
+        f"({rows[0]['perplexity_windows']} windows of 512 tokens) and of "
+        + ", ".join(f"{name} ({figures['windows']} windows)" for name, figures in rows[0]["extra_texts"].items())
+        + f", [95% CI] from a bootstrap over windows; {LEGEND} Calibration "
+        "draws from the docs' train part only; last-word accuracy ± lm-eval's standard error on the "
         f"{rows[0]['lastword_examples']} `docs_lastword` examples the test text yields (limit {args.limit}); "
         "FLOPs per 512-token forward (pruned: what a sparse kernel would run); "
         "prune time and peak RSS are the pruning step alone (the process had loaded the model and data before).\n\n"

@@ -24,3 +24,23 @@ def interval(value: float, ci95) -> str:
     """'13.50 [12.91, 14.12]': a perplexity and its 95% bootstrap interval, as every section prints them."""
     low, high = ci95
     return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def labelled(row: dict, name: str | None) -> str:
+    """The perplexity of the text `name` (None: the in-domain test part) in a `prune compare` row, with its interval
+    and the run's label for that text, taken from the run's report.json (`data.seen`, derived from the recipe's
+    data.source and data.mix): '16.05 [13.39, 19.50] (seen)'; no label for the dense model, which read nothing."""
+    from prune.sweep.compare import seen_of, text_keys
+
+    keys = text_keys(name)
+    return interval(row[keys["value"]], row[keys["ci95"]]) + seen_label(seen_of(row, name))
+
+
+def seen_label(seen: bool | None) -> str:
+    """' (seen)' / ' (not seen)': a cell's label for one text (prune.data.seen); '' when unknown (the dense model).
+    Benchmarks that measure in-process (no report.json) derive it with prune.data.seen.seen_texts from the data
+    their own calibration or training read."""
+    from prune.data.seen import NOT_SEEN
+    from prune.sweep.compare import SEEN_SHORT
+
+    return "" if seen is None else f" ({SEEN_SHORT if seen else NOT_SEEN})"

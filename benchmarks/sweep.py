@@ -8,8 +8,9 @@ Three parts, each in its own process (so each peak RSS is its own), one invocati
   4. `learned`:  the grid plus MaskLLM (`nm_gumbel`, SparseGPT prior, a short mask training): the 18 one-shot points
                  resume, the learned method runs at 2:4 and is skipped, with its reason, at the fractional levels.
 Writes the `sweep` section of benchmarks/RESULTS.md and benchmarks/sweep-perplexity.png. Every point is measured on
-the test part of the embedded docs and of moby-dick (out of domain), with 95% bootstrap intervals and paired
-verdicts against the best of its level; the MaskLLM point keeps the masks its VALIDATION evaluations pick.
+the test part of the embedded docs and of each eval.extra_texts text (labelled seen / not seen per point), with
+95% bootstrap intervals and paired verdicts against the best of its level; the MaskLLM point keeps the masks its
+VALIDATION evaluations pick.
 
     python benchmarks/sweep.py [--calibration-samples 16] [--seq-len 256] [--heldout-fraction 0.015] [--limit 20] \
         [--learned-steps 50]
@@ -66,6 +67,27 @@ def learned_overrides(args) -> list[str]:
     ]
 
 
+ROW_KEYS = (
+    "method",
+    "sparsity",
+    "perplexity",
+    "perplexity.ci95",
+    "verdict",
+    "status",
+    "timings.prune",
+    "timings.pruned_eval",
+)
+
+
+def kept(key: str) -> bool:
+    """The row keys a part reports: the point, its figures on each text and its seen / not seen labels."""
+    return (
+        key in ROW_KEYS
+        or (key.startswith("extra_texts.") and key.endswith(".perplexity.value"))
+        or key.startswith("data.seen.")
+    )
+
+
 def part_sweep(args, methods: list[str], levels: list[str], extra: list[str] = ()) -> dict:
     from prune.sweep.recipe import load_sweep
     from prune.sweep.runner import run_sweep
@@ -88,23 +110,7 @@ def part_sweep(args, methods: list[str], levels: list[str], extra: list[str] = (
         "counts": result["counts"],
         "shared": result["timings"]["shared"],
         "calibration_passes": result["calibration_passes"],
-        "rows": [
-            {
-                k: row.get(k)
-                for k in (
-                    "method",
-                    "sparsity",
-                    "perplexity",
-                    "perplexity.ci95",
-                    "verdict",
-                    "extra_texts.moby-dick.perplexity.value",
-                    "status",
-                    "timings.prune",
-                    "timings.pruned_eval",
-                )
-            }
-            for row in result["rows"]
-        ],
+        "rows": [{key: value for key, value in row.items() if kept(key)} for row in result["rows"]],
     }
 
 
@@ -170,7 +176,9 @@ def section(args, parts: dict, command: str) -> str:
         "",
         f"Command: `{command}` — {args.calibration_samples} x {args.seq_len} calibration tokens from the train part; "
         f"perplexity on the test part (the last {args.heldout_fraction:g}) of the embedded CPython docs and of "
-        f"moby-dick (out of domain) in {args.seq_len}-token windows, with 95% bootstrap intervals; `docs_lastword` "
+        f"each eval.extra_texts text in {args.seq_len}-token windows, with 95% bootstrap intervals, each cell "
+        "labelled by that point's report: `(seen)` when its calibration read the text, `(not seen)` when no part "
+        "of it; `docs_lastword` "
         f"on up to {args.limit} examples (as many as that test text yields), FLOPs per {args.seq_len}-token forward, "
         "latency off; shared 2-core CPU, float32, "
         f"{args.threads} intra-op thread(s) (the machine was loaded by other jobs: one thread was several times "

@@ -49,8 +49,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def to_semi_structured(model: nn.Module, names: list[str]) -> None:
-    """Replace the weights of the named linears by semi-structured sparse tensors (CUDA, float16/bfloat16)."""
+def convert_linears(model: nn.Module, names: list[str]) -> None:
+    """Replace the weights of the named linears by semi-structured sparse tensors (CUDA, float16/bfloat16): the
+    conversion both this module's measurement and `prune.to_semi_structured` run."""
     from torch.sparse import to_sparse_semi_structured
 
     modules = dict(model.named_modules())
@@ -86,7 +87,7 @@ def semi_structured_speedup(model: nn.Module, *, batch: int = 8, seq_len: int = 
     vocab = half.get_input_embeddings().num_embeddings
     tokens = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     dense_ms, dense_logits = _prefill_ms(half, tokens, repeats)
-    to_semi_structured(half, names)
+    convert_linears(half, names)
     sparse_ms, sparse_logits = _prefill_ms(half, tokens, repeats)
     return {
         "available": True,

@@ -1,8 +1,15 @@
 """MaskPrune: learnable masks that prune Hugging Face models while their weights stay frozen.
 
-The Python API, peft-style: what `prune run` does with a recipe, one call at a time, on any HF model.
+The Python API (docs/python-api.md): what `prune run` does with a recipe, on any HF model. The common job is one
+call:
 
-    import prune, torch
+    import prune
+
+    model = prune.oneshot("smollm2-135m", prune.method_config("sparsegpt", sparsity="2:4"),
+                          dataset=["some text", ...], num_calibration_samples=64, seq_len=512,
+                          output_dir="smollm2-2of4")   # merged; config.json records the pruning
+
+Learnable methods, peft-style, one step at a time:
 
     model, tokenizer = prune.load_model("smollm2-135m")              # or any causal LM you loaded yourself
     config = prune.method_config("nm_gumbel", sparsity="2:4", prior="magnitude")
@@ -14,39 +21,36 @@ The Python API, peft-style: what `prune run` does with a recipe, one call at a t
         loss = model(input_ids=batch, labels=batch).loss + objective.regularizer(model)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
     model.eval()                                                     # hard masks
-    prune.save_masks(model, "masks/", config)                        # the masks only, a few KB
-    prune.load_masks(fresh_model, "masks/", config)                  # identical logits
-    plain = prune.export(model, config)                              # a plain transformers model
+    prune.save_masks(model, "masks/")                                # the masks only, a few KB
+    prune.load_masks(fresh_model, "masks/")                          # identical logits
+    plain = prune.export(model)                                      # in place: a plain transformers model
 
-`prune.train(model, objective, blocks, prune.TrainConfig(steps=...), run_dir)` is the one trainer instead of
-your own loop (checkpoints, resume, logging, accelerate).
+`prune.train(model, objective, blocks, prune.TrainConfig(steps=...), "run_dir")` is the one trainer instead of
+your own loop (checkpoints, resume, logging, accelerate). `prune.calibration_blocks(tokenizer, texts, samples,
+seq_len)` turns text into the token blocks `attach` reads.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import ValidationError
-
-from prune.core.errors import UserInputError
-from prune.methods.registry import get_declaration, get_method
-
-if TYPE_CHECKING:
-    from torch import Tensor, nn
-
-    from prune.core.config import MethodConfig
-    from prune.masks.base import Objective
-
-# The public names defined elsewhere, each with the module it is imported from on first use (PEP 562, as
-# transformers does): `import prune` and the CLI's start stay free of torch and transformers, so a bad recipe is
-# refused at once. A new public name is one line here.
+# The public names, each with the module it is imported from on first use (PEP 562, as transformers does):
+# `import prune` and the CLI's start stay free of torch and transformers, so a bad recipe is refused at once.
+# A new public name is one line here.
 _EXPORTS: dict[str, str] = {
-    "load_model": "prune.runs.loading",
-    "mask_parameters": "prune.masks.base",
-    "train": "prune.training.trainer",
+    "oneshot": "prune.runs.oneshot",
+    "calibration_blocks": "prune.data.blocks",
+    "to_semi_structured": "prune.models.semi_structured",
+    "load_model": "prune.runs.api",
+    "method_config": "prune.methods.registry",
+    "attach": "prune.runs.api",
+    "mask_parameters": "prune.runs.api",
+    "train": "prune.runs.api",
     "TrainConfig": "prune.training.config",
+    "save_masks": "prune.runs.api",
+    "load_masks": "prune.runs.api",
+    "export": "prune.runs.api",
     "METHODS": "prune.methods.registry",
     "MethodConfig": "prune.core.config",
     "Objective": "prune.masks.base",
@@ -60,7 +64,7 @@ _EXPORTS: dict[str, str] = {
     "BinaryConfig": "prune.methods.binary.config",
     "GatingConfig": "prune.methods.gating.config",
 }
-__all__ = ["method_config", "attach", "save_masks", "load_masks", "export", *_EXPORTS]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
@@ -74,62 +78,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-def method_config(name: str, **fields) -> MethodConfig:
-    """The validated config of a registered method, e.g. `method_config("wanda", sparsity="2:4")`: the same
-    keys as a recipe's `method` section. A bad or unknown key is a UserInputError naming it."""
-    config_class = get_declaration(name).config_class
-    try:
-        return config_class.model_validate({"name": name, **fields})
-    except ValidationError as error:
-        allowed = ", ".join(config_class.model_fields)
-        problems = "; ".join(_problem(item, allowed) for item in error.errors())
-        raise UserInputError(f"invalid {name} config: {problems}") from None
-
-
-def _problem(item: dict, allowed: str) -> str:
-    """One validation error, worded like a recipe's: the key, then what is wrong with it."""
-    where, message = ".".join(map(str, item["loc"])), item["msg"].removeprefix("Value error, ")
-    if item["type"] == "extra_forbidden":
-        return f"unknown key {where!r}; allowed keys: {allowed}"
-    return f"{where}: {message}" if where else message
-
-
-def attach(model: nn.Module, config: MethodConfig, calibration: Tensor | None = None) -> Objective | None:
-    """Wrap `model`'s targets with the method's masks, in place; the weights stay untouched.
-
-    One-shot methods decide their masks here and return None; wanda, sparsegpt (and structured's activation
-    score, nm_gumbel's wanda/sparsegpt priors) read `calibration`, token blocks [samples, seq_len]. Learnable
-    methods return the Objective to train with, and leave only the mask parameters (and the objective's
-    `extra_parameters()`) requiring grad, so a hand-written loop cannot move a weight by accident."""
-    from prune.training.trainer import trainable_parameters  # imports torch: on first use, like _EXPORTS
-
-    objective = get_method(config.name).attach(model, config, calibration)
-    if objective is not None:
-        trainable_parameters(model, objective)
-    return objective
-
-
-def save_masks(model: nn.Module, directory: str | Path, config: MethodConfig) -> Path:
-    """Write the masks of a model `attach`ed with `config` (not the model) into `directory`, in the files a
-    `prune run` directory holds: masks.safetensors + masks.json (gating: predictors.safetensors + gating.json)."""
-    from prune.methods.spec import masks_meta  # imports torch: on first use, like _EXPORTS
-
-    directory = Path(directory)
-    name = getattr(getattr(model, "config", None), "name_or_path", None) or "?"
-    get_method(config.name).save(model, directory, config, masks_meta(name, config))
-    return directory
-
-
-def load_masks(model: nn.Module, directory: str | Path, config: MethodConfig) -> nn.Module:
-    """Put masks saved by `save_masks` (or a `prune run` directory's) back on the base model they were made
-    for, as fixed masks: the pruned model again, with identical logits. Names and shapes are checked first."""
-    return get_method(config.name).load(model, Path(directory), config)
-
-
-def export(model: nn.Module, config: MethodConfig) -> nn.Module:
-    """The pruned model as a plain transformers model (hard masks merged into the weights; structural
-    methods: the physically smaller model), ready for `save_pretrained`. Gating has no such form (its masks
-    depend on each input) and raises UserInputError; keep its masks with `save_masks` instead."""
-    return get_method(config.name).export(model, config)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shlex
+import shutil
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 from eval.metric_errors import NonFiniteError
-from prune.data.config import MOBY_DICK
+from prune.data.config import EXTRA_TEXTS
 
 # what a full, read-only or forbidden output looks like: bad input (exit 2), not a crash
 DISK_ERRORS = {
@@ -23,6 +27,10 @@ DISK_ERRORS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
 }
+
+
+# how long processes other than 0 of a launch wait before repeating its refusal (exiting takes seconds when loaded)
+LAUNCH_GRACE_S = 30
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,6 +51,10 @@ def _run(args: argparse.Namespace) -> None:
         report = run(recipe, overwrite=args.overwrite, resume=args.resume)
     except KeyboardInterrupt:
         raise Interrupted(_resume_hint(args, recipe.output)) from None
+    except OSError as error:
+        if error.errno in DISK_ERRORS:  # what to run once the disk has room again
+            error.add_note(_resume_hint(args, recipe.output))
+        raise
     if report is not None:  # None on the non-main processes of `accelerate launch`
         print(render(report))
         print(f"\nrun directory: {recipe.output}")
@@ -70,7 +82,8 @@ def _eval(args: argparse.Namespace) -> None:
     from prune.runs.recipe import parse_options
     from prune.tasks.eval_config import EvalConfig
 
-    data = parse_options(DataConfig, {"source": args.data, "seq_len": args.seq_len})
+    seq_len = args.seq_len if args.seq_len is not None else _run_seq_len(Path(args.model))
+    data = parse_options(DataConfig, {"source": args.data, "seq_len": seq_len})
     config = parse_options(
         EvalConfig,
         {
@@ -96,6 +109,20 @@ def _eval(args: argparse.Namespace) -> None:
     report = evaluate(args.model, data, config, runtime, output)
     print(table(report))
     print(f"\nwritten to {output}: eval.json, eval.md")
+
+
+def _run_seq_len(given: Path) -> int:
+    """`prune eval`'s default window: a run directory's own data.seq_len (what it was pruned and measured with,
+    within its model's positions), else DataConfig's default."""
+    from prune.data.text import DataConfig
+    from prune.runs import run_dir
+
+    default = DataConfig.model_fields["seq_len"].default
+    if not (given / run_dir.RECIPE_FILE).is_file():
+        return default
+    data = run_dir.read_recipe(given).get("data")
+    seq_len = data.get("seq_len") if isinstance(data, dict) else None
+    return seq_len if type(seq_len) is int else default
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -125,7 +152,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from prune.sweep.compare import compare, render
 
-    rows, written = compare(args.run_dirs, args.output)
+    rows, written = compare(args.run_dirs, args.output, overwrite=args.overwrite)
     print(render(rows))
     print(f"written to {args.output}: {', '.join(path.name for path in written.values())}")
 
@@ -136,6 +163,28 @@ def _models(args: argparse.Namespace) -> None:
     for entry in list_models():
         cached = entry["path"] or "not cached (fetched on first use)"
         print(f"{entry['name']:<16} {entry['description']}\n{'':<16} {cached}")
+
+
+def _refuse_once(message: str) -> None:
+    """Print a refusal once per launch: every process of an `accelerate launch` refuses alike, so process 0 says it
+    and the launcher ends the others when it exits; another process speaks only after a grace period, when the
+    refusal was its own and process 0 is still running."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        time.sleep(LAUNCH_GRACE_S)
+    print(textwrap.fill(message, width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
+
+
+def _disk_message(error: OSError) -> str:
+    """One paragraph for a write the disk refused: the file, why, the free space there and what to do next."""
+    where = Path(error.filename) if error.filename else None
+    existing = next((path for path in (where, *where.parents) if path.exists()), None) if where else None
+    free = f"; {shutil.disk_usage(existing).free / 1024**2:,.0f} MB free on that disk" if existing else ""
+    then = " ".join(getattr(error, "__notes__", [])) or "then run the command again."
+    return (
+        f"error: cannot write {where or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}{free}). Free "
+        "space or fix the permissions there (or choose another --output on a writable disk). Every file written so "
+        f"far is whole (written atomically) and nothing was deleted; {then}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,12 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model or a run directory's model/")
     evaluate.add_argument("model", help="run directory, local model directory, alias, or hub id")
     evaluate.add_argument("--data", default="embedded-docs", help="text source for perplexity and tasks")
-    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per window (default: a run's own data.seq_len, else 512)"
+    )
     evaluate.add_argument("--tasks", nargs="*", default=["docs_lastword"], help="lm-eval task names")
     evaluate.add_argument(
         "--extra-texts",
         nargs="*",
-        default=[MOBY_DICK],
+        default=list(EXTRA_TEXTS),
         help="out-of-domain texts whose test-part perplexity is reported too (none: --extra-texts)",
     )
     evaluate.add_argument("--limit", type=int, default=200, help="examples per task")
@@ -206,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="the sweep table and plots from existing run directories")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or sweep directories)")
     compare.add_argument("--output", default="runs/compare", help="where to write compare.{csv,json,md} and plots")
+    compare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous comparison in the output directory (only its own files are removed)",
+    )
     compare.set_defaults(handler=_compare)
 
     models = commands.add_parser("models", help="list the embedded model aliases and what is cached")
@@ -220,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except UserInputError as error:
-        print(textwrap.fill(f"error: {error}", width=100), file=sys.stderr)
+        _refuse_once(f"error: {error}")
         return 2
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -229,12 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if error.errno not in DISK_ERRORS:
             raise
         print(
-            textwrap.fill(
-                f"error: cannot use {error.filename or 'the output'}: {DISK_ERRORS[error.errno]} ({error.strerror}). "
-                "Free space or fix the permissions there, or choose another --output on a writable disk, then run the "
-                "command again; every file written so far is whole (written atomically) and nothing was deleted.",
-                width=100,
-            ),
+            textwrap.fill(_disk_message(error), width=100, break_on_hyphens=False, break_long_words=False),
             file=sys.stderr,
         )
         return 2

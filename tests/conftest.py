@@ -94,13 +94,18 @@ def docs_text(chars: int = 60_000) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def prose_stand_in():
-    """Runs measure `moby-dick` by default (eval.extra_texts), which is fetched from the npm registry: the suite
-    reads a fixed stand-in instead (documentation the tiny corpora never include), so no test needs the network
-    and every run still measures a second text. tests/test_prose.py tests the real fetch on a local tarball."""
+    """Runs measure `moby-dick` and `sotu` by default (eval.extra_texts), which are fetched from the npm registry
+    (prune.data.prose): the suite reads fixed stand-ins instead (other stretches of the documentation, which the
+    tiny corpora never include), so no test needs the network and every run still measures other texts.
+    tests/test_prose.py tests the real fetch on local tarballs, and the real check_fetchable, which this yields."""
+    docs = docs_text(210_000)
+    # moby-dick as before; the others shorter, so that measuring the default two extra texts stays cheap
+    stand_ins = {prose.MOBY_DICK: docs[60_000:150_000], prose.SOTU: docs[150_000:180_000], prose.BROWN: docs[180_000:]}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(text, "moby_dick", lambda: docs_text(150_000)[60_000:])
-        patch.setattr(prose, "check_fetchable", lambda: None)  # nothing is fetched, so npm is not needed
-        yield
+        patch.setattr(text, "registry_text", stand_ins.__getitem__)
+        real_check = prose.check_fetchable
+        patch.setattr(prose, "check_fetchable", lambda name: None)  # nothing is fetched, so npm is not needed
+        yield real_check
 
 
 def save_tiny_model(directory, family: str = "llama", text: str | None = None):

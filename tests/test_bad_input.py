@@ -4,7 +4,9 @@ one-paragraph message (no traceback: `main` returns), and what is on disk afterw
 that existed was changed or deleted and no report.json appeared; rows that succeed check their own files).
 
 Rows marked `works` behaved before the fixes of issue 15 (`works+11`: the message did, but the output directory
-was claimed anyway); every other row names the defect it covers and failed before its fix.
+was claimed anyway); every other row names the defect it covers and failed before its fix: a number for the
+defects of issue 15, `25.<class>` for the classes of issue 25's second probe (memory bounds, damaged inputs on the
+new paths, compare and sweep outputs, distributed launches, messages).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prune.cli import main
 from prune.runs import run_dir
@@ -314,6 +317,223 @@ def bits_encoded(lab: Lab) -> None:
 def resumed_with_slash(lab: Lab) -> list[str]:
     run = lab.copy("unfinished")
     return ["run", lab.gumbel, "--output", f"{run}/", "--resume"]
+
+
+# ------------------------------------------------------------------------------------------ issue 25 row helpers
+
+
+def little_ram(lab: Lab, megabytes: int = 1024) -> None:
+    """The machine has `megabytes` of RAM free for the run's stages (the memory estimate is checked, nothing is
+    allocated); the model weights' own check still sees the real RAM."""
+    lab.monkeypatch.setattr("prune.runs.preflight.available_ram", lambda: megabytes * 1024**2)
+
+
+def damaged_checkpoint(damage: Callable[[Path], None], offload: str) -> Callable[[Lab], list[str]]:
+    """A row's command: `prune run` of a copy of the sharded tiny Llama that `damage(directory)` changed, held as
+    runtime.offload says."""
+
+    def command(lab: Lab) -> list[str]:
+        model = lab.tmp / "sharded"
+        shutil.copytree(lab.root / "sharded", model)
+        damage(model)
+        return lab.run("--set", f"model={model}", "--set", f"runtime.offload={offload}")
+
+    return command
+
+
+def first_shard(model: Path) -> Path:
+    return sorted(model.glob("model-*.safetensors"))[0]
+
+
+def truncate_shard(model: Path) -> None:
+    shard = first_shard(model)
+    shard.write_bytes(shard.read_bytes()[:-64])
+
+
+def corrupt_header(model: Path) -> None:
+    shard = first_shard(model)
+    data = shard.read_bytes()
+    shard.write_bytes(data[:8] + b"{garbage" + data[16:])
+
+
+def delete_shard(model: Path) -> None:
+    sorted(model.glob("model-*.safetensors"))[1].unlink()
+
+
+def index_names_missing_file(model: Path) -> None:
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = "model-99999-of-99999.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def config_disagrees(model: Path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+
+
+def config_not_json(model: Path) -> None:
+    (model / "config.json").write_text("{not json")
+
+
+def disk_full_on_call(lab: Lab, target: str, call: int = 1) -> None:
+    """`target` (safetensors' save_file as a module imported it) fails from its `call`-th use on as a full disk
+    makes safetensors fail: a SafetensorError holding the OS error."""
+    from safetensors import SafetensorError
+
+    original, calls = _resolve(target), {"n": 0}
+
+    def save(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= call:
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                'message: "No space left on device" })'
+            )
+        return original(tensors, path, *args, **kwargs)
+
+    lab.monkeypatch.setattr(target, save)
+
+
+def _resolve(target: str):
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def full_disk_pwrite(fd: int, data, offset: int) -> int:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what os.pwrite raises: no file name
+
+
+def resumes_after_space_freed(lab: Lab) -> None:
+    """The disk refused the second checkpoint: nothing half-written, and the printed command resumes the run."""
+    run = lab.tmp / "out"
+    assert (run / "train" / "checkpoints" / "latest").read_text() == "step-2"
+    assert not [path for path in run.rglob("*") if ".staging-" in path.name or path.name.endswith(".tmp")]
+    lab.monkeypatch.undo()
+    command = lab.err.split("Resume with:")[1].split()  # the paragraph is wrapped; the lab's paths hold no spaces
+    assert command[:2] == ["prune", "run"] and command[-1] == "--resume"
+    assert main(command[1:]) == 0
+    assert json.loads((run / "report.json").read_text())["train"]["steps"] == 4
+
+
+def nothing_half_written(lab: Lab) -> None:
+    run = lab.tmp / "out"
+    assert not (run / "model").exists() and not (run / "report.json").exists()
+    assert not [path for path in run.rglob("*") if ".staging-" in path.name or path.name.endswith((".tmp", ".partial"))]
+
+
+def checkpoint_edited(edit: Callable[[Path], None]) -> Callable[[Lab], list[str]]:
+    """A row's command: --resume of a copy of the unfinished run whose latest checkpoint `edit(checkpoint)` changed."""
+
+    def command(lab: Lab) -> list[str]:
+        run = lab.copy("unfinished")
+        checkpoints = run / "train" / "checkpoints"
+        edit(checkpoints / (checkpoints / "latest").read_text())
+        return ["run", lab.gumbel, "--output", str(run), "--resume"]
+
+    return command
+
+
+def nan_in_masks(checkpoint: Path) -> None:
+    tensors = load_file(checkpoint / "masks.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, checkpoint / "masks.safetensors")
+
+
+def set_step(step: int) -> Callable[[Path], None]:
+    def edit(checkpoint: Path) -> None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "step": step}))
+
+    return edit
+
+
+def rename_checkpoint(checkpoint: Path) -> None:
+    """step-4 renamed step-2 (and `latest` pointing there): the name and trainer_state.json disagree."""
+    checkpoint.rename(checkpoint.parent / "step-2")
+    (checkpoint.parent / "latest").write_text("step-2")
+
+
+def user_compare_dir(lab: Lab) -> list[str]:
+    write(lab.tmp / "mine" / "compare.md", "my notes")
+    return ["compare", str(lab.root / "wanda24"), "--output", str(lab.tmp / "mine")]
+
+
+def user_compare_kept(lab: Lab) -> None:
+    assert (lab.tmp / "mine" / "compare.md").read_text() == "my notes"
+    assert sorted(entry.name for entry in (lab.tmp / "mine").iterdir()) == ["compare.md"]
+
+
+def compared_before(lab: Lab, *extra: str) -> list[str]:
+    """`prune compare` into a directory holding an earlier comparison and a note of the user's."""
+    assert main(["compare", str(lab.root / "wanda24"), "--output", str(lab.tmp / "cmp")]) == 0
+    write(lab.tmp / "cmp" / "notes.md", "mine")
+    return ["compare", str(lab.root / "magnitude50"), "--output", str(lab.tmp / "cmp"), *extra]
+
+
+def recompared_keeping_notes(lab: Lab) -> None:
+    compared = lab.tmp / "cmp"
+    assert (compared / "notes.md").read_text() == "mine"
+    assert [row["sparsity"] for row in json.loads((compared / "compare.json").read_text())["rows"]][-1] == "0.5"
+
+
+def one_row_per_run(lab: Lab) -> None:
+    rows = json.loads((lab.tmp / "cmp" / "compare.json").read_text())["rows"]
+    assert [row["status"] for row in rows] == ["dense", "done"]
+
+
+def sweep_file(lab: Lab) -> str:
+    sweep = f"base: {lab.wanda}\ngrid: {{methods: [magnitude], sparsities: [0.5]}}\noutput: {lab.tmp / 'sweep'}\n"
+    return str(write(lab.tmp / "sweep.yaml", sweep))
+
+
+def no_sweep_dir(lab: Lab) -> None:
+    assert not (lab.tmp / "sweep").exists()
+
+
+def user_sweep_dir(lab: Lab) -> list[str]:
+    write(lab.tmp / "sweep" / "notes.md", "my notes")
+    return ["sweep", sweep_file(lab)]
+
+
+def user_sweep_kept(lab: Lab) -> None:
+    assert sorted(entry.name for entry in (lab.tmp / "sweep").iterdir()) == ["notes.md"]
+
+
+def own_code_tokenizer(lab: Lab) -> list[str]:
+    """A model whose config.json is plain Llama and whose tokenizer_config.json maps to the repository's code."""
+    model = lab.tmp / "remote"
+    shutil.copytree(lab.root / "llama", model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    write(model / "tokenizer_config.json", json.dumps(config))
+    write(model / "evil.py", f"open({str(lab.tmp / 'RAN')!r}, 'w').write('evil code ran')\n")
+    return lab.run("--set", f"model={model}")
+
+
+def export_without_masks(lab: Lab) -> list[str]:
+    run = lab.copy("wanda24")
+    for name in ("masks.safetensors", "masks.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "model")
+    return ["export", str(run)]
+
+
+BROKEN_JSONL = '{"text": "a line of text"}\n{oops\n'
+
+
+def launched_with_cpu_flag(lab: Lab) -> list[str]:
+    """What `accelerate launch --config_file recipes/accelerate/ddp.yaml --cpu` hands its one process."""
+    lab.monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    lab.monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    lab.monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return lab.run(recipe=lab.gumbel)
+
+
+def eval_of_run_dir(lab: Lab) -> list[str]:
+    return ["eval", str(lab.root / "wanda24"), "--data", str(lab.corpus), "--tasks", "--no-latency", "--extra-texts"]
 
 
 CASES = [
@@ -671,6 +891,320 @@ CASES = [
         "never runs a model repository's code",
         no_code_ran,
     ),
+    # ---- issue 25, class 1: sizes that decide memory checked before the claim
+    Case(
+        "train.batch_size beyond the training windows",
+        "25.1",
+        lambda lab: lab.run("--set", "train.batch_size=1000", recipe=lab.gumbel),
+        2,
+        "train.batch_size 1000 asks for more windows per micro-batch than the training data holds",
+        no_output,
+    ),
+    Case(
+        "train.batch_size 100000: the estimate, the limit, the setting",
+        "25.1",
+        lambda lab: (little_ram(lab), lab.run("--set", "train.batch_size=100000", recipe=lab.gumbel))[1],
+        2,
+        "the run does not fit: training (train.batch_size 100000 x data.seq_len 32 tokens per micro-batch) needs about",
+        no_output,
+    ),
+    Case(
+        "calibration samples x seq_len beyond memory",
+        "25.1",
+        lambda lab: (little_ram(lab, 64), lab.run("--set", "data.calibration_samples=100000"))[1],
+        2,
+        "calibration (100000 windows of 32 tokens) needs about",
+        no_output,
+    ),
+    Case(
+        "eval.batch_size beyond memory",
+        "25.1",
+        lambda lab: (little_ram(lab), lab.run("--set", "eval.batch_size=100000"))[1],
+        2,
+        "evaluation (100000 windows of 32 tokens per forward) needs about",
+        no_output,
+    ),
+    Case(
+        "a sweep whose points cannot fit",
+        "25.1",
+        lambda lab: (little_ram(lab), ["sweep", sweep_file(lab), "--set", "eval.batch_size=100000"])[1],
+        2,
+        "lower eval.batch_size",
+        no_sweep_dir,
+    ),
+    # ---- issue 25, class 2: damaged checkpoints (in memory and streamed), settings beyond what the code holds,
+    # a full disk at any write, a prior run and a resumed checkpoint checked for content, all before the claim
+    Case(
+        "truncated shard, offload none", "works", damaged_checkpoint(truncate_shard, "none"), 2, "truncated", no_output
+    ),
+    Case(
+        "truncated shard, offload disk",
+        "25.2",
+        damaged_checkpoint(truncate_shard, "disk"),
+        2,
+        "is truncated or corrupt (the file ends at byte",
+        no_output,
+    ),
+    Case(
+        "corrupt safetensors header, offload disk",
+        "25.2",
+        damaged_checkpoint(corrupt_header, "disk"),
+        2,
+        "model-00001-of-",
+        no_output,
+    ),
+    Case(
+        "missing shard, in memory",
+        "25.2",
+        damaged_checkpoint(delete_shard, "none"),
+        2,
+        "names 1 shard file(s) that",
+        no_output,
+    ),
+    Case(
+        "missing shard, offload disk",
+        "25.2",
+        damaged_checkpoint(delete_shard, "disk"),
+        2,
+        "the checkpoint is incomplete",
+        no_output,
+    ),
+    Case(
+        "index naming a missing file, offload cpu",
+        "25.2",
+        damaged_checkpoint(index_names_missing_file, "cpu"),
+        2,
+        "model-99999-of-99999.safetensors",
+        no_output,
+    ),
+    Case(
+        "tensors disagreeing with config.json, in memory",
+        "25.2",
+        damaged_checkpoint(config_disagrees, "none"),
+        2,
+        "do not match its config.json (shapes differ: model.layers.0.mlp.gate_proj.weight (128, 64) (config.json: "
+        "(96, 64))",
+        no_output,
+    ),
+    Case(
+        "tensors disagreeing with config.json, offload disk",
+        "25.2",
+        damaged_checkpoint(config_disagrees, "disk"),
+        2,
+        "do not match its config.json",
+        no_output,
+    ),
+    Case(
+        "config.json not JSON",
+        "25.2",
+        damaged_checkpoint(config_not_json, "none"),
+        2,
+        "config.json is not JSON",
+        no_output,
+    ),
+    Case(
+        "empty model directory",
+        "25.2",
+        lambda lab: lab.run("--set", f"model={(lab.tmp / 'empty').mkdir() or lab.tmp / 'empty'}"),
+        2,
+        "has no config.json, so it is not a saved model",
+        no_output,
+    ),
+    Case("seed beyond 64 bits", "25.2", lambda lab: lab.run("--set", f"seed={2**70}"), 2, "seed: Input", no_output),
+    Case(
+        "train.seed beyond 64 bits",
+        "25.2",
+        lambda lab: lab.run("--set", f"train.seed={2**70}", recipe=lab.gumbel),
+        2,
+        "train.seed: Input should be less than 9223372036854775808",
+        no_output,
+    ),
+    Case(
+        "runtime.threads beyond a C int",
+        "25.2",
+        lambda lab: lab.run("--set", f"runtime.threads={2**40}"),
+        2,
+        "runtime.threads: Input should be less than 2147483648",
+        no_output,
+    ),
+    Case(
+        "a temperature below float32",
+        "25.2",
+        lambda lab: lab.run("--set", "method.tau_start=1e-300", recipe=lab.gumbel),
+        2,
+        "method.tau_start: 1e-300 is outside float32's range",
+        no_output,
+    ),
+    Case(
+        "disk full at a training checkpoint",
+        "25.2",
+        lambda lab: (
+            disk_full_on_call(lab, "prune.core.atomic.save_file", call=3),  # step 2's two files pass, step 4's fail
+            lab.run(recipe=lab.gumbel),
+        )[1],
+        2,
+        "train/checkpoints/step-4/masks.safetensors: the disk is full (No space left on device;",
+        resumes_after_space_freed,
+    ),
+    Case(
+        "disk full writing model/",
+        "25.2",
+        lambda lab: (disk_full_on_call(lab, "transformers.modeling_utils.safe_save_file"), lab.run())[1],
+        2,
+        "MB free on that disk",
+        nothing_half_written,
+    ),
+    Case(
+        "disk full writing a streamed shard",
+        "25.2",
+        lambda lab: (
+            lab.monkeypatch.setattr("prune.models.shards.os.pwrite", full_disk_pwrite),
+            lab.run("--set", f"model={lab.root / 'sharded'}", "--set", "runtime.offload=disk"),
+        )[1],
+        2,
+        "model-00001-of-",
+        nothing_half_written,
+    ),
+    Case(
+        "method.prior naming a missing run",
+        "25.2",
+        lambda lab: lab.run("--set", f"method.prior={lab.tmp / 'nope'}", recipe=lab.gumbel),
+        2,
+        "method.prior",
+        no_output,
+    ),
+    Case(
+        "method.prior naming a run of another pattern",
+        "25.2",
+        lambda lab: lab.run("--set", f"method.prior={lab.root / 'magnitude50'}", recipe=lab.gumbel),
+        2,
+        "were learned for sparsity 0.5, not 2:4",
+        no_output,
+    ),
+    Case(
+        "--resume from a checkpoint holding NaN",
+        "25.2",
+        checkpoint_edited(nan_in_masks),
+        2,
+        "holds non-finite values",
+    ),
+    Case(
+        "--resume from a step beyond train.steps",
+        "25.2",
+        checkpoint_edited(set_step(1_000_000)),
+        2,
+        "says step 1000000, but its directory is step-4",
+    ),
+    Case(
+        "--resume from a checkpoint whose name and step disagree",
+        "25.2",
+        checkpoint_edited(rename_checkpoint),
+        2,
+        "says step 4, but its directory is step-2",
+    ),
+    # ---- issue 25, class 3: compare and sweep never overwrite what MaskPrune did not write
+    Case(
+        "prune compare into a user's directory",
+        "25.3",
+        user_compare_dir,
+        2,
+        "is not a MaskPrune comparison",
+        user_compare_kept,
+    ),
+    Case("prune compare over an earlier comparison", "25.3", compared_before, 2, "already holds a comparison"),
+    Case(
+        "prune compare --overwrite keeps the user's note",
+        "25.3",
+        lambda lab: compared_before(lab, "--overwrite"),
+        0,
+        "",
+        recompared_keeping_notes,
+    ),
+    Case(
+        "prune compare RUN RUN/",
+        "25.3",
+        lambda lab: [
+            "compare",
+            str(lab.root / "wanda24"),
+            f"{lab.root / 'wanda24'}/",
+            "--output",
+            str(lab.tmp / "cmp"),
+        ],
+        0,
+        "",
+        one_row_per_run,
+    ),
+    Case("prune sweep into a user's directory", "25.3", user_sweep_dir, 2, "is not a MaskPrune sweep", user_sweep_kept),
+    Case(
+        "a refused sweep leaves no directory",
+        "25.3",
+        lambda lab: ["sweep", sweep_file(lab), "--set", "model=/no/such/model"],
+        2,
+        "no such directory",
+        no_sweep_dir,
+    ),
+    # ---- issue 25, class 5: a launch that would not be what its config says
+    Case(
+        "accelerate launch --cpu (one process whatever num_processes says)",
+        "25.5",
+        launched_with_cpu_flag,
+        2,
+        "`accelerate launch --cpu` started ONE process",
+        no_output,
+    ),
+    # ---- issue 25, class 6: messages that name the real cause
+    Case(
+        "a tokenizer that ships its own code",
+        "25.6",
+        own_code_tokenizer,
+        2,
+        "ships its own Python code (an `auto_map` in tokenizer_config.json) and transformers would have to run it to "
+        "build the tokenizer",
+        no_code_ran,
+    ),
+    Case(
+        "method.targets: []",
+        "25.6",
+        lambda lab: lab.run("--set", "method.targets=[]"),
+        2,
+        "method.targets: is an empty list, which would prune nothing",
+        no_output,
+    ),
+    Case(
+        "a .jsonl with a broken line",
+        "25.6",
+        lambda lab: lab.run("--set", f"data.source={write(lab.tmp / 'bad.jsonl', BROKEN_JSONL)}"),
+        2,
+        "line 2 is not JSON",
+        no_output,
+    ),
+    Case(
+        "a file given as a model",
+        "25.6",
+        lambda lab: lab.run("--set", f"model={lab.corpus}"),
+        2,
+        "is a file, not a model directory",
+        no_output,
+    ),
+    Case(
+        "a directory given as a recipe",
+        "25.6",
+        lambda lab: ["run", str(lab.root), "--output", str(lab.tmp / "out")],
+        2,
+        "is a directory; pass one YAML file",
+        no_output,
+    ),
+    Case("export of a run without masks", "25.6", export_without_masks, 2, "holds no masks.safetensors + masks.json"),
+    Case(
+        "divergence at step 1 does not blame train.lr",
+        "25.6",
+        lambda lab: lab.run("--set", "method.kappa_start=3e38", "--set", "method.tau_start=1e-37", recipe=lab.gumbel),
+        1,
+        "train.lr played no part",
+        lambda lab: None,
+        absent="Lower train.lr",
+    ),
+    Case("prune eval RUN_DIR uses the run's seq_len", "25.6", eval_of_run_dir, 0, ""),
 ]
 
 
@@ -706,8 +1240,12 @@ def write_inputs(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def lab_root(tmp_path_factory) -> Path:
-    """The inputs, and the runs rows start from: a finished 2:4 and 50% run, an nm_gumbel run killed after training."""
+    """The inputs, a sharded copy of the tiny Llama, and the runs rows start from: a finished 2:4 and 50% run, an
+    nm_gumbel run killed after training."""
     root = write_inputs(tmp_path_factory.mktemp("lab"))
+    sharded = AutoModelForCausalLM.from_pretrained(root / "llama")
+    sharded.save_pretrained(root / "sharded", max_shard_size="50KB")  # a few shards and an index
+    AutoTokenizer.from_pretrained(root / "llama").save_pretrained(root / "sharded")
     torch.set_num_threads(1)
     assert main(["run", str(root / "wanda.yaml"), "--output", str(root / "wanda24")]) == 0
     assert (
@@ -770,6 +1308,7 @@ def test_bad_input(case: Case, lab_root, tmp_path, monkeypatch, capsys, one_thre
 def test_every_defect_of_issue_15_on_our_side_has_a_row():
     covered = {defect for case in CASES for defect in case.defect.split("+")}
     assert {"2", "3", "4", "5", "7", "8", "10", "11", "12", "13", "14", "works"} <= covered
+    assert {"25.1", "25.2", "25.3", "25.5", "25.6"} <= covered  # issue 25's classes (4 and 7: other tests)
 
 
 # ------------------------------------------------------------------------------------------ beside the table
@@ -810,6 +1349,30 @@ def test_every_numeric_field_of_every_config_rejects_inf_and_nan():
                 assert any(item["loc"][0] == name for item in error.value.errors()), (cls.__name__, name, value)
             checked += 1
     assert checked >= 30  # train, data, method and sweep sections alike
+
+
+def _takes_int(annotation) -> bool:
+    from typing import get_args
+
+    return annotation is int or any(arg is int for arg in get_args(annotation))
+
+
+def test_every_number_of_every_config_is_bounded_to_what_torch_holds():
+    """An integer beyond 64 bits and a float beyond float32 are refused by the recipe, before anything runs (a
+    seed of 2^70 overflowed inside torch, a temperature of 1e-300 overflowed the float32 logits it divides)."""
+    from pydantic import ValidationError
+
+    checked = 0
+    for cls in _config_classes():
+        for name, info in cls.model_fields.items():
+            values = [2**64, -(2**64)] if _takes_int(info.annotation) else []
+            values += [1e300, -1e300, 1e-300] if _takes_float(info.annotation) else []
+            for value in values:
+                with pytest.raises(ValidationError) as error:
+                    cls.model_validate({"name": "x", name: value})
+                assert any(item["loc"][0] == name for item in error.value.errors()), (cls.__name__, name, value)
+            checked += bool(values)
+    assert checked >= 45  # every int and float field of the train, data, eval, runtime, method and sweep sections
 
 
 def test_every_model_load_passes_trust_remote_code_false(monkeypatch, tmp_path, clip_dir):

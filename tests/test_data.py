@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from prune.core import hub
 from prune.core.errors import UserInputError
+from prune.data import config
 from prune.data import text as data
 
 
@@ -202,6 +203,58 @@ def test_hub_dataset_offline_fails_at_once_saying_what_to_pass(name, offline):
     assert "unreachable" in message and "embedded-docs" in message and ".txt" in message
 
 
+def test_every_shipped_text_is_an_alias_read_from_the_registry_table(monkeypatch, offline):
+    monkeypatch.setattr(data, "registry_text", lambda name: f"the text {name}")
+    for name in ("moby-dick", "sotu", "brown"):
+        assert data.load_documents(name) == [f"the text {name}"]  # offline: no Hub needed
+
+
+def test_streaming_offline_is_refused_naming_the_local_alternatives(offline):
+    config = data.DataConfig(source="someorg/web-corpus", stream_tokens=1000)
+    with pytest.raises(UserInputError) as error:
+        data.prepare_source(CharTokenizer(), config)
+    message = str(error.value)
+    assert "unreachable" in message and "`general`" in message and "moby-dick" in message and ".txt" in message
+
+
+def test_streaming_reads_only_the_documents_the_token_budget_needs(monkeypatch):
+    """`data.stream_tokens`: datasets' IterableDataset (here over a local generator) is read until the budget is
+    met, and the stream is cut to exactly that many tokens before the usual split."""
+    rows_read, calls = [], []
+
+    def rows():
+        for index in range(1000):
+            rows_read.append(index)
+            yield {"text": f"document {index:03d} " * 5, "id": index}
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split, kwargs))
+        return datasets.IterableDataset.from_generator(rows)
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    config = data.DataConfig(source="someorg/web-corpus", stream_tokens=1000, seq_len=16)
+    splits = data.prepare_source(CharTokenizer(), config)
+    assert calls == [("someorg/web-corpus", None, "train", {"streaming": True})]
+    assert sum(splits.part(name).numel() for name in data.PARTS) == 1000  # 1000 characters = tokens
+    assert len(rows_read) < 20  # 70 characters a document: 15 documents meet the budget, not all 1000
+    assert CharTokenizer().decode(splits.train_ids[:24].tolist()) == "document 000 document 00"
+    mixed = data.prepare_mix(
+        CharTokenizer(), data.DataConfig(mix=["someorg/web-corpus"], stream_tokens=500, seq_len=16)
+    )
+    assert sum(mixed["someorg/web-corpus"].part(name).numel() for name in data.PARTS) == 500  # a mix text too
+    local = data.prepare(CharTokenizer(), "embedded-docs", stream_tokens=500)  # shipped texts are read whole
+    assert sum(local.part(name).numel() for name in data.PARTS) > 100_000
+
+
+def test_general_mix_names_every_shipped_genre_but_the_never_seen_text_and_the_source():
+    assert data.DataConfig(mix="general").mix == ["moby-dick", "brown"]
+    assert data.DataConfig(source="moby-dick", mix="general").mix == ["embedded-docs", "brown"]
+    assert data.DataConfig(source="notes.txt", mix="general").mix == ["embedded-docs", "moby-dick", "brown"]
+    assert "sotu" not in config.GENERAL_MIX and config.NEVER_SEEN == "sotu"
+    assert data.DataConfig(mix="general", source_share=0.25).source_share == 0.25  # the share stays settable
+
+
 def test_hub_aliases_and_heldout_split(monkeypatch):
     calls = []
 
@@ -235,7 +288,7 @@ def test_hub_aliases_and_heldout_split(monkeypatch):
 
 
 def test_moby_dick_is_an_alias_and_extra_texts_are_split_like_any_source(monkeypatch):
-    monkeypatch.setattr(data, "moby_dick", lambda: "Call me Ishmael. " * 100)
+    monkeypatch.setattr(data, "registry_text", {"moby-dick": "Call me Ishmael. " * 100}.__getitem__)
     assert data.load_documents("moby-dick") == ["Call me Ishmael. " * 100]
     extra = data.prepare_extra(CharTokenizer(), ["moby-dick", "moby-dick"], 16, heldout_fraction=0.2)
     assert list(extra) == ["moby-dick"]
@@ -312,7 +365,7 @@ def test_mix_must_name_other_texts_once(monkeypatch, tmp_path, offline):
 
 
 def test_a_text_in_both_mix_and_extra_texts_is_prepared_once(monkeypatch):
-    monkeypatch.setattr(data, "moby_dick", lambda: "Call me Ishmael. " * 100)
+    monkeypatch.setattr(data, "registry_text", {"moby-dick": "Call me Ishmael. " * 100}.__getitem__)
     config = data.DataConfig(seq_len=16, mix=["moby-dick"])
     extra = data.prepare_extra(CharTokenizer(), ["moby-dick"], 16)
     monkeypatch.setattr(data, "prepare", lambda *args, **kwargs: pytest.fail("moby-dick tokenized a second time"))

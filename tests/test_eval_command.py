@@ -77,8 +77,8 @@ def test_npm_is_checked_before_the_model_loads(model_dir, corpus, monkeypatch, c
 
     _never_loads(monkeypatch)
 
-    def no_npm():
-        raise UserInputError("npm is not installed here (stand-in)")
+    def no_npm(name):
+        raise UserInputError(f"{name}: npm is not installed here (stand-in)")
 
     monkeypatch.setattr(prose, "check_fetchable", no_npm)
     arguments = ["eval", str(model_dir), "--data", str(corpus), "--seq-len", "32", "--tasks", "--no-latency"]

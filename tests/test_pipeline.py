@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from eval.perplexity import perplexity
 from prune.cli import main
+from prune.core.yaml_io import load_yaml
 from prune.data.text import prepare
 from prune.masks.storage import load_masks
 from prune.runs.loading import load_model
@@ -33,6 +34,11 @@ def recipe_for(model_dir, corpus, output, method="wanda", sparsity="2:4", **meth
             "output": str(output),
         }
     )
+
+
+def report_recipe(directory) -> dict:
+    """The resolved recipe a run wrote (recipe.yaml)."""
+    return load_yaml((directory / "recipe.yaml").read_text(), "recipe.yaml")
 
 
 def heldout_perplexity(model, tokenizer, corpus) -> float:
@@ -75,6 +81,8 @@ def test_exported_model_loads_with_plain_transformers_and_reproduces_perplexity(
     )
     weight = linear.weight if "Llama" in type(model).__name__ else linear.weight.t()
     assert torch.all((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2)
+    assert model.config.pruning["method"] == "sparsegpt" and model.config.pruning["sparsity"] == "2:4"
+    assert model.config.pruning["config"] == report_recipe(tmp_path / "run")["method"]
 
 
 def test_saved_masks_on_the_base_model_reproduce_the_run(tmp_path, tiny_dir, corpus):
@@ -90,6 +98,7 @@ def test_export_rebuilds_model_dir_from_masks(tmp_path, tiny_dir, corpus):
     report = run(recipe_for(tiny_dir, corpus, tmp_path / "run", "wanda"))
     shutil.rmtree(tmp_path / "run" / "model")
     assert main(["export", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["pruning"]["method"] == "wanda"
     model, tokenizer = load_model(str(tmp_path / "run" / "model"))
     assert heldout_perplexity(model, tokenizer, corpus) == pytest.approx(report["perplexity"]["value"], rel=1e-5)
 

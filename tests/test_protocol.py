@@ -88,6 +88,8 @@ def test_report_says_which_part_each_figure_read(wanda_run, llama_dir, corpus):
         "part": "test",
         "windows": data["extra_texts"]["moby-dick"]["windows"]["test"],
     }
+    assert data["seen"] == {str(corpus): True, "moby-dick": False, "sotu": False}  # calibration read the source
+    assert "warning" not in data
 
 
 def test_every_perplexity_has_an_interval_and_per_window_nlls(wanda_run):
@@ -112,6 +114,9 @@ def test_rerun_prints_the_same_intervals_and_report_md_shows_both_texts(wanda_ru
     low, high = report["extra_texts"]["moby-dick"]["perplexity"]["ci95"]
     assert "moby-dick [95% CI]" in markdown and f"{low:.3g}"[:3] in markdown
     assert "test part" in markdown and "± stderr" in markdown
+    assert "sotu: the test part of that text" in markdown and "**not seen**" in markdown
+    assert "**seen in training/calibration** (its other parts)" in markdown  # the source
+    assert "Warning" not in markdown
 
 
 def _clone(source, target, method: str, scale: float):
@@ -143,6 +148,7 @@ def test_compare_pairs_runs_window_by_window(wanda_run, tmp_path):
     )  # out of domain the three are the same run
     table = render(rows)
     assert "not distinguishable from best" in table and "worse" in table and "moby-dick [95% CI]" in table
+    assert "(not seen)" in table and "(seen)" in table  # each text per run: moby-dick unread, the source read
     again, _ = compare([directory, same, worse], tmp_path / "cmp2")
     assert render(again) == table  # fixed seed: the same verdicts and intervals every time
     assert "window_nll" not in written["csv"].read_text()
@@ -220,6 +226,20 @@ def test_mix_texts_join_training_and_selection_but_their_test_parts_stay_unread(
     assert not any(row in unread for blocks in seen for row in blocks.tolist())
     assert report["data"]["mix"]["moby-dick"]["used"]["selection"] == {"part": "validation"}
     assert report["data"]["used"]["training"]["windows"] == (len(source.train_blocks(32)) + len(prose.train_blocks(32)))
+    assert report["data"]["seen"] == {str(corpus): True, "moby-dick": True, "sotu": False}
+    assert report["train"]["tokens_seen"] == 2 * 2 * 32  # steps x batch x seq_len
+
+
+def test_a_run_whose_extra_texts_were_all_read_says_so_in_its_report(tmp_path, llama_dir, corpus):
+    """eval.extra_texts holds only moby-dick, which data.mix feeds calibration: no figure is out of domain."""
+    output = tmp_path / "run"
+    mixed = recipe(llama_dir, corpus, output, {"name": "wanda", "sparsity": "2:4"})
+    mixed.data.mix, mixed.eval.extra_texts, mixed.eval.tasks = ["moby-dick"], ["moby-dick"], []
+    report = run(mixed)
+    assert report["data"]["seen"]["moby-dick"] is True
+    assert "every eval.extra_texts entry (moby-dick) was read" in report["data"]["warning"]
+    markdown = (output / "report.md").read_text()
+    assert markdown.splitlines()[2].startswith("**Warning:** every eval.extra_texts entry (moby-dick)")
 
 
 def test_source_share_sets_how_many_train_windows_each_text_gives_and_the_report_says_so(

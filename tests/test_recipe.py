@@ -87,15 +87,18 @@ def test_fingerprint_ignores_output_only():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
-def test_source_share_unset_leaves_the_fingerprint_of_runs_made_before_it():
-    """Finished runs from before data.source_share existed are still reused (benchmarks, sweeps, resume)."""
+def test_later_settings_unset_leave_the_fingerprint_of_runs_made_before_them():
+    """Finished runs from before data.source_share (or data.stream_tokens) existed are still reused (benchmarks,
+    sweeps, resume)."""
     base = {"method": {"name": "wanda", "sparsity": "2:4"}, "data": {"mix": ["moby-dick"]}, "output": "a"}
     plain = parse_recipe(base)
     content = {key: value for key, value in plain.to_dict().items() if key != "output"}
-    del content["data"]["source_share"], content["train"]["distill"]  # what recipes dumped before either existed
+    del content["data"]["source_share"], content["data"]["stream_tokens"], content["train"]["distill"]  # before them
     assert plain.fingerprint() == hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     shared = parse_recipe({**base, "data": {"mix": ["moby-dick"], "source_share": 0.5}})
     assert shared.fingerprint() != plain.fingerprint()
+    streamed = parse_recipe({**base, "data": {"mix": ["moby-dick"], "stream_tokens": 100_000}})
+    assert streamed.fingerprint() != plain.fingerprint()
 
 
 def test_shipped_recipes_validate():

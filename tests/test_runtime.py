@@ -237,6 +237,9 @@ def test_streamed_run_writes_a_loadable_model_and_says_what_it_skipped(paired_ru
     streamed = AutoModelForCausalLM.from_pretrained(root / "disk" / "model").state_dict()
     in_memory = AutoModelForCausalLM.from_pretrained(root / "memory" / "model").state_dict()
     assert all(torch.equal(streamed[name], in_memory[name]) for name in in_memory)
+    for name in ("disk", "memory"):  # either way config.json says how the model was pruned
+        record = json.loads((root / name / "model" / "config.json").read_text())["pruning"]
+        assert (record["tool"], record["method"], record["sparsity"]) == ("maskprune", "wanda", "2:4")
 
 
 def _assert_same_perplexity(streamed: dict, memory: dict) -> None:
@@ -253,10 +256,11 @@ def test_streamed_run_reports_the_in_memory_runs_figures(paired_runs):
     _, streamed, memory = paired_runs
     for figures, expected in ((streamed, memory), (streamed["dense"], memory["dense"])):
         _assert_same_perplexity(figures["perplexity"], expected["perplexity"])
-        assert figures["extra_texts"].keys() == expected["extra_texts"].keys() == {"moby-dick"}
-        _assert_same_perplexity(
-            figures["extra_texts"]["moby-dick"]["perplexity"], expected["extra_texts"]["moby-dick"]["perplexity"]
-        )
+        assert figures["extra_texts"].keys() == expected["extra_texts"].keys() == {"moby-dick", "sotu"}
+        for name in ("moby-dick", "sotu"):
+            _assert_same_perplexity(
+                figures["extra_texts"][name]["perplexity"], expected["extra_texts"][name]["perplexity"]
+            )
         assert figures["params"] == expected["params"]
     assert streamed["data"] == memory["data"] and streamed["data"]["used"]["calibration"]["windows"] == 4
 

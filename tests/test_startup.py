@@ -53,6 +53,13 @@ NEEDS_NO_MODEL = (
     "prune eval --seq-len 0",
     "empty recipe",
     "data source is a directory",
+    "seed beyond 64 bits",
+    "train.seed beyond 64 bits",
+    "runtime.threads beyond a C int",
+    "a temperature below float32",
+    "method.targets: []",
+    "a file given as a model",
+    "a directory given as a recipe",
 )
 
 

@@ -251,17 +251,17 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, mo
 
     data = patterned_tokens()
     train(masked_tiny_llama(), CountingObjective(), data, config(steps=4), tmp_path)
-    real_save = checkpoint_module.save_file
+    real_save = checkpoint_module.save_safetensors
 
     def failing_save(tensors, path):
         if "optimizer" in str(path):
             raise OSError("disk full")
         real_save(tensors, path)
 
-    monkeypatch.setattr(checkpoint_module, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint_module, "save_safetensors", failing_save)
     with pytest.raises(OSError):
         train(masked_tiny_llama(), CountingObjective(), data, config(steps=8), tmp_path, resume=True)
-    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_safetensors", real_save)
     assert (tmp_path / "train" / "checkpoints" / "latest").read_text() == "step-4"
     objective = CountingObjective()
     train(masked_tiny_llama(), objective, data, config(steps=8), tmp_path, resume=True)

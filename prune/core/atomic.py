@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -44,10 +46,21 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(tmp)
         os.chmod(tmp, readable_mode())
         os.replace(tmp, path)
+    except OSError as error:  # a full disk: the error of a write or a flush names no file; name the target
+        tmp.unlink(missing_ok=True)
+        raise naming(error, path) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def naming(error: OSError, path: str | os.PathLike) -> OSError:
+    """`error` naming `path` when it names no file (a failed write or flush of an open file, `os.pwrite`), so that
+    the CLI can say which file a full disk refused; any other error as it is."""
+    if error.errno is None or error.filename is not None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -67,8 +80,28 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor]) -> Path:
     """Atomically write `tensors` as one safetensors file."""
     with replacing(path) as tmp:
-        save_file(tensors, tmp)
+        save_safetensors(tensors, tmp)
     return Path(path)
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike) -> None:
+    """safetensors' `save_file`, a failed write raised as the OSError it is (see `os_errors_of_safetensors`)."""
+    with os_errors_of_safetensors(path):
+        save_file(tensors, path)
+
+
+@contextmanager
+def os_errors_of_safetensors(path: str | os.PathLike) -> Iterator[None]:
+    """safetensors reports a failed write (a full disk, a read-only one) as a SafetensorError whose text holds the
+    OS error code; raise it as that OSError, naming `path`, so the CLI says what happened (exit 2) instead of a
+    traceback."""
+    try:
+        yield
+    except SafetensorError as error:
+        code = re.search(r"Os \{ code: (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def write_tensors_with_json(
@@ -92,7 +125,14 @@ def staged_directory(target: str | os.PathLike, *, complete: Callable[[Path], bo
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     try:
-        yield staging
+        try:
+            yield staging
+        except OSError as error:  # a full disk: name the file as it would have been published, not its temp name
+            inside = error.filename is not None and Path(error.filename).is_relative_to(staging)
+            if not inside:
+                raise
+            published = target / Path(error.filename).relative_to(staging)
+            raise OSError(error.errno, error.strerror, str(published)) from error
         _publish(staging)
         if complete is not None and complete(target):
             return
@@ -108,11 +148,12 @@ def staged_directory(target: str | os.PathLike, *, complete: Callable[[Path], bo
 
 
 def save_pretrained_atomic(directory: str | os.PathLike, model, processor) -> None:
-    """`save_pretrained` of a model and its tokenizer or processor into a staging dir, then swapped in: the
-    checkpoint is whole or absent."""
-    with staged_directory(directory) as staging:
+    """`save_pretrained` of a model and its tokenizer or processor (None: the model alone) into a staging dir,
+    then swapped in: the checkpoint is whole or absent."""
+    with staged_directory(directory) as staging, os_errors_of_safetensors(directory):
         model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
 
 
 def _publish(directory: Path) -> None:

@@ -13,11 +13,13 @@ import textwrap
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prune.core.errors import UserInputError
 from prune.core.sparsity import Sparsity, parse_sparsity
 
+# llm-compressor's spellings of keys that mean the same here: accepted in a method section, written canonically
+KEY_ALIASES = {"block_size": "blocksize", "dampening_frac": "dampening"}
 REQUIRED = "<required>"  # what a sample shows for a key without a default
 COMMENT_COLUMN = 40  # comments line up after keys up to this long; a longer line has its comment right after it
 
@@ -64,11 +66,29 @@ def normalize_path(value: str) -> str:
 PathText = Annotated[str, AfterValidator(normalize_path)]
 
 
+INT64 = 2**63  # torch (tensors, generators) and the C code under it hold integers in 64 bits
+FLOAT32 = (1.1754943508222875e-38, 3.4028234663852886e38)  # smallest normal and largest float32 magnitudes
+
+
 class StrictConfig(BaseModel):
-    """A config section whose unknown keys are errors, not silently ignored, and whose numbers are finite:
-    `inf`/`nan` (YAML `.inf`, `.nan`) in any numeric field is an error, never a learning rate or a fraction."""
+    """A config section whose unknown keys are errors, not silently ignored, and whose numbers are usable: `inf`/
+    `nan` (YAML `.inf`, `.nan`) in any numeric field is an error, never a learning rate or a fraction, and an
+    integer must fit the 64 bits torch holds it in (a seed of 2^70 would overflow inside torch), a float the float32
+    tensors it scales (a temperature of 1e-300 would overflow them)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_torch(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+            raise ValueError(f"{value} does not fit in 64 bits (|value| < 2^63); give a smaller number")
+        if isinstance(value, float) and value and not FLOAT32[0] <= abs(value) <= FLOAT32[1]:
+            raise ValueError(
+                f"{value:g} is outside float32's range (magnitudes {FLOAT32[0]:.2g} to {FLOAT32[1]:.2g}, or 0), "
+                "which the tensors it scales hold; give a number in that range"
+            )
+        return value
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -96,6 +116,34 @@ class MethodConfig(StrictConfig):
         description="N:M layers whose input size is not divisible by M: skip them (true) or refuse the recipe (false)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_keys(cls, data: Any) -> Any:
+        """llm-compressor's spellings, accepted where they mean what ours do (KEY_ALIASES, and `mask_structure`:
+        see `sparsity_from_mask_structure`), rewritten to ours before validation, so a resolved recipe and
+        masks.json hold one spelling. A key of another method stays as it is and is refused as unknown."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for alias, key in KEY_ALIASES.items():
+            if alias in data and key in cls.model_fields:
+                if key in data:
+                    raise ValueError(f"{alias!r} is llm-compressor's name for {key!r}; give only one of them.")
+                data[key] = data.pop(alias)
+        if "mask_structure" in data and "sparsity" in cls.model_fields:
+            data["sparsity"] = sparsity_from_mask_structure(data.pop("mask_structure"), data.get("sparsity"))
+        return data
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError(
+                "is an empty list, which would prune nothing; name at least one pattern (a glob over module names, "
+                "e.g. ['*.mlp.*']), or leave method.targets out for the method's default targets"
+            )
+        return value
+
     @field_validator("sparsity", mode="before")
     @classmethod
     def _valid_sparsity(cls, value):
@@ -117,3 +165,33 @@ class MethodConfig(StrictConfig):
     def changes_weights(self) -> bool:
         """True when the method also rewrites weights, so the saved masks alone cannot rebuild the model."""
         return False
+
+
+def sparsity_from_mask_structure(structure: Any, sparsity: Any) -> Any:
+    """Our `sparsity` for llm-compressor's `mask_structure` (with its `sparsity`, if given). There "N:M" zeroes
+    N weights of every M (its SparseGPT and Wanda prune the N smallest of each group) and "0:0" means unstructured;
+    here "N:M" keeps N of M. So "2:4" is "2:4" in both, and "1:4" (one of four zeroed) is our "3:4". A `sparsity`
+    beside an N:M structure must be the share it removes (llm-compressor ignores it; here it must not disagree)."""
+    text = str(structure).strip()
+    pruned, _, group = text.partition(":")
+    if not (pruned.isdigit() and group.isdigit()):
+        raise ValueError(f"mask_structure {structure!r} is not 'N:M' (e.g. '2:4', or '0:0' for unstructured).")
+    pruned_count, group_size = int(pruned), int(group)
+    if (pruned_count, group_size) == (0, 0):
+        if sparsity is None:
+            raise ValueError("mask_structure '0:0' means unstructured: give sparsity as a fraction, e.g. 0.5.")
+        return sparsity
+    if not 0 < pruned_count < group_size:
+        raise ValueError(f"mask_structure {text!r} needs 0 < N < M (N of every M weights zeroed, e.g. '2:4').")
+    ours = f"{group_size - pruned_count}:{group_size}"
+    if sparsity is not None:
+        try:
+            given = parse_sparsity(sparsity)
+        except UserInputError as error:
+            raise ValueError(str(error)) from None
+        if abs(given.removed_fraction - pruned_count / group_size) > 1e-9 or (given.is_nm and str(given) != ours):
+            raise ValueError(
+                f"mask_structure {text!r} zeroes {pruned_count} of every {group_size} weights (sparsity {ours} "
+                f"here), but sparsity is {sparsity!r}; drop one of the two."
+            )
+    return ours

@@ -18,3 +18,9 @@ def summarize_names(names: list[str], shown: int = 3) -> str:
         return head
     globs = ", ".join(repr(pattern) for pattern in patterns[:shown]) + (", ..." if len(patterns) > shown else "")
     return f"{len(names)} of them ({head}; selected by {globs})"
+
+
+def described(value: object) -> str:
+    """A wrong value as a message shows it: its type and the start of its repr (a whole tensor would not fit)."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"

@@ -18,6 +18,7 @@ EXTRAS: dict[str, str] = {
     "matplotlib": "plots",
     "gguf": "gguf",
     "sklearn": "vision",
+    "nltk": "texts",
 }
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from prune.core.atomic import replacing
+
 
 def _pyplot():
     """matplotlib's pyplot on the Agg backend (no display needed)."""
@@ -32,8 +34,10 @@ def is_finite_number(value) -> bool:
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write (creating the folder) and close `fig`; returns the path written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    try:
+        with replacing(path) as tmp:  # whole or absent, like every file MaskPrune writes
+            fig.savefig(tmp, dpi=110, format=path.suffix.removeprefix(".") or "png")
+    finally:
+        _pyplot().close(fig)
     return path

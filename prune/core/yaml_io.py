@@ -57,6 +57,13 @@ def load_yaml(text: str, origin: str = "the YAML") -> Any:
 def read_mapping(path: Path, what: str, not_found: str) -> dict[str, Any]:
     """The YAML mapping in the file `path` (a recipe, a sweep): `not_found` is the error when the file is missing,
     `what` names the file when it holds no mapping. An empty file is an empty mapping."""
+    if path.is_dir():
+        found = sorted(str(child) for child in path.iterdir() if child.suffix in (".yaml", ".yml", ".json"))
+        raise UserInputError(
+            f"{what} {str(path)!r} is a directory; pass one YAML file"
+            + (f", e.g. {', '.join(found[:3])}" if found else " (such as recipes/default.yaml)")
+            + "."
+        )
     if not path.is_file():
         raise UserInputError(not_found)
     data = path.read_bytes()

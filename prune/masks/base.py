@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
+from prune.core.errors import UserInputError
 from prune.models.blocks import weight_matrix
 
 
@@ -203,3 +204,37 @@ def masked_fractions(model: nn.Module) -> dict[str, float]:
 def achieved_sparsity(model: nn.Module) -> float:
     """The share of targeted weights that the hard masks remove."""
     return masked_fractions(model)["targeted"]
+
+
+class MaskedSaveGuard:
+    """Stands in for a masked model's `save_pretrained` (see `guard_save`): refuses while the model holds mask
+    wrappers, and is the model's own `save_pretrained` once none are left."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        masked = list(wrappers(self.model))
+        if masked:
+            raise UserInputError(
+                f"MaskPrune's masks are still attached to {len(masked)} of this model's modules (e.g. {masked[0]}); "
+                "save_pretrained would write their frozen weights under '<name>.base.weight' keys, which "
+                "from_pretrained silently re-initialises at random. Merge them first: `prune.export(model)` makes "
+                "the model the plain pruned one (in place), which saves and reloads with plain transformers; "
+                "`prune.save_masks(model, directory)` keeps the masks alone."
+            )
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
+
+
+def guard_save(model: nn.Module) -> None:
+    """Make `model.save_pretrained` (and what calls it, e.g. push_to_hub) refuse while masks are attached, instead
+    of writing a checkpoint that loads as silently corrupted. An instance attribute: the class is left alone, and
+    a deep copy of the model carries a guard of its own."""
+    if hasattr(type(model), "save_pretrained") and not isinstance(vars(model).get("save_pretrained"), MaskedSaveGuard):
+        model.save_pretrained = MaskedSaveGuard(model)
+
+
+def release_save(model: nn.Module) -> None:
+    """Give `model` its class's `save_pretrained` back (after its masks were merged)."""
+    if isinstance(vars(model).get("save_pretrained"), MaskedSaveGuard):
+        del model.save_pretrained

@@ -12,7 +12,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from prune.core.errors import UserInputError
+from pydantic import ValidationError
+
+from prune.core.errors import UserInputError, described
 from prune.methods.binary.config import BINARY
 from prune.methods.declaration import MethodDeclaration
 from prune.methods.gating.config import GATING
@@ -22,6 +24,7 @@ from prune.methods.structured.config import STRUCTURED
 from prune.methods.vib.config import VIB
 
 if TYPE_CHECKING:
+    from prune.core.config import MethodConfig
     from prune.methods.spec import MethodSpec  # imports torch
 
 METHODS: dict[str, MethodDeclaration] = {
@@ -40,3 +43,26 @@ def get_method(name: str) -> MethodSpec:
     """The MethodSpec of method `name`, imported from where its declaration says."""
     module, _, attribute = get_declaration(name).spec.partition(":")
     return getattr(import_module(module), attribute)
+
+
+def method_config(name: str, **fields) -> MethodConfig:
+    """The validated config of a registered method, e.g. `method_config("wanda", sparsity="2:4")`: the same
+    keys as a recipe's `method` section (llm-compressor's `mask_structure`, `block_size` and `dampening_frac`
+    are read as ours). A bad or unknown key is a UserInputError naming it. No torch import."""
+    if not isinstance(name, str):
+        raise UserInputError(f"name must be a method's name such as 'wanda', got {described(name)}.")
+    config_class = get_declaration(name).config_class
+    try:
+        return config_class.model_validate({"name": name, **fields})
+    except ValidationError as error:
+        allowed = ", ".join(config_class.model_fields)
+        problems = "; ".join(_problem(item, allowed) for item in error.errors())
+        raise UserInputError(f"invalid {name} config: {problems}") from None
+
+
+def _problem(item: dict, allowed: str) -> str:
+    """One validation error, worded like a recipe's: the key, then what is wrong with it."""
+    where, message = ".".join(map(str, item["loc"])), item["msg"].removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        return f"unknown key {where!r}; allowed keys: {allowed}"
+    return f"{where}: {message}" if where else message

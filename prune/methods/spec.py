@@ -125,7 +125,15 @@ class MethodSpec:
     `targets(model, config)` names the modules the method masks from the model's structure alone (no
     forward): the pipeline calls it before the first forward, so a pattern that cannot fit the layers (N:M
     groups that do not tile them, a glob that matches nothing) fails at once, and `prune export` compares it
-    with the saved masks."""
+    with the saved masks.
+
+    `check(model, config)`: what else the method refuses before the run directory is claimed, from the model's
+    structure and its config (e.g. a prior taken from another run: that run's masks must exist and fit).
+
+    `trained_per_weight(config)`: how many float32 values a learnable method trains per targeted weight (one logit
+    per keep-pattern of a group for N:M candidates), which the memory preflight (prune.runs.preflight) turns into
+    parameters, gradients and AdamW moments; None where what trains is per unit (gates, predictors), negligible
+    next to the weights."""
 
     declared: MethodDeclaration
     attach: AttachFn
@@ -139,6 +147,8 @@ class MethodSpec:
     block_pruning: BlockPruningFn | None = None
     streamed_export: StreamedExport | None = None
     targets: TargetsFn | None = None
+    check: Callable[[nn.Module, MethodConfig], None] | None = None
+    trained_per_weight: Callable[[MethodConfig], float] | None = None
 
     @property
     def name(self) -> str:

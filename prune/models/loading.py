@@ -8,6 +8,7 @@ safetensors under the cache; every later load is a plain `from_pretrained` of th
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -18,15 +19,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    CONFIG_MAPPING,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from prune.core import hub
 from prune.core.atomic import staged_directory
 from prune.core.cache import cache_root
 from prune.core.errors import UserInputError
 from prune.core.extras import installed, require
-from prune.models.local import ALIASES, check_model_path
+from prune.models.local import ALIASES, check_model_path, not_a_model_dir
 
 # Image-model aliases: alias -> (the task that loads it, description). Loaded by prune.models.clip and
 # prune.models.image_classifier through their task; listed here so that `prune models` shows them.
@@ -60,11 +69,63 @@ def is_model_dir(path: Path) -> bool:
 
 
 REMOTE_CODE = (
-    "ships its own Python code (an `auto_map` in config.json) and transformers would have to run it to build "
-    "the model. MaskPrune never runs a model repository's code (every load passes trust_remote_code=False) and "
-    "has no switch to allow it; use a model whose architecture transformers implements (Llama, Mistral, Qwen2, "
-    "GPT-2, CLIP, ...), or convert the checkpoint to one."
+    "ships its own Python code ({where}) and transformers would have to run it to build {what}. MaskPrune never "
+    "runs a model repository's code (every load passes trust_remote_code=False) and has no switch to allow it; "
+    "use a model whose architecture and tokenizer transformers implements (Llama, Mistral, Qwen2, GPT-2, CLIP, "
+    "...), or convert the checkpoint to one."
 )
+# the files of a checkpoint whose `auto_map` points at the repository's own code, and what each one builds
+AUTO_MAP_FILES = {
+    "config.json": "the model",
+    "tokenizer_config.json": "the tokenizer",
+    "preprocessor_config.json": "the processor",
+    "processor_config.json": "the processor",
+}
+
+
+def remote_code_message(name_or_path: str) -> str:
+    """Why `name_or_path` cannot load: which of its files carries the `auto_map` (read from a local directory; a Hub id
+    names both candidates), and what transformers would have had to build from the repository's code."""
+    path = Path(name_or_path).expanduser()
+    found = [
+        name
+        for directory in (path, path / "model")  # a run directory's model/ too
+        for name in AUTO_MAP_FILES
+        if _needs_own_code(_json_object(directory / name))
+    ]
+    if not found:
+        return REMOTE_CODE.format(where="an `auto_map` in config.json or tokenizer_config.json", what="it")
+    names = list(dict.fromkeys(found))
+    return REMOTE_CODE.format(
+        where="an `auto_map` in " + " and ".join(names),
+        what=" and ".join(dict.fromkeys(AUTO_MAP_FILES[name] for name in names)),
+    )
+
+
+def _needs_own_code(config: dict) -> bool:
+    """An `auto_map` makes transformers ask for the repository's code only where it names no class of its own: a
+    config whose `model_type` transformers knows, a tokenizer or processor whose class it knows, loads that class
+    and the `auto_map` is ignored (no code runs)."""
+    if "auto_map" not in config:
+        return False
+    if "model_type" in config:
+        return config["model_type"] not in CONFIG_MAPPING
+    for key in ("tokenizer_class", "processor_class", "image_processor_type"):
+        if isinstance(config.get(key), str):
+            return not _known_class(config[key])
+    return True
+
+
+def _known_class(name: str) -> bool:
+    return tokenizer_class_from_name(name) is not None or hasattr(transformers, name)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 @contextmanager
@@ -78,9 +139,21 @@ def checkpoint_errors(name_or_path: str) -> Iterator[None]:
             f"the weights of {name_or_path!r} are unreadable ({error}): the file is truncated or corrupt. Save the "
             "model again with save_pretrained (a run's model/: `prune export RUN_DIR` rebuilds it)."
         ) from None
+    except FileNotFoundError as error:  # a shard the index names, or a file a config names, is not there
+        raise UserInputError(
+            f"{name_or_path!r} is incomplete: {error.filename or error} is missing (a download or copy cut short?); "
+            "copy the missing file, or save the model again with save_pretrained."
+        ) from None
+    except RuntimeError as error:
+        if "mismatched" not in str(error) and "size mismatch" not in str(error):
+            raise
+        raise UserInputError(
+            f"the weights of {name_or_path!r} do not match its config.json (tensor shapes differ): the config or the "
+            "weights belong to another model; put the checkpoint's own config.json beside its weights."
+        ) from None
     except ValueError as error:  # also json.JSONDecodeError and UnicodeDecodeError of a damaged config.json
         if "trust_remote_code" in str(error):
-            raise UserInputError(f"{name_or_path!r} {REMOTE_CODE}") from None
+            raise UserInputError(f"{name_or_path!r} {remote_code_message(name_or_path)}") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserInputError(
             f"{name_or_path!r} could not be loaded as a model ({reason}); check its config.json, or save the model "
@@ -126,10 +199,7 @@ def _load(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTr
         if path.exists() or not hub.looks_like_hub_id(name_or_path):
             check_model_path(name_or_path)
             if not is_model_dir(path):
-                raise UserInputError(
-                    f"{name_or_path!r} has no config.json, so it is not a saved model; pass the directory that "
-                    "save_pretrained wrote."
-                )
+                raise UserInputError(not_a_model_dir(name_or_path))
             model, tokenizer = _from_pretrained(str(path), dtype)
         else:
             model, tokenizer = from_hub(name_or_path, dtype)

@@ -65,7 +65,15 @@ def checkpoint_dtype(config_file: Path | None) -> torch.dtype:
     """The dtype a config.json names (`dtype`, formerly `torch_dtype`); float32 when it names none."""
     if config_file is None or not config_file.is_file():
         return torch.float32
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise UserInputError(
+            f"{config_file} is not JSON ({error}): the model's config is damaged. Put the checkpoint's own "
+            "config.json back, or save the model again with save_pretrained."
+        ) from None
+    if not isinstance(config, dict):
+        raise UserInputError(f"{config_file} holds no JSON object; save the model again with save_pretrained.")
     name = config.get("dtype") or config.get("torch_dtype")
     return DTYPES.get(str(name), torch.float32)
 

@@ -20,7 +20,7 @@ class RuntimeConfig(StrictConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: the checkpoint's dtype (config.json), float32 when it names none"
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default)")
+    threads: int | None = Field(None, ge=1, lt=2**31, description="CPU threads for torch (null: torch's default)")
     offload: Literal["none", "cpu", "disk"] = Field(
         "none",
         description="none: model on the device; cpu: model in RAM, one block at a time on the device; "

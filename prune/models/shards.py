@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from prune.core.atomic import write_text_atomic
-from prune.core.errors import UserInputError
+from prune.core.atomic import naming, write_text_atomic
+from prune.core.errors import UserInputError, summarize_names
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -40,13 +40,28 @@ _ST_DTYPES = {
 _TORCH_DTYPES = {value: key for key, value in _ST_DTYPES.items()}
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
+_SAVE_AGAIN = "save the model again with save_pretrained."
 
 
 def shard_files(model_dir: Path) -> list[str]:
-    """The safetensors files of a checkpoint; UserInputError for a .bin-only (pickle) checkpoint."""
+    """The safetensors files of a checkpoint; UserInputError for a .bin-only (pickle) checkpoint, an index that is
+    not JSON, or one naming a file that is not there."""
     index = model_dir / INDEX_FILE
     if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UserInputError(
+                f"{index} is not a safetensors index ({type(error).__name__}: {error}); {_SAVE_AGAIN}"
+            ) from None
+        missing = [name for name in files if not isinstance(name, str) or not (model_dir / name).is_file()]
+        if missing:
+            shown = ", ".join(map(str, missing[:3])) + (", ..." if len(missing) > 3 else "")
+            raise UserInputError(
+                f"{index} names {len(missing)} shard file(s) that {model_dir} does not hold ({shown}): the checkpoint "
+                f"is incomplete (a download or copy cut short?). Copy the missing shards, or {_SAVE_AGAIN}"
+            )
+        return files
     if (model_dir / SINGLE_FILE).is_file():
         return [SINGLE_FILE]
     raise UserInputError(
@@ -56,6 +71,64 @@ def shard_files(model_dir: Path) -> list[str]:
     )
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """(header length, tensor entries) of one safetensors file, every entry checked against the file: a known dtype,
+    a shape whose bytes match its offsets, data inside the file. UserInputError for a truncated or corrupt file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8)) if size >= 8 else (-1,)
+            if not 0 < length <= size - 8:
+                raise ValueError(f"its header length {length} does not fit a file of {size} bytes")
+            header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        end = 0
+        for name, entry in header.items():
+            begin, stop = entry["data_offsets"]
+            if entry["dtype"] not in _TORCH_DTYPES:
+                raise ValueError(f"tensor {name!r} has the unknown dtype {entry['dtype']!r}")
+            if not 0 <= begin <= stop or stop - begin != _nbytes(_TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"])):
+                raise ValueError(f"tensor {name!r}'s offsets {entry['data_offsets']} do not match its shape")
+            end = max(end, stop)
+        if 8 + length + end > size:
+            raise ValueError(f"the file ends at byte {size}, before its tensors' data ({8 + length + end} bytes)")
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
+        raise UserInputError(f"{path} is truncated or corrupt ({error}); {_SAVE_AGAIN}") from None
+    return length, header
+
+
+def check_checkpoint(model_dir: Path, expected: dict[str, tuple[int, ...]], required: set[str]) -> None:
+    """Every safetensors file of the checkpoint whole (`read_header`), every tensor of the shape `expected` (what
+    config.json describes, by state-dict name) says, and every name in `required` present (a streamed run reads
+    each parameter itself; an in-memory load leaves transformers' renamings and tied weights to it). Headers
+    only: no weight is read."""
+    found: dict[str, tuple[int, ...]] = {}
+    for filename in shard_files(model_dir):
+        found.update({name: tuple(entry["shape"]) for name, entry in read_header(model_dir / filename)[1].items()})
+    wrong = [
+        f"{name} {found[name]} (config.json: {shape})"
+        for name, shape in expected.items()
+        if name in found and found[name] != shape
+    ]
+    missing = sorted(name for name in required if name not in found)
+    if wrong or missing:
+        details = "; ".join(
+            filter(
+                None,
+                [
+                    f"shapes differ: {', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}" if wrong else "",
+                    f"no tensor for {summarize_names(missing)}" if missing else "",
+                ],
+            )
+        )
+        raise UserInputError(
+            f"the weights in {model_dir} do not match its config.json ({details}): the config or the shards belong "
+            f"to another model. Put the checkpoint's own config.json beside its shards, or {_SAVE_AGAIN}"
+        )
+
+
 class ShardReader:
     """Lazy reader of a (sharded) safetensors checkpoint: headers up front, each tensor read when asked."""
 
@@ -63,10 +136,7 @@ class ShardReader:
         self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
         for filename in shard_files(model_dir):
             path = model_dir / filename
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            header.pop("__metadata__", None)
+            length, header = read_header(path)
             for name, entry in header.items():
                 begin, end = entry["data_offsets"]
                 self.entries[name] = (
@@ -146,13 +216,16 @@ class ShardedWriter:
             raise ValueError(f"{name}: got {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
         if name not in shard.pending:
             raise ValueError(f"{name} written twice")
-        if shard.fd is None:
-            self._open(shard)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        view, offset = memoryview(data), shard.data_start + begin
-        while view.nbytes:
-            written = os.pwrite(shard.fd, view, offset)
-            view, offset = view[written:], offset + written
+        try:
+            if shard.fd is None:
+                self._open(shard)
+            view, offset = memoryview(data), shard.data_start + begin
+            while view.nbytes:
+                written = os.pwrite(shard.fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as error:  # a full disk: name the shard (pwrite's error names no file)
+            raise naming(error, self.directory / shard.filename) from error
         shard.pending.discard(name)
         if not shard.pending:
             self._finish(shard)

@@ -13,7 +13,7 @@ from pathlib import Path
 from eval.tables import render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.data import prose
-from prune.data.config import MOBY_DICK, DataConfig
+from prune.data.config import DataConfig
 from prune.data.text import prepare, prepare_extra
 from prune.models.loading import check_seq_len
 from prune.models.runtime import resolve_runtime
@@ -33,8 +33,9 @@ def evaluate(model_name: str, data: DataConfig, config: EvalConfig, runtime: Run
     measured = config.extra_texts if config.perplexity else []  # only perplexity reads them
     if config.tasks:
         check_eval_tasks(config, "--tasks")
-    if MOBY_DICK in (data.source, *measured):
-        prose.check_fetchable()
+    for name in dict.fromkeys((data.source, *measured)):
+        if name in prose.TEXTS:
+            prose.check_fetchable(name)
     given = Path(model_name).expanduser()
     is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
     name_or_path = str(given / run_dir.MODEL_DIR) if is_run else model_name  # a run without model/ restores itself

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from prune.core.atomic import save_pretrained_atomic
 from prune.core.errors import UserInputError, summarize_names
-from prune.masks.storage import CONFIG_FILE, read_mask_config
+from prune.masks.storage import CONFIG_FILE, TENSORS_FILE, read_mask_config
 from prune.methods.registry import get_method
 from prune.runs import run_dir
 from prune.runs.loading import load_model
+from prune.runs.provenance import mark_pruned
 from prune.runs.recipe import Recipe, parse_recipe
 
 
@@ -42,6 +43,8 @@ def _export(directory: Path) -> Path:
         recipe = parse_recipe(raw)
     except UserInputError as error:
         raise UserInputError(f"{directory / run_dir.RECIPE_FILE}: {error}") from None
+    if not (directory / CONFIG_FILE).is_file() or not (directory / TENSORS_FILE).is_file():
+        raise UserInputError(f"cannot export {directory}: {_why_no_masks(directory, recipe)}")
     saved = read_mask_config(directory)
     _check_same_run(directory, saved, recipe)
     if recipe.method.changes_weights:
@@ -54,8 +57,28 @@ def _export(directory: Path) -> Path:
     _check_targets(directory, model, recipe, set(saved.get("targets") or {}))
     spec.load(model, directory, recipe.method)
     model_dir = directory / run_dir.MODEL_DIR
-    save_pretrained_atomic(model_dir, spec.export(model, recipe.method), tokenizer)
+    exported = spec.export(model, recipe.method)
+    mark_pruned(exported, recipe.method)
+    save_pretrained_atomic(model_dir, exported, tokenizer)
     return model_dir
+
+
+def _why_no_masks(directory: Path, recipe: Recipe) -> str:
+    """Why a run directory holds no mask files to export from, and what to do instead."""
+    missing = f"it holds no {TENSORS_FILE} + {CONFIG_FILE}"
+    if not (directory / run_dir.REPORT_FILE).is_file():
+        return (
+            f"{missing} because the run is unfinished (no {run_dir.REPORT_FILE}): masks are written when it ends. "
+            f"Finish it (`prune run RECIPE --output {directory} --resume` for a learnable method that checkpointed) "
+            "or rerun it."
+        )
+    if recipe.runtime.offload == "disk":
+        return (
+            f"{missing} because it ran under runtime.offload: disk, which writes the pruned weights straight into "
+            f"{run_dir.MODEL_DIR}/ and no masks; that {run_dir.MODEL_DIR}/ is the export (rerun the recipe if it is "
+            "gone)."
+        )
+    return f"{missing} (they were removed); rerun `prune run` with its recipe.yaml to recreate them."
 
 
 def _check_same_run(directory: Path, meta: dict, recipe: Recipe) -> None:

@@ -24,6 +24,7 @@ from prune.methods.spec import MethodSpec, masks_meta
 from prune.runs import run_dir
 from prune.runs.placed import block_placement, open_task, prepare_runtime
 from prune.runs.preflight import check_recipe
+from prune.runs.provenance import CONFIG_FILE, write_record
 from prune.runs.recipe import Recipe
 from prune.runs.report import run_report, timed, with_dense, write_report
 from prune.tasks.base import Task
@@ -78,7 +79,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
     if not state.is_main_process:
         return None
     if training is not None:
-        _plot_training(directory, recipe, task.sample_size * state.num_processes, task.unit)
+        _plot_training(directory, recipe, _per_step(recipe, task, state.num_processes), task.unit)
 
     achieved = task.sparsity()
     fields = task.fields()  # taken while the masks are attached
@@ -92,8 +93,10 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
     if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
             task.save_model(directory / run_dir.MODEL_DIR)
+    if plain and (directory / run_dir.MODEL_DIR / CONFIG_FILE).is_file():  # saved here, or streamed by the task
+        write_record(directory / run_dir.MODEL_DIR, recipe.method)
 
-    report = _report(recipe, spec, task, achieved, fields, pruned, timings, training, dense)
+    report = _report(recipe, spec, task, achieved, fields, pruned, timings, training, dense, state.num_processes)
     write_report(directory, report)
     return report
 
@@ -108,16 +111,20 @@ def _report(
     timings: dict,
     training: TrainResult | None,
     dense: dict | None,
+    processes: int,
 ) -> dict:
     """report.json's content: the run, the pruned model's figures, the task's fields, the dense baseline and
-    the figures only the method can measure (e.g. FLOPs of per-input masks)."""
+    the figures only the method can measure (e.g. FLOPs of per-input masks). `train.<unit>_seen`: the tokens
+    (images) training read, all processes together."""
     report = run_report(recipe, fields, achieved, pruned, timings)
     if training is not None:
         report["train"] = {
             "steps": training.steps,
+            f"{task.unit}_seen": training.steps * _per_step(recipe, task, processes),
             "best_step": training.best_step,
             f"best_eval_{task.metric}": training.best_score,
             "seconds": round(training.seconds, 2),
+            "processes": training.processes,
         }
     if dense is not None:
         with_dense(report, dense)
@@ -151,14 +158,34 @@ def _train(task: Task, objective, recipe: Recipe, directory: Path, resume: bool,
         eval_metric=task.metric,
         resume=resume,
         device=device,
+        shaping=_loss_settings(recipe),
     )
     _keep_best(task.module, objective, directory, result)
     return result
 
 
-def _plot_training(directory: Path, recipe: Recipe, units_per_sample: int, unit: str) -> None:
+def _loss_settings(recipe: Recipe) -> list[str]:
+    """The method's numeric settings this recipe changed from their defaults (and train.distill): what a
+    non-finite loss message names besides train.lr."""
+    method = recipe.method
+    changed = [
+        f"method.{key}={value:g}"
+        for key, field in type(method).model_fields.items()
+        if key != "sparsity"
+        and isinstance(value := getattr(method, key), (int, float))
+        and not isinstance(value, bool)
+        and value != field.get_default(call_default_factory=True)
+    ]
+    return changed + ([f"train.distill={recipe.train.distill:g}"] if recipe.train.distill else [])
+
+
+def _per_step(recipe: Recipe, task: Task, processes: int) -> int:
+    """Tokens (images) one optimizer step reads, all processes together."""
+    return recipe.train.batch_size * recipe.train.grad_accum * task.sample_size * processes
+
+
+def _plot_training(directory: Path, recipe: Recipe, per_step: int, unit: str) -> None:
     """train_curve.png: held-out score of the hard masks vs training tokens/images seen (all processes)."""
-    per_step = recipe.train.batch_size * recipe.train.grad_accum * units_per_sample
     training_curve(directory / run_dir.TRAIN_DIR / "train_log.jsonl", per_step, unit, directory / run_dir.CURVE_FILE)
 
 

@@ -2,7 +2,9 @@
 
 `prepare_runtime` applies the thread count, resolves device and dtype, refuses what cannot work (a missing
 device, float16 on a CPU, offload with a method that does not prune block by block or a task that cannot stream,
-a .bin-only checkpoint to stream) and runs the preflight memory check, all before the run directory is claimed.
+a .bin-only checkpoint to stream), checks the checkpoint's files against its config.json and runs the preflight
+memory checks (the weights, then each stage's estimated peak: prune.runs.preflight.check_memory), all before the
+run directory is claimed.
 `open_task` gives the pipeline the recipe's task holding its model as `runtime.offload` says: loaded and `place`d
 (none: on the device; cpu: in RAM, blocks visiting the device through `block_placement`), or under disk the
 streamed variant of the task (prune.tasks.streamed), which prunes and measures the checkpoint block by block.
@@ -21,16 +23,17 @@ from prune.core.errors import UserInputError
 from prune.methods.registry import METHODS, get_method
 from prune.methods.spec import MethodSpec
 from prune.models import loading
+from prune.models.local import not_a_model_dir
 from prune.models.preflight import preflight
 from prune.models.runtime import Runtime, apply_threads, resolve_runtime
 from prune.models.shards import shard_files
 from prune.runs import run_dir
 from prune.runs.loading import load_model
-from prune.runs.preflight import check_model
+from prune.runs.preflight import check_memory, check_model
 from prune.runs.recipe import Recipe
 from prune.tasks.base import Task
 from prune.tasks.registry import get_task
-from prune.training.sharded import check_fsdp, fsdp_requested
+from prune.training.sharded import check_cpu_flag, check_fsdp, fsdp_requested
 
 
 def local_model_dir(name_or_path: str) -> Path | None:
@@ -41,15 +44,18 @@ def local_model_dir(name_or_path: str) -> Path | None:
     for candidate in candidates:
         if loading.is_model_dir(candidate):
             return candidate
+    if path.exists():  # a directory without config.json (or a file) is no model; loading says so
+        return None
     try:
         found = cached_file(name_or_path, "config.json", local_files_only=True)
     except (OSError, ValueError):
         return None
-    return Path(found).parent if found else None  # None: a local directory without config.json
+    return Path(found).parent if found is not None else None
 
 
 def prepare_runtime(recipe: Recipe) -> Runtime:
     """Apply and check `recipe.runtime` (nothing is loaded or written here)."""
+    check_cpu_flag()
     apply_threads(recipe.runtime)
     model_dir = local_model_dir(recipe.model)
     runtime = resolve_runtime(recipe.runtime, model_dir / "config.json" if model_dir else None)
@@ -62,6 +68,8 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
         )
     if runtime.streams:
         get_task(recipe.task, streamed=True)  # refuses a task whose model cannot stream
+        if model_dir is None and Path(recipe.model).expanduser().exists():
+            raise UserInputError(not_a_model_dir(recipe.model))
         if model_dir is None:
             raise UserInputError(
                 f"runtime.offload: disk streams a checkpoint on this machine, and {recipe.model!r} is not one; "
@@ -70,7 +78,7 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
         shard_files(model_dir)
     check_fsdp(spec.name, spec.fsdp, runtime.device)
     if model_dir is not None and recipe.task == "causal-lm":
-        preflight(model_dir, runtime)
+        check_memory(recipe, spec, runtime, preflight(model_dir, runtime))
     return runtime
 
 

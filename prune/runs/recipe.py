@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from prune.core.config import MethodConfig, PathText, StrictConfig
+from prune.core.config import INT64, MethodConfig, PathText, StrictConfig
 from prune.core.errors import UserInputError
 from prune.core.yaml_io import load_yaml, read_mapping
 from prune.data.config import DataConfig, ImageDataConfig
@@ -28,7 +28,7 @@ from prune.tasks.eval_config import EvalConfig
 from prune.training.config import TrainConfig
 
 # (section, key, neutral value) of settings added after run directories existed: see Recipe.fingerprint
-LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None))
+LATER_SETTINGS = (("train", "distill", 0.0), ("data", "source_share", None), ("data", "stream_tokens", None))
 
 
 class ExportConfig(StrictConfig):
@@ -66,7 +66,7 @@ class Recipe(StrictConfig):
     export: ExportConfig = Field(default_factory=ExportConfig, description="what model/ holds")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="where and how the model runs")
     output: PathText | None = Field(None, description="run directory (default: runs/<recipe name>)")
-    seed: int = Field(0, description="seed of calibration sampling and everything else the run draws")
+    seed: int = Field(0, ge=0, lt=INT64, description="seed of calibration sampling and everything else the run draws")
 
     @field_validator("data", mode="before")
     @classmethod

@@ -131,9 +131,11 @@ def _kernel_note(report: dict) -> str:
 
 def write_report(directory: Path, report: dict) -> None:
     """report.md first, report.json last: report.json present means the run finished."""
+    warning = report.get("data", {}).get("warning")
     markdown = [
         f"# {report['method']} {report['sparsity']['target']} on {report['model']}",
         "",
+        *([f"**Warning:** {warning}", ""] if warning else []),
         render_markdown_table(summary_rows(report), columns(report)),
         "",
         get_task(report.get("task", DEFAULT_TASK)).note(report)

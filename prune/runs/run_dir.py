@@ -27,7 +27,7 @@ from prune.core.yaml_io import read_mapping
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
 from prune.methods.gating.method import GATING_FILE, PREDICTORS_FILE
 from prune.runs.paths import EVAL_JSON, EVAL_MD, check_output
-from prune.training.checkpoint import POINTER
+from prune.training.checkpoint import POINTER, check_resumable
 
 MARKER_FILE = ".maskprune-run"
 LOCK_FILE = ".maskprune-lock"
@@ -188,6 +188,7 @@ def _check_resumable(directory: Path, recipe_dict: dict) -> None:
             f"nothing to resume in {directory}: the run wrote no checkpoint ({CHECKPOINTS / POINTER}); run the "
             "same command without --resume to start it again."
         )
+    check_resumable(directory / CHECKPOINTS, (recipe_dict.get("train") or {}).get("steps", 0))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:

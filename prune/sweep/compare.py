@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,9 +31,18 @@ from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.extras import require
 from prune.core.sparsity import parse_sparsity
-from prune.sweep import plots
+from prune.data.seen import NOT_SEEN, SEEN
+from prune.sweep import output_dir, plots
+from prune.sweep.output_dir import OutputKind
 
 REPORT = "report.json"
+PLOTS = ("perplexity_vs_sparsity.png", "accuracy_vs_flops.png", "layers.png")  # what write_outputs may draw
+COMPARISON = OutputKind(
+    ".maskprune-compare",
+    "comparison",
+    "prune compare",
+    frozenset({"compare.csv", "compare.json", "compare.md", *PLOTS}),
+)
 FRONT = [
     "model",
     "method",
@@ -47,6 +57,12 @@ FRONT = [
     "perplexity.dense",
 ]
 NOT_PAIRED = "not paired: other test windows"
+SEEN_SHORT = "seen"  # a table cell's short form of SEEN; the table's note spells it out
+LEGEND = (
+    f"`({SEEN_SHORT})`: {SEEN}, i.e. that run's calibration, training or choice of the best masks read parts "
+    f"of that text (data.source, data.mix; never its test part); `({NOT_SEEN})`: no part of it. An "
+    f"out-of-domain figure means something only on a text {NOT_SEEN}."
+)
 _WINDOW_NLL = ".window_nll"  # per-window NLLs: in the rows (to pair them) and sweep.json, not in the CSV
 _SKIP = ("dense", "layer_sparsity", "sweep", "config")
 
@@ -181,6 +197,13 @@ def text_keys(name: str | None) -> dict[str, str]:
     }
 
 
+def seen_of(row: dict, name: str | None) -> bool | None:
+    """Whether the row's run read the text `name` (None: its in-domain source), from report.json's `data.seen`
+    (prune.data.seen); None for the dense baseline and reports written before the label."""
+    text = row.get("data.source") if name is None else name
+    return row.get(f"data.seen.{text}")
+
+
 def _windows(row: dict, keys: dict[str, str]) -> tuple:
     """What makes two rows' windows the same ones: the source, the test range, the tokens and window count."""
     source = row.get(keys["source"]) if "source" in keys else None  # an extra text's name is in its keys already
@@ -297,14 +320,18 @@ def _short(text: str, limit: int = 110) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _perplexity_cell(row: dict, keys: dict[str, str]) -> str:
-    """'12.2 [11.5, 13.0]', or the value alone when the row has no interval (a report from before intervals)."""
+def _perplexity_cell(row: dict, name: str | None) -> str:
+    """'12.2 [11.5, 13.0] (not seen)': the value, its interval (absent in a report from before intervals) and
+    whether the run read that text (absent for the dense baseline)."""
+    keys = text_keys(name)
     value, interval = row.get(keys["value"]), row.get(keys["ci95"])
     if value is None:
         return "-"
-    if not isinstance(interval, list):
-        return format_number(value)
-    return f"{format_number(value)} [{format_number(interval[0])}, {format_number(interval[1])}]"
+    cell = format_number(value)
+    if isinstance(interval, list):
+        cell += f" [{format_number(interval[0])}, {format_number(interval[1])}]"
+    seen = seen_of(row, name)
+    return cell if seen is None else f"{cell} ({SEEN_SHORT if seen else NOT_SEEN})"
 
 
 def _accuracy_cell(value, stderr) -> str:
@@ -322,7 +349,7 @@ def display_row(row: dict, dense_ppl: float | None = None) -> dict[str, str]:
         "method": row["method"],
         "sparsity": row["sparsity"],
         "achieved": "-" if row.get("achieved") is None else f"{row['achieved']:.1%}",
-        "perplexity [95% CI]": _perplexity_cell(row, text_keys(None)),
+        "perplexity [95% CI]": _perplexity_cell(row, None),
         "x dense": f"{ppl / dense_ppl:.2f}" if ppl is not None and dense_ppl and row["status"] == "done" else "-",
         "vs best": row.get("verdict") or (BEST if row.get("best") else ""),
         "FLOPs": format_number(row["flops.pruned"], kind="flops") if row.get("flops.pruned") is not None else "-",
@@ -341,9 +368,8 @@ def display_row(row: dict, dense_ppl: float | None = None) -> dict[str, str]:
             task = key.split(".", 1)[1]
             cells[f"acc {task}"] = _accuracy_cell(value, row.get(f"accuracy_stderr.{task}"))
     for name in extra_texts_of([row]):
-        keys = text_keys(name)
-        cells[f"{name} [95% CI]"] = _perplexity_cell(row, keys)
-        cells[f"{name} vs best"] = row.get(keys["verdict"], "")
+        cells[f"{name} [95% CI]"] = _perplexity_cell(row, name)
+        cells[f"{name} vs best"] = row.get(text_keys(name)["verdict"], "")
     return cells
 
 
@@ -413,12 +439,11 @@ def write_outputs(
     }
     texts = [("in-domain test part", "perplexity", "perplexity.ci95")]
     texts += [
-        (f"{name}: test part (out of domain)", text_keys(name)["value"], text_keys(name)["ci95"])
-        for name in extra_texts_of(rows)
+        (_plot_label(rows, name), text_keys(name)["value"], text_keys(name)["ci95"]) for name in extra_texts_of(rows)
     ]
     figures = {
-        "perplexity": plots.perplexity_vs_sparsity(rows, directory / "perplexity_vs_sparsity.png", texts),
-        "accuracy": plots.accuracy_vs_flops(rows, directory / "accuracy_vs_flops.png"),
+        "perplexity": plots.perplexity_vs_sparsity(rows, directory / PLOTS[0], texts),
+        "accuracy": plots.accuracy_vs_flops(rows, directory / PLOTS[1]),
     }
     best = best_row(rows)
     if best is not None:
@@ -428,7 +453,7 @@ def write_outputs(
         sensitivity = json.loads(sensitivity_file.read_text())["entries"] if sensitivity_file.is_file() else None
         figures["layers"] = plots.layer_profile(
             layers or {},
-            directory / "layers.png",
+            directory / PLOTS[2],
             f"per-layer sparsity of the best {best['sparsity']} point: {best['method']} ({best['model']})",
             sensitivity,
         )
@@ -443,7 +468,7 @@ def write_outputs(
         "resamples, fixed seed): `worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not "
         "distinguishable from best`. `x dense`: perplexity over the dense model's. Accuracy ± lm-eval's "
         "standard error. FLOPs: one forward of one window, sparse-kernel ideal. Time: pruning + evaluating the "
-        "point.",
+        "point. " + LEGEND,
         "",
     ]
     lines += [f"- {note}" for note in notes]
@@ -453,10 +478,18 @@ def write_outputs(
     return written
 
 
+def _plot_label(rows: list[dict], name: str) -> str:
+    """A plot's legend for the text `name`, with the runs' label when they agree (or saying they differ)."""
+    labels = {seen_of(row, name) for row in rows if row["status"] == "done"} - {None}
+    if len(labels) == 2:
+        return f"{name}: test part ({SEEN} by some runs)"
+    return f"{name}: test part" + (f" ({SEEN if labels.pop() else NOT_SEEN})" if labels else "")
+
+
 def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
     """Rows of existing run directories (a sweep directory stands for all its finished points); a dense row per
     model from the first report that measured the dense baseline."""
-    rows, dense_seen = [], set()
+    rows, dense_seen, seen = [], set(), set()
     for given in run_dirs:
         directory = Path(given)
         if (directory / REPORT).is_file():
@@ -469,6 +502,9 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
                 "`prune run` or `prune sweep` (an unfinished run has no report.json yet)."
             )
         for run, path in reports:
+            if os.path.realpath(run) in seen:  # one run, however it is spelled (RUN and RUN/) or reached
+                continue
+            seen.add(os.path.realpath(run))
             try:
                 report = json.loads(path.read_text())
                 row = report_row(report, run)
@@ -484,9 +520,14 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
     return mark_verdicts(mark_best(sort_rows(rows)))
 
 
-def compare(run_dirs: list[str | Path], output: str | Path) -> tuple[list[dict], dict[str, Path]]:
+def compare(
+    run_dirs: list[str | Path], output: str | Path, *, overwrite: bool = False
+) -> tuple[list[dict], dict[str, Path]]:
+    """The comparison table and plots of finished runs, written to `output` under the rules of a run directory
+    (prune.sweep.output_dir): the runs are read first, so bad input leaves the output untouched."""
     require("matplotlib", "prune compare's plots (perplexity_vs_sparsity.png, accuracy_vs_flops.png)")
     rows = rows_from_runs(run_dirs)
+    output_dir.claim(Path(output), COMPARISON, overwrite=overwrite)
     written = write_outputs(
         Path(output),
         rows,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -51,8 +50,10 @@ from prune.methods.registry import METHODS, get_method
 from prune.runs.preflight import check_needs
 from prune.runs.recipe import Recipe, parse_recipe
 from prune.runs.report import write_report
-from prune.sweep import compare
+from prune.sweep import compare, output_dir
+from prune.sweep.output_dir import OutputKind
 from prune.sweep.recipe import (
+    POINTS_DIR,
     Point,
     SweepRecipe,
     _flatten,
@@ -67,6 +68,14 @@ from prune.sweep.shared import CALIBRATION_DIR, NOTE, SharedModel, dense_key, fi
 
 SKIPPED_FILE = "skipped.json"
 SENSITIVITY_DIR = "sensitivity"
+SWEEP = OutputKind(
+    ".maskprune-sweep",
+    "sweep",
+    "prune sweep",
+    frozenset(
+        {"sweep.csv", "sweep.json", "sweep.md", *compare.PLOTS, POINTS_DIR, "dense", CALIBRATION_DIR, SENSITIVITY_DIR}
+    ),
+)
 
 
 def _finished(point: Point) -> dict | None:
@@ -141,7 +150,18 @@ class _Sweep:
             if point.recipe is not None:
                 check_needs(point.recipe, get_method(point.recipe.method.name))
         start = time.perf_counter()
-        self.output.mkdir(parents=True, exist_ok=True)
+        runnable = [point for point in self.points if point.error is None]
+        if not runnable:
+            reasons = "; ".join(dict.fromkeys(f"{p.label}: {p.error}" for p in self.points))
+            raise UserInputError(f"no point of the sweep can run ({reasons[:600]}). Fix the grid or the base recipe.")
+        created = output_dir.claim(self.output, SWEEP, existing_ok=True)
+        try:
+            return self._run(start)
+        except UserInputError:  # refused before any point was written: nothing left behind
+            output_dir.release_if_unused(self.output, SWEEP, created)
+            raise
+
+    def _run(self, start: float) -> dict:
         pending = []
         for point in self.points:
             if point.error:
@@ -198,8 +218,8 @@ class _Sweep:
     def _pipeline_point(self, point: Point, dense: dict | None) -> dict:
         from prune.runs import pipeline  # imported here: the shared path never needs the trainer's dependencies
 
-        shutil.rmtree(point.directory, ignore_errors=True)
-        report = pipeline.run(point.recipe, overwrite=True)
+        forget_skip(point)
+        report = pipeline.run(point.recipe, overwrite=True)  # replaces only a previous run's own files
         finish_report(
             report,
             point,
@@ -251,6 +271,11 @@ class _Sweep:
         return notes
 
 
+def forget_skip(point: Point) -> None:
+    """A point about to be computed drops the skipped.json of an earlier attempt (its own file, nothing else)."""
+    (point.directory / SKIPPED_FILE).unlink(missing_ok=True)
+
+
 def run_sweep(
     sweep: SweepRecipe,
     base: dict,
@@ -276,8 +301,6 @@ def run_sensitivity(
 ) -> dict:
     """Prune one block (and one layer type) at a time with the sweep's sensitivity method and level; rank the
     groups by perplexity increase; write sensitivity/ and refresh the sweep's layers.png when a sweep ran."""
-    from prune.sweep import plots, sensitivity
-
     require("matplotlib", "the sensitivity plot (sensitivity.png)")
     write = write or tqdm.write
     settings = sweep.sensitivity
@@ -294,6 +317,28 @@ def run_sensitivity(
     directory = output / SENSITIVITY_DIR
     level = str(parse_sparsity(settings.sparsity))
     recipe = parse_recipe(point_raw(sweep, base, models_of(sweep, base)[0], entry, level, directory))
+    created = output_dir.claim(output, SWEEP, existing_ok=True)
+    try:
+        return _sensitivity(sweep, recipe, method, level, output, force, progress, write)
+    except UserInputError:  # refused before anything was written: nothing left behind
+        output_dir.release_if_unused(output, SWEEP, created)
+        raise
+
+
+def _sensitivity(
+    sweep: SweepRecipe,
+    recipe: Recipe,
+    method: str,
+    level: str,
+    output: Path,
+    force: bool,
+    progress: bool,
+    write: Callable[[str], None],
+) -> dict:
+    from prune.sweep import plots, sensitivity
+
+    settings = sweep.sensitivity
+    directory = output / SENSITIVITY_DIR
     key = fingerprint(recipe.fingerprint(), settings.model_dump(mode="json"))
     result_file = directory / "sensitivity.json"
     if result_file.is_file() and not force:

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from prune.calibration import layerwise as calibration
-from prune.core.atomic import staged_directory, write_json_atomic
+from prune.core.atomic import save_safetensors, staged_directory, write_json_atomic
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
 from prune.data.text import interleave, prepare_extra, prepare_mix, prepare_source
@@ -91,7 +90,7 @@ def _write_stats(directory: Path, index: dict, stats: dict[str, InputStats]) -> 
         index[name] = [file, leader]
         if leader == name:
             tensors.update({f"{name}/{part}": tensor for part, tensor in accumulator.tensors().items()})
-    save_file(tensors, str(directory / file))
+    save_safetensors(tensors, directory / file)
 
 
 def dense_key(recipe: Recipe) -> str:
@@ -125,6 +124,7 @@ class SharedModel:
             data.seq_len,
             heldout_fraction=data.heldout_fraction,
             validation_fraction=data.validation_fraction,
+            stream_tokens=data.stream_tokens,
         )
         self.mix = prepare_mix(self.tokenizer, data, self.extra)
         # calibration and selection read these
@@ -268,8 +268,8 @@ class SharedModel:
                 name: {"sparsity": 1.0 - keep.float().mean().item(), "weights": keep.numel()}
                 for name, keep in masks.items()
             }
-            shutil.rmtree(point.directory, ignore_errors=True)
-            directory = run_dir.claim(point.directory, recipe.to_dict(), overwrite=True)
+            (point.directory / "skipped.json").unlink(missing_ok=True)  # an earlier attempt's (runner.SKIPPED_FILE)
+            directory = run_dir.claim(point.directory, recipe.to_dict(), overwrite=True)  # only a run's own files
             if save:
                 with timed(timings, "save_masks"):
                     get_method(config.name).save(self.model, directory, config, masks_meta(recipe.model, config))

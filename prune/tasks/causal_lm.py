@@ -11,6 +11,7 @@ chosen on the validation part. Every perplexity carries a 95% bootstrap interval
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -28,6 +29,7 @@ from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
 from prune.data.config import DataConfig
+from prune.data.seen import all_seen_warning, label, seen_texts
 from prune.data.text import (
     TokenSplits,
     interleave,
@@ -144,10 +146,13 @@ def data_report(
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
     how many windows) each use read: `used` maps a use (calibration, training, selection) to its part; under
     `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts and how
-    many train windows calibration and training drew from, after `data.source_share`). One builder for `prune
-    run` and a sweep's shared points."""
+    many train windows calibration and training drew from, after `data.source_share`). `seen`: for the source,
+    each mix text and each extra text, whether the run read any part of it (prune.data.seen); `warning` when
+    every extra text was read. One builder for `prune run` and a sweep's shared points."""
     source, seq_len, source_share, mix = data.source, data.seq_len, data.source_share, mix or {}
     train_windows = shared_train_windows(splits, mix, seq_len, source_share)[1:]
+    seen = seen_texts(source, mix, [source, *mix, *extra], reads=bool(used))
+    warning = all_seen_warning(seen, extra)
     measured = {
         "perplexity": {"part": "test", "windows": splits.windows(seq_len)["test"]},
         "accuracy": {
@@ -184,6 +189,8 @@ def data_report(
             if mix
             else {}
         ),
+        "seen": seen,
+        **({"warning": warning} if warning else {}),
     }
 
 
@@ -232,6 +239,7 @@ class CausalLM(Task):
             self.seq_len,
             heldout_fraction=data.heldout_fraction,
             validation_fraction=data.validation_fraction,
+            stream_tokens=data.stream_tokens,
         )
         self.mix = prepare_mix(tokenizer, data, self.extra)
         # what calibration, training and selection read
@@ -261,13 +269,16 @@ class CausalLM(Task):
         data, perplexity_figures = report.get("data", {}), report.get("perplexity")
         if perplexity_figures is None:
             return "FLOPs per forward of one window (pruned: what a sparse kernel would run)."
+        seen = data.get("seen", {})
+        source = data.get("source", "the text")
         note = (
             f"Perplexity over the {perplexity_figures['tokens']:,} predicted tokens of the test part of "
-            f"{data.get('source', 'the text')} ({perplexity_figures['windows']} windows of "
-            f"{perplexity_figures['seq_len']})"
+            f"{source} ({perplexity_figures['windows']} windows of {perplexity_figures['seq_len']})"
+            + (f", {_seen_words(seen[source])}" if source in seen else "")
         )
         for name, text in report.get("extra_texts", {}).items():
-            note += f"; {name}: the test part of that text ({text['perplexity']['windows']} windows), out of domain"
+            note += f"; {name}: the test part of that text ({text['perplexity']['windows']} windows)"
+            note += f", {_seen_words(seen[name])}" if name in seen else ""
         selection = data.get("used", {}).get("selection")
         if selection is not None:
             note += f". The kept masks were chosen on {selection['windows']} validation windows, never on test"
@@ -284,7 +295,9 @@ class CausalLM(Task):
             self.used.update(calibration_use(data))
             needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
         if spec.kind == "learnable" and train_config.steps:
-            self.used["training"] = {"part": "train", "windows": len(self.train_data())}
+            windows = len(self.train_data())
+            self.used["training"] = {"part": "train", "windows": windows}
+            check_batch(train_config.batch_size, windows)
             if train_config.eval_every:
                 self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
                 needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
@@ -344,6 +357,25 @@ class CausalLM(Task):
             per_sample=self.seq_len,
             flops=lambda model: count_flops(model, self.seq_len).dense,
         )
+
+
+def check_batch(batch_size: int, windows: int) -> None:
+    """A micro-batch (on every process of a launch) holds distinct training windows: more than the data holds would
+    repeat windows inside one batch, and a batch far beyond it is how a typo takes the machine's memory."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size * processes > windows:
+        launch = f" x {processes} processes" if processes > 1 else ""
+        raise UserInputError(
+            f"train.batch_size {batch_size}{launch} asks for more windows per micro-batch than the training data "
+            f"holds ({windows} windows of the train part); use train.batch_size <= {max(windows // processes, 1)} "
+            "(raise train.grad_accum for a larger step), or more text (data.source, data.mix)."
+        )
+
+
+def _seen_words(seen: bool) -> str:
+    """The note's words for a text's label: seen texts were read by calibration or training (never their test
+    part); a text that was not seen is what an out-of-domain figure must be measured on."""
+    return f"**{label(seen)}**" + (" (its other parts)" if seen else "")
 
 
 def check_eval_tasks(config: EvalConfig, setting: str = "eval.tasks") -> None:

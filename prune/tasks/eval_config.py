@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from prune.core.config import StrictConfig
-from prune.data.config import MOBY_DICK
+from prune.data.config import EXTRA_TEXTS, NEVER_SEEN
 
 
 class EvalConfig(StrictConfig):
@@ -14,10 +14,11 @@ class EvalConfig(StrictConfig):
     perplexity: bool = Field(True, description="held-out perplexity")
     dense_baseline: bool = Field(True, description="also evaluate the unpruned model in the same run")
     extra_texts: list[str] = Field(
-        default_factory=lambda: [MOBY_DICK],
+        default_factory=lambda: list(EXTRA_TEXTS),
         description="texts of other genres whose test part's perplexity is "
-        "reported beside the in-domain one (extra_texts.<name>.perplexity): aliases (moby-dick, embedded-docs), "
-        "local files or Hub datasets; [] for none",
+        "reported beside the in-domain one (extra_texts.<name>.perplexity), each labelled seen or not seen by "
+        f"the run: shipped texts (moby-dick, {NEVER_SEEN}, brown, embedded-docs), local files or Hub datasets; "
+        f"[] for none. {NEVER_SEEN} is the text no shipped recipe trains on",
     )
     tasks: list[str] = Field(default_factory=lambda: ["docs_lastword"], description="lm-eval task names")
     limit: int | None = Field(200, ge=1, description="examples per accuracy task (None: all)")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from prune.core import rng
-from prune.core.atomic import staged_directory, write_text_atomic
+from prune.core.atomic import save_safetensors, staged_directory, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.tensor_fit import check_fit
 from prune.training.sharded import copy_into, shard_optimizer_state
@@ -70,10 +70,10 @@ def save_checkpoint(
 def _write_checkpoint(
     staging: Path, step: int, masks: dict[str, torch.Tensor], optimizer_state: dict, scheduler, extra: dict
 ) -> None:
-    save_file(masks, staging / "masks.safetensors")
+    save_safetensors(masks, staging / "masks.safetensors")
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
     rng_tensors, python_rng = rng.to_checkpoint(rng.capture())
-    save_file({**optimizer_tensors, **rng_tensors}, staging / "optimizer.safetensors")
+    save_safetensors({**optimizer_tensors, **rng_tensors}, staging / "optimizer.safetensors")
     state = {
         "step": step,
         "optimizer": optimizer_meta,
@@ -87,21 +87,7 @@ def _write_checkpoint(
 def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimizer, scheduler) -> dict:
     """Restore parameters, optimizer, scheduler and RNG states; returns the trainer state (with `step`). Every
     process reads the whole files and keeps its own shard under FSDP (a shard's shape is its whole tensor's)."""
-    pointer = directory / POINTER
-    if not pointer.is_file():
-        raise UserInputError(f"no checkpoint to resume from in {directory}; run without --resume.")
-    source = directory / pointer.read_text().strip()
-    try:
-        params = load_file(source / "masks.safetensors")
-        optimizer_tensors = load_file(source / "optimizer.safetensors")
-        state = json.loads((source / "trainer_state.json").read_text())
-    except (OSError, SafetensorError, json.JSONDecodeError) as error:
-        raise UserInputError(f"checkpoint {source} is unreadable ({error}). {START_OVER}") from None
-    step = state.get("step") if isinstance(state, dict) else None
-    if type(step) is not int or step < 0:  # bool is an int subclass, and no step count
-        raise UserInputError(
-            f"{source / 'trainer_state.json'}: step must be a whole number >= 0, found {step!r}. {START_OVER}"
-        )
+    source, params, optimizer_tensors, state = _read(directory)
     check_fit(params, trainable, f"checkpoint {source / 'masks.safetensors'}", START_OVER)
     layout = {**_optimizer_layout(optimizer, optimizer_tensors), **rng.checkpoint_layout(optimizer_tensors)}
     check_fit(optimizer_tensors, layout, f"checkpoint {source / 'optimizer.safetensors'}", START_OVER)
@@ -117,6 +103,52 @@ def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimiz
         ) from None
     copy_into(trainable, params)
     return state
+
+
+def check_resumable(directory: Path, steps: int) -> int:
+    """What --resume would continue from, checked before the run directory is claimed: the checkpoint `latest`
+    names is readable, its step agrees with its directory's name and lies within the recipe's `steps`, and every
+    value in it is finite (resuming from a NaN would carry it into the run's masks). Returns its step."""
+    source, params, optimizer_tensors, state = _read(directory)
+    step = state["step"]
+    if source.name != f"step-{step}":
+        raise UserInputError(
+            f"{source / 'trainer_state.json'} says step {step}, but its directory is {source.name}: the checkpoint "
+            f"was altered or mixed with another. {START_OVER}"
+        )
+    if step > steps:
+        raise UserInputError(
+            f"checkpoint {source} is at step {step}, beyond the recipe's train.steps ({steps}): it was not written "
+            f"by this recipe's run. {START_OVER}"
+        )
+    for name, tensor in {**params, **optimizer_tensors}.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserInputError(
+                f"checkpoint {source} holds non-finite values ({name} has NaN or inf); resuming would carry them "
+                f"into the run's masks. {START_OVER}"
+            )
+    return step
+
+
+def _read(directory: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(checkpoint directory, masks, optimizer and RNG tensors, trainer state) of the checkpoint `latest` names,
+    its step a whole number >= 0."""
+    pointer = directory / POINTER
+    if not pointer.is_file():
+        raise UserInputError(f"no checkpoint to resume from in {directory}; run without --resume.")
+    source = directory / pointer.read_text().strip()
+    try:
+        params = load_file(source / "masks.safetensors")
+        optimizer_tensors = load_file(source / "optimizer.safetensors")
+        state = json.loads((source / "trainer_state.json").read_text())
+    except (OSError, SafetensorError, ValueError) as error:  # ValueError: JSON or UTF-8 that is not
+        raise UserInputError(f"checkpoint {source} is unreadable ({error}). {START_OVER}") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if type(step) is not int or step < 0:  # bool is an int subclass, and no step count
+        raise UserInputError(
+            f"{source / 'trainer_state.json'}: step must be a whole number >= 0, found {step!r}. {START_OVER}"
+        )
+    return source, params, optimizer_tensors, state
 
 
 def _optimizer_layout(optimizer, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from prune.core.config import StrictConfig
+from prune.core.config import INT64, StrictConfig
 
 
 class TrainConfig(StrictConfig):
@@ -24,7 +24,7 @@ class TrainConfig(StrictConfig):
     eval_every: int = Field(0, ge=0, description="held-out perplexity of the hard masks every N steps (0: off)")
     eval_windows: int = Field(8, ge=1, description="held-out windows used by the periodic evaluation")
     checkpoint_every: int = Field(50, ge=1, description="a resumable checkpoint every N steps")
-    seed: int = Field(0, description="seed of the data order and of the masks' random draws")
+    seed: int = Field(0, ge=0, lt=INT64, description="seed of the data order and of the masks' random draws")
     distill: float = Field(
         0.0,
         ge=0,

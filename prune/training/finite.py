@@ -13,7 +13,7 @@ collective for the others.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,10 +29,21 @@ class TrainingDiverged(NonFiniteError):
 
 class FiniteGuard:
     """Checks one run's values. `saved_step` (kept current by the trainer) is the checkpoint that stays in force;
-    `any_process(flag)` says whether a flag holds on any process (the flag itself with one process)."""
+    `any_process(flag)` says whether a flag holds on any process (the flag itself with one process); `shaping`
+    names the run's other settings that shape the loss (the method's keys changed from their defaults), which the
+    advice names beside train.lr."""
 
-    def __init__(self, checkpoints: Path, lr: float, saved_step: int | None, any_process: Callable[[bool], bool]):
+    def __init__(
+        self,
+        checkpoints: Path,
+        lr: float,
+        saved_step: int | None,
+        any_process: Callable[[bool], bool],
+        shaping: Sequence[str] = (),
+    ):
         self.checkpoints, self.lr, self.saved_step, self.any_process = checkpoints, lr, saved_step, any_process
+        self.shaping = list(shaping)
+        self.updated = False  # whether this process applied an update yet: before one, train.lr is not the cause
 
     def error(self, step: int, what: str) -> TrainingDiverged:
         kept = (
@@ -40,10 +51,21 @@ class FiniteGuard:
             if self.saved_step is not None
             else "no checkpoint had been written"
         )
+        settings = ", ".join(self.shaping) or "the method's settings (method.*)"
+        if not self.updated:
+            advice = (
+                f"No update had been applied yet, so train.lr played no part: the starting masks' forward or "
+                f"gradient produced it. Check the settings that shape them ({settings}) and runtime.dtype (float32 "
+                "does not overflow where bfloat16 can)"
+            )
+        else:
+            advice = (
+                f"The updates diverged: lower train.lr (now {self.lr:g}), keep gradient clipping on "
+                f"(train.max_grad_norm), or check the settings that shape the loss ({settings})"
+            )
         return TrainingDiverged(
-            f"training stopped at step {step}: {what}. Nothing of step {step} was saved; {kept}. Lower "
-            f"train.lr (now {self.lr:g}) or keep gradient clipping on (train.max_grad_norm), then start the run "
-            "over with --overwrite."
+            f"training stopped at step {step}: {what}. Nothing of step {step} was saved; {kept}. {advice}; then "
+            "start the run over with --overwrite."
         )
 
     def before_update(self, step: int, loss: float, params: dict[str, Tensor], clipped_norm: Tensor | None) -> None:
@@ -53,6 +75,7 @@ class FiniteGuard:
         self._stop_if(step, f"the loss is {loss}" if not math.isfinite(loss) else gradient)
 
     def after_update(self, step: int, params: dict[str, Tensor]) -> None:
+        self.updated = True
         name = _first_nonfinite(params)
         self._stop_if(step, f"the update made {name} non-finite" if name is not None else None)
 

@@ -52,8 +52,24 @@ def check_fsdp(method: str, supported: bool, device: torch.device) -> None:
     if device.type == "cpu":
         raise UserInputError(
             "an FSDP launch needs an accelerator: on a CPU accelerate does not shard and every process would train "
-            f"alone; on CPU launch with DDP instead: accelerate launch --config_file {DDP_CONFIG} --cpu "
-            "-m prune.cli run RECIPE."
+            f"alone; on CPU launch with DDP instead: accelerate launch -q --config_file {DDP_CONFIG} -m prune.cli "
+            "run RECIPE (CPU processes on gloo where there is no GPU, or with runtime.device: cpu)."
+        )
+
+
+def check_cpu_flag() -> None:
+    """Refuse `accelerate launch --cpu` with a config asking for several processes: accelerate's --cpu flag takes its
+    one-process launcher whatever num_processes says (it spreads CPU processes only through MPI), so the run would
+    silently be one process (and never sharded). That launcher sets MASTER_ADDR for several processes but starts
+    one, without WORLD_SIZE."""
+    launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true"
+    if launched_cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise UserInputError(
+            "`accelerate launch --cpu` started ONE process although its config asks for several: accelerate's --cpu "
+            "flag takes its one-process launcher whatever num_processes says, so this would not be the distributed "
+            f"run the config describes. Drop --cpu: accelerate launch -q --config_file {DDP_CONFIG} -m prune.cli run "
+            "RECIPE starts num_processes CPU processes on gloo where there is no GPU (or with runtime.device: cpu in "
+            "the recipe); fsdp.yaml needs GPUs."
         )
 
 

@@ -31,7 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from eval.metric_errors import NonFiniteError
 from prune.core import rng
-from prune.core.atomic import write_safetensors_atomic
+from prune.core.atomic import naming, write_safetensors_atomic, write_text_atomic
 from prune.core.distributed import whole
 from prune.masks.base import Objective, hard_masks, wrappers
 from prune.training.checkpoint import load_checkpoint, save_checkpoint
@@ -67,6 +67,7 @@ class TrainResult:
     best_score: float | None  # lowest held-out score of the hard masks (perplexity), when evaluated
     best_step: int | None
     seconds: float
+    processes: int = 1  # how many processes trained (an `accelerate launch`: each took its share of every batch)
 
 
 def trainable_parameters(model: nn.Module, objective: Objective) -> dict[str, nn.Parameter]:
@@ -157,7 +158,7 @@ class _Log:
         self.path = path
         steps = [(line, _logged_step(line)) for line in self._lines()]
         kept = [line for line, step in steps if step is not None and step <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.previous: dict[str, Tensor] | None = None
 
     def _lines(self) -> list[str]:
@@ -172,8 +173,12 @@ class _Log:
         return changed / max(1, sum(mask.numel() for mask in current.values()))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Append one line (a line a full disk cuts short is dropped on resume, see __init__)."""
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a write or flush error names no file
+            raise naming(error, self.path) from error
 
 
 def train(
@@ -189,11 +194,13 @@ def train(
     resume: bool = False,
     accelerator: Accelerator | None = None,
     device: torch.device | None = None,
+    shaping: Sequence[str] = (),
 ) -> TrainResult:
     """Train the masks of `model` on rows of `data` (a Tensor of token blocks, or any indexable dataset whose
     rows collate into the batch `task_loss` takes); checkpoints and logs go to `run_dir/train/`. `evaluate`
     returns a held-out score where lower is better, logged as `eval_<eval_metric>`. Without an `accelerator`,
-    training runs on `device` (runtime.device; None: accelerate's choice, the first accelerator)."""
+    training runs on `device` (runtime.device; None: accelerate's choice, the first accelerator). `shaping`: the
+    run's settings besides train.* that shape the loss, named when it turns non-finite (prune.training.finite)."""
     accelerator = accelerator or make_accelerator(config, device)
     plain, sharded = model, is_sharded(accelerator)
     if sharded:  # FSDP shards a copy; `plain` (the caller's model) receives the gathered masks
@@ -213,7 +220,7 @@ def train(
     state = load_checkpoint(checkpoints, params, optimizer, scheduler) if resume else {"step": 0}
     step, best = state["step"], state.get("best", {"score": None, "step": None})
     log = _Log(train_dir / "train_log.jsonl", step) if accelerator.is_main_process else None
-    guard = FiniteGuard(checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator))
+    guard = FiniteGuard(checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator), shaping)
     if not resume:
         rng.seed_all(config.seed)  # on resume the checkpoint restored every generator
 
@@ -239,7 +246,12 @@ def train(
                 # until the update nothing but the random state moves: an interrupt before it rewinds to here
                 rewind_to, updating = rng.capture(), False
                 schedule = objective.begin_step(step, config.steps)
-                parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
+                try:
+                    parts, seen = _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss)
+                except RuntimeError as error:  # torch refusing a scale beyond float32 (e.g. 1 / a tiny temperature)
+                    if "overflow" not in str(error):
+                        raise
+                    raise guard.error(step + 1, f"a value overflowed float32 ({error})") from None
                 tokens += seen
                 clipped = (
                     accelerator.clip_grad_norm_(clipped_params, config.max_grad_norm) if config.max_grad_norm else None
@@ -309,7 +321,7 @@ def train(
         copy_into(plain_params, last)
     if accelerator.is_main_process:
         _save_tensors(train_dir / "last.safetensors", last)
-    return TrainResult(step, best["score"], best["step"], time.perf_counter() - start)
+    return TrainResult(step, best["score"], best["step"], time.perf_counter() - start, accelerator.num_processes)
 
 
 def _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss) -> tuple[dict, int]:

@@ -24,6 +24,7 @@ The fused forward/backward of the masked linear lives in `prune.methods.nm_gumbe
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from prune.masks.base import Mask, Objective, WeightMasked, wrap, wrappers
 from prune.masks.storage import encode_nm, nm_candidates, read_masks
 from prune.masks.targets import method_targets
 from prune.methods.nm_gumbel import config as declared
-from prune.methods.nm_gumbel.config import NMGumbelConfig
+from prune.methods.nm_gumbel.config import ONESHOT_PRIORS, NMGumbelConfig
 from prune.methods.nm_gumbel.kernel import gumbel_noise, gumbel_probs, masked_linear, soft_from_probs
 from prune.methods.oneshot import method as oneshot
 from prune.methods.spec import MethodSpec
@@ -282,6 +283,15 @@ def nm_gumbel_targets(model: nn.Module, config: NMGumbelConfig) -> list[str]:
     return method_targets(model, config.targets, config.pattern, config.skip_incompatible)
 
 
+def check_prior_run(model: nn.Module, config: NMGumbelConfig) -> None:
+    """A prior taken from another run (a path): its masks exist, have this pattern and fit this model's targets."""
+    if config.prior not in (*ONESHOT_PRIORS, "none"):
+        try:
+            transferred_prior(model, nm_gumbel_targets(model, config), config.pattern, config.prior)
+        except UserInputError as error:
+            raise UserInputError(f"method.prior {config.prior!r}: {error}") from None
+
+
 def attach_nm_gumbel(model: nn.Module, config: NMGumbelConfig, calibration: Tensor | None) -> NMGumbelObjective:
     """Wrap every target with a learnable N:M mask initialized from the prior; return the training objective."""
     pattern = config.pattern
@@ -319,4 +329,6 @@ NM_GUMBEL = MethodSpec(
     needs_calibration=True,
     fsdp=True,
     targets=nm_gumbel_targets,
+    check=check_prior_run,
+    trained_per_weight=lambda config: math.comb(config.pattern.m, config.pattern.n) / config.pattern.m,
 )
