@@ -12,6 +12,7 @@ accelerate state never meet), with `runtime.device` / `runtime.dtype` set by `--
   tokens/s (median over its log windows after the first). Weights stay float32 (runtime.dtype) and the trainer
   autocasts to bfloat16 (train.mixed_precision: auto), MaskLLM's setting.
 - With 2 GPUs or more: the same training for 50 steps as a 2-process DDP launch (recipes/accelerate/ddp.yaml).
+- Activation sparsity's decode kernel as Triton (benchmarks/activation_gpu.py) against dense F.linear, batch 1.
 It writes the `gpu` section of benchmarks/RESULTS.md. Exit status: 0 when measured and written; 0 too when this
 machine has no CUDA GPU, after saying so and writing nothing (nothing here is a failure); 1 when the bfloat16
 perplexity is not within 3% of float32 (the section is written all the same).
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from benchmarks import activation_gpu
 from benchmarks.results import write_section
 from prune.runs.placed import local_model_dir
 
@@ -123,6 +125,7 @@ def measure(work: Path, calibration_samples: int, cpu_threads: int, gpus: int) -
             "seconds": report["train"]["seconds"],
             "perplexity": report["perplexity"]["value"],
         }
+    figures["activation"] = activation_gpu.measure()
     return figures
 
 
@@ -172,6 +175,7 @@ def section(figures: dict, command: str) -> str:
         else f"2-process DDP mask training, 50 steps: {ddp['tokens_per_s']:.0f} tokens/s (both processes), "
         f"{ddp['seconds']:.1f} s, final perplexity {ddp['perplexity']:.3f}.",
     ]
+    lines += activation_gpu.lines(figures["activation"])
     return "\n".join(lines)
 
 

@@ -67,18 +67,18 @@ def ran(recipe) -> dict:
     return report if report is not None else run(recipe, resume=(directory / "train" / "checkpoints").is_dir())
 
 
-def baselines(overrides: list[str], prefix: str) -> list[tuple[str, Path]]:
-    """SparseGPT 2:4 with and without its weight update, on the MaskLLM recipe's data and evaluation settings:
-    the same test windows, so every run pairs with every other. They train nothing, so training settings
-    (steps, distillation) are not theirs: a variant of the training reuses the same baseline runs."""
+def baselines(overrides: list[str], prefix: str, which=BASELINES) -> list[tuple[str, Path]]:
+    """SparseGPT 2:4 with and without its weight update (`which` of BASELINES), on the MaskLLM recipe's data and
+    evaluation settings: the same test windows, so every run pairs with every other. They train nothing, so
+    training settings (steps, distillation) are not theirs: a variant of the training reuses the same baseline
+    runs. They skip the dense baseline, which the learned run measures on the same windows."""
     from prune.runs.recipe import load_recipe
 
     runs = []
-    for label, name, update in BASELINES:
+    for label, name, update in which:
         method = f"method={{name: sparsegpt, sparsity: '2:4', update_weights: {update}}}"
-        recipe = load_recipe(
-            RECIPE, [*overrides, method, "train.steps=0", "train.distill=0", f"output={prefix}-{name}"]
-        )
+        settings = ["train.steps=0", "train.distill=0", "eval.dense_baseline=false", f"output={prefix}-{name}"]
+        recipe = load_recipe(RECIPE, [*overrides, method, *settings])
         ran(recipe)
         runs.append((label, Path(recipe.output)))
     return runs

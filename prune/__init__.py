@@ -63,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     "VIBConfig": "prune.methods.vib.config",
     "BinaryConfig": "prune.methods.binary.config",
     "GatingConfig": "prune.methods.gating.config",
+    "ActivationConfig": "prune.methods.activation.config",
 }
 __all__ = list(_EXPORTS)
 

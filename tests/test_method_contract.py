@@ -74,6 +74,7 @@ ROWS = [
         family_config={"resnet": {"targets": ["*convolution"]}},
     ),  # the default targets are CLIP's
     Row("gating", ("llama", "gpt2", "resnet"), {"threshold": 0.8}, ({"threshold": 1.5}, "threshold")),
+    Row("activation", ("llama", "gpt2"), {"sparsity": 0.5}, ({"sparsity": 1.0}, "strictly between 0 and 1")),
 ]
 
 

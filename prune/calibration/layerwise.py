@@ -20,8 +20,9 @@ The sequential scheme of SparseGPT/Wanda, with memory bounded by one block's act
    masks plus the updated weights of modules the method changed beyond zeroing. `restore=False` leaves
    the pruned (and updated) weights in the model.
 
-`collect_stats` walks the same way over the dense model (statistics only, each block run once): both drivers are
-visitors of `walk_blocks`, which captures, onloads, runs and offloads the blocks.
+`collect_stats` walks the same way over the dense model (statistics only, each block run once): both drivers, and
+activation sparsity's calibration, are visitors of `walk_blocks`, which captures, onloads, runs and offloads the
+blocks.
 
 `make_stats=None` (magnitude) runs no forward at all and, with `restore=True`, never writes a weight.
 Hooks are removed and the train/eval mode is restored in `finally` blocks.
@@ -108,17 +109,18 @@ def prune_layerwise(
 
     originals: dict[str, Tensor] | None = {} if restore else None
 
-    def visit(scope: nn.Module, names: list[str], run: BlockRunner, writes: bool) -> None:
-        """Statistics of `names` from the (pruned) blocks before, then prune them; then the block's outputs."""
-        stats = _collect(modules, names, make_stats, lambda: run(False))
-        for name in names:
+    def visit(turn: BlockTurn) -> None:
+        """Statistics of the turn's targets from the (pruned) blocks before, then prune them; then the block's
+        outputs."""
+        stats = _collect(modules, turn.names, make_stats, lambda: turn.run(False))
+        for name in turn.names:
             _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
             if not keep_results:
                 _forget(result, name)
         del stats
         release_freed_memory()
-        if writes:
-            run(True)
+        if turn.writes:
+            turn.run(True)
 
     try:
         walk_blocks(model, modules, calib_blocks, visit, batch_size, placement, "pruning blocks", progress)
@@ -130,27 +132,38 @@ def prune_layerwise(
     return result
 
 
-# run(write): the block on every calibration batch; with `write`, its outputs replace its inputs (the whole model,
-# for targets outside the blocks, ignores `write`: nothing runs after it)
-BlockRunner = Callable[[bool], None]
+@dataclass
+class BlockTurn:
+    """One visit of `walk_blocks`: `scope` (a decoder block, or the whole model for the targets outside the
+    blocks), its target `names`, and the ways to run it, as it is at that moment, over the calibration batches."""
+
+    scope: nn.Module
+    prefix: str  # the scope's module name and a dot ("" for the whole model): a target's name inside it follows
+    names: list[str]
+    writes: bool  # a later block reads this one's outputs: the visitor's last run must be run(True)
+    run: Callable[[bool], None]  # every batch; with write=True its outputs replace its inputs (the model ignores it)
+    # a block's outputs over its first `batches` batches (None: every batch) [rows, seq, hidden] on the CPU, its
+    # inputs left as they are (a visitor comparing candidates); None for the whole model
+    outputs: Callable[[int | None], Tensor] | None = None
 
 
 def walk_blocks(
     model: nn.Module,
     modules: dict[str, nn.Module],
     calib_blocks: Tensor | None,
-    visit: Callable[[nn.Module, list[str], BlockRunner, bool], None],
+    visit: Callable[[BlockTurn], None],
     batch_size: int,
     placement: BlockPlacement | None,
     desc: str,
     progress: bool,
 ) -> None:
-    """The one walk of the layer-by-layer drivers (prune_layerwise, collect_stats): capture block 0's inputs for
-    the calibration batches, then for each block up to the last holding targets (onloaded by `placement`), call
-    `visit(block, its target names, run, writes)`; the visitor leaves the block's outputs written into the
-    activations when `writes` (a later block reads them). A block without targets just runs. Targets outside the
-    blocks are visited last with the whole model as scope. No gradients; evaluation mode, restored at the end."""
-    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
+    """The one walk of the layer-by-layer drivers (prune_layerwise, collect_stats, activation's calibration):
+    capture block 0's inputs for the calibration batches, then for each block up to the last holding one of
+    `modules` (onloaded by `placement`), `visit` its BlockTurn; the visitor leaves the block's outputs written
+    into the activations when `writes` (a later block reads them). A block without targets just runs. Targets
+    outside the blocks are visited last with the whole model as scope. No gradients; evaluation mode, restored at
+    the end. Memory: one block's inputs, plus what a visitor holds."""
+    blocks, prefix, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
     _check_placed(placement, outside)
     was_training = model.training
     model.eval()
@@ -158,12 +171,26 @@ def walk_blocks(
         with torch.no_grad():
             if last >= 0:
                 acts, calls = _capture_block_inputs(model, blocks[0], batches)
+
+                def outputs(block: nn.Module, batches: int | None) -> Tensor:
+                    return torch.cat(
+                        [_call_block(block, acts, call).to(device="cpu", dtype=acts.dtype) for call in calls[:batches]]
+                    )
+
                 for index in tqdm(range(last + 1), desc=desc, disable=not progress):
                     block, names, writes = blocks[index], per_block[index], index < last
                     if placement is not None:
                         placement.onload(index, block)
                     if names:
-                        visit(block, names, lambda write, block=block: _run_block(block, acts, calls, write), writes)
+                        turn = BlockTurn(
+                            block,
+                            f"{prefix}{index}.",
+                            names,
+                            writes,
+                            lambda write, block=block: _run_block(block, acts, calls, write),
+                            lambda batches=None, block=block: outputs(block, batches),
+                        )
+                        visit(turn)
                     elif writes:
                         _run_block(block, acts, calls, write=True)
                     if placement is not None:
@@ -171,7 +198,7 @@ def walk_blocks(
                 del acts, calls
             if outside:
                 run_model = _whole_model_runner(model, batches)
-                visit(model, outside, lambda write: run_model(), False)
+                visit(BlockTurn(model, "", outside, False, lambda write: run_model()))
     finally:
         model.train(was_training)
 
@@ -250,8 +277,13 @@ def _resolve_targets(model: nn.Module, target_names: list[str]) -> dict[str, nn.
     return resolved
 
 
+def _prefix(blocks_name: str) -> str:
+    """What the names of the modules inside the blocks start with, before the block's index."""
+    return blocks_name + "." if blocks_name else ""
+
+
 def _block_index(name: str, blocks_name: str, count: int) -> int | None:
-    prefix = blocks_name + "." if blocks_name else ""
+    prefix = _prefix(blocks_name)
     if not name.startswith(prefix):
         return None
     head = name[len(prefix) :].split(".", 1)[0]
@@ -362,20 +394,19 @@ def _capture_block_inputs(model: nn.Module, block0: nn.Module, batches: list[Ten
 
 def _run_block(block: nn.Module, acts: Tensor, calls: list[_BlockCall], write: bool) -> None:
     """Run `block` on every batch; with `write`, its outputs replace its inputs in `acts` (in place)."""
-    device = next(block.parameters()).device
     for call in calls:
-        hidden = acts[call.rows].to(device)
-        args, kwargs = _to_device(call.args, device), _to_device(call.kwargs, device)
-        if call.by_keyword:
-            out = block(*args, hidden_states=hidden, **kwargs)
-        else:
-            out = block(hidden, *args, **kwargs)
+        out = _call_block(block, acts, call)
         if write:
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            elif not isinstance(out, Tensor):  # a ModelOutput
-                out = out[0]
             acts[call.rows] = out.to(device="cpu", dtype=acts.dtype)
+
+
+def _call_block(block: nn.Module, acts: Tensor, call: _BlockCall) -> Tensor:
+    """The block's hidden-states output for one batch of `acts`."""
+    device = next(block.parameters()).device
+    hidden = acts[call.rows].to(device)
+    args, kwargs = _to_device(call.args, device), _to_device(call.kwargs, device)
+    out = block(*args, hidden_states=hidden, **kwargs) if call.by_keyword else block(hidden, *args, **kwargs)
+    return out if isinstance(out, Tensor) else out[0]  # a tuple, a list or a ModelOutput
 
 
 def _is_cache(value: Any) -> bool:
@@ -448,9 +479,10 @@ def collect_stats(
     result: dict[str, Accumulator] = {}
     emit = sink or result.update
 
-    def visit(scope: nn.Module, names: list[str], run: BlockRunner, writes: bool) -> None:
-        """The statistics of `names`, gathered while the block runs once and (when `writes`) writes its outputs."""
-        emit(_collect_shared(modules, names, make_stats, scope, share_inputs, lambda: run(writes)))
+    def visit(turn: BlockTurn) -> None:
+        """The statistics of the turn's targets, gathered while the block runs once and (when it writes) writes its
+        outputs."""
+        emit(_collect_shared(modules, turn.names, make_stats, turn.scope, share_inputs, lambda: turn.run(turn.writes)))
 
     walk_blocks(model, modules, calib_blocks, visit, batch_size, placement, "calibration statistics", progress)
     return result
@@ -498,8 +530,8 @@ def _collect_shared(
 
 
 def _plan(model: nn.Module, modules: dict[str, nn.Module], calib_blocks: Tensor | None, batch_size: int):
-    """Check the calibration input and group the targets by block: (blocks, target names per block, targets
-    outside the blocks, index of the last block with targets, calibration batches)."""
+    """Check the calibration input and group the targets by block: (blocks, the prefix of their names, target names
+    per block, targets outside the blocks, index of the last block with targets, calibration batches)."""
     if calib_blocks is None or calib_blocks.dim() != 2 or len(calib_blocks) == 0:
         raise UserInputError("calibration needs token blocks shaped [n_samples, seq_len] with n_samples >= 1.")
     if batch_size < 1:
@@ -511,4 +543,4 @@ def _plan(model: nn.Module, modules: dict[str, nn.Module], calib_blocks: Tensor 
         index = _block_index(name, blocks_name, len(blocks))
         (outside if index is None else per_block[index]).append(name)
     last = max((i for i, names in enumerate(per_block) if names), default=-1)
-    return blocks, per_block, outside, last, list(torch.split(calib_blocks, batch_size))
+    return blocks, _prefix(blocks_name), per_block, outside, last, list(torch.split(calib_blocks, batch_size))

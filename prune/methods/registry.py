@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from prune.core.errors import UserInputError, described
+from prune.methods.activation.config import ACTIVATION
 from prune.methods.binary.config import BINARY
 from prune.methods.declaration import MethodDeclaration
 from prune.methods.gating.config import GATING
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from prune.methods.spec import MethodSpec  # imports torch
 
 METHODS: dict[str, MethodDeclaration] = {
-    declared.name: declared for declared in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, NM_GUMBEL, VIB, BINARY, GATING)
+    declared.name: declared
+    for declared in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, NM_GUMBEL, VIB, BINARY, GATING, ACTIVATION)
 }
 
 

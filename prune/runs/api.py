@@ -20,6 +20,7 @@ from prune.core.errors import UserInputError, described
 from prune.masks import base
 from prune.masks.base import Objective, guard_save, release_save, wrappers
 from prune.masks.storage import CONFIG_FILE, read_mask_config
+from prune.methods.activation.method import INFO_FILE as THRESHOLDS_INFO_FILE
 from prune.methods.gating.method import GATING_FILE
 from prune.methods.registry import get_method, method_config
 from prune.methods.spec import masks_meta
@@ -32,7 +33,8 @@ from prune.training.config import TrainConfig
 from prune.training.trainer import TrainResult, trainable_parameters
 
 ATTACHED = "maskprune_config"  # the model attribute holding the config its masks were made with
-SAVED_DESCRIPTIONS = (CONFIG_FILE, GATING_FILE)  # what save_masks writes beside the tensors: method and config
+# what save_masks writes beside the tensors, naming the method and its config
+SAVED_DESCRIPTIONS = (CONFIG_FILE, GATING_FILE, THRESHOLDS_INFO_FILE)
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK):
@@ -78,7 +80,8 @@ def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def save_masks(model: nn.Module, directory: str | Path, config: MethodConfig | None = None) -> Path:
     """Write the masks of an `attach`ed model (not the model) into `directory`, in the files a `prune run`
-    directory holds: masks.safetensors + masks.json (gating: predictors.safetensors + gating.json). `config`:
+    directory holds: masks.safetensors + masks.json (gating: predictors.safetensors + gating.json; activation:
+    thresholds.safetensors + thresholds.json). `config`:
     the one it was attached with (the default), or an error."""
     check_model(model)
     config = _config_of(model, config)
