@@ -53,6 +53,20 @@ def test_section_reports_the_perplexity_verdict_block_times_and_kernel(gpu_perpl
         "sparsegpt_gpu": report(gpu_perplexity, 15.0, kernel),
         "sparsegpt_cpu": report(20.0, 300.0),
         "nm_gumbel_tokens_per_s": 5000.0,
+        "activation": {
+            "available": True,
+            "rows": [
+                {
+                    "shape": "576 -> 1536",
+                    "label": "gate/up",
+                    "sparsity": 0.5,
+                    "dense_ms": 0.02,
+                    "triton_ms": 0.025,
+                    "speedup": 0.8,
+                    "max_abs_error": 1e-3,
+                }
+            ],
+        },
     }
     assert gpu_check.within_tolerance(figures) is within
     body = gpu_check.section(figures, "cmd")
@@ -60,3 +74,4 @@ def test_section_reports_the_perplexity_verdict_block_times_and_kernel(gpu_perpl
     assert "| CPU, float32 | 20.000 | 300.0 | 10.00 |" in body
     assert "| GPU, bfloat16 |" in body and "| 0.50 |" in body
     assert "speed-up 1.25x" in body and "5000 tokens/s" in body and "not run (one GPU)" in body
+    assert "| 576 -> 1536 | gate/up | 50% | 0.0200 | 0.0250 | 0.80x (slower) |" in body
