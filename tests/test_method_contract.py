@@ -59,6 +59,7 @@ ROWS = [
         {"score": "activation", "target": {"params": 0.3}},
         ({"target": {"params": 1.5}}, "strictly between 0 and 1"),
     ),
+    Row("depth", ("llama", "gpt2"), {"remove": 1}, ({"remove": 1.5}, "strictly between 0 and 1")),
     Row("nm_gumbel", ("llama", "gpt2"), {"prior": "magnitude"}, ({"sparsity": 0.5}, "nm_gumbel learns N:M masks")),
     Row(
         "vib",
@@ -88,6 +89,7 @@ class CausalLM:
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     blocks = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(2))  # training rows
     calibration = blocks[:4]
+    selection = blocks[4:6]  # what a method choosing on validation windows reads (MethodSpec.needs_selection)
 
     def __init__(self, name: str):
         self.name = name
@@ -212,7 +214,9 @@ class Case:
         return load_model(str(self.directory), task=self.family.task)
 
     def attach(self, model: nn.Module):
-        return self.spec.attach(model, self.config, self.family.calibration if self.spec.needs_calibration else None)
+        calibration = self.family.calibration if self.spec.needs_calibration else None
+        options = {"selection": self.family.selection} if self.spec.needs_selection else {}
+        return self.spec.attach(model, self.config, calibration, **options)
 
     @torch.no_grad()
     def logits(self, model: nn.Module, processor) -> Tensor:

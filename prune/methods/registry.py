@@ -18,6 +18,7 @@ from prune.core.errors import UserInputError, described
 from prune.methods.activation.config import ACTIVATION
 from prune.methods.binary.config import BINARY
 from prune.methods.declaration import MethodDeclaration
+from prune.methods.depth.config import DEPTH
 from prune.methods.gating.config import GATING
 from prune.methods.nm_gumbel.config import NM_GUMBEL
 from prune.methods.oneshot.config import MAGNITUDE, SPARSEGPT, WANDA
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, MethodDeclaration] = {
     declared.name: declared
-    for declared in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, NM_GUMBEL, VIB, BINARY, GATING, ACTIVATION)
+    for declared in (MAGNITUDE, WANDA, SPARSEGPT, STRUCTURED, DEPTH, NM_GUMBEL, VIB, BINARY, GATING, ACTIVATION)
 }
 
 

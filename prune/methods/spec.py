@@ -122,6 +122,9 @@ class MethodSpec:
     has `streamed_export` (see StreamedExport); either way its `attach` takes `placement=` (the blocks' placement
     under offload: cpu, prune.calibration.placement) and reads each block's data with that block on the device.
 
+    `needs_selection`: `attach` also takes `selection=`, validation windows it chooses on (depth's removal set), so
+    no choice reads the test part.
+
     `targets(model, config)` names the modules the method masks from the model's structure alone (no
     forward): the pipeline calls it before the first forward, so a pattern that cannot fit the layers (N:M
     groups that do not tile them, a glob that matches nothing) fails at once, and `prune export` compares it
@@ -138,6 +141,7 @@ class MethodSpec:
     declared: MethodDeclaration
     attach: AttachFn
     needs_calibration: bool
+    needs_selection: bool = False
     save: SaveFn = save_weight_masks
     load: LoadFn = load_weight_masks
     export: ExportFn = merge_weight_masks

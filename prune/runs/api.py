@@ -53,12 +53,15 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, *, 
     return model, processor
 
 
-def attach(model: nn.Module, config: MethodConfig, calibration: Tensor | None = None) -> Objective | None:
+def attach(
+    model: nn.Module, config: MethodConfig, calibration: Tensor | None = None, selection: Tensor | None = None
+) -> Objective | None:
     """Wrap `model`'s targets with the method's masks, in place; the weights stay untouched.
 
     One-shot methods decide their masks here and return None; wanda, sparsegpt (and structured's activation
-    score, nm_gumbel's wanda/sparsegpt priors) read `calibration`, token blocks [samples, seq_len] (from text:
-    prune.calibration_blocks). Learnable methods return the Objective to train with, and leave only the mask
+    score, nm_gumbel's wanda/sparsegpt priors, depth's block importance) read `calibration`, token blocks
+    [samples, seq_len] (from text: prune.calibration_blocks); depth chooses its blocks on `selection`, validation
+    blocks. Learnable methods return the Objective to train with, and leave only the mask
     parameters (and the objective's `extra_parameters()`) requiring grad, so a hand-written loop cannot move a
     weight by accident. Until `export`, the model's save_pretrained refuses."""
     check_model(model)
@@ -66,7 +69,11 @@ def attach(model: nn.Module, config: MethodConfig, calibration: Tensor | None = 
     check_unmasked(model)
     if calibration is not None:
         calibration = check_blocks(calibration, model, "calibration")
-    objective = get_method(config.name).attach(model, config, calibration)
+    spec = get_method(config.name)
+    if selection is not None:
+        selection = check_blocks(selection, model, "selection")
+    options = {"selection": selection} if spec.needs_selection else {}
+    objective = spec.attach(model, config, calibration, **options)
     if objective is not None:
         trainable_parameters(model, objective)
     _remember(model, config)

@@ -11,6 +11,7 @@ method's metadata and a `structural` section (family, unit counts, kinds, and th
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -68,7 +69,11 @@ def summary(gates: GateSet, seq_len: int = 512) -> dict:
         before, after = float(structure.size(dense, quantity, seq_len)), float(structure.size(kept, quantity, seq_len))
         figures[quantity] = {"dense": int(before), "kept": int(after), "removed": 1.0 - after / before}
     figures["hidden"] = int(kept.hidden)
-    figures["layers"] = layer_sizes(structure, gates.decisions())
+    decisions = gates.decisions()
+    figures["layers"] = layer_sizes(structure, decisions)
+    figures["kept_layers"] = [
+        i for i in range(structure.num_layers) if not decisions[LAYERS] or bool(decisions[LAYERS][i][0][0])
+    ]
     figures["seq_len"] = seq_len
     return figures
 
@@ -166,17 +171,36 @@ def report_gated(model: nn.Module, config, heldout, report: dict) -> dict:
     return entries
 
 
-def budget_reachable(structure: Structure, kinds: set[str], quantity: str, removed: float, seq_len: int) -> float:
+def budget_reachable(
+    structure: Structure,
+    kinds: set[str],
+    quantity: str,
+    removed: float,
+    seq_len: int,
+    layers: Sequence[int] | None = None,
+) -> float:
     """The largest removable share of `quantity` with these unit kinds (raises if `removed` is beyond it): every
-    layer keeps one head unit and one neuron, the residual stream one channel."""
+    layer keeps one head unit and one neuron, the residual stream one channel. `layers` (1 kept, 0 removed per
+    layer): the blocks depth pruning already removed, whose share must stay below `removed`."""
     low = Counts(
         hidden=1 if HIDDEN in kinds else structure.hidden,
         heads=[1 if HEADS in kinds else n for n in structure.heads],
         ffn=[1 if FFN in kinds else n for n in structure.ffn],
-        layers=[0 if LAYERS in kinds else 1] * structure.num_layers,
+        layers=list(layers) if layers is not None else [0 if LAYERS in kinds else 1] * structure.num_layers,
     )
     dense = float(structure.size(structure.full_counts(), quantity, seq_len))
     reachable = 1.0 - float(structure.size(low, quantity, seq_len)) / dense
+    if layers is not None:
+        full = structure.full_counts()
+        depth_only = (
+            1.0
+            - float(structure.size(Counts(full.hidden, full.heads, full.ffn, list(layers)), quantity, seq_len)) / dense
+        )
+        if removed <= depth_only:
+            raise UserInputError(
+                f"target {quantity} {removed} is already met by the removed blocks alone ({depth_only:.3f} of the "
+                f"{quantity}); raise the width target above it, or remove fewer blocks."
+            )
     if removed >= reachable:
         off = [kind for kind in (HIDDEN, LAYERS) if kind not in kinds]
         raise UserInputError(

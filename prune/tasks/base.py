@@ -86,10 +86,12 @@ class Task(ABC):
     ) -> object:
         """Attach the method's masks to the model in memory; returns what `spec.attach` returns (a learnable
         method's objective, which the trainer then trains). `placement`: where blocks wait under runtime.offload:
-        cpu (None: the model is on the device)."""
-        if placement is None:
-            return spec.attach(self.model, config, calibration)
-        return spec.attach(self.model, config, calibration, placement=placement)  # block-by-block methods only
+        cpu (None: the model is on the device). A method that chooses on validation data (`spec.needs_selection`)
+        also receives the task's `selection()`."""
+        options = {} if placement is None else {"placement": placement}  # block-by-block methods only
+        if spec.needs_selection:
+            options["selection"] = self.selection()
+        return spec.attach(self.model, config, calibration, **options)
 
     def sparsity(self) -> float:
         """The share of targeted weights the attached masks remove."""
@@ -109,6 +111,10 @@ class Task(ABC):
 
     def calibration(self) -> Tensor | None:
         """Calibration inputs for methods that need them (only causal-lm has them; see MethodSpec.tasks)."""
+        return None
+
+    def selection(self) -> Tensor | None:
+        """Validation inputs a method chooses on (only causal-lm has them; see MethodSpec.needs_selection)."""
         return None
 
     @property

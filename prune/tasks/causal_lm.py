@@ -294,6 +294,9 @@ class CausalLM(Task):
         if spec.needs_calibration:
             self.used.update(calibration_use(data))
             needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
+        if spec.needs_selection:
+            self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
+            needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
         if spec.kind == "learnable" and train_config.steps:
             windows = len(self.train_data())
             self.used["training"] = {"part": "train", "windows": windows}
@@ -313,6 +316,10 @@ class CausalLM(Task):
     def calibration(self) -> Tensor:
         """`data.calibration_samples` blocks of the train part, drawn with the recipe's seed."""
         return self.splits.calibration_blocks(self.settings.data.calibration_samples, self.seq_len, self.settings.seed)
+
+    def selection(self) -> Tensor:
+        """`train.eval_windows` windows of the VALIDATION part: what a method's own choice reads (never test)."""
+        return self.splits.validation_blocks(self.seq_len)[: self.settings.train.eval_windows]
 
     def train_data(self) -> Tensor:
         """The train part's blocks; with `data.fraction` < 1 a seeded share of them (VTrans' Fast variant)."""

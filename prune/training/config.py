@@ -22,7 +22,9 @@ class TrainConfig(StrictConfig):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
     log_every: int = Field(10, ge=1, description="a train_log.jsonl line every N steps")
     eval_every: int = Field(0, ge=0, description="held-out perplexity of the hard masks every N steps (0: off)")
-    eval_windows: int = Field(8, ge=1, description="held-out windows used by the periodic evaluation")
+    eval_windows: int = Field(
+        8, ge=1, description="validation windows of the periodic evaluation (and of depth's choice of blocks)"
+    )
     checkpoint_every: int = Field(50, ge=1, description="a resumable checkpoint every N steps")
     seed: int = Field(0, ge=0, lt=INT64, description="seed of the data order and of the masks' random draws")
     distill: float = Field(

@@ -107,8 +107,11 @@ def activation_scores(
     return channel.reshape(getattr(structure, kind)[layer], -1).sum(1)
 
 
-def uniform_counts(structure: Structure, kinds: set[str], share: float, round_to: int | None) -> Counts:
-    """Kept counts when the same `share` of head units and neurons goes in every layer."""
+def uniform_counts(
+    structure: Structure, kinds: set[str], share: float, round_to: int | None, layers: list[int] | None = None
+) -> Counts:
+    """Kept counts when the same `share` of head units and neurons goes in every layer (`layers`: 1 per kept
+    layer, 0 per layer already removed; default every layer kept)."""
 
     def ffn(n: int) -> int:
         kept = max(1, round(n * (1 - share)))
@@ -118,23 +121,25 @@ def uniform_counts(structure: Structure, kinds: set[str], share: float, round_to
         hidden=structure.hidden,
         heads=[max(1, round(n * (1 - share))) if HEADS in kinds else n for n in structure.heads],
         ffn=[ffn(n) if FFN in kinds else n for n in structure.ffn],
-        layers=[1] * structure.num_layers,
+        layers=list(layers) if layers is not None else [1] * structure.num_layers,
     )
 
 
-def allocate(structure: Structure, config: StructuredConfig) -> Counts:
-    """The smallest uniform per-layer share that removes at least the target (bisection)."""
+def allocate(structure: Structure, config: StructuredConfig, layers: list[int] | None = None) -> Counts:
+    """The smallest uniform per-layer share that removes at least the target (bisection), the removed `layers`
+    counted towards it."""
     kinds, quantity, seq = config.kinds(), config.quantity, config.flops_seq_len
     dense = float(structure.size(structure.full_counts(), quantity, seq))
     limit = dense * (1.0 - config.share)
     low, high = 0.0, 1.0
     for _ in range(40):
         middle = (low + high) / 2
-        if float(structure.size(uniform_counts(structure, kinds, middle, config.round_to), quantity, seq)) <= limit:
+        counts = uniform_counts(structure, kinds, middle, config.round_to, layers)
+        if float(structure.size(counts, quantity, seq)) <= limit:
             high = middle
         else:
             low = middle
-    return uniform_counts(structure, kinds, high, config.round_to)
+    return uniform_counts(structure, kinds, high, config.round_to, layers)
 
 
 def _keep_top(scores: Tensor, count: int) -> Tensor:
@@ -143,13 +148,14 @@ def _keep_top(scores: Tensor, count: int) -> Tensor:
     return keep
 
 
-def _counts(structure: Structure, config: StructuredConfig) -> Counts:
-    """The kept counts per layer, from the structural map alone (before any weight or data is read)."""
+def allocated_counts(structure: Structure, config: StructuredConfig, layers: list[int] | None = None) -> Counts:
+    """The kept counts per layer, from the structural map alone (before any weight or data is read); `layers`:
+    1 per kept layer, 0 per layer another method (depth) already removed, counted towards the target."""
     kinds = config.kinds()
     if not kinds:
         raise UserInputError("structured needs units.heads or units.ffn on.")
-    budget_reachable(structure, kinds, config.quantity, config.share, config.flops_seq_len)
-    return allocate(structure, config)
+    budget_reachable(structure, kinds, config.quantity, config.share, config.flops_seq_len, layers)
+    return allocate(structure, config, layers)
 
 
 def layer_keeps(
@@ -185,7 +191,7 @@ def attach_structured(
     (`placement`) the activation statistics are read with each block on the work device; the scores and gates
     are computed where the model waits."""
     structure = structure_of(model)
-    counts = _counts(structure, config)
+    counts = allocated_counts(structure, config)
     calibration = _calibration(config, calibration)
     norms = output_input_norms(model, structure, calibration, placement) if calibration is not None else {}
     keeps = [layer_keeps(model, structure, config, counts, layer, norms) for layer in range(structure.num_layers)]
@@ -233,7 +239,7 @@ def _streamed_config(model: nn.Module, config: StructuredConfig):
     """The smaller model's config (uniform counts fix it before any data is read); refused when plain
     transformers cannot describe it, since the streamed run writes and measures that checkpoint as such."""
     structure = structure_of(model)
-    counts = _counts(structure, config)
+    counts = allocated_counts(structure, config)
     smaller = shrunk_config(model.config, structure, _decisions(structure, _first_units(structure, counts)))
     if hasattr(smaller, LAYER_SIZES_KEY):
         raise UserInputError(
@@ -264,7 +270,7 @@ def write_streamed(
     tensors sliced by prune.structural.shrink's own slicing. Returns the structural figures of the report."""
     model = skeleton(checkpoint, dtype)
     structure = structure_of(model)
-    counts = _counts(structure, config)
+    counts = allocated_counts(structure, config)
     keeps: list[dict[str, Tensor]] = [{} for _ in range(structure.num_layers)]
 
     def decide(placed: nn.Module, layer: int, stats: dict) -> None:
