@@ -33,6 +33,15 @@ METHOD_CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def sigint_delivered():
+    """A shell starts background jobs with SIGINT ignored (`cmd &` without job control), and the trainer keeps an
+    ignored signal ignored; these tests send SIGINT, so they install Python's default handler for their duration."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def attached(method: str):
     """A tiny Llama with the method's masks, attached after seeding (as the pipeline does)."""
     model = make_tiny_llama()
