@@ -62,14 +62,14 @@ def _run(args: argparse.Namespace) -> None:
 
 def _resume_hint(args: argparse.Namespace, output: str) -> str:
     """The exact command that continues an interrupted run, when it left a checkpoint to continue from."""
-    from prune.runs.run_dir import checkpoint_step
+    from prune.runs.run_dir import last_checkpoint
 
-    step = checkpoint_step(output)
+    step = last_checkpoint(output)
     if step is None:
         return f"no training checkpoint was written in {output}; run the same command again to start over."
     sets = [part for value in args.set for part in ("--set", value)]
     command = ["prune", "run", args.recipe, *sets, "--output", output, "--resume"]
-    return f"the last checkpoint (step {step}) is in {output}. Resume with:\n  {shlex.join(command)}"
+    return f"the last checkpoint ({step}) is in {output}. Resume with:\n  {shlex.join(command)}"
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -76,7 +76,7 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
                 "download it first (or pass its local directory)."
             )
         shard_files(model_dir)
-    check_fsdp(spec.name, spec.fsdp, runtime.device)
+    check_fsdp(spec.name, spec.fsdp or bool(recipe.recover.steps), runtime.device)  # recovery trains sharded too
     if model_dir is not None and recipe.task == "causal-lm":
         check_memory(recipe, spec, runtime, preflight(model_dir, runtime))
     return runtime

@@ -273,6 +273,8 @@ def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
                     error = str(problem)
                 if recipe is not None and getattr(recipe, "task", "causal-lm") != "causal-lm":
                     path = "pipeline"  # the shared path measures language models; other tasks run whole
+                if recipe is not None and recipe.recover.steps:
+                    path = "pipeline"  # recovery trains after the method: only the pipeline runs it
                 key = fingerprint(recipe.fingerprint() if recipe else error, path, sweep.save_masks)
                 points.append(Point(model, name, method_label, sparsity, label, directory, recipe, error, path, key))
     return points

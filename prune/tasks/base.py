@@ -35,8 +35,17 @@ class RunSettings(Protocol):
     model: str
     data: Any
     train: Any  # prune.training.config.TrainConfig
+    recover: Any  # prune.recovery.config.RecoverConfig
     eval: EvalConfig
     seed: int
+
+
+class StageSettings(Protocol):
+    """What a task reads of one training stage's settings: recipe.train for mask training, recipe.recover for
+    recovery (a TrainConfig each)."""
+
+    distill: float
+    eval_windows: int
 
 
 class Task(ABC):
@@ -127,12 +136,13 @@ class Task(ABC):
         """Rows the trainer batches: token blocks, or a dataset of {"pixel_values", "labels"} rows."""
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch) -> Tensor:
-        """The trainer's task loss on one batch of `train_data()`."""
+    def loss(self, model: nn.Module, batch, stage: StageSettings) -> Tensor:
+        """The trainer's task loss on one batch of `train_data()`, for the training `stage` (its distill weight)."""
 
     @abstractmethod
-    def heldout_score(self, model: nn.Module) -> float:
-        """The periodic evaluation's held-out `metric` of the hard masks (lower is better)."""
+    def heldout_score(self, model: nn.Module, stage: StageSettings) -> float:
+        """The periodic evaluation's held-out `metric` of the current model (lower is better), for the training
+        `stage` (how many validation windows it reads)."""
 
     @abstractmethod
     def measure(self, label: str) -> dict:

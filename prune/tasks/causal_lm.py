@@ -41,7 +41,7 @@ from prune.data.text import (
 from prune.methods.spec import HeldOut
 from prune.models import loading
 from prune.structural.shrink import has_layer_sizes, load_resized
-from prune.tasks.base import RunSettings, Task
+from prune.tasks.base import RunSettings, StageSettings, Task
 from prune.tasks.eval_config import EvalConfig
 
 METHOD_REPORT_WINDOWS = 32  # held-out windows a method's own report hook measures on (e.g. per-token FLOPs)
@@ -245,7 +245,8 @@ class CausalLM(Task):
         # what calibration, training and selection read
         self.splits = interleave(self.source_splits, self.mix, self.seq_len, data.source_share)
         self.used: dict[str, dict] = {}
-        self.teacher = frozen_copy(model) if settings.train.distill else None  # before any method attaches
+        distills = settings.train.distill or (settings.recover.steps and settings.recover.distill)
+        self.teacher = frozen_copy(model) if distills else None  # before any method attaches
 
     @classmethod
     def load_model(cls, name_or_path: str, dtype: torch.dtype):
@@ -282,6 +283,9 @@ class CausalLM(Task):
         selection = data.get("used", {}).get("selection")
         if selection is not None:
             note += f". The kept masks were chosen on {selection['windows']} validation windows, never on test"
+        recovery = data.get("used", {}).get("recovery selection")
+        if recovery is not None:
+            note += f". Recovery's kept step was chosen on {recovery['windows']} validation windows, never on test"
         note += ". [95% CI]: bootstrap over windows (2000 resamples, fixed seed)"
         note += "; ± stderr: lm-eval's standard error." if "accuracy" in report else "."
         return note + " FLOPs per forward of one window (pruned: what a sparse kernel would run)."
@@ -297,13 +301,18 @@ class CausalLM(Task):
         if spec.needs_selection:
             self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
             needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
-        if spec.kind == "learnable" and train_config.steps:
+        stages = [("training", "selection", "train", train_config)] if spec.kind == "learnable" else []
+        stages.append(("recovery", "recovery selection", "recover", self.settings.recover))
+        for use, choice, section, stage in stages:
+            if not stage.steps:
+                continue
             windows = len(self.train_data())
-            self.used["training"] = {"part": "train", "windows": windows}
-            check_batch(train_config.batch_size, windows)
-            if train_config.eval_every:
-                self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
-                needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
+            self.used[use] = {"part": "train", "windows": windows}
+            check_batch(stage.batch_size, windows, section)
+            if stage.eval_every:
+                self.used[choice] = {"part": "validation", "windows": stage.eval_windows}
+                if stage.eval_windows > needs["validation"][0]:
+                    needs["validation"] = (stage.eval_windows, f"{section}.eval_windows={stage.eval_windows}")
         self.splits.require(data.source, self.seq_len, needs)
 
     def fields(self) -> dict:
@@ -330,18 +339,18 @@ class CausalLM(Task):
             blocks = blocks[order[: max(1, round(fraction * len(blocks)))]]
         return blocks
 
-    def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
-        """Next-token cross-entropy on a [batch, seq] block of token ids; with `train.distill`, mixed with the KL
-        divergence from the dense teacher (distillation_loss)."""
-        if self.teacher is None:
+    def loss(self, model: nn.Module, batch: Tensor, stage: StageSettings) -> Tensor:
+        """Next-token cross-entropy on a [batch, seq] block of token ids; with the stage's `distill` (train.distill,
+        recover.distill), mixed with the KL divergence from the dense teacher (distillation_loss)."""
+        if not stage.distill:
             return model(input_ids=batch, labels=batch).loss
-        return distillation_loss(model, self.teacher, batch, self.settings.train.distill)
+        return distillation_loss(model, self.teacher, batch, stage.distill)
 
-    def heldout_score(self, model: nn.Module) -> float:
-        """Perplexity of the hard masks on the VALIDATION part (never the test part, which only the reported
-        figures read): what picks the best masks."""
-        windows = self.splits.validation_blocks(self.seq_len)[: self.settings.train.eval_windows]
-        return perplexity(model, windows, desc="eval hard masks (validation)").value
+    def heldout_score(self, model: nn.Module, stage: StageSettings) -> float:
+        """Perplexity on the stage's `eval_windows` windows of the VALIDATION part (never the test part, which
+        only the reported figures read): what picks the best masks, and the best step of recovery."""
+        windows = self.splits.validation_blocks(self.seq_len)[: stage.eval_windows]
+        return perplexity(model, windows, desc="eval (validation)").value
 
     def measure(self, label: str) -> dict:
         return measure(
@@ -366,16 +375,18 @@ class CausalLM(Task):
         )
 
 
-def check_batch(batch_size: int, windows: int) -> None:
+def check_batch(batch_size: int, windows: int, section: str = "train") -> None:
     """A micro-batch (on every process of a launch) holds distinct training windows: more than the data holds would
-    repeat windows inside one batch, and a batch far beyond it is how a typo takes the machine's memory."""
+    repeat windows inside one batch, and a batch far beyond it is how a typo takes the machine's memory. `section`:
+    the training stage's recipe section (train, recover)."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size * processes > windows:
         launch = f" x {processes} processes" if processes > 1 else ""
         raise UserInputError(
-            f"train.batch_size {batch_size}{launch} asks for more windows per micro-batch than the training data "
-            f"holds ({windows} windows of the train part); use train.batch_size <= {max(windows // processes, 1)} "
-            "(raise train.grad_accum for a larger step), or more text (data.source, data.mix)."
+            f"{section}.batch_size {batch_size}{launch} asks for more windows per micro-batch than the training data "
+            f"holds ({windows} windows of the train part); use {section}.batch_size <= "
+            f"{max(windows // processes, 1)} (raise {section}.grad_accum for a larger step), or more text "
+            "(data.source, data.mix)."
         )
 
 
