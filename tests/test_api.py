@@ -324,7 +324,7 @@ BAD_ARGUMENTS = {
         lambda m, t, d: (d / "mine.txt").write_text("x") and prune.oneshot(m, WANDA, dataset=IDS, output_dir=d),
         "holds files",
     ),
-    "a model where a name goes": (lambda m, t, d: prune.load_model(m), "spec must name a model"),
+    "a model where a name goes": (lambda m, t, d: prune.load_model(m), "name_or_path must name a model"),
     "a non-string method name": (lambda m, t, d: prune.method_config(3), "name must be a method's name"),
     "float samples for calibration_blocks": (
         lambda m, t, d: prune.calibration_blocks(t, TEXTS, 2.0, 8),

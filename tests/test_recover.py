@@ -172,6 +172,7 @@ def test_the_report_shows_every_figure_before_and_after_recovery_and_masks_descr
     assert "| sparsegpt 2:4 |" in markdown and "| sparsegpt 2:4 + recovery (lora) |" in markdown
     assert "Perplexity after / before recovery, paired over the same windows: test part" in markdown
     assert section["tokens_seen"] == 6 * 2 * 32  # steps x batch_size x seq_len
+    assert section["processes"] == 1 and section["seconds"] > 0  # a training stage's figures, as `train` has them
     record = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["pruning"]
     assert (record["method"], record["recovered"]) == ("sparsegpt", "lora")
 

@@ -24,6 +24,7 @@ from prune.masks.targets import select_targets
 from prune.methods.activation.method import INFO_FILE as THRESHOLDS_INFO_FILE
 from prune.methods.gating.method import GATING_FILE
 from prune.methods.registry import get_method, method_config
+from prune.methods.spec import masks_meta
 from prune.models.blocks import weight_matrix
 from prune.recovery import stage
 from prune.recovery.config import RecoverConfig
@@ -49,16 +50,17 @@ ATTACHED = "maskprune_config"  # the model attribute holding the config its mask
 SAVED_DESCRIPTIONS = (CONFIG_FILE, GATING_FILE, THRESHOLDS_INFO_FILE)
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK):
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK):
     """(model in eval mode, tokenizer or processor) for an embedded alias, a model directory, a Hub id or a
     `prune run` directory (its model/, or a gated model rebuilt from the base model and its predictors)."""
-    if not isinstance(spec, (str, Path)):
+    if not isinstance(name_or_path, (str, Path)):
         raise UserInputError(
-            f"spec must name a model (an alias such as 'smollm2-135m', a directory or a Hub id), got {described(spec)}."
+            "name_or_path must name a model (an alias such as 'smollm2-135m', a directory or a Hub id), got "
+            f"{described(name_or_path)}."
         )
     if not isinstance(dtype, torch.dtype):
         raise UserInputError(f"dtype must be a torch.dtype such as torch.bfloat16, got {described(dtype)}.")
-    model, processor = loading.load_model(str(spec), dtype, task=task)
+    model, processor = loading.load_model(str(name_or_path), dtype, task=task)
     if wrappers(model):  # a gated run: the model carries its predictors
         guard_save(model)
     return model, processor
@@ -105,13 +107,8 @@ def save_masks(model: nn.Module, directory: str | Path, config: MethodConfig | N
     config = _config_of(model, config)
     check_masked(model)
     directory = _directory(directory)
-    meta = {
-        "model": getattr(getattr(model, "config", None), "name_or_path", None) or "?",
-        "method": config.name,
-        "config": config.model_dump(mode="json"),
-        "weights_changed": config.changes_weights,
-    }
-    get_method(config.name).save(model, directory, config, meta)
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or "?"
+    get_method(config.name).save(model, directory, config, masks_meta(name, config))
     return directory
 
 

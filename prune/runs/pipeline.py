@@ -12,8 +12,6 @@ and writes.
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -21,30 +19,22 @@ import torch
 from accelerate import PartialState
 
 from prune.core.atomic import write_json_atomic
-from prune.core.memory import peak_rss_mb
 from prune.core.rng import seed_all
 from prune.masks.base import weight_masks
 from prune.methods.registry import get_method
-from prune.methods.spec import MethodSpec
+from prune.methods.spec import MethodSpec, masks_meta
 from prune.recovery.stage import STAGE, recover
 from prune.runs import run_dir
 from prune.runs.placed import block_placement, open_task, prepare_runtime
 from prune.runs.preflight import check_recipe
 from prune.runs.provenance import CONFIG_FILE, write_record
 from prune.runs.recipe import Recipe
-from prune.runs.report import recovery_section, with_dense, write_report
+from prune.runs.report import recovery_section, run_report, timed, training_section, with_dense, write_report
 from prune.tasks.base import Task
 from prune.training.checkpoint import POINTER
 from prune.training.config import TrainConfig
 from prune.training.curve import training_curve
 from prune.training.trainer import TrainResult, keep_best, train
-
-
-@contextmanager
-def timed(timings: dict[str, float], stage: str):
-    start = time.perf_counter()
-    yield
-    timings[stage] = round(time.perf_counter() - start, 2)
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dict | None:
@@ -85,7 +75,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
 
     with timed(timings, "prune"):
         seed_all(recipe.seed)  # random initial values (e.g. `prior: none` logits) follow the recipe's seed
-        objective = task.prune(spec, recipe.method, calibration, block_placement(runtime))
+        objective = task.apply_method(spec, recipe.method, calibration, block_placement(runtime))
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
         with timed(timings, "train"):
@@ -98,12 +88,7 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
             _plot_training(directory, _per_step(recipe.train, task, state.num_processes), task.unit)
         achieved = task.sparsity()
         fields = task.fields()  # taken while the masks are attached
-        meta = {
-            "model": recipe.model,
-            "method": spec.name,
-            "config": recipe.to_dict()["method"],
-            "weights_changed": recipe.method.changes_weights or bool(recipe.recover.steps),
-        }
+        meta = masks_meta(recipe.model, recipe.method, recovered=bool(recipe.recover.steps))
         task.save_masks(spec, directory, recipe.method, meta)
 
     masks = weight_masks(task.model) if recipe.recover.steps else {}  # what recovery keeps fixed (export merges)
@@ -131,10 +116,10 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
 
     report = _report(recipe, spec, task, achieved, fields, figures, timings, training, dense, state.num_processes)
     if recovery is not None:
-        report["recover"] = {
-            **recovery_section(recipe.recover, recovery, task.metric, before_recovery, figures),
-            f"{task.unit}_seen": recovery.steps * _per_step(recipe.recover, task, state.num_processes),
-        }
+        trained = training_section(
+            recovery, task.metric, task.unit, _per_step(recipe.recover, task, state.num_processes)
+        )
+        report["recover"] = recovery_section(recipe.recover, trained, before_recovery, figures)
     write_report(directory, report)
     return report
 
@@ -154,25 +139,9 @@ def _report(
     """report.json's content: the run, the pruned model's figures, the task's fields, the dense baseline and
     the figures only the method can measure (e.g. FLOPs of per-input masks). `train.<unit>_seen`: the tokens
     (images) training read, all processes together."""
-    report = {
-        "model": recipe.model,
-        "method": spec.name,
-        **fields,
-        "recipe_fingerprint": recipe.fingerprint(),
-        "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
-        **{key: value for key, value in pruned.items() if key != "seconds"},
-        "timings": timings,
-        "memory": {"peak_rss_mb": peak_rss_mb()},
-    }
+    report = run_report(recipe, fields, achieved, pruned, timings)
     if training is not None:
-        report["train"] = {
-            "steps": training.steps,
-            f"{task.unit}_seen": training.steps * _per_step(recipe.train, task, processes),
-            "best_step": training.best_step,
-            f"best_eval_{task.metric}": training.best_score,
-            "seconds": round(training.seconds, 2),
-            "processes": training.processes,
-        }
+        report["train"] = training_section(training, task.metric, task.unit, _per_step(recipe.train, task, processes))
     if dense is not None:
         with_dense(report, dense)
     if spec.report is not None:

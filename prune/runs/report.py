@@ -4,17 +4,22 @@ task, prune.tasks)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from eval.bootstrap import paired_bootstrap
 from eval.tables import format_number, render_markdown_table, render_table
 from prune.core.atomic import write_json_atomic, write_text_atomic
+from prune.core.memory import peak_rss_mb
 from prune.recovery.config import RecoverConfig
 from prune.tasks.data_config import DEFAULT_TASK
 from prune.tasks.registry import get_task
 
-if TYPE_CHECKING:  # for the annotation only: the report needs no torch
+if TYPE_CHECKING:  # for the annotations only: the report needs no torch
+    from prune.runs.recipe import Recipe
     from prune.training.trainer import TrainResult
 
 COLUMNS = [
@@ -27,6 +32,30 @@ COLUMNS = [
     "latency",
     "time (s)",
 ]
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """report.json's `timings`: how long `stage` took, in seconds."""
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - start, 2)
+
+
+def run_report(recipe: Recipe, fields: dict, achieved: float, figures: dict, timings: dict[str, float]) -> dict:
+    """report.json's content for one pruned model: the run, the task's fields (a causal LM's data report), the
+    target and achieved sparsity, the pruned model's figures (as a task's `measure` returns them), the timings
+    and the peak memory. One builder for `prune run` and a sweep's shared points, so their reports match."""
+    return {
+        "model": recipe.model,
+        "method": recipe.method.name,
+        **fields,
+        "recipe_fingerprint": recipe.fingerprint(),
+        "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
+        **{key: value for key, value in figures.items() if key != "seconds"},
+        "timings": timings,
+        "memory": {"peak_rss_mb": peak_rss_mb()},
+    }
 
 
 def columns(figures: dict) -> list[str]:
@@ -48,8 +77,8 @@ def _accuracy_cell(figures: dict) -> str:
     stderr = figures.get("accuracy_stderr", {})
     return (
         ", ".join(
-            f"{task} {value:.3f}" + (f" ± {stderr[task]:.3f}" if stderr.get(task) is not None else "")
-            for task, value in figures.get("accuracy", {}).items()
+            f"{benchmark} {value:.3f}" + (f" ± {stderr[benchmark]:.3f}" if stderr.get(benchmark) is not None else "")
+            for benchmark, value in figures.get("accuracy", {}).items()
         )
         or "-"
     )
@@ -95,17 +124,28 @@ def summary_rows(report: dict) -> list[dict]:
     return rows
 
 
-def recovery_section(config: RecoverConfig, result: TrainResult, metric: str, before: dict, after: dict) -> dict:
-    """report.json's `recover`: the settings and training result, the figures before recovery (`before`; the
-    report's own figures are after it), and per text the paired bootstrap of ppl_after / ppl_before over the same
-    test windows (`paired.<text>`: ratio, ci95, verdict better / worse / not distinguishable). Accuracy has no
-    per-example record to pair: compare its values with their standard errors."""
-    section = {
-        "mode": config.mode,
+def training_section(result: TrainResult, metric: str, unit: str, per_step: int) -> dict:
+    """A training stage's figures in report.json (`train`; `recover` beside its own): its steps, the tokens (images)
+    it read, all processes together (`<unit>_seen`; `per_step`: one optimizer step's), the step of its best
+    periodic evaluation and that score, its seconds and processes. One builder for both stages."""
+    return {
         "steps": result.steps,
+        f"{unit}_seen": result.steps * per_step,
         "best_step": result.best_step,
         f"best_eval_{metric}": result.best_score,
         "seconds": round(result.seconds, 2),
+        "processes": result.processes,
+    }
+
+
+def recovery_section(config: RecoverConfig, training: dict, before: dict, after: dict) -> dict:
+    """report.json's `recover`: the mode and the stage's `training_section`, the figures before recovery (`before`;
+    the report's own figures are after it), and per text the paired bootstrap of ppl_after / ppl_before over the
+    same test windows (`paired.<text>`: ratio, ci95, verdict better / worse / not distinguishable). Accuracy has no
+    per-example record to pair: compare its values with their standard errors."""
+    section = {
+        "mode": config.mode,
+        **training,
         "before": {key: value for key, value in before.items() if key != "seconds"},
     }
     texts = {"perplexity": (before.get("perplexity"), after.get("perplexity"))}

@@ -16,6 +16,9 @@ With a sweep's speed axis (prune.sweep.speed) the rows also hold `decode_ms_per_
 `decode_speedup`, `prefill_speedup` (over the dense model timed in the same rounds) and `model_bytes`, and per
 text a Pareto flag (`pareto`; `extra_texts.<name>.pareto`): no other row of the model, dense included, decodes
 faster AND reads a lower test perplexity on that text.
+
+`prune compare` refuses runs of one model scored on other test windows (another seq_len, text or split): no best,
+verdict or shared axis means anything across them (check_same_windows).
 """
 
 from __future__ import annotations
@@ -231,6 +234,43 @@ def _windows(row: dict, keys: dict[str, str]) -> tuple:
     """What makes two rows' windows the same ones: the source, the test range, the tokens and window count."""
     source = row.get(keys["source"]) if "source" in keys else None  # an extra text's name is in its keys already
     return (source, tuple(row.get(keys["range"]) or ()), row.get(keys["tokens"]), len(row[keys["nll"]]))
+
+
+def _test_windows(row: dict, name: str | None) -> tuple | None:
+    """What the row's perplexity on one text (None: in-domain) was scored on: the text, seq_len, the test part's
+    token range and its windows; None when the row has no perplexity on that text."""
+    keys, prefix = text_keys(name), "perplexity." if name is None else f"extra_texts.{name}.perplexity."
+    if not isinstance(row.get(keys["value"]), (int, float)):
+        return None
+    source = row.get("data.source") if name is None else name
+    test = tuple(row.get(keys["range"]) or ())
+    return source, row.get(f"{prefix}seq_len"), test, row.get(keys["tokens"]), row.get(f"{prefix}windows")
+
+
+def _describe_windows(windows: tuple) -> str:
+    source, seq_len, test, tokens, count = windows
+    where = f"test tokens [{test[0]}, {test[1]})" if len(test) == 2 else "test part"
+    return f"{source}, seq_len {seq_len}, {where}, {count} windows, {tokens} tokens"
+
+
+def check_same_windows(rows: list[dict]) -> None:
+    """Refuse runs of one model whose perplexity on a text was scored on other test windows than another run's:
+    ranking them (the bold best, the paired verdicts, one plot) would compare numbers of different things."""
+    for name in [None, *extra_texts_of(rows)]:
+        first: dict[str, tuple[tuple, dict]] = {}
+        for row in rows:
+            windows = _test_windows(row, name) if row["status"] == "done" else None
+            if windows is None:
+                continue
+            seen, other = first.setdefault(row["model"], (windows, row))
+            if windows != seen:
+                text = "the in-domain text" if name is None else name
+                raise UserInputError(
+                    f"runs of {row['model']} were scored on other test windows ({text}): {other['dir']}: "
+                    f"{_describe_windows(seen)}; {row['dir']}: {_describe_windows(windows)}. A best point or a "
+                    "verdict across them would compare different things; compare runs measured alike (same "
+                    "data.source, split and seq_len), or each set in its own `prune compare`."
+                )
 
 
 def mark_verdicts(rows: list[dict]) -> list[dict]:
@@ -573,6 +613,7 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
             rows.append(row)
     if not rows:
         raise UserInputError(f"no finished runs in {', '.join(map(str, run_dirs))}.")
+    check_same_windows(rows)
     return mark_verdicts(mark_best(sort_rows(rows)))
 
 

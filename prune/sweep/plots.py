@@ -3,9 +3,11 @@
 - perplexity vs sparsity, one panel per text (in-domain, then each out-of-domain text), one line per method (per
   model when several), each point with its 95% bootstrap interval; N:M patterns as separate markers at their
   fraction; the dense perplexity as a dashed line; log scale when the values span a decade or more;
-- accuracy vs FLOPs, one panel per task, dense included;
+- accuracy vs FLOPs, one panel per lm-eval task, dense included, each point with lm-eval's standard error as an error
+  bar, on an axis from 0 (a gap of a few points must not look like a collapse);
 - per-layer sparsity of one point (per block, weighted by weights), with the sensitivity scan's per-block
-  perplexity increase beneath when there is one;
+  perplexity increase beneath when there is one; not drawn when every layer has the same sparsity and no scan ran
+  (a flat bar chart says nothing the table does not);
 - the sensitivity ranking as horizontal bars;
 - perplexity vs decode ms/token (the speed axis), one panel per text: every point with its interval and its name,
   the Pareto front on that text drawn as a line through its points, the dense model as a black star.
@@ -118,7 +120,9 @@ def _perplexity_axes(ax, values: list[float], xlabel: str, title: str) -> None:
 
 
 def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
-    tasks = sorted(
+    """One panel per lm-eval task (`accuracy.<task>`): accuracy against FLOPs, each point with its standard error
+    (`accuracy_stderr.<task>`) as an error bar where lm-eval gave one, the axis from 0."""
+    benchmarks = sorted(
         {
             key.split(".", 1)[1]
             for row in rows
@@ -129,17 +133,18 @@ def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
     points = [
         row for row in rows if row.get("status") in ("done", "dense") and is_finite_number(row.get("flops.pruned"))
     ]
-    if not tasks or not points:
+    if not benchmarks or not points:
         return None
-    fig, axes = subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        key = f"accuracy.{task}"
+    fig, axes = subplots(1, len(benchmarks), figsize=(6 * len(benchmarks), 4.5), squeeze=False)
+    for ax, benchmark in zip(axes[0], benchmarks):
+        key, stderr = f"accuracy.{benchmark}", f"accuracy_stderr.{benchmark}"
         for i, ((_model, label), members) in enumerate(_series(points).items()):
             members = [row for row in members if is_finite_number(row.get(key))]
+            color = f"C{i % 10}"
             ax.scatter(
                 [row["flops.pruned"] / 1e9 for row in members],
                 [row[key] for row in members],
-                color=f"C{i % 10}",
+                color=color,
                 marker=MARKERS[i % len(MARKERS)],
                 label=label,
             )
@@ -151,15 +156,24 @@ def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
                     xytext=(3, 3),
                     textcoords="offset points",
                 )
+                _accuracy_error_bar(ax, row, key, stderr, color)
         for row in points:
             if row.get("status") == "dense" and is_finite_number(row.get(key)):
                 ax.scatter([row["flops.pruned"] / 1e9], [row[key]], marker="*", s=150, color="black", label="dense")
+                _accuracy_error_bar(ax, row, key, stderr, "black")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("FLOPs per window, sparse-kernel ideal (GFLOPs)")
-        ax.set_ylabel(f"{task} accuracy")
-        ax.set_title(f"{task}: accuracy vs FLOPs")
+        ax.set_ylabel(f"{benchmark} accuracy ± stderr")
+        ax.set_title(f"{benchmark}: accuracy vs FLOPs")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _accuracy_error_bar(ax, row: dict, key: str, stderr: str, color: str) -> None:
+    """The point's ± lm-eval standard error, when it has one (a task scored on one example has none)."""
+    if is_finite_number(row.get(stderr)):
+        ax.errorbar([row["flops.pruned"] / 1e9], [row[key]], yerr=[row[stderr]], color=color, capsize=3, linewidth=1)
 
 
 def _block_of(name: str) -> tuple[str, str]:
@@ -171,10 +185,17 @@ def _block_of(name: str) -> tuple[str, str]:
     return "-", name
 
 
+UNIFORM = 1e-3  # per-layer sparsities closer than this (0.1 percentage point) are one level: rounding, not a profile
+
+
 def layer_profile(
     layers: dict[str, dict], path: Path, title: str, sensitivity: list[dict] | None = None
 ) -> Path | None:
-    if not layers:
+    """Per-block sparsity of one point (and the sensitivity scan's per-block increase beneath); None when there is
+    nothing to see: no layers, or every layer at the same sparsity without a scan."""
+    by_block = [entry for entry in (sensitivity or []) if entry.get("kind") == "block"]
+    levels = [info["sparsity"] for info in layers.values()]
+    if not layers or (max(levels) - min(levels) < UNIFORM and not by_block):
         return None
     blocks: dict[str, list[float]] = {}
     types: dict[str, dict[str, float]] = {}
@@ -184,7 +205,6 @@ def layer_profile(
         blocks[block] = [pruned + info["sparsity"] * info["weights"], total + info["weights"]]
         types.setdefault(kind, {})[block] = info["sparsity"]
     order = sorted(blocks, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0, b))
-    by_block = [entry for entry in (sensitivity or []) if entry.get("kind") == "block"]
     fig, axes = subplots(
         2 if by_block else 1, 1, figsize=(max(7, 0.3 * len(order) + 3), 7 if by_block else 4), squeeze=False
     )

@@ -300,7 +300,7 @@ def _method_entry(entry: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of a model spec or level: '2:4' -> '2of4', 'org/name' -> 'org_name'."""
+    """A file-name-safe form of a model name or level: '2:4' -> '2of4', 'org/name' -> 'org_name'."""
     text = text.replace(":", "of")
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", Path(text).name if Path(text).is_absolute() else text).strip("_") or "x"
 
@@ -365,8 +365,6 @@ def _entries(sweep: SweepRecipe, base: dict[str, Any], model: str):
 def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
     """Every point in the file's order (per model: the grid's methods x levels, or the listed points); a grid
     combination a method cannot do carries its reason."""
-    from prune.methods.oneshot.method import SHARED_STATS
-
     output = Path(sweep.output)
     models = models_of(sweep, base)
     points, labels = [], {}
@@ -378,11 +376,7 @@ def expand_points(sweep: SweepRecipe, base: dict[str, Any]) -> list[Point]:
                 raise UserInputError(f"two grid points share the directory {label!r}; give methods distinct `label`s.")
             labels[label] = True
             directory = output / POINTS_DIR / label
-            path = (
-                "shared"
-                if sweep.shared_calibration and get_declaration(name).kind == "oneshot" and name in SHARED_STATS
-                else "pipeline"
-            )
+            path = "shared" if sweep.shared_calibration and get_declaration(name).statistics is not None else "pipeline"
             recipe, error = None, None
             try:
                 recipe = parse_recipe(raw(directory))

@@ -46,7 +46,7 @@ from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.extras import require
 from prune.core.sparsity import parse_sparsity
-from prune.methods.registry import get_method
+from prune.methods.registry import METHODS, get_method
 from prune.runs.preflight import check_needs
 from prune.runs.recipe import Recipe, parse_recipe
 from prune.runs.report import write_report
@@ -324,20 +324,17 @@ def run_sensitivity(
 ) -> dict:
     """Prune one block (and one layer type) at a time with the sweep's sensitivity method and level; rank the
     groups by perplexity increase; write sensitivity/ and refresh the sweep's layers.png when a sweep ran."""
-    from prune.methods.oneshot.method import SHARED_STATS
-
     require("matplotlib", "the sensitivity plot (sensitivity.png)")
     write = write or tqdm.write
     settings = sweep.sensitivity
     # a sweep of listed points scans with their methods' default settings
     entries = sweep.grid.methods if sweep.grid is not None else [point.method["name"] for point in sweep.points]
     names = [_method_entry(entry)[0] for entry in entries]
-    method = settings.method or (
-        "wanda" if "wanda" in names else next((n for n in names if n in SHARED_STATS), "wanda")
-    )
-    if method not in SHARED_STATS:
+    scanners = [name for name, declared in METHODS.items() if declared.statistics is not None]
+    method = settings.method or ("wanda" if "wanda" in names else next((n for n in names if n in scanners), "wanda"))
+    if method not in scanners:
         raise UserInputError(
-            f"the sensitivity scan needs a one-shot method ({', '.join(SHARED_STATS)}), got {method!r}; "
+            f"the sensitivity scan needs a one-shot method ({', '.join(scanners)}), got {method!r}; "
             "set sensitivity.method."
         )
     entry = next((e for e in entries if _method_entry(e)[0] == method), method)

@@ -2,8 +2,8 @@
 
 The pipeline (prune.runs.pipeline) is one flow for every kind of model; everything that differs between a
 causal LM on text, CLIP as a zero-shot classifier and an image classifier with its own head lives behind
-this interface: how the model of a spec loads and how it is held, pruned and saved (in memory here; streamed
-from disk block by block in prune.tasks.streamed), which data the recipe's `data` section names, what the
+this interface: how a model (alias, directory, Hub id) loads and how it is held, pruned and saved (in memory here;
+streamed from disk block by block in prune.tasks.streamed), which data the recipe's `data` section names, what the
 trainer trains on (and with which loss), the held-out score its periodic evaluation minimizes, the figures
 of the dense and the pruned model, and the report's task fields and report.md note.
 
@@ -63,7 +63,7 @@ class Task(ABC):
 
     @classmethod
     @abstractmethod
-    def load_model(cls, spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    def load_model(cls, name_or_path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
         """(model in eval mode, tokenizer or processor) for an alias, a model directory or a Hub id."""
 
     @classmethod  # noqa: B027 (an optional hook: nothing to check by default)
@@ -86,7 +86,7 @@ class Task(ABC):
         """Measure `model` from now on (the exported model replaces the masked one)."""
         self.model = model
 
-    def prune(
+    def apply_method(
         self,
         spec: MethodSpec,
         config: MethodConfig,

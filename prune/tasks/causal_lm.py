@@ -28,6 +28,7 @@ from eval.metric_errors import TaskUnavailableError
 from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
+from prune.data.config import DataConfig
 from prune.data.seen import all_seen_warning, label, seen_texts
 from prune.data.text import (
     TokenSplits,
@@ -82,8 +83,8 @@ def measure(
             limit=config.limit,
             **batched,
         )
-        figures["accuracy"] = {task: score.value for task, score in scores.items()}
-        figures["accuracy_stderr"] = {task: score.stderr for task, score in scores.items()}
+        figures["accuracy"] = {benchmark: score.value for benchmark, score in scores.items()}  # lm-eval task names
+        figures["accuracy_stderr"] = {benchmark: score.stderr for benchmark, score in scores.items()}
     params = count_params(model)
     figures["params"] = {"total": params.total, "nonzero": params.nonzero}
     if config.flops:
@@ -129,23 +130,26 @@ def _figures(result: PerplexityResult, seq_len: int) -> dict:
     }
 
 
+def calibration_use(data: DataConfig) -> dict[str, dict]:
+    """`used`'s entry for a method that reads calibration data: the part it is drawn from and how many windows."""
+    return {"calibration": {"part": "train", "windows": data.calibration_samples}}
+
+
 def data_report(
-    source: str,
-    seq_len: int,
+    data: DataConfig,
     splits: TokenSplits,
     extra: Mapping[str, TokenSplits],
     used: dict[str, dict],
     *,
     mix: Mapping[str, TokenSplits] | None = None,
-    source_share: float | None = None,
 ) -> dict:
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
     how many windows) each use read: `used` maps a use (calibration, training, selection) to its part; under
     `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts and how
     many train windows calibration and training drew from, after `data.source_share`). `seen`: for the source,
     each mix text and each extra text, whether the run read any part of it (prune.data.seen); `warning` when
-    every extra text was read."""
-    mix = mix or {}
+    every extra text was read. One builder for `prune run` and a sweep's shared points."""
+    source, seq_len, source_share, mix = data.source, data.seq_len, data.source_share, mix or {}
     train_windows = shared_train_windows(splits, mix, seq_len, source_share)[1:]
     seen = seen_texts(source, mix, [source, *mix, *extra], reads=bool(used))
     warning = all_seen_warning(seen, extra)
@@ -245,12 +249,12 @@ class CausalLM(Task):
         self.teacher = frozen_copy(model) if distills else None  # before any method attaches
 
     @classmethod
-    def load_model(cls, spec: str, dtype: torch.dtype):
+    def load_model(cls, name_or_path: str, dtype: torch.dtype):
         """An alias, a model directory, a Hub id, or a structural export whose layers differ in size."""
-        path = Path(spec).expanduser()
+        path = Path(name_or_path).expanduser()
         if path.is_dir() and has_layer_sizes(str(path)):
             return load_resized(str(path), dtype).eval(), loading.load_tokenizer(str(path))
-        return loading.load(spec, dtype)
+        return loading.load(name_or_path, dtype)
 
     @classmethod
     def check_model(cls, model: nn.Module, settings: RunSettings) -> None:
@@ -292,7 +296,7 @@ class CausalLM(Task):
         data, train_config = self.settings.data, self.settings.train
         needs = {"train": (1, "a run"), "validation": (1, "a run"), "test": (1, "the test perplexity")}
         if spec.needs_calibration:
-            self.used["calibration"] = {"part": "train", "windows": data.calibration_samples}
+            self.used.update(calibration_use(data))
             needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
         if spec.needs_selection:
             self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
@@ -312,18 +316,7 @@ class CausalLM(Task):
         self.splits.require(data.source, self.seq_len, needs)
 
     def fields(self) -> dict:
-        data = self.settings.data
-        return {
-            "data": data_report(
-                data.source,
-                self.seq_len,
-                self.source_splits,
-                self.extra,
-                self.used,
-                mix=self.mix,
-                source_share=data.source_share,
-            )
-        }
+        return {"data": data_report(self.settings.data, self.source_splits, self.extra, self.used, mix=self.mix)}
 
     @property
     def sample_size(self) -> int:
