@@ -273,7 +273,7 @@ def render(result: dict) -> str:
             f"{a['seq_len']} tokens of the docs' train part; per level the variant (score, allocation) with the lowest "
             f"perplexity on the docs' validation part ({result['validation_windows']} windows) is kept; perplexity "
             f"on the test parts of the docs (the first {result['test_windows']} windows) and of "
-            + ", ".join(f"{text} (the first {result['extra_windows'][text]} windows)" for text in EXTRA_TEXTS)
+            + " and ".join(f"{text} (the first {result['extra_windows'][text]} windows)" for text in EXTRA_TEXTS)
             + " (not seen: the method reads only the docs' train part), [95% bootstrap interval]. Decode: "
             f"prompt 128, 32 tokens at batch 1; dense = the same model with its thresholds bypassed, alternated with "
             f"the sparse model {a['rounds']} times in this process (medians; ratio = sparse / dense tokens/s). "

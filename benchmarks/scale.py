@@ -148,9 +148,9 @@ def sizes(directory: Path) -> dict:
 
 
 def _method_config(method: str):
-    from prune.methods.oneshot import method as oneshot
+    from prune import method_config
 
-    return (oneshot.WandaConfig if method == "wanda" else oneshot.SparseGPTConfig)(name=method, sparsity="2:4")
+    return method_config(method, sparsity="2:4")
 
 
 def run_case(source: Path, out: Path, method: str, mode: str) -> dict:
@@ -160,20 +160,21 @@ def run_case(source: Path, out: Path, method: str, mode: str) -> dict:
 
     from prune.calibration.layerwise import prune_layerwise
     from prune.calibration.streaming import stream_prune
-    from prune.methods.oneshot.method import make_stats_for, prune_from_stats, targets_of
+    from prune.methods.oneshot.method import targets_of
+    from prune.methods.registry import get_method
 
     torch.set_num_threads(1)
     config = _method_config(method)
     calibration = torch.randint(0, 32000, CALIBRATION, generator=torch.Generator().manual_seed(0))
-    prune_module = lambda name, module, stats: prune_from_stats(config, module, stats)  # noqa: E731
+    pruning = get_method(method).block_pruning(config)
     start = time.perf_counter()
     if mode == "stream":
         stream_prune(
             source,
             out,
             targets_of(config),
-            prune_module,
-            make_stats_for(config),
+            pruning.prune,
+            pruning.make_stats,
             calibration,
             device=torch.device("cpu"),
             dtype=torch.bfloat16,
@@ -185,8 +186,8 @@ def run_case(source: Path, out: Path, method: str, mode: str) -> dict:
         prune_layerwise(
             model,
             targets_of(config)(model),
-            prune_module,
-            make_stats_for(config),
+            pruning.prune,
+            pruning.make_stats,
             calibration,
             restore=False,
             progress=False,

@@ -6,6 +6,9 @@ random tokens (batch 1) builds the cache; then `decode_tokens` single-token forw
 it, feeding back the greedy token. Each of `repeats` runs is timed with `time.perf_counter`
 (after `warmup` untimed runs, with a device synchronize around CUDA timings); the median is kept.
 
+`alternated` times several models (or one model in several states) in turn, round after round, in one process:
+a neighbour's load on a shared CPU then slows each of them alike, and their medians compare.
+
 transformers 5.x renamed the cache argument and output field `past_key_values` -> `cache`; the
 forward signature is inspected so both spellings work.
 """
@@ -16,6 +19,7 @@ import inspect
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,3 +134,24 @@ def measure_latency(
     if not (math.isfinite(result.prefill_tokens_per_s) and math.isfinite(result.decode_ms_per_token)):
         raise RuntimeError(f"latency measurement gave non-finite numbers: {result}")
     return result
+
+
+def alternated(timers: dict[str, Callable[[], LatencyResult]], rounds: int) -> dict[str, dict[str, float]]:
+    """Run every timer once per round, in turn, for `rounds` rounds after one untimed round that warms them all
+    up; per label the medians over rounds: decode_ms_per_token and prefill_tokens_per_s. A timer is one
+    `measure_latency` run (repeats=1, warmup=0) of its model in the state it is timed in."""
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
+    results: dict[str, list[LatencyResult]] = {label: [] for label in timers}
+    for round_index in range(rounds + 1):
+        for label, timer in timers.items():
+            result = timer()
+            if round_index:
+                results[label].append(result)
+    return {
+        label: {
+            "decode_ms_per_token": statistics.median(r.decode_ms_per_token for r in runs),
+            "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs),
+        }
+        for label, runs in results.items()
+    }

@@ -27,7 +27,8 @@ Learnable methods, peft-style, one step at a time:
 
 `prune.train(model, objective, blocks, prune.TrainConfig(steps=...), "run_dir")` is the one trainer instead of
 your own loop (checkpoints, resume, logging, accelerate). `prune.calibration_blocks(tokenizer, texts, samples,
-seq_len)` turns text into the token blocks `attach` reads.
+seq_len)` turns text into the token blocks `attach` reads. `prune.recover(model, {"steps": 200}, blocks, "run_dir")`
+then trains the pruned model's kept weights with its masks fixed (the recipe's `recover` section).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "save_masks": "prune.runs.api",
     "load_masks": "prune.runs.api",
     "export": "prune.runs.api",
+    "recover": "prune.runs.api",
     "METHODS": "prune.methods.registry",
     "MethodConfig": "prune.core.config",
     "Objective": "prune.masks.base",

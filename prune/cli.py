@@ -62,18 +62,23 @@ def _run(args: argparse.Namespace) -> None:
 
 def _resume_hint(args: argparse.Namespace, output: str) -> str:
     """The exact command that continues an interrupted run, when it left a checkpoint to continue from."""
-    from prune.runs.run_dir import checkpoint_step
+    from prune.runs.run_dir import last_checkpoint
 
-    step = checkpoint_step(output)
+    step = last_checkpoint(output)
     if step is None:
         return f"no training checkpoint was written in {output}; run the same command again to start over."
     sets = [part for value in args.set for part in ("--set", value)]
     command = ["prune", "run", args.recipe, *sets, "--output", output, "--resume"]
-    return f"the last checkpoint (step {step}) is in {output}. Resume with:\n  {shlex.join(command)}"
+    return f"the last checkpoint ({step}) is in {output}. Resume with:\n  {shlex.join(command)}"
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from prune.core.errors import UserInputError
     from prune.data.config import DataConfig
+    from prune.data.sources import check_local_source, entry_error
+    from prune.models.local import check_model_path
+    from prune.models.runtime_config import RuntimeConfig
+    from prune.runs.paths import check_eval_output, eval_output
     from prune.runs.recipe import parse_options
     from prune.tasks.eval_config import EvalConfig
 
@@ -81,35 +86,29 @@ def _eval(args: argparse.Namespace) -> None:
     data = parse_options(DataConfig, {"source": args.data, "seq_len": seq_len})
     config = parse_options(
         EvalConfig,
-        {"tasks": args.tasks, "extra_texts": args.extra_texts, "limit": args.limit, "latency": not args.no_latency},
+        {
+            "tasks": args.tasks,
+            "extra_texts": args.extra_texts,
+            "limit": args.limit,
+            "latency": not args.no_latency,
+            "perplexity": not args.no_perplexity,
+        },
     )
-    from eval.tables import render_table  # torch, transformers, lm-eval: imported once the options are good
-    from prune.data.text import prepare, prepare_extra
-    from prune.models.loading import check_seq_len
-    from prune.runs import run_dir
-    from prune.runs.loading import load_model
-    from prune.runs.report import columns, summary_row
-    from prune.tasks.causal_lm import check_eval_tasks, measure
+    runtime = parse_options(RuntimeConfig, {"device": args.device, "dtype": args.dtype})
+    output = eval_output(args.model, args.output)
+    check_eval_output(output)
+    check_model_path(args.model)
+    check_local_source(data.source)
+    for source in config.extra_texts if config.perplexity else []:
+        try:
+            check_local_source(source)
+        except UserInputError as error:
+            raise entry_error("--extra-texts", source, error) from None
+    from prune.runs.evaluate import evaluate, table  # torch, transformers, lm-eval: once the options are good
 
-    given = Path(args.model)
-    is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
-    spec = str(given / run_dir.MODEL_DIR) if is_run else args.model  # a run without model/ (gating) loads itself
-    model, tokenizer = load_model(spec)
-    check_seq_len(model, data.seq_len, args.model, "--seq-len")
-    if config.tasks:
-        check_eval_tasks(config, "--tasks")
-    splits = prepare(
-        tokenizer, data.source, heldout_fraction=data.heldout_fraction, validation_fraction=data.validation_fraction
-    )
-    extra = prepare_extra(
-        tokenizer,
-        config.extra_texts,
-        data.seq_len,
-        heldout_fraction=data.heldout_fraction,
-        validation_fraction=data.validation_fraction,
-    )
-    figures = measure(model, tokenizer, splits, config, data.seq_len, args.model, extra=extra)
-    print(render_table([summary_row(args.model, figures)], columns(figures)))
+    report = evaluate(args.model, data, config, runtime, output)
+    print(table(report))
+    print(f"\nwritten to {output}: eval.json, eval.md")
 
 
 def _run_seq_len(given: Path) -> int:
@@ -219,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--limit", type=int, default=200, help="examples per task")
     evaluate.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    evaluate.add_argument("--no-perplexity", action="store_true", help="skip the perplexity (and extra texts)")
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (as runtime.device)")
+    evaluate.add_argument(
+        "--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16 (as runtime.dtype)"
+    )
+    evaluate.add_argument(
+        "--output",
+        help="directory for eval.json and eval.md (default: beside the model: the run or model directory given; "
+        "runs/eval/<name> for an alias or Hub id); a file there that MaskPrune did not write is never replaced",
+    )
     evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser("export", help="write <run>/model/ from the base model and the saved masks")

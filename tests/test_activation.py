@@ -18,6 +18,7 @@ from prune.methods.activation import kernel
 from prune.methods.activation.layers import ThresholdedFFN, ThresholdedLinear, thresholded
 from prune.methods.activation.method import ACTIVATION, measure_zeroed, report_activation
 from prune.methods.spec import HeldOut
+from prune.runs import run_dir
 from prune.runs.loading import load_model
 from tests.conftest import docs_text, make_tiny_gpt2, make_tiny_llama, save_tiny_model
 
@@ -331,3 +332,5 @@ def test_a_run_reports_speed_side_by_side_and_prune_eval_loads_the_sparse_model(
     assert "perplexity" in capsys.readouterr().out
     model, _ = load_model(str(run))
     assert all(isinstance(layer, ThresholdedFFN) for layer in thresholded(model).values())
+    written = {entry.name for entry in run.iterdir()}
+    assert written <= run_dir.RUN_FILES, f"files --overwrite would leave behind: {written - run_dir.RUN_FILES}"

@@ -131,6 +131,7 @@ def test_oneshot_from_a_list_of_strings_saves_a_2of4_checkpoint_plain_transforme
         "sparsity": "2:4",
         "targets": None,
         "config": config.model_dump(mode="json"),
+        "recovered": None,
     }
     assert AutoTokenizer.from_pretrained(tmp_path / "out")("def f():")["input_ids"]  # saved beside the model
     again = prune.oneshot(str(tiny_dir), config, dataset=TEXTS, num_calibration_samples=4, seq_len=32)
@@ -323,7 +324,7 @@ BAD_ARGUMENTS = {
         lambda m, t, d: (d / "mine.txt").write_text("x") and prune.oneshot(m, WANDA, dataset=IDS, output_dir=d),
         "holds files",
     ),
-    "a model where a name goes": (lambda m, t, d: prune.load_model(m), "spec must name a model"),
+    "a model where a name goes": (lambda m, t, d: prune.load_model(m), "name_or_path must name a model"),
     "a non-string method name": (lambda m, t, d: prune.method_config(3), "name must be a method's name"),
     "float samples for calibration_blocks": (
         lambda m, t, d: prune.calibration_blocks(t, TEXTS, 2.0, 8),
@@ -332,6 +333,41 @@ BAD_ARGUMENTS = {
     "a string as calibration_blocks' texts": (
         lambda m, t, d: prune.calibration_blocks(t, "one text", 1, 8),
         r"texts is the string 'one text'; pass a list of strings \(\[text\] for one text\)",
+    ),
+    "recovery of a model that was never pruned": (
+        lambda m, t, d: prune.recover(m, {"steps": 1}, IDS, d),
+        r"model is not pruned: it carries no MaskPrune masks and its config records no pruning",
+    ),
+    "recovery with a TrainConfig": (
+        lambda m, t, d: prune.recover(m, prune.TrainConfig(steps=1), IDS, d),
+        r"config must be a dict of a recipe's recover keys",
+    ),
+    "recovery of zero steps": (lambda m, t, d: prune.recover(m, {}, IDS, d), "steps: 0, so recovery would train"),
+    "recovery from text": (lambda m, t, d: prune.recover(m, {"steps": 1}, TEXTS, d), "data is text"),
+    "recovery into a number": (lambda m, t, d: prune.recover(m, {"steps": 1}, IDS, 7), "run_dir must be a path"),
+    "recovery masks beside attached ones": (
+        lambda m, t, d: (
+            prune.attach(m, WANDA, calibration=IDS)
+            or prune.recover(m, {"steps": 1}, IDS, d, masks={"model.layers.0.mlp.up_proj": None})
+        ),
+        "leave masks out",
+    ),
+    "recovery masks of the wrong shape": (
+        lambda m, t, d: prune.recover(
+            m, {"steps": 1}, IDS, d, masks={"model.layers.0.mlp.up_proj": torch.ones(3, 3, dtype=torch.bool)}
+        ),
+        r"must be a bool tensor of the layer's weight shape \[128, 64\].*torch.bool tensor of shape \[3, 3\]",
+    ),
+    "recovery masks on a layer that is no linear": (
+        lambda m, t, d: prune.recover(m, {"steps": 1}, IDS, d, masks={"model.embed_tokens": torch.ones(1)}),
+        "'model.embed_tokens', which is no linear layer",
+    ),
+    "recovery of a model whose masks gate structures": (
+        lambda m, t, d: (
+            prune.attach(m, prune.method_config("structured", target={"params": 0.3}), calibration=IDS)
+            or prune.recover(m, {"steps": 1}, IDS, d)
+        ),
+        r"Export a structural method's model first \(prune\.export\)",
     ),
     "2:4 kernels on a model without 2:4 weights": (
         lambda m, t, d: prune.to_semi_structured(m),

@@ -1205,6 +1205,57 @@ CASES = [
         absent="Lower train.lr",
     ),
     Case("prune eval RUN_DIR uses the run's seq_len", "25.6", eval_of_run_dir, 0, ""),
+    # ---- issue 22: recovery settings, refused before the output is claimed
+    Case(
+        "recovery after per-input gating",
+        "22",
+        lambda lab: lab.run("--set", "method={name: gating}", "--set", "recover.steps=2"),
+        2,
+        "gating chooses what to compute per input and leaves no plain model to recover",
+        no_output,
+    ),
+    Case(
+        "recovery under offload",
+        "22",
+        lambda lab: lab.run("--set", "recover.steps=2", "--set", "runtime.offload=cpu"),
+        2,
+        "recover.steps trains the whole pruned model on the device, which runtime.offload: cpu does not hold",
+        no_output,
+    ),
+    Case(
+        "recover.targets matching nothing",
+        "22",
+        lambda lab: (
+            fail_on_forward(lab),
+            lab.run("--set", "recover.steps=2", "--set", "recover.targets=['*.mlp.nothing']"),
+        )[1],
+        2,
+        "recover.targets: target pattern '*.mlp.nothing' matches no Linear/Conv1D module",
+        no_output,
+    ),
+    Case(
+        "unknown recover key",
+        "22",
+        lambda lab: lab.run("--set", "recover.rnak=4"),
+        2,
+        "unknown key 'recover.rnak'; allowed keys in recover: steps,",
+        no_output,
+    ),
+    Case(
+        "unknown recovery mode",
+        "22",
+        lambda lab: lab.run("--set", "recover.steps=2", "--set", "recover.mode=half"),
+        2,
+        "recover.mode: Input should be 'lora' or 'full'",
+        no_output,
+    ),
+    Case(
+        "prune export of a recovered run",
+        "22",
+        lambda lab: ["export", str(lab.copy("recovered"))],
+        2,
+        "trained the kept weights after pruning (recover.steps), which the masks alone cannot rebuild",
+    ),
 ]
 
 
@@ -1241,7 +1292,7 @@ def write_inputs(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def lab_root(tmp_path_factory) -> Path:
     """The inputs, a sharded copy of the tiny Llama, and the runs rows start from: a finished 2:4 and 50% run, an
-    nm_gumbel run killed after training."""
+    nm_gumbel run killed after training, a finished 2:4 run with recovery."""
     root = write_inputs(tmp_path_factory.mktemp("lab"))
     sharded = AutoModelForCausalLM.from_pretrained(root / "llama")
     sharded.save_pretrained(root / "sharded", max_shard_size="50KB")  # a few shards and an index
@@ -1264,6 +1315,8 @@ def lab_root(tmp_path_factory) -> Path:
         == 0
     )
     assert main(["run", str(root / "gumbel.yaml"), "--output", str(root / "unfinished")]) == 0
+    recovery = ["--set", "recover.steps=2", "--set", "recover.batch_size=2"]
+    assert main(["run", str(root / "wanda.yaml"), "--output", str(root / "recovered"), *recovery]) == 0
     for name in ("report.json", "report.md", "masks.safetensors", "masks.json"):  # as if killed after training
         (root / "unfinished" / name).unlink()
     shutil.rmtree(root / "unfinished" / "model")
@@ -1307,7 +1360,7 @@ def test_bad_input(case: Case, lab_root, tmp_path, monkeypatch, capsys, one_thre
 
 def test_every_defect_of_issue_15_on_our_side_has_a_row():
     covered = {defect for case in CASES for defect in case.defect.split("+")}
-    assert {"2", "3", "4", "5", "7", "8", "10", "11", "12", "13", "14", "works"} <= covered
+    assert {"2", "3", "4", "5", "7", "8", "10", "11", "12", "13", "14", "22", "works"} <= covered
     assert {"25.1", "25.2", "25.3", "25.5", "25.6"} <= covered  # issue 25's classes (4 and 7: other tests)
 
 

@@ -10,6 +10,7 @@ from prune.core.config import StrictConfig, sample_yaml
 from prune.data.images import ImageDataConfig
 from prune.methods.registry import METHODS
 from prune.models.runtime import RuntimeConfig
+from prune.recovery.config import RecoverConfig
 from prune.runs.recipe import DataConfig, ExportConfig, Recipe, parse_recipe
 from prune.sweep.recipe import SweepRecipe
 from prune.tasks.data_config import ZeroShotDataConfig
@@ -21,6 +22,7 @@ SECTIONS = {
     "data (images)": ImageDataConfig,
     "data (zero-shot)": ZeroShotDataConfig,
     "train": TrainConfig,
+    "recover": RecoverConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
     "runtime": RuntimeConfig,

@@ -250,6 +250,12 @@ def test_the_rows_cover_exactly_the_tasks_each_method_declares():
         assert {FAMILIES[name].task for name in row.families} == METHODS[row.method].tasks, row.method
 
 
+def test_a_method_declares_a_plain_model_exactly_when_its_spec_needs_no_restore():
+    """The recipe refuses recovery (which trains a plain model) by the torch-free declaration; the spec decides."""
+    for name, declared in METHODS.items():
+        assert declared.plain_model == (get_method(name).restore is None), name
+
+
 @pytest.mark.parametrize("case", CASES, indirect=True)
 def test_only_mask_parameters_train(case, tmp_path):
     """One-shot: nothing trainable is added. Learnable: the masks own every new parameter, and two steps of the

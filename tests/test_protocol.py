@@ -45,7 +45,7 @@ def test_selection_of_the_kept_masks_reads_validation_windows_and_never_a_test_w
     original = causal_lm.perplexity
 
     def spy(model, blocks, **kwargs):  # the task's perplexity: the trainer's evaluate callback and the figures
-        if model.training is False and kwargs.get("desc", "").startswith("eval hard masks"):
+        if model.training is False and kwargs.get("desc", "").startswith("eval (validation)"):
             seen.append(blocks.clone())
         return original(model, blocks, **kwargs)
 
@@ -204,7 +204,7 @@ def test_mix_texts_join_training_and_selection_but_their_test_parts_stay_unread(
     original = causal_lm.perplexity
 
     def spy(model, blocks, **kwargs):
-        if kwargs.get("desc", "").startswith("eval hard masks"):
+        if kwargs.get("desc", "").startswith("eval (validation)"):
             seen.append(blocks.clone())
         return original(model, blocks, **kwargs)
 

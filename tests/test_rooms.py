@@ -15,6 +15,7 @@ ROOMS: tuple[tuple[str, ...], ...] = (
     ("cli",),
     ("sweep",),
     ("runs",),
+    ("recovery",),
     ("tasks", "training"),
     ("methods",),
     ("structural", "calibration"),

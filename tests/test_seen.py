@@ -10,6 +10,7 @@ import os
 import torch
 
 from prune.data import prose
+from prune.data.config import DataConfig
 from prune.data.seen import NOT_SEEN, SEEN, all_seen_warning, identity, label, seen_texts
 from prune.data.text import split_tokens
 from prune.sweep.compare import display_row, seen_of
@@ -71,13 +72,13 @@ def _splits(start: int):
 
 def test_report_data_section_carries_the_labels_and_the_warning():
     source, moby, sotu = _splits(0), _splits(1000), _splits(2000)
-    used = {"calibration": {"part": "train", "windows": 2}}
-    data = data_report("embedded-docs", 10, source, {"moby-dick": moby, "sotu": sotu}, used, mix={"moby-dick": moby})
+    used, config = {"calibration": {"part": "train", "windows": 2}}, DataConfig(source="embedded-docs", seq_len=10)
+    data = data_report(config, source, {"moby-dick": moby, "sotu": sotu}, used, mix={"moby-dick": moby})
     assert data["seen"] == {"embedded-docs": True, "moby-dick": True, "sotu": False}
     assert "warning" not in data
-    only_seen = data_report("embedded-docs", 10, source, {"moby-dick": moby}, used, mix={"moby-dick": moby})
+    only_seen = data_report(config, source, {"moby-dick": moby}, used, mix={"moby-dick": moby})
     assert "moby-dick" in only_seen["warning"]
-    untouched = data_report("embedded-docs", 10, source, {"moby-dick": moby}, {}, mix={"moby-dick": moby})
+    untouched = data_report(config, source, {"moby-dick": moby}, {}, mix={"moby-dick": moby})
     assert untouched["seen"] == {"embedded-docs": False, "moby-dick": False} and "warning" not in untouched
 
 

@@ -60,6 +60,10 @@ NEEDS_NO_MODEL = (
     "method.targets: []",
     "a file given as a model",
     "a directory given as a recipe",
+    "recovery after per-input gating",
+    "recovery under offload",
+    "unknown recover key",
+    "unknown recovery mode",
 )
 
 

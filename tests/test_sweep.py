@@ -191,9 +191,10 @@ def test_sweep_outputs_and_point_reports(swept):
     markdown = (out / "sweep.md").read_text()
     assert "| best |" in markdown and "one layer-by-layer pass over the dense model" in markdown
     assert "moby-dick [95% CI]" in markdown and "paired bootstrap" in markdown
-    for name in ("perplexity_vs_sparsity.png", "accuracy_vs_flops.png", "layers.png"):
+    for name in ("perplexity_vs_sparsity.png", "accuracy_vs_flops.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
+    assert not (out / "layers.png").exists()  # the best point's layers are all at 50%: a flat chart shows nothing
     report = json.loads((out / "points" / "sparsegpt-2of4" / "report.json").read_text())
     assert report["sweep"]["path"] == "shared" and report["sweep"]["fingerprint"]
     assert report["dense"]["perplexity"]["value"] == report["perplexity"]["dense"]

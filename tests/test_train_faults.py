@@ -20,7 +20,7 @@ from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.methods.registry import get_method
 from prune.training.config import TrainConfig
-from prune.training.trainer import TrainResult, lm_loss, train, trainable_parameters
+from prune.training.trainer import TrainResult, keep_best, lm_loss, train, trainable_parameters
 from tests.conftest import make_tiny_llama
 
 STEPS = 6
@@ -396,13 +396,11 @@ def test_a_trainer_state_whose_step_is_not_an_integer_is_a_clear_error(tmp_path,
 
 
 def test_best_masks_of_another_shape_are_refused(tmp_path, one_thread):
-    from prune.runs.pipeline import _keep_best
-
     model, objective = attached("nm_gumbel")
     train(model, objective, tokens(), train_config(steps=2, eval_every=1), tmp_path, evaluate=lambda masked: 1.0)
     name = replace_tensor(tmp_path / "train" / "best.safetensors", lambda tensor: tensor[:1].clone())
     with pytest.raises(UserInputError, match="shape") as error:
-        _keep_best(model, objective, tmp_path, TrainResult(2, 1.0, 0, 0.0))
+        keep_best(model, objective, tmp_path, TrainResult(2, 1.0, 0, 0.0))
     assert name in str(error.value) and "best.safetensors" in str(error.value)
 
 

@@ -24,6 +24,10 @@ The sequential scheme of SparseGPT/Wanda, with memory bounded by one block's act
    model and the result carries only the masks: the updated weights as well would be a second copy of every
    target.
 
+`collect_stats` walks the same way over the dense model (statistics only, each block run once): both drivers, and
+activation sparsity's calibration, are visitors of `walk_blocks`, which captures, onloads, runs and offloads the
+blocks.
+
 `make_stats=None` (magnitude) runs no forward at all and, with `restore=True`, never writes a weight.
 Hooks are removed and the train/eval mode is restored in `finally` blocks.
 
@@ -106,45 +110,32 @@ def prune_layerwise(
         return result
     if make_stats is None:
         return _prune_placed_without_data(model, modules, prune_module, result, placement, restore, keep_results)
-    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
-    _check_placed(placement, outside)
 
     originals: dict[str, Tensor] | None = {} if restore else None
-    was_training = model.training
-    model.eval()
+    blocks_name, blocks = find_blocks(model)
+    # a whole-model forward after the blocks (targets outside them) reads every block's pruned weights
+    keep_originals = any(_block_index(name, blocks_name, len(blocks)) is None for name in modules)
+
+    def visit(turn: BlockTurn) -> None:
+        """Statistics of the turn's targets from the (pruned) blocks before, then prune them; then the block's
+        outputs, after which no forward reads its pruned weights: its originals go back."""
+        stats = _collect(modules, turn.names, make_stats, lambda: turn.run(False))
+        for name in turn.names:
+            _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
+            if not keep_results:
+                _forget(result, name)
+        del stats
+        release_freed_memory()
+        if turn.writes:
+            turn.run(True)
+        if originals and not keep_originals:
+            _restore(modules, originals)
+
     try:
-        with torch.no_grad():
-            if last >= 0:
-                acts, calls = _capture_block_inputs(model, blocks[0], batches)
-                for index in tqdm(range(last + 1), desc="pruning blocks", disable=not progress):
-                    block, names = blocks[index], per_block[index]
-                    if placement is not None:
-                        placement.onload(index, block)
-                    if names:
-                        stats = _collect(
-                            modules, names, make_stats, lambda block=block: _run_block(block, acts, calls, False)
-                        )
-                        for name in names:
-                            _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
-                            if not keep_results:
-                                _forget(result, name)
-                        del stats
-                        release_freed_memory()
-                    if index < last:
-                        _run_block(block, acts, calls, write=True)
-                    if originals and not outside:  # no later forward reads this block's pruned weights
-                        _restore(modules, originals)
-                    if placement is not None:
-                        placement.offload(index, block)
-                del acts, calls
-            if outside:
-                stats = _collect(modules, outside, make_stats, _whole_model_runner(model, batches))
-                for name in outside:
-                    _prune_one(name, modules[name], stats[name], prune_module, result, True, originals)
+        walk_blocks(model, modules, calib_blocks, visit, batch_size, placement, "pruning blocks", progress)
     finally:
         if originals:
             _restore(modules, originals)
-        model.train(was_training)
     return result
 
 
@@ -154,6 +145,77 @@ def _restore(modules: dict[str, nn.Module], originals: dict[str, Tensor]) -> Non
         while originals:
             name, original = originals.popitem()
             modules[name].weight.copy_(original)
+
+
+@dataclass
+class BlockTurn:
+    """One visit of `walk_blocks`: `scope` (a decoder block, or the whole model for the targets outside the
+    blocks), its target `names`, and the ways to run it, as it is at that moment, over the calibration batches."""
+
+    scope: nn.Module
+    prefix: str  # the scope's module name and a dot ("" for the whole model): a target's name inside it follows
+    names: list[str]
+    writes: bool  # a later block reads this one's outputs: the visitor's last run must be run(True)
+    run: Callable[[bool], None]  # every batch; with write=True its outputs replace its inputs (the model ignores it)
+    # a block's outputs over its first `batches` batches (None: every batch) [rows, seq, hidden] on the CPU, its
+    # inputs left as they are (a visitor comparing candidates); None for the whole model
+    outputs: Callable[[int | None], Tensor] | None = None
+
+
+def walk_blocks(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    calib_blocks: Tensor | None,
+    visit: Callable[[BlockTurn], None],
+    batch_size: int,
+    placement: BlockPlacement | None,
+    desc: str,
+    progress: bool,
+) -> None:
+    """The one walk of the layer-by-layer drivers (prune_layerwise, collect_stats, activation's calibration):
+    capture block 0's inputs for the calibration batches, then for each block up to the last holding one of
+    `modules` (onloaded by `placement`), `visit` its BlockTurn; the visitor leaves the block's outputs written
+    into the activations when `writes` (a later block reads them). A block without targets just runs. Targets
+    outside the blocks are visited last with the whole model as scope. No gradients; evaluation mode, restored at
+    the end. Memory: one block's inputs, plus what a visitor holds."""
+    blocks, prefix, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
+    _check_placed(placement, outside)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if last >= 0:
+                acts, calls = _capture_block_inputs(model, blocks[0], batches)
+
+                def outputs(block: nn.Module, batches: int | None) -> Tensor:
+                    return torch.cat(
+                        [_call_block(block, acts, call).to(device="cpu", dtype=acts.dtype) for call in calls[:batches]]
+                    )
+
+                for index in tqdm(range(last + 1), desc=desc, disable=not progress):
+                    block, names, writes = blocks[index], per_block[index], index < last
+                    if placement is not None:
+                        placement.onload(index, block)
+                    if names:
+                        turn = BlockTurn(
+                            block,
+                            f"{prefix}{index}.",
+                            names,
+                            writes,
+                            lambda write, block=block: _run_block(block, acts, calls, write),
+                            lambda batches=None, block=block: outputs(block, batches),
+                        )
+                        visit(turn)
+                    elif writes:
+                        _run_block(block, acts, calls, write=True)
+                    if placement is not None:
+                        placement.offload(index, block)
+                del acts, calls
+            if outside:
+                run_model = _whole_model_runner(model, batches)
+                visit(BlockTurn(model, "", outside, False, lambda write: run_model()))
+    finally:
+        model.train(was_training)
 
 
 def _check_placed(placement: BlockPlacement | None, outside: list[str]) -> None:
@@ -230,8 +292,13 @@ def _resolve_targets(model: nn.Module, target_names: list[str]) -> dict[str, nn.
     return resolved
 
 
+def _prefix(blocks_name: str) -> str:
+    """What the names of the modules inside the blocks start with, before the block's index."""
+    return blocks_name + "." if blocks_name else ""
+
+
 def _block_index(name: str, blocks_name: str, count: int) -> int | None:
-    prefix = blocks_name + "." if blocks_name else ""
+    prefix = _prefix(blocks_name)
     if not name.startswith(prefix):
         return None
     head = name[len(prefix) :].split(".", 1)[0]
@@ -358,39 +425,6 @@ def _call_block(block: nn.Module, acts: Tensor, call: _BlockCall) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]  # a tuple, a list or a ModelOutput
 
 
-def walk_blocks(
-    model: nn.Module,
-    calib_blocks: Tensor,
-    visit: Callable[[int, nn.Module, Callable[[], Tensor]], None],
-    *,
-    batch_size: int = 1,
-    progress: bool = True,
-) -> None:
-    """The model block by block over `calib_blocks` [n, seq_len]: for each decoder block in turn,
-    `visit(index, block, outputs)`, where `outputs(batches=None)` runs the block as it is at that moment (the
-    visitor may wrap its modules, e.g. to compare candidate thresholds) over every batch (or the first `batches`)
-    and returns its outputs [rows, seq, hidden] on the CPU; then the block, as the visitor left it, runs once more
-    and its outputs become the next block's inputs. Memory: one block's inputs plus the outputs a visitor holds."""
-    blocks, _, _, _, batches = _plan(model, {}, calib_blocks, batch_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            acts, calls = _capture_block_inputs(model, blocks[0], batches)
-
-            def outputs(block: nn.Module, batches: int | None) -> Tensor:
-                return torch.cat(
-                    [_call_block(block, acts, call).to(device="cpu", dtype=acts.dtype) for call in calls[:batches]]
-                )
-
-            for index in tqdm(range(len(blocks)), desc="calibrating blocks", disable=not progress):
-                visit(index, blocks[index], lambda batches=None, block=blocks[index]: outputs(block, batches))
-                if index + 1 < len(blocks):
-                    _run_block(blocks[index], acts, calls, write=True)
-    finally:
-        model.train(was_training)
-
-
 def _is_cache(value: Any) -> bool:
     try:
         from transformers.cache_utils import Cache
@@ -458,44 +492,15 @@ def collect_stats(
     the block's weights beside its statistics).
     """
     modules = _resolve_targets(model, target_names)
-    blocks, per_block, outside, last, batches = _plan(model, modules, calib_blocks, batch_size)
-    _check_placed(placement, outside)
     result: dict[str, Accumulator] = {}
     emit = sink or result.update
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if last >= 0:
-                acts, calls = _capture_block_inputs(model, blocks[0], batches)
-                for index in tqdm(range(last + 1), desc="calibration statistics", disable=not progress):
-                    block, names, write = blocks[index], per_block[index], index < last
-                    if placement is not None:
-                        placement.onload(index, block)
-                    if names:
-                        emit(
-                            _collect_shared(
-                                modules,
-                                names,
-                                make_stats,
-                                block,
-                                share_inputs,
-                                lambda block=block, write=write: _run_block(block, acts, calls, write),
-                            )
-                        )
-                    elif write:
-                        _run_block(block, acts, calls, write=True)
-                    if placement is not None:
-                        placement.offload(index, block)
-                del acts, calls
-            if outside:
-                emit(
-                    _collect_shared(
-                        modules, outside, make_stats, model, share_inputs, _whole_model_runner(model, batches)
-                    )
-                )
-    finally:
-        model.train(was_training)
+
+    def visit(turn: BlockTurn) -> None:
+        """The statistics of the turn's targets, gathered while the block runs once and (when it writes) writes its
+        outputs."""
+        emit(_collect_shared(modules, turn.names, make_stats, turn.scope, share_inputs, lambda: turn.run(turn.writes)))
+
+    walk_blocks(model, modules, calib_blocks, visit, batch_size, placement, "calibration statistics", progress)
     return result
 
 
@@ -541,8 +546,8 @@ def _collect_shared(
 
 
 def _plan(model: nn.Module, modules: dict[str, nn.Module], calib_blocks: Tensor | None, batch_size: int):
-    """Check the calibration input and group the targets by block: (blocks, target names per block, targets
-    outside the blocks, index of the last block with targets, calibration batches)."""
+    """Check the calibration input and group the targets by block: (blocks, the prefix of their names, target names
+    per block, targets outside the blocks, index of the last block with targets, calibration batches)."""
     if calib_blocks is None or calib_blocks.dim() != 2 or len(calib_blocks) == 0:
         raise UserInputError("calibration needs token blocks shaped [n_samples, seq_len] with n_samples >= 1.")
     if batch_size < 1:
@@ -554,4 +559,4 @@ def _plan(model: nn.Module, modules: dict[str, nn.Module], calib_blocks: Tensor 
         index = _block_index(name, blocks_name, len(blocks))
         (outside if index is None else per_block[index]).append(name)
     last = max((i for i, names in enumerate(per_block) if names), default=-1)
-    return blocks, per_block, outside, last, list(torch.split(calib_blocks, batch_size))
+    return blocks, _prefix(blocks_name), per_block, outside, last, list(torch.split(calib_blocks, batch_size))

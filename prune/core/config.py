@@ -13,7 +13,7 @@ import textwrap
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prune.core.errors import UserInputError
 from prune.core.sparsity import Sparsity, parse_sparsity
@@ -99,6 +99,25 @@ class StrictConfig(BaseModel):
         cls.__doc__ = (
             f"{own}\n\nSample YAML, every key at its default (generated from the fields):\n\n{sample}".lstrip()
         )
+
+
+def validated(config_class: type[StrictConfig], fields: dict[str, Any], label: str) -> StrictConfig:
+    """`fields` (a Python API caller's dict) as `config_class`; a bad or unknown key is a UserInputError naming it,
+    worded like a recipe's: `invalid <label> config: <key>: <what is wrong>`."""
+    try:
+        return config_class.model_validate(fields)
+    except ValidationError as error:
+        allowed = ", ".join(config_class.model_fields)
+        problems = "; ".join(_problem(item, allowed) for item in error.errors())
+        raise UserInputError(f"invalid {label} config: {problems}") from None
+
+
+def _problem(item: dict, allowed: str) -> str:
+    """One validation error, worded like a recipe's: the key, then what is wrong with it."""
+    where, message = ".".join(map(str, item["loc"])), item["msg"].removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        return f"unknown key {where!r}; allowed keys: {allowed}"
+    return f"{where}: {message}" if where else message
 
 
 class MethodConfig(StrictConfig):

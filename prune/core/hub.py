@@ -12,9 +12,9 @@ __all__ = ["hub_reachable", "looks_like_hub_id", "require_hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
-def looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     """True for "name" or "org/name" as the Hub spells them; ./x, /x, ~/x, a/b/c and names with '..' are paths."""
-    return bool(_HUB_ID.match(spec)) and ".." not in spec
+    return bool(_HUB_ID.match(name)) and ".." not in name
 
 
 def require_hub(what: str, instead: str) -> None:

@@ -40,10 +40,12 @@ class Mask(nn.Module):
 
 
 class Objective:
-    """What a learnable method adds to training, returned by its `attach`: schedules and a regularizer.
+    """What a training stage adds to the trainer: what trains, schedules and a regularizer. A learnable method's
+    `attach` returns one for mask training; recovery (prune.recovery) has its own, which trains kept weights.
 
-    The trainer computes the task loss itself, adds `regularizer(model)`, and optimizes only the masks'
-    parameters (plus `extra_parameters()`, e.g. Lagrange multipliers that the method trains by ascent).
+    The trainer computes the task loss itself, adds `regularizer(model)`, and optimizes `trainable(model)` and
+    nothing else: by default the masks' parameters plus `extra_parameters()` (e.g. Lagrange multipliers that the
+    method trains by ascent).
 
     A method that needs gradient surgery (several gradients combined per parameter, e.g. R-AMT's gradient
     dropout) sets `backward` to a callable `backward(model, batch, task_loss, accelerator, scale)` that
@@ -53,6 +55,19 @@ class Objective:
     """
 
     backward: Callable[..., tuple[Tensor, Tensor]] | None = None
+    label = "train masks"  # what the trainer's progress bar calls the stage
+
+    def trainable(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """What the trainer optimizes, by name (everything else stays frozen): each mask's own parameters under
+        `<wrapper>.mask.<name>`, then `extra_parameters()` under `objective.<index>`. Names are looked up in
+        `model` each call, so the answer holds for the copy a sharded (FSDP) run trains."""
+        params = {
+            f"{wrapper_name}.mask.{name}": param
+            for wrapper_name, wrapper in wrappers(model).items()
+            for name, param in wrapper.mask.named_parameters()
+        }
+        params.update({f"objective.{index}": param for index, param in enumerate(self.extra_parameters())})
+        return params
 
     def begin_step(self, step: int, total_steps: int) -> dict[str, float]:
         """Set schedule values (temperatures, progress) on the masks; return them for the log."""
@@ -192,6 +207,16 @@ def merge(model: nn.Module, *, in_place: bool = False) -> nn.Module:
 
 def hard_masks(model: nn.Module) -> dict[str, Tensor]:
     return {name: wrapper.mask.hard() for name, wrapper in wrappers(model).items()}
+
+
+def weight_masks(model: nn.Module) -> dict[str, Tensor]:
+    """The hard masks of the wrappers that mask a weight (W ⊙ M: linears and convolutions), by module name;
+    structural gates and per-input predictors, which mask outputs, are not among them."""
+    return {
+        name: wrapper.mask.hard()
+        for name, wrapper in wrappers(model).items()
+        if isinstance(wrapper, (WeightMasked, ConvWeightMasked))
+    }
 
 
 def mask_parameters(model: nn.Module) -> list[nn.Parameter]:

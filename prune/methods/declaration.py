@@ -19,10 +19,20 @@ class MethodDeclaration:
     """A registered method as the recipe sees it. `kind`: oneshot (masks decided at once) or learnable (masks
     trained with the one trainer). `tasks`: the kinds of run the method supports (prune.tasks: causal-lm,
     zero-shot-classification, image-classification); a recipe pairing it with another task is refused when it is
-    validated. `spec`: "module:NAME" of its MethodSpec (e.g. "prune.methods.oneshot.method:WANDA")."""
+    validated. `spec`: "module:NAME" of its MethodSpec (e.g. "prune.methods.oneshot.method:WANDA").
+
+    `statistics`: what a one-shot method's per-target rule reads from the calibration inputs besides the weight,
+    for methods that can prune from statistics gathered once on the dense model (a sweep gathers them in one pass
+    and prunes every level from them): "none" (magnitude), "norms" (each input feature's sum of squares: Wanda),
+    "hessian" (SparseGPT's X^T X). None: the method cannot (it runs through the pipeline).
+
+    `plain_model`: the pruned model has a plain checkpoint form (False for per-input gating and activation
+    sparsity, whose MethodSpec restores it from the run directory instead), which recovery training needs."""
 
     name: str
     config_class: type[MethodConfig]
     kind: Literal["oneshot", "learnable"]
     spec: str
     tasks: frozenset[str] = frozenset({"causal-lm"})
+    statistics: Literal["none", "norms", "hessian"] | None = None
+    plain_model: bool = True

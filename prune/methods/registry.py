@@ -12,8 +12,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
+from prune.core.config import MethodConfig, validated
 from prune.core.errors import UserInputError, described
 from prune.methods.activation.config import ACTIVATION
 from prune.methods.binary.config import BINARY
@@ -26,7 +25,6 @@ from prune.methods.structured.config import STRUCTURED
 from prune.methods.vib.config import VIB
 
 if TYPE_CHECKING:
-    from prune.core.config import MethodConfig
     from prune.methods.spec import MethodSpec  # imports torch
 
 METHODS: dict[str, MethodDeclaration] = {
@@ -54,18 +52,4 @@ def method_config(name: str, **fields) -> MethodConfig:
     are read as ours). A bad or unknown key is a UserInputError naming it. No torch import."""
     if not isinstance(name, str):
         raise UserInputError(f"name must be a method's name such as 'wanda', got {described(name)}.")
-    config_class = get_declaration(name).config_class
-    try:
-        return config_class.model_validate({"name": name, **fields})
-    except ValidationError as error:
-        allowed = ", ".join(config_class.model_fields)
-        problems = "; ".join(_problem(item, allowed) for item in error.errors())
-        raise UserInputError(f"invalid {name} config: {problems}") from None
-
-
-def _problem(item: dict, allowed: str) -> str:
-    """One validation error, worded like a recipe's: the key, then what is wrong with it."""
-    where, message = ".".join(map(str, item["loc"])), item["msg"].removeprefix("Value error, ")
-    if item["type"] == "extra_forbidden":
-        return f"unknown key {where!r}; allowed keys: {allowed}"
-    return f"{where}: {message}" if where else message
+    return validated(get_declaration(name).config_class, {"name": name, **fields}, name)

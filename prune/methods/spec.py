@@ -72,6 +72,19 @@ class StreamedExport:
     write: Callable[[Path, Path, MethodConfig, Tensor | None, torch.device, torch.dtype], dict]
 
 
+def masks_meta(model: str, config: MethodConfig, *, recovered: bool = False) -> dict:
+    """The run metadata saved beside the masks (masks.json, gating.json): the model they were made for, the method
+    and its config, and whether the weights changed -- the method rewrote them, or recovery (`recovered`) trained
+    the kept ones -- so that the masks alone cannot rebuild the pruned model. One builder for `prune run`, a
+    sweep's points and `prune.save_masks`."""
+    return {
+        "model": model,
+        "method": config.name,
+        "config": config.model_dump(mode="json"),
+        "weights_changed": config.changes_weights or recovered,
+    }
+
+
 def save_weight_masks(model: nn.Module, directory: Path, config: MethodConfig, meta: dict) -> None:
     """The default save: hard weight masks, N:M ones as candidate indices (see prune.masks.storage)."""
     pattern = config.pattern

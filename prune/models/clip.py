@@ -23,9 +23,9 @@ _OFFLINE_HINT = f"pass a local CLIP directory saved with save_pretrained, or the
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def load_clip(spec: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel, ProcessorMixin]:
+def load_clip(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel, ProcessorMixin]:
     """(CLIPModel in eval mode, processor with `.tokenizer` and `.image_processor`) for an alias, dir or Hub id."""
-    if spec == TINY_CLIP:
+    if name_or_path == TINY_CLIP:
         directory = cache_root() / "models" / TINY_CLIP
         if not (directory / "config.json").is_file():
             make_tiny_clip(directory)
@@ -34,7 +34,7 @@ def load_clip(spec: str, dtype: torch.dtype = torch.float32) -> tuple[CLIPModel,
         f"a CLIP directory saved with save_pretrained, a Hub id such as openai/clip-vit-base-patch16, or the "
         f"alias `{TINY_CLIP}`"
     )
-    return from_dir_or_hub(spec, dtype, _from_pretrained, kinds, _OFFLINE_HINT)
+    return from_dir_or_hub(name_or_path, dtype, _from_pretrained, kinds, _OFFLINE_HINT)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[CLIPModel, ProcessorMixin]:

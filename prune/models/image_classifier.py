@@ -38,13 +38,13 @@ EPOCHS = 30
 _OFFLINE_HINT = f"pass a local image-classifier directory saved with save_pretrained, or the alias `{RESNET_DIGITS}`"
 
 
-def load_image_classifier(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
+def load_image_classifier(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
     """(image classifier in eval mode, its image processor) for a model directory or a Hub id."""
     kinds = (
         f"an image classifier saved with save_pretrained, a Hub id such as microsoft/resnet-50, or the alias "
         f"`{RESNET_DIGITS}`"
     )
-    return from_dir_or_hub(spec, dtype, _from_pretrained, kinds, _OFFLINE_HINT)
+    return from_dir_or_hub(name_or_path, dtype, _from_pretrained, kinds, _OFFLINE_HINT)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrainedModel, object]:

@@ -83,10 +83,10 @@ AUTO_MAP_FILES = {
 }
 
 
-def remote_code_message(spec: str) -> str:
-    """Why `spec` cannot load: which of its files carries the `auto_map` (read from a local directory; a Hub id
+def remote_code_message(name_or_path: str) -> str:
+    """Why `name_or_path` cannot load: which of its files carries the `auto_map` (read from a local directory; a Hub id
     names both candidates), and what transformers would have had to build from the repository's code."""
-    path = Path(spec).expanduser()
+    path = Path(name_or_path).expanduser()
     found = [
         name
         for directory in (path, path / "model")  # a run directory's model/ too
@@ -129,43 +129,43 @@ def _json_object(path: Path) -> dict:
 
 
 @contextmanager
-def checkpoint_errors(spec: str) -> Iterator[None]:
+def checkpoint_errors(name_or_path: str) -> Iterator[None]:
     """A checkpoint transformers cannot read (truncated safetensors, a config.json that is not JSON, code the
     model would have to run) is bad input: one message naming the model and the fix, not a traceback."""
     try:
         yield
     except SafetensorError as error:
         raise UserInputError(
-            f"the weights of {spec!r} are unreadable ({error}): the file is truncated or corrupt. Save the model "
-            "again with save_pretrained (a run's model/: `prune export RUN_DIR` rebuilds it)."
+            f"the weights of {name_or_path!r} are unreadable ({error}): the file is truncated or corrupt. Save the "
+            "model again with save_pretrained (a run's model/: `prune export RUN_DIR` rebuilds it)."
         ) from None
     except FileNotFoundError as error:  # a shard the index names, or a file a config names, is not there
         raise UserInputError(
-            f"{spec!r} is incomplete: {error.filename or error} is missing (a download or copy cut short?); copy "
-            "the missing file, or save the model again with save_pretrained."
+            f"{name_or_path!r} is incomplete: {error.filename or error} is missing (a download or copy cut short?); "
+            "copy the missing file, or save the model again with save_pretrained."
         ) from None
     except RuntimeError as error:
         if "mismatched" not in str(error) and "size mismatch" not in str(error):
             raise
         raise UserInputError(
-            f"the weights of {spec!r} do not match its config.json (tensor shapes differ): the config or the weights "
-            "belong to another model; put the checkpoint's own config.json beside its weights."
+            f"the weights of {name_or_path!r} do not match its config.json (tensor shapes differ): the config or the "
+            "weights belong to another model; put the checkpoint's own config.json beside its weights."
         ) from None
     except ValueError as error:  # also json.JSONDecodeError and UnicodeDecodeError of a damaged config.json
         if "trust_remote_code" in str(error):
-            raise UserInputError(f"{spec!r} {remote_code_message(spec)}") from None
+            raise UserInputError(f"{name_or_path!r} {remote_code_message(name_or_path)}") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserInputError(
-            f"{spec!r} could not be loaded as a model ({reason}); check its config.json, or save the model again "
-            "with save_pretrained."
+            f"{name_or_path!r} could not be loaded as a model ({reason}); check its config.json, or save the model "
+            "again with save_pretrained."
         ) from None
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model in eval mode, tokenizer with a pad token) for an alias, a local directory or a Hub id.
     Run directories, per-layer-size exports and image models load through `prune.runs.loading.load_model`."""
-    with checkpoint_errors(spec):
-        return _load(spec, dtype)
+    with checkpoint_errors(name_or_path):
+        return _load(name_or_path, dtype)
 
 
 def max_positions(model: PreTrainedModel) -> int | None:
@@ -173,34 +173,36 @@ def max_positions(model: PreTrainedModel) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def check_seq_len(model: PreTrainedModel, seq_len: int, spec: str, setting: str = "data.seq_len") -> None:
+def check_seq_len(model: PreTrainedModel, seq_len: int, name_or_path: str, setting: str = "data.seq_len") -> None:
     """A window longer than the model's positions crashes (GPT-2's position table) or silently runs past what
     the model was trained for (rotary models): refused before any data is read."""
     limit = max_positions(model)
     if isinstance(limit, int) and seq_len > limit:
         raise UserInputError(
-            f"{setting} {seq_len} is longer than the {limit} positions {spec!r} was built for "
+            f"{setting} {seq_len} is longer than the {limit} positions {name_or_path!r} was built for "
             f"(max_position_embeddings / n_positions in its config.json); use {setting} <= {limit}."
         )
 
 
-def _load(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if spec in VISION_ALIASES:
-        raise UserInputError(f"{spec!r} is an image model; use it with `task: {VISION_ALIASES[spec][0]}`.")
-    if spec in ALIASES:
-        directory = _alias_dir(spec)
+def _load(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if name_or_path in VISION_ALIASES:
+        raise UserInputError(
+            f"{name_or_path!r} is an image model; use it with `task: {VISION_ALIASES[name_or_path][0]}`."
+        )
+    if name_or_path in ALIASES:
+        directory = _alias_dir(name_or_path)
         if not is_model_dir(directory):
-            _convert_embedded(spec, directory)
+            _convert_embedded(name_or_path, directory)
         model, tokenizer = _from_pretrained(str(directory), dtype)
     else:
-        path = Path(spec).expanduser()
-        if path.exists() or not hub.looks_like_hub_id(spec):
-            check_model_path(spec)
+        path = Path(name_or_path).expanduser()
+        if path.exists() or not hub.looks_like_hub_id(name_or_path):
+            check_model_path(name_or_path)
             if not is_model_dir(path):
-                raise UserInputError(not_a_model_dir(spec))
+                raise UserInputError(not_a_model_dir(name_or_path))
             model, tokenizer = _from_pretrained(str(path), dtype)
         else:
-            model, tokenizer = from_hub(spec, dtype)
+            model, tokenizer = from_hub(name_or_path, dtype)
     return model.eval(), with_pad_token(tokenizer)
 
 
@@ -221,33 +223,34 @@ def _from_pretrained(source: str, dtype: torch.dtype, **kwargs) -> tuple[PreTrai
     return model, tokenizer
 
 
-def from_hub(spec: str, dtype: torch.dtype, loader=None, offline_hint: str = _OFFLINE_HINT):
+def from_hub(name_or_path: str, dtype: torch.dtype, loader=None, offline_hint: str = _OFFLINE_HINT):
     """The Hugging Face cache first (works offline), then the Hub itself only if it answers quickly.
     `loader(source, dtype, **kwargs)` does the loading (causal LMs by default; prune.models.clip passes its own)."""
     loader = loader or _from_pretrained
     try:
-        return loader(spec, dtype, local_files_only=True)
+        return loader(name_or_path, dtype, local_files_only=True)
     except OSError:
         pass  # not (fully) in the local Hugging Face cache
-    hub.require_hub(f"model {spec!r} is not in the local Hugging Face cache and", offline_hint)
+    hub.require_hub(f"model {name_or_path!r} is not in the local Hugging Face cache and", offline_hint)
     try:
-        return loader(spec, dtype)
+        return loader(name_or_path, dtype)
     except OSError as err:
         raise UserInputError(
-            f"could not load {spec!r} from the Hugging Face Hub ({err}); check the id (org/name) and access "
+            f"could not load {name_or_path!r} from the Hugging Face Hub ({err}); check the id (org/name) and access "
             f"rights, or {offline_hint}."
         ) from err
 
 
-def from_dir_or_hub(spec: str, dtype: torch.dtype, loader, kinds: str, offline_hint: str):
+def from_dir_or_hub(name_or_path: str, dtype: torch.dtype, loader, kinds: str, offline_hint: str):
     """`loader(source, dtype)` on a local model directory, or on a Hub id (org/name) through `from_hub`; `kinds`
-    says what to pass instead when `spec` is neither (e.g. "a CLIP directory saved with save_pretrained, ...")."""
-    path = Path(spec).expanduser()
-    if path.exists() or not hub.looks_like_hub_id(spec):
+    says what to pass instead when `name_or_path` is neither (e.g. "a CLIP directory saved with save_pretrained,
+    ...")."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() or not hub.looks_like_hub_id(name_or_path):
         if not is_model_dir(path):
-            raise UserInputError(f"{spec!r} is not a saved model directory (no config.json); pass {kinds}.")
+            raise UserInputError(f"{name_or_path!r} is not a saved model directory (no config.json); pass {kinds}.")
         return loader(str(path), dtype)
-    return from_hub(spec, dtype, loader, offline_hint)
+    return from_hub(name_or_path, dtype, loader, offline_hint)
 
 
 def _convert_embedded(alias: str, destination: Path) -> None:

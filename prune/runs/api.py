@@ -20,12 +20,26 @@ from prune.core.errors import UserInputError, described
 from prune.masks import base
 from prune.masks.base import Objective, guard_save, release_save, wrappers
 from prune.masks.storage import CONFIG_FILE, read_mask_config
+from prune.masks.targets import select_targets
 from prune.methods.activation.method import INFO_FILE as THRESHOLDS_INFO_FILE
 from prune.methods.gating.method import GATING_FILE
 from prune.methods.registry import get_method, method_config
+from prune.methods.spec import masks_meta
+from prune.models.blocks import weight_matrix
+from prune.recovery import stage
+from prune.recovery.config import RecoverConfig
 from prune.runs import loading
-from prune.runs.arguments import check_blocks, check_config, check_masked, check_model, check_unmasked
-from prune.runs.provenance import mark_pruned
+from prune.runs.arguments import (
+    check_blocks,
+    check_config,
+    check_masked,
+    check_masks,
+    check_model,
+    check_recover_config,
+    check_rows,
+    check_unmasked,
+)
+from prune.runs.provenance import RECORD_KEY, mark_pruned
 from prune.tasks.data_config import DEFAULT_TASK
 from prune.training import trainer
 from prune.training.config import TrainConfig
@@ -36,16 +50,17 @@ ATTACHED = "maskprune_config"  # the model attribute holding the config its mask
 SAVED_DESCRIPTIONS = (CONFIG_FILE, GATING_FILE, THRESHOLDS_INFO_FILE)
 
 
-def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK):
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK):
     """(model in eval mode, tokenizer or processor) for an embedded alias, a model directory, a Hub id or a
     `prune run` directory (its model/, or a gated model rebuilt from the base model and its predictors)."""
-    if not isinstance(spec, (str, Path)):
+    if not isinstance(name_or_path, (str, Path)):
         raise UserInputError(
-            f"spec must name a model (an alias such as 'smollm2-135m', a directory or a Hub id), got {described(spec)}."
+            "name_or_path must name a model (an alias such as 'smollm2-135m', a directory or a Hub id), got "
+            f"{described(name_or_path)}."
         )
     if not isinstance(dtype, torch.dtype):
         raise UserInputError(f"dtype must be a torch.dtype such as torch.bfloat16, got {described(dtype)}.")
-    model, processor = loading.load_model(str(spec), dtype, task=task)
+    model, processor = loading.load_model(str(name_or_path), dtype, task=task)
     if wrappers(model):  # a gated run: the model carries its predictors
         guard_save(model)
     return model, processor
@@ -92,13 +107,8 @@ def save_masks(model: nn.Module, directory: str | Path, config: MethodConfig | N
     config = _config_of(model, config)
     check_masked(model)
     directory = _directory(directory)
-    meta = {
-        "model": getattr(getattr(model, "config", None), "name_or_path", None) or "?",
-        "method": config.name,
-        "config": config.model_dump(mode="json"),
-        "weights_changed": config.changes_weights,
-    }
-    get_method(config.name).save(model, directory, config, meta)
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or "?"
+    get_method(config.name).save(model, directory, config, masks_meta(name, config))
     return directory
 
 
@@ -152,9 +162,66 @@ def train(
         )
     if not isinstance(config, TrainConfig):
         raise UserInputError(f"config must be a prune.TrainConfig, got {described(config)}.")
-    if isinstance(data, Tensor):
-        data = check_blocks(data, model, "data")
+    data = check_rows(data, model)
     return trainer.train(model, objective, data, config, _directory(run_dir, "run_dir"), **options)
+
+
+def recover(
+    model: nn.Module,
+    config: RecoverConfig | dict,
+    data,
+    run_dir: str | Path,
+    *,
+    masks: dict[str, Tensor] | None = None,
+    **options,
+) -> TrainResult:
+    """Recovery training of a pruned model, in place (prune.recovery): its kept weights train with the masks fixed
+    (masked LoRA, merged at the end, or a masked full fine-tune), by the one trainer; `model` ends a plain model,
+    zero exactly where its masks are, whose config.pruning records the recovery (`recovered`: the mode).
+
+    `model` is pruned: with weight masks attached (`attach`, `load_masks`); or exported (`export`, `oneshot`: its
+    config.pruning says so, and the zeros of the targets it names are the masks recovery keeps; a structural
+    method's smaller model has none and trains as it is); or merged elsewhere, its masks passed as `masks`
+    ({module name: bool keep [out, in]}). `config`: the keys of a recipe's `recover` section (a dict, or a
+    prune.recovery.config.RecoverConfig); `data`: the training rows (token blocks [samples, seq_len]); logs and
+    checkpoints go to `run_dir`/recover/. `options` are prune.recovery.stage.recover's (task_loss, evaluate for
+    keeping the best step, resume, device)."""
+    check_model(model)
+    config = check_recover_config(config)
+    data = check_rows(data, model)
+    run_dir = _directory(run_dir, "run_dir")
+    made_with = getattr(model, ATTACHED, None)
+    record = getattr(getattr(model, "config", None), RECORD_KEY, None)
+    if masks is not None:
+        masks = check_masks(masks, model)
+    elif not wrappers(model):
+        masks = _zeros_as_masks(model, record)
+    result = stage.recover(model, config, data, run_dir, masks=masks, **options)
+    release_save(model)
+    vars(model).pop(ATTACHED, None)
+    if made_with is not None:
+        mark_pruned(model, made_with, config.mode)
+    elif isinstance(record, dict):
+        setattr(model.config, RECORD_KEY, {**record, "recovered": config.mode})
+    return result
+
+
+def _zeros_as_masks(model: nn.Module, record) -> dict[str, Tensor]:
+    """The masks of an exported pruned model (its config.pruning names the targets): the zeros of each target
+    that has any. A structurally shrunk model has none, and recovery trains its linears as they are."""
+    if not isinstance(record, dict):
+        raise UserInputError(
+            "model is not pruned: it carries no MaskPrune masks and its config records no pruning "
+            f"(config.{RECORD_KEY}), so recovery would fine-tune the dense model. Prune it first (prune.oneshot, or "
+            "prune.attach / prune.load_masks), or pass the masks of a model pruned elsewhere as masks={module name: "
+            "keep}."
+        )
+    try:
+        targets = select_targets(model, record.get("targets"))
+    except UserInputError as error:
+        raise UserInputError(f"model's config.{RECORD_KEY} names targets the model lacks: {error}") from None
+    weights = {name: weight_matrix(model.get_submodule(name)) for name in targets}
+    return {name: weight != 0 for name, weight in weights.items() if not weight.all()}
 
 
 def _remember(model: nn.Module, config: MethodConfig) -> None:

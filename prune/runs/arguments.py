@@ -2,7 +2,7 @@
 never an AttributeError or TypeError from deep inside a forward pass.
 
 A recipe is checked by its schema before `prune run` computes anything; these checks are the same promise for
-arguments handed to `prune.attach`, `prune.export`, `prune.oneshot` and the other public functions.
+arguments handed to `prune.attach`, `prune.export`, `prune.oneshot`, `prune.recover` and the other public functions.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from prune.core.config import MethodConfig
+from prune.core.config import MethodConfig, validated
 from prune.core.errors import UserInputError, described
 from prune.masks.base import wrappers
+from prune.models.blocks import LINEAR_TYPES, weight_matrix
 from prune.models.loading import max_positions
+from prune.recovery.config import RecoverConfig
 
 
 def check_model(model, argument: str = "model") -> nn.Module:
@@ -70,6 +72,54 @@ def check_masked(model: nn.Module, argument: str = "model") -> None:
         )
 
 
+def check_recover_config(config, argument: str = "config") -> RecoverConfig:
+    """A recipe's `recover` keys (a dict) or a RecoverConfig, with steps to train."""
+    if isinstance(config, dict):
+        config = validated(RecoverConfig, config, "recover")
+    elif not isinstance(config, RecoverConfig):
+        raise UserInputError(
+            f"{argument} must be a dict of a recipe's recover keys (e.g. {{'steps': 200, 'mode': 'lora'}}) or a "
+            f"prune.recovery.config.RecoverConfig, got {described(config)}."
+        )
+    if not config.steps:
+        raise UserInputError(
+            f"{argument} has steps: 0, so recovery would train nothing; give its optimizer steps, e.g. "
+            "{'steps': 200}."
+        )
+    return config
+
+
+def check_masks(masks, model: nn.Module, argument: str = "masks") -> dict[str, Tensor]:
+    """The masks of a merged model, for recovery: {linear module name: bool keep tensor [out, in]}, only for a
+    model that carries none of its own."""
+    masked = list(wrappers(model))
+    if masked:
+        raise UserInputError(
+            f"{argument} are for a plain model whose masks were merged, but model carries its own on "
+            f"{len(masked)} modules (e.g. {masked[0]}); leave {argument} out."
+        )
+    if not isinstance(masks, dict) or not masks:
+        raise UserInputError(
+            f"{argument} must be a non-empty dict {{module name: keep}} of bool tensors [out, in] (e.g. "
+            f"{{name: module.weight != 0}}), got {described(masks)}."
+        )
+    modules = dict(model.named_modules())
+    for name, keep in masks.items():
+        if not isinstance(modules.get(name), LINEAR_TYPES):
+            raise UserInputError(
+                f"{argument} names {name!r}, which is no linear layer of the model; use the names of "
+                "model.named_modules() (e.g. 'model.layers.0.mlp.up_proj')."
+            )
+        shape = list(weight_matrix(modules[name]).shape)
+        if not isinstance(keep, Tensor) or keep.dtype != torch.bool or list(keep.shape) != shape:
+            got = f"a {keep.dtype} tensor of shape {list(keep.shape)}" if isinstance(keep, Tensor) else described(keep)
+            raise UserInputError(
+                f"{argument}[{name!r}] must be a bool tensor of the layer's weight shape {shape} ([out, in]; "
+                f"True where a weight is kept), got {got}."
+            )
+    return masks
+
+
 def check_blocks(blocks, model: nn.Module, argument: str) -> Tensor:
     """Token blocks [samples, seq_len] of integer ids the model can embed, no longer than its positions."""
     if not isinstance(blocks, Tensor):
@@ -102,6 +152,19 @@ def check_blocks(blocks, model: nn.Module, argument: str) -> Tensor:
             f"built for (max_position_embeddings in its config); use seq_len <= {limit}."
         )
     return blocks.long()
+
+
+def check_rows(data, model: nn.Module, argument: str = "data"):
+    """Training rows: token blocks, checked as such (another task's rows, e.g. CLIP's dataset, pass as they are);
+    text is refused, since it needs tokenizing first."""
+    if isinstance(data, Tensor):
+        return check_blocks(data, model, argument)
+    if isinstance(data, str) or (isinstance(data, (list, tuple)) and data and isinstance(data[0], str)):
+        raise UserInputError(
+            f"{argument} is text; training reads token blocks [samples, seq_len]: turn text into blocks with "
+            "prune.calibration_blocks(tokenizer, texts, samples, seq_len)."
+        )
+    return data
 
 
 def _vocab_size(model: nn.Module) -> int | None:

@@ -47,6 +47,11 @@ def _export(directory: Path) -> Path:
         raise UserInputError(f"cannot export {directory}: {_why_no_masks(directory, recipe)}")
     saved = read_mask_config(directory)
     _check_same_run(directory, saved, recipe)
+    if recipe.recover.steps:
+        raise UserInputError(
+            f"{directory} trained the kept weights after pruning (recover.steps), which the masks alone cannot "
+            "rebuild; its model/ was written by `prune run` (rerun with export.save_model: true if it is missing)."
+        )
     if recipe.method.changes_weights:
         raise UserInputError(
             f"{directory} was pruned by {recipe.method.name} with weight updates, which the masks alone cannot "

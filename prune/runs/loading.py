@@ -18,22 +18,22 @@ from prune.tasks.registry import get_task
 
 
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK
+    name_or_path: str, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK
 ) -> tuple[PreTrainedModel, object]:
-    """(model in eval mode, tokenizer or processor) for any model spec MaskPrune accepts; a run directory
-    loads as the task it was run with."""
-    with loading.checkpoint_errors(spec):
-        return _load_any(spec, dtype, task)
+    """(model in eval mode, tokenizer or processor) for any model MaskPrune accepts: an alias, a directory, a Hub
+    id, or a run directory, which loads as the task it was run with."""
+    with loading.checkpoint_errors(name_or_path):
+        return _load_any(name_or_path, dtype, task)
 
 
-def _load_any(spec: str, dtype: torch.dtype, task: str) -> tuple[PreTrainedModel, object]:
-    alias_task = loading.VISION_ALIASES.get(spec, (task,))[0]
+def _load_any(name_or_path: str, dtype: torch.dtype, task: str) -> tuple[PreTrainedModel, object]:
+    alias_task = loading.VISION_ALIASES.get(name_or_path, (task,))[0]
     if alias_task != task:
-        raise UserInputError(f"{spec!r} is an image model; use it with `task: {alias_task}`.")
-    path = Path(spec).expanduser()
+        raise UserInputError(f"{name_or_path!r} is an image model; use it with `task: {alias_task}`.")
+    path = Path(name_or_path).expanduser()
     if (path / run_dir.RECIPE_FILE).is_file() and not loading.is_model_dir(path):
         return _from_run(path, dtype)
-    return get_task(task).load_model(spec, dtype)
+    return get_task(task).load_model(name_or_path, dtype)
 
 
 def _from_run(directory: Path, dtype: torch.dtype):

@@ -1,10 +1,15 @@
-"""The paths a recipe names, checked before torch is imported: `prune run` refuses an output below a file, a model
-directory or a data file that is not there at once, not after the seconds that loading torch and transformers
-takes. The run directory's other rules (a run of its own, a lock) are prune.runs.run_dir's; what a path holds
-(a model's config.json, a text's encoding) is checked where it is read."""
+"""The paths a recipe (or `prune eval`) names, checked before torch is imported: `prune run` refuses an output below
+a file, a model directory or a data file that is not there at once, not after the seconds that loading torch and
+transformers takes. The run directory's other rules (a run of its own, a lock) are prune.runs.run_dir's; what a
+path holds (a model's config.json, a text's encoding) is checked where it is read.
+
+`prune eval` writes two files, eval.json (last) and eval.md, into `eval_output`: --output, else beside the model.
+eval.json carries `written_by: prune eval`, so a later `prune eval` knows the pair is its own and replaces it; a
+file of those names that MaskPrune did not write is never replaced."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prune.core.errors import UserInputError
@@ -38,3 +43,40 @@ def check_paths(recipe: Recipe) -> None:
                 check_local_source(source)
             except UserInputError as error:
                 raise entry_error(setting, source, error) from None
+
+
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+EVAL_STAMP = "prune eval"  # eval.json's `written_by`
+
+
+def eval_output(model: str, output: str | None) -> Path:
+    """Where `prune eval` writes: `output`; else beside the model: into the directory given (a run directory, beside
+    its model/, or a model directory); else, for an alias or a Hub id, runs/eval/<name>."""
+    if output:
+        return Path(output)
+    path = Path(model).expanduser()
+    return path if path.is_dir() else Path("runs") / "eval" / model.replace("/", "_")
+
+
+def check_eval_output(directory: Path) -> None:
+    """The output is (or can become) a directory, and eval.json / eval.md there are absent or `prune eval`'s own."""
+    check_output(directory)
+    ours = _is_own_eval(directory / EVAL_JSON)
+    for name in (EVAL_JSON, EVAL_MD):
+        path = directory / name
+        if (path.exists() or path.is_symlink()) and not ours:
+            raise UserInputError(
+                f"{path} exists and was not written by `prune eval` (no {EVAL_JSON} of its own beside it); MaskPrune "
+                "never replaces a file it did not write. Move that file away, or pass another --output."
+            )
+
+
+def _is_own_eval(path: Path) -> bool:
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and content.get("written_by") == EVAL_STAMP

@@ -1,4 +1,4 @@
-"""The one orchestrator: recipe -> model/data -> masks -> (train) -> export -> evaluate -> run directory.
+"""The one orchestrator: recipe -> model/data -> masks -> (train) -> export -> (recover) -> evaluate -> run directory.
 
 One flow for every kind of model: what differs between a causal LM, CLIP as a zero-shot classifier and an
 image classifier (loading, data, training loss, held-out score, figures, report fields) is the recipe's task
@@ -12,35 +12,29 @@ and writes.
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
 from prune.core.atomic import write_json_atomic
-from prune.core.memory import peak_rss_mb
 from prune.core.rng import seed_all
+from prune.masks.base import weight_masks
 from prune.methods.registry import get_method
-from prune.methods.spec import MethodSpec
+from prune.methods.spec import MethodSpec, masks_meta
+from prune.recovery.stage import STAGE, recover
 from prune.runs import run_dir
 from prune.runs.placed import block_placement, open_task, prepare_runtime
 from prune.runs.preflight import check_recipe
 from prune.runs.provenance import CONFIG_FILE, write_record
 from prune.runs.recipe import Recipe
-from prune.runs.report import with_dense, write_report
+from prune.runs.report import recovery_section, run_report, timed, training_section, with_dense, write_report
 from prune.tasks.base import Task
-from prune.training.checkpoint import load_params
+from prune.training.checkpoint import POINTER
+from prune.training.config import TrainConfig
 from prune.training.curve import training_curve
-from prune.training.trainer import TrainResult, train, trainable_parameters
-
-
-@contextmanager
-def timed(timings: dict[str, float], stage: str):
-    start = time.perf_counter()
-    yield
-    timings[stage] = round(time.perf_counter() - start, 2)
+from prune.training.trainer import TrainResult, keep_best, train
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> dict | None:
@@ -81,38 +75,51 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
 
     with timed(timings, "prune"):
         seed_all(recipe.seed)  # random initial values (e.g. `prior: none` logits) follow the recipe's seed
-        objective = task.prune(spec, recipe.method, calibration, block_placement(runtime))
+        objective = task.apply_method(spec, recipe.method, calibration, block_placement(runtime))
     training = None
     if spec.kind == "learnable" and recipe.train.steps:
         with timed(timings, "train"):
             training = _train(task, objective, recipe, directory, resume, runtime.device)
-    if not state.is_main_process:
+    main = state.is_main_process
+    if not main and not recipe.recover.steps:  # only the main process evaluates and writes
         return None
-    if training is not None:
-        _plot_training(directory, recipe, _per_step(recipe, task, state.num_processes), task.unit)
+    if main:
+        if training is not None:
+            _plot_training(directory, _per_step(recipe.train, task, state.num_processes), task.unit)
+        achieved = task.sparsity()
+        fields = task.fields()  # taken while the masks are attached
+        meta = masks_meta(recipe.model, recipe.method, recovered=bool(recipe.recover.steps))
+        task.save_masks(spec, directory, recipe.method, meta)
 
-    achieved = task.sparsity()
-    fields = task.fields()  # taken while the masks are attached
-    meta = {
-        "model": recipe.model,
-        "method": spec.name,
-        "config": recipe.to_dict()["method"],
-        "weights_changed": recipe.method.changes_weights,
-    }
-    task.save_masks(spec, directory, recipe.method, meta)
-
+    masks = weight_masks(task.model) if recipe.recover.steps else {}  # what recovery keeps fixed (export merges)
     plain = spec.restore is None  # else no plain checkpoint exists: the run dir restores via prune.runs.loading
     if plain:
         task.export(spec, recipe.method)
-    with timed(timings, "pruned_eval"):
-        pruned = task.measure("pruned")
+    if main:
+        with timed(timings, "pruned_eval"):
+            figures = task.measure("pruned")  # the figures of the model the run ends with
+    recovery = before_recovery = None
+    if recipe.recover.steps:  # every process trains; the main process measures again and writes
+        state.wait_for_everyone()
+        with timed(timings, "recover"):
+            recovery = _recover(task, masks, recipe, directory, resume, runtime.device)
+        if not main:
+            return None
+        _plot_training(directory, _per_step(recipe.recover, task, state.num_processes), task.unit, recovery=True)
+        with timed(timings, "recovered_eval"):
+            before_recovery, figures = figures, task.measure("recovered")
     if recipe.export.save_model and plain:
         with timed(timings, "save_model"):
             task.save_model(directory / run_dir.MODEL_DIR)
     if plain and (directory / run_dir.MODEL_DIR / CONFIG_FILE).is_file():  # saved here, or streamed by the task
-        write_record(directory / run_dir.MODEL_DIR, recipe.method)
+        write_record(directory / run_dir.MODEL_DIR, recipe.method, recipe.recover.mode if recovery else None)
 
-    report = _report(recipe, spec, task, achieved, fields, pruned, timings, training, dense, state.num_processes)
+    report = _report(recipe, spec, task, achieved, fields, figures, timings, training, dense, state.num_processes)
+    if recovery is not None:
+        trained = training_section(
+            recovery, task.metric, task.unit, _per_step(recipe.recover, task, state.num_processes)
+        )
+        report["recover"] = recovery_section(recipe.recover, trained, before_recovery, figures)
     write_report(directory, report)
     return report
 
@@ -132,25 +139,9 @@ def _report(
     """report.json's content: the run, the pruned model's figures, the task's fields, the dense baseline and
     the figures only the method can measure (e.g. FLOPs of per-input masks). `train.<unit>_seen`: the tokens
     (images) training read, all processes together."""
-    report = {
-        "model": recipe.model,
-        "method": spec.name,
-        **fields,
-        "recipe_fingerprint": recipe.fingerprint(),
-        "sparsity": {"target": recipe.method.target_label(), "achieved": achieved},
-        **{key: value for key, value in pruned.items() if key != "seconds"},
-        "timings": timings,
-        "memory": {"peak_rss_mb": peak_rss_mb()},
-    }
+    report = run_report(recipe, fields, achieved, pruned, timings)
     if training is not None:
-        report["train"] = {
-            "steps": training.steps,
-            f"{task.unit}_seen": training.steps * _per_step(recipe, task, processes),
-            "best_step": training.best_step,
-            f"best_eval_{task.metric}": training.best_score,
-            "seconds": round(training.seconds, 2),
-            "processes": training.processes,
-        }
+        report["train"] = training_section(training, task.metric, task.unit, _per_step(recipe.train, task, processes))
     if dense is not None:
         with_dense(report, dense)
     if spec.report is not None:
@@ -178,15 +169,36 @@ def _train(task: Task, objective, recipe: Recipe, directory: Path, resume: bool,
         task.train_data(),
         recipe.train,
         directory,
-        task_loss=task.loss,
-        evaluate=task.heldout_score,
+        task_loss=partial(task.loss, stage=recipe.train),
+        evaluate=partial(task.heldout_score, stage=recipe.train),
         eval_metric=task.metric,
         resume=resume,
         device=device,
         shaping=_loss_settings(recipe),
     )
-    _keep_best(task.module, objective, directory, result)
+    keep_best(task.module, objective, directory, result)
     return result
+
+
+def _recover(task: Task, masks: dict, recipe: Recipe, directory: Path, resume: bool, device: torch.device):
+    """Recovery training of the exported model's kept weights (prune.recovery), `masks` fixed; the best
+    validation step is kept. A resumed run continues recovery from its checkpoint when it got that far."""
+    resumable = (directory / run_dir.RECOVER_CHECKPOINTS / POINTER).is_file()
+    return recover(
+        task.model,
+        recipe.recover,
+        task.train_data(),
+        directory,
+        masks=masks,
+        module=task.module,
+        task_loss=partial(task.loss, stage=recipe.recover),
+        evaluate=partial(task.heldout_score, stage=recipe.recover),
+        eval_metric=task.metric,
+        resume=resume and resumable,
+        device=device,
+        shaping=[f"recover.mode={recipe.recover.mode}"]
+        + ([f"recover.distill={recipe.recover.distill:g}"] if recipe.recover.distill else []),
+    )
 
 
 def _loss_settings(recipe: Recipe) -> list[str]:
@@ -204,18 +216,13 @@ def _loss_settings(recipe: Recipe) -> list[str]:
     return changed + ([f"train.distill={recipe.train.distill:g}"] if recipe.train.distill else [])
 
 
-def _per_step(recipe: Recipe, task: Task, processes: int) -> int:
-    """Tokens (images) one optimizer step reads, all processes together."""
-    return recipe.train.batch_size * recipe.train.grad_accum * task.sample_size * processes
+def _per_step(stage: TrainConfig, task: Task, processes: int) -> int:
+    """Tokens (images) one optimizer step of `stage` (recipe.train or recipe.recover) reads, all processes
+    together."""
+    return stage.batch_size * stage.grad_accum * task.sample_size * processes
 
 
-def _plot_training(directory: Path, recipe: Recipe, per_step: int, unit: str) -> None:
-    """train_curve.png: held-out score of the hard masks vs training tokens/images seen (all processes)."""
-    training_curve(directory / run_dir.TRAIN_DIR / "train_log.jsonl", per_step, unit, directory / run_dir.CURVE_FILE)
-
-
-def _keep_best(model, objective, directory: Path, result: TrainResult) -> None:
-    """Load the masks of the best periodic evaluation (when there was one) back into the model."""
-    best = directory / run_dir.TRAIN_DIR / "best.safetensors"
-    if result.best_step is not None and best.is_file():
-        load_params(best, trainable_parameters(model, objective), "Start the run over with --overwrite.")
+def _plot_training(directory: Path, per_step: int, unit: str, *, recovery: bool = False) -> None:
+    """train_curve.png (recover_curve.png): the held-out score vs training tokens/images seen (all processes)."""
+    logs, curve = (STAGE, run_dir.RECOVER_CURVE) if recovery else (run_dir.TRAIN_DIR, run_dir.CURVE_FILE)
+    training_curve(directory / logs / "train_log.jsonl", per_step, unit, directory / curve)

@@ -36,10 +36,10 @@ from prune.tasks.registry import get_task
 from prune.training.sharded import check_cpu_flag, check_fsdp, fsdp_requested
 
 
-def local_model_dir(spec: str) -> Path | None:
+def local_model_dir(name_or_path: str) -> Path | None:
     """The directory holding the model's config.json, when it is on this machine (alias, directory, run, cache)."""
-    candidates = [loading.cache_root() / "models" / spec] if spec in loading.ALIASES else []
-    path = Path(spec).expanduser()
+    candidates = [loading.cache_root() / "models" / name_or_path] if name_or_path in loading.ALIASES else []
+    path = Path(name_or_path).expanduser()
     candidates += [path, path / run_dir.MODEL_DIR]
     for candidate in candidates:
         if loading.is_model_dir(candidate):
@@ -47,7 +47,7 @@ def local_model_dir(spec: str) -> Path | None:
     if path.exists():  # a directory without config.json (or a file) is no model; loading says so
         return None
     try:
-        found = cached_file(spec, "config.json", local_files_only=True)
+        found = cached_file(name_or_path, "config.json", local_files_only=True)
     except (OSError, ValueError):
         return None
     return Path(found).parent if found is not None else None
@@ -76,7 +76,7 @@ def prepare_runtime(recipe: Recipe) -> Runtime:
                 "download it first (or pass its local directory)."
             )
         shard_files(model_dir)
-    check_fsdp(spec.name, spec.fsdp, runtime.device)
+    check_fsdp(spec.name, spec.fsdp or bool(recipe.recover.steps), runtime.device)  # recovery trains sharded too
     if model_dir is not None and recipe.task == "causal-lm":
         check_memory(recipe, spec, runtime, preflight(model_dir, runtime))
     return runtime

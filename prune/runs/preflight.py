@@ -12,6 +12,8 @@ plus, an estimate lying 7-8% above measured peaks (benchmarks/RESULTS.md `memory
   another and adds nothing) every block's saved values and the logits (ModelShape.training_bytes_per_token);
   the trained mask values (MethodSpec.trained_per_weight per targeted weight) with their gradients and two
   AdamW moments (4 float32 each); and, with train.distill, the dense teacher's weights;
+- recovery (recover.steps): as training, with recover.batch_size, the trained state of what recovery trains
+  (prune.runs.preflight._recovery_stage) and, with recover.distill, the teacher;
 - evaluation: a perplexity batch (eval.batch_size windows, 1 when unset) or an lm-eval batch (eval.batch_size,
   eval.accuracy.BATCH_SIZE when unset) of seq_len tokens, without gradients (ModelShape.inference_bytes_per_token).
 The limit is the free memory where the stage runs (RAM, or the accelerator's), shared by the processes of a CPU
@@ -42,6 +44,7 @@ from prune.models.preflight import (
     size_of,
 )
 from prune.models.runtime import Runtime
+from prune.recovery.stage import check_targets, recover_targets
 from prune.runs.recipe import Recipe
 from prune.tasks.base import Task
 
@@ -49,11 +52,14 @@ ADAM_COPIES = 4  # a trained value, its gradient and AdamW's two moments, float3
 
 
 def check_recipe(recipe: Recipe, spec: MethodSpec, resume: bool) -> None:
-    """What the recipe alone rules out: training settings for a one-shot method, --resume of one, and what the
-    run will need that this machine lacks."""
+    """What the recipe alone rules out: training settings for a one-shot method, --resume of one that does not
+    recover either, and what the run will need that this machine lacks."""
     if spec.kind == "oneshot" and recipe.train.steps:
-        raise UserInputError(f"method {spec.name!r} is one-shot; train.steps applies to learnable methods only.")
-    if resume and spec.kind == "oneshot":
+        raise UserInputError(
+            f"method {spec.name!r} is one-shot; train.steps applies to learnable methods only (recover.steps trains "
+            "the kept weights after any method)."
+        )
+    if resume and spec.kind == "oneshot" and not recipe.recover.steps:
         raise UserInputError(f"method {spec.name!r} is one-shot and has nothing to resume; run without --resume.")
     check_needs(recipe, spec)
 
@@ -75,12 +81,14 @@ def check_needs(recipe: Recipe, spec: MethodSpec) -> None:
 def check_model(model: nn.Module, recipe: Recipe, spec: MethodSpec, task: type[Task]) -> None:
     """What the loaded model (or the skeleton of a streamed one) rules out, from its config and module names
     alone: the method's targets (an N:M pattern must tile every targeted layer, globs must match), its own check
-    (MethodSpec.check) and what the task checks (for a causal LM: a window longer than its positions, accuracy
-    tasks that cannot run)."""
+    (MethodSpec.check), the layers recovery would train (recover.targets must match) and what the task checks
+    (for a causal LM: a window longer than its positions, accuracy tasks that cannot run)."""
     if spec.targets is not None:
         spec.targets(model, recipe.method)
     if spec.check is not None:
         spec.check(model, recipe.method)
+    if recipe.recover.steps:
+        check_targets(model, recipe.recover)
     task.check_model(model, recipe)
 
 
@@ -151,6 +159,8 @@ def memory_stages(recipe: Recipe, spec: MethodSpec, runtime: Runtime, skeleton: 
                 parts,
             )
         )
+    if recipe.recover.steps:
+        stages.append(_recovery_stage(recipe, spec, skeleton, runtime, weights))
     evaluation = recipe.eval
     if evaluation.perplexity or evaluation.tasks:
         batch = evaluation.batch_size or (LM_EVAL_BATCH if evaluation.tasks else 1)
@@ -181,6 +191,30 @@ def check_memory(recipe: Recipe, spec: MethodSpec, runtime: Runtime, skeleton: n
                 f"({each}{parts}; an estimate, see prune/runs/preflight.py), and {free / GB:.2f} GB is free. To fit, "
                 f"{stage.fix()}."
             )
+
+
+def _recovery_stage(recipe: Recipe, spec: MethodSpec, skeleton: nn.Module, runtime: Runtime, weights) -> Stage:
+    """Recovery training (prune.recovery) on the pruned model, sized as the dense one (a structural export is
+    smaller): the activations of a micro-batch, the trained state (full: each targeted weight's gradient and two
+    AdamW moments; lora: each masked layer's [out, in] update, held for the backward with its gradient) and,
+    with recover.distill, the teacher."""
+    recover, shape, dtype = recipe.recover, shape_of(skeleton), runtime.dtype
+    names = spec.targets(skeleton, recipe.method) if recover.targets is None and spec.targets is not None else None
+    modules = dict(skeleton.named_modules())
+    targeted = sum(weight_matrix(modules[name]).numel() for name in names or recover_targets(skeleton, recover, {}))
+    copies = ADAM_COPIES - 1 if recover.mode == "full" else 2  # the weights themselves are counted already
+    parts = {
+        "weights": weights,
+        "activations": (
+            recover.batch_size * recipe.data.seq_len * shape.training_bytes_per_token(dtype),
+            "lower recover.batch_size (raise recover.grad_accum to keep the step's batch) or data.seq_len",
+        ),
+        f"recovery state ({recover.mode})": (targeted * copies * 4, "target fewer layers (recover.targets)"),
+    }
+    if recover.distill:
+        parts["distillation teacher"] = (size_of(skeleton).bytes(dtype), "drop recover.distill, or " + WEIGHTS_FIX)
+    batch = f"recover.batch_size {recover.batch_size} x data.seq_len {recipe.data.seq_len} tokens per micro-batch"
+    return Stage(f"recovery ({batch})", runtime.device.type != "cpu", parts)
 
 
 def _targeted_weights(skeleton: nn.Module, recipe: Recipe, spec: MethodSpec) -> int:

@@ -5,11 +5,13 @@ before it loads the weights. So every model MaskPrune exports (`prune run`'s mod
 API's `export` and `oneshot`) records how it was pruned in config.json:
 
     "pruning": {"tool": "maskprune", "version": "0.1.0", "method": "sparsegpt", "sparsity": "2:4",
-                "targets": null, "config": {... the whole method section ...}}
+                "targets": null, "config": {... the whole method section ...}, "recovered": null}
 
 `sparsity` is what the method aimed at: "N:M" (N of every M weights kept), a fraction removed (e.g. "0.5"), or a
 structural method's budget (e.g. "params 0.5": the model is physically smaller). `targets` are the method's glob
-patterns over module names; null means its default (every linear inside the decoder blocks). Plain transformers
+patterns over module names; null means its default (every linear inside the decoder blocks). `recovered`: the
+mode of recovery training after pruning ("lora" or "full", prune.recovery: the kept weights trained, the zeros
+the same), null when the weights are the method's own. Plain transformers
 loads such a config.json unchanged: an unknown key becomes an attribute of the config (`config.pruning`) and is
 written again by its next save_pretrained.
 """
@@ -38,8 +40,9 @@ def maskprune_version() -> str:
         return "unknown"
 
 
-def pruning_record(config: MethodConfig) -> dict:
-    """The `pruning` entry of an exported config.json, for a model pruned with `config`."""
+def pruning_record(config: MethodConfig, recovered: str | None = None) -> dict:
+    """The `pruning` entry of an exported config.json, for a model pruned with `config` (and recovered in mode
+    `recovered`)."""
     return {
         "tool": "maskprune",
         "version": maskprune_version(),
@@ -47,17 +50,18 @@ def pruning_record(config: MethodConfig) -> dict:
         "sparsity": config.target_label(),
         "targets": config.targets,
         "config": config.model_dump(mode="json"),
+        "recovered": recovered,
     }
 
 
-def mark_pruned(model: nn.Module, config: MethodConfig) -> None:
+def mark_pruned(model: nn.Module, config: MethodConfig, recovered: str | None = None) -> None:
     """Record the pruning on the model's Hugging Face config, so that its save_pretrained writes it."""
     hf_config = getattr(model, "config", None)
     if hf_config is not None:
-        setattr(hf_config, RECORD_KEY, pruning_record(config))
+        setattr(hf_config, RECORD_KEY, pruning_record(config, recovered))
 
 
-def write_record(model_dir: Path, config: MethodConfig) -> None:
+def write_record(model_dir: Path, config: MethodConfig, recovered: str | None = None) -> None:
     """Add the record to a checkpoint already on disk (a model/ streamed shard by shard has no config object in
     memory to carry it), replacing config.json atomically."""
     path = Path(model_dir) / CONFIG_FILE
@@ -65,5 +69,5 @@ def write_record(model_dir: Path, config: MethodConfig) -> None:
         content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserInputError(f"{path} cannot be read ({error}); rerun to write the model again.") from None
-    content[RECORD_KEY] = pruning_record(config)
+    content[RECORD_KEY] = pruning_record(config, recovered)
     write_json_atomic(path, content)

@@ -23,6 +23,7 @@ from prune.core.yaml_io import load_yaml, read_mapping
 from prune.data.config import DataConfig, ImageDataConfig
 from prune.methods.registry import METHODS, get_declaration
 from prune.models.runtime_config import RuntimeConfig
+from prune.recovery.config import RecoverConfig
 from prune.tasks.data_config import DATA_CONFIGS, DEFAULT_TASK
 from prune.tasks.eval_config import EvalConfig
 from prune.training.config import TrainConfig
@@ -62,6 +63,9 @@ class Recipe(StrictConfig):
         description="`name` picks the method (prune.methods.registry); its config class validates the other keys"
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="the trainer (learnable methods)")
+    recover: RecoverConfig = Field(
+        default_factory=RecoverConfig, description="recovery training of the kept weights after the method"
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="which figures to measure")
     export: ExportConfig = Field(default_factory=ExportConfig, description="what model/ holds")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="where and how the model runs")
@@ -122,6 +126,29 @@ class Recipe(StrictConfig):
         return self
 
     @model_validator(mode="after")
+    def _recovery_applies(self):
+        """recover.steps trains the pruned model's kept weights: it needs a plain pruned model (per-input gating has
+        none), the whole model on the device, and recover.distill a task with next-token distributions."""
+        if not self.recover.steps:
+            return self
+        if not get_declaration(self.method.name).plain_model:
+            raise ValueError(
+                f"recover.steps: {self.method.name} chooses what to compute per input and leaves no plain model "
+                "to recover; remove the recover section."
+            )
+        if self.runtime.offload != "none":
+            raise ValueError(
+                f"recover.steps trains the whole pruned model on the device, which runtime.offload: "
+                f"{self.runtime.offload} does not hold; use runtime.offload: none, or remove the recover section."
+            )
+        if self.recover.distill and self.task != DEFAULT_TASK:
+            raise ValueError(
+                f"recover.distill applies to task {DEFAULT_TASK} (a teacher's next-token distributions), not "
+                f"{self.task}; remove it (recovery then trains on the task's own loss)."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _structural_export(self):
         """export.round_to / export.uniform shape a structural method's masks, so its config receives them."""
         for key in ("round_to", "uniform"):
@@ -145,6 +172,8 @@ class Recipe(StrictConfig):
         run directories existed (LATER_SETTINGS) are left out at their neutral value, so those runs keep their
         fingerprint: they still resume, and sweeps and benchmarks still reuse them."""
         content = {key: value for key, value in self.to_dict().items() if key != "output"}
+        if not self.recover.steps:  # a section added later; without steps it decides nothing
+            del content["recover"]
         for section, key, neutral in LATER_SETTINGS:
             if key in content[section] and content[section][key] == neutral:  # a task's section may lack it
                 del content[section][key]

@@ -25,8 +25,11 @@ from prune.core.atomic import readable_mode, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.yaml_io import read_mapping
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
+from prune.methods.activation.method import INFO_FILE as THRESHOLDS_INFO_FILE
+from prune.methods.activation.method import THRESHOLDS_FILE
 from prune.methods.gating.method import GATING_FILE, PREDICTORS_FILE
-from prune.runs.paths import check_output
+from prune.recovery.stage import STAGE as RECOVER_DIR
+from prune.runs.paths import EVAL_JSON, EVAL_MD, check_output
 from prune.training.checkpoint import POINTER, check_resumable
 
 MARKER_FILE = ".maskprune-run"
@@ -39,6 +42,8 @@ MODEL_DIR = "model"
 TRAIN_DIR = "train"
 CURVE_FILE = "train_curve.png"
 CHECKPOINTS = Path(TRAIN_DIR) / "checkpoints"
+RECOVER_CURVE = "recover_curve.png"
+RECOVER_CHECKPOINTS = Path(RECOVER_DIR) / "checkpoints"
 # Everything a run writes at the top of its directory: the one list `--overwrite` removes (besides the
 # marker and the lock, which stay with the directory).
 RUN_FILES = frozenset(
@@ -53,9 +58,15 @@ RUN_FILES = frozenset(
         CONFIG_FILE,
         PREDICTORS_FILE,
         GATING_FILE,
+        THRESHOLDS_FILE,
+        THRESHOLDS_INFO_FILE,
         MODEL_DIR,
         TRAIN_DIR,
         CURVE_FILE,
+        EVAL_JSON,
+        EVAL_MD,
+        RECOVER_DIR,
+        RECOVER_CURVE,
     }
 )
 _MARKER_TEXT = "A MaskPrune run directory. --overwrite removes only MaskPrune's own files here.\n"
@@ -85,10 +96,10 @@ def check(directory: str | Path, recipe_dict: dict, *, overwrite: bool, resume: 
                 "files are removed), or choose another --output."
             )
         return
-    step = checkpoint_step(directory)
+    step = last_checkpoint(directory)
     if step is not None and not overwrite:
         raise UserInputError(
-            f"output {directory} holds an unfinished run with checkpoints up to step {step}. Pass --resume to "
+            f"output {directory} holds an unfinished run with checkpoints up to {step}. Pass --resume to "
             "continue it (with the same recipe), --overwrite to start over and delete its checkpoints, or choose "
             "another --output."
         )
@@ -135,11 +146,22 @@ def remove_run_files(directory: Path) -> None:
             entry.unlink()
 
 
-def checkpoint_step(directory: str | Path) -> int | None:
-    """The step of the run's latest training checkpoint, None when it has none."""
-    pointer = Path(directory) / CHECKPOINTS / POINTER
+def checkpoint_step(directory: str | Path, checkpoints: Path = CHECKPOINTS) -> int | None:
+    """The step of the run's latest checkpoint of a training stage (mask training by default), None when it has
+    none."""
+    pointer = Path(directory) / checkpoints / POINTER
     name = pointer.read_text().strip() if pointer.is_file() else ""
     return int(name.removeprefix("step-")) if name.removeprefix("step-").isdigit() else None
+
+
+def last_checkpoint(directory: str | Path) -> str | None:
+    """Where an unfinished run got to, for messages: `recovery step N` once recovery checkpointed (it runs after
+    mask training), else `step N` of mask training; None without any checkpoint."""
+    recovery = checkpoint_step(directory, RECOVER_CHECKPOINTS)
+    if recovery is not None:
+        return f"recovery step {recovery}"
+    step = checkpoint_step(directory)
+    return None if step is None else f"step {step}"
 
 
 def read_recipe(directory: Path) -> dict:
@@ -181,12 +203,14 @@ def _check_resumable(directory: Path, recipe_dict: dict) -> None:
             f"cannot resume {directory}: the recipe changed ({', '.join(keys)}). Resume with the same recipe, "
             "or start over with --overwrite."
         )
-    if checkpoint_step(directory) is None:
+    if last_checkpoint(directory) is None:
         raise UserInputError(
             f"nothing to resume in {directory}: the run wrote no checkpoint ({CHECKPOINTS / POINTER}); run the "
             "same command without --resume to start it again."
         )
-    check_resumable(directory / CHECKPOINTS, (recipe_dict.get("train") or {}).get("steps", 0))
+    for section, checkpoints in (("train", CHECKPOINTS), ("recover", RECOVER_CHECKPOINTS)):  # each stage that got there
+        if (directory / checkpoints / POINTER).is_file():
+            check_resumable(directory / checkpoints, (recipe_dict.get(section) or {}).get("steps", 0), section)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:

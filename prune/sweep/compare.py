@@ -11,6 +11,14 @@ Whether "best" means anything: for each text (the in-domain test part as `verdic
 `extra_texts.<name>.verdict`) every point of a level is compared with that level's best by a paired bootstrap
 over the same test windows (`eval.bootstrap`, per-window NLLs from report.json, fixed seed): "best", "not
 distinguishable from best" (the interval of ppl / ppl_best holds 1) or "worse".
+
+With a sweep's speed axis (prune.sweep.speed) the rows also hold `decode_ms_per_token`, `prefill_tokens_per_s`,
+`decode_speedup`, `prefill_speedup` (over the dense model timed in the same rounds) and `model_bytes`, and per
+text a Pareto flag (`pareto`; `extra_texts.<name>.pareto`): no other row of the model, dense included, decodes
+faster AND reads a lower test perplexity on that text.
+
+`prune compare` refuses runs of one model scored on other test windows (another seq_len, text or split): no best,
+verdict or shared axis means anything across them (check_same_windows).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +40,11 @@ from prune.core.sparsity import parse_sparsity
 from prune.data.seen import NOT_SEEN, SEEN
 from prune.sweep import output_dir, plots
 from prune.sweep.output_dir import OutputKind
+from prune.sweep.plots import DECODE
 
 REPORT = "report.json"
-PLOTS = ("perplexity_vs_sparsity.png", "accuracy_vs_flops.png", "layers.png")  # what write_outputs may draw
+# what write_outputs may draw
+PLOTS = ("perplexity_vs_sparsity.png", "accuracy_vs_flops.png", "layers.png", "perplexity_vs_speed.png")
 COMPARISON = OutputKind(
     ".maskprune-compare",
     "comparison",
@@ -60,8 +71,14 @@ LEGEND = (
     f"of that text (data.source, data.mix; never its test part); `({NOT_SEEN})`: no part of it. An "
     f"out-of-domain figure means something only on a text {NOT_SEEN}."
 )
+RANKED = (  # what sweep.md says of its bold figures and verdicts (when a level has rivals)
+    "Bold: the lowest of its level. `vs best`: a paired bootstrap over the same windows against the level's best "
+    "(2000 resamples, fixed seed): `worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not "
+    "distinguishable from best`. "
+)
 _WINDOW_NLL = ".window_nll"  # per-window NLLs: in the rows (to pair them) and sweep.json, not in the CSV
 _SKIP = ("dense", "layer_sparsity", "sweep", "config")
+_PER_LAYER = "activation.layers."  # per-layer figures stay in report.json, like layer_sparsity
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -75,17 +92,27 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def removed_fraction(target: str, achieved: float | None) -> float | None:
+    """The share removed: a sparsity level's (0.5, 2:4), else, for a target of another kind (`params 0.3`,
+    `6 blocks`, `teal 0.4`), the share the run achieved (None for a point that did not run)."""
+    try:
+        return parse_sparsity(target).removed_fraction
+    except UserInputError:
+        return achieved
+
+
 def report_row(report: dict, directory: Path | str | None = None) -> dict:
     sweep = report.get("sweep", {})
     target = str(report["sparsity"]["target"])
     flat = _flatten({key: value for key, value in report.items() if key not in _SKIP})
+    flat = {key: value for key, value in flat.items() if not key.startswith(_PER_LAYER)}
     for key in ("model", "method", "sparsity.target", "sparsity.achieved", "recipe_fingerprint"):
         flat.pop(key, None)
     row = {
         "model": report["model"],
         "method": sweep.get("method_label", report["method"]),
         "sparsity": target,
-        "fraction": parse_sparsity(target).removed_fraction,
+        "fraction": removed_fraction(target, report["sparsity"]["achieved"]),
         "achieved": report["sparsity"]["achieved"],
         "status": "done",
         "best": False,
@@ -128,7 +155,7 @@ def skipped_row(model: str, method: str, sparsity: str, reason: str, status: str
         "model": model,
         "method": method,
         "sparsity": sparsity,
-        "fraction": parse_sparsity(sparsity).removed_fraction,
+        "fraction": removed_fraction(sparsity, None),
         "achieved": None,
         "status": status,
         "best": False,
@@ -180,6 +207,7 @@ def text_keys(name: str | None) -> dict[str, str]:
             "nll": "perplexity.window_nll",
             "tokens": "perplexity.tokens",
             "verdict": "verdict",
+            "pareto": "pareto",
             "range": "data.splits.test",
             "source": "data.source",
         }
@@ -190,6 +218,7 @@ def text_keys(name: str | None) -> dict[str, str]:
         "nll": f"{prefix}perplexity.window_nll",
         "tokens": f"{prefix}perplexity.tokens",
         "verdict": f"{prefix}verdict",
+        "pareto": f"{prefix}pareto",
         "range": f"data.{prefix}splits.test",
     }
 
@@ -205,6 +234,43 @@ def _windows(row: dict, keys: dict[str, str]) -> tuple:
     """What makes two rows' windows the same ones: the source, the test range, the tokens and window count."""
     source = row.get(keys["source"]) if "source" in keys else None  # an extra text's name is in its keys already
     return (source, tuple(row.get(keys["range"]) or ()), row.get(keys["tokens"]), len(row[keys["nll"]]))
+
+
+def _test_windows(row: dict, name: str | None) -> tuple | None:
+    """What the row's perplexity on one text (None: in-domain) was scored on: the text, seq_len, the test part's
+    token range and its windows; None when the row has no perplexity on that text."""
+    keys, prefix = text_keys(name), "perplexity." if name is None else f"extra_texts.{name}.perplexity."
+    if not isinstance(row.get(keys["value"]), (int, float)):
+        return None
+    source = row.get("data.source") if name is None else name
+    test = tuple(row.get(keys["range"]) or ())
+    return source, row.get(f"{prefix}seq_len"), test, row.get(keys["tokens"]), row.get(f"{prefix}windows")
+
+
+def _describe_windows(windows: tuple) -> str:
+    source, seq_len, test, tokens, count = windows
+    where = f"test tokens [{test[0]}, {test[1]})" if len(test) == 2 else "test part"
+    return f"{source}, seq_len {seq_len}, {where}, {count} windows, {tokens} tokens"
+
+
+def check_same_windows(rows: list[dict]) -> None:
+    """Refuse runs of one model whose perplexity on a text was scored on other test windows than another run's:
+    ranking them (the bold best, the paired verdicts, one plot) would compare numbers of different things."""
+    for name in [None, *extra_texts_of(rows)]:
+        first: dict[str, tuple[tuple, dict]] = {}
+        for row in rows:
+            windows = _test_windows(row, name) if row["status"] == "done" else None
+            if windows is None:
+                continue
+            seen, other = first.setdefault(row["model"], (windows, row))
+            if windows != seen:
+                text = "the in-domain text" if name is None else name
+                raise UserInputError(
+                    f"runs of {row['model']} were scored on other test windows ({text}): {other['dir']}: "
+                    f"{_describe_windows(seen)}; {row['dir']}: {_describe_windows(windows)}. A best point or a "
+                    "verdict across them would compare different things; compare runs measured alike (same "
+                    "data.source, split and seq_len), or each set in its own `prune compare`."
+                )
 
 
 def mark_verdicts(rows: list[dict]) -> list[dict]:
@@ -235,6 +301,31 @@ def mark_verdicts(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def on_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Per (decode ms/token, perplexity) pair, whether it is on the Pareto front: no other pair is both faster
+    (lower ms) and better (lower perplexity)."""
+    return [not any(ms < own_ms and ppl < own_ppl for ms, ppl in points) for own_ms, own_ppl in points]
+
+
+def mark_pareto(rows: list[dict]) -> list[dict]:
+    """For each text, the Pareto flag of every done or dense row with a decode time and a perplexity there,
+    against the other such rows of its model (see the module docstring)."""
+    for name in [None, *extra_texts_of(rows)]:
+        keys = text_keys(name)
+        groups: dict[str, list[dict]] = {}
+        for row in rows:
+            row.pop(keys["pareto"], None)
+            if row["status"] in ("done", "dense") and all(
+                isinstance(row.get(key), (int, float)) for key in (DECODE, keys["value"])
+            ):
+                groups.setdefault(row["model"], []).append(row)
+        for members in groups.values():
+            flags = on_front([(row[DECODE], row[keys["value"]]) for row in members])
+            for row, flag in zip(members, flags):
+                row[keys["pareto"]] = flag
+    return rows
+
+
 def sort_rows(rows: list[dict], method_order: list[str] | None = None) -> list[dict]:
     models = list(dict.fromkeys(row["model"] for row in rows))
     methods = list(dict.fromkeys((method_order or []) + [row["method"] for row in rows]))
@@ -243,7 +334,7 @@ def sort_rows(rows: list[dict], method_order: list[str] | None = None) -> list[d
         key=lambda row: (
             models.index(row["model"]),
             row["status"] != "dense",
-            row["fraction"],
+            math.inf if row["fraction"] is None else row["fraction"],
             ":" in row["sparsity"],
             row["sparsity"],
             methods.index(row["method"]),
@@ -260,14 +351,20 @@ def best_row(rows: list[dict]) -> dict | None:
 # ---- display -------------------------------------------------------------------------------------------------
 
 
-def display_columns(tasks: list[str], multi_model: bool, best: bool = True, texts: list[str] = ()) -> list[str]:
+SPEED_COLUMNS = ["decode ms/tok", "prefill tok/s", "on disk", "Pareto front"]
+
+
+def display_columns(
+    tasks: list[str], multi_model: bool, best: bool = True, texts: list[str] = (), speed: bool = False
+) -> list[str]:
     """The table's columns; `best` adds the paired verdicts (known once a level is complete), `texts` are the
-    out-of-domain texts."""
+    out-of-domain texts, `speed` the speed axis."""
     columns = (["model"] if multi_model else []) + ["method", "sparsity", "achieved", "perplexity [95% CI]", "x dense"]
     columns += ["vs best"] if best else []
     for name in texts:
         columns += [f"{name} [95% CI]"] + ([f"{name} vs best"] if best else [])
-    return columns + [f"acc {task}" for task in tasks] + ["FLOPs", "nonzero", "latency", "time (s)", "peak MB", "notes"]
+    columns += [f"acc {task}" for task in tasks] + ["FLOPs", "nonzero", "latency"]
+    return columns + (SPEED_COLUMNS if speed else []) + ["time (s)", "peak MB", "notes"]
 
 
 def tasks_of(rows: list[dict]) -> list[str]:
@@ -330,7 +427,26 @@ def display_row(row: dict, dense_ppl: float | None = None) -> dict[str, str]:
     for name in extra_texts_of([row]):
         cells[f"{name} [95% CI]"] = _perplexity_cell(row, name)
         cells[f"{name} vs best"] = row.get(text_keys(name)["verdict"], "")
+    cells.update(_speed_cells(row))
     return cells
+
+
+def _speed_cells(row: dict) -> dict[str, str]:
+    """'61.2 (1.22x)' decode ms/token with the speedup over dense, prefill tokens/s, MB on disk, and the texts on
+    whose Pareto front the row lies ('-' on none)."""
+    if not isinstance(row.get(DECODE), (int, float)):
+        return {}
+    fronts = [
+        "in-domain" if name is None else name
+        for name in [None, *extra_texts_of([row])]
+        if row.get(text_keys(name)["pareto"])
+    ]
+    return {
+        "decode ms/tok": f"{row[DECODE]:.1f} ({row['decode_speedup']:.2f}x)",
+        "prefill tok/s": f"{row['prefill_tokens_per_s']:.0f}",
+        "on disk": f"{format_number(row['model_bytes'], kind='si')}B",
+        "Pareto front": ", ".join(fronts) or "-",
+    }
 
 
 class LiveTable:
@@ -355,11 +471,20 @@ def _dense_ppl(rows: list[dict], model: str) -> float | None:
     return next((row.get("perplexity") for row in rows if row["status"] == "dense" and row["model"] == model), None)
 
 
+def compared(rows: list[dict]) -> bool:
+    """Whether any level (per model) has two done rows: else no row has a rival, and `best` says nothing (a
+    sweep of listed points, each its own level)."""
+    levels = [(row["model"], row["sparsity"]) for row in rows if row["status"] == "done"]
+    return len(set(levels)) < len(levels)
+
+
 def render(rows: list[dict], markdown: bool = False) -> str:
     multi = len({row["model"] for row in rows}) > 1
-    columns = display_columns(tasks_of(rows), multi, texts=extra_texts_of(rows))
+    speed = any(DECODE in row for row in rows)
+    best = compared(rows)
+    columns = display_columns(tasks_of(rows), multi, best=best, texts=extra_texts_of(rows), speed=speed)
     cells = [display_row(row, _dense_ppl(rows, row["model"])) for row in rows]
-    if markdown:
+    if markdown and best:
         for cell, row in zip(cells, rows):
             if row.get("best"):
                 cell["perplexity [95% CI]"] = f"**{cell['perplexity [95% CI]']}**"
@@ -405,6 +530,11 @@ def write_outputs(
         "perplexity": plots.perplexity_vs_sparsity(rows, directory / PLOTS[0], texts),
         "accuracy": plots.accuracy_vs_flops(rows, directory / PLOTS[1]),
     }
+    speed = any(DECODE in row for row in rows)
+    if speed:
+        paretos = [text_keys(name)["pareto"] for name in [None, *extra_texts_of(rows)]]
+        speed_texts = [(*text, pareto) for text, pareto in zip(texts, paretos)]
+        figures["speed"] = plots.perplexity_vs_speed(rows, directory / PLOTS[3], speed_texts)
     best = best_row(rows)
     if best is not None:
         report = _report_of(best) or {}
@@ -423,14 +553,21 @@ def write_outputs(
         "",
         render(rows, markdown=True),
         "",
-        "Perplexity: the test part of each text, [95% CI] from a bootstrap over its windows; bold: the lowest "
-        "of its level. `vs best`: a paired bootstrap over the same windows against the level's best (2000 "
-        "resamples, fixed seed): `worse` when the whole 95% interval of ppl / ppl_best lies above 1, else `not "
-        "distinguishable from best`. `x dense`: perplexity over the dense model's. Accuracy ± lm-eval's "
-        "standard error. FLOPs: one forward of one window, sparse-kernel ideal. Time: pruning + evaluating the "
-        "point. " + LEGEND,
+        "Perplexity: the test part of each text, [95% CI] from a bootstrap over its windows. "
+        + (RANKED if compared(rows) else "")
+        + "`x dense`: perplexity over the dense model's. Accuracy ± lm-eval's standard error. FLOPs: one forward "
+        "of one window, sparse-kernel ideal. Time: pruning + evaluating the point. " + LEGEND,
         "",
     ]
+    if speed:
+        lines[-1:] = [
+            "Speed: decode ms/token (its speedup over the dense model) and prefill tokens/s at batch 1, every "
+            "model timed in turn in one process (medians over rounds); on disk: the saved model's safetensors "
+            "(a model rebuilt from the base model, such as activation sparsity's, counts the base model and its "
+            "own files). Pareto front: the texts on which no other row, dense included, decodes faster with a "
+            "lower test perplexity.",
+            "",
+        ]
     lines += [f"- {note}" for note in notes]
     plots_md = [f"![{key}]({path.name})" for key, path in written.items() if path.suffix == ".png"]
     lines += [""] + plots_md + [""]
@@ -476,6 +613,7 @@ def rows_from_runs(run_dirs: list[str | Path]) -> list[dict]:
             rows.append(row)
     if not rows:
         raise UserInputError(f"no finished runs in {', '.join(map(str, run_dirs))}.")
+    check_same_windows(rows)
     return mark_verdicts(mark_best(sort_rows(rows)))
 
 

@@ -3,10 +3,14 @@
 - perplexity vs sparsity, one panel per text (in-domain, then each out-of-domain text), one line per method (per
   model when several), each point with its 95% bootstrap interval; N:M patterns as separate markers at their
   fraction; the dense perplexity as a dashed line; log scale when the values span a decade or more;
-- accuracy vs FLOPs, one panel per task, dense included;
+- accuracy vs FLOPs, one panel per lm-eval task, dense included, each point with lm-eval's standard error as an error
+  bar, on an axis from 0 (a gap of a few points must not look like a collapse);
 - per-layer sparsity of one point (per block, weighted by weights), with the sensitivity scan's per-block
-  perplexity increase beneath when there is one;
-- the sensitivity ranking as horizontal bars.
+  perplexity increase beneath when there is one; not drawn when every layer has the same sparsity and no scan ran
+  (a flat bar chart says nothing the table does not);
+- the sensitivity ranking as horizontal bars;
+- perplexity vs decode ms/token (the speed axis), one panel per text: every point with its interval and its name,
+  the Pareto front on that text drawn as a line through its points, the dense model as a black star.
 Each function returns the path written, or None when the rows hold nothing to plot.
 """
 
@@ -18,6 +22,7 @@ from pathlib import Path
 from prune.core.figures import is_finite_number, save_figure, subplots
 
 MARKERS = "osD^v<>ph*"
+DECODE = "decode_ms_per_token"  # a row's speed axis: the x of the Pareto front (prune.sweep.compare)
 
 
 def _series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -100,9 +105,14 @@ def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -
             )
             if isinstance(row.get(ci95), list):
                 ax.axhspan(*row[ci95], color="gray", alpha=0.12)
+    _perplexity_axes(ax, values, "sparsity of the pruned layers (%)", title)
+
+
+def _perplexity_axes(ax, values: list[float], xlabel: str, title: str) -> None:
+    """Labels, grid and legend of a perplexity panel; a log scale when `values` span a decade or more."""
     if max(values) / max(min(values), 1e-12) >= 10:
         ax.set_yscale("log")
-    ax.set_xlabel("sparsity of the pruned layers (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test perplexity, 95% CI" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -110,7 +120,9 @@ def _perplexity_panel(ax, rows: list[dict], value: str, ci95: str, title: str) -
 
 
 def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
-    tasks = sorted(
+    """One panel per lm-eval task (`accuracy.<task>`): accuracy against FLOPs, each point with its standard error
+    (`accuracy_stderr.<task>`) as an error bar where lm-eval gave one, the axis from 0."""
+    benchmarks = sorted(
         {
             key.split(".", 1)[1]
             for row in rows
@@ -121,17 +133,18 @@ def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
     points = [
         row for row in rows if row.get("status") in ("done", "dense") and is_finite_number(row.get("flops.pruned"))
     ]
-    if not tasks or not points:
+    if not benchmarks or not points:
         return None
-    fig, axes = subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        key = f"accuracy.{task}"
+    fig, axes = subplots(1, len(benchmarks), figsize=(6 * len(benchmarks), 4.5), squeeze=False)
+    for ax, benchmark in zip(axes[0], benchmarks):
+        key, stderr = f"accuracy.{benchmark}", f"accuracy_stderr.{benchmark}"
         for i, ((_model, label), members) in enumerate(_series(points).items()):
             members = [row for row in members if is_finite_number(row.get(key))]
+            color = f"C{i % 10}"
             ax.scatter(
                 [row["flops.pruned"] / 1e9 for row in members],
                 [row[key] for row in members],
-                color=f"C{i % 10}",
+                color=color,
                 marker=MARKERS[i % len(MARKERS)],
                 label=label,
             )
@@ -143,15 +156,24 @@ def accuracy_vs_flops(rows: list[dict], path: Path) -> Path | None:
                     xytext=(3, 3),
                     textcoords="offset points",
                 )
+                _accuracy_error_bar(ax, row, key, stderr, color)
         for row in points:
             if row.get("status") == "dense" and is_finite_number(row.get(key)):
                 ax.scatter([row["flops.pruned"] / 1e9], [row[key]], marker="*", s=150, color="black", label="dense")
+                _accuracy_error_bar(ax, row, key, stderr, "black")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("FLOPs per window, sparse-kernel ideal (GFLOPs)")
-        ax.set_ylabel(f"{task} accuracy")
-        ax.set_title(f"{task}: accuracy vs FLOPs")
+        ax.set_ylabel(f"{benchmark} accuracy ± stderr")
+        ax.set_title(f"{benchmark}: accuracy vs FLOPs")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _accuracy_error_bar(ax, row: dict, key: str, stderr: str, color: str) -> None:
+    """The point's ± lm-eval standard error, when it has one (a task scored on one example has none)."""
+    if is_finite_number(row.get(stderr)):
+        ax.errorbar([row["flops.pruned"] / 1e9], [row[key]], yerr=[row[stderr]], color=color, capsize=3, linewidth=1)
 
 
 def _block_of(name: str) -> tuple[str, str]:
@@ -163,10 +185,17 @@ def _block_of(name: str) -> tuple[str, str]:
     return "-", name
 
 
+UNIFORM = 1e-3  # per-layer sparsities closer than this (0.1 percentage point) are one level: rounding, not a profile
+
+
 def layer_profile(
     layers: dict[str, dict], path: Path, title: str, sensitivity: list[dict] | None = None
 ) -> Path | None:
-    if not layers:
+    """Per-block sparsity of one point (and the sensitivity scan's per-block increase beneath); None when there is
+    nothing to see: no layers, or every layer at the same sparsity without a scan."""
+    by_block = [entry for entry in (sensitivity or []) if entry.get("kind") == "block"]
+    levels = [info["sparsity"] for info in layers.values()]
+    if not layers or (max(levels) - min(levels) < UNIFORM and not by_block):
         return None
     blocks: dict[str, list[float]] = {}
     types: dict[str, dict[str, float]] = {}
@@ -176,7 +205,6 @@ def layer_profile(
         blocks[block] = [pruned + info["sparsity"] * info["weights"], total + info["weights"]]
         types.setdefault(kind, {})[block] = info["sparsity"]
     order = sorted(blocks, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0, b))
-    by_block = [entry for entry in (sensitivity or []) if entry.get("kind") == "block"]
     fig, axes = subplots(
         2 if by_block else 1, 1, figsize=(max(7, 0.3 * len(order) + 3), 7 if by_block else 4), squeeze=False
     )
@@ -231,4 +259,42 @@ def sensitivity_bars(entries: list[dict], path: Path, title: str) -> Path | None
         ax.invert_yaxis()
         ax.set_xlabel("perplexity increase over dense (black: NaN/inf)")
         ax.set_title(f"{title} — one {kind} at a time")
+    return save_figure(fig, path)
+
+
+def _point_name(row: dict) -> str:
+    """A point's name on a plot: its directory's (e.g. teal-40, wanda-0.5); 'dense' for the dense model."""
+    return "dense" if row.get("status") == "dense" else Path(row["dir"]).name if row.get("dir") else row["method"]
+
+
+def perplexity_vs_speed(rows: list[dict], path: Path, texts: list[tuple[str, str, str, str]]) -> Path | None:
+    """One panel per text, `texts` = [(title, value key, ci95 key, pareto key)]: test perplexity against decode
+    ms/token (log scale when the values span a decade or more); the Pareto front's points joined in order of speed."""
+    timed = [row for row in rows if row.get("status") in ("done", "dense") and is_finite_number(row.get(DECODE))]
+    panels = [text for text in texts if any(is_finite_number(row.get(text[1])) for row in timed)]
+    if not panels:
+        return None
+    fig, axes = subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (title, value, ci95, pareto) in zip(axes[0], panels):
+        points = [row for row in timed if is_finite_number(row.get(value))]
+        front = sorted((row for row in points if row.get(pareto)), key=lambda row: row[DECODE])
+        ax.plot([row[DECODE] for row in front], [row[value] for row in front], color="C3", label="Pareto front (red)")
+        for row in points:
+            dense = row["status"] == "dense"
+            ax.errorbar(
+                [row[DECODE]],
+                [row[value]],
+                yerr=_error_bar(row, value, ci95),
+                marker="*" if dense else "o",
+                markersize=14 if dense else 6,
+                color="black" if dense else "C3" if row.get(pareto) else "C0",
+                capsize=3,
+                linewidth=1,
+                zorder=3,
+                label="dense" if dense else None,
+            )
+            ax.annotate(
+                _point_name(row), (row[DECODE], row[value]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
+        _perplexity_axes(ax, [row[value] for row in points], "decode ms/token, batch 1 (lower is faster)", title)
     return save_figure(fig, path)

@@ -46,23 +46,23 @@ from prune.core.atomic import write_json_atomic, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.extras import require
 from prune.core.sparsity import parse_sparsity
-from prune.methods.registry import get_method
+from prune.methods.registry import METHODS, get_method
 from prune.runs.preflight import check_needs
 from prune.runs.recipe import Recipe, parse_recipe
 from prune.runs.report import write_report
-from prune.sweep import compare, output_dir
+from prune.sweep import compare, output_dir, speed
 from prune.sweep.output_dir import OutputKind
 from prune.sweep.recipe import (
     POINTS_DIR,
     Point,
     SweepRecipe,
-    _flatten,
     _method_entry,
     expand_points,
     fingerprint,
     models_of,
     point_raw,
     slug,
+    wants_dense,
 )
 from prune.sweep.shared import CALIBRATION_DIR, NOTE, SharedModel, dense_key, finish_report, layers_from_masks
 
@@ -73,7 +73,17 @@ SWEEP = OutputKind(
     "sweep",
     "prune sweep",
     frozenset(
-        {"sweep.csv", "sweep.json", "sweep.md", *compare.PLOTS, POINTS_DIR, "dense", CALIBRATION_DIR, SENSITIVITY_DIR}
+        {
+            "sweep.csv",
+            "sweep.json",
+            "sweep.md",
+            *compare.PLOTS,
+            POINTS_DIR,
+            "dense",
+            CALIBRATION_DIR,
+            SENSITIVITY_DIR,
+            speed.SPEED_FILE,
+        }
     ),
 )
 
@@ -104,13 +114,6 @@ def _cached_dense(path: Path, recipe: Recipe) -> dict | None:
     return saved["figures"] if saved.get("fingerprint") == dense_key(recipe) else None
 
 
-def _wants_dense(sweep: SweepRecipe, base: dict) -> bool:
-    override = _flatten(sweep.set).get("eval.dense_baseline")
-    if override is not None:
-        return bool(override)
-    return bool((base.get("eval") or {}).get("dense_baseline", True))
-
-
 class _Sweep:
     def __init__(self, sweep: SweepRecipe, base: dict, force: bool, progress: bool, write: Callable[[str], None]):
         self.sweep, self.base, self.force, self.progress = sweep, base, force, progress
@@ -120,13 +123,15 @@ class _Sweep:
         tasks = next((list(p.recipe.eval.tasks) for p in self.points if p.recipe), [])
         texts = next((list(p.recipe.eval.extra_texts) for p in self.points if p.recipe), [])
         self.table = compare.LiveTable(
-            compare.display_columns(tasks, len(self.models) > 1, best=False, texts=texts), write
+            compare.display_columns(tasks, len(self.models) > 1, best=False, texts=texts, speed=bool(sweep.speed)),
+            write,
         )
         self.write = write
         self.rows: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
         self.counts = {"computed": 0, "resumed": 0, "skipped": 0, "failed": 0}
         self.calibration_passes = 0
+        self.speed_notes: list[str] = []
 
     def emit(self, key: str, row: dict) -> None:
         self.rows[key] = row
@@ -175,9 +180,12 @@ class _Sweep:
                 pending.append(point)
         for model in self.models:
             self._run_model(model, [p for p in pending if p.model == model])
+        if self.sweep.speed is not None:
+            self._speed()
         rows = compare.mark_verdicts(
             compare.mark_best(compare.sort_rows(list(self.rows.values()), [p.method_label for p in self.points]))
         )
+        rows = compare.mark_pareto(rows)
         total = round(time.perf_counter() - start, 2)
         meta = self._meta(total)
         notes = self._notes(total)
@@ -192,7 +200,7 @@ class _Sweep:
             return
         recipe = points[0].recipe
         dense_file = self.output / "dense" / f"{slug(model)}.json"
-        want_dense = _wants_dense(self.sweep, self.base)
+        want_dense = wants_dense(self.sweep, self.base)
         dense = _cached_dense(dense_file, recipe) if want_dense and not self.force else None
         shared_points = [p for p in pending if p.path == "shared"]
         if shared_points or (want_dense and dense is None):
@@ -214,6 +222,19 @@ class _Sweep:
             self.emit(f"dense:{model}", compare.dense_row(model, dense))
         for point in [p for p in pending if p.path == "pipeline"]:
             self._guarded(point, partial(self._pipeline_point, point, dense))
+
+    def _speed(self) -> None:
+        """Time every finished point beside its dense model (prune.sweep.speed); the figures join their rows."""
+        for model in self.models:
+            done = [p for p in self.points if p.model == model and self.rows.get(p.label, {}).get("status") == "done"]
+            if not done:
+                continue
+            entry = speed.measure_speed(
+                self.output / speed.SPEED_FILE, self.sweep.speed, done, force=self.force, write=self.write
+            )
+            for key, values in entry["figures"].items():
+                self.rows[key].update(values)
+            self.speed_notes.append(speed.describe(model, entry))
 
     def _pipeline_point(self, point: Point, dense: dict | None) -> dict:
         from prune.runs import pipeline  # imported here: the shared path never needs the trainer's dependencies
@@ -248,7 +269,9 @@ class _Sweep:
         return {
             "output": str(self.output),
             "base": self.sweep.base,
-            "grid": self.sweep.grid.model_dump(mode="json"),
+            "grid": self.sweep.grid.model_dump(mode="json") if self.sweep.grid else None,
+            "points": [point.model_dump(mode="json") for point in self.sweep.points or []],
+            "speed": self.sweep.speed.model_dump(mode="json") if self.sweep.speed else None,
             "set": self.sweep.set,
             "shared_calibration": self.sweep.shared_calibration,
             "calibration_note": NOTE,
@@ -268,7 +291,7 @@ class _Sweep:
         for model, timings in self.timings.items():
             shared = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
             notes.append(f"Shared work for {model} (once, not in the rows' time): {shared}.")
-        return notes
+        return notes + self.speed_notes
 
 
 def forget_skip(point: Point) -> None:
@@ -301,21 +324,20 @@ def run_sensitivity(
 ) -> dict:
     """Prune one block (and one layer type) at a time with the sweep's sensitivity method and level; rank the
     groups by perplexity increase; write sensitivity/ and refresh the sweep's layers.png when a sweep ran."""
-    from prune.methods.oneshot.method import SHARED_STATS
-
     require("matplotlib", "the sensitivity plot (sensitivity.png)")
     write = write or tqdm.write
     settings = sweep.sensitivity
-    names = [_method_entry(entry)[0] for entry in sweep.grid.methods]
-    method = settings.method or (
-        "wanda" if "wanda" in names else next((n for n in names if n in SHARED_STATS), "wanda")
-    )
-    if method not in SHARED_STATS:
+    # a sweep of listed points scans with their methods' default settings
+    entries = sweep.grid.methods if sweep.grid is not None else [point.method["name"] for point in sweep.points]
+    names = [_method_entry(entry)[0] for entry in entries]
+    scanners = [name for name, declared in METHODS.items() if declared.statistics is not None]
+    method = settings.method or ("wanda" if "wanda" in names else next((n for n in names if n in scanners), "wanda"))
+    if method not in scanners:
         raise UserInputError(
-            f"the sensitivity scan needs a one-shot method ({', '.join(SHARED_STATS)}), got {method!r}; "
+            f"the sensitivity scan needs a one-shot method ({', '.join(scanners)}), got {method!r}; "
             "set sensitivity.method."
         )
-    entry = next((e for e in sweep.grid.methods if _method_entry(e)[0] == method), method)
+    entry = next((e for e in entries if _method_entry(e)[0] == method), method)
     output = Path(sweep.output)
     directory = output / SENSITIVITY_DIR
     level = str(parse_sparsity(settings.sparsity))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -27,21 +27,21 @@ from prune.calibration import layerwise as calibration
 from prune.core.atomic import save_safetensors, staged_directory, write_json_atomic
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError
-from prune.core.memory import peak_rss_mb
 from prune.data.text import interleave, prepare_extra, prepare_mix, prepare_source
 from prune.masks.base import achieved_sparsity, attach_hard_masks, merge, wrappers
-from prune.masks.storage import save_masks
 from prune.masks.targets import method_targets
-from prune.methods.oneshot.method import SHARED_STATS, prune_from_stats
+from prune.methods.oneshot.method import prune_from_stats
 from prune.methods.oneshot.stats import InputStats
+from prune.methods.registry import get_declaration, get_method
+from prune.methods.spec import masks_meta
 from prune.models.blocks import in_out_features, weight_matrix
 from prune.runs import run_dir
 from prune.runs.loading import load_model
 from prune.runs.placed import place, prepare_runtime
 from prune.runs.recipe import Recipe
-from prune.runs.report import with_dense, write_report
+from prune.runs.report import run_report, timed, with_dense, write_report
 from prune.sweep.recipe import Point, fingerprint, slug
-from prune.tasks.causal_lm import data_report, measure
+from prune.tasks.causal_lm import calibration_use, data_report, measure
 
 CALIBRATION_DIR = "calibration"
 INDEX_FILE = "index.json"
@@ -172,7 +172,7 @@ class SharedModel:
         needed: set[str] = set()
         hessian = False
         for config in configs:
-            kind = SHARED_STATS[config.name]
+            kind = get_declaration(config.name).statistics
             if kind == "none":
                 continue
             try:
@@ -229,7 +229,7 @@ class SharedModel:
         statistics, writing SparseGPT's re-fit weights in place; yields {name: keep mask}. On exit the original
         modules and weights are back, bit for bit, whether or not the caller merged the masks meanwhile."""
         names = self.targets(config) if names is None else names
-        kind = SHARED_STATS[config.name]
+        kind = get_declaration(config.name).statistics
         modules = dict(self.model.named_modules())
         originals: dict[str, torch.Tensor] = {}
         wrapped: dict[str, nn.Module] = {}
@@ -260,10 +260,9 @@ class SharedModel:
         """Prune, measure and write one point's run directory; returns its report (the model is restored)."""
         recipe, config = point.recipe, point.recipe.method
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        names = self.targets(config)
-        with self.pruned(config, names) as masks:
-            timings["prune"] = round(time.perf_counter() - start, 2)
+        with ExitStack() as stack:
+            with timed(timings, "prune"):
+                masks = stack.enter_context(self.pruned(config))
             achieved = achieved_sparsity(self.model)
             layers = {
                 name: {"sparsity": 1.0 - keep.float().mean().item(), "weights": keep.numel()}
@@ -271,52 +270,24 @@ class SharedModel:
             }
             (point.directory / "skipped.json").unlink(missing_ok=True)  # an earlier attempt's (runner.SKIPPED_FILE)
             directory = run_dir.claim(point.directory, recipe.to_dict(), overwrite=True)  # only a run's own files
-            pattern = config.pattern
             if save:
-                start = time.perf_counter()
-                meta = {
-                    "model": recipe.model,
-                    "method": config.name,
-                    "config": recipe.to_dict()["method"],
-                    "weights_changed": config.changes_weights,
-                }
-                save_masks(self.model, directory, meta, nm=(pattern.n, pattern.m) if pattern.is_nm else None)
-                timings["save_masks"] = round(time.perf_counter() - start, 2)
+                with timed(timings, "save_masks"):
+                    get_method(config.name).save(self.model, directory, config, masks_meta(recipe.model, config))
             merge(self.model)
-            figures = measure(
-                self.model,
-                self.tokenizer,
-                self.splits,
-                recipe.eval,
-                recipe.data.seq_len,
-                point.label,
-                self.runtime.device,
-                extra=self.extra,
-            )
-            timings["pruned_eval"] = round(figures.pop("seconds"), 2)
-        used = (
-            {}
-            if SHARED_STATS[config.name] == "none"
-            else {"calibration": {"part": "train", "windows": recipe.data.calibration_samples}}
-        )
-        report = {
-            "model": recipe.model,
-            "method": config.name,
-            "recipe_fingerprint": recipe.fingerprint(),
-            "sparsity": {"target": str(pattern), "achieved": achieved},
-            **figures,
-            "data": data_report(
-                recipe.data.source,
-                recipe.data.seq_len,
-                self.source_splits,
-                self.extra,
-                used,
-                mix=self.mix,
-                source_share=recipe.data.source_share,
-            ),
-            "timings": timings,
-            "memory": {"peak_rss_mb": peak_rss_mb()},
-        }
+            with timed(timings, "pruned_eval"):
+                figures = measure(
+                    self.model,
+                    self.tokenizer,
+                    self.splits,
+                    recipe.eval,
+                    recipe.data.seq_len,
+                    point.label,
+                    self.runtime.device,
+                    extra=self.extra,
+                )
+        used = calibration_use(recipe.data) if get_method(config.name).needs_calibration else {}
+        fields = {"data": data_report(recipe.data, self.source_splits, self.extra, used, mix=self.mix)}
+        report = run_report(recipe, fields, achieved, figures, timings)
         finish_report(report, point, dense, layers, {"calibration": NOTE, **self.timings})
         write_report(directory, report)
         run_dir.release(directory)

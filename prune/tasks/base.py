@@ -2,8 +2,8 @@
 
 The pipeline (prune.runs.pipeline) is one flow for every kind of model; everything that differs between a
 causal LM on text, CLIP as a zero-shot classifier and an image classifier with its own head lives behind
-this interface: how the model of a spec loads and how it is held, pruned and saved (in memory here; streamed
-from disk block by block in prune.tasks.streamed), which data the recipe's `data` section names, what the
+this interface: how a model (alias, directory, Hub id) loads and how it is held, pruned and saved (in memory here;
+streamed from disk block by block in prune.tasks.streamed), which data the recipe's `data` section names, what the
 trainer trains on (and with which loss), the held-out score its periodic evaluation minimizes, the figures
 of the dense and the pruned model, and the report's task fields and report.md note.
 
@@ -36,8 +36,17 @@ class RunSettings(Protocol):
     model: str
     data: Any
     train: Any  # prune.training.config.TrainConfig
+    recover: Any  # prune.recovery.config.RecoverConfig
     eval: EvalConfig
     seed: int
+
+
+class StageSettings(Protocol):
+    """What a task reads of one training stage's settings: recipe.train for mask training, recipe.recover for
+    recovery (a TrainConfig each)."""
+
+    distill: float
+    eval_windows: int
 
 
 class Task(ABC):
@@ -55,7 +64,7 @@ class Task(ABC):
 
     @classmethod
     @abstractmethod
-    def load_model(cls, spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    def load_model(cls, name_or_path: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
         """(model in eval mode, tokenizer or processor) for an alias, a model directory or a Hub id."""
 
     @classmethod  # noqa: B027 (an optional hook: nothing to check by default)
@@ -78,7 +87,7 @@ class Task(ABC):
         """Measure `model` from now on (the exported model replaces the masked one)."""
         self.model = model
 
-    def prune(
+    def apply_method(
         self,
         spec: MethodSpec,
         config: MethodConfig,
@@ -130,12 +139,13 @@ class Task(ABC):
         """Rows the trainer batches: token blocks, or a dataset of {"pixel_values", "labels"} rows."""
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch) -> Tensor:
-        """The trainer's task loss on one batch of `train_data()`."""
+    def loss(self, model: nn.Module, batch, stage: StageSettings) -> Tensor:
+        """The trainer's task loss on one batch of `train_data()`, for the training `stage` (its distill weight)."""
 
     @abstractmethod
-    def heldout_score(self, model: nn.Module) -> float:
-        """The periodic evaluation's held-out `metric` of the hard masks (lower is better)."""
+    def heldout_score(self, model: nn.Module, stage: StageSettings) -> float:
+        """The periodic evaluation's held-out `metric` of the current model (lower is better), for the training
+        `stage` (how many validation windows it reads)."""
 
     @abstractmethod
     def measure(self, label: str) -> dict:

@@ -30,6 +30,7 @@ from eval.perplexity import PerplexityResult, perplexity
 from eval.semi_structured import semi_structured_speedup
 from prune.core.errors import UserInputError
 from prune.core.memory import release_freed_memory
+from prune.data.config import DataConfig
 from prune.data.seen import all_seen_warning, label, seen_texts
 from prune.data.text import (
     TokenSplits,
@@ -42,7 +43,7 @@ from prune.data.text import (
 from prune.methods.spec import HeldOut
 from prune.models import loading
 from prune.structural.shrink import has_layer_sizes, load_resized
-from prune.tasks.base import RunSettings, Task
+from prune.tasks.base import RunSettings, StageSettings, Task
 from prune.tasks.eval_config import EvalConfig
 
 T = TypeVar("T")
@@ -92,8 +93,8 @@ def measure(
                 **batched,
             )
         )
-        figures["accuracy"] = {task: score.value for task, score in scores.items()}
-        figures["accuracy_stderr"] = {task: score.stderr for task, score in scores.items()}
+        figures["accuracy"] = {benchmark: score.value for benchmark, score in scores.items()}  # lm-eval task names
+        figures["accuracy_stderr"] = {benchmark: score.stderr for benchmark, score in scores.items()}
     params = count_params(model)
     figures["params"] = {"total": params.total, "nonzero": params.nonzero}
     if config.flops:
@@ -147,23 +148,26 @@ def _figures(result: PerplexityResult, seq_len: int) -> dict:
     }
 
 
+def calibration_use(data: DataConfig) -> dict[str, dict]:
+    """`used`'s entry for a method that reads calibration data: the part it is drawn from and how many windows."""
+    return {"calibration": {"part": "train", "windows": data.calibration_samples}}
+
+
 def data_report(
-    source: str,
-    seq_len: int,
+    data: DataConfig,
     splits: TokenSplits,
     extra: Mapping[str, TokenSplits],
     used: dict[str, dict],
     *,
     mix: Mapping[str, TokenSplits] | None = None,
-    source_share: float | None = None,
 ) -> dict:
     """report.json's `data`: where each part of each text lies, how many windows it holds, and which part (and
     how many windows) each use read: `used` maps a use (calibration, training, selection) to its part; under
     `data.mix` their window counts span the source and the mix texts (`data.mix` lists each one's parts and how
     many train windows calibration and training drew from, after `data.source_share`). `seen`: for the source,
     each mix text and each extra text, whether the run read any part of it (prune.data.seen); `warning` when
-    every extra text was read."""
-    mix = mix or {}
+    every extra text was read. One builder for `prune run` and a sweep's shared points."""
+    source, seq_len, source_share, mix = data.source, data.seq_len, data.source_share, mix or {}
     train_windows = shared_train_windows(splits, mix, seq_len, source_share)[1:]
     seen = seen_texts(source, mix, [source, *mix, *extra], reads=bool(used))
     warning = all_seen_warning(seen, extra)
@@ -259,15 +263,16 @@ class CausalLM(Task):
         # what calibration, training and selection read
         self.splits = interleave(self.source_splits, self.mix, self.seq_len, data.source_share)
         self.used: dict[str, dict] = {}
-        self.teacher = frozen_copy(model) if settings.train.distill else None  # before any method attaches
+        distills = settings.train.distill or (settings.recover.steps and settings.recover.distill)
+        self.teacher = frozen_copy(model) if distills else None  # before any method attaches
 
     @classmethod
-    def load_model(cls, spec: str, dtype: torch.dtype):
+    def load_model(cls, name_or_path: str, dtype: torch.dtype):
         """An alias, a model directory, a Hub id, or a structural export whose layers differ in size."""
-        path = Path(spec).expanduser()
+        path = Path(name_or_path).expanduser()
         if path.is_dir() and has_layer_sizes(str(path)):
             return load_resized(str(path), dtype).eval(), loading.load_tokenizer(str(path))
-        return loading.load(spec, dtype)
+        return loading.load(name_or_path, dtype)
 
     @classmethod
     def check_model(cls, model: nn.Module, settings: RunSettings) -> None:
@@ -296,6 +301,9 @@ class CausalLM(Task):
         selection = data.get("used", {}).get("selection")
         if selection is not None:
             note += f". The kept masks were chosen on {selection['windows']} validation windows, never on test"
+        recovery = data.get("used", {}).get("recovery selection")
+        if recovery is not None:
+            note += f". Recovery's kept step was chosen on {recovery['windows']} validation windows, never on test"
         note += ". [95% CI]: bootstrap over windows (2000 resamples, fixed seed)"
         note += "; ± stderr: lm-eval's standard error." if "accuracy" in report else "."
         return note + " FLOPs per forward of one window (pruned: what a sparse kernel would run)."
@@ -306,33 +314,27 @@ class CausalLM(Task):
         data, train_config = self.settings.data, self.settings.train
         needs = {"train": (1, "a run"), "validation": (1, "a run"), "test": (1, "the test perplexity")}
         if spec.needs_calibration:
-            self.used["calibration"] = {"part": "train", "windows": data.calibration_samples}
+            self.used.update(calibration_use(data))
             needs["train"] = (data.calibration_samples, f"calibration_samples={data.calibration_samples}")
         if spec.needs_selection:
             self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
             needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
-        if spec.kind == "learnable" and train_config.steps:
+        stages = [("training", "selection", "train", train_config)] if spec.kind == "learnable" else []
+        stages.append(("recovery", "recovery selection", "recover", self.settings.recover))
+        for use, choice, section, stage in stages:
+            if not stage.steps:
+                continue
             windows = len(self.train_data())
-            self.used["training"] = {"part": "train", "windows": windows}
-            check_batch(train_config.batch_size, windows)
-            if train_config.eval_every:
-                self.used["selection"] = {"part": "validation", "windows": train_config.eval_windows}
-                needs["validation"] = (train_config.eval_windows, f"train.eval_windows={train_config.eval_windows}")
+            self.used[use] = {"part": "train", "windows": windows}
+            check_batch(stage.batch_size, windows, section)
+            if stage.eval_every:
+                self.used[choice] = {"part": "validation", "windows": stage.eval_windows}
+                if stage.eval_windows > needs["validation"][0]:
+                    needs["validation"] = (stage.eval_windows, f"{section}.eval_windows={stage.eval_windows}")
         self.splits.require(data.source, self.seq_len, needs)
 
     def fields(self) -> dict:
-        data = self.settings.data
-        return {
-            "data": data_report(
-                data.source,
-                self.seq_len,
-                self.source_splits,
-                self.extra,
-                self.used,
-                mix=self.mix,
-                source_share=data.source_share,
-            )
-        }
+        return {"data": data_report(self.settings.data, self.source_splits, self.extra, self.used, mix=self.mix)}
 
     @property
     def sample_size(self) -> int:
@@ -355,18 +357,18 @@ class CausalLM(Task):
             blocks = blocks[order[: max(1, round(fraction * len(blocks)))]]
         return blocks
 
-    def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
-        """Next-token cross-entropy on a [batch, seq] block of token ids; with `train.distill`, mixed with the KL
-        divergence from the dense teacher (distillation_loss)."""
-        if self.teacher is None:
+    def loss(self, model: nn.Module, batch: Tensor, stage: StageSettings) -> Tensor:
+        """Next-token cross-entropy on a [batch, seq] block of token ids; with the stage's `distill` (train.distill,
+        recover.distill), mixed with the KL divergence from the dense teacher (distillation_loss)."""
+        if not stage.distill:
             return model(input_ids=batch, labels=batch).loss
-        return distillation_loss(model, self.teacher, batch, self.settings.train.distill)
+        return distillation_loss(model, self.teacher, batch, stage.distill)
 
-    def heldout_score(self, model: nn.Module) -> float:
-        """Perplexity of the hard masks on the VALIDATION part (never the test part, which only the reported
-        figures read): what picks the best masks."""
-        windows = self.splits.validation_blocks(self.seq_len)[: self.settings.train.eval_windows]
-        return perplexity(model, windows, desc="eval hard masks (validation)").value
+    def heldout_score(self, model: nn.Module, stage: StageSettings) -> float:
+        """Perplexity on the stage's `eval_windows` windows of the VALIDATION part (never the test part, which
+        only the reported figures read): what picks the best masks, and the best step of recovery."""
+        windows = self.splits.validation_blocks(self.seq_len)[: stage.eval_windows]
+        return perplexity(model, windows, desc="eval (validation)").value
 
     def measure(self, label: str) -> dict:
         return measure(
@@ -391,16 +393,18 @@ class CausalLM(Task):
         )
 
 
-def check_batch(batch_size: int, windows: int) -> None:
+def check_batch(batch_size: int, windows: int, section: str = "train") -> None:
     """A micro-batch (on every process of a launch) holds distinct training windows: more than the data holds would
-    repeat windows inside one batch, and a batch far beyond it is how a typo takes the machine's memory."""
+    repeat windows inside one batch, and a batch far beyond it is how a typo takes the machine's memory. `section`:
+    the training stage's recipe section (train, recover)."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size * processes > windows:
         launch = f" x {processes} processes" if processes > 1 else ""
         raise UserInputError(
-            f"train.batch_size {batch_size}{launch} asks for more windows per micro-batch than the training data "
-            f"holds ({windows} windows of the train part); use train.batch_size <= {max(windows // processes, 1)} "
-            "(raise train.grad_accum for a larger step), or more text (data.source, data.mix)."
+            f"{section}.batch_size {batch_size}{launch} asks for more windows per micro-batch than the training data "
+            f"holds ({windows} windows of the train part); use {section}.batch_size <= "
+            f"{max(windows // processes, 1)} (raise {section}.grad_accum for a larger step), or more text "
+            "(data.source, data.mix)."
         )
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from prune.core.errors import UserInputError
 from prune.data.images import ImageRows, load_image_data
 from prune.methods.spec import HeldOut
-from prune.tasks.base import RunSettings, Task
+from prune.tasks.base import RunSettings, StageSettings, Task
 
 METHOD_REPORT_IMAGES = 512  # held-out images a method's own report hook measures on (e.g. per-image FLOPs)
 
@@ -92,10 +92,12 @@ class ImageTask(Task):
     def train_data(self) -> ImageRows:
         return self.data.train
 
-    def loss(self, model: nn.Module, batch: dict) -> Tensor:
+    def loss(self, model: nn.Module, batch: dict, stage: StageSettings) -> Tensor:
+        """The classifier's cross-entropy (distillation applies to language models only: the recipe refuses it)."""
         return classification_loss(model, batch)
 
-    def heldout_score(self, model: nn.Module) -> float:
+    def heldout_score(self, model: nn.Module, stage: StageSettings) -> float:
+        """The error on the held-out images `eval.limit` counts, whichever stage asks."""
         return 1.0 - classifier_accuracy(model, self.data.heldout, self.settings.data.batch_size, self.limit)
 
     def heldout_accuracy(self) -> dict[str, float]:

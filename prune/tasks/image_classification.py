@@ -48,13 +48,13 @@ class ImageClassification(ImageTask):
             rows.labels = outputs[rows.labels]
 
     @classmethod
-    def load_model(cls, spec: str, dtype: torch.dtype):
-        if spec == RESNET_DIGITS:
+    def load_model(cls, name_or_path: str, dtype: torch.dtype):
+        if name_or_path == RESNET_DIGITS:
             directory = resnet_digits_dir()
             if not is_model_dir(directory):
                 build_resnet_digits(directory)
-            spec = str(directory)
-        return load_image_classifier(spec, dtype)
+            name_or_path = str(directory)
+        return load_image_classifier(name_or_path, dtype)
 
     @staticmethod
     def note(report: dict) -> str:

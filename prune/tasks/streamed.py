@@ -48,20 +48,20 @@ class StreamedCausalLM(CausalLM):
     ):
         super().__init__(model, tokenizer, settings, device)
         self.checkpoint = checkpoint  # what `measure` reads: the dense checkpoint, then the pruned one
-        self.output = output  # where `prune` writes the pruned checkpoint (the run's model/)
+        self.output = output  # where `apply_method` writes the pruned checkpoint (the run's model/)
         self.targets: list[str] = []
 
     @classmethod
-    def load_model(cls, spec: str, dtype: torch.dtype):
-        """The skeleton of the checkpoint in directory `spec` (no weight is read) and its tokenizer."""
-        return skeleton(Path(spec), dtype), loading.load_tokenizer(spec)
+    def load_model(cls, name_or_path: str, dtype: torch.dtype):
+        """The skeleton of the checkpoint in directory `name_or_path` (no weight is read) and its tokenizer."""
+        return skeleton(Path(name_or_path), dtype), loading.load_tokenizer(name_or_path)
 
     @classmethod
     def check_model(cls, model: nn.Module, settings: RunSettings) -> None:
         """A window longer than the model's positions; not the accuracy tasks, which a streamed run skips."""
         loading.check_seq_len(model, settings.data.seq_len, settings.model)
 
-    def prune(
+    def apply_method(
         self,
         spec: MethodSpec,
         config: MethodConfig,
@@ -104,7 +104,7 @@ class StreamedCausalLM(CausalLM):
         """Nothing: the pruned checkpoint already is the plain model."""
 
     def save_model(self, directory: Path) -> None:
-        """Nothing: `prune` wrote model/ shard by shard."""
+        """Nothing: `apply_method` wrote model/ shard by shard."""
 
     def measure(self, label: str) -> dict:
         """The in-memory task's perplexity figures (both texts, intervals, per-window NLLs), streamed block by

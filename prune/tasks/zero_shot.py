@@ -89,8 +89,8 @@ class ZeroShotClassification(ImageTask):
         self.classifier = ZeroShotClassifier(model, processor.tokenizer, self.data.class_names, settings.data.templates)
 
     @classmethod
-    def load_model(cls, spec: str, dtype: torch.dtype):
-        return load_clip(spec, dtype)
+    def load_model(cls, name_or_path: str, dtype: torch.dtype):
+        return load_clip(name_or_path, dtype)
 
     @staticmethod
     def note(report: dict) -> str:

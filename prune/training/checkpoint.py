@@ -105,10 +105,11 @@ def load_checkpoint(directory: Path, trainable: dict[str, nn.Parameter], optimiz
     return state
 
 
-def check_resumable(directory: Path, steps: int) -> int:
+def check_resumable(directory: Path, steps: int, section: str = "train") -> int:
     """What --resume would continue from, checked before the run directory is claimed: the checkpoint `latest`
-    names is readable, its step agrees with its directory's name and lies within the recipe's `steps`, and every
-    value in it is finite (resuming from a NaN would carry it into the run's masks). Returns its step."""
+    names is readable, its step agrees with its directory's name and lies within the `steps` of the training
+    stage's recipe section (train, recover), and every value in it is finite (resuming from a NaN would carry it
+    into what the run trains). Returns its step."""
     source, params, optimizer_tensors, state = _read(directory)
     step = state["step"]
     if source.name != f"step-{step}":
@@ -118,7 +119,7 @@ def check_resumable(directory: Path, steps: int) -> int:
         )
     if step > steps:
         raise UserInputError(
-            f"checkpoint {source} is at step {step}, beyond the recipe's train.steps ({steps}): it was not written "
+            f"checkpoint {source} is at step {step}, beyond the recipe's {section}.steps ({steps}): it was not written "
             f"by this recipe's run. {START_OVER}"
         )
     for name, tensor in {**params, **optimizer_tensors}.items():

@@ -31,7 +31,7 @@ class FiniteGuard:
     """Checks one run's values. `saved_step` (kept current by the trainer) is the checkpoint that stays in force;
     `any_process(flag)` says whether a flag holds on any process (the flag itself with one process); `shaping`
     names the run's other settings that shape the loss (the method's keys changed from their defaults), which the
-    advice names beside train.lr."""
+    advice names beside the learning rate of `section` (the recipe section of the training stage: train, recover)."""
 
     def __init__(
         self,
@@ -40,10 +40,11 @@ class FiniteGuard:
         saved_step: int | None,
         any_process: Callable[[bool], bool],
         shaping: Sequence[str] = (),
+        section: str = "train",
     ):
         self.checkpoints, self.lr, self.saved_step, self.any_process = checkpoints, lr, saved_step, any_process
-        self.shaping = list(shaping)
-        self.updated = False  # whether this process applied an update yet: before one, train.lr is not the cause
+        self.shaping, self.section = list(shaping), section
+        self.updated = False  # whether this process applied an update yet: before one, the lr is not the cause
 
     def error(self, step: int, what: str) -> TrainingDiverged:
         kept = (
@@ -54,14 +55,14 @@ class FiniteGuard:
         settings = ", ".join(self.shaping) or "the method's settings (method.*)"
         if not self.updated:
             advice = (
-                f"No update had been applied yet, so train.lr played no part: the starting masks' forward or "
+                f"No update had been applied yet, so {self.section}.lr played no part: the starting masks' forward or "
                 f"gradient produced it. Check the settings that shape them ({settings}) and runtime.dtype (float32 "
                 "does not overflow where bfloat16 can)"
             )
         else:
             advice = (
-                f"The updates diverged: lower train.lr (now {self.lr:g}), keep gradient clipping on "
-                f"(train.max_grad_norm), or check the settings that shape the loss ({settings})"
+                f"The updates diverged: lower {self.section}.lr (now {self.lr:g}), keep gradient clipping on "
+                f"({self.section}.max_grad_norm), or check the settings that shape the loss ({settings})"
             )
         return TrainingDiverged(
             f"training stopped at step {step}: {what}. Nothing of step {step} was saved; {kept}. {advice}; then "

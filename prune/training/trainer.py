@@ -1,9 +1,12 @@
-"""The one trainer for every learnable mask: only mask parameters train, the weights stay frozen.
+"""The one trainer of every training stage: learnable masks over frozen weights, and recovery of the kept weights
+after pruning (prune.recovery). What trains is the stage's decision (its Objective's `trainable`); everything else
+stays frozen.
 
 Reads top to bottom like a nanoGPT loop: seeded batches, forward, task loss + the method's regularizer,
 backward (averaged across processes by accelerate), clip, AdamW step, cosine schedule; every `log_every`
 steps a log line (tqdm + train_log.jsonl), every `eval_every` steps (and before the first) the held-out
-score of the hard masks (best and last masks kept), every `checkpoint_every` steps an atomic checkpoint.
+score of the hard masks (the best and last trained parameters kept), every `checkpoint_every` steps an atomic
+checkpoint. A stage writes into its own sub-directory of the run (`train/` for masks, `recover/` for recovery).
 Ctrl-C (or SIGTERM) finishes the step in progress, checkpoints it and stops (prune.training.interrupt), so
 `--resume` continues exactly as the uninterrupted run would have; a non-finite loss, gradient or parameter
 stops training before anything of its step is saved (prune.training.finite).
@@ -34,7 +37,7 @@ from prune.core import rng
 from prune.core.atomic import naming, write_safetensors_atomic, write_text_atomic
 from prune.core.distributed import whole
 from prune.masks.base import Objective, hard_masks, wrappers
-from prune.training.checkpoint import load_checkpoint, save_checkpoint
+from prune.training.checkpoint import load_checkpoint, load_params, save_checkpoint
 from prune.training.config import TrainConfig
 from prune.training.finite import FiniteGuard
 from prune.training.interrupt import stop_at_step_boundary
@@ -64,27 +67,20 @@ def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
 @dataclass
 class TrainResult:
     steps: int
-    best_score: float | None  # lowest held-out score of the hard masks (perplexity), when evaluated
+    best_score: float | None  # lowest held-out score (perplexity, error) of the periodic evaluations, when evaluated
     best_step: int | None
     seconds: float
     processes: int = 1  # how many processes trained (an `accelerate launch`: each took its share of every batch)
 
 
 def trainable_parameters(model: nn.Module, objective: Objective) -> dict[str, nn.Parameter]:
-    """Freeze everything, then unfreeze the masks' own parameters: the only thing that may train."""
+    """Freeze everything, then unfreeze what the stage trains (`objective.trainable`: the masks' parameters for
+    mask training, LoRA factors or kept weights for recovery): nothing else can move."""
     model.requires_grad_(False)
-    params = {}
-    for wrapper_name, wrapper in wrappers(model).items():
-        for name, param in wrapper.mask.named_parameters():
-            param.requires_grad_(True)
-            params[f"{wrapper_name}.mask.{name}"] = param
-    for index, param in enumerate(objective.extra_parameters()):
+    params = objective.trainable(model)
+    for param in params.values():
         param.requires_grad_(True)
-        params[f"objective.{index}"] = param
-    trainable = {id(param) for param in params.values()}  # extra parameters may be weights a method trains jointly
-    frozen = [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in trainable]
-    assert not frozen, f"base weights would train: {frozen[:3]}"
-    assert params, "the model has no trainable mask parameters"
+    assert params, f"{objective.label}: the model has nothing to train"
     return params
 
 
@@ -195,12 +191,15 @@ def train(
     accelerator: Accelerator | None = None,
     device: torch.device | None = None,
     shaping: Sequence[str] = (),
+    stage: str = "train",
 ) -> TrainResult:
-    """Train the masks of `model` on rows of `data` (a Tensor of token blocks, or any indexable dataset whose
-    rows collate into the batch `task_loss` takes); checkpoints and logs go to `run_dir/train/`. `evaluate`
-    returns a held-out score where lower is better, logged as `eval_<eval_metric>`. Without an `accelerator`,
-    training runs on `device` (runtime.device; None: accelerate's choice, the first accelerator). `shaping`: the
-    run's settings besides train.* that shape the loss, named when it turns non-finite (prune.training.finite)."""
+    """Train what `objective.trainable` names on rows of `data` (a Tensor of token blocks, or any indexable
+    dataset whose rows collate into the batch `task_loss` takes). `stage` is the recipe section whose settings
+    `config` holds (train for masks, recover for recovery): checkpoints, logs and the best and last trained
+    parameters go to `run_dir/<stage>/`, and a divergence message names its settings. `evaluate` returns a
+    held-out score where lower is better, logged as `eval_<eval_metric>`. Without an `accelerator`, training runs
+    on `device` (runtime.device; None: accelerate's choice, the first accelerator). `shaping`: the run's other
+    settings that shape the loss, named when it turns non-finite (prune.training.finite)."""
     accelerator = accelerator or make_accelerator(config, device)
     plain, sharded = model, is_sharded(accelerator)
     if sharded:  # FSDP shards a copy; `plain` (the caller's model) receives the gathered masks
@@ -214,13 +213,15 @@ def train(
     params = rebind(params, accelerator.unwrap_model(model), names)
     plain_params = rebind(params, plain, names)  # the same parameters unless sharded
     clipped_params = in_model_order(params, accelerator.unwrap_model(model))
-    train_dir = run_dir / "train"
+    train_dir = run_dir / stage
     train_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = train_dir / "checkpoints"
     state = load_checkpoint(checkpoints, params, optimizer, scheduler) if resume else {"step": 0}
     step, best = state["step"], state.get("best", {"score": None, "step": None})
     log = _Log(train_dir / "train_log.jsonl", step) if accelerator.is_main_process else None
-    guard = FiniteGuard(checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator), shaping)
+    guard = FiniteGuard(
+        checkpoints, config.lr, step if resume else None, partial(_any_process, accelerator), shaping, stage
+    )
     if not resume:
         rng.seed_all(config.seed)  # on resume the checkpoint restored every generator
 
@@ -233,7 +234,7 @@ def train(
 
     start, tokens, window_start = time.perf_counter(), 0, time.perf_counter()
     rate_key = "tokens_per_s" if isinstance(data, Tensor) else "samples_per_s"
-    progress = tqdm(total=config.steps, initial=step, desc="train masks", disable=not accelerator.is_main_process)
+    progress = tqdm(total=config.steps, initial=step, desc=objective.label, disable=not accelerator.is_main_process)
     if evaluate is not None and config.eval_every and step == 0:  # the starting masks (e.g. the prior) compete too
         best = _evaluate(
             model, objective, accelerator, evaluate, step, best, train_dir, params, log, guard, eval_metric
@@ -322,6 +323,13 @@ def train(
     if accelerator.is_main_process:
         _save_tensors(train_dir / "last.safetensors", last)
     return TrainResult(step, best["score"], best["step"], time.perf_counter() - start, accelerator.num_processes)
+
+
+def keep_best(model: nn.Module, objective: Objective, run_dir: Path, result: TrainResult, stage: str = "train"):
+    """Load the parameters of the best periodic evaluation (when there was one) back into the model."""
+    best = run_dir / stage / "best.safetensors"
+    if result.best_step is not None and best.is_file():
+        load_params(best, trainable_parameters(model, objective), "Start the run over with --overwrite.")
 
 
 def _accumulate_gradients(model, objective, data, config, accelerator, step, task_loss) -> tuple[dict, int]:

@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prune.calibration.layerwise import walk_blocks
+from prune.calibration.layerwise import BlockTurn, walk_blocks
 from prune.masks.base import unwrap
 from prune.methods.activation.layers import Threshold, entries, is_gated_ffn, wrap
-from prune.models.blocks import find_blocks, in_out_features, weight_matrix
+from prune.models.blocks import in_out_features, weight_matrix
 
 SAMPLE_SIZE = 1 << 21  # entries sampled per module: the quantile's standard error is ~0.0004 at 50%
 CALIBRATION_BATCH = 4  # windows per calibration forward
@@ -105,34 +105,34 @@ def calibrate(
     projection's input (teal) or of a gated FFN's act(gate(x)) (cats), from the dense model's forwards over
     `calibration` [windows, seq_len]."""
     modules = dict(model.named_modules())
-    blocks_name, blocks = find_blocks(model)
     per_call = -(-SAMPLE_SIZE // -(-len(calibration) // CALIBRATION_BATCH))
     thresholds: dict[str, Threshold] = {}
 
-    def visit(index: int, block: nn.Module, outputs: Callable[[], Tensor]) -> None:
-        prefix = f"{blocks_name}.{index}."
-        here = [name for name in names if name.startswith(prefix)]
-        if not here:
-            return
-        samples, groups = _sample(modules, here, outputs, per_call, seed)
-        scales = {name: _scale(modules[name], samples[name], score) for name in here}
-        scored = {name: samples[name].scored(scales[name]) for name in here}
-        if allocation == "greedy":
-            shares = _greedy(block, prefix, modules, groups, scored, scales, sparsity, outputs)
+    def visit(turn: BlockTurn) -> None:
+        if turn.outputs is None:
+            raise ValueError(f"targets outside the decoder blocks cannot be calibrated: {turn.names[:3]}")
+        greedy = allocation == "greedy"
+        # uniform: the dense block's one run samples and writes its outputs; greedy compares candidates on the
+        # block's inputs first, and writes after
+        samples, groups = _sample(modules, turn.names, lambda: turn.run(turn.writes and not greedy), per_call, seed)
+        scales = {name: _scale(modules[name], samples[name], score) for name in turn.names}
+        scored = {name: samples[name].scored(scales[name]) for name in turn.names}
+        if greedy:
+            shares = _greedy(turn.scope, turn.prefix, modules, groups, scored, scales, sparsity, turn.outputs)
+            if turn.writes:
+                turn.run(True)
         else:
-            shares = dict.fromkeys(here, sparsity)
+            shares = dict.fromkeys(turn.names, sparsity)
         thresholds.update(
-            {name: Threshold(cut_at(scored[name], scales[name], shares[name]), shares[name]) for name in here}
+            {name: Threshold(cut_at(scored[name], scales[name], shares[name]), shares[name]) for name in turn.names}
         )
 
-    walk_blocks(model, calibration, visit, batch_size=CALIBRATION_BATCH, progress=False)
-    missing = [name for name in names if name not in thresholds]
-    if missing:
-        raise ValueError(f"targets outside the decoder blocks cannot be calibrated: {missing[:3]}")
+    targets = {name: modules[name] for name in names}
+    walk_blocks(model, targets, calibration, visit, CALIBRATION_BATCH, None, "calibrating blocks", progress=False)
     return {name: thresholds[name] for name in names}
 
 
-def _sample(modules, names, outputs, per_call, seed) -> tuple[dict[str, EntrySample], list[list[str]]]:
+def _sample(modules, names, run, per_call, seed) -> tuple[dict[str, EntrySample], list[list[str]]]:
     """One dense run of the block with hooks: each module's EntrySample and the groups of modules that read one
     input (in the order they run)."""
     samples = {name: EntrySample(per_call, _reader(modules[name]), seed) for name in names}
@@ -147,7 +147,7 @@ def _sample(modules, names, outputs, per_call, seed) -> tuple[dict[str, EntrySam
 
         handles.append(site.register_forward_pre_hook(hook))
     try:
-        outputs()
+        run()
     finally:
         for handle in handles:
             handle.remove()

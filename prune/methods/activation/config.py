@@ -69,4 +69,6 @@ class ActivationConfig(MethodConfig):
         return f"{self.mode} {self.pattern}"
 
 
-ACTIVATION = MethodDeclaration("activation", ActivationConfig, "oneshot", "prune.methods.activation.method:ACTIVATION")
+ACTIVATION = MethodDeclaration(
+    "activation", ActivationConfig, "oneshot", "prune.methods.activation.method:ACTIVATION", plain_model=False
+)

@@ -84,4 +84,5 @@ GATING = MethodDeclaration(
     "learnable",
     "prune.methods.gating.method:GATING",
     tasks=frozenset({"causal-lm", "image-classification"}),
+    plain_model=False,
 )

@@ -40,6 +40,9 @@ MAGNITUDE = MethodDeclaration(
     "oneshot",
     "prune.methods.oneshot.method:MAGNITUDE",
     tasks=frozenset({"causal-lm", "zero-shot-classification"}),
+    statistics="none",
 )
-WANDA = MethodDeclaration("wanda", WandaConfig, "oneshot", "prune.methods.oneshot.method:WANDA")
-SPARSEGPT = MethodDeclaration("sparsegpt", SparseGPTConfig, "oneshot", "prune.methods.oneshot.method:SPARSEGPT")
+WANDA = MethodDeclaration("wanda", WandaConfig, "oneshot", "prune.methods.oneshot.method:WANDA", statistics="norms")
+SPARSEGPT = MethodDeclaration(
+    "sparsegpt", SparseGPTConfig, "oneshot", "prune.methods.oneshot.method:SPARSEGPT", statistics="hessian"
+)
