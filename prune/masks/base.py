@@ -9,7 +9,8 @@ now (`forward`: soft while training, hard in eval mode), its hard value, and its
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -278,3 +279,17 @@ def release_save(model: nn.Module) -> None:
     """Give `model` its class's `save_pretrained` back (after its masks were merged)."""
     if isinstance(vars(model).get("save_pretrained"), MaskedSaveGuard):
         del model.save_pretrained
+
+
+@contextmanager
+def bypassing(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Set `bypass` on each layer for the block (a per-input mask that then computes densely), and clear it after,
+    also on error: the dynamic methods' way to run their own dense model, e.g. to time or count it."""
+    layers = list(layers)
+    for layer in layers:
+        layer.bypass = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.bypass = False

@@ -18,7 +18,7 @@ Both paths compare |x| with the cut in float32, so they keep exactly the same en
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from prune.core.errors import UserInputError
-from prune.masks.base import Mask, MaskWrapper, wrappers
+from prune.masks.base import Mask, MaskWrapper, bypassing, wrappers
 from prune.methods.activation import kernel
 from prune.models.blocks import weight_matrix
 
@@ -207,17 +207,9 @@ def wrap(model: nn.Module, thresholds: dict[str, Threshold], max_tokens: int) ->
     return wrapped
 
 
-@contextmanager
-def bypassed(model: nn.Module) -> Iterator[None]:
+def bypassed(model: nn.Module) -> AbstractContextManager[None]:
     """Run the model as if no threshold existed: the dense model, e.g. to time it beside the sparse one."""
-    layers = thresholded(model).values()
-    for layer in layers:
-        layer.bypass = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.bypass = False
+    return bypassing(thresholded(model).values())
 
 
 @contextmanager

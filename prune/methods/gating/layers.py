@@ -20,7 +20,7 @@ channel and zeroes the unselected ones (the FLOPs figures count what a channel-s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from prune.core.errors import UserInputError
-from prune.masks.base import MaskWrapper, wrappers
+from prune.masks.base import MaskWrapper, bypassing, wrappers
 from prune.masks.targets import select_by_glob
 from prune.methods.gating.predictor import GatingMask, uniform_labels
 from prune.methods.gating.sparse_ffn import (
@@ -343,17 +343,9 @@ def gated_layers(model: nn.Module) -> dict[str, GatedLayer]:
     return {name: w for name, w in wrappers(model).items() if isinstance(w, GatedLayer)}
 
 
-@contextmanager
-def bypassed(model: nn.Module) -> Iterator[None]:
+def bypassed(model: nn.Module) -> AbstractContextManager[None]:
     """Run the model as if no gate existed (the dense model), e.g. to count its FLOPs."""
-    layers = gated_layers(model).values()
-    for layer in layers:
-        layer.bypass = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.bypass = False
+    return bypassing(gated_layers(model).values())
 
 
 @contextmanager
