@@ -13,15 +13,12 @@ measures latency, decode and prefill speed of the dense and the sparse model tim
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from prune.core.atomic import write_tensors_with_json
+from prune.core.atomic import read_tensors_with_json, write_tensors_with_json
 from prune.core.errors import UserInputError, summarize_names
 from prune.masks.targets import select_by_glob, select_targets
 from prune.methods.activation import config as declared
@@ -114,18 +111,9 @@ def save_thresholds(model: nn.Module, directory: Path, config: ActivationConfig,
 def restore_activation(model: nn.Module, directory: Path, config: ActivationConfig) -> nn.Module:
     """Wrap `model` (the base model the run started from) with the run's saved thresholds."""
     directory = Path(directory)
-    try:
-        info = json.loads((directory / INFO_FILE).read_text())
-        tensors = load_file(directory / THRESHOLDS_FILE)
-    except FileNotFoundError:
-        raise UserInputError(
-            f"{directory} has no {THRESHOLDS_FILE} + {INFO_FILE}; pass the run directory of a `prune run` with "
-            "method activation."
-        ) from None
-    except (json.JSONDecodeError, SafetensorError, OSError) as error:
-        raise UserInputError(f"the threshold files in {directory} are corrupt ({error}); rerun `prune run`.") from None
-    if info.get("format_version") != FORMAT_VERSION or info.get("method") != "activation":
-        raise UserInputError(f"{directory / INFO_FILE} is not an activation-sparsity file of format {FORMAT_VERSION}.")
+    info, tensors = read_tensors_with_json(
+        directory, THRESHOLDS_FILE, INFO_FILE, method="activation", format_version=FORMAT_VERSION
+    )
     made = {key: info.get(key) for key in ("mode", "score", "allocation")}
     differ = [
         f"{key} {value!r} (the config says {getattr(config, key)!r})"
