@@ -24,7 +24,7 @@ from prune.masks.targets import select_by_glob, select_targets
 from prune.methods.activation import config as declared
 from prune.methods.activation import kernel
 from prune.methods.activation.calibrate import calibrate
-from prune.methods.activation.config import ActivationConfig
+from prune.methods.activation.config import INFO_FILE, THRESHOLDS_FILE, ActivationConfig
 from prune.methods.activation.layers import (
     Threshold,
     ThresholdedFFN,
@@ -40,8 +40,6 @@ from prune.methods.spec import HeldOut, MethodSpec
 from prune.models.blocks import find_blocks, in_out_features
 
 FORMAT_VERSION = 1
-THRESHOLDS_FILE = "thresholds.safetensors"
-INFO_FILE = "thresholds.json"
 GATED_FFN = "a gated FFN (nn.Linear gate_proj, up_proj, down_proj and an act_fn, as in Llama, Mistral or Qwen)"
 
 

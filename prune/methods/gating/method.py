@@ -33,14 +33,12 @@ from prune.core.atomic import read_tensors_with_json, write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.methods.gating import config as declared
-from prune.methods.gating.config import GatingConfig
+from prune.methods.gating.config import GATING_FILE, PREDICTORS_FILE, GatingConfig
 from prune.methods.gating.layers import accounting, bypassed, gate_sites, gated_layers, select_gate_sites, summarize
 from prune.methods.gating.predictor import GatingMask, LabelRule
 from prune.methods.spec import HeldOut, MethodSpec
 
 FORMAT_VERSION = 1
-PREDICTORS_FILE = "predictors.safetensors"
-GATING_FILE = "gating.json"
 
 
 class GatingObjective(Objective):
