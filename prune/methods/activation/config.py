@@ -70,5 +70,10 @@ class ActivationConfig(MethodConfig):
 
 
 ACTIVATION = MethodDeclaration(
-    "activation", ActivationConfig, "oneshot", "prune.methods.activation.method:ACTIVATION", plain_model=False
+    "activation",
+    ActivationConfig,
+    "oneshot",
+    "prune.methods.activation.method:ACTIVATION",
+    plain_model=False,
+    masks_inputs=True,
 )
