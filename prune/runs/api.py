@@ -195,8 +195,9 @@ def recover(
     elif not wrappers(model):
         masks = _zeros_as_masks(model, record)
     result = stage.recover(model, config, data, run_dir, masks=masks, **options)
-    release_save(model)
-    vars(model).pop(ATTACHED, None)
+    if not wrappers(model):  # input masks (activation sparsity) stay on, with their config and save guard
+        release_save(model)
+        vars(model).pop(ATTACHED, None)
     if made_with is not None:
         mark_pruned(model, made_with, config.mode)
     elif isinstance(record, dict):

@@ -79,4 +79,5 @@ ACTIVATION = MethodDeclaration(
     "prune.methods.activation.method:ACTIVATION",
     plain_model=False,
     saved_files=(THRESHOLDS_FILE, INFO_FILE),
+    masks_inputs=True,
 )

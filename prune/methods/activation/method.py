@@ -4,7 +4,9 @@
 prune.methods.activation.calibrate) and wraps the modules (prune.methods.activation.layers); nothing trains.
 Which entries are zero depends on each token, so the sparse model has no plain-checkpoint form: the run
 directory holds the thresholds (`thresholds.safetensors` + `thresholds.json`), `prune.load_model(run_dir)`
-rebuilds the sparse model from the base model and them, and `prune export` refuses.
+rebuilds the sparse model from the base model and them, and `prune export` refuses. After recovery (the recipe's
+`recover`: the weights trained under the thresholds, prune.recovery), the run also writes model/, the recovered
+weights, and load_model(run_dir) wraps those instead of the base model.
 
 The report hook measures on held-out windows what each threshold zeroes (per layer, and model-wide weighted by
 the weight columns each entry stands for), the FLOPs a kernel skipping those columns runs, and, when the run
