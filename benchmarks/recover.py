@@ -43,7 +43,7 @@ PARTS = {  # part -> (recipe, label of the pruned model, goals: max x dense on t
 }
 VARIANTS = {  # the recovery settings compared on validation
     "lora": ["recover.mode=lora", "recover.rank=16", "recover.alpha=32", "recover.lr=2e-4"],
-    "full": ["recover.mode=full", "recover.lr=2e-5"],
+    "full": ["recover.mode=full", "recover.lr=5e-5"],
 }
 
 
