@@ -12,6 +12,13 @@ before), with 95% bootstrap intervals. Speed: decode tokens/s (prompt 128, 32 gr
 tokens/s of the same model with its thresholds bypassed (dense) and applied (sparse), alternated `--rounds`
 times (prune.methods.activation.speed); ratios of medians.
 
+With `--recover-tokens N`, each level also gets a row "+ recovery": the kept variant's sparse model (the same
+thresholds, fixed) recovered by prune.recovery -- its weights (`--recover-mode lora`: LoRA adapters, merged;
+`full`: the weights themselves) trained on N tokens of the docs' train part with the thresholds in the forward,
+on the KL divergence from the dense model's distribution (`--recover-distill`, the rest cross-entropy) -- the best
+of its periodic validation scores kept (the docs' validation part), then measured as the level is: test figures,
+zeroed shares, dense vs sparse speed side by side (the dense model: the recovered weights, thresholds bypassed).
+
 Then the kernel alone: y = W x for SmolLM2's projection shapes at given shares of zeros, dense (F.linear) against
 each way to read only the kept columns (the C++ kernel, embedding_bag, index_select + mm, torch.compile of the
 gather), cycling through enough matrices that none stays in cache. And the batch sweep: whole-model decode of B
@@ -22,10 +29,12 @@ B tokens stops paying (method.max_tokens is set from it).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +61,10 @@ from prune.methods.activation.layers import (  # noqa: E402
 )
 from prune.methods.activation.method import ACTIVATION, measure_zeroed  # noqa: E402
 from prune.methods.activation.speed import side_by_side  # noqa: E402
+from prune.recovery.config import RecoverConfig  # noqa: E402
+from prune.recovery.stage import recover  # noqa: E402
 from prune.runs.loading import load_model  # noqa: E402
+from prune.tasks.causal_lm import distillation_loss  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "activation.json"
@@ -121,7 +133,63 @@ def run_level(model, mode: str, sparsity: float, data: dict, args) -> dict:
     print(mode, sparsity, {key: row[key] for key in ("docs", *EXTRA_TEXTS, "weights_skipped", "speed")}, flush=True)
     if args.batch_sweep and (mode, sparsity) == ("teal", 0.4):
         row["batch_sweep"] = batch_sweep(model, args)
+    if args.recover_tokens:
+        row["recovered"] = recovered(model, data, args)
     unwrap(model)
+    return row
+
+
+def recover_config(args) -> RecoverConfig:
+    """--recover-tokens as optimizer steps of --recover-batch windows, four validation scores along the way."""
+    steps = max(1, args.recover_tokens // (args.recover_batch * args.seq_len))
+    return RecoverConfig(
+        steps=steps,
+        batch_size=args.recover_batch,
+        lr=args.recover_lr,
+        mode=args.recover_mode,
+        distill=args.recover_distill,
+        eval_every=max(1, steps // 4),
+        seed=args.seed,
+    )
+
+
+def recovered(model, data: dict, args) -> dict:
+    """A copy of the sparse `model` recovered with its thresholds fixed (prune.recovery), measured as run_level
+    measures the level; `model` itself stays as it was."""
+    student, teacher = copy.deepcopy(model), unwrap(copy.deepcopy(model)).requires_grad_(False)
+    config = recover_config(args)
+    validation = data["validation"][: args.recover_eval_windows]
+
+    def task_loss(module, batch):
+        return distillation_loss(module, teacher, batch, config.distill)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = recover(
+            student,
+            config,
+            data["train"],
+            run_dir,
+            task_loss=task_loss,
+            evaluate=lambda module: perplexity(module, validation, batch_size=args.batch).value,
+        )
+    seconds = time.perf_counter() - start
+    zeroed = measure_zeroed(student, data["test"][: args.zeroed_windows])
+    row = {
+        "mode": args.recover_mode,
+        "tokens": config.steps * config.batch_size * args.seq_len,
+        "steps": config.steps,
+        "best_step": result.best_step,
+        "validation": result.best_score,
+        "seconds": seconds,
+        "docs": figures(student, data["test"], args.batch),
+        **{text: figures(student, data[text], args.batch) for text in EXTRA_TEXTS},
+        "weights_skipped": zeroed["weights_skipped"],
+        "ffn_weights_skipped": ffn_weights_skipped(student, zeroed),
+        "layers": zeroed["layers"],
+        "speed": side_by_side(student, rounds=args.rounds),
+    }
+    print("+ recovery", {key: row[key] for key in ("docs", *EXTRA_TEXTS, "best_step", "speed")}, flush=True)
     return row
 
 
@@ -261,6 +329,20 @@ def pct(value: float) -> str:
     return f"{100 * value:+.1f}%"
 
 
+def table_row(label: str, row: dict, dense: dict, kept: str) -> str:
+    """One model's row of the main table: test figures and changes, skipped weights, speed side by side."""
+    speed = row["speed"]
+    change = changes(row, dense)
+    return (
+        f"| {label} | {interval(row['docs']['value'], row['docs']['ci95'])} | {pct(change['docs'])} | "
+        + "".join(f"{interval(row[text]['value'], row[text]['ci95'])} | {pct(change[text])} | " for text in EXTRA_TEXTS)
+        + f"{100 * row['weights_skipped']:.1f}% | {100 * row['ffn_weights_skipped']:.1f}% | "
+        f"{speed['sparse']['decode_tokens_per_s']:.2f} / {speed['dense']['decode_tokens_per_s']:.2f} | "
+        f"{speed['decode_speedup']:.2f}x{' (slower)' if speed['decode_speedup'] < 1 else ''} | "
+        f"{speed['prefill_speedup']:.2f}x{' (slower)' if speed['prefill_speedup'] < 1 else ''} | {kept} |"
+    )
+
+
 def render(result: dict) -> str:
     a, dense = result["args"], result["dense"]
     lines = [
@@ -279,6 +361,14 @@ def render(result: dict) -> str:
             f"the sparse model {a['rounds']} times in this process (medians; ratio = sparse / dense tokens/s). "
             "Skipped: the share of the wrapped weights (FFN: of the FFN's weights) a test token does not read. Kernel: "
             f"{result['kernel']}."
+            + (
+                f" + recovery: the kept variant's thresholds fixed, its weights trained ({a['recover_mode']}, lr "
+                f"{a['recover_lr']:g}, KL weight {a['recover_distill']:g} from the dense model) on the docs' train "
+                f"part, the step with the best perplexity on {a['recover_eval_windows']} validation windows kept "
+                "(step 0, before training, competes); figures and speed measured as the level's."
+                if a.get("recover_tokens")
+                else ""
+            )
         ),
         "",
         "| model | docs test | change | "
@@ -290,21 +380,14 @@ def render(result: dict) -> str:
         + "".join(f"{interval(dense[text]['value'], dense[text]['ci95'])} | | " for text in EXTRA_TEXTS)
         + "| | | | | |",
     ]
-    for row in result["levels"]:
-        speed = row["speed"]
-        change = changes(row, dense)
-        chosen = ", ".join(f"{value}" for value in row["chosen"].values())
-        lines.append(
-            f"| {row['mode']} {row['sparsity']:g} | {interval(row['docs']['value'], row['docs']['ci95'])} | "
-            f"{pct(change['docs'])} | "
-            + "".join(
-                f"{interval(row[text]['value'], row[text]['ci95'])} | {pct(change[text])} | " for text in EXTRA_TEXTS
-            )
-            + f"{100 * row['weights_skipped']:.1f}% | {100 * row['ffn_weights_skipped']:.1f}% | "
-            f"{speed['sparse']['decode_tokens_per_s']:.2f} / {speed['dense']['decode_tokens_per_s']:.2f} | "
-            f"{speed['decode_speedup']:.2f}x{' (slower)' if speed['decode_speedup'] < 1 else ''} | "
-            f"{speed['prefill_speedup']:.2f}x{' (slower)' if speed['prefill_speedup'] < 1 else ''} | {chosen} |"
-        )
+    for level in result["levels"]:
+        chosen = ", ".join(f"{value}" for value in level["chosen"].values())
+        named = f"{level['mode']} {level['sparsity']:g}"
+        lines.append(table_row(named, level, dense, chosen))
+        if "recovered" in level:
+            again = level["recovered"]
+            label = f"{named} + recovery ({again['mode']}, {again['tokens']:,} tokens)"
+            lines.append(table_row(label, again, dense, f"best step {again['best_step']} of {again['steps']}"))
     zero = result["every_column"]
     lines += [
         "",
@@ -316,19 +399,23 @@ def render(result: dict) -> str:
         "",
     ]
     for (mode, sparsity), (quality, speedup) in GOALS.items():
-        row = next((r for r in result["levels"] if (r["mode"], r["sparsity"]) == (mode, sparsity)), None)
-        if row is None:
+        level = next((r for r in result["levels"] if (r["mode"], r["sparsity"]) == (mode, sparsity)), None)
+        if level is None:
             continue
-        change = changes(row, dense)
-        met_quality = all(value <= quality for value in change.values())
-        met_speed = row["speed"]["decode_speedup"] >= speedup
-        lines.append(
-            f"- {mode} {sparsity:g}: perplexity <= +{100 * quality:.0f}% on every text: "
-            f"{'met' if met_quality else 'not met'} ("
-            + ", ".join(f"{text} {pct(value)}" for text, value in change.items())
-            + "); decode >= "
-            f"{speedup}x: {'met' if met_speed else 'not met'} ({row['speed']['decode_speedup']:.2f}x)."
-        )
+        rows = [(f"{mode} {sparsity:g}", level)]
+        if "recovered" in level:
+            rows.append((f"{mode} {sparsity:g} + recovery", level["recovered"]))
+        for label, row in rows:
+            change = changes(row, dense)
+            met_quality = all(value <= quality for value in change.values())
+            met_speed = row["speed"]["decode_speedup"] >= speedup
+            lines.append(
+                f"- {label}: perplexity <= +{100 * quality:.0f}% on every text: "
+                f"{'met' if met_quality else 'not met'} ("
+                + ", ".join(f"{text} {pct(value)}" for text, value in change.items())
+                + "); decode >= "
+                f"{speedup}x: {'met' if met_speed else 'not met'} ({row['speed']['decode_speedup']:.2f}x)."
+            )
     lines += [
         "",
         "Validation perplexity of every variant (what chose the kept one):",
@@ -394,6 +481,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-windows", type=int, default=40, help="cap on each held-out part (0: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recover-tokens", type=int, default=0, help="recovery per level, train tokens (0: none)")
+    parser.add_argument("--recover-mode", choices=["lora", "full"], default="lora")
+    parser.add_argument("--recover-distill", type=float, default=1.0, help="KL weight from the dense model")
+    parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument("--recover-batch", type=int, default=4, help="windows per recovery step")
+    parser.add_argument("--recover-eval-windows", type=int, default=8, help="validation windows per recovery score")
     parser.add_argument("--render", action="store_true", help="only rewrite the section from activation.json")
     args = parser.parse_args(argv)
     if args.render:
@@ -406,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     extras = prepare_extra(tokenizer, list(EXTRA_TEXTS), args.seq_len)
     data = {
         "calibration": splits.calibration_blocks(args.calibration, args.seq_len, args.seed),
+        "train": splits.train_blocks(args.seq_len),  # what recovery trains on (--recover-tokens)
         "validation": splits.validation_blocks(args.seq_len)[: args.max_windows or None],
         "test": splits.test_blocks(args.seq_len)[: args.max_windows or None],
         **{text: extras[text].test_blocks(args.seq_len)[: args.max_windows or None] for text in EXTRA_TEXTS},

@@ -209,6 +209,36 @@ def test_without_a_compiler_decode_runs_masked_dense(monkeypatch):
     assert torch.isfinite(decode_logits(model, batch=1)).all()
 
 
+def test_calls_that_train_or_run_through_an_adapter_never_reach_the_kernel(cpp, monkeypatch):
+    """Recovery trains the wrapped weights (or LoRA adapters on them) with the thresholds in the forward: a
+    one-token call then takes the masked dense path, whose weight gradient is zero exactly in the columns of the
+    entries cut, and an adapted projection is never served by the kernel, which reads the plain weight alone."""
+    from prune.masks.masked_lora import add_lora
+
+    model = sparse_model("llama", "teal")
+    layer = thresholded(model)["model.layers.0.mlp.down_proj"]
+    x = torch.randn(1, layer.base.in_features, generator=torch.Generator().manual_seed(4))
+    kept = x.abs()[0] > layer.mask.cut
+    assert 0 < int(kept.sum()) < kept.numel()
+    original = kernel.threshold_linear
+    monkeypatch.setattr(kernel, "threshold_linear", lambda *args: pytest.fail("the kernel served a training call"))
+    layer.base.weight.requires_grad_(True)
+    layer(x).square().sum().backward()
+    grad = layer.base.weight.grad
+    assert not grad[:, ~kept].any() and grad[:, kept].abs().sum(0).all()
+    layer.base.weight.requires_grad_(False)
+    add_lora(model, ["model.layers.0.mlp.down_proj.base"], {}, rank=2, alpha=4.0)
+    with torch.no_grad():
+        layer(x)
+
+    monkeypatch.setattr(kernel, "threshold_linear", original)
+    other = thresholded(model)["model.layers.1.mlp.down_proj"]
+    with torch.no_grad():
+        first = other(x)
+        other.base.weight.data = other.base.weight.data * 2  # new data, version counter unmoved (peft's merge)
+        torch.testing.assert_close(other(x), 2 * first)
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 
 

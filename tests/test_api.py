@@ -176,6 +176,24 @@ def test_oneshot_without_a_dataset_calibrates_on_the_recipes_data(tiny_dir, corp
     assert_same_weights(from_recipe, prune.oneshot(str(tiny_dir), recipe))  # the recipe as a dict
 
 
+def test_oneshot_depth_chooses_on_the_validation_part_or_on_the_selection_given(tiny_dir, corpus):
+    recipe = {
+        "model": str(tiny_dir),
+        "data": {"source": str(corpus), "calibration_samples": 4, "seq_len": 32},
+        "method": {"name": "depth", "remove": 1, "candidates": 2},
+        "train": {"eval_windows": 3},
+    }
+    from_recipe = prune.oneshot(str(tiny_dir), recipe)
+    assert from_recipe.config.num_hidden_layers == fresh(tiny_dir).config.num_hidden_layers - 1
+    _, tokenizer = prune.load_model(str(tiny_dir))
+    splits = prepare(tokenizer, str(corpus))
+    calibration, validation = splits.calibration_blocks(4, 32, 0), splits.validation_blocks(32)[:3]
+    given = prune.oneshot(str(tiny_dir), recipe["method"], dataset=calibration, selection=validation)
+    assert_same_weights(from_recipe, given)  # what `prune run` chooses on: validation, never calibration's part
+    with pytest.raises(prune.UserInputError, match="pass them as `selection`"):
+        prune.oneshot(str(tiny_dir), recipe["method"], dataset=calibration)  # the user's text has no validation
+
+
 def test_calibration_blocks_are_seeded_windows_of_the_text(tiny_dir):
     _, tokenizer = prune.load_model(str(tiny_dir))
     blocks = prune.calibration_blocks(tokenizer, TEXTS, 5, 16, seed=0)

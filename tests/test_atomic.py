@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from prune.core import atomic
 from prune.core.atomic import (
+    read_tensors_with_json,
     readable_mode,
     staged_directory,
     write_json_atomic,
@@ -15,6 +16,7 @@ from prune.core.atomic import (
     write_tensors_with_json,
     write_text_atomic,
 )
+from prune.core.errors import UserInputError
 
 
 def test_json_round_trip_and_no_temp_files(tmp_path):
@@ -69,6 +71,44 @@ def test_tensor_pair_writes_the_json_byte_for_byte(tmp_path):
     assert (tmp_path / "masks.json").read_text() == json.dumps(info, indent=2)
     assert torch.equal(load_file(tmp_path / "masks.safetensors")["x"], torch.ones(2))
     assert sorted(os.listdir(tmp_path)) == ["masks.json", "masks.safetensors"]
+
+
+def test_tensor_pair_reads_back_what_was_written(tmp_path):
+    info = {"format_version": 3, "method": "gating", "layers": {}}
+    write_tensors_with_json(tmp_path, "p.safetensors", {"x": torch.arange(3.0)}, "p.json", info)
+    read_info, tensors = read_tensors_with_json(tmp_path, "p.safetensors", "p.json", method="gating", format_version=3)
+    assert read_info == info and torch.equal(tensors["x"], torch.arange(3.0))
+
+
+def _damage(tmp_path, how: str) -> None:
+    info = {"format_version": 3, "method": "gating"}
+    write_tensors_with_json(tmp_path, "p.safetensors", {"x": torch.ones(2)}, "p.json", info)
+    if how == "missing":
+        (tmp_path / "p.safetensors").unlink()
+    elif how == "json":
+        (tmp_path / "p.json").write_text("{not json")
+    elif how == "tensors":
+        (tmp_path / "p.safetensors").write_bytes(b"\x00" * 5)
+    elif how == "method":
+        (tmp_path / "p.json").write_text(json.dumps({**info, "method": "activation"}))
+    elif how == "version":
+        (tmp_path / "p.json").write_text(json.dumps({**info, "format_version": 2}))
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing", "has no p.safetensors \\+ p.json; pass the run directory of a `prune run` with method gating"),
+        ("json", "the gating files in .* are corrupt"),
+        ("tensors", "the gating files in .* are corrupt"),
+        ("method", "p.json is not a MaskPrune gating file of format 3"),
+        ("version", "p.json is not a MaskPrune gating file of format 3"),
+    ],
+)
+def test_tensor_pair_refuses_a_missing_corrupt_or_foreign_pair(tmp_path, how, message):
+    _damage(tmp_path, how)
+    with pytest.raises(UserInputError, match=message):
+        read_tensors_with_json(tmp_path, "p.safetensors", "p.json", method="gating", format_version=3)
 
 
 def test_staged_directory_replaces_the_target_whole_or_not_at_all(tmp_path):

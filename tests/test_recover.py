@@ -185,11 +185,12 @@ def test_the_report_shows_every_figure_before_and_after_recovery_and_masks_descr
     assert all(record["changed"] in (None, 0.0) for record in log)  # the masks never moved
 
 
+@pytest.mark.parametrize("method", [None, {"name": "activation", "mode": "cats", "sparsity": 0.5}])
 def test_resume_of_an_interrupted_recovery_equals_an_uninterrupted_run(
-    tmp_path, llama_dir, corpus, monkeypatch, one_thread
+    method, tmp_path, llama_dir, corpus, monkeypatch, one_thread
 ):
     settings = {"eval_every": 2, "eval_windows": 2, "checkpoint_every": 2, "distill": 0.5}
-    run(recipe(llama_dir, corpus, tmp_path / "a", **settings))
+    run(recipe(llama_dir, corpus, tmp_path / "a", method, **settings))
 
     calls = {"n": 0}
     loss = CausalLM.loss
@@ -202,10 +203,10 @@ def test_resume_of_an_interrupted_recovery_equals_an_uninterrupted_run(
 
     monkeypatch.setattr(CausalLM, "loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        run(recipe(llama_dir, corpus, tmp_path / "b", **settings))
+        run(recipe(llama_dir, corpus, tmp_path / "b", method, **settings))
     assert (tmp_path / "b" / "recover" / "checkpoints" / "latest").read_text() == "step-3"
     monkeypatch.setattr(CausalLM, "loss", loss)
-    resumed = run(recipe(llama_dir, corpus, tmp_path / "b", **settings), resume=True)
+    resumed = run(recipe(llama_dir, corpus, tmp_path / "b", method, **settings), resume=True)
 
     uninterrupted = json.loads((tmp_path / "a" / "report.json").read_text())
     assert resumed["recover"]["best_step"] == uninterrupted["recover"]["best_step"]
@@ -251,7 +252,10 @@ def test_clip_recovers_on_its_classification_loss(tmp_path, clip_dir, one_thread
     "settings, message",
     [
         ({"method": {"name": "gating"}}, "leaves no plain model to recover"),
-        ({"method": {"name": "activation", "sparsity": 0.4}}, "activation chooses what to compute per input"),
+        (
+            {"method": {"name": "activation", "sparsity": 0.4}, "export": {"save_model": False}},
+            "model/ is where activation's trained weights are kept",
+        ),
         ({"runtime": {"offload": "cpu"}}, "trains the whole pruned model on the device"),
         ({"recover": {"steps": 2, "mode": "half"}}, "recover.mode"),
         ({"recover": {"steps": 2, "rank": 0}}, "recover.rank"),
@@ -375,3 +379,135 @@ def test_the_memory_preflight_counts_recovery(mode, copies):
     assert parts[f"recovery state ({mode})"][0] == targeted * copies * 4
     assert parts["distillation teacher"][0] == sum(param.numel() for param in model.parameters()) * 4
     assert "training" not in stages  # wanda trains no masks
+
+
+# ------------------------------------------------------------------------- recovery under activation sparsity
+
+
+def sparse_tiny(mode: str) -> torch.nn.Module:
+    """A tiny Llama with activation sparsity attached (teal: every projection's input; cats: the FFN gates)."""
+    model = make_tiny_llama()
+    prune.attach(model, prune.method_config("activation", mode=mode, sparsity=0.5), calibration=blocks(4))
+    return model
+
+
+def lm_loss_on(model: torch.nn.Module, batch: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(model(input_ids=batch, labels=batch).loss)
+
+
+@pytest.mark.parametrize("mode, activation", [("lora", "cats"), ("full", "teal"), ("full", "cats")])
+def test_recovery_trains_the_weights_under_fixed_activation_thresholds(mode, activation, tmp_path, one_thread):
+    """The linears the thresholds wrap train with the thresholds in the forward: their weights move, the loss of
+    the sparse model falls, nothing else moves, and the wrappers and their cuts come out as they went in."""
+    from prune.methods.activation.layers import thresholded
+
+    model = sparse_tiny(activation)
+    cuts = {name: layer.mask.cut.clone() for name, layer in thresholded(model).items()}
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    data = blocks()
+    loss_before = lm_loss_on(model, data)
+    prune.recover(model, {"steps": 6, "batch_size": 4, "lr": 1e-2, "mode": mode}, data, tmp_path)
+    layers = thresholded(model)
+    assert layers.keys() == cuts.keys() and all(torch.equal(layers[name].mask.cut, cut) for name, cut in cuts.items())
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()  # adapters merged, no new parameter left
+    inside = {name for name in before if any(name.startswith(f"{wrapper}.base.") for wrapper in cuts)}
+    linear_weights = {name for name in inside if name.endswith(".weight")}
+    assert linear_weights and all(not torch.equal(after[name], before[name]) for name in linear_weights)
+    assert all(torch.equal(after[name], before[name]) for name in before.keys() - inside)  # embeddings, norms, ...
+    assert lm_loss_on(model, data) < loss_before
+
+
+def test_recovery_targets_under_activation_are_named_as_in_the_unwrapped_model(tmp_path, one_thread):
+    """recover.targets globs match the plain model's names (`mlp.up_proj`), not the wrapper's `mlp.base.up_proj`."""
+    model = sparse_tiny("cats")
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    prune.recover(model, {"steps": 2, "lr": 1e-2, "mode": "full", "targets": ["*.mlp.up_proj"]}, blocks(), tmp_path)
+    moved = {name for name, param in model.named_parameters() if not torch.equal(param, before[name])}
+    assert moved == {"model.layers.0.mlp.base.up_proj.weight", "model.layers.1.mlp.base.up_proj.weight"}
+
+
+def test_an_activation_run_recovers_saves_its_weights_and_reloads_the_same_sparse_model(
+    tmp_path, llama_dir, corpus, monkeypatch, one_thread
+):
+    """A `prune run` with method activation and recover: the report compares before and after recovery and measures
+    the activation section on the recovered model; model/ holds the recovered weights as a plain checkpoint whose
+    config records the recovery, the thresholds (as calibrated) lie beside it, and prune.load_model(run_dir) puts
+    them back on those weights: the logits of the in-process recovered model, prefill and decode."""
+    from prune.methods.activation import method as activation
+    from prune.methods.activation.layers import thresholded
+    from prune.runs.loading import load_model
+
+    measured = {}
+    measure_zeroed = activation.measure_zeroed
+
+    def spy(model, samples):
+        measured["model"] = model
+        measured["weights"] = {name: param.detach().clone() for name, param in model.named_parameters()}
+        return measure_zeroed(model, samples)
+
+    monkeypatch.setattr(activation, "measure_zeroed", spy)
+    method = {"name": "activation", "mode": "cats", "sparsity": 0.5}
+    report = run(recipe(llama_dir, corpus, tmp_path / "run", method, distill=0.5))
+    section = report["recover"]
+    assert section["before"]["perplexity"]["value"] != report["perplexity"]["value"]
+    assert set(section["paired"]) == {"perplexity", "moby-dick", "sotu"}
+    assert all(entry["verdict"] in {"better", "worse", "not distinguishable"} for entry in section["paired"].values())
+    assert set(report["activation"]["layers"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+
+    directory = tmp_path / "run"
+    saved = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=torch.float32)
+    assert not any(".base." in name for name in saved.state_dict())
+    recovered = {name.replace(".base.", "."): weight for name, weight in measured["weights"].items()}
+    assert all(torch.equal(weight, recovered[name]) for name, weight in saved.state_dict().items())  # measured on
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    assert not torch.equal(saved.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    record = json.loads((directory / "model" / "config.json").read_text())["pruning"]
+    assert (record["method"], record["sparsity"], record["recovered"]) == ("activation", "cats 0.5", "lora")
+    info = json.loads((directory / "thresholds.json").read_text())
+    assert info["weights_changed"] is True
+    cuts = load_file(directory / "thresholds.safetensors")
+    in_process = measured["model"]
+    assert all(torch.equal(layer.mask.cut, cuts[name]) for name, layer in thresholded(in_process).items())
+
+    loaded, _ = load_model(str(directory))
+    assert set(thresholded(loaded)) == set(cuts)
+    assert all(torch.equal(param, recovered[name.replace(".base.", ".")]) for name, param in loaded.named_parameters())
+    prompt = blocks(2, 16)
+    with torch.no_grad():  # the same weights and cuts; a matmul's last bit may follow its operands' alignment
+        for tokens in (prompt, prompt[:1, :1]):  # prefill (masked dense) and one decode token (the kernel)
+            torch.testing.assert_close(
+                loaded(input_ids=tokens).logits, in_process(input_ids=tokens).logits, rtol=0, atol=1e-6
+            )
+
+    import shutil
+
+    shutil.rmtree(directory / "model")
+    with pytest.raises(prune.UserInputError, match="trains its weights in recovery"):
+        load_model(str(directory))
+
+
+def test_gating_is_still_refused_recovery_and_activation_is_accepted():
+    accepted = parse_recipe({"method": {"name": "activation", "mode": "cats"}, "recover": {"steps": 2}})
+    assert accepted.recover.steps == 2
+    with pytest.raises(prune.UserInputError, match="gating chooses what to compute per input.*predictors were fitted"):
+        parse_recipe({"method": {"name": "gating"}, "recover": {"steps": 2}})
+
+
+def test_the_memory_preflight_counts_the_ffn_linears_cats_recovers():
+    """cats wraps whole FFNs: recovery trains (and the estimate counts) their three linears, nothing else."""
+    from prune.methods.registry import get_method
+    from prune.models.runtime import Runtime
+    from prune.runs import preflight
+
+    model = make_tiny_llama()
+    settings = parse_recipe(
+        {"method": {"name": "activation", "mode": "cats"}, "data": {"seq_len": 64}, "recover": {"steps": 2}}
+    )
+    runtime = Runtime(torch.device("cpu"), torch.float32, "none")
+    stages = {
+        s.name.split(" ")[0]: s for s in preflight.memory_stages(settings, get_method("activation"), runtime, model)
+    }
+    targeted = sum(weight_matrix(model.get_submodule(name)).numel() for name in select_targets(model, ["*.mlp.*"]))
+    assert stages["recovery"].parts["recovery state (lora)"][0] == targeted * 2 * 4

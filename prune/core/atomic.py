@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from prune.core.errors import UserInputError
 
 
 def readable_mode(directory: bool = False) -> int:
@@ -112,6 +114,31 @@ def write_tensors_with_json(
     either file half-written."""
     write_safetensors_atomic(directory / tensors_file, tensors)
     write_text_atomic(directory / json_file, json.dumps(info, indent=2))
+
+
+def read_tensors_with_json(
+    directory: Path, tensors_file: str, json_file: str, *, method: str, format_version: int
+) -> tuple[dict, dict[str, Tensor]]:
+    """Read back a pair written by write_tensors_with_json: (the JSON's content, the tensors). The JSON must name
+    `method` and `format_version`; a missing, unreadable or foreign pair is the user's input, so each case
+    raises UserInputError naming the file and the fix."""
+    directory = Path(directory)
+    try:
+        info = json.loads((directory / json_file).read_text())
+        tensors = load_file(directory / tensors_file)
+    except FileNotFoundError:
+        raise UserInputError(
+            f"{directory} has no {tensors_file} + {json_file}; pass the run directory of a `prune run` with method "
+            f"{method}."
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as error:
+        raise UserInputError(f"the {method} files in {directory} are corrupt ({error}); rerun `prune run`.") from None
+    if not isinstance(info, dict) or info.get("format_version") != format_version or info.get("method") != method:
+        raise UserInputError(
+            f"{directory / json_file} is not a MaskPrune {method} file of format {format_version}; pass the run "
+            f"directory of a `prune run` with method {method}."
+        )
+    return info, tensors
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +99,12 @@ class HardMask(Mask):
 
 
 class MaskWrapper(nn.Module):
-    """Replaces a target module; `base` stays frozen and bit-identical."""
+    """Replaces a target module; `base` stays frozen and bit-identical.
+
+    `masks_inputs`: the mask zeroes what enters `base` (activation sparsity's thresholds), never its weights or
+    outputs, so `base`'s weights can train with the wrapper in the forward (recovery training does)."""
+
+    masks_inputs: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, mask: Mask):
         super().__init__()
@@ -193,6 +199,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     for name, wrapper in reversed(list(wrappers(model).items())):
         model.set_submodule(name, wrapper.base)
     return model
+
+
+@contextmanager
+def unwrapped(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with each wrapper's base in its place for the block (to save the base weights as a plain
+    checkpoint), the wrappers put back after, also on error."""
+    placed = wrappers(model)
+    unwrap(model)
+    try:
+        yield model
+    finally:
+        wrap(model, placed)
 
 
 def merge(model: nn.Module, *, in_place: bool = False) -> nn.Module:

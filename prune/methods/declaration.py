@@ -27,7 +27,13 @@ class MethodDeclaration:
     "hessian" (SparseGPT's X^T X). None: the method cannot (it runs through the pipeline).
 
     `plain_model`: the pruned model has a plain checkpoint form (False for per-input gating and activation
-    sparsity, whose MethodSpec restores it from the run directory instead), which recovery training needs."""
+    sparsity, whose MethodSpec restores it from the run directory instead), which recovery training needs unless
+    `masks_inputs`: the masks zero what enters the modules (activation sparsity's thresholds), so the weights can
+    train with them in the forward, and recovery saves the trained weights as model/ beside them.
+
+    `saved_files`: the (tensors, description JSON) pair its `save` writes into a run directory when that is not
+    the weight masks' masks.safetensors + masks.json (prune.masks.storage): the run directory's own files
+    (`--overwrite` removes them) and the descriptions `prune.load_masks` recognises are read from here."""
 
     name: str
     config_class: type[MethodConfig]
@@ -36,3 +42,5 @@ class MethodDeclaration:
     tasks: frozenset[str] = frozenset({"causal-lm"})
     statistics: Literal["none", "norms", "hessian"] | None = None
     plain_model: bool = True
+    saved_files: tuple[str, str] | None = None
+    masks_inputs: bool = False

@@ -33,6 +33,12 @@ METHODS: dict[str, MethodDeclaration] = {
 }
 
 
+def saved_file_pairs() -> list[tuple[str, str]]:
+    """The (tensors, description JSON) pairs methods save instead of the weight masks'
+    (MethodDeclaration.saved_files)."""
+    return [declared.saved_files for declared in METHODS.values() if declared.saved_files]
+
+
 def get_declaration(name: str) -> MethodDeclaration:
     """The declaration of method `name` (no torch import); UserInputError naming the methods when unknown."""
     if name not in METHODS:

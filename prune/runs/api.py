@@ -21,9 +21,7 @@ from prune.masks import base
 from prune.masks.base import Objective, guard_save, release_save, wrappers
 from prune.masks.storage import CONFIG_FILE, read_mask_config
 from prune.masks.targets import select_targets
-from prune.methods.activation.method import INFO_FILE as THRESHOLDS_INFO_FILE
-from prune.methods.gating.method import GATING_FILE
-from prune.methods.registry import get_method, method_config
+from prune.methods.registry import get_method, method_config, saved_file_pairs
 from prune.methods.spec import masks_meta
 from prune.models.blocks import weight_matrix
 from prune.recovery import stage
@@ -47,7 +45,7 @@ from prune.training.trainer import TrainResult, trainable_parameters
 
 ATTACHED = "maskprune_config"  # the model attribute holding the config its masks were made with
 # what save_masks writes beside the tensors, naming the method and its config
-SAVED_DESCRIPTIONS = (CONFIG_FILE, GATING_FILE, THRESHOLDS_INFO_FILE)
+SAVED_DESCRIPTIONS = (CONFIG_FILE, *(description for _, description in saved_file_pairs()))
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, *, task: str = DEFAULT_TASK):
@@ -197,8 +195,9 @@ def recover(
     elif not wrappers(model):
         masks = _zeros_as_masks(model, record)
     result = stage.recover(model, config, data, run_dir, masks=masks, **options)
-    release_save(model)
-    vars(model).pop(ATTACHED, None)
+    if not wrappers(model):  # input masks (activation sparsity) stay on, with their config and save guard
+        release_save(model)
+        vars(model).pop(ATTACHED, None)
     if made_with is not None:
         mark_pruned(model, made_with, config.mode)
     elif isinstance(record, dict):

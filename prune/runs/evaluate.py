@@ -18,7 +18,6 @@ from prune.data.text import prepare, prepare_extra
 from prune.models.loading import check_seq_len
 from prune.models.runtime import resolve_runtime
 from prune.models.runtime_config import RuntimeConfig
-from prune.runs import run_dir
 from prune.runs.loading import load_model
 from prune.runs.paths import EVAL_JSON, EVAL_MD, EVAL_STAMP
 from prune.runs.placed import local_model_dir
@@ -36,13 +35,10 @@ def evaluate(model_name: str, data: DataConfig, config: EvalConfig, runtime: Run
     for name in dict.fromkeys((data.source, *measured)):
         if name in prose.TEXTS:
             prose.check_fetchable(name)
-    given = Path(model_name).expanduser()
-    is_run = (given / run_dir.RECIPE_FILE).is_file() and (given / run_dir.MODEL_DIR).is_dir()
-    name_or_path = str(given / run_dir.MODEL_DIR) if is_run else model_name  # a run without model/ restores itself
-    model_dir = local_model_dir(name_or_path)
+    model_dir = local_model_dir(model_name)  # a run's model/ where it has one: its dtype is the run's
     placed = resolve_runtime(runtime, model_dir / "config.json" if model_dir else None)
 
-    model, tokenizer = load_model(name_or_path, placed.dtype)
+    model, tokenizer = load_model(model_name, placed.dtype)  # a run loads as prune.load_model(run_dir) rebuilds it
     model = model.to(placed.device)
     check_seq_len(model, data.seq_len, model_name, "--seq-len")
     splits = prepare(

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from prune.core.errors import UserInputError
-from prune.methods.registry import get_method
+from prune.methods.registry import METHODS, get_method
 from prune.models import loading
 from prune.runs import run_dir
 from prune.tasks.data_config import DEFAULT_TASK
@@ -37,21 +37,32 @@ def _load_any(name_or_path: str, dtype: torch.dtype, task: str) -> tuple[PreTrai
 
 
 def _from_run(directory: Path, dtype: torch.dtype):
-    """A `prune run` directory: its model/ when the run wrote one; else the method rebuilds the pruned model
-    from the base model and the run's saved state (per-input gating: base model + predictors)."""
-    recipe = run_dir.read_recipe(directory)  # only `model`, `task`, `method` and `export` are needed
+    """A `prune run` directory: its model/ when the method's pruned model is a plain checkpoint; else the method
+    rebuilds the pruned model from the run's saved state (thresholds, predictors) over the base model, or, after
+    recovery under input masks (activation sparsity), over model/, which holds the recovered weights."""
+    recipe = run_dir.read_recipe(directory)  # only `model`, `task`, `method`, `recover` and `export` are needed
     task = recipe.get("task") or DEFAULT_TASK
-    if loading.is_model_dir(directory / run_dir.MODEL_DIR):
-        return load_model(str(directory / run_dir.MODEL_DIR), dtype, task=task)
+    saved = directory / run_dir.MODEL_DIR
     method = recipe.get("method") if isinstance(recipe.get("method"), dict) else {}
-    spec = get_method(method.get("name", "?"))
-    if spec.restore is None:
+    declared = METHODS.get(method.get("name"))
+    if declared is None or declared.plain_model:
+        if loading.is_model_dir(saved):
+            return load_model(str(saved), dtype, task=task)
         raise UserInputError(f"run {directory} has no {run_dir.MODEL_DIR}/: {_why_no_model(directory, recipe)}")
+    spec = get_method(declared.name)
     try:
         config = spec.config_class.model_validate(method)
     except ValueError as error:
         raise UserInputError(f"the method section of {directory / run_dir.RECIPE_FILE} is invalid: {error}") from None
-    model, processor = load_model(recipe["model"], dtype, task=task)
+    recovered = bool((recipe.get("recover") or {}).get("steps"))
+    if recovered and not loading.is_model_dir(saved):
+        raise UserInputError(
+            f"run {directory} trains its weights in recovery, and its {run_dir.MODEL_DIR}/, which holds them, is "
+            f"missing (the run is unfinished, or {run_dir.MODEL_DIR}/ was removed); the base model without them "
+            f"would be another model. Rerun it (`prune run RECIPE --output {directory} --resume` continues an "
+            "interrupted recovery from its checkpoint)."
+        )
+    model, processor = load_model(str(saved) if recovered else recipe["model"], dtype, task=task)
     return spec.restore(model, directory, config), processor
 
 

@@ -26,17 +26,20 @@ from prune.runs import api
 from prune.runs.arguments import check_blocks, check_model, check_unmasked
 from prune.runs.recipe import Recipe, load_recipe, parse_recipe
 from prune.tasks.data_config import DEFAULT_TASK
+from prune.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
 class Plan:
     """What a recipe (or a bare method config) asks of `oneshot`: the method, the calibration data's defaults,
-    the seed, and the task a model name is loaded as."""
+    the seed, the task a model name is loaded as, and how many validation windows a method that chooses on them
+    (depth) reads (train.eval_windows)."""
 
     method: MethodConfig
     data: DataConfig
     seed: int
     task: str
+    selection_windows: int
 
 
 def oneshot(
@@ -49,6 +52,7 @@ def oneshot(
     seq_len: int | None = None,
     seed: int | None = None,
     text_column: str = "text",
+    selection: Tensor | None = None,
     output_dir: str | Path | None = None,
 ) -> nn.Module:
     """Prune `model` with a one-shot method and return the pruned model, merged (plain transformers weights;
@@ -61,7 +65,10 @@ def oneshot(
     token blocks [samples, seq_len]; None: the recipe's data source (default: embedded-docs). Text is tokenized
     with `tokenizer` (a model given by name brings its own) into one stream, and `num_calibration_samples` blocks
     of `seq_len` tokens are drawn from it with `seed`; token blocks are used whole unless
-    `num_calibration_samples` asks for fewer. `output_dir` must be new or empty: nothing is overwritten.
+    `num_calibration_samples` asks for fewer. `selection`: token blocks a method that chooses on validation data
+    (depth, with candidates > 1) chooses on; None: the validation part of the recipe's data source when
+    calibration reads it (`train.eval_windows` windows; never the part calibration draws from). `output_dir` must
+    be new or empty: nothing is overwritten.
     """
     plan = _plan(recipe)
     spec = get_method(plan.method.name)
@@ -80,7 +87,11 @@ def oneshot(
     calibration = None
     if spec.needs_calibration:
         calibration = _calibration(model, tokenizer, dataset, plan, num_calibration_samples, seq_len, seed, text_column)
-    api.attach(model, plan.method, calibration)
+    if selection is not None:
+        selection = check_blocks(selection, model, "selection")
+    elif spec.needs_selection and dataset is None:
+        selection = _validation_blocks(tokenizer, plan, calibration.shape[1])
+    api.attach(model, plan.method, calibration, selection=selection)
     pruned = api.export(model, plan.method)
     if output is not None:
         save_pretrained_atomic(output, pruned, tokenizer)
@@ -90,7 +101,7 @@ def oneshot(
 def _plan(recipe) -> Plan:
     """The method and the calibration defaults of whatever `recipe` is (errors name the argument)."""
     if isinstance(recipe, MethodConfig):
-        return Plan(recipe, DataConfig(), 0, DEFAULT_TASK)
+        return Plan(recipe, DataConfig(), 0, DEFAULT_TASK, TrainConfig().eval_windows)
     if isinstance(recipe, dict) and "method" not in recipe:
         if "name" not in recipe:
             raise UserInputError(
@@ -98,7 +109,7 @@ def _plan(recipe) -> Plan:
                 "{'name': 'sparsegpt', 'sparsity': '2:4'}."
             )
         fields = {key: value for key, value in recipe.items() if key != "name"}
-        return Plan(method_config(recipe["name"], **fields), DataConfig(), 0, DEFAULT_TASK)
+        return Plan(method_config(recipe["name"], **fields), DataConfig(), 0, DEFAULT_TASK, TrainConfig().eval_windows)
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     elif isinstance(recipe, (str, Path)):
@@ -114,7 +125,7 @@ def _plan(recipe) -> Plan:
             f"{described(recipe)}."
         )
     data = recipe.data if isinstance(recipe.data, DataConfig) else DataConfig()
-    return Plan(recipe.method, data, recipe.seed, recipe.task)
+    return Plan(recipe.method, data, recipe.seed, recipe.task, recipe.train.eval_windows)
 
 
 def _output(output_dir) -> Path | None:
@@ -169,10 +180,20 @@ def _calibration(
     if texts is not None:
         blocks = draw_blocks(tokenize(tokenizer, texts), samples, seq_len, seed, "dataset")
     else:
-        data = plan.data.model_copy(update={"seq_len": seq_len, "calibration_samples": samples})
-        splits = interleave(prepare_source(tokenizer, data), prepare_mix(tokenizer, data), seq_len, data.source_share)
-        blocks = splits.calibration_blocks(samples, seq_len, seed)
-    return check_blocks(blocks, model, "dataset" if texts is not None else f"the calibration text ({data.source})")
+        blocks = _source_splits(tokenizer, plan, seq_len).calibration_blocks(samples, seq_len, seed)
+    return check_blocks(blocks, model, "dataset" if texts is not None else f"the calibration text ({plan.data.source})")
+
+
+def _source_splits(tokenizer, plan: Plan, seq_len: int):
+    """The recipe's data source (and mix) tokenized and split into train / validation / test parts."""
+    data = plan.data.model_copy(update={"seq_len": seq_len})
+    return interleave(prepare_source(tokenizer, data), prepare_mix(tokenizer, data), seq_len, data.source_share)
+
+
+def _validation_blocks(tokenizer, plan: Plan, seq_len: int) -> Tensor:
+    """What `prune run` gives a method that chooses (depth): the first `train.eval_windows` windows of the source's
+    validation part, which calibration never reads."""
+    return _source_splits(tokenizer, plan, seq_len).validation_blocks(seq_len)[: plan.selection_windows]
 
 
 def _count(name: str, value, minimum: int = 1) -> int:

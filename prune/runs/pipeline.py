@@ -1,5 +1,9 @@
 """The one orchestrator: recipe -> model/data -> masks -> (train) -> export -> (recover) -> evaluate -> run directory.
 
+A method without a plain checkpoint form (per-input masks: MethodSpec.restore) writes no model/, except after
+recovery under input masks (activation sparsity): model/ then holds the trained weights without the wrappers, and
+prune.load_model(run_dir) puts the saved thresholds back on them.
+
 One flow for every kind of model: what differs between a causal LM, CLIP as a zero-shot classifier and an
 image classifier (loading, data, training loss, held-out score, figures, report fields) is the recipe's task
 (prune.tasks), and so is how the model is held: in memory, or under `runtime.offload: disk` streamed from its
@@ -20,7 +24,7 @@ from accelerate import PartialState
 
 from prune.core.atomic import write_json_atomic
 from prune.core.rng import seed_all
-from prune.masks.base import weight_masks
+from prune.masks.base import unwrapped, weight_masks
 from prune.methods.registry import get_method
 from prune.methods.spec import MethodSpec, masks_meta
 from prune.recovery.stage import STAGE, recover
@@ -108,10 +112,11 @@ def _run(recipe: Recipe, *, overwrite: bool, resume: bool) -> dict | None:
         _plot_training(directory, _per_step(recipe.recover, task, state.num_processes), task.unit, recovery=True)
         with timed(timings, "recovered_eval"):
             before_recovery, figures = figures, task.measure("recovered")
-    if recipe.export.save_model and plain:
-        with timed(timings, "save_model"):
+    saves = plain or recovery is not None  # recovered weights under input masks (activation) are saved bare too
+    if recipe.export.save_model and saves:
+        with timed(timings, "save_model"), unwrapped(task.model):
             task.save_model(directory / run_dir.MODEL_DIR)
-    if plain and (directory / run_dir.MODEL_DIR / CONFIG_FILE).is_file():  # saved here, or streamed by the task
+    if saves and (directory / run_dir.MODEL_DIR / CONFIG_FILE).is_file():  # saved here, or streamed by the task
         write_record(directory / run_dir.MODEL_DIR, recipe.method, recipe.recover.mode if recovery else None)
 
     report = _report(recipe, spec, task, achieved, fields, figures, timings, training, dense, state.num_processes)

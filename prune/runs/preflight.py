@@ -34,7 +34,7 @@ from prune.data import prose
 from prune.data.images import DIGITS, ImageDataConfig
 from prune.data.text import DataConfig
 from prune.methods.spec import MethodSpec
-from prune.models.blocks import weight_matrix
+from prune.models.blocks import LINEAR_TYPES, weight_matrix
 from prune.models.preflight import (
     GB,
     available_device_memory,
@@ -201,7 +201,12 @@ def _recovery_stage(recipe: Recipe, spec: MethodSpec, skeleton: nn.Module, runti
     recover, shape, dtype = recipe.recover, shape_of(skeleton), runtime.dtype
     names = spec.targets(skeleton, recipe.method) if recover.targets is None and spec.targets is not None else None
     modules = dict(skeleton.named_modules())
-    targeted = sum(weight_matrix(modules[name]).numel() for name in names or recover_targets(skeleton, recover, {}))
+    targeted = sum(  # the linears each target is or holds (activation's cats wraps whole FFNs)
+        weight_matrix(linear).numel()
+        for name in names or recover_targets(skeleton, recover, {})
+        for linear in modules[name].modules()
+        if isinstance(linear, LINEAR_TYPES)
+    )
     copies = ADAM_COPIES - 1 if recover.mode == "full" else 2  # the weights themselves are counted already
     parts = {
         "weights": weights,

@@ -127,14 +127,24 @@ class Recipe(StrictConfig):
 
     @model_validator(mode="after")
     def _recovery_applies(self):
-        """recover.steps trains the pruned model's kept weights: it needs a plain pruned model (per-input gating has
-        none), the whole model on the device, and recover.distill a task with next-token distributions."""
+        """recover.steps trains the pruned model's kept weights: it needs a plain pruned model or masks on inputs
+        (activation sparsity: the weights train under the thresholds and model/ keeps them, so export.save_model
+        stays on), not per-input gating, the whole model on the device, and recover.distill a task with next-token
+        distributions."""
         if not self.recover.steps:
             return self
-        if not get_declaration(self.method.name).plain_model:
+        declared = get_declaration(self.method.name)
+        if not declared.plain_model and not declared.masks_inputs:
             raise ValueError(
-                f"recover.steps: {self.method.name} chooses what to compute per input and leaves no plain model "
-                "to recover; remove the recover section."
+                f"recover.steps: {self.method.name} chooses what to compute per input and leaves no plain model to "
+                "recover (its predictors were fitted to the weights as they are, which recovery would move); remove "
+                "the recover section."
+            )
+        if declared.masks_inputs and not self.export.save_model:
+            raise ValueError(
+                f"recover.steps: after recovery, the run directory's model/ is where {self.method.name}'s trained "
+                "weights are kept (its thresholds lie beside them), and export.save_model: false would lose them; "
+                "remove export.save_model: false, or the recover section."
             )
         if self.runtime.offload != "none":
             raise ValueError(

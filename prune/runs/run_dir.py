@@ -25,9 +25,7 @@ from prune.core.atomic import readable_mode, write_text_atomic
 from prune.core.errors import UserInputError
 from prune.core.yaml_io import read_mapping
 from prune.masks.storage import CONFIG_FILE, TENSORS_FILE
-from prune.methods.activation.method import INFO_FILE as THRESHOLDS_INFO_FILE
-from prune.methods.activation.method import THRESHOLDS_FILE
-from prune.methods.gating.method import GATING_FILE, PREDICTORS_FILE
+from prune.methods.registry import saved_file_pairs
 from prune.recovery.stage import STAGE as RECOVER_DIR
 from prune.runs.paths import EVAL_JSON, EVAL_MD, check_output
 from prune.training.checkpoint import POINTER, check_resumable
@@ -56,10 +54,7 @@ RUN_FILES = frozenset(
         DENSE_FILE,
         TENSORS_FILE,
         CONFIG_FILE,
-        PREDICTORS_FILE,
-        GATING_FILE,
-        THRESHOLDS_FILE,
-        THRESHOLDS_INFO_FILE,
+        *(name for pair in saved_file_pairs() for name in pair),
         MODEL_DIR,
         TRAIN_DIR,
         CURVE_FILE,

@@ -69,6 +69,15 @@ class ActivationConfig(MethodConfig):
         return f"{self.mode} {self.pattern}"
 
 
+THRESHOLDS_FILE = "thresholds.safetensors"
+INFO_FILE = "thresholds.json"
+
 ACTIVATION = MethodDeclaration(
-    "activation", ActivationConfig, "oneshot", "prune.methods.activation.method:ACTIVATION", plain_model=False
+    "activation",
+    ActivationConfig,
+    "oneshot",
+    "prune.methods.activation.method:ACTIVATION",
+    plain_model=False,
+    saved_files=(THRESHOLDS_FILE, INFO_FILE),
+    masks_inputs=True,
 )

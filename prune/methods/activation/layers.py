@@ -8,7 +8,11 @@ over the entries as they are scored (c_j = t / s_j for a score |x_j| s_j; prune.
 
 A call of at most `max_tokens` tokens (decode) on the CPU runs the sparse kernel (prune.methods.activation
 .kernel), which reads only the weight columns of the entries kept; every other call (prefill, a GPU, autograd)
-runs the masked dense computation, which gives the same numbers up to float summation order. The kernel reads
+runs the masked dense computation, which gives the same numbers up to float summation order. That computation is
+differentiable in the weights (a zeroed entry gives its weight column a zero gradient), so recovery training
+(prune.recovery) trains the base weights, or LoRA adapters on them, with the thresholds in the forward; a call
+whose graph autograd keeps (an input or a weight that requires grad) or a base wrapped by an adapter never runs
+the kernel, which reads the plain weights and computes no gradient. The kernel reads
 W's columns as rows of W^T: a Conv1D stores W^T already; for an nn.Linear (and the FFN's down) a transposed
 copy is made on the first sparse call (one extra copy of the targeted weights: the price of contiguous columns).
 
@@ -75,6 +79,7 @@ class Thresholded(MaskWrapper):
     ~200 times per token of a small model, where microseconds add up)."""
 
     mask: Threshold
+    masks_inputs = True
 
     def __init__(self, base: nn.Module, mask: Threshold, max_tokens: int):
         super().__init__(base, mask)
@@ -84,25 +89,36 @@ class Thresholded(MaskWrapper):
         self._operands: tuple | None = None  # (dtype, source weights, their versions, the kernel's operands)
 
     def sparse_call(self, x: Tensor) -> bool:
-        """Whether this call runs the sparse kernel: few tokens, on the CPU, in a dtype it serves, no autograd,
-        nothing being counted."""
+        """Whether this call runs the sparse kernel: few tokens, on the CPU, in a dtype it serves, no autograd
+        (neither the input nor a parameter of the module requires grad), plain layers (no adapter: recovery's
+        LoRA), nothing being counted."""
         return (
             x.shape[0] <= self.max_tokens
             and self.counts is None
             and x.device.type == "cpu"
             and x.dtype in kernel.DTYPES
-            and not (x.requires_grad and torch.is_grad_enabled())
+            and self.plain_layers()
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.trains()))
             and kernel.backend() == "cpp"
         )
 
     def operands(self, dtype: torch.dtype) -> tuple:
         """The kernel's operands after the activations, remade when the dtype changes or a source weight is
-        changed in place (its version counter moves)."""
+        changed: in place (its version counter moves) or given new data (`weight.data = ...`, as peft's merge of an
+        adapter does, which leaves the version counter alone but moves the data)."""
         cached = self._operands
-        if cached is None or cached[0] != dtype or tuple(weight._version for weight in cached[1]) != cached[2]:
+        if cached is None or cached[0] != dtype or _states(cached[1]) != cached[2]:
             sources = self.source_weights()
-            cached = self._operands = (dtype, sources, tuple(w._version for w in sources), self.make_operands())
+            cached = self._operands = (dtype, sources, _states(sources), self.make_operands())
         return cached[3]
+
+    def trains(self) -> bool:
+        """Whether a parameter of the wrapped module requires grad (recovery trains it)."""
+        return any(param.requires_grad for param in self.base.parameters())
+
+    def plain_layers(self) -> bool:
+        """Whether the layers the kernel reads are the plain ones it was written for (not wrapped by an adapter)."""
+        raise NotImplementedError
 
     def source_weights(self) -> tuple[Tensor, ...]:
         """The weights the operands copy or read."""
@@ -118,6 +134,11 @@ class Thresholded(MaskWrapper):
         )
 
 
+def _states(weights: tuple[Tensor, ...]) -> tuple[tuple[int, int], ...]:
+    """Each weight's version counter and data address: one of them moves whenever the weight's values can have."""
+    return tuple((weight._version, weight.data_ptr()) for weight in weights)
+
+
 def columns(module: nn.Module) -> Tensor:
     """W^T [in, out], contiguous: a Conv1D's own weight (stored so), else a transposed copy."""
     if isinstance(module, Conv1D) and module.weight.is_contiguous():
@@ -127,6 +148,9 @@ def columns(module: nn.Module) -> Tensor:
 
 class ThresholdedLinear(Thresholded):
     """teal: a projection whose input entries of magnitude at or below the threshold are zero."""
+
+    def plain_layers(self) -> bool:
+        return isinstance(self.base, (nn.Linear, Conv1D))
 
     def source_weights(self) -> tuple[Tensor, ...]:
         return (self.base.weight,)
@@ -149,6 +173,9 @@ class ThresholdedLinear(Thresholded):
 
 class ThresholdedFFN(Thresholded):
     """cats: a gated FFN whose neurons with |act(gate(x))| at or below the threshold are zero."""
+
+    def plain_layers(self) -> bool:
+        return isinstance(self.base.up_proj, nn.Linear) and isinstance(self.base.down_proj, nn.Linear)
 
     def source_weights(self) -> tuple[Tensor, ...]:
         return self.base.up_proj.weight, self.base.down_proj.weight

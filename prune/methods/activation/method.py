@@ -4,7 +4,9 @@
 prune.methods.activation.calibrate) and wraps the modules (prune.methods.activation.layers); nothing trains.
 Which entries are zero depends on each token, so the sparse model has no plain-checkpoint form: the run
 directory holds the thresholds (`thresholds.safetensors` + `thresholds.json`), `prune.load_model(run_dir)`
-rebuilds the sparse model from the base model and them, and `prune export` refuses.
+rebuilds the sparse model from the base model and them, and `prune export` refuses. After recovery (the recipe's
+`recover`: the weights trained under the thresholds, prune.recovery), the run also writes model/, the recovered
+weights, and load_model(run_dir) wraps those instead of the base model.
 
 The report hook measures on held-out windows what each threshold zeroes (per layer, and model-wide weighted by
 the weight columns each entry stands for), the FLOPs a kernel skipping those columns runs, and, when the run
@@ -13,21 +15,18 @@ measures latency, decode and prefill speed of the dense and the sparse model tim
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from prune.core.atomic import write_tensors_with_json
+from prune.core.atomic import read_tensors_with_json, write_tensors_with_json
 from prune.core.errors import UserInputError, summarize_names
 from prune.masks.targets import select_by_glob, select_targets
 from prune.methods.activation import config as declared
 from prune.methods.activation import kernel
 from prune.methods.activation.calibrate import calibrate
-from prune.methods.activation.config import ActivationConfig
+from prune.methods.activation.config import INFO_FILE, THRESHOLDS_FILE, ActivationConfig
 from prune.methods.activation.layers import (
     Threshold,
     ThresholdedFFN,
@@ -43,8 +42,6 @@ from prune.methods.spec import HeldOut, MethodSpec
 from prune.models.blocks import find_blocks, in_out_features
 
 FORMAT_VERSION = 1
-THRESHOLDS_FILE = "thresholds.safetensors"
-INFO_FILE = "thresholds.json"
 GATED_FFN = "a gated FFN (nn.Linear gate_proj, up_proj, down_proj and an act_fn, as in Llama, Mistral or Qwen)"
 
 
@@ -114,18 +111,9 @@ def save_thresholds(model: nn.Module, directory: Path, config: ActivationConfig,
 def restore_activation(model: nn.Module, directory: Path, config: ActivationConfig) -> nn.Module:
     """Wrap `model` (the base model the run started from) with the run's saved thresholds."""
     directory = Path(directory)
-    try:
-        info = json.loads((directory / INFO_FILE).read_text())
-        tensors = load_file(directory / THRESHOLDS_FILE)
-    except FileNotFoundError:
-        raise UserInputError(
-            f"{directory} has no {THRESHOLDS_FILE} + {INFO_FILE}; pass the run directory of a `prune run` with "
-            "method activation."
-        ) from None
-    except (json.JSONDecodeError, SafetensorError, OSError) as error:
-        raise UserInputError(f"the threshold files in {directory} are corrupt ({error}); rerun `prune run`.") from None
-    if info.get("format_version") != FORMAT_VERSION or info.get("method") != "activation":
-        raise UserInputError(f"{directory / INFO_FILE} is not an activation-sparsity file of format {FORMAT_VERSION}.")
+    info, tensors = read_tensors_with_json(
+        directory, THRESHOLDS_FILE, INFO_FILE, method="activation", format_version=FORMAT_VERSION
+    )
     made = {key: info.get(key) for key in ("mode", "score", "allocation")}
     differ = [
         f"{key} {value!r} (the config says {getattr(config, key)!r})"

@@ -78,6 +78,9 @@ class GatingConfig(MethodConfig):
         return self.mode == "joint"
 
 
+PREDICTORS_FILE = "predictors.safetensors"
+GATING_FILE = "gating.json"
+
 GATING = MethodDeclaration(
     "gating",
     GatingConfig,
@@ -85,4 +88,5 @@ GATING = MethodDeclaration(
     "prune.methods.gating.method:GATING",
     tasks=frozenset({"causal-lm", "image-classification"}),
     plain_model=False,
+    saved_files=(PREDICTORS_FILE, GATING_FILE),
 )

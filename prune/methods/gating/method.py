@@ -23,27 +23,22 @@ model from the base model and them, and `prune export` refuses.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prune.core.atomic import write_tensors_with_json
+from prune.core.atomic import read_tensors_with_json, write_tensors_with_json
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective
 from prune.methods.gating import config as declared
-from prune.methods.gating.config import GatingConfig
+from prune.methods.gating.config import GATING_FILE, PREDICTORS_FILE, GatingConfig
 from prune.methods.gating.layers import accounting, bypassed, gate_sites, gated_layers, select_gate_sites, summarize
 from prune.methods.gating.predictor import GatingMask, LabelRule
 from prune.methods.spec import HeldOut, MethodSpec
 
 FORMAT_VERSION = 1
-PREDICTORS_FILE = "predictors.safetensors"
-GATING_FILE = "gating.json"
 
 
 class GatingObjective(Objective):
@@ -154,19 +149,9 @@ def save_gating(model: nn.Module, directory: Path, config: GatingConfig, meta: d
 
 def restore_gating(model: nn.Module, directory: Path, config: GatingConfig) -> nn.Module:
     """Gate `model` (the base model the run started from) as the run did and load its saved predictors."""
-    directory = Path(directory)
-    try:
-        info = json.loads((directory / GATING_FILE).read_text())
-        tensors = load_file(directory / PREDICTORS_FILE)
-    except FileNotFoundError:
-        raise UserInputError(
-            f"{directory} has no {PREDICTORS_FILE} + {GATING_FILE}; pass the run directory of a "
-            "`prune run` with method gating."
-        ) from None
-    except (json.JSONDecodeError, SafetensorError, OSError) as error:
-        raise UserInputError(f"the gating files in {directory} are corrupt ({error}); rerun `prune run`.") from None
-    if info.get("format_version") != FORMAT_VERSION or info.get("method") != "gating":
-        raise UserInputError(f"{directory / GATING_FILE} is not a gating file of format {FORMAT_VERSION}.")
+    info, tensors = read_tensors_with_json(
+        Path(directory), PREDICTORS_FILE, GATING_FILE, method="gating", format_version=FORMAT_VERSION
+    )
     attach_gating(model, config)
     params = dict(model.named_parameters())
     expected = _saved_parameters(model, config)
