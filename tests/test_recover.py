@@ -428,6 +428,15 @@ def test_recovery_targets_under_activation_are_named_as_in_the_unwrapped_model(t
     assert moved == {"model.layers.0.mlp.base.up_proj.weight", "model.layers.1.mlp.base.up_proj.weight"}
 
 
+def test_recovery_under_activation_refuses_a_tied_lm_head_named_in_its_targets(tmp_path, one_thread):
+    """Training a tied lm_head would train the input embeddings with it; named in recover.targets, it is refused."""
+    model = make_tiny_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    prune.attach(model, prune.method_config("activation", mode="cats", sparsity=0.5), calibration=blocks(4))
+    with pytest.raises(prune.UserInputError, match="lm_head share their weight.*leave them out of `recover.targets`"):
+        prune.recover(model, {"steps": 2, "mode": "full", "targets": ["lm_head", "*.mlp.up_proj"]}, blocks(), tmp_path)
+
+
 def test_an_activation_run_recovers_saves_its_weights_and_reloads_the_same_sparse_model(
     tmp_path, llama_dir, corpus, monkeypatch, one_thread
 ):

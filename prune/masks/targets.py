@@ -28,7 +28,7 @@ def select_targets(model: nn.Module, patterns: list[str] | None, module_types=LI
         selected = select_by_glob(candidates, patterns, f"{'/'.join(t.__name__ for t in module_types)} module")
     if not selected:
         raise UserInputError(f"{type(model).__name__} has no linear layers to prune; pass `method.targets`.")
-    _refuse_tied(model, selected)
+    refuse_tied(model, selected)
     return selected
 
 
@@ -56,15 +56,16 @@ def select_by_glob(
     return list(selected)
 
 
-def _refuse_tied(model: nn.Module, names: list[str]) -> None:
-    """A target sharing its weight with the input embeddings (tied lm_head) would prune both at once."""
+def refuse_tied(model: nn.Module, names: list[str], setting: str = "method.targets") -> None:
+    """A target sharing its weight with the input embeddings (tied lm_head) would prune (or train) both at once;
+    `setting` is the recipe key that named it."""
     embeddings = _input_embeddings(model)
     modules = dict(model.named_modules())
     tied = [name for name in names if embeddings is not None and modules[name].weight is embeddings.weight]
     if tied:
         raise UserInputError(
             f"{', '.join(tied)} share their weight with the input embeddings (tie_word_embeddings), so a mask "
-            "would prune the embeddings too; leave them out of `method.targets`."
+            f"would prune the embeddings too; leave them out of `{setting}`."
         )
 
 

@@ -35,7 +35,7 @@ from prune.core import rng
 from prune.core.errors import UserInputError
 from prune.masks.base import Objective, attach_hard_masks, weight_masks, wrappers
 from prune.masks.masked_lora import add_lora, fan_in_fan_out, merge_lora
-from prune.masks.targets import select_by_glob, select_targets
+from prune.masks.targets import refuse_tied, select_by_glob, select_targets
 from prune.models.blocks import LINEAR_TYPES
 from prune.recovery.config import RecoverConfig
 from prune.training.trainer import Evaluate, TaskLoss, TrainResult, keep_best, lm_loss, train
@@ -173,9 +173,13 @@ def _inside_input_masks(model: nn.Module, config: RecoverConfig, wrapped: list[s
     if config.targets is None:
         return [name for name in linears if _unwrapped_name(name, wrapped) != name]
     try:
-        return [by_plain_name[name] for name in select_by_glob(list(by_plain_name), config.targets, "linear module")]
+        selected = [
+            by_plain_name[name] for name in select_by_glob(list(by_plain_name), config.targets, "linear module")
+        ]
     except UserInputError as error:
         raise UserInputError(f"recover.targets: {error}") from None
+    refuse_tied(model, selected, "recover.targets")
+    return selected
 
 
 def _unwrapped_name(name: str, wrapped: list[str]) -> str:
