@@ -19,7 +19,7 @@ from prune.core.config import INT64, MethodConfig
 from prune.core.errors import UserInputError, described
 from prune.data.blocks import texts_of
 from prune.data.config import DataConfig
-from prune.data.text import draw_blocks, interleave, prepare_mix, prepare_source, tokenize
+from prune.data.text import TokenSplits, draw_blocks, interleave, prepare_mix, prepare_source, tokenize
 from prune.methods.registry import METHODS, get_method, method_config
 from prune.models.loading import check_seq_len
 from prune.runs import api
@@ -84,13 +84,15 @@ def oneshot(
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     check_model(model)
     check_unmasked(model)
-    calibration = None
+    calibration = source = None
     if spec.needs_calibration:
-        calibration = _calibration(model, tokenizer, dataset, plan, num_calibration_samples, seq_len, seed, text_column)
+        calibration, source = _calibration(
+            model, tokenizer, dataset, plan, num_calibration_samples, seq_len, seed, text_column
+        )
     if selection is not None:
         selection = check_blocks(selection, model, "selection")
-    elif spec.needs_selection and dataset is None:
-        selection = _validation_blocks(tokenizer, plan, calibration.shape[1])
+    elif spec.needs_selection and source is not None:  # what `prune run` chooses on, never calibration's part
+        selection = source.validation_blocks(calibration.shape[1])[: plan.selection_windows]
     api.attach(model, plan.method, calibration, selection=selection)
     pruned = api.export(model, plan.method)
     if output is not None:
@@ -152,8 +154,9 @@ def _calibration(
     seq_len: int | None,
     seed: int | None,
     text_column: str,
-) -> Tensor:
-    """Token blocks [samples, seq_len] from `dataset` (or the plan's data source), drawn with the seed."""
+) -> tuple[Tensor, TokenSplits | None]:
+    """Token blocks [samples, seq_len] from `dataset` (or the plan's data source), drawn with the seed; and the
+    source's train / validation / test parts when the blocks came from it (else None)."""
     seed = plan.seed if seed is None else _count("seed", seed, minimum=0)
     if samples is not None:
         samples = _count("num_calibration_samples", samples)
@@ -165,7 +168,7 @@ def _calibration(
                 "seq_len out for token blocks."
             )
         rows = blocks.flatten()
-        return blocks if samples is None else draw_blocks(rows, samples, blocks.shape[1], seed, "dataset")
+        return (blocks if samples is None else draw_blocks(rows, samples, blocks.shape[1], seed, "dataset")), None
     texts = texts_of(dataset, text_column) if dataset is not None else None
     samples = plan.data.calibration_samples if samples is None else samples
     seq_len = plan.data.seq_len if seq_len is None else _count("seq_len", seq_len)
@@ -179,21 +182,11 @@ def _calibration(
         check_seq_len(model, seq_len, name, "seq_len")
     if texts is not None:
         blocks = draw_blocks(tokenize(tokenizer, texts), samples, seq_len, seed, "dataset")
-    else:
-        blocks = _source_splits(tokenizer, plan, seq_len).calibration_blocks(samples, seq_len, seed)
-    return check_blocks(blocks, model, "dataset" if texts is not None else f"the calibration text ({plan.data.source})")
-
-
-def _source_splits(tokenizer, plan: Plan, seq_len: int):
-    """The recipe's data source (and mix) tokenized and split into train / validation / test parts."""
+        return check_blocks(blocks, model, "dataset"), None
     data = plan.data.model_copy(update={"seq_len": seq_len})
-    return interleave(prepare_source(tokenizer, data), prepare_mix(tokenizer, data), seq_len, data.source_share)
-
-
-def _validation_blocks(tokenizer, plan: Plan, seq_len: int) -> Tensor:
-    """What `prune run` gives a method that chooses (depth): the first `train.eval_windows` windows of the source's
-    validation part, which calibration never reads."""
-    return _source_splits(tokenizer, plan, seq_len).validation_blocks(seq_len)[: plan.selection_windows]
+    source = interleave(prepare_source(tokenizer, data), prepare_mix(tokenizer, data), seq_len, data.source_share)
+    blocks = source.calibration_blocks(samples, seq_len, seed)
+    return check_blocks(blocks, model, f"the calibration text ({plan.data.source})"), source
 
 
 def _count(name: str, value, minimum: int = 1) -> int:
