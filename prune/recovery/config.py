@@ -28,13 +28,6 @@ class RecoverConfig(TrainConfig):
         0, ge=0, description="validation perplexity (error) every N steps, the best step is kept (0: off, the last)"
     )
     seed: int = Field(0, ge=0, lt=INT64, description="seed of the data order and of the LoRA factors' initial values")
-    distill: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="causal-lm: weight of the KL divergence from the dense model's next-token distribution (a "
-        "frozen copy of the unpruned model), the rest on the cross-entropy; 0: cross-entropy, 1: distillation only",
-    )
     mode: Literal["lora", "full"] = Field(
         "lora", description="lora: masked LoRA adapters, merged at the end; full: the kept weights themselves"
     )

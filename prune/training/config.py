@@ -33,7 +33,7 @@ class TrainConfig(StrictConfig):
         le=1,
         description="causal-lm: weight of the KL divergence from the dense "
         "model's next-token distribution (a frozen copy of the unpruned model), the rest on the "
-        "next-token cross-entropy; 0: cross-entropy only",
+        "next-token cross-entropy; 0: cross-entropy only, 1: distillation only",
     )
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="auto: bf16 autocast when training on a CUDA device that has it (runtime.device)"
