@@ -117,19 +117,7 @@ def run_level(model, mode: str, sparsity: float, data: dict, args) -> dict:
     best = min(tried, key=lambda row: row["validation"])
     chosen = {key: value for key, value in best.items() if key not in ("validation", "calibration_s")}
     wrap(model, kept[json.dumps(chosen)], method_config("activation").max_tokens)
-    zeroed = measure_zeroed(model, data["test"][: args.zeroed_windows])
-    row = {
-        "mode": mode,
-        "sparsity": sparsity,
-        "chosen": chosen,
-        "variants": tried,
-        "docs": figures(model, data["test"], args.batch),
-        **{text: figures(model, data[text], args.batch) for text in EXTRA_TEXTS},
-        "weights_skipped": zeroed["weights_skipped"],
-        "ffn_weights_skipped": ffn_weights_skipped(model, zeroed),
-        "layers": zeroed["layers"],
-        "speed": side_by_side(model, rounds=args.rounds),
-    }
+    row = {"mode": mode, "sparsity": sparsity, "chosen": chosen, "variants": tried, **measured(model, data, args)}
     print(mode, sparsity, {key: row[key] for key in ("docs", *EXTRA_TEXTS, "weights_skipped", "speed")}, flush=True)
     if args.batch_sweep and (mode, sparsity) == ("teal", 0.4):
         row["batch_sweep"] = batch_sweep(model, args)
@@ -137,6 +125,20 @@ def run_level(model, mode: str, sparsity: float, data: dict, args) -> dict:
         row["recovered"] = recovered(model, data, args)
     unwrap(model)
     return row
+
+
+def measured(model, data: dict, args) -> dict:
+    """A sparse model's test figures (docs and every extra text), what its thresholds zero, and its speed beside
+    the same model with the thresholds bypassed."""
+    zeroed = measure_zeroed(model, data["test"][: args.zeroed_windows])
+    return {
+        "docs": figures(model, data["test"], args.batch),
+        **{text: figures(model, data[text], args.batch) for text in EXTRA_TEXTS},
+        "weights_skipped": zeroed["weights_skipped"],
+        "ffn_weights_skipped": ffn_weights_skipped(model, zeroed),
+        "layers": zeroed["layers"],
+        "speed": side_by_side(model, rounds=args.rounds),
+    }
 
 
 def recover_config(args) -> RecoverConfig:
@@ -174,7 +176,6 @@ def recovered(model, data: dict, args) -> dict:
             evaluate=lambda module: perplexity(module, validation, batch_size=args.batch).value,
         )
     seconds = time.perf_counter() - start
-    zeroed = measure_zeroed(student, data["test"][: args.zeroed_windows])
     row = {
         "mode": args.recover_mode,
         "tokens": config.steps * config.batch_size * args.seq_len,
@@ -182,12 +183,7 @@ def recovered(model, data: dict, args) -> dict:
         "best_step": result.best_step,
         "validation": result.best_score,
         "seconds": seconds,
-        "docs": figures(student, data["test"], args.batch),
-        **{text: figures(student, data[text], args.batch) for text in EXTRA_TEXTS},
-        "weights_skipped": zeroed["weights_skipped"],
-        "ffn_weights_skipped": ffn_weights_skipped(student, zeroed),
-        "layers": zeroed["layers"],
-        "speed": side_by_side(student, rounds=args.rounds),
+        **measured(student, data, args),
     }
     print("+ recovery", {key: row[key] for key in ("docs", *EXTRA_TEXTS, "best_step", "speed")}, flush=True)
     return row
