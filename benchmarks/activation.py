@@ -12,12 +12,13 @@ before), with 95% bootstrap intervals. Speed: decode tokens/s (prompt 128, 32 gr
 tokens/s of the same model with its thresholds bypassed (dense) and applied (sparse), alternated `--rounds`
 times (prune.methods.activation.speed); ratios of medians.
 
-With `--recover-tokens N`, each level also gets a row "+ recovery": the kept variant's sparse model (the same
-thresholds, fixed) recovered by prune.recovery -- its weights (`--recover-mode lora`: LoRA adapters, merged;
-`full`: the weights themselves) trained on N tokens of the docs' train part with the thresholds in the forward,
-on the KL divergence from the dense model's distribution (`--recover-distill`, the rest cross-entropy) -- the best
-of its periodic validation scores kept (the docs' validation part), then measured as the level is: test figures,
-zeroed shares, dense vs sparse speed side by side (the dense model: the recovered weights, thresholds bypassed).
+With `--recover-tokens N`, each level (or each of `--recover-levels`) also gets a row "+ recovery": the kept
+variant's sparse model (the same thresholds, fixed) recovered by prune.recovery -- its weights
+(`--recover-mode lora`: LoRA adapters, merged; `full`: the weights themselves) trained on N tokens of the docs'
+train part with the thresholds in the forward, on the KL divergence from the dense model's distribution
+(`--recover-distill`, the rest cross-entropy) -- the best of its periodic validation scores kept (the docs'
+validation part), then measured as the level is: test figures, zeroed shares, dense vs sparse speed side by side
+(the dense model: the recovered weights, thresholds bypassed).
 
 Then the kernel alone: y = W x for SmolLM2's projection shapes at given shares of zeros, dense (F.linear) against
 each way to read only the kept columns (the C++ kernel, embedding_bag, index_select + mm, torch.compile of the
@@ -101,8 +102,15 @@ def ffn_weights_skipped(model, zeroed: dict) -> float:
     return skipped / total if total else 0.0
 
 
-def run_level(model, mode: str, sparsity: float, data: dict, args) -> dict:
-    """Every variant calibrated and scored on validation; the best measured on test, its speed side by side."""
+def parse_level(level: str) -> tuple[str, float]:
+    """'teal:0.4' -> ('teal', 0.4)."""
+    mode, sparsity = level.split(":")
+    return mode, float(sparsity)
+
+
+def run_level(model, mode: str, sparsity: float, data: dict, args, recovering: bool) -> dict:
+    """Every variant calibrated and scored on validation; the best measured on test, its speed side by side (and,
+    when `recovering`, the same after recovery)."""
     tried, kept = [], {}
     for settings in variants(mode):
         config = method_config("activation", mode=mode, sparsity=sparsity, **settings)
@@ -121,7 +129,7 @@ def run_level(model, mode: str, sparsity: float, data: dict, args) -> dict:
     print(mode, sparsity, {key: row[key] for key in ("docs", *EXTRA_TEXTS, "weights_skipped", "speed")}, flush=True)
     if args.batch_sweep and (mode, sparsity) == ("teal", 0.4):
         row["batch_sweep"] = batch_sweep(model, args)
-    if args.recover_tokens:
+    if recovering:
         row["recovered"] = recovered(model, data, args)
     unwrap(model)
     return row
@@ -478,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recover-tokens", type=int, default=0, help="recovery per level, train tokens (0: none)")
+    parser.add_argument("--recover-levels", nargs="+", help="the levels recovered (default: every level)")
     parser.add_argument("--recover-mode", choices=["lora", "full"], default="lora")
     parser.add_argument("--recover-distill", type=float, default=1.0, help="KL weight from the dense model")
     parser.add_argument("--recover-lr", type=float, default=1e-4)
@@ -516,9 +525,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     print("dense", result["dense"], flush=True)
     result["every_column"] = every_column(model, args)
-    for level in args.levels:
-        mode, sparsity = level.split(":")
-        result["levels"].append(run_level(model, mode, float(sparsity), data, args))
+    recovered_levels = {parse_level(level) for level in args.recover_levels or args.levels}
+    for mode, sparsity in map(parse_level, args.levels):
+        recovering = bool(args.recover_tokens) and (mode, sparsity) in recovered_levels
+        result["levels"].append(run_level(model, mode, sparsity, data, args, recovering))
         JSON.write_text(json.dumps(result, indent=2))
     result["kernel_table"] = kernel_table(args)
     result["seconds"] = time.perf_counter() - start
