@@ -88,6 +88,26 @@ def figures(model, blocks: torch.Tensor, batch: int) -> dict:
     return {"value": result.value, "ci95": list(perplexity_ci(result.window_nll, result.window_tokens))}
 
 
+def wrapped_weights(model) -> int:
+    """How many weights the thresholds' modules hold (what `weights_skipped` is a share of)."""
+    return sum(param.numel() for layer in thresholded(model).values() for param in layer.base.parameters())
+
+
+def weights_read_per_token(model) -> int:
+    """The weights one dense decode step reads: every parameter once (a tied LM head's matrix once), except an
+    untied input embedding, of which a token reads one row."""
+    read = sum(param.numel() for param in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return read if embedding is head else read - embedding.numel() + embedding.shape[1]
+
+
+def decode_bound(row: dict, read: int) -> float:
+    """The decode speedup if a step cost only its weight reads: the dense step reads `read` weights, the sparse
+    one skips `weights_skipped` of the wrapped ones. Attention, norms and the framework's per-call work are left
+    out, so a measured speedup lies below it."""
+    return read / (read - row["weights_skipped"] * row["wrapped_weights"])
+
+
 def ffn_weights_skipped(model, zeroed: dict) -> float:
     """The share of the FFN weights a token does not read: cats, up and down of the zeroed neurons (the gate is
     always read); teal, the columns of gate/up and down the zeroed inputs skip."""
@@ -143,6 +163,7 @@ def measured(model, data: dict, args) -> dict:
         "docs": figures(model, data["test"], args.batch),
         **{text: figures(model, data[text], args.batch) for text in EXTRA_TEXTS},
         "weights_skipped": zeroed["weights_skipped"],
+        "wrapped_weights": wrapped_weights(model),
         "ffn_weights_skipped": ffn_weights_skipped(model, zeroed),
         "layers": zeroed["layers"],
         "speed": side_by_side(model, rounds=args.rounds),
@@ -333,8 +354,9 @@ def pct(value: float) -> str:
     return f"{100 * value:+.1f}%"
 
 
-def table_row(label: str, row: dict, dense: dict, kept: str) -> str:
-    """One model's row of the main table: test figures and changes, skipped weights, speed side by side."""
+def table_row(label: str, row: dict, dense: dict, kept: str, read: int) -> str:
+    """One model's row of the main table: test figures and changes, skipped weights, speed side by side (and the
+    bound a step that only read weights would reach, from the `read` weights of a dense step)."""
     speed = row["speed"]
     change = changes(row, dense)
     return (
@@ -343,12 +365,13 @@ def table_row(label: str, row: dict, dense: dict, kept: str) -> str:
         + f"{100 * row['weights_skipped']:.1f}% | {100 * row['ffn_weights_skipped']:.1f}% | "
         f"{speed['sparse']['decode_tokens_per_s']:.2f} / {speed['dense']['decode_tokens_per_s']:.2f} | "
         f"{speed['decode_speedup']:.2f}x{' (slower)' if speed['decode_speedup'] < 1 else ''} | "
+        f"{decode_bound(row, read):.2f}x | "
         f"{speed['prefill_speedup']:.2f}x{' (slower)' if speed['prefill_speedup'] < 1 else ''} | {kept} |"
     )
 
 
 def render(result: dict) -> str:
-    a, dense = result["args"], result["dense"]
+    a, dense, read = result["args"], result["dense"], result["weights_read_per_token"]
     lines = [
         "## Activation sparsity (TEAL, CATS) of SmolLM2-135M on this CPU",
         "",
@@ -363,7 +386,10 @@ def render(result: dict) -> str:
             + " (not seen: the method reads only the docs' train part), [95% bootstrap interval]. Decode: "
             f"prompt 128, 32 tokens at batch 1; dense = the same model with its thresholds bypassed, alternated with "
             f"the sparse model {a['rounds']} times in this process (medians; ratio = sparse / dense tokens/s). "
-            "Skipped: the share of the wrapped weights (FFN: of the FFN's weights) a test token does not read. Kernel: "
+            "Skipped: the share of the wrapped weights (FFN: of the FFN's weights) a test token does not read. "
+            f"Weights-only bound: the decode speedup if a step cost only its weight reads ({read / 1e6:.1f} M weights "
+            "per dense step, the skipped ones not read by the sparse step); attention, norms and per-call work are "
+            "left out, so the measured speedup lies below it. Kernel: "
             f"{result['kernel']}."
             + (
                 f" + recovery: the kept variant's thresholds fixed, its weights trained ({a['recover_mode']}, lr "
@@ -377,21 +403,22 @@ def render(result: dict) -> str:
         "",
         "| model | docs test | change | "
         + "".join(f"{text} test (not seen) | change | " for text in EXTRA_TEXTS)
-        + "weights skipped | FFN weights skipped | decode tok/s sparse / dense | decode speedup | prefill speedup "
-        "| kept variant |",
-        "|---|---|---|" + "---|---|" * len(EXTRA_TEXTS) + "---|---|---|---|---|---|",
+        + "weights skipped | FFN weights skipped | decode tok/s sparse / dense | decode speedup | weights-only bound "
+        "| prefill speedup | kept variant |",
+        "|---|---|---|" + "---|---|" * len(EXTRA_TEXTS) + "---|---|---|---|---|---|---|",
         f"| dense | {interval(dense['docs']['value'], dense['docs']['ci95'])} | | "
         + "".join(f"{interval(dense[text]['value'], dense[text]['ci95'])} | | " for text in EXTRA_TEXTS)
-        + "| | | | | |",
+        + "| | | | | | |",
     ]
     for level in result["levels"]:
         chosen = ", ".join(f"{value}" for value in level["chosen"].values())
         named = f"{level['mode']} {level['sparsity']:g}"
-        lines.append(table_row(named, level, dense, chosen))
+        lines.append(table_row(named, level, dense, chosen, read))
         if "recovered" in level:
             again = level["recovered"]
             label = f"{named} + recovery ({again['mode']}, {again['tokens']:,} tokens)"
-            lines.append(table_row(label, again, dense, f"best step {again['best_step']} of {again['steps']}"))
+            kept = f"best step {again['best_step']} of {again['steps']}"
+            lines.append(table_row(label, again, dense, kept, read))
     zero = result["every_column"]
     lines += [
         "",
@@ -418,7 +445,8 @@ def render(result: dict) -> str:
                 f"{'met' if met_quality else 'not met'} ("
                 + ", ".join(f"{text} {pct(value)}" for text, value in change.items())
                 + "); decode >= "
-                f"{speedup}x: {'met' if met_speed else 'not met'} ({row['speed']['decode_speedup']:.2f}x)."
+                f"{speedup}x: {'met' if met_speed else 'not met'} ({row['speed']['decode_speedup']:.2f}x; weights-only "
+                f"bound {decode_bound(row, read):.2f}x)."
             )
     lines += [
         "",
@@ -513,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python benchmarks/activation.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args),
         "kernel": kernel.backend(),
+        "weights_read_per_token": weights_read_per_token(model),
         "validation_windows": len(data["validation"]),
         "test_windows": len(data["test"]),
         "extra_windows": {text: len(data[text]) for text in EXTRA_TEXTS},

@@ -1,10 +1,17 @@
 """Dynamic gating (Fire Together Wire Together): a small ResNet on scikit-learn's digits, and per-token FFN
 gating of SmolLM2-135M on held-out embedded text. Writes the `gating` section of benchmarks/RESULTS.md,
-benchmarks/gating.json (both parts' figures; running one part keeps the other's) and benchmarks/gating-llm.png.
+benchmarks/gating.json (every part's figures; running one part keeps the others') and benchmarks/gating-llm.png
+(`--dry-run`: prints the section and writes nothing).
 
     python benchmarks/gating.py --part cnn                 # resnet-digits, 2 modes x 4 thresholds: ~20 min, 1 core
-    python benchmarks/gating.py --part llm                 # 4 thresholds x 60 steps: ~1 h on 2 busy cores
-    python benchmarks/gating.py --part llm-joint           # joint mode, r = 1 (reference) and 0.9: ~35 min, 1 core
+    python benchmarks/gating.py --part llm                 # 4 thresholds x 60 steps: ~30-45 min, 1 thread
+    python benchmarks/gating.py --part llm-joint --joint-thresholds 0.95 0.9 0.8 0.7   # ~20 min per r (and r = 1)
+    python benchmarks/gating.py --part llm --dry-run --steps 2 --windows 2 --thresholds 0.9 --oracle-keep 0.5 \
+        --flops-windows 1 --latency-rounds 1 --prompt-len 16 --decode-tokens 4 --kernel-keep 0.5 \
+        --kernel-repeats 1                                 # a quick end-to-end check: ~2 min
+
+The LLM parts train on the docs' train part only and measure perplexity, each with its 95% bootstrap interval, on
+the first --windows windows of the test parts of the docs and of moby-dick and sotu (never read: not seen).
 
 CNN: the recipe recipes/resnet-digits/gating-r80.yaml through `prune run`'s pipeline, for each mode
 (decoupled: frozen backbone; joint: backbone fine-tuned with the gates) and threshold r: held-out accuracy
@@ -35,7 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import seen_label, write_section  # noqa: E402
+from benchmarks.results import interval, seen_label, write_section  # noqa: E402
+from prune.data.config import EMBEDDED_DOCS, EXTRA_TEXTS  # noqa: E402
+from prune.data.seen import seen_texts  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JSON = HERE / "gating.json"
@@ -158,6 +167,32 @@ def kernel_sweep(model, args) -> list[dict]:
     return rows
 
 
+def heldout_texts(tokenizer, splits, args) -> dict[str, torch.Tensor]:
+    """The windows every LLM perplexity is measured on: the first --windows of the docs' test part and of each
+    extra text's (moby-dick, sotu: never read here, predictors and backbone train on the docs' train part only)."""
+    from prune.data.text import prepare_extra
+
+    extras = prepare_extra(tokenizer, list(EXTRA_TEXTS), args.seq_len)
+    return {
+        EMBEDDED_DOCS: splits.test_blocks(args.seq_len)[: args.windows],
+        **{text: extras[text].test_blocks(args.seq_len)[: args.windows] for text in EXTRA_TEXTS},
+    }
+
+
+def measured(model, texts: dict[str, torch.Tensor], label: str) -> dict:
+    """Perplexity with its 95% bootstrap interval on each text: the docs' as `perplexity` and `perplexity_ci95`,
+    the extra texts' under `extra_texts`."""
+    from eval.bootstrap import perplexity_ci
+    from eval.perplexity import perplexity
+
+    figures = {}
+    for text, blocks in texts.items():
+        result = perplexity(model, blocks, desc=f"{label}, {text}")
+        figures[text] = {"value": result.value, "ci95": list(perplexity_ci(result.window_nll, result.window_tokens))}
+    docs = figures.pop(EMBEDDED_DOCS)
+    return {"perplexity": docs["value"], "perplexity_ci95": docs["ci95"], "extra_texts": figures}
+
+
 def run_llm(args) -> dict:
     from eval.perplexity import perplexity
     from prune.data.text import prepare
@@ -169,12 +204,14 @@ def run_llm(args) -> dict:
     from prune.training.trainer import train
 
     model, tokenizer = load_model("smollm2-135m")
-    splits = prepare(tokenizer, "embedded-docs")
-    heldout = splits.test_blocks(args.seq_len)[: args.windows]
+    splits = prepare(tokenizer, EMBEDDED_DOCS)
+    texts = heldout_texts(tokenizer, splits, args)
+    heldout = texts[EMBEDDED_DOCS]
     train_rows = splits.train_blocks(args.seq_len)
     result: dict = {
         "seq_len": args.seq_len,
         "windows": len(heldout),
+        "extra_windows": {text: len(texts[text]) for text in EXTRA_TEXTS},
         "tokens": int(heldout.numel()),
         "train_blocks": len(train_rows),
         "train_part": list(splits.ranges["train"]),
@@ -183,8 +220,8 @@ def run_llm(args) -> dict:
         "batch_size": args.batch,
         "lr": args.lr,
     }
-    result["dense_perplexity"] = perplexity(model, heldout, desc="dense").value
-    print(f"dense perplexity {result['dense_perplexity']:.3f}", flush=True)
+    result["dense"] = measured(model, texts, "dense")
+    print(f"dense {result['dense']}", flush=True)
 
     attach_gating(model, GatingConfig(name="gating"))
     result["oracle"] = []
@@ -219,13 +256,13 @@ def run_llm(args) -> dict:
                 Path(tmp),
             )
         train_s = time.perf_counter() - start
-        value = perplexity(model, heldout, desc=f"gated r={threshold}").value
+        figures = measured(model, texts, f"gated r={threshold}")
         summary = measure_gating(model, heldout[: args.flops_windows])
         with oracle(model, summary["keep_fraction"]):  # the ceiling at this predictor's own budget
             oracle_ppl = perplexity(model, heldout, desc="oracle at the same budget").value
         row = {
             "threshold": threshold,
-            "perplexity": value,
+            **figures,
             "oracle_perplexity_same_keep": oracle_ppl,
             "ffn_flops_per_token": summary["flops_per_input"],
             "keep_fraction": summary["keep_fraction"],
@@ -246,7 +283,6 @@ def run_llm_joint(args) -> dict:
     """Joint mode on the LLM: predictors and every backbone weight train together (FTWT's joint mode), at each
     r in --joint-thresholds and at r = 1 (every neuron with a non-zero activation is a target, so the gate keeps
     all: the dense model fine-tuned alike, the fair reference, since the backbone also learns the domain)."""
-    from eval.perplexity import perplexity
     from prune.data.text import prepare
     from prune.methods.gating.method import GatingConfig, attach_gating, measure_gating
     from prune.runs.loading import load_model
@@ -254,12 +290,14 @@ def run_llm_joint(args) -> dict:
     from prune.training.trainer import train
 
     _, tokenizer = load_model("smollm2-135m")
-    splits = prepare(tokenizer, "embedded-docs")
-    heldout = splits.test_blocks(args.seq_len)[: args.windows]
+    splits = prepare(tokenizer, EMBEDDED_DOCS)
+    texts = heldout_texts(tokenizer, splits, args)
+    heldout = texts[EMBEDDED_DOCS]
     train_rows = splits.train_blocks(args.joint_seq_len)
     result: dict = {
         "seq_len": args.seq_len,
         "windows": len(heldout),
+        "extra_windows": {text: len(texts[text]) for text in EXTRA_TEXTS},
         "tokens": int(heldout.numel()),
         "train_seq_len": args.joint_seq_len,
         "train_part": list(splits.ranges["train"]),
@@ -273,7 +311,7 @@ def run_llm_joint(args) -> dict:
     for threshold in [1.0, *args.joint_thresholds]:
         model, _ = load_model("smollm2-135m")
         if threshold == 1.0:
-            result["dense_perplexity"] = perplexity(model, heldout, desc="dense").value
+            result["dense"] = measured(model, texts, "dense")
         config = GatingConfig(
             name="gating",
             threshold=threshold,
@@ -300,14 +338,15 @@ def run_llm_joint(args) -> dict:
                 ),
                 Path(tmp),
             )
+        train_s = time.perf_counter() - start
         summary = measure_gating(model, heldout[: args.flops_windows])
         row = {
             "threshold": threshold,
-            "perplexity": perplexity(model, heldout, desc=f"joint r={threshold}").value,
+            **measured(model, texts, f"joint r={threshold}"),
             "ffn_flops_per_token": summary["flops_per_input"],
             "keep_fraction": summary["keep_fraction"],
             "oracle_recall": summary["oracle_recall"],
-            "train_s": time.perf_counter() - start,
+            "train_s": train_s,
         }
         result["rows"].append(row)
         print(f"llm joint r={threshold}: {row}", flush=True)
@@ -325,7 +364,7 @@ def plot_llm(llm: dict, joint: dict | None = None) -> Path | None:
 
     if not llm.get("rows"):
         return None
-    dense = llm["dense_perplexity"]
+    dense = _dense(llm)["perplexity"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.fill_between([40, 100], [0, 0], [5, 5], color="0.88", label="goal: >= 40% fewer FFN FLOPs, <= +5% perplexity")
     oracle = sorted(llm.get("oracle", []), key=lambda row: row["keep"], reverse=True)
@@ -366,6 +405,42 @@ def plot_llm(llm: dict, joint: dict | None = None) -> Path | None:
 
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
+
+
+def _dense(part: dict) -> dict:
+    """A part's untouched dense model's figures, shaped as a row's; records made before the intervals and the extra
+    texts were measured hold the docs' perplexity alone."""
+    return part.get("dense") or {"perplexity": part["dense_perplexity"]}
+
+
+def _texts(part: dict) -> list[str]:
+    """The texts a part measured: the docs, then the extra texts where its record has them."""
+    return [EMBEDDED_DOCS, *_dense(part).get("extra_texts", {})]
+
+
+def _figure(row: dict, text: str) -> dict:
+    """A row's perplexity on `text` and its interval (None in records made before intervals were measured)."""
+    if text == EMBEDDED_DOCS:
+        return {"value": row["perplexity"], "ci95": row.get("perplexity_ci95")}
+    return row["extra_texts"][text]
+
+
+def _cell(row: dict, text: str) -> str:
+    figure = _figure(row, text)
+    return interval(figure["value"], figure["ci95"]) if figure["ci95"] else f"{figure['value']:.3f}"
+
+
+def _change(row: dict, reference: dict, text: str) -> str:
+    return _pct(_figure(row, text)["value"] / _figure(reference, text)["value"] - 1)
+
+
+def _seen(text: str) -> str:
+    """' (seen)' / ' (not seen)': every LLM run here reads the docs' train part and nothing else."""
+    return seen_label(seen_texts(EMBEDDED_DOCS, [], [text], reads=True)[text])
+
+
+def _header(text: str) -> str:
+    return f"{'docs' if text == EMBEDDED_DOCS else text} test{_seen(text)}"
 
 
 def render(results: dict) -> str:
@@ -410,25 +485,30 @@ def render(results: dict) -> str:
         ]
     llm = results.get("llm")
     if llm:
-        dense = llm["dense_perplexity"]
+        texts, reference = _texts(llm), _dense(llm)
+        dense = reference["perplexity"]
         lines += [
             f"### SmolLM2-135M: per-token FFN gating ({llm['windows']} held-out windows of {llm['seq_len']} tokens)",
             "",
             f"Command: `{llm['command']}`",
             "",
-            f"Dense perplexity {dense:.3f}. Predictors: rank {llm['rank']}, trained {llm['steps']} steps x "
-            f"{llm['batch_size']} windows, decoupled (the model frozen). FFN FLOPs per token count gate, up and "
-            "down of the kept neurons plus the predictor; the dense FFN is 3 x 2 x 576 x 1536 x 30 layers. "
-            + train_part_line(llm),
+            f"Predictors: rank {llm['rank']}, trained {llm['steps']} steps x {llm['batch_size']} windows, decoupled "
+            "(the model frozen). FFN FLOPs per token count gate, up and down of the kept neurons plus the predictor; "
+            "the dense FFN is 3 x 2 x 576 x 1536 x 30 layers. " + texts_line(llm) + " The oracle figures are on the "
+            "docs' test windows only.",
             "",
-            "| r | perplexity | change | FFN FLOPs reduction | neurons kept | oracle recall | oracle ppl at same "
-            "keep | decode ms/tok gated / dense | prefill tok/s gated / dense |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| r | "
+            + "".join(f"{_header(text)} | change | " for text in texts)
+            + "FFN FLOPs reduction | neurons kept | oracle recall | oracle ppl at same keep | decode ms/tok gated / "
+            "dense | prefill tok/s gated / dense |",
+            "|---|" + "---|---|" * len(texts) + "---|" * 6,
+            "| dense | " + "".join(f"{_cell(reference, text)} | | " for text in texts) + "| | | | | |",
         ]
         for row in llm["rows"]:
             lines.append(
-                f"| {row['threshold']:g} | {row['perplexity']:.3f} | {_pct(row['perplexity'] / dense - 1)} | "
-                f"{_pct(row['ffn_flops_per_token']['reduction'])} | {_pct(row['keep_fraction'])} | "
+                f"| {row['threshold']:g} | "
+                + "".join(f"{_cell(row, text)} | {_change(row, reference, text)} | " for text in texts)
+                + f"{_pct(row['ffn_flops_per_token']['reduction'])} | {_pct(row['keep_fraction'])} | "
                 f"{row['oracle_recall']:.3f} | {row['oracle_perplexity_same_keep']:.3f} | "
                 f"{row['gated_decode_ms_per_token']:.1f} / {row['dense_decode_ms_per_token']:.1f} | "
                 f"{row['gated_prefill_tokens_per_s']:.0f} / {row['dense_prefill_tokens_per_s']:.0f} |"
@@ -436,7 +516,7 @@ def render(results: dict) -> str:
         lines += [
             "",
             "Oracle (each token's largest |act(gate)*up| neurons from the full activations, no predictor "
-            "cost): "
+            "cost; docs test windows): "
             + ", ".join(
                 f"keep {_pct(row['keep'])} -> {_pct(row['perplexity'] / dense - 1)}" for row in llm.get("oracle", [])
             )
@@ -480,18 +560,21 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def train_part_line(result: dict) -> str:
-    """Which windows trained the predictors: runs made before the docs were cut into train / validation / test
-    trained on the first 90% of the stream, in an order drawn over that many windows."""
+def texts_line(result: dict) -> str:
+    """Which texts a part read and which it measured: runs made before the docs were cut into train / validation /
+    test trained on the first 90% of the stream, in an order drawn over that many windows, and measured the docs
+    alone."""
     if "train_part" in result:
-        from prune.data.seen import seen_texts
-
         start, end = result["train_part"]
-        docs = "embedded-docs"  # what run_llm trains the predictors on and measures
-        label = seen_label(seen_texts(docs, [], [docs], reads=True)[docs])
+        extra = result.get("extra_windows", {})
         return (
-            f"Training windows from the train part (tokens [{start}, {end}) of the docs); "
-            f"held-out ones from the test part of that text{label}."
+            f"Training windows from the docs' train part (tokens [{start}, {end})), the only text this run reads. "
+            "Perplexity [95% bootstrap interval] on the first windows of each text's test part: "
+            + ", ".join(
+                f"{'docs' if text == EMBEDDED_DOCS else text}{_seen(text)} {windows}"
+                for text, windows in {EMBEDDED_DOCS: result["windows"], **extra}.items()
+            )
+            + "."
         )
     return (
         "Measured before the docs were cut into train / validation / test: the held-out windows are the same test "
@@ -502,6 +585,7 @@ def train_part_line(result: dict) -> str:
 
 def render_llm_joint(joint: dict) -> list[str]:
     reference = next(row for row in joint["rows"] if row["threshold"] == 1.0)
+    texts, dense = _texts(joint), _dense(joint)
     lines = [
         "### SmolLM2-135M: joint mode (predictors and backbone trained together)",
         "",
@@ -511,20 +595,23 @@ def render_llm_joint(joint: dict) -> list[str]:
             f"{joint['steps']} steps x {joint['batch_size']} windows of {joint['train_seq_len']} training tokens; "
             f"predictors lr {joint['lr']}, backbone lr {joint['backbone_lr']:g} (AdamW). The backbone also learns "
             "the domain, so the fair reference is r = 1 (every neuron kept: the dense model fine-tuned alike). "
-            f"Held-out: {joint['windows']} windows of {joint['seq_len']} tokens; dense, untouched: "
-            f"{joint['dense_perplexity']:.3f}. " + train_part_line(joint)
+            f"Held-out windows of {joint['seq_len']} tokens. " + texts_line(joint)
         ),
         "",
-        "| r | perplexity | vs dense fine-tuned alike | vs dense | FFN FLOPs reduction | neurons kept | oracle recall "
-        "| train (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| r | "
+        + "".join(f"{_header(text)} | vs dense fine-tuned alike | vs dense | " for text in texts)
+        + "FFN FLOPs reduction | neurons kept | oracle recall | train (s) |",
+        "|---|" + "---|---|---|" * len(texts) + "---|" * 4,
+        "| dense, untouched | " + "".join(f"{_cell(dense, text)} | | | " for text in texts) + "| | | |",
     ]
     for row in joint["rows"]:
         lines.append(
-            f"| {row['threshold']:g} | {row['perplexity']:.3f} | "
-            f"{_pct(row['perplexity'] / reference['perplexity'] - 1)} | "
-            f"{_pct(row['perplexity'] / joint['dense_perplexity'] - 1)} | "
-            f"{_pct(row['ffn_flops_per_token']['reduction'])} | "
+            f"| {row['threshold']:g} | "
+            + "".join(
+                f"{_cell(row, text)} | {_change(row, reference, text)} | {_change(row, dense, text)} | "
+                for text in texts
+            )
+            + f"{_pct(row['ffn_flops_per_token']['reduction'])} | "
             f"{_pct(row['keep_fraction'])} | {row['oracle_recall']:.3f} | {row['train_s']:.0f} |"
         )
     met = [
@@ -566,21 +653,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--joint-backbone-lr-scale", type=float, default=0.0025, help="backbone lr = --lr x this")
     parser.add_argument("--kernel-keep", nargs="+", type=float, default=[0.9, 0.7, 0.5, 0.3])
     parser.add_argument("--kernel-repeats", type=int, default=5)
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the section; write neither RESULTS.md, gating.json nor the plot"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/gating.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     results = json.loads(JSON.read_text()) if JSON.exists() else {}
+
+    def keep(key: str, result: dict) -> None:
+        results[key] = {**result, "command": command, "threads": args.threads}
+        if not args.dry_run:
+            JSON.write_text(json.dumps(results, indent=2))
+
     if args.part in ("cnn", "all"):
-        results["cnn"] = {**run_cnn(args), "command": command, "threads": args.threads}
-        JSON.write_text(json.dumps(results, indent=2))
+        keep("cnn", run_cnn(args))
     if args.part in ("llm", "all"):
-        results["llm"] = {**run_llm(args), "command": command, "threads": args.threads}
-        JSON.write_text(json.dumps(results, indent=2))
+        keep("llm", run_llm(args))
     if args.part == "llm-joint":
-        results["llm_joint"] = {**run_llm_joint(args), "command": command, "threads": args.threads}
-        JSON.write_text(json.dumps(results, indent=2))
+        keep("llm_joint", run_llm_joint(args))
+    if args.dry_run:
+        print(render(results))
+        return
     if args.part in ("llm", "llm-joint", "all") and "llm" in results:
         plot_llm(results["llm"], results.get("llm_joint"))
     print(f"wrote {write_section('gating', render(results))}")

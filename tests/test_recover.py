@@ -419,6 +419,39 @@ def test_recovery_trains_the_weights_under_fixed_activation_thresholds(mode, act
     assert lm_loss_on(model, data) < loss_before
 
 
+def test_save_masks_after_recovery_under_activation_keeps_the_weights_and_load_masks_puts_both_back(
+    tmp_path, one_thread
+):
+    """The thresholds alone would rebuild the model before recovery: save_masks also writes the recovered weights
+    (model/, a plain checkpoint recording the recovery), and load_masks on a fresh base model gives the recovered
+    sparse model's logits; masks of an unrecovered model are written alone, as before."""
+    torch.manual_seed(0)
+    model = sparse_tiny("cats")
+    unrecovered = prune.save_masks(model, tmp_path / "before")
+    assert not (unrecovered / "model").exists()
+    prune.recover(model, {"steps": 4, "batch_size": 4, "lr": 1e-2, "mode": "full"}, blocks(), tmp_path / "run")
+    saved = prune.save_masks(model, tmp_path / "after")
+    assert json.loads((saved / "thresholds.json").read_text())["weights_changed"] is True
+    plain = AutoModelForCausalLM.from_pretrained(saved / "model")
+    assert plain.config.pruning["recovered"] == "full" and not list(wrappers(plain))
+    torch.manual_seed(0)
+    fresh = make_tiny_llama()
+    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].mlp.up_proj.weight)
+    prune.load_masks(fresh, saved)
+    batch = blocks(2)
+    with torch.no_grad():
+        assert torch.allclose(fresh(input_ids=batch).logits, model(input_ids=batch).logits, atol=1e-6)
+    assert fresh.config.pruning["recovered"] == "full"
+
+
+def test_load_masks_refuses_recovered_weights_of_another_architecture(tmp_path, one_thread):
+    model = sparse_tiny("cats")
+    prune.recover(model, {"steps": 2, "lr": 1e-2, "mode": "full"}, blocks(), tmp_path / "run")
+    saved = prune.save_masks(model, tmp_path / "masks")
+    with pytest.raises(prune.UserInputError, match="another architecture; pass the base model"):
+        prune.load_masks(make_tiny_gpt2(), saved)
+
+
 def test_recovery_targets_under_activation_are_named_as_in_the_unwrapped_model(tmp_path, one_thread):
     """recover.targets globs match the plain model's names (`mlp.up_proj`), not the wrapper's `mlp.base.up_proj`."""
     model = sparse_tiny("cats")

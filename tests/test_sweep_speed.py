@@ -207,3 +207,22 @@ def test_speed_sweep_times_every_point_beside_dense(tmp_path, llama_dir, corpus,
     assert {r["method"]: r["decode_ms_per_token"] for r in again["rows"]} == {
         m: r["decode_ms_per_token"] for m, r in rows.items()
     }
+
+
+def test_a_points_bytes_are_its_model_and_the_tensors_it_is_rebuilt_from(tmp_path):
+    """model/ or the base model, plus thresholds (activation, also after recovery); a plain checkpoint's masks
+    file describes it and is not counted."""
+    from prune.sweep.speed import point_bytes
+
+    def write(path, size):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+
+    write(tmp_path / "plain" / "model" / "model.safetensors", 700)
+    write(tmp_path / "plain" / "masks.safetensors", 30)
+    write(tmp_path / "activation" / "thresholds.safetensors", 20)
+    write(tmp_path / "recovered" / "model" / "model.safetensors", 900)
+    write(tmp_path / "recovered" / "thresholds.safetensors", 20)
+    assert point_bytes(tmp_path / "plain", base_bytes=1000) == 700
+    assert point_bytes(tmp_path / "activation", base_bytes=1000) == 1020
+    assert point_bytes(tmp_path / "recovered", base_bytes=1000) == 920

@@ -280,7 +280,8 @@ class MaskedSaveGuard:
                 "save_pretrained would write their frozen weights under '<name>.base.weight' keys, which "
                 "from_pretrained silently re-initialises at random. Merge them first: `prune.export(model)` makes "
                 "the model the plain pruned one (in place), which saves and reloads with plain transformers; "
-                "`prune.save_masks(model, directory)` keeps the masks alone."
+                "`prune.save_masks(model, directory)` keeps the masks (and weights `prune.recover` trained under input "
+                "masks)."
             )
         return type(self.model).save_pretrained(self.model, *args, **kwargs)
 

@@ -13,17 +13,21 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers.utils import CONFIG_NAME
 
+from prune.core.atomic import save_pretrained_atomic
 from prune.core.config import MethodConfig
 from prune.core.errors import UserInputError, described
 from prune.masks import base
 from prune.masks.base import Objective, guard_save, release_save, wrappers
 from prune.masks.storage import CONFIG_FILE, read_mask_config
 from prune.masks.targets import select_targets
-from prune.methods.registry import get_method, method_config, saved_file_pairs
+from prune.methods.registry import METHODS, get_method, method_config, saved_file_pairs
 from prune.methods.spec import masks_meta
 from prune.models.blocks import weight_matrix
+from prune.models.loading import is_model_dir
 from prune.recovery import stage
 from prune.recovery.config import RecoverConfig
 from prune.runs import loading
@@ -38,6 +42,7 @@ from prune.runs.arguments import (
     check_unmasked,
 )
 from prune.runs.provenance import RECORD_KEY, mark_pruned
+from prune.runs.run_dir import MODEL_DIR
 from prune.tasks.data_config import DEFAULT_TASK
 from prune.training import trainer
 from prune.training.config import TrainConfig
@@ -99,27 +104,39 @@ def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
 def save_masks(model: nn.Module, directory: str | Path, config: MethodConfig | None = None) -> Path:
     """Write the masks of an `attach`ed model (not the model) into `directory`, in the files a `prune run`
     directory holds: masks.safetensors + masks.json (gating: predictors.safetensors + gating.json; activation:
-    thresholds.safetensors + thresholds.json). `config`:
-    the one it was attached with (the default), or an error."""
+    thresholds.safetensors + thresholds.json). `config`: the one it was attached with (the default), or an error.
+
+    After `recover` under input masks (activation sparsity: the weights trained with the thresholds fixed), the
+    thresholds alone would rebuild the model as it was before recovery, so the recovered weights are written too,
+    into `directory`/model/ as a plain checkpoint (as a `prune run` directory holds them); `load_masks` puts both
+    back."""
     check_model(model)
     config = _config_of(model, config)
     check_masked(model)
     directory = _directory(directory)
     name = getattr(getattr(model, "config", None), "name_or_path", None) or "?"
-    get_method(config.name).save(model, directory, config, masks_meta(name, config))
+    recovered = _recovered_mode(model)
+    get_method(config.name).save(model, directory, config, masks_meta(name, config, recovered=recovered is not None))
+    if recovered is not None:
+        with base.unwrapped(model):
+            save_pretrained_atomic(directory / MODEL_DIR, model, None)
     return directory
 
 
 def load_masks(model: nn.Module, directory: str | Path, config: MethodConfig | None = None) -> nn.Module:
     """Put masks saved by `save_masks` (or a `prune run` directory's) back on the base model they were made
     for, as fixed masks: the pruned model again, with identical logits. The config is read from the saved files
-    (masks.json); a `config` passed as well must be that one. Names and shapes are checked first."""
+    (masks.json); a `config` passed as well must be that one. Names and shapes are checked first. Input masks
+    saved after recovery come with their recovered weights (`directory`/model/, see `save_masks`): those are
+    loaded into `model` first, in place."""
     check_model(model)
     directory = _directory(directory)
     saved = _saved_config(directory)
     if config is not None:
         _check_same(check_config(config), saved, f"the masks in {directory}")
     check_unmasked(model)
+    if METHODS[saved.name].masks_inputs and is_model_dir(directory / MODEL_DIR):
+        _load_recovered_weights(model, directory / MODEL_DIR)
     loaded = get_method(saved.name).load(model, directory, saved)
     _remember(loaded, saved)
     return loaded
@@ -203,6 +220,38 @@ def recover(
     elif isinstance(record, dict):
         setattr(model.config, RECORD_KEY, {**record, "recovered": config.mode})
     return result
+
+
+def _recovered_mode(model: nn.Module) -> str | None:
+    """The recovery mode the model's config.pruning records (set by `recover`), None when it never recovered."""
+    record = getattr(getattr(model, "config", None), RECORD_KEY, None)
+    return record.get("recovered") if isinstance(record, dict) else None
+
+
+def _load_recovered_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Every weight of `model` from the checkpoint `save_masks` wrote after recovery (shard by shard, so a large
+    model is never held twice), and its config.pruning record; a checkpoint of another architecture is refused."""
+    expected, read = set(model.state_dict()), set()
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        state = load_file(file)
+        unexpected = set(state) - expected
+        if unexpected:
+            raise UserInputError(
+                f"{file} holds weights this model lacks (e.g. {sorted(unexpected)[0]}): the masks' recovered weights "
+                "belong to another architecture; pass the base model the masks were made for."
+            )
+        model.load_state_dict(state, strict=False)  # copied into the existing tensors, in their dtype
+        read |= set(state)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = expected - read - tied
+    if missing:
+        raise UserInputError(
+            f"{checkpoint} lacks weights of this model (e.g. {sorted(missing)[0]}): its recovered weights are "
+            "incomplete; save the masks again with prune.save_masks."
+        )
+    record = _read_json(checkpoint / CONFIG_NAME).get(RECORD_KEY)
+    if isinstance(record, dict):
+        setattr(model.config, RECORD_KEY, record)
 
 
 def _zeros_as_masks(model: nn.Module, record) -> dict[str, Tensor]:

@@ -30,6 +30,7 @@ from torch import nn
 from eval.latency import alternated, measure_latency
 from prune.core.atomic import write_json_atomic
 from prune.core.errors import UserInputError
+from prune.methods.registry import saved_file_pairs
 from prune.runs import run_dir
 from prune.runs.loading import load_model
 from prune.runs.placed import prepare_runtime
@@ -52,9 +53,13 @@ def dense_bytes(model: nn.Module) -> int:
 
 
 def point_bytes(directory: Path, base_bytes: int) -> int:
-    """A point's model on disk: its model/, or the base model plus the files its method rebuilds it from."""
+    """A point's model on disk: its model/ (the base model when it has none), plus the tensors a method with no
+    plain-checkpoint form rebuilds it from (thresholds, predictors; a recovered activation point has both). The
+    masks files of a plain checkpoint only describe it, and are not counted."""
     model_dir = directory / run_dir.MODEL_DIR
-    return saved_bytes(model_dir) if model_dir.is_dir() else base_bytes + saved_bytes(directory)
+    weights = saved_bytes(model_dir) if model_dir.is_dir() else base_bytes
+    rebuilt_from = [directory / tensors for tensors, _ in saved_file_pairs()]
+    return weights + sum(path.stat().st_size for path in rebuilt_from if path.is_file())
 
 
 def measure_speed(

@@ -3,7 +3,7 @@
 Two backends compute the same thing:
 - `cpp`: sparse_decode.cpp, compiled on first use with torch.utils.cpp_extension (once per machine, cached by
   torch under ~/.cache/torch_extensions, tagged with the CPU's vector capability), when a C++ compiler and
-  ninja are present. Kept columns are contiguous rows of W^T, read four at a time with the next ones prefetched.
+  ninja are present. Kept columns are contiguous rows of W^T, read eight at a time with the next ones prefetched.
 - `dense`: the masked dense computation `W (x * (|x| > t))`, which reads every column. What runs when no
   compiler is present (or the build fails): measured on this CPU, torch's own gathers (embedding_bag,
   index_select + mm, torch.compile of either) did not beat dense at the sparsities that keep quality

@@ -6,8 +6,9 @@
 //
 // Rows of x (tokens of one call) share one pass over the union of their kept columns: each weight row is read
 // once and applied to every token that kept it (a token that did not keep it multiplies it by zero). Kept rows
-// are taken four at a time (four independent memory streams) and the next four are prefetched while the current
-// ones are summed. Accumulation is in float32 whatever the weights' dtype (float32, bfloat16, float16).
+// are taken eight at a time (eight independent memory streams, and one load and store of the accumulator per
+// eight rows: four left the short rows of a down projection slower than a dense gemv) and the next eight are
+// prefetched while the current ones are summed. Accumulation is in float32 whatever the weights' dtype (float32, bfloat16, float16).
 // Output columns are split across torch's intra-op threads (at::parallel_for), so more threads read disjoint
 // slices of the same rows.
 #include <ATen/Dispatch.h>
@@ -22,7 +23,7 @@
 
 namespace {
 
-constexpr int64_t kUnroll = 4;      // kept rows summed per pass over the output slice
+constexpr int64_t kUnroll = 8;      // kept rows summed per pass over the output slice
 constexpr int64_t kGrain = 256;     // output columns per thread at least
 constexpr int64_t kCacheLine = 64;  // bytes
 
@@ -97,14 +98,22 @@ void accumulate_rows(const Kept& kept, const std::vector<float>& coef, const T* 
     const T* __restrict r1 = matrix + kept.index[q + 1] * width + begin;
     const T* __restrict r2 = matrix + kept.index[q + 2] * width + begin;
     const T* __restrict r3 = matrix + kept.index[q + 3] * width + begin;
+    const T* __restrict r4 = matrix + kept.index[q + 4] * width + begin;
+    const T* __restrict r5 = matrix + kept.index[q + 5] * width + begin;
+    const T* __restrict r6 = matrix + kept.index[q + 6] * width + begin;
+    const T* __restrict r7 = matrix + kept.index[q + 7] * width + begin;
     for (int64_t b = 0; b < rows; ++b) {
-      const float c0 = coef[q * rows + b], c1 = coef[(q + 1) * rows + b];
-      const float c2 = coef[(q + 2) * rows + b], c3 = coef[(q + 3) * rows + b];
-      if (c0 == 0.f && c1 == 0.f && c2 == 0.f && c3 == 0.f) continue;
+      const float* c = coef.data() + q * rows + b;  // c[r * rows]: row b's value for kept row q + r
+      bool any = false;
+      for (int64_t r = 0; r < kUnroll; ++r) any |= c[r * rows] != 0.f;
+      if (!any) continue;
+      const float c0 = c[0], c1 = c[rows], c2 = c[2 * rows], c3 = c[3 * rows];
+      const float c4 = c[4 * rows], c5 = c[5 * rows], c6 = c[6 * rows], c7 = c[7 * rows];
       float* __restrict a = acc.data() + b * span;
 #pragma omp simd
       for (int64_t k = 0; k < span; ++k) {
-        a[k] += c0 * as_float(r0[k]) + c1 * as_float(r1[k]) + c2 * as_float(r2[k]) + c3 * as_float(r3[k]);
+        a[k] += (c0 * as_float(r0[k]) + c1 * as_float(r1[k]) + c2 * as_float(r2[k]) + c3 * as_float(r3[k])) +
+                (c4 * as_float(r4[k]) + c5 * as_float(r5[k]) + c6 * as_float(r6[k]) + c7 * as_float(r7[k]));
       }
     }
   }
