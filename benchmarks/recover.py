@@ -29,11 +29,14 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from peer_llmcompressor import nm_violations  # noqa: E402
 from results import interval, write_section  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes" / "smollm2-135m"
@@ -41,6 +44,7 @@ PARTS = {  # part -> (recipe, label of the pruned model, goals: max x dense on t
     "sparsegpt": (RECIPES / "sparsegpt-2of4.yaml", "SparseGPT 2:4", 1.5, 2.5),
     "vib": (RECIPES / "vib-50.yaml", "VIB 50% removed", 2.0, 3.0),
 }
+PATTERNS = {"sparsegpt": (2, 4)}  # the N:M pattern a part's saved model must still hold after recovery
 VARIANTS = {  # the recovery settings compared on validation
     "lora": ["recover.mode=lora", "recover.rank=16", "recover.alpha=32", "recover.lr=2e-4"],
     "full": ["recover.mode=full", "recover.lr=5e-5"],
@@ -89,11 +93,23 @@ def seen_labels(report: dict, texts: list[str]) -> dict[str, str]:
     return {text: "seen" if data["seen"][data["source"] if text == "docs" else text] else "not seen" for text in texts}
 
 
+def recovery_log(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "recover" / "train_log.jsonl").read_text().splitlines()]
+
+
 def tokens_per_second(directory: Path) -> float:
     """The median training throughput of the recovery log (tokens/s over all processes)."""
-    lines = (directory / "recover" / "train_log.jsonl").read_text().splitlines()
-    rates = [record["tokens_per_s"] for record in map(json.loads, lines) if "tokens_per_s" in record]
-    return statistics.median(rates)
+    return statistics.median(record["tokens_per_s"] for record in recovery_log(directory) if "tokens_per_s" in record)
+
+
+def validation_line(name: str, directory: Path) -> str:
+    """A variant's validation perplexity at each evaluation: whether it was still falling when the budget ended."""
+    scores = [(r["step"], r["eval_perplexity"]) for r in recovery_log(directory) if "eval_perplexity" in r]
+    return (
+        f"Validation perplexity of `{name}` at steps {', '.join(str(step) for step, _ in scores)}: "
+        + ", ".join(f"{value:.2f}" for _, value in scores)
+        + "."
+    )
 
 
 def cell(figures: dict, dense: dict) -> str:
@@ -138,7 +154,35 @@ def part_section(part: str, runs: dict[str, tuple[object, dict]]) -> list[str]:
             + " | ".join(cell(text_figures(variant, text), text_figures(dense, text)) for text in texts)
             + f" | {paired} | {section['seconds']:.0f} | {tokens_per_second(Path(variant_recipe.output)):.0f} |"
         )
-    return [*lines, "", *goal_lines(report, texts, labels, label, docs_goal, unseen_goal)]
+    validation = [validation_line(name, Path(variant_recipe.output)) for name, (variant_recipe, _) in runs.items()]
+    return [
+        *lines,
+        "",
+        *validation,
+        "",
+        *pattern_lines(part, runs),
+        *goal_lines(report, texts, labels, label, docs_goal, unseen_goal),
+    ]
+
+
+def pattern_lines(part: str, runs: dict[str, tuple[object, dict]]) -> list[str]:
+    """For an N:M part: whether each variant's saved model/ (merged, after recovery) still holds the pattern."""
+    if part not in PATTERNS:
+        return []
+    n, m = PATTERNS[part]
+    lines = []
+    for name, (variant_recipe, _) in runs.items():
+        model = AutoModelForCausalLM.from_pretrained(Path(variant_recipe.output) / "model")
+        linears = [key for key, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        decoder = sum(".layers." in key for key in linears)
+        bad = nm_violations(model, n, m)
+        lines.append(
+            f"model/ of `{name}` is still exactly {n}:{m}: no group of {m} inputs of any of its {decoder} decoder "
+            f"linears holds more than {n} nonzeros."
+            if bad == 0
+            else f"model/ of `{name}` is NOT {n}:{m} any more: {bad} groups of {m} inputs hold more than {n} nonzeros."
+        )
+    return [*lines, ""]
 
 
 def goal_lines(report: dict, texts: list[str], labels: dict, label: str, docs_goal: float, unseen_goal: float):
@@ -183,7 +227,8 @@ def main() -> None:
     from prune.runs.recipe import load_recipe
 
     common = [*args.set, *([f"runtime.threads={args.threads}"] if args.threads else [])]
-    body = [f"Command: `python {shlex.join(sys.argv)}`", ""] + ([args.note, ""] if args.note else [])
+    body = ["## Recovery training after pruning (SmolLM2-135M)", "", f"Command: `python {shlex.join(sys.argv)}`", ""]
+    body += [args.note, ""] if args.note else []
     for part in args.parts:
         recipe_path = PARTS[part][0]
         seq_len = load_recipe(recipe_path, common).data.seq_len
