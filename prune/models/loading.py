@@ -14,13 +14,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors import SafetensorError
+from torch import Tensor, nn
 from transformers import (
     CONFIG_MAPPING,
     AutoModelForCausalLM,
@@ -166,6 +167,25 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrai
     Run directories, per-layer-size exports and image models load through `prune.runs.loading.load_model`."""
     with checkpoint_errors(name_or_path):
         return _load(name_or_path, dtype)
+
+
+def load_states(model: nn.Module, states: Iterable[dict[str, Tensor]], where: str, fix: str) -> None:
+    """Load a complete set of weights into `model`, one state dict (a checkpoint shard) at a time, so a large
+    model is never held twice; only a tied LM head may be absent. A weight the model lacks, or one of its own
+    that no state holds, is refused, naming `where` and the `fix`."""
+    expected, read = set(model.state_dict()), set()
+    for state in states:
+        unexpected = set(state) - expected
+        if unexpected:
+            raise UserInputError(f"{where} holds weights this model lacks (e.g. {sorted(unexpected)[:4]}): {fix}")
+        model.load_state_dict(state, strict=False)  # copied into the existing tensors, in their dtype
+        read |= set(state)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = expected - read - tied
+    if missing:
+        raise UserInputError(f"{where} lacks weights of this model (e.g. {sorted(missing)[:4]}): {fix}")
+    if tied:
+        model.tie_weights()
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

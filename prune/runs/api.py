@@ -27,7 +27,7 @@ from prune.masks.targets import select_targets
 from prune.methods.registry import METHODS, get_method, method_config, saved_file_pairs
 from prune.methods.spec import masks_meta
 from prune.models.blocks import weight_matrix
-from prune.models.loading import is_model_dir
+from prune.models.loading import is_model_dir, load_states
 from prune.recovery import stage
 from prune.recovery.config import RecoverConfig
 from prune.runs import loading
@@ -229,26 +229,15 @@ def _recovered_mode(model: nn.Module) -> str | None:
 
 
 def _load_recovered_weights(model: nn.Module, checkpoint: Path) -> None:
-    """Every weight of `model` from the checkpoint `save_masks` wrote after recovery (shard by shard, so a large
-    model is never held twice), and its config.pruning record; a checkpoint of another architecture is refused."""
-    expected, read = set(model.state_dict()), set()
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        state = load_file(file)
-        unexpected = set(state) - expected
-        if unexpected:
-            raise UserInputError(
-                f"{file} holds weights this model lacks (e.g. {sorted(unexpected)[0]}): the masks' recovered weights "
-                "belong to another architecture; pass the base model the masks were made for."
-            )
-        model.load_state_dict(state, strict=False)  # copied into the existing tensors, in their dtype
-        read |= set(state)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = expected - read - tied
-    if missing:
-        raise UserInputError(
-            f"{checkpoint} lacks weights of this model (e.g. {sorted(missing)[0]}): its recovered weights are "
-            "incomplete; save the masks again with prune.save_masks."
-        )
+    """Every weight of `model` from the checkpoint `save_masks` wrote after recovery, and its config.pruning
+    record; a checkpoint of another architecture is refused."""
+    load_states(
+        model,
+        map(load_file, sorted(checkpoint.glob("*.safetensors"))),
+        str(checkpoint),
+        "the masks' recovered weights belong to another architecture; pass the base model the masks were made for "
+        "(or, if their save was cut short, save them again with prune.save_masks).",
+    )
     record = _read_json(checkpoint / CONFIG_NAME).get(RECORD_KEY)
     if isinstance(record, dict):
         setattr(model.config, RECORD_KEY, record)

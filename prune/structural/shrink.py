@@ -37,8 +37,11 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from prune.core.errors import UserInputError
+from prune.models.loading import load_states
 from prune.structural.config import FFN, HEADS, HIDDEN, LAYERS
 from prune.structural.layout import Entry, Structure, unit_input_kind
+
+REEXPORT = "re-export it with `prune run`."  # the fix for a shrunk checkpoint that does not fit its config
 
 LAYER_SIZES_KEY = "maskprune_layer_sizes"
 HEAD_DIM_KEY = "maskprune_head_dim"
@@ -239,26 +242,12 @@ def build_model(config, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     return model.eval()
 
 
-def load_state(model: PreTrainedModel, state: dict[str, Tensor], where: str) -> None:
-    """Load a complete state dict; only a tied head may be absent."""
-    result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = set(result.missing_keys) - tied
-    if missing or result.unexpected_keys:
-        raise UserInputError(
-            f"{where} does not match its config (missing {sorted(missing)[:4]}, unexpected "
-            f"{sorted(result.unexpected_keys)[:4]}); re-export it with `prune run`."
-        )
-    if tied:
-        model.tie_weights()
-
-
 def shrink(model: PreTrainedModel, structure: Structure, decisions: dict) -> PreTrainedModel:
     """The physically smaller model (see the module doc); `model` must already be unwrapped."""
     config = shrunk_config(model.config, structure, decisions)
     weight = next(model.parameters())
     new = build_model(config, weight.dtype)
-    load_state(new, shrunk_state(model.state_dict(), structure, decisions), "the exported state")
+    load_states(new, [shrunk_state(model.state_dict(), structure, decisions)], "the exported state", REEXPORT)
     new.generation_config = copy.deepcopy(model.generation_config)
     return new.to(weight.device).eval()
 
@@ -277,10 +266,7 @@ def load_resized(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTra
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UserInputError(f"{path} has no *.safetensors weights; save the model with save_pretrained.")
-    state: dict[str, Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
-    load_state(model, {name: tensor.to(dtype) for name, tensor in state.items()}, str(path))
+    load_states(model, map(load_file, files), str(path), REEXPORT)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()

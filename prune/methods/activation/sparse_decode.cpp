@@ -8,7 +8,8 @@
 // once and applied to every token that kept it (a token that did not keep it multiplies it by zero). Kept rows
 // are taken eight at a time (eight independent memory streams, and one load and store of the accumulator per
 // eight rows: four left the short rows of a down projection slower than a dense gemv) and the next eight are
-// prefetched while the current ones are summed. Accumulation is in float32 whatever the weights' dtype (float32, bfloat16, float16).
+// prefetched while the current ones are summed. Accumulation is in float32 whatever the weights' dtype (float32,
+// bfloat16, float16).
 // Output columns are split across torch's intra-op threads (at::parallel_for), so more threads read disjoint
 // slices of the same rows.
 #include <ATen/Dispatch.h>
