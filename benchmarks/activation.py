@@ -494,6 +494,8 @@ def render(result: dict) -> str:
         ]
         lines.append(f"| {row['shape']} | {row['label']} | {100 * row['sparsity']:.0f}% | " + " | ".join(cells) + " |")
     lines += ["", f"Took {result['seconds'] / 60:.0f} min.", ""]
+    for note in result["args"].get("note") or []:
+        lines += [note, ""]
     return "\n".join(lines)
 
 
@@ -520,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recover-lr", type=float, default=1e-4)
     parser.add_argument("--recover-batch", type=int, default=4, help="windows per recovery step")
     parser.add_argument("--recover-eval-windows", type=int, default=8, help="validation windows per recovery score")
+    parser.add_argument("--note", action="append", help="a line added at the end of the section")
     parser.add_argument("--render", action="store_true", help="only rewrite the section from activation.json")
     args = parser.parse_args(argv)
     if args.render:

@@ -9,11 +9,12 @@ Rows, each an exported (physically smaller) model:
 - `vib` (with `--vib-run DIR`, repeatable): an existing `prune run` directory of VIB (~35 min of mask training on
   one core), e.g. `prune run recipes/smollm2-135m/vib-30.yaml --set method.target.params=0.16 --set output=DIR`
   for the share depth removes; its parameter count is printed beside depth's.
-Every perplexity is measured on the first `--windows` windows of the TEST part of the docs and of moby-dick (out
-of domain: no row read it), with a 95% bootstrap interval over windows. Latency: dense and every exported model
-timed in turn in this one process (`--latency-rounds` interleaved rounds of 3 runs; per model the best round),
-prefill tokens/s and decode ms/token at batch 1, on `--threads` threads. Writes benchmarks/depth.json and the
-`depth` section of benchmarks/RESULTS.md.
+Every perplexity is measured on the first `--windows` windows of the TEST part of the docs and of every default
+extra text (moby-dick, sotu), with a 95% bootstrap interval over windows, each labelled seen / not seen by that
+row's calibration or training (prune.data.seen; a VIB row's from its report.json). Latency: dense and every
+exported model timed in turn in this one process (`--latency-rounds` interleaved rounds; per model the medians
+over rounds, wall clock and CPU time), prefill tokens/s and decode ms/token at batch 1, on `--threads` threads.
+Writes benchmarks/depth.json and the `depth` section of benchmarks/RESULTS.md.
 
     python benchmarks/depth.py --threads 1                       # ~15 min on one free core
     python benchmarks/depth.py --threads 1 --vib-run runs/vib-16 # with a VIB run at the same size
@@ -36,14 +37,15 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import interval, write_section
-from benchmarks.vib import measured, with_ci
+from benchmarks.results import interval, seen_label, write_section
+from benchmarks.vib import measured
 from eval.flops import count_params
 from eval.latency import measure_latency
 from eval.perplexity import perplexity
 from prune import attach, export, method_config
-from prune.data.config import MOBY_DICK
-from prune.data.text import DataConfig, prepare_extra, prepare_source
+from prune.data.config import EXTRA_TEXTS
+from prune.data.seen import seen_texts
+from prune.data.text import EMBEDDED_DOCS, DataConfig, prepare_extra, prepare_source
 from prune.runs.loading import load_model
 from prune.structural.shrink import has_layer_sizes, load_resized
 
@@ -51,6 +53,7 @@ HERE = Path(__file__).parent
 JSON = HERE / "depth.json"
 MODEL = "smollm2-135m"
 CHECK_WINDOWS = 2  # test windows on which the export must reproduce the gated model's perplexity
+DOCS_SEEN = seen_texts(EMBEDDED_DOCS, [], [EMBEDDED_DOCS, *EXTRA_TEXTS], reads=True)  # what depth/structured read
 
 
 def prune_row(label: str, config, data: dict, texts: dict, dense_params: int) -> tuple[dict, torch.nn.Module]:
@@ -74,6 +77,7 @@ def prune_row(label: str, config, data: dict, texts: dict, dense_params: int) ->
         "prune_seconds": seconds,
         "kept_layers": summary["kept_layers"],
         "depth": summary.get("depth"),
+        "seen": DOCS_SEEN,
     }
     assert row["params_kept"] == summary["params"]["kept"]
     row["params_removed"] = 1.0 - row["params_kept"] / dense_params
@@ -82,9 +86,11 @@ def prune_row(label: str, config, data: dict, texts: dict, dense_params: int) ->
 
 def vib_row(directory: str, texts: dict, dense_params: int) -> tuple[dict, torch.nn.Module]:
     model, _ = load_model(directory)
+    data = json.loads((Path(directory) / "report.json").read_text())["data"]
     row = {
         "method": f"vib ({directory})",
         **measured(model, texts),
+        "seen": {text: data["seen"][data["source"] if text == EMBEDDED_DOCS else text] for text in DOCS_SEEN},
         "params_kept": count_params(model).total,
         "layers_kept": model.config.num_hidden_layers,
     }
@@ -167,8 +173,21 @@ def cpu_latencies(models: dict[str, torch.nn.Module], args) -> dict[str, dict]:
     return figures
 
 
+def key(text: str) -> str:
+    """Where a row holds the perplexity of `text`: the docs' under `perplexity`, an extra text's under its name."""
+    return "perplexity" if text == EMBEDDED_DOCS else text
+
+
+def cell(row: dict, text: str) -> str:
+    """A perplexity with its interval and, for a pruned row, the row's seen / not seen label for that text."""
+    value = interval(row[key(text)], row[f"{key(text)}_ci95"])
+    return value + (seen_label(row["seen"][text]) if "seen" in row else "")
+
+
 def render(results: dict) -> str:
     d, a = results["dense"], results["args"]
+    texts = [EMBEDDED_DOCS, *EXTRA_TEXTS]
+    header = " | ".join(f"{'test perplexity' if text == EMBEDDED_DOCS else text} [95% CI] | x dense" for text in texts)
     lines = [
         "## Depth pruning of SmolLM2-135M beside width pruning at the same parameter count",
         "",
@@ -176,33 +195,28 @@ def render(results: dict) -> str:
         "",
         (
             f"SmolLM2-135M, float32, {a['threads']} thread(s). Perplexity on the first {a['windows']} windows of "
-            f"{a['seq_len']} tokens of the test part of the embedded CPython docs and of {MOBY_DICK} (out of domain: "
-            "no row read it), [95% CI] from a bootstrap over windows. Depth: ShortGPT block importance on "
+            f"{a['seq_len']} tokens of the test part of the embedded CPython docs and of {', '.join(EXTRA_TEXTS)}, "
+            "[95% CI] from a bootstrap over windows, each labelled seen / not seen by that row's calibration or "
+            "training (derived from the data it read). Depth: ShortGPT block importance on "
             f"{a['calibration']} windows of the docs' train part, the removal set chosen greedily on the validation "
             f"loss of {a['selection']} windows of the docs' validation part ({a['candidates']} lowest-importance "
             "candidates per step, checked against the score-only set). Structured: one-shot, activation score "
             f"({a['calibration']} train windows), the same share of head units and neurons in every layer, "
             "allocated to the share of the parameters depth removed. Depth + structured: half as many blocks, "
             "then structured to the same whole-model share. Dense: "
-            f"{with_ci(d, 'perplexity')}, {MOBY_DICK} {with_ci(d, 'ood_perplexity')}; {d['params']:,} parameters, "
-            f"{d['layers']} blocks."
+            + ", ".join(f"{text} {cell(d, text)}" for text in texts)
+            + f"; {d['params']:,} parameters, {d['layers']} blocks."
         ),
         "",
-        (
-            f"| model | blocks | params kept | removed | test perplexity [95% CI] | x dense | {MOBY_DICK} [95% CI] "
-            "| x dense |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-        (
-            f"| dense | {d['layers']} | {d['params']:,} | 0 | {with_ci(d, 'perplexity')} | 1.00 | "
-            f"{with_ci(d, 'ood_perplexity')} | 1.00 |"
-        ),
+        f"| model | blocks | params kept | removed | {header} |",
+        "|---|---|---|---|" + "---|---|" * len(texts),
     ]
-    for row in results["rows"]:
+    dense_row = {**d, "method": "dense", "layers_kept": d["layers"], "params_kept": d["params"], "params_removed": 0.0}
+    for row in [dense_row, *results["rows"]]:
+        ratios = " | ".join(f"{cell(row, text)} | {row[key(text)] / d[key(text)]:.2f}" for text in texts)
         lines.append(
             f"| {row['method']} | {row['layers_kept']} | {row['params_kept']:,} | {row['params_removed']:.3f} | "
-            f"{with_ci(row, 'perplexity')} | {row['perplexity'] / d['perplexity']:.2f} | "
-            f"{with_ci(row, 'ood_perplexity')} | {row['ood_perplexity'] / d['ood_perplexity']:.2f} |"
+            f"{ratios} |"
         )
     lines += ["", *record_lines(results["rows"]), *speed_lines(results), "", *verdict_lines(results)]
     for note in results.get("notes", []):
@@ -316,10 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     dense, tokenizer = load_model(MODEL)
     splits = prepare_source(tokenizer, DataConfig(seq_len=args.seq_len))
-    ood = prepare_extra(tokenizer, [MOBY_DICK], args.seq_len)[MOBY_DICK]
+    extra = prepare_extra(tokenizer, list(EXTRA_TEXTS), args.seq_len)
     texts = {
         "perplexity": splits.test_blocks(args.seq_len)[: args.windows],
-        "ood_perplexity": ood.test_blocks(args.seq_len)[: args.windows],
+        **{name: extra[name].test_blocks(args.seq_len)[: args.windows] for name in EXTRA_TEXTS},
     }
     data = {
         "calibration": splits.calibration_blocks(args.calibration, args.seq_len, 0),
@@ -330,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     results["dense"] = {**measured(dense, texts), "params": dense_params, "layers": dense.config.num_hidden_layers}
     models = {"dense": dense}
     settings = ("remove", "candidates", "seq_len", "calibration", "selection", "windows")
-    cache = Path(args.cache) / "-".join(f"{key}{getattr(args, key)}" for key in settings)
+    cache = Path(args.cache) / "-".join([*(f"{key}{getattr(args, key)}" for key in settings), *EXTRA_TEXTS])
 
     def add(row: dict, model: torch.nn.Module) -> None:
         results["rows"].append(row)
