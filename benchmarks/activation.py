@@ -13,12 +13,13 @@ tokens/s of the same model with its thresholds bypassed (dense) and applied (spa
 times (prune.methods.activation.speed); ratios of medians.
 
 With `--recover-tokens N`, each level (or each of `--recover-levels`) also gets a row "+ recovery": the kept
-variant's sparse model (the same thresholds, fixed) recovered by prune.recovery -- its weights
-(`--recover-mode lora`: LoRA adapters, merged; `full`: the weights themselves) trained on N tokens of the docs'
-train part with the thresholds in the forward, on the KL divergence from the dense model's distribution
-(`--recover-distill`, the rest cross-entropy) -- the best of its periodic validation scores kept (the docs'
-validation part), then measured as the level is: test figures, zeroed shares, dense vs sparse speed side by side
-(the dense model: the recovered weights, thresholds bypassed).
+variant's sparse model (the same thresholds, fixed) recovered by prune.recovery -- its weights (`--recover-mode
+lora`: LoRA adapters, merged; `full`: the weights themselves) trained on N tokens of the docs' train part (with
+`--recover-mix`, of the docs' and those texts' train parts, window by window as under data.mix; those texts are
+then seen by the recovered rows) with the thresholds in the forward, on the KL divergence from the dense model's
+distribution (`--recover-distill`, the rest cross-entropy) -- the best of its periodic validation scores kept (the
+validation parts of the texts it trained on), then measured as the level is: test figures, zeroed shares, dense vs
+sparse speed side by side (the dense model: the recovered weights, thresholds bypassed).
 
 Then the kernel alone: y = W x for SmolLM2's projection shapes at given shares of zeros, dense (F.linear) against
 each way to read only the kept columns (the C++ kernel, embedding_bag, index_select + mm, torch.compile of the
@@ -44,12 +45,13 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.results import interval, write_section  # noqa: E402
+from benchmarks.results import interval, seen_label, write_section  # noqa: E402
 from eval.bootstrap import perplexity_ci  # noqa: E402
 from eval.perplexity import perplexity  # noqa: E402
 from prune import method_config  # noqa: E402
-from prune.data.config import MOBY_DICK, SOTU  # noqa: E402
-from prune.data.text import prepare, prepare_extra  # noqa: E402
+from prune.data.config import EMBEDDED_DOCS, GENERAL, MOBY_DICK, SOTU  # noqa: E402
+from prune.data.seen import seen_texts  # noqa: E402
+from prune.data.text import DataConfig, interleave, prepare, prepare_extra, prepare_mix  # noqa: E402
 from prune.masks.base import unwrap  # noqa: E402
 from prune.methods.activation import kernel  # noqa: E402
 from prune.methods.activation.layers import (  # noqa: E402
@@ -189,7 +191,7 @@ def recovered(model, data: dict, args) -> dict:
     measures the level; `model` itself stays as it was."""
     student, teacher = copy.deepcopy(model), unwrap(copy.deepcopy(model)).requires_grad_(False)
     config = recover_config(args)
-    validation = data["validation"][: args.recover_eval_windows]
+    validation = data["recover_validation"][: args.recover_eval_windows]
 
     def task_loss(module, batch):
         return distillation_loss(module, teacher, batch, config.distill)
@@ -354,14 +356,24 @@ def pct(value: float) -> str:
     return f"{100 * value:+.1f}%"
 
 
-def table_row(label: str, row: dict, dense: dict, kept: str, read: int) -> str:
-    """One model's row of the main table: test figures and changes, skipped weights, speed side by side (and the
-    bound a step that only read weights would reach, from the `read` weights of a dense step)."""
+def seen_by(recovery_mix: list[str] | None) -> dict[str, bool]:
+    """Which extra texts a row read: a level calibrates on the docs' train part only; a recovered row also trained
+    on its recovery's mix texts (prune.data.seen, as for a recipe's data.mix)."""
+    return seen_texts(EMBEDDED_DOCS, recovery_mix or [], EXTRA_TEXTS, reads=True)
+
+
+def table_row(label: str, row: dict, dense: dict, kept: str, read: int, seen: dict[str, bool]) -> str:
+    """One model's row of the main table: test figures (labelled seen / not seen) and changes, skipped weights,
+    speed side by side (and the bound a step that only read weights would reach, from the `read` weights of a
+    dense step)."""
     speed = row["speed"]
     change = changes(row, dense)
     return (
-        f"| {label} | {interval(row['docs']['value'], row['docs']['ci95'])} | {pct(change['docs'])} | "
-        + "".join(f"{interval(row[text]['value'], row[text]['ci95'])} | {pct(change[text])} | " for text in EXTRA_TEXTS)
+        f"| {label} | {interval(row['docs']['value'], row['docs']['ci95'])} (seen) | {pct(change['docs'])} | "
+        + "".join(
+            f"{interval(row[text]['value'], row[text]['ci95'])}{seen_label(seen[text])} | {pct(change[text])} | "
+            for text in EXTRA_TEXTS
+        )
         + f"{100 * row['weights_skipped']:.1f}% | {100 * row['ffn_weights_skipped']:.1f}% | "
         f"{speed['sparse']['decode_tokens_per_s']:.2f} / {speed['dense']['decode_tokens_per_s']:.2f} | "
         f"{speed['decode_speedup']:.2f}x{' (slower)' if speed['decode_speedup'] < 1 else ''} | "
@@ -383,7 +395,8 @@ def render(result: dict) -> str:
             f"perplexity on the docs' validation part ({result['validation_windows']} windows) is kept; perplexity "
             f"on the test parts of the docs (the first {result['test_windows']} windows) and of "
             + " and ".join(f"{text} (the first {result['extra_windows'][text]} windows)" for text in EXTRA_TEXTS)
-            + " (not seen: the method reads only the docs' train part), [95% bootstrap interval]. Decode: "
+            + ", [95% bootstrap interval], each labelled seen / not seen by that row (a level reads only the docs' "
+            "train part; a recovered row also what its recovery trained on). Decode: "
             f"prompt 128, 32 tokens at batch 1; dense = the same model with its thresholds bypassed, alternated with "
             f"the sparse model {a['rounds']} times in this process (medians; ratio = sparse / dense tokens/s). "
             "Skipped: the share of the wrapped weights (FFN: of the FFN's weights) a test token does not read. "
@@ -393,8 +406,9 @@ def render(result: dict) -> str:
             f"{result['kernel']}."
             + (
                 f" + recovery: the kept variant's thresholds fixed, its weights trained ({a['recover_mode']}, lr "
-                f"{a['recover_lr']:g}, KL weight {a['recover_distill']:g} from the dense model) on the docs' train "
-                f"part, the step with the best perplexity on {a['recover_eval_windows']} validation windows kept "
+                f"{a['recover_lr']:g}, KL weight {a['recover_distill']:g} from the dense model) on the train parts of "
+                f"{', '.join(['the docs', *(a.get('recover_mix') or [])])}, the step with the best perplexity on "
+                f"{a['recover_eval_windows']} validation windows of the same texts kept "
                 "(step 0, before training, competes); figures and speed measured as the level's."
                 if a.get("recover_tokens")
                 else ""
@@ -402,7 +416,7 @@ def render(result: dict) -> str:
         ),
         "",
         "| model | docs test | change | "
-        + "".join(f"{text} test (not seen) | change | " for text in EXTRA_TEXTS)
+        + "".join(f"{text} test | change | " for text in EXTRA_TEXTS)
         + "weights skipped | FFN weights skipped | decode tok/s sparse / dense | decode speedup | weights-only bound "
         "| prefill speedup | kept variant |",
         "|---|---|---|" + "---|---|" * len(EXTRA_TEXTS) + "---|---|---|---|---|---|---|",
@@ -413,12 +427,12 @@ def render(result: dict) -> str:
     for level in result["levels"]:
         chosen = ", ".join(f"{value}" for value in level["chosen"].values())
         named = f"{level['mode']} {level['sparsity']:g}"
-        lines.append(table_row(named, level, dense, chosen, read))
+        lines.append(table_row(named, level, dense, chosen, read, seen_by(None)))
         if "recovered" in level:
             again = level["recovered"]
             label = f"{named} + recovery ({again['mode']}, {again['tokens']:,} tokens)"
             kept = f"best step {again['best_step']} of {again['steps']}"
-            lines.append(table_row(label, again, dense, kept, read))
+            lines.append(table_row(label, again, dense, kept, read, seen_by(a.get("recover_mix"))))
     zero = result["every_column"]
     lines += [
         "",
@@ -433,17 +447,17 @@ def render(result: dict) -> str:
         level = next((r for r in result["levels"] if (r["mode"], r["sparsity"]) == (mode, sparsity)), None)
         if level is None:
             continue
-        rows = [(f"{mode} {sparsity:g}", level)]
+        rows = [(f"{mode} {sparsity:g}", level, seen_by(None))]
         if "recovered" in level:
-            rows.append((f"{mode} {sparsity:g} + recovery", level["recovered"]))
-        for label, row in rows:
+            rows.append((f"{mode} {sparsity:g} + recovery", level["recovered"], seen_by(a.get("recover_mix"))))
+        for label, row, seen in rows:
             change = changes(row, dense)
             met_quality = all(value <= quality for value in change.values())
             met_speed = row["speed"]["decode_speedup"] >= speedup
             lines.append(
                 f"- {label}: perplexity <= +{100 * quality:.0f}% on every text: "
                 f"{'met' if met_quality else 'not met'} ("
-                + ", ".join(f"{text} {pct(value)}" for text, value in change.items())
+                + ", ".join(f"{text} {pct(value)}{seen_label(seen.get(text, True))}" for text, value in change.items())
                 + "); decode >= "
                 f"{speedup}x: {'met' if met_speed else 'not met'} ({row['speed']['decode_speedup']:.2f}x; weights-only "
                 f"bound {decode_bound(row, read):.2f}x)."
@@ -517,6 +531,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recover-tokens", type=int, default=0, help="recovery per level, train tokens (0: none)")
     parser.add_argument("--recover-levels", nargs="+", help="the levels recovered (default: every level)")
+    parser.add_argument(
+        "--recover-mix", nargs="+", help="texts whose train parts join the docs' in recovery (data.mix, e.g. general)"
+    )
     parser.add_argument("--recover-mode", choices=["lora", "full"], default="lora")
     parser.add_argument("--recover-distill", type=float, default=1.0, help="KL weight from the dense model")
     parser.add_argument("--recover-lr", type=float, default=1e-4)
@@ -531,11 +548,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m")
-    splits = prepare(tokenizer, "embedded-docs")
+    splits = prepare(tokenizer, EMBEDDED_DOCS)
     extras = prepare_extra(tokenizer, list(EXTRA_TEXTS), args.seq_len)
+    named = args.recover_mix or []
+    mix = DataConfig(seq_len=args.seq_len, mix=GENERAL if named == [GENERAL] else named)
+    args.recover_mix = mix.mix  # `general` stored as the texts it stands for
+    recovery = interleave(splits, prepare_mix(tokenizer, mix), args.seq_len)  # the docs alone without a mix
     data = {
         "calibration": splits.calibration_blocks(args.calibration, args.seq_len, args.seed),
-        "train": splits.train_blocks(args.seq_len),  # what recovery trains on (--recover-tokens)
+        "train": recovery.train_blocks(args.seq_len),  # what recovery trains on (--recover-tokens)
+        "recover_validation": recovery.validation_blocks(args.seq_len),  # what chooses its best step
         "validation": splits.validation_blocks(args.seq_len)[: args.max_windows or None],
         "test": splits.test_blocks(args.seq_len)[: args.max_windows or None],
         **{text: extras[text].test_blocks(args.seq_len)[: args.max_windows or None] for text in EXTRA_TEXTS},
