@@ -357,9 +357,11 @@ def pct(value: float) -> str:
 
 
 def seen_by(recovery_mix: list[str] | None) -> dict[str, bool]:
-    """Which extra texts a row read: a level calibrates on the docs' train part only; a recovered row also trained
-    on its recovery's mix texts (prune.data.seen, as for a recipe's data.mix)."""
-    return seen_texts(EMBEDDED_DOCS, recovery_mix or [], EXTRA_TEXTS, reads=True)
+    """Which texts a row read, keyed as `changes` keys them ("docs" and each extra text): a level calibrates on the
+    docs' train part only; a recovered row also trained on its recovery's mix texts (prune.data.seen, as for a
+    recipe's data.mix)."""
+    seen = seen_texts(EMBEDDED_DOCS, recovery_mix or [], [EMBEDDED_DOCS, *EXTRA_TEXTS], reads=True)
+    return {"docs": seen.pop(EMBEDDED_DOCS), **seen}
 
 
 def table_row(label: str, row: dict, dense: dict, kept: str, read: int, seen: dict[str, bool]) -> str:
@@ -369,7 +371,8 @@ def table_row(label: str, row: dict, dense: dict, kept: str, read: int, seen: di
     speed = row["speed"]
     change = changes(row, dense)
     return (
-        f"| {label} | {interval(row['docs']['value'], row['docs']['ci95'])} (seen) | {pct(change['docs'])} | "
+        f"| {label} | {interval(row['docs']['value'], row['docs']['ci95'])}{seen_label(seen['docs'])} | "
+        f"{pct(change['docs'])} | "
         + "".join(
             f"{interval(row[text]['value'], row[text]['ci95'])}{seen_label(seen[text])} | {pct(change[text])} | "
             for text in EXTRA_TEXTS
@@ -457,7 +460,7 @@ def render(result: dict) -> str:
             lines.append(
                 f"- {label}: perplexity <= +{100 * quality:.0f}% on every text: "
                 f"{'met' if met_quality else 'not met'} ("
-                + ", ".join(f"{text} {pct(value)}{seen_label(seen.get(text, True))}" for text, value in change.items())
+                + ", ".join(f"{text} {pct(value)}{seen_label(seen[text])}" for text, value in change.items())
                 + "); decode >= "
                 f"{speedup}x: {'met' if met_speed else 'not met'} ({row['speed']['decode_speedup']:.2f}x; weights-only "
                 f"bound {decode_bound(row, read):.2f}x)."
