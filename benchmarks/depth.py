@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import interval, seen_label, write_section
+from benchmarks.results import interval, seen_in_report, seen_label, write_section
 from benchmarks.vib import measured
 from eval.flops import count_params
 from eval.latency import measure_latency
@@ -86,11 +86,11 @@ def prune_row(label: str, config, data: dict, texts: dict, dense_params: int) ->
 
 def vib_row(directory: str, texts: dict, dense_params: int) -> tuple[dict, torch.nn.Module]:
     model, _ = load_model(directory)
-    data = json.loads((Path(directory) / "report.json").read_text())["data"]
+    report = json.loads((Path(directory) / "report.json").read_text())
     row = {
         "method": f"vib ({directory})",
         **measured(model, texts),
-        "seen": {text: data["seen"][data["source"] if text == EMBEDDED_DOCS else text] for text in DOCS_SEEN},
+        "seen": seen_in_report(report, DOCS_SEEN, EMBEDDED_DOCS),
         "params_kept": count_params(model).total,
         "layers_kept": model.config.num_hidden_layers,
     }

@@ -35,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 
 from peer_llmcompressor import nm_violations  # noqa: E402
-from results import interval, write_section  # noqa: E402
+from results import interval, seen_in_report, write_section  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +89,7 @@ def ran(recipe) -> dict:
 def seen_labels(report: dict, texts: list[str]) -> dict[str, str]:
     """Each measured text's label, "seen" or "not seen", from the run's report.json (`data.seen`, derived by
     prune.data.seen from the recipe's data section: data.source and every data.mix text are seen)."""
-    data = report["data"]
-    return {text: "seen" if data["seen"][data["source"] if text == "docs" else text] else "not seen" for text in texts}
+    return {text: "seen" if seen else "not seen" for text, seen in seen_in_report(report, texts, "docs").items()}
 
 
 def recovery_log(directory: Path) -> list[dict]:

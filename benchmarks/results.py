@@ -36,6 +36,13 @@ def labelled(row: dict, name: str | None) -> str:
     return interval(row[keys["value"]], row[keys["ci95"]]) + seen_label(seen_of(row, name))
 
 
+def seen_in_report(report: dict, texts, docs: str) -> dict[str, bool]:
+    """Each text's seen flag from a run's report.json (`data.seen`, derived by prune.data.seen from the recipe's
+    data.source and data.mix); `docs` is the name the caller gives the run's own text (its data.source)."""
+    data = report["data"]
+    return {text: data["seen"][data["source"] if text == docs else text] for text in texts}
+
+
 def seen_label(seen: bool | None) -> str:
     """' (seen)' / ' (not seen)': a cell's label for one text (prune.data.seen); '' when unknown (the dense model).
     Benchmarks that measure in-process (no report.json) derive it with prune.data.seen.seen_texts from the data
