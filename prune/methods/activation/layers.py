@@ -13,8 +13,9 @@ differentiable in the weights (a zeroed entry gives its weight column a zero gra
 (prune.recovery) trains the base weights, or LoRA adapters on them, with the thresholds in the forward; a call
 whose graph autograd keeps (an input or a weight that requires grad) or a base wrapped by an adapter never runs
 the kernel, which reads the plain weights and computes no gradient. The kernel reads
-W's columns as rows of W^T: a Conv1D stores W^T already; for an nn.Linear (and the FFN's down) a transposed
-copy is made on the first sparse call (one extra copy of the targeted weights: the price of contiguous columns).
+W's columns as rows of W^T: a Conv1D stores W^T already; for an nn.Linear (and the FFN's gate and down) a
+transposed copy is made on the first sparse call (one extra copy of the targeted weights: the price of contiguous
+columns).
 
 Both paths compare |x| with the cut in float32, so they keep exactly the same entries in any dtype.
 """
@@ -175,25 +176,34 @@ class ThresholdedFFN(Thresholded):
     """cats: a gated FFN whose neurons with |act(gate(x))| at or below the threshold are zero."""
 
     def plain_layers(self) -> bool:
-        return isinstance(self.base.up_proj, nn.Linear) and isinstance(self.base.down_proj, nn.Linear)
+        return is_gated_ffn(self.base)
 
     def source_weights(self) -> tuple[Tensor, ...]:
-        return self.base.up_proj.weight, self.base.down_proj.weight
+        return self.base.gate_proj.weight, self.base.up_proj.weight, self.base.down_proj.weight
 
     def make_operands(self) -> tuple:
-        up, down = self.base.up_proj, self.base.down_proj
-        # neuron i's up weights are row i of W_up as stored; its down weights column i of W_down, a row of W^T
-        return self.mask.cut, up.weight.detach().contiguous(), up.bias, columns(down), down.bias
+        """(the gate's operands, the FFN's). The gate is read whole, through the kernel with a zero cut (only
+        exact zeros skipped): on this CPU a decode step runs faster that way than with torch's dense linear
+        (benchmarks/RESULTS.md, `activation`). Neuron i's up weights are row i of W_up as stored, its down
+        weights column i of W_down, a row of W^T."""
+        gate, up, down = self.base.gate_proj, self.base.up_proj, self.base.down_proj
+        every_input = torch.zeros(gate.in_features, dtype=torch.float32)
+        return (
+            (columns(gate), every_input, gate.bias),
+            (self.mask.cut, up.weight.detach().contiguous(), up.bias, columns(down), down.bias),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bypass:
             return self.base(x)
         base = self.base
         flat = x.reshape(-1, x.shape[-1])
-        act = base.act_fn(base.gate_proj(flat))
         if self.sparse_call(flat):
-            y = kernel.threshold_ffn(flat, act, *self.operands(x.dtype))
+            gate, ffn = self.operands(x.dtype)
+            act = base.act_fn(kernel.threshold_linear(flat, *gate))
+            y = kernel.threshold_ffn(flat, act, *ffn)
         else:
+            act = base.act_fn(base.gate_proj(flat))
             cut = self.mask.cut
             if self.counts is not None:
                 self.counts.add(act.abs() > cut)
