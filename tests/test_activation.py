@@ -246,6 +246,23 @@ def test_calls_that_train_or_run_through_an_adapter_never_reach_the_kernel(cpp, 
         torch.testing.assert_close(other(x), 2 * first)
 
 
+def test_a_cats_decode_call_reads_the_current_gate_up_and_down(cpp):
+    """The kernel's copies of an FFN's weights (W_gate^T, W_down^T) are remade when any of the three changes in
+    place (recovery's updates, a merge): the decode call then equals the masked dense computation with the new
+    weights."""
+    model = sparse_model("llama", "cats")
+    layer = thresholded(model)["model.layers.0.mlp"]
+    x = torch.randn(1, layer.base.gate_proj.in_features, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        layer(x)  # the operands made
+        for name, scale in (("gate_proj", 1.5), ("up_proj", -2.0), ("down_proj", 0.5)):
+            getattr(layer.base, name).weight.mul_(scale)
+            sparse = layer(x)
+            with kernel.use_backend("dense"):
+                dense = layer(x)
+            torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 
 
