@@ -1,5 +1,5 @@
-"""benchmarks/activation.py's speed verdicts without a run: a run whose own dense timings disagree (the shared
-CPU's load changed under them) judges no speed goal."""
+"""benchmarks/activation.py's verdicts and rendering without a run: a run whose own dense timings disagree (the
+shared CPU's load changed under them) judges no speed goal; the cats every-neuron control shows when measured."""
 
 from __future__ import annotations
 
