@@ -3,13 +3,14 @@ parameters removed, each followed by recovery of the kept weights within a train
 tokens per recovery run); writes the `recover` section of benchmarks/RESULTS.md.
 
 Protocol: each part runs its shipped recipe (recipes/smollm2-135m/sparsegpt-2of4.yaml, vib-50.yaml) through
-`prune run` with a `recover` section, once per variant (masked LoRA, masked full fine-tune; both distilled from
-the dense model by default). Every choice reads the VALIDATION part: the recovery's best step (recover.eval_every;
-the pruned model itself competes at step 0) and the variant kept (the lowest validation perplexity). The reported
-figures are the TEST parts of the docs and of every eval.extra_texts text, each with its 95% bootstrap interval and
-paired window by window with the same model before recovery (ppl after / before: better, worse or not
-distinguishable). A text is "seen" when the run's data section reads it (data.source, data.mix), else "not seen";
-the out-of-domain goals are judged on not-seen texts only.
+`prune run` with a `recover` section, once per variant (masked LoRA; masked full fine-tune at two learning
+rates; all distilled from the dense model by default). Every choice reads the VALIDATION part: the recovery's
+best step (recover.eval_every; the pruned model itself competes at step 0) and the variant kept (the lowest
+validation perplexity). The reported figures are the TEST parts of the docs and of every eval.extra_texts text,
+each with its 95% bootstrap interval and paired window by window with the same model before recovery (ppl after
+/ before: better, worse or not distinguishable); benchmarks/recover-curves.png draws each variant's validation
+scores against the tokens read. A text is "seen" when the run's data section reads it (data.source, data.mix),
+else "not seen"; the out-of-domain goals are judged on not-seen texts only.
 
 VIB trains its masks once: every later variant starts from a copy of the first variant's finished mask training
 (train/ holds its checkpoint at the last step; the run resumes there), so all variants recover the same masks.
@@ -39,6 +40,7 @@ from results import interval, seen_in_report, write_section  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+CURVES = ROOT / "benchmarks" / "recover-curves.png"
 RECIPES = ROOT / "recipes" / "smollm2-135m"
 PARTS = {  # part -> (recipe, label of the pruned model, goals: max x dense on the docs, on a not-seen text)
     "sparsegpt": (RECIPES / "sparsegpt-2of4.yaml", "SparseGPT 2:4", 1.5, 2.5),
@@ -48,6 +50,7 @@ PATTERNS = {"sparsegpt": (2, 4)}  # the N:M pattern a part's saved model must st
 VARIANTS = {  # the recovery settings compared on validation
     "lora": ["recover.mode=lora", "recover.rank=16", "recover.alpha=32", "recover.lr=2e-4"],
     "full": ["recover.mode=full", "recover.lr=5e-5"],
+    "full-lr2e-4": ["recover.mode=full", "recover.lr=2e-4"],
 }
 
 
@@ -101,9 +104,16 @@ def tokens_per_second(directory: Path) -> float:
     return statistics.median(record["tokens_per_s"] for record in recovery_log(directory) if "tokens_per_s" in record)
 
 
+def validation_curve(directory: Path) -> list[tuple[int, float]]:
+    """(step, validation perplexity) of each evaluation of a recovery run; step 0 is the pruned model itself."""
+    return [
+        (record["step"], record["eval_perplexity"]) for record in recovery_log(directory) if "eval_perplexity" in record
+    ]
+
+
 def validation_line(name: str, directory: Path) -> str:
     """A variant's validation perplexity at each evaluation: whether it was still falling when the budget ended."""
-    scores = [(r["step"], r["eval_perplexity"]) for r in recovery_log(directory) if "eval_perplexity" in r]
+    scores = validation_curve(directory)
     return (
         f"Validation perplexity of `{name}` at steps {', '.join(str(step) for step, _ in scores)}: "
         + ", ".join(f"{value:.2f}" for _, value in scores)
@@ -119,10 +129,15 @@ def text_figures(report: dict, text: str) -> dict:
     return report["perplexity"] if text == "docs" else report["extra_texts"][text]["perplexity"]
 
 
+def chosen_variant(runs: dict[str, tuple[object, dict]]) -> str:
+    """The variant kept: the lowest validation perplexity at its best step (never a test figure)."""
+    return min(runs, key=lambda name: runs[name][1]["recover"]["best_eval_perplexity"])
+
+
 def part_section(part: str, runs: dict[str, tuple[object, dict]]) -> list[str]:
     """One part's table (dense, the pruned model before recovery, each variant after it) and goal lines."""
     _, label, docs_goal, unseen_goal = PARTS[part]
-    chosen = min(runs, key=lambda name: runs[name][1]["recover"]["best_eval_perplexity"])
+    chosen = chosen_variant(runs)
     report = runs[chosen][1]
     dense, before = report["dense"], report["recover"]["before"]
     texts = ["docs", *report.get("extra_texts", {})]
@@ -162,6 +177,36 @@ def part_section(part: str, runs: dict[str, tuple[object, dict]]) -> list[str]:
         *pattern_lines(part, runs),
         *goal_lines(report, texts, labels, label, docs_goal, unseen_goal),
     ]
+
+
+def plot_curves(parts: dict[str, dict[str, tuple[object, dict]]], path: Path) -> None:
+    """One panel per part: each variant's validation perplexity against the recovery tokens read, the variant kept
+    drawn thick. Where a curve still falls at the end, the budget, not the method, stopped it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
+    for axis, (part, runs) in zip(axes[0], parts.items()):
+        chosen = chosen_variant(runs)
+        for name, (recipe, _) in runs.items():
+            tokens_per_step = recipe.recover.batch_size * recipe.data.seq_len
+            steps, values = zip(*validation_curve(Path(recipe.output)))
+            axis.plot(
+                [step * tokens_per_step for step in steps],
+                values,
+                marker="o",
+                linewidth=2.5 if name == chosen else 1.2,
+                label=f"{name}{' (kept)' if name == chosen else ''}",
+            )
+        axis.set_title(f"{PARTS[part][1]} + recovery")
+        axis.set_xlabel("recovery training tokens")
+        axis.set_ylabel("validation perplexity (the mix it trains on)")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def pattern_lines(part: str, runs: dict[str, tuple[object, dict]]) -> list[str]:
@@ -228,6 +273,7 @@ def main() -> None:
     common = [*args.set, *([f"runtime.threads={args.threads}"] if args.threads else [])]
     body = ["## Recovery training after pruning (SmolLM2-135M)", "", f"Command: `python {shlex.join(sys.argv)}`", ""]
     body += [args.note, ""] if args.note else []
+    every_part = {}
     for part in args.parts:
         recipe_path = PARTS[part][0]
         seq_len = load_recipe(recipe_path, common).data.seq_len
@@ -250,15 +296,18 @@ def main() -> None:
                 start_from_masks_of(first, recipe)
             runs[name] = (recipe, ran(recipe))
             first = first or output
+        every_part[part] = runs
         body += [
             *part_section(part, runs),
             f"Recovery read {steps} steps x {args.batch_size} x {seq_len} = "
             f"{steps * args.batch_size * seq_len:,} training tokens per variant.",
             "",
         ]
+    body += [f"![Validation perplexity during recovery, every variant]({CURVES.name})"]
     text = "\n".join(body)
     print(text)
     if not args.dry_run:
+        plot_curves(every_part, CURVES)
         print(f"written to {write_section('recover', text)}")
 
 
