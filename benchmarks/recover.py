@@ -190,8 +190,8 @@ def plot_curves(parts: dict[str, dict[str, tuple[object, dict]]], path: Path) ->
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
     for axis, (part, runs) in zip(axes[0], parts.items()):
         chosen = chosen_variant(runs)
-        for name, (recipe, _) in runs.items():
-            tokens_per_step = recipe.recover.batch_size * recipe.data.seq_len
+        for name, (recipe, report) in runs.items():
+            tokens_per_step = report["recover"]["tokens_seen"] / report["recover"]["steps"]  # as the run counted
             steps, values = zip(*validation_curve(Path(recipe.output)))
             axis.plot(
                 [step * tokens_per_step for step in steps],

@@ -17,9 +17,7 @@ def fake_run(directory: Path, scores: list[tuple[int, float]]) -> SimpleNamespac
     for step, value in scores:
         records += [{"step": step, "loss": 1.0, "tokens_per_s": 50.0}, {"step": step, "eval_perplexity": value}]
     (directory / "recover" / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    return SimpleNamespace(
-        output=str(directory), recover=SimpleNamespace(batch_size=4), data=SimpleNamespace(seq_len=512)
-    )
+    return SimpleNamespace(output=str(directory))
 
 
 def test_the_curve_reads_only_validation_records(tmp_path):
@@ -31,8 +29,8 @@ def test_the_kept_variant_is_the_lowest_on_validation_and_the_plot_is_written(tm
     slow = fake_run(tmp_path / "slow", [(0, 86.0), (25, 60.0)])
     fast = fake_run(tmp_path / "fast", [(0, 86.0), (25, 50.0)])
     runs = {
-        "slow": (slow, {"recover": {"best_eval_perplexity": 60.0}}),
-        "fast": (fast, {"recover": {"best_eval_perplexity": 50.0}}),
+        "slow": (slow, {"recover": {"best_eval_perplexity": 60.0, "steps": 25, "tokens_seen": 51_200}}),
+        "fast": (fast, {"recover": {"best_eval_perplexity": 50.0, "steps": 25, "tokens_seen": 51_200}}),
     }
     assert bench.chosen_variant(runs) == "fast"
     path = tmp_path / "curves.png"
